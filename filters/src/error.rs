@@ -1,0 +1,151 @@
+//! Why a request was refused. Every stage reports refusals as a [`Rejection`] with an
+//! [`ErrorCode`]; the proxy turns it into a response in exactly one place, so the status and the
+//! `x-portcullis-error` code can never disagree.
+
+use std::fmt;
+
+/// The error table of DESIGN.md, one variant per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    IdentityRequired,
+    PolicyDenied,
+    CredentialNotAllowed,
+    DestinationBlocked,
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    NoRoute,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    CredentialUnavailable,
+    /// An `Upgrade` (WebSocket, h2c) inside an intercepted connection: not supported yet.
+    UpgradeNotSupported,
+    /// A bug or resource failure inside the proxy; never caused by the peer.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The default HTTP status for this code.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::IdentityRequired => 407,
+            ErrorCode::PolicyDenied
+            | ErrorCode::CredentialNotAllowed
+            | ErrorCode::DestinationBlocked => 403,
+            ErrorCode::BadRequest => 400,
+            ErrorCode::BodyTooLarge => 413,
+            ErrorCode::HeadersTooLarge => 431,
+            ErrorCode::NoRoute => 404,
+            ErrorCode::UpstreamUnreachable => 502,
+            ErrorCode::UpstreamTimeout => 504,
+            ErrorCode::CredentialUnavailable => 503,
+            ErrorCode::UpgradeNotSupported => 501,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    /// The value of the `x-portcullis-error` header and of `error` in the JSON body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::IdentityRequired => "identity_required",
+            ErrorCode::PolicyDenied => "policy_denied",
+            ErrorCode::CredentialNotAllowed => "credential_not_allowed",
+            ErrorCode::DestinationBlocked => "destination_blocked",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
+            ErrorCode::NoRoute => "no_route",
+            ErrorCode::UpstreamUnreachable => "upstream_unreachable",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::CredentialUnavailable => "credential_unavailable",
+            ErrorCode::UpgradeNotSupported => "upgrade_not_supported",
+            ErrorCode::Internal => "internal_error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal: the code, a human reason safe to show the caller (never a secret), and optional
+/// overrides a policy may set (status, extra headers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub reason: String,
+    pub status: Option<u16>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            reason: reason.into(),
+            status: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// The status to answer with: the override when it is a valid 4xx/5xx, else the code's.
+    pub fn status(&self) -> u16 {
+        match self.status {
+            Some(s) if (400..=599).contains(&s) => s,
+            _ => self.code.status(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.reason)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_match_the_design_table() {
+        let table = [
+            (ErrorCode::IdentityRequired, 407, "identity_required"),
+            (ErrorCode::PolicyDenied, 403, "policy_denied"),
+            (
+                ErrorCode::CredentialNotAllowed,
+                403,
+                "credential_not_allowed",
+            ),
+            (ErrorCode::DestinationBlocked, 403, "destination_blocked"),
+            (ErrorCode::BadRequest, 400, "bad_request"),
+            (ErrorCode::BodyTooLarge, 413, "body_too_large"),
+            (ErrorCode::HeadersTooLarge, 431, "headers_too_large"),
+            (ErrorCode::NoRoute, 404, "no_route"),
+            (ErrorCode::UpstreamUnreachable, 502, "upstream_unreachable"),
+            (ErrorCode::UpstreamTimeout, 504, "upstream_timeout"),
+            (
+                ErrorCode::CredentialUnavailable,
+                503,
+                "credential_unavailable",
+            ),
+        ];
+        for (code, status, name) in table {
+            assert_eq!(code.status(), status, "{name}");
+            assert_eq!(code.as_str(), name);
+        }
+    }
+
+    #[test]
+    fn status_override_must_be_an_error_status() {
+        let mut r = Rejection::new(ErrorCode::PolicyDenied, "no");
+        r.status = Some(451);
+        assert_eq!(r.status(), 451);
+        r.status = Some(200);
+        assert_eq!(r.status(), 403, "a deny can never be turned into a success");
+    }
+}

@@ -1,0 +1,14 @@
+//! The per-request pipeline of Portcullis: filter phases over a request context, and the pure
+//! stages that plug into it (identity, destination parsing, egress guard, header hygiene).
+//! Nothing here opens a socket, so every stage is unit-testable on its own.
+#![forbid(unsafe_code)]
+
+pub mod destination;
+pub mod egress;
+pub mod error;
+pub mod hygiene;
+pub mod identity;
+pub mod pipeline;
+
+pub use error::{ErrorCode, Rejection};
+pub use pipeline::{Action, ActionKind, Chain, Context, Filter, Outcome, Peer, TraceId, Via};

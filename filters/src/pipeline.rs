@@ -1,0 +1,211 @@
+//! The filter pipeline: a fixed sequence of phases over a per-request [`Context`], in the style
+//! of Pingora's `ProxyHttp`. A capability is a [`Filter`] plugged into phases; the chain order is
+//! written once, in the proxy's pipeline builder. A phase either continues or refuses.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::destination::Destination;
+use crate::error::{ErrorCode, Rejection};
+use crate::identity::SpiffeId;
+
+/// What kind of action a context describes; the policy input's `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionKind {
+    Connect,
+    Http,
+    Mcp,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Connect => "connect",
+            ActionKind::Http => "http",
+            ActionKind::Mcp => "mcp",
+        }
+    }
+}
+
+/// A W3C trace id (16 random bytes), used to join error bodies, logs and spans.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceId(pub [u8; 16]);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Who is on the other end of the client connection: fixed for the connection's lifetime.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The verified SPIFFE ID from the client's X.509-SVID. There is no context without one.
+    pub spiffe_id: SpiffeId,
+    pub source: SocketAddr,
+}
+
+/// How a request reached the proxy, for logs and for rebuilding the upstream URI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `CONNECT host:port` itself.
+    Connect,
+    /// A request inside an intercepted CONNECT tunnel.
+    Mitm,
+    /// An absolute-form request (`GET http://host/path`) on the proxy connection.
+    AbsoluteForm,
+}
+
+/// Everything the pipeline knows about one action. Filters read and fill it.
+#[derive(Debug)]
+pub struct Context {
+    pub peer: Arc<Peer>,
+    pub destination: Destination,
+    pub kind: ActionKind,
+    pub via: Via,
+    pub trace_id: TraceId,
+    /// The request method (`CONNECT` for a tunnel) and path without the query string: what
+    /// logs may show. Query values can carry secrets and are never logged.
+    pub method: http::Method,
+    pub path: String,
+    pub started: Instant,
+    /// Set when a phase refused the request (or the proxy failed it): the error code logged.
+    pub error: Option<ErrorCode>,
+}
+
+impl Context {
+    pub fn new(
+        peer: Arc<Peer>,
+        destination: Destination,
+        kind: ActionKind,
+        via: Via,
+        trace_id: TraceId,
+        req: &http::request::Parts,
+    ) -> Context {
+        Context {
+            peer,
+            destination,
+            kind,
+            via,
+            trace_id,
+            method: req.method.clone(),
+            path: if kind == ActionKind::Connect {
+                String::new()
+            } else {
+                req.uri.path().to_owned()
+            },
+            started: Instant::now(),
+            error: None,
+        }
+    }
+}
+
+/// What a phase decided.
+#[derive(Debug)]
+pub enum Action {
+    Continue,
+    Respond(Rejection),
+}
+
+/// The end of an action, as the logging phase sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome {
+    pub status: u16,
+    /// Response body bytes sent to the client (for CONNECT: 0).
+    pub bytes: u64,
+    pub duration: Duration,
+}
+
+/// One capability, hooked into the phases it needs. Every phase has a no-op default.
+#[async_trait::async_trait]
+pub trait Filter: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// The client's request, before anything is sent upstream. For CONNECT, `req` is the
+    /// CONNECT request itself (`ctx.kind == Connect`).
+    async fn request(&self, _ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
+        Action::Continue
+    }
+
+    /// The request as it will go upstream: last chance to rewrite it.
+    fn upstream_request(&self, _ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
+        Action::Continue
+    }
+
+    /// The upstream's response headers, before they reach the client.
+    fn response(&self, _ctx: &mut Context, _resp: &mut http::response::Parts) {}
+
+    /// After the action finished (response body fully sent, or the request refused).
+    fn logging(&self, _ctx: &Context, _outcome: &Outcome) {}
+}
+
+/// The ordered filters. Phases run in order; the first refusal wins and stops the phase.
+#[derive(Clone, Default)]
+pub struct Chain {
+    filters: Vec<Arc<dyn Filter>>,
+}
+
+impl Chain {
+    pub fn new() -> Chain {
+        Chain::default()
+    }
+
+    #[must_use]
+    pub fn with(mut self, filter: impl Filter) -> Chain {
+        self.filters.push(Arc::new(filter));
+        self
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.filters.iter().map(|f| f.name())
+    }
+
+    pub async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        for f in &self.filters {
+            if let Action::Respond(r) = f.request(ctx, req).await {
+                ctx.error = Some(r.code);
+                return Action::Respond(r);
+            }
+        }
+        Action::Continue
+    }
+
+    pub fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        for f in &self.filters {
+            if let Action::Respond(r) = f.upstream_request(ctx, req) {
+                ctx.error = Some(r.code);
+                return Action::Respond(r);
+            }
+        }
+        Action::Continue
+    }
+
+    pub fn response(&self, ctx: &mut Context, resp: &mut http::response::Parts) {
+        for f in &self.filters {
+            f.response(ctx, resp);
+        }
+    }
+
+    pub fn logging(&self, ctx: &Context, outcome: &Outcome) {
+        for f in &self.filters {
+            f.logging(ctx, outcome);
+        }
+    }
+}
+
+impl fmt::Debug for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}

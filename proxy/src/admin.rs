@@ -1,0 +1,99 @@
+//! The admin listener (plain HTTP, bind it to loopback): `/healthz` (process up), `/readyz`
+//! (listeners, certificates and bundles loaded), `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::full;
+use crate::mitm::LeafStats;
+use crate::upstream::Body;
+
+/// Process-wide state the admin endpoints report.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub ready: AtomicBool,
+    pub reloads: AtomicU64,
+    pub reload_errors: AtomicU64,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    status: Arc<Status>,
+    leaf: Arc<crate::proxy::Shared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
+            _ = shutdown.cancelled() => return,
+        };
+        let (status, leaf) = (status.clone(), leaf.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = route(&req, &status, &leaf.mitm.stats);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, status: &Status, leaf: &LeafStats) -> Response<Body> {
+    let text = |code: StatusCode, body: String| {
+        let mut r = Response::new(full(body));
+        *r.status_mut() = code;
+        r
+    };
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        "/metrics" => text(StatusCode::OK, metrics(status, leaf)),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn metrics(status: &Status, leaf: &LeafStats) -> String {
+    let mut out = String::new();
+    let rows = [
+        (
+            "portcullis_mitm_leaf_cache_hits_total",
+            "counter",
+            leaf.hits.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_mitm_leaf_cache_misses_total",
+            "counter",
+            leaf.misses.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_mitm_leaf_issue_microseconds_total",
+            "counter",
+            leaf.issue_nanos.load(Ordering::Relaxed) / 1000,
+        ),
+        (
+            "portcullis_reloads_total",
+            "counter",
+            status.reloads.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_reload_errors_total",
+            "counter",
+            status.reload_errors.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, value) in rows {
+        let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
+    }
+    out
+}

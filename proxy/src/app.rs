@@ -1,0 +1,172 @@
+//! Assembly: turns a validated [`Config`] into running listeners. The filter chain is built
+//! here, in one place, so the whole request path reads top to bottom in [`build_chain`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use portcullis_filters::egress::EgressGuard;
+use portcullis_filters::hygiene::HeaderHygiene;
+use portcullis_filters::Chain;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::AccessLog;
+use crate::admin::{self, Status};
+use crate::config::Config;
+use crate::mitm::Mitm;
+use crate::proxy::Shared;
+use crate::reload::Reloader;
+use crate::server;
+use crate::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
+use crate::upstream::Upstream;
+
+/// The filter chain, in order. Identity is established before any of this runs (the TLS
+/// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
+/// (`upstream::dial`), so neither can be skipped by reordering filters.
+pub fn build_chain(cfg: &Config) -> Chain {
+    Chain::new()
+        .with(HeaderHygiene {
+            max_header_bytes: cfg.limits.max_header_bytes,
+        })
+        .with(AccessLog)
+}
+
+/// A started proxy: its bound addresses and the handle to stop it.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Load everything the config names (a failure here is a config error: exit 2), then bind.
+pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartError> {
+    let cfg_err = |e: &dyn std::fmt::Display| StartError::Config(e.to_string());
+    let store = TrustStore::load(&cfg.trust_domain_bundles()).map_err(|e| cfg_err(&e))?;
+    let trust = Arc::new(ArcSwap::from_pointee(store));
+    let cert =
+        ServerCert::new(tls::certified_key(&cfg.tls.cert, &cfg.tls.key).map_err(|e| cfg_err(&e))?);
+    let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())
+        .map_err(|e| cfg_err(&e))?;
+    let mitm = Mitm::new(&cfg.mitm).map_err(|e| cfg_err(&e))?;
+    let guard = Arc::new(EgressGuard::new(
+        cfg.egress.allow.clone(),
+        cfg.egress.deny.clone(),
+    ));
+    let upstream = Upstream::new(&cfg.upstream, guard.clone()).map_err(|e| cfg_err(&e))?;
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(cfg.listen).await?;
+    let admin_listener = bind(cfg.admin_listen).await?;
+    let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.admin_listen,
+            source,
+        })?;
+
+    let shutdown = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        chain: build_chain(&cfg),
+        upstream,
+        mitm,
+        guard,
+        limits: cfg.limits.clone(),
+        connect_timeout: cfg.upstream.connect_timeout,
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+    });
+    let status = Arc::new(Status::default());
+    tokio::spawn(admin::serve(
+        admin_listener,
+        status.clone(),
+        shared.clone(),
+        shutdown.clone(),
+    ));
+    let reloader = Reloader {
+        config_path,
+        config: cfg,
+        trust,
+        cert,
+        status: status.clone(),
+    };
+    tokio::spawn(reloader.run(shutdown.clone()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+    shared
+        .tracker
+        .spawn(server::accept_loop(listener, acceptor, shared.clone()));
+    status.ready.store(true, Ordering::Relaxed);
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "listening");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        shutdown,
+        shared,
+    })
+}
+
+impl Running {
+    /// Stop accepting, let in-flight requests finish for up to `grace`, then return.
+    pub async fn drain(self, grace: std::time::Duration) {
+        self.shutdown.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "shutdown grace period over; closing remaining connections"
+            );
+        }
+    }
+
+    pub fn grace(&self) -> std::time::Duration {
+        self.shared.limits.shutdown_grace
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

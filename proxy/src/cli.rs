@@ -1,0 +1,282 @@
+//! The command line (DESIGN "CLI contract"). Exit codes: 0 ok, 1 runtime failure, 2 bad usage
+//! or bad config.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portcullis_filters::identity::{SpiffeId, TrustDomain};
+
+use crate::config::{duration, Config};
+use crate::pki::{Authority, LeafSpec};
+use crate::{app, dev};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Egress forward proxy for AI-agent tool calls"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Zero-setup local run: dev PKI, demo upstream, proxy, and a curl that works.
+    Dev {
+        #[arg(long, default_value = ".portcullis-dev")]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+    },
+    /// Run the proxy from a config file.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and everything it references, then exit.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Certificate authority helpers.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// X.509-SVID helpers.
+    Svid {
+        #[command(subcommand)]
+        command: SvidCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a self-signed CA (a trust domain CA with --trust-domain, else a plain CA such as
+    /// the MITM CA). Writes CERT and KEY (mode 0600).
+    Init {
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        trust_domain: Option<String>,
+        #[arg(long, default_value = "Portcullis CA")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SvidCommand {
+    /// Issue an X.509-SVID signed by a trust domain CA; writes OUT.pem and OUT.key.
+    Issue {
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime, e.g. 1h, 24h.
+        #[arg(long, default_value = "24h", value_parser = duration::parse)]
+        ttl: Duration,
+        /// Extra DNS or IP SANs (for the proxy's own server SVID).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(run(cli.command))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    tracing::error!("{msg}");
+    ExitCode::from(code)
+}
+
+async fn run(cmd: Command) -> ExitCode {
+    match cmd {
+        Command::Dev {
+            dir,
+            listen,
+            admin_listen,
+        } => match dev::run(&dir, listen, admin_listen).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, format!("dev: {e:#}")),
+        },
+        Command::Serve { config } => serve(&config).await,
+        Command::Check { config } => check(&config).await,
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    cert,
+                    key,
+                    trust_domain,
+                    name,
+                },
+        } => ca_init(&cert, &key, trust_domain.as_deref(), &name),
+        Command::Svid {
+            command:
+                SvidCommand::Issue {
+                    spiffe_id,
+                    ca,
+                    ca_key,
+                    out,
+                    ttl,
+                    san,
+                },
+        } => svid_issue(&spiffe_id, &ca, &ca_key, &out, ttl, &san),
+    }
+}
+
+async fn serve(path: &Path) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let running = match app::start(cfg, path.to_owned()).await {
+        Ok(r) => r,
+        Err(e @ app::StartError::Config(_)) => return fail(2, e),
+        Err(e) => return fail(1, e),
+    };
+    app::shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    let grace = running.grace();
+    running.drain(grace).await;
+    ExitCode::SUCCESS
+}
+
+/// Everything `serve` loads, without binding: config, certificates, bundles, MITM CA, roots.
+async fn check(path: &Path) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let loaded = crate::tls::TrustStore::load(&cfg.trust_domain_bundles())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            crate::tls::certified_key(&cfg.tls.cert, &cfg.tls.key)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|()| {
+            crate::mitm::Mitm::new(&cfg.mitm)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|()| {
+            crate::upstream::client_tls_config(&cfg.upstream, Vec::new())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    match loaded {
+        Ok(()) => {
+            tracing::info!(config = %path.display(), "{cfg}: OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, format!("{}: {e}", path.display())),
+    }
+}
+
+fn ca_init(cert: &Path, key: &Path, trust_domain: Option<&str>, name: &str) -> ExitCode {
+    let uri = match trust_domain.map(TrustDomain::parse).transpose() {
+        Ok(td) => td.map(|td| format!("spiffe://{td}")),
+        Err(e) => return fail(2, format!("--trust-domain: {e}")),
+    };
+    match Authority::generate(name, uri.as_deref()).and_then(|ca| ca.write(cert, key)) {
+        Ok(()) => {
+            tracing::info!(cert = %cert.display(), key = %key.display(), "CA created");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+fn svid_issue(
+    spiffe_id: &str,
+    ca: &Path,
+    ca_key: &Path,
+    out: &Path,
+    ttl: Duration,
+    san: &[String],
+) -> ExitCode {
+    let id = match SpiffeId::parse(spiffe_id) {
+        Ok(id) => id,
+        Err(e) => return fail(2, format!("--spiffe-id {spiffe_id:?}: {e}")),
+    };
+    let authority = match Authority::load(ca, ca_key) {
+        Ok(a) => a,
+        Err(e) => return fail(2, e),
+    };
+    let mut spec = LeafSpec::svid(id.as_str(), ttl);
+    for s in san {
+        match s.parse::<std::net::IpAddr>() {
+            Ok(ip) => spec.ips.push(ip),
+            Err(_) => spec.dns.push(s.clone()),
+        }
+    }
+    let cert = out.with_extension("pem");
+    let key = out.with_extension("key");
+    match authority.issue(&spec).and_then(|i| i.write(&cert, &key)) {
+        Ok(()) => {
+            tracing::info!(spiffe_id = %id, cert = %cert.display(), key = %key.display(), "SVID issued");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}

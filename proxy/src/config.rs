@@ -1,0 +1,421 @@
+//! The configuration: one serde tree with `deny_unknown_fields`, defaults in one place
+//! (`Default` impls below), and `validate()` that reports the exact key and reason. Relative paths
+//! are resolved against the config file's directory when loading.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use portcullis_filters::identity::TrustDomain;
+use serde::{Deserialize, Deserializer};
+
+/// A config problem, with the file and the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "defaults::admin_listen")]
+    pub admin_listen: SocketAddr,
+    pub tls: TlsConfig,
+    pub trust_domains: BTreeMap<String, TrustDomainConfig>,
+    pub mitm: MitmConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub egress: EgressConfig,
+    /// Optional until the policy engine lands; see README "Policy".
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// How often certificate, key and bundle files (and this file's `trust_domains`) are
+    /// checked for changes.
+    #[serde(default = "defaults::reload_interval", with = "duration")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustDomainConfig {
+    pub bundle: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MitmConfig {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    #[serde(default = "defaults::leaf_ttl", with = "duration")]
+    pub leaf_ttl: Duration,
+    #[serde(default = "defaults::leaf_cache_size")]
+    pub cache_size: u64,
+    /// Hosts tunnelled without interception: `example.com` or `*.example.com`.
+    #[serde(default)]
+    pub passthrough: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub extra_roots: Vec<PathBuf>,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration")]
+    pub tls_timeout: Duration,
+    #[serde(with = "duration")]
+    pub response_header_timeout: Duration,
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            extra_roots: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            tls_timeout: Duration::from_secs(10),
+            response_header_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Exceptions to the default deny of private, loopback, link-local, ... ranges.
+    pub allow: Vec<IpNet>,
+    /// Extra ranges to deny; wins over `allow`.
+    pub deny: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub paths: Vec<PathBuf>,
+    #[serde(default = "defaults::entrypoint")]
+    pub entrypoint: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_header_bytes: usize,
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "duration")]
+    pub tls_handshake_timeout: Duration,
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    pub inspect_body_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+            inspect_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8443))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9901))
+    }
+    pub fn reload_interval() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn leaf_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn leaf_cache_size() -> u64 {
+        10_000
+    }
+    pub fn entrypoint() -> String {
+        "data.portcullis.decision".to_owned()
+    }
+}
+
+/// Durations are written as `250ms`, `10s`, `5m`, `24h`.
+pub mod duration {
+    use super::*;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+        let secs = |k: u64| {
+            n.checked_mul(k)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("duration {s:?} is too large"))
+        };
+        match unit {
+            "ms" => Ok(Duration::from_millis(n)),
+            "s" => secs(1),
+            "m" => secs(60),
+            "h" => secs(3600),
+            _ => Err(format!(
+                "duration {s:?} has unknown unit {unit:?} (ms, s, m, h)"
+            )),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Read, parse, resolve relative paths and validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &file, base)
+    }
+
+    /// Parse YAML text; `base` is the directory relative paths are resolved against.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!("line {} column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "(document)".into());
+            ConfigError {
+                file: file.to_owned(),
+                key: at,
+                reason: e.to_string(),
+            }
+        })?;
+        cfg.resolve_paths(base);
+        cfg.validate().map_err(|(key, reason)| ConfigError {
+            file: file.to_owned(),
+            key,
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        self.trust_domains
+            .values_mut()
+            .for_each(|t| fix(&mut t.bundle));
+        fix(&mut self.mitm.ca_cert);
+        fix(&mut self.mitm.ca_key);
+        self.upstream.extra_roots.iter_mut().for_each(fix);
+        if let Some(p) = &mut self.policy {
+            p.paths.iter_mut().for_each(fix);
+        }
+    }
+
+    /// Semantic checks serde cannot express. Returns `(key, reason)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, r: String| Err((k.to_owned(), r));
+        if self.trust_domains.is_empty() {
+            return err(
+                "trust_domains",
+                "at least one trust domain is required: no trust domain means no client can be authenticated".into(),
+            );
+        }
+        for name in self.trust_domains.keys() {
+            if let Err(e) = TrustDomain::parse(name) {
+                return err(&format!("trust_domains.{name}"), e.to_string());
+            }
+        }
+        let files = [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("mitm.ca_cert", &self.mitm.ca_cert),
+            ("mitm.ca_key", &self.mitm.ca_key),
+        ];
+        let bundles = self
+            .trust_domains
+            .iter()
+            .map(|(k, v)| (format!("trust_domains.{k}.bundle"), &v.bundle));
+        let roots = self
+            .upstream
+            .extra_roots
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("upstream.extra_roots[{i}]"), p));
+        for (key, path) in files
+            .iter()
+            .map(|(k, p)| (k.to_string(), *p))
+            .chain(bundles)
+            .chain(roots)
+        {
+            if !path.is_file() {
+                return err(&key, format!("file {} does not exist", path.display()));
+            }
+        }
+        if let Some(p) = &self.policy {
+            if p.paths.is_empty() {
+                return err("policy.paths", "at least one path is required".into());
+            }
+        }
+        for (i, host) in self.mitm.passthrough.iter().enumerate() {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            if portcullis_filters::destination::Host::parse(name).is_err() {
+                return err(
+                    &format!("mitm.passthrough[{i}]"),
+                    format!("{host:?} is not a host name or *.suffix pattern"),
+                );
+            }
+        }
+        if self.mitm.cache_size == 0 {
+            return err("mitm.cache_size", "must be at least 1".into());
+        }
+        if self.mitm.leaf_ttl < Duration::from_secs(300) {
+            return err("mitm.leaf_ttl", "must be at least 5m".into());
+        }
+        if self.limits.max_header_bytes < 1024 {
+            return err("limits.max_header_bytes", "must be at least 1024".into());
+        }
+        if self.limits.max_connections == 0 {
+            return err("limits.max_connections", "must be at least 1".into());
+        }
+        let nonzero = [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.tls_timeout", self.upstream.tls_timeout),
+            (
+                "upstream.response_header_timeout",
+                self.upstream.response_header_timeout,
+            ),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
+            (
+                "limits.tls_handshake_timeout",
+                self.limits.tls_handshake_timeout,
+            ),
+            ("limits.idle_timeout", self.limits.idle_timeout),
+            ("reload_interval", self.reload_interval),
+        ];
+        for (key, d) in nonzero {
+            if d.is_zero() {
+                return err(key, "must be greater than zero".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The trust domains as validated newtypes.
+    pub fn trust_domain_bundles(&self) -> Vec<(TrustDomain, PathBuf)> {
+        self.trust_domains
+            .iter()
+            .filter_map(|(k, v)| Some((TrustDomain::parse(k).ok()?, v.bundle.clone())))
+            .collect()
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "listen={} admin={} trust_domains={}",
+            self.listen,
+            self.admin_listen,
+            self.trust_domains
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            duration::parse("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration::parse("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(duration::parse("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(duration::parse("24h").unwrap(), Duration::from_secs(86400));
+        for bad in ["", "10", "s", "1.5s", "10x", "-1s", "99999999999999999999h"] {
+            assert!(duration::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e =
+            Config::parse("listen: 127.0.0.1:1\nbogus: 1\n", "c.yaml", Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn missing_files_name_the_key() {
+        let yaml = "tls: {cert: nope.pem, key: nope.key}\ntrust_domains: {acme.test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\n";
+        let e = Config::parse(yaml, "c.yaml", Path::new("/nonexistent")).unwrap_err();
+        assert_eq!(e.key, "tls.cert");
+        assert!(e.reason.contains("/nonexistent/nope.pem"), "{e}");
+    }
+
+    #[test]
+    fn bad_trust_domain_is_rejected() {
+        let yaml = "tls: {cert: a, key: b}\ntrust_domains: {Acme.Test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\n";
+        let e = Config::parse(yaml, "c.yaml", Path::new(".")).unwrap_err();
+        assert_eq!(e.key, "trust_domains.Acme.Test");
+    }
+}

@@ -1,0 +1,51 @@
+//! The one place a [`Rejection`] becomes an HTTP response: status, `x-portcullis-error` and the
+//! JSON body `{"error", "reason", "trace_id"}` of the DESIGN error table.
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use portcullis_filters::{Rejection, TraceId};
+
+use crate::upstream::Body;
+
+pub const ERROR_HEADER: &str = "x-portcullis-error";
+
+pub fn error_response(rej: &Rejection, trace_id: TraceId) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": rej.code.as_str(),
+        "reason": rej.reason,
+        "trace_id": trace_id.to_string(),
+    });
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() =
+        StatusCode::from_u16(rej.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Extra headers (a policy may set them) cannot override the contract headers.
+    for (k, v) in &rej.headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            if k != CONTENT_TYPE && k.as_str() != ERROR_HEADER {
+                h.append(k, v);
+            }
+        }
+    }
+    h.insert(
+        HeaderName::from_static(ERROR_HEADER),
+        HeaderValue::from_static(rej.code.as_str()),
+    );
+    resp
+}
+
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}

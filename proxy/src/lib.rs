@@ -1,0 +1,21 @@
+//! Portcullis: an egress forward proxy for AI-agent tool calls. This crate is the network edge:
+//! listeners, TLS (mTLS with SPIFFE SVID verification), CONNECT and MITM, the upstream client,
+//! config, admin endpoints and the CLI commands. The per-request logic lives in
+//! `portcullis-filters`.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod idle;
+pub mod mitm;
+pub mod pki;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod tls;
+pub mod upstream;

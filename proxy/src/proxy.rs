@@ -1,0 +1,453 @@
+//! Request handling on an authenticated client connection: CONNECT (MITM or passthrough),
+//! absolute-form HTTP, and the requests inside an intercepted tunnel. Every action runs the same
+//! filter chain and ends in the same logging phase; refusals become responses in `error.rs`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_filters::destination::{Destination, Host, Scheme};
+use portcullis_filters::egress::EgressGuard;
+use portcullis_filters::{
+    Action, ActionKind, Chain, Context, ErrorCode, Outcome, Peer, Rejection, TraceId, Via,
+};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::LimitsConfig;
+use crate::error::{empty, error_response};
+use crate::idle::{idle_watch, Activity};
+use crate::mitm::Mitm;
+use crate::upstream::{self, Body, BoxError, Upstream};
+
+/// Everything request handling needs, shared by all connections.
+pub struct Shared {
+    pub chain: Chain,
+    pub upstream: Upstream,
+    pub mitm: Mitm,
+    pub guard: Arc<EgressGuard>,
+    pub limits: LimitsConfig,
+    pub connect_timeout: Duration,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// One authenticated client connection. Tunnels hold it too, so the connection-limit permit is
+/// released only when the last tunnel over it ends.
+pub struct Conn {
+    pub peer: Arc<Peer>,
+    pub activity: Arc<Activity>,
+    pub _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+fn new_trace_id() -> TraceId {
+    TraceId(rand::random())
+}
+
+/// A request on the proxy connection itself.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return handle_connect(shared, conn, req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let trace_id = new_trace_id();
+    let dest = match Destination::from_absolute_uri(&parts.uri) {
+        Ok(d) => d,
+        Err(e) => {
+            let reason = if parts.uri.scheme().is_none() {
+                "not a proxy request: send CONNECT host:port or an absolute-form URI (http://host/path)".to_owned()
+            } else {
+                e.to_string()
+            };
+            return reject_early(&shared, &conn, trace_id, &parts, reason);
+        }
+    };
+    let ctx = Context::new(
+        conn.peer.clone(),
+        dest,
+        ActionKind::Http,
+        Via::AbsoluteForm,
+        trace_id,
+        &parts,
+    );
+    forward(&shared, ctx, parts, body).await
+}
+
+/// A bad request that never got a destination: log it against a placeholder destination.
+fn reject_early(
+    shared: &Shared,
+    conn: &Conn,
+    trace_id: TraceId,
+    parts: &http::request::Parts,
+    reason: String,
+) -> Response<Body> {
+    let dest = Destination {
+        host: Host::Dns("-".into()),
+        port: 0,
+        scheme: Scheme::Http,
+    };
+    let ctx = Context::new(
+        conn.peer.clone(),
+        dest,
+        ActionKind::Http,
+        Via::AbsoluteForm,
+        trace_id,
+        parts,
+    );
+    refuse(shared, ctx, Rejection::new(ErrorCode::BadRequest, reason))
+}
+
+/// Answer with the error and run the logging phase.
+fn refuse(shared: &Shared, mut ctx: Context, rej: Rejection) -> Response<Body> {
+    ctx.error = Some(rej.code);
+    let resp = error_response(&rej, ctx.trace_id);
+    let outcome = Outcome {
+        status: resp.status().as_u16(),
+        bytes: 0,
+        duration: ctx.started.elapsed(),
+    };
+    shared.chain.logging(&ctx, &outcome);
+    resp
+}
+
+async fn handle_connect(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, _body) = req.into_parts();
+    let trace_id = new_trace_id();
+    let target = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let dest = match Destination::parse_connect_authority(target) {
+        Ok(d) if parts.uri.path_and_query().is_none() => d,
+        Ok(_) => {
+            return reject_early(
+                &shared,
+                &conn,
+                trace_id,
+                &parts,
+                "CONNECT target must be authority-form host:port".into(),
+            )
+        }
+        Err(e) => return reject_early(&shared, &conn, trace_id, &parts, e.to_string()),
+    };
+    let mut ctx = Context::new(
+        conn.peer.clone(),
+        dest,
+        ActionKind::Connect,
+        Via::Connect,
+        trace_id,
+        &parts,
+    );
+    if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
+        return refuse(&shared, ctx, rej);
+    }
+    // Check the destination now, so a blocked CONNECT is refused before the tunnel exists.
+    let addrs =
+        match upstream::resolve_checked(&shared.guard, &ctx.destination.host, ctx.destination.port)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return refuse(&shared, ctx, e.rejection()),
+        };
+    let passthrough = shared.mitm.is_passthrough(&ctx.destination.host);
+    let upstream_tcp = if passthrough {
+        match upstream::connect_checked(&addrs, &ctx.destination.host, shared.connect_timeout).await
+        {
+            Ok(s) => Some(s),
+            Err(e) => return refuse(&shared, ctx, e.rejection()),
+        }
+    } else {
+        None
+    };
+    shared.chain.logging(
+        &ctx,
+        &Outcome {
+            status: 200,
+            bytes: 0,
+            duration: ctx.started.elapsed(),
+        },
+    );
+    let dest = ctx.destination.clone();
+    let shared2 = shared.clone();
+    shared.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        match upstream_tcp {
+            Some(tcp) => tunnel(&shared2, &conn, upgraded, tcp).await,
+            None => mitm(shared2, conn, dest, upgraded).await,
+        }
+    });
+    Response::new(empty())
+}
+
+/// `mitm.passthrough`: bytes both ways, no interception, until either side closes.
+async fn tunnel(
+    shared: &Shared,
+    conn: &Conn,
+    mut client: TokioIo<hyper::upgrade::Upgraded>,
+    mut upstream: TcpStream,
+) {
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "passthrough tunnel closed with error");
+            }
+        }
+        // No shutdown branch: a draining proxy lets tunnels run until the grace period ends.
+        _ = idle_watch(&conn.activity, shared.limits.idle_timeout) => {}
+    }
+}
+
+/// Terminate TLS inside the tunnel with a leaf for the CONNECT host and serve HTTP/1.1 or h2.
+async fn mitm(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    dest: Destination,
+    io: TokioIo<hyper::upgrade::Upgraded>,
+) {
+    let cfg = match shared.mitm.server_config(&dest.host).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(host = %dest.host, error = %e, "cannot issue MITM leaf certificate");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let tls = match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io))
+        .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::info!(host = %dest.host, spiffe_id = %conn.peer.spiffe_id, error = %e, "TLS handshake inside CONNECT tunnel failed (does the client trust the MITM CA?)");
+            return;
+        }
+        Err(_) => return,
+    };
+    let dest = Arc::new(dest);
+    let svc_shared = shared.clone();
+    let svc_conn = conn.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (s, c, d) = (svc_shared.clone(), svc_conn.clone(), dest.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle_inner(s, c, d, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_read_timeout)
+        .max_buf_size(hyper_buf_size(&shared.limits));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX));
+    let served = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(served);
+    tokio::select! {
+        r = served.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "intercepted connection ended with error");
+            }
+        }
+        _ = idle_watch(&conn.activity, shared.limits.idle_timeout) => {}
+        _ = shared.shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+}
+
+/// hyper's own header buffer limit sits above ours so our 431 (with the error contract) answers
+/// first; anything beyond it still gets hyper's bare 431.
+pub fn hyper_buf_size(limits: &LimitsConfig) -> usize {
+    (limits.max_header_bytes * 2).max(8192)
+}
+
+/// A request inside an intercepted tunnel. Its target must be the CONNECT host: a different
+/// Host header would let a client reach a name the CONNECT (and its policy) never saw.
+async fn handle_inner(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    dest: Arc<Destination>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let ctx = Context::new(
+        conn.peer.clone(),
+        (*dest).clone(),
+        ActionKind::Http,
+        Via::Mitm,
+        new_trace_id(),
+        &parts,
+    );
+    if let Err(reason) = check_inner_authority(&parts, &dest) {
+        return refuse(&shared, ctx, Rejection::new(ErrorCode::BadRequest, reason));
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    match Uri::try_from(format!("https://{}{}", dest.authority(), path)) {
+        Ok(uri) => parts.uri = uri,
+        Err(e) => {
+            return refuse(
+                &shared,
+                ctx,
+                Rejection::new(ErrorCode::BadRequest, e.to_string()),
+            )
+        }
+    }
+    forward(&shared, ctx, parts, body).await
+}
+
+fn check_inner_authority(parts: &http::request::Parts, dest: &Destination) -> Result<(), String> {
+    let claimed = match parts.uri.authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => match parts.headers.get(HOST).map(|h| h.to_str()) {
+            Some(Ok(h)) => h.to_owned(),
+            Some(Err(_)) => return Err("Host header is not valid text".into()),
+            None => return Err("request has no Host header".into()),
+        },
+    };
+    let with_port = if claimed.ends_with(']')
+        || !claimed.contains(':')
+        || claimed.matches(':').count() > 1 && !claimed.starts_with('[')
+    {
+        format!("{claimed}:{}", dest.port)
+    } else {
+        claimed.clone()
+    };
+    match Destination::parse_connect_authority(&with_port) {
+        Ok(d) if d.host == dest.host && d.port == dest.port => Ok(()),
+        Ok(_) => Err(format!(
+            "request authority {claimed:?} does not match the CONNECT target {}",
+            dest.authority()
+        )),
+        Err(e) => Err(format!("bad request authority {claimed:?}: {e}")),
+    }
+}
+
+/// The shared path of every HTTP action: request phase, upstream request phase, send, response
+/// phase, and a body wrapper that runs the logging phase when the response body ends.
+async fn forward(
+    shared: &Shared,
+    mut ctx: Context,
+    mut parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
+        return refuse(shared, ctx, rej);
+    }
+    if ctx.via == Via::AbsoluteForm {
+        // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header.
+        match HeaderValue::from_str(&ctx.destination.authority()) {
+            Ok(h) => {
+                parts.headers.insert(HOST, h);
+            }
+            Err(e) => {
+                return refuse(
+                    shared,
+                    ctx,
+                    Rejection::new(ErrorCode::BadRequest, e.to_string()),
+                )
+            }
+        }
+    }
+    // hyper picks the upstream protocol per connection (ALPN); the request version must not pin it.
+    parts.version = Version::HTTP_11;
+    if let Action::Respond(rej) = shared.chain.upstream_request(&mut ctx, &mut parts) {
+        return refuse(shared, ctx, rej);
+    }
+    let req = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
+    let resp = match shared.upstream.send(req).await {
+        Ok(r) => r,
+        Err(rej) => return refuse(shared, ctx, rej),
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    shared.chain.response(&mut ctx, &mut rparts);
+    let status = rparts.status;
+    let body = LoggedBody {
+        inner: rbody,
+        bytes: 0,
+        status,
+        done: Some((ctx, shared.chain.clone())),
+    };
+    Response::from_parts(rparts, BodyExt::boxed(body))
+}
+
+/// Counts response bytes and runs the logging phase once, when the body ends or is dropped.
+struct LoggedBody {
+    inner: Incoming,
+    bytes: u64,
+    status: StatusCode,
+    done: Option<(Context, Chain)>,
+}
+
+impl LoggedBody {
+    fn finish(&mut self) {
+        if let Some((ctx, chain)) = self.done.take() {
+            let outcome = Outcome {
+                status: self.status.as_u16(),
+                bytes: self.bytes,
+                duration: ctx.started.elapsed(),
+            };
+            chain.logging(&ctx, &outcome);
+        }
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        r.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,250 @@
+//! TLS for the client-facing listener: the proxy's own (hot-swappable) server certificate and the
+//! SPIFFE client-certificate verifier. The verifier first applies the X.509-SVID structural rules
+//! (`filters::identity`), then verifies the chain against the bundle of *the trust domain named
+//! in the SVID's SPIFFE ID* only, so one trust domain's CA can never vouch for another's IDs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use portcullis_filters::identity::{self, SpiffeId, SvidError, TrustDomain};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls::{OtherError, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn file_err(path: &Path, reason: impl fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// All certificates in a PEM file; an empty file is an error.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("private key: {e}")))
+}
+
+pub fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let ck = CertifiedKey::from_der(chain, key, &provider())?;
+    Ok(Arc::new(ck))
+}
+
+/// The proxy's own server certificate, swapped in place when its files change.
+#[derive(Debug)]
+pub struct ServerCert {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ServerCert {
+    pub fn new(ck: Arc<CertifiedKey>) -> Arc<ServerCert> {
+        Arc::new(ServerCert {
+            current: ArcSwap::new(ck),
+        })
+    }
+
+    pub fn replace(&self, ck: Arc<CertifiedKey>) {
+        self.current.store(ck);
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// One verifier per trust domain, each knowing only its own bundle.
+#[derive(Default)]
+pub struct TrustStore {
+    domains: HashMap<TrustDomain, Arc<dyn ClientCertVerifier>>,
+}
+
+impl TrustStore {
+    /// Build from `(trust domain, bundle file)` pairs. Any unreadable or empty bundle fails the
+    /// whole load (the caller keeps the previous store).
+    pub fn load(bundles: &[(TrustDomain, std::path::PathBuf)]) -> Result<TrustStore, TlsError> {
+        let provider = provider();
+        let mut domains = HashMap::new();
+        for (td, path) in bundles {
+            let mut roots = RootCertStore::empty();
+            for cert in load_certs(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| file_err(path, format!("bundle for {td}: {e}")))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| file_err(path, format!("bundle for {td}: {e}")))?;
+            domains.insert(td.clone(), verifier);
+        }
+        Ok(TrustStore { domains })
+    }
+
+    pub fn trust_domains(&self) -> impl Iterator<Item = &TrustDomain> {
+        self.domains.keys()
+    }
+}
+
+/// Why a client certificate was refused; carried inside the rustls error (and so in the
+/// handshake failure log line) and mapped to the matching TLS alert.
+#[derive(Debug, thiserror::Error)]
+pub enum SvidRejected {
+    #[error("{0}")]
+    Svid(#[from] SvidError),
+    #[error("trust domain {0:?} is not trusted")]
+    UnknownTrustDomain(String),
+}
+
+fn reject(e: SvidRejected) -> rustls::Error {
+    let cert_err = match &e {
+        SvidRejected::Svid(SvidError::Expired { .. }) => CertificateError::Expired,
+        SvidRejected::Svid(SvidError::NotYetValid { .. }) => CertificateError::NotValidYet,
+        SvidRejected::UnknownTrustDomain(_) => CertificateError::UnknownIssuer,
+        SvidRejected::Svid(_) => CertificateError::Other(OtherError(Arc::new(e))),
+    };
+    rustls::Error::InvalidCertificate(cert_err)
+}
+
+/// The rustls client verifier: SVID rules, then the chain against the SVID's own trust domain.
+pub struct SpiffeVerifier {
+    store: Arc<ArcSwap<TrustStore>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeVerifier {
+    pub fn new(store: Arc<ArcSwap<TrustStore>>) -> Arc<SpiffeVerifier> {
+        Arc::new(SpiffeVerifier {
+            store,
+            provider: provider(),
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let store = self.store.load();
+        f.debug_struct("SpiffeVerifier")
+            .field("trust_domains", &store.domains.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The SVID checks that do not need the bundle: structure, SPIFFE ID, validity window.
+pub fn check_leaf(der: &[u8], now: SystemTime) -> Result<SpiffeId, SvidError> {
+    let id = identity::check_svid_leaf(der)?;
+    identity::check_validity(der, now)?;
+    Ok(id)
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Several trust domains: hinting one CA list would be misleading; clients send their SVID.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let now_sys = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        let id = check_leaf(end_entity, now_sys).map_err(|e| reject(e.into()))?;
+        let store = self.store.load();
+        let verifier = store.domains.get(id.trust_domain()).ok_or_else(|| {
+            reject(SvidRejected::UnknownTrustDomain(
+                id.trust_domain().to_owned(),
+            ))
+        })?;
+        verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client-facing TLS config: mTLS required, SPIFFE verification, HTTP/1.1 (the proxy
+/// protocol; intercepted connections negotiate h2 separately).
+pub fn server_config(
+    verifier: Arc<SpiffeVerifier>,
+    cert: Arc<ServerCert>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The SPIFFE ID of an authenticated connection (already verified by [`SpiffeVerifier`]).
+pub fn peer_spiffe_id(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
+    let leaf = conn.peer_certificates()?.first()?;
+    identity::check_svid_leaf(leaf).ok()
+}
