@@ -13,6 +13,9 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+/// Re-exported so callers can name key usages and EKUs in a [`LeafSpec`].
+pub use rcgen;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("certificate generation failed: {0}")]

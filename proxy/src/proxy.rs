@@ -259,7 +259,7 @@ async fn mitm(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(hyper_buf_size(&shared.limits)).unwrap_or(u32::MAX));
     let served = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(served);
     tokio::select! {

@@ -57,7 +57,8 @@ async fn serve_conn(
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::warn!(peer = %addr, error = %e, "client TLS handshake failed");
+            let reason = crate::tls::handshake_error(&e);
+            tracing::warn!(peer = %addr, reason, "client TLS handshake failed");
             return;
         }
         Err(_) => {

@@ -243,6 +243,20 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// A readable reason for a failed client handshake: rustls prints our SVID rejections with
+/// `Debug`, so unwrap them to their messages.
+pub fn handshake_error(e: &std::io::Error) -> String {
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) => {
+            format!("invalid client certificate: {inner}")
+        }
+        Some(rustls::Error::InvalidCertificate(c)) => format!("invalid client certificate: {c:?}"),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
+
 /// The SPIFFE ID of an authenticated connection (already verified by [`SpiffeVerifier`]).
 pub fn peer_spiffe_id(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;

@@ -256,7 +256,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Rejection {
         if err.is::<TlsTimeout>() {
             return Rejection::new(ErrorCode::UpstreamTimeout, err.to_string());
         }
-        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+        if let Some(t) = find_tls_error(err) {
             return Rejection::new(
                 ErrorCode::UpstreamUnreachable,
                 format!("upstream TLS failed: {t}"),
@@ -270,6 +270,19 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Rejection {
         "upstream connection failed"
     };
     Rejection::new(ErrorCode::UpstreamUnreachable, format!("{what}: {e}"))
+}
+
+/// A rustls error, possibly nested in `io::Error`s (which hide their payload from `source()`:
+/// tokio-rustls and hyper-rustls each wrap it once).
+fn find_tls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur = err;
+    for _ in 0..4 {
+        if let Some(t) = cur.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        cur = cur.downcast_ref::<io::Error>()?.get_ref()?;
+    }
+    None
 }
 
 /// Client TLS: system roots plus `extra_roots`, always verified.

@@ -1,1 +1,643 @@
-//! placeholder
+//! End-to-end test scaffolding: a PKI generated at test time with the project's own `pki`
+//! module, a real TLS upstream that records what reaches it, the real `portcullis` binary as a
+//! child process (JSON logs captured), real curl, and a raw mTLS client for malformed input.
+// This crate only exists to test; failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis::pki::{Authority, LeafSpec};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Generous bound for anything that should happen "soon"; loops never run longer.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The `portcullis` binary, built once if the workspace build has not produced it yet.
+pub fn bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("PORTCULLIS_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/debug/deps/<test-binary> -> target/debug/portcullis
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap();
+        let path = dir.join("portcullis");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "portcullis", "--bin", "portcullis"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the portcullis binary failed");
+        assert!(path.is_file(), "no binary at {}", path.display());
+        path
+    })
+    .clone()
+}
+
+/// A client identity on disk.
+#[derive(Clone, Debug)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The test PKI: two trust domains, the proxy's server SVID, the MITM CA, an upstream CA.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub acme: Authority,
+    pub other: Authority,
+    pub upstream_ca: Authority,
+    pub upstream_tls: Arc<rustls::ServerConfig>,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |f: &str| dir.path().join(f);
+        let acme = Authority::generate("acme.test CA", Some("spiffe://acme.test")).unwrap();
+        acme.write(&p("acme-ca.pem"), &p("acme-ca.key")).unwrap();
+        let other = Authority::generate("other.test CA", Some("spiffe://other.test")).unwrap();
+        other.write(&p("other-ca.pem"), &p("other-ca.key")).unwrap();
+        let mut server = LeafSpec::svid("spiffe://acme.test/portcullis", Duration::from_secs(3600));
+        server.dns = vec!["localhost".into()];
+        server.ips = vec![[127, 0, 0, 1].into()];
+        acme.issue(&server)
+            .unwrap()
+            .write(&p("server.pem"), &p("server.key"))
+            .unwrap();
+        let mitm = Authority::generate("test MITM CA", None).unwrap();
+        mitm.write(&p("mitm-ca.pem"), &p("mitm-ca.key")).unwrap();
+        let upstream_ca = Authority::generate("test upstream CA", None).unwrap();
+        upstream_ca
+            .write(&p("upstream-ca.pem"), &p("upstream-ca.key"))
+            .unwrap();
+        let upstream_tls = server_tls(&upstream_ca, &["localhost", "127.0.0.1", "127.0.0.2"]);
+        Pki {
+            dir,
+            acme,
+            other,
+            upstream_ca,
+            upstream_tls,
+        }
+    }
+
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    /// Issue a client certificate from `spec` with `ca`, written as `name.pem`/`name.key`.
+    pub fn client_with(&self, name: &str, ca: &Authority, spec: &LeafSpec) -> ClientCert {
+        let c = ClientCert {
+            cert: self.path(&format!("{name}.pem")),
+            key: self.path(&format!("{name}.key")),
+        };
+        ca.issue(spec).unwrap().write(&c.cert, &c.key).unwrap();
+        c
+    }
+
+    /// A valid SVID for `spiffe_id` from the acme.test CA.
+    pub fn client(&self, name: &str, spiffe_id: &str) -> ClientCert {
+        self.client_with(
+            name,
+            &self.acme,
+            &LeafSpec::svid(spiffe_id, Duration::from_secs(3600)),
+        )
+    }
+
+    /// The config every test starts from, as JSON (which is YAML), paths relative to the dir.
+    pub fn base_config(&self) -> Value {
+        json!({
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "reload_interval": "100ms",
+            "tls": {"cert": "server.pem", "key": "server.key"},
+            "trust_domains": {
+                "acme.test": {"bundle": "acme-ca.pem"},
+                "other.test": {"bundle": "other-ca.pem"},
+            },
+            "mitm": {"ca_cert": "mitm-ca.pem", "ca_key": "mitm-ca.key"},
+            "upstream": {"extra_roots": ["upstream-ca.pem"]},
+            "egress": {"allow": ["127.0.0.1/32"]},
+        })
+    }
+
+    pub fn write_config(&self, cfg: &Value) -> PathBuf {
+        let path = self.path("config.yaml");
+        portcullis::pki::write_file(&path, cfg.to_string().as_bytes(), false).unwrap();
+        path
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Pki::new()
+    }
+}
+
+/// A TLS server config for `names`, signed by `ca`.
+pub fn server_tls(ca: &Authority, names: &[&str]) -> Arc<rustls::ServerConfig> {
+    let issued = ca
+        .issue(&LeafSpec::server(names, Duration::from_secs(3600)))
+        .unwrap();
+    let cert = rustls_pki_types::CertificateDer::from(issued.cert_der.clone());
+    let key = rustls_pki_types::pem::PemObject::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// What the upstream saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+}
+
+/// A real HTTP(S) server on loopback that records requests. `/slow` waits until `release()`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    slow_arrived: Arc<tokio::sync::Notify>,
+}
+
+impl Upstream {
+    /// TLS when `tls` is given, plain HTTP otherwise; binds `ip:0`.
+    pub async fn start(ip: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        let u = Upstream {
+            addr: listener.local_addr().unwrap(),
+            connections: Arc::default(),
+            seen: Arc::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            slow_arrived: Arc::default(),
+        };
+        let (conns, seen, gate, arrived) = (
+            u.connections.clone(),
+            u.seen.clone(),
+            u.gate.clone(),
+            u.slow_arrived.clone(),
+        );
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (seen, gate, arrived, acceptor) = (
+                    seen.clone(),
+                    gate.clone(),
+                    arrived.clone(),
+                    acceptor.clone(),
+                );
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (seen, gate, arrived) = (seen.clone(), gate.clone(), arrived.clone());
+                        async move { Ok::<_, Infallible>(respond(req, &seen, &gate, &arrived).await) }
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+        u
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Wait until a `/slow` request has arrived.
+    pub async fn slow_arrived(&self) {
+        tokio::time::timeout(WAIT, self.slow_arrived.notified())
+            .await
+            .expect("no /slow request arrived");
+    }
+
+    /// Let one waiting `/slow` request answer.
+    pub fn release(&self) {
+        self.gate.add_permits(1);
+    }
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    seen: &Mutex<Vec<Seen>>,
+    gate: &tokio::sync::Semaphore,
+    arrived: &tokio::sync::Notify,
+) -> Response<Full<Bytes>> {
+    seen.lock().unwrap().push(Seen {
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        headers: req.headers().clone(),
+    });
+    if req.uri().path() == "/slow" {
+        arrived.notify_one();
+        let _ = gate.acquire().await.map(|p| p.forget());
+    }
+    let body = json!({"upstream": "test", "path": req.uri().path()}).to_string();
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("connection", "x-upstream-hop")
+        .header("x-upstream-hop", "must-not-reach-client")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// Captured log lines of a child process.
+#[derive(Default)]
+pub struct Logs {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+impl Logs {
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// JSON log events (lines that parse as JSON objects).
+    pub fn events(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
+    /// Block until a line satisfies `pred`, up to [`WAIT`].
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Wait until at least `n` lines exist or `deadline` passes.
+    pub fn wait_for_len(&self, n: usize, deadline: Instant) {
+        let mut lines = self.lines.lock().unwrap();
+        while lines.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            lines = self.changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.changed.notify_all();
+    }
+}
+
+/// Spawn a thread that copies `r` line by line into `logs`.
+pub fn capture(r: impl std::io::Read + Send + 'static, logs: Arc<Logs>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            match line {
+                Ok(l) => logs.push(l),
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// The real binary running `serve --config` with JSON logs.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub logs: Arc<Logs>,
+}
+
+impl Proxy {
+    pub fn start(config: &Path) -> Proxy {
+        let mut child = Command::new(bin())
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(config)
+            .env("PORTCULLIS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Logs::default());
+        capture(child.stderr.take().unwrap(), logs.clone());
+        let line = logs.wait_for("the listening line", |l| {
+            l.contains("\"listening\"") || l.contains("ERROR")
+        });
+        let ev: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(ev["message"], "listening", "proxy failed to start: {line}");
+        let addr = ev["proxy"].as_str().unwrap().parse().unwrap();
+        let admin = ev["admin"].as_str().unwrap().parse().unwrap();
+        Proxy {
+            child,
+            addr,
+            admin,
+            logs,
+        }
+    }
+
+    /// Access log events (target `portcullis::access`).
+    pub fn access_log(&self) -> Vec<Value> {
+        self.logs
+            .events()
+            .into_iter()
+            .filter(|e| e["target"] == "portcullis::access")
+            .collect()
+    }
+
+    /// Wait until `n` access events match `pred` (the logging phase runs when a response body
+    /// ends, which can be just after the client has read it). Returns the matching events.
+    pub fn wait_access(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let found: Vec<Value> = self.access_log().into_iter().filter(|e| pred(e)).collect();
+            if found.len() >= n {
+                assert_eq!(
+                    found.len(),
+                    n,
+                    "more access events than expected: {found:?}"
+                );
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} access events, have {found:?}"
+            );
+            let len = self.logs.lines().len();
+            self.logs.wait_for_len(len + 1, deadline);
+        }
+    }
+
+    /// GET an admin endpoint: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    }
+
+    /// A Prometheus counter from `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} missing in:\n{body}"))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit by itself (bounded).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "proxy did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The result of one curl run.
+#[derive(Debug)]
+pub struct CurlOut {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+    pub stderr: String,
+}
+
+impl CurlOut {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.headers
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+            .map(|l| l[prefix.len()..].trim().to_owned())
+    }
+}
+
+/// curl through `proxy` as `client` (no client cert when `None`), trusting the test CAs.
+pub async fn curl(
+    pki: &Pki,
+    proxy: SocketAddr,
+    client: Option<&ClientCert>,
+    args: &[&str],
+) -> CurlOut {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-D", "-", "-o", "-"])
+        .arg("--proxy")
+        .arg(format!("https://{proxy}"))
+        .arg("--proxy-cacert")
+        .arg(pki.path("acme-ca.pem"))
+        .arg("--cacert")
+        .arg(pki.path("mitm-ca.pem"));
+    if let Some(c) = client {
+        cmd.arg("--proxy-cert")
+            .arg(&c.cert)
+            .arg("--proxy-key")
+            .arg(&c.key);
+    }
+    cmd.args(args);
+    run_curl(cmd).await
+}
+
+pub async fn run_curl(mut cmd: tokio::process::Command) -> CurlOut {
+    let out = cmd.output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // With -D - the (last) header block precedes the body; skip CONNECT's "200" block.
+    let mut rest = text.as_str();
+    let mut headers = String::new();
+    while rest.starts_with("HTTP/") {
+        let (h, b) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+        headers = h.to_owned();
+        rest = b;
+    }
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    CurlOut {
+        success: out.status.success(),
+        code: out.status.code(),
+        status,
+        headers,
+        body: rest.to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A TLS connection to the proxy as `client`, for sending hand-written (malformed) requests.
+pub async fn raw_tls(
+    pki: &Pki,
+    proxy: SocketAddr,
+    client: &ClientCert,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.path("acme-ca.pem")).unwrap();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = portcullis::tls::load_certs(&client.cert).unwrap();
+    let key = portcullis::tls::load_key(&client.key).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Send raw bytes on a fresh mTLS connection and read the response head and body (until close
+/// or `Content-Length`).
+pub async fn raw_request(
+    pki: &Pki,
+    proxy: SocketAddr,
+    client: &ClientCert,
+    request: &str,
+) -> RawResponse {
+    let mut s = raw_tls(pki, proxy, client).await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut s).await
+}
+
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+            .map(|l| l[prefix.len()..].trim().to_owned())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> RawResponse {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head.lines().find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                });
+                if len.is_some_and(|n| body.len() >= n)
+                    || (len.is_none() && head.starts_with("HTTP/1.1 200"))
+                {
+                    break;
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("response timed out");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    RawResponse {
+        status: head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0),
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}

@@ -1,0 +1,410 @@
+//! What the proxy does with authenticated traffic: CONNECT + MITM (HTTP/1.1 and h2),
+//! absolute-form HTTP, passthrough, the egress guard, header hygiene, limits, upstream errors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use portcullis_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Setup {
+    pki: Pki,
+    up: Upstream,
+    proxy: Proxy,
+    agent: ClientCert,
+}
+
+async fn setup(edit: impl FnOnce(&mut serde_json::Value)) -> Setup {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let mut cfg = pki.base_config();
+    edit(&mut cfg);
+    let proxy = Proxy::start(&pki.write_config(&cfg));
+    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
+    Setup {
+        pki,
+        up,
+        proxy,
+        agent,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mitm_serves_http1_and_h2_and_uses_the_mitm_leaf() {
+    let s = setup(|_| {}).await;
+    let url = format!(
+        "https://localhost:{}/v1/things?q=secret-query-value",
+        s.up.port()
+    );
+    for proto in ["--http1.1", "--http2"] {
+        let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[proto, "-v", &url]).await;
+        assert_eq!(out.status, 200, "{proto}: {out:?}");
+        assert_eq!(out.json()["path"], "/v1/things");
+        // The client saw our MITM leaf (it only trusts the MITM CA, not the upstream CA).
+        assert!(
+            out.stderr.contains("test MITM CA"),
+            "{proto}: {}",
+            out.stderr
+        );
+        // Response hop-by-hop headers from the upstream are stripped.
+        assert_eq!(out.header("x-upstream-hop"), None, "{proto}");
+    }
+    // The logging phase runs when the response body ends, so wait for both lines.
+    let gets = s.proxy.wait_access(2, |e| e["method"] == "GET");
+    for e in gets {
+        assert_eq!(e["status"], 200);
+        assert_eq!(e["path"], "/v1/things");
+        assert_eq!(e["spiffe_id"], "spiffe://acme.test/agents/research");
+        assert!(e["bytes"].as_u64().unwrap() > 0);
+    }
+    let lines = s.proxy.logs.lines().join("\n");
+    assert!(
+        !lines.contains("secret-query-value"),
+        "query values must never be logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn absolute_form_plain_http_is_forwarded() {
+    let s = setup(|_| {}).await;
+    let plain = Upstream::start("127.0.0.1", None).await;
+    let url = format!("http://127.0.0.1:{}/plain", plain.port());
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.json()["path"], "/plain");
+    let seen = plain.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].headers.get("host").unwrap(),
+        &format!("127.0.0.1:{}", plain.port())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_and_proxy_authorization_never_reach_upstream() {
+    let s = setup(|_| {}).await;
+    let plain = Upstream::start("127.0.0.1", None).await;
+    // HTTP/1.1 inside the tunnel: h2 has no Connection header (curl would drop it itself).
+    let headers = [
+        "--http1.1",
+        "-H",
+        "Connection: x-private-hop",
+        "-H",
+        "X-Private-Hop: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==",
+        "-H",
+        "Proxy-Connection: keep-alive",
+        "-H",
+        "X-Kept: yes",
+    ];
+    let https = format!("https://localhost:{}/h", s.up.port());
+    let http = format!("http://127.0.0.1:{}/h", plain.port());
+    for (url, up) in [(&https, &s.up), (&http, &plain)] {
+        let mut args: Vec<&str> = headers.to_vec();
+        args.push(url);
+        let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &args).await;
+        assert_eq!(out.status, 200, "{out:?}");
+        let seen = up.seen();
+        let h = &seen.last().unwrap().headers;
+        assert_eq!(h.get("x-kept").unwrap(), "yes", "{url}");
+        for gone in [
+            "x-private-hop",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "proxy-connection",
+        ] {
+            assert!(
+                h.get(gone).is_none(),
+                "{url}: {gone} reached the upstream: {h:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_connect_targets_get_400() {
+    let s = setup(|_| {}).await;
+    for target in [
+        "localhost",
+        "localhost:0",
+        "localhost:99999",
+        "127.1:443",
+        "exa mple.com:443",
+        "[::1:443",
+    ] {
+        let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        let resp = raw_request(&s.pki, s.proxy.addr, &s.agent, &req).await;
+        assert_eq!(resp.status, 400, "{target}: {resp:?}");
+    }
+    // Targets hyper accepts as authorities reach our parser and get the error contract.
+    let resp = raw_request(
+        &s.pki,
+        s.proxy.addr,
+        &s.agent,
+        "CONNECT localhost HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        resp.header("x-portcullis-error").as_deref(),
+        Some("bad_request")
+    );
+    let body = resp.json();
+    assert_eq!(body["error"], "bad_request");
+    assert!(body["reason"].as_str().unwrap().contains("port"), "{body}");
+    assert_eq!(body["trace_id"].as_str().unwrap().len(), 32);
+    // Origin-form on the proxy port is not a proxy request.
+    let resp = raw_request(
+        &s.pki,
+        s.proxy.addr,
+        &s.agent,
+        "GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 400);
+    assert_eq!(
+        resp.header("x-portcullis-error").as_deref(),
+        Some("bad_request")
+    );
+    assert_eq!(s.up.connection_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blocked_destinations_get_403_and_are_never_dialled() {
+    // Allowed: 127.0.0.1 only. The victim listens on 127.0.0.2 (loopback, not allowed).
+    let s = setup(|_| {}).await;
+    let victim = Upstream::start("127.0.0.2", Some(s.pki.upstream_tls.clone())).await;
+    let victim_plain = Upstream::start("127.0.0.2", None).await;
+    let targets = [
+        format!("127.0.0.2:{}", victim.port()),
+        "10.0.0.1:443".to_owned(),
+        "169.254.169.254:80".to_owned(),
+        "[::1]:443".to_owned(),
+        "[::ffff:127.0.0.2]:443".to_owned(),
+    ];
+    for t in &targets {
+        let req = format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\n");
+        let resp = raw_request(&s.pki, s.proxy.addr, &s.agent, &req).await;
+        assert_eq!(resp.status, 403, "{t}: {resp:?}");
+        assert_eq!(
+            resp.header("x-portcullis-error").as_deref(),
+            Some("destination_blocked"),
+            "{t}"
+        );
+        assert_eq!(resp.json()["error"], "destination_blocked");
+    }
+    let url = format!("http://127.0.0.2:{}/", victim_plain.port());
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("destination_blocked")
+    );
+    // A name resolving to a blocked address is blocked too (localhost -> 127.0.0.1 is allowed,
+    // but ::1 is not in the allow list, and any blocked address blocks the name).
+    assert_eq!(
+        victim.connection_count() + victim_plain.connection_count(),
+        0,
+        "a blocked address was dialled"
+    );
+    s.proxy
+        .wait_access(targets.len() + 1, |e| e["error"] == "destination_blocked");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_with_untrusted_certificate_gets_502() {
+    let s = setup(|_| {}).await;
+    let stranger = portcullis::pki::Authority::generate("stranger CA", None).unwrap();
+    let bad = Upstream::start("127.0.0.1", Some(server_tls(&stranger, &["localhost"]))).await;
+    let url = format!("https://localhost:{}/", bad.port());
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("upstream_unreachable")
+    );
+    assert!(
+        out.json()["reason"].as_str().unwrap().contains("TLS"),
+        "{}",
+        out.body
+    );
+    assert!(
+        bad.seen().is_empty(),
+        "no request may be sent over an unverified connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_headers_get_431() {
+    let s = setup(|c| c["limits"] = serde_json::json!({"max_header_bytes": 4096})).await;
+    let big = format!("X-Big: {}", "a".repeat(5000));
+    let url = format!("https://localhost:{}/", s.up.port());
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &["-H", &big, &url]).await;
+    assert_eq!(out.status, 431, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("headers_too_large")
+    );
+    // Far beyond even hyper's HTTP/1.1 buffer: still 431, never a crash. (Over h2, a header
+    // block beyond SETTINGS_MAX_HEADER_LIST_SIZE is refused by the h2 layer instead.)
+    let huge = format!("X-Huge: {}", "b".repeat(100_000));
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.agent),
+        &["--http1.1", "-H", &huge, &url],
+    )
+    .await;
+    assert_eq!(out.status, 431, "{out:?}");
+    assert!(s.up.seen().is_empty());
+    // The proxy is still healthy.
+    assert_eq!(
+        curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off() {
+    let s = setup(|c| {
+        c["limits"] =
+            serde_json::json!({"header_read_timeout": "1s", "tls_handshake_timeout": "1s"})
+    })
+    .await;
+    // Slowloris: an unfinished request head is dropped after header_read_timeout.
+    let mut tls = raw_tls(&s.pki, s.proxy.addr, &s.agent).await;
+    tls.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
+        .await
+        .expect("not cut off");
+    assert!(
+        matches!(n, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).contains("408"),
+        "{n:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut off too early"
+    );
+    // A TCP client that never starts TLS is dropped after tls_handshake_timeout.
+    let mut tcp = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("not cut off");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_header_must_match_the_connect_target() {
+    let s = setup(|_| {}).await;
+    let url = format!("https://localhost:{}/", s.up.port());
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.agent),
+        &["--http1.1", "-H", "Host: evil.example", &url],
+    )
+    .await;
+    assert_eq!(out.status, 400, "{out:?}");
+    assert!(
+        out.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not match"),
+        "{}",
+        out.body
+    );
+    assert!(s.up.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrade_inside_mitm_gets_501() {
+    let s = setup(|_| {}).await;
+    let url = format!("https://localhost:{}/ws", s.up.port());
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.agent),
+        &[
+            "--http1.1",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            &url,
+        ],
+    )
+    .await;
+    assert_eq!(out.status, 501, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("upgrade_not_supported")
+    );
+    assert!(s.up.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passthrough_hosts_are_tunnelled_without_interception() {
+    let s = setup(|c| c["mitm"]["passthrough"] = serde_json::json!(["localhost"])).await;
+    let url = format!("https://localhost:{}/pt", s.up.port());
+    // Trusting only the upstream's CA works: the client talks TLS to the upstream itself.
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-D", "-", "-o", "-", "-v"])
+        .arg("--proxy")
+        .arg(format!("https://{}", s.proxy.addr))
+        .arg("--proxy-cacert")
+        .arg(s.pki.path("acme-ca.pem"))
+        .arg("--proxy-cert")
+        .arg(&s.agent.cert)
+        .arg("--proxy-key")
+        .arg(&s.agent.key)
+        .arg("--cacert")
+        .arg(s.pki.path("upstream-ca.pem"))
+        .arg(&url);
+    let out = run_curl(cmd).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(out.stderr.contains("test upstream CA"), "{}", out.stderr);
+    assert_eq!(
+        s.proxy
+            .metric("portcullis_mitm_leaf_cache_misses_total")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_first_connects_issue_one_leaf() {
+    let s = setup(|_| {}).await;
+    let url = format!("https://localhost:{}/c", s.up.port());
+    let args = [url.as_str()];
+    let runs = (0..8).map(|_| curl(&s.pki, s.proxy.addr, Some(&s.agent), &args));
+    for out in futures_util::future::join_all(runs).await {
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    assert_eq!(
+        s.proxy
+            .metric("portcullis_mitm_leaf_cache_misses_total")
+            .await,
+        1
+    );
+    assert_eq!(
+        s.proxy
+            .metric("portcullis_mitm_leaf_cache_hits_total")
+            .await,
+        7
+    );
+}

@@ -1,0 +1,182 @@
+//! Who may connect: SPIFFE X.509-SVID verification on the proxy's mTLS listener, end to end
+//! with real curl. Every rejected client must fail the handshake and never reach the upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use portcullis::pki::rcgen;
+use portcullis::pki::{Authority, LeafSpec};
+use portcullis_tests::*;
+use time::OffsetDateTime;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn svid(id: &str) -> LeafSpec {
+    LeafSpec::svid(id, HOUR)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn good_svid_is_accepted_and_identity_is_logged() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
+    let url = format!("https://localhost:{}/hello", up.port());
+    let out = curl(&pki, proxy.addr, Some(&agent), &[&url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.json()["path"], "/hello");
+    let log = proxy
+        .logs
+        .wait_for("access line for GET", |l| l.contains("\"GET\""));
+    assert!(log.contains("spiffe://acme.test/agents/research"), "{log}");
+}
+
+/// Each case: a client certificate the proxy must refuse, and a fragment of the logged reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_svids_fail_the_handshake_and_never_reach_upstream() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let url = format!("https://localhost:{}/", up.port());
+    let now = OffsetDateTime::now_utc();
+    let evil = Authority::generate("evil.test CA", Some("spiffe://evil.test")).unwrap();
+
+    let mut two_uris = svid("spiffe://acme.test/a");
+    two_uris.uris.push("spiffe://acme.test/b".into());
+    let mut https_uri = svid("spiffe://acme.test/a");
+    https_uri.uris = vec!["https://acme.test/a".into()];
+    let mut ca_leaf = svid("spiffe://acme.test/a");
+    ca_leaf.is_ca = true;
+    let mut expired = svid("spiffe://acme.test/a");
+    expired.not_before = now - 2 * HOUR;
+    expired.not_after = now - HOUR;
+    let mut not_yet = svid("spiffe://acme.test/a");
+    not_yet.not_before = now + HOUR;
+    not_yet.not_after = now + 2 * HOUR;
+    let mut key_cert_sign = svid("spiffe://acme.test/a");
+    key_cert_sign
+        .key_usages
+        .push(rcgen::KeyUsagePurpose::KeyCertSign);
+    let mut bad_id = svid("spiffe://acme.test/a");
+    bad_id.uris = vec!["spiffe://ACME.test/a".into()];
+
+    let cases: Vec<(&str, &Authority, LeafSpec, &str)> = vec![
+        (
+            "untrusted-td",
+            &evil,
+            svid("spiffe://evil.test/a"),
+            "UnknownIssuer",
+        ),
+        ("two-uris", &pki.acme, two_uris, "2 URI SANs"),
+        ("non-spiffe", &pki.acme, https_uri, "spiffe"),
+        ("ca-leaf", &pki.acme, ca_leaf, "CA"),
+        ("expired", &pki.acme, expired, "Expired"),
+        ("not-yet-valid", &pki.acme, not_yet, "NotValidYet"),
+        ("key-cert-sign", &pki.acme, key_cert_sign, "keyCertSign"),
+        ("bad-spiffe-id", &pki.acme, bad_id, "invalid character"),
+        // Signed by a trusted CA, but the wrong trust domain's: acme.test IDs need acme.test's CA.
+        (
+            "cross-td",
+            &pki.other,
+            svid("spiffe://acme.test/a"),
+            "UnknownIssuer",
+        ),
+    ];
+    for (name, ca, spec, reason) in &cases {
+        let client = pki.client_with(name, ca, spec);
+        let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+        assert!(!out.success, "{name}: curl succeeded: {out:?}");
+        assert_ne!(out.status, 200, "{name}");
+        let line = proxy.logs.wait_for(name, |l| {
+            l.contains("client TLS handshake failed") && l.contains(reason)
+        });
+        assert!(!line.is_empty());
+    }
+    // No client certificate at all.
+    let out = curl(&pki, proxy.addr, None, &[&url]).await;
+    assert!(!out.success, "no client cert: {out:?}");
+    assert_eq!(
+        up.connection_count(),
+        0,
+        "a rejected client reached the upstream"
+    );
+    assert!(
+        proxy.access_log().is_empty(),
+        "a rejected client produced an access line"
+    );
+}
+
+/// An SVID whose chain goes through an intermediate the client sends is accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn intermediate_chain_is_verified() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let inter = pki.acme.intermediate("acme.test intermediate").unwrap();
+    let client = pki.client_with("leaf", &inter, &svid("spiffe://acme.test/via-intermediate"));
+    // Send leaf + intermediate as the chain.
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(&client.cert).unwrap(),
+        inter.cert_pem()
+    );
+    std::fs::write(&client.cert, chain).unwrap();
+    let url = format!("https://localhost:{}/i", up.port());
+    let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trust_domain_added_to_config_is_accepted_without_restart() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let mut cfg = pki.base_config();
+    let config = pki.write_config(&cfg);
+    let proxy = Proxy::start(&config);
+    let newcomer_ca = Authority::generate("new.test CA", Some("spiffe://new.test")).unwrap();
+    newcomer_ca
+        .write(&pki.path("new-ca.pem"), &pki.path("new-ca.key"))
+        .unwrap();
+    let client = pki.client_with("newcomer", &newcomer_ca, &svid("spiffe://new.test/agent"));
+    let url = format!("https://localhost:{}/", up.port());
+
+    let before = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+    assert!(
+        !before.success,
+        "new.test must not be trusted yet: {before:?}"
+    );
+
+    cfg["trust_domains"]["new.test"] = serde_json::json!({"bundle": "new-ca.pem"});
+    pki.write_config(&cfg);
+    proxy.logs.wait_for("the reload", |l| {
+        l.contains("reloaded server certificate and trust bundles")
+    });
+    assert_eq!(proxy.metric("portcullis_reloads_total").await, 1);
+
+    let after = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+    assert_eq!(after.status, 200, "{after:?}");
+    // Existing identities are unaffected.
+    let agent = pki.client("agent", "spiffe://acme.test/a");
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_bundle_reload_keeps_the_last_good_one() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    std::fs::write(pki.path("other-ca.pem"), "not a certificate").unwrap();
+    proxy
+        .logs
+        .wait_for("the reload error", |l| l.contains("reload failed"));
+    assert_eq!(proxy.metric("portcullis_reload_errors_total").await, 1);
+    let agent = pki.client("agent", "spiffe://acme.test/a");
+    let url = format!("https://localhost:{}/", up.port());
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
+        200
+    );
+}
