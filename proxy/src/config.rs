@@ -222,15 +222,18 @@ impl Config {
 
     /// Parse YAML text; `base` is the directory relative paths are resolved against.
     pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = serde_yaml_ng::from_str(text).map_err(|e| {
-            let at = e
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner
                 .location()
-                .map(|l| format!("line {} column {}", l.line(), l.column()))
-                .unwrap_or_else(|| "(document)".into());
+                .map(|l| format!(" (line {} column {})", l.line(), l.column()))
+                .unwrap_or_default();
             ConfigError {
                 file: file.to_owned(),
-                key: at,
-                reason: e.to_string(),
+                key: if key == "." { "(document)".into() } else { key },
+                reason: format!("{inner}{at}"),
             }
         })?;
         cfg.resolve_paths(base);

@@ -250,8 +250,9 @@ async fn oversized_headers_get_431() {
         out.header("x-portcullis-error").as_deref(),
         Some("headers_too_large")
     );
-    // Far beyond even hyper's HTTP/1.1 buffer: still 431, never a crash. (Over h2, a header
-    // block beyond SETTINGS_MAX_HEADER_LIST_SIZE is refused by the h2 layer instead.)
+    // Far beyond even hyper's HTTP/1.1 buffer: hyper answers a bare 431 and closes while the
+    // client may still be writing, so the client sees either the 431 or a reset. Never a
+    // forward, never a crash.
     let huge = format!("X-Huge: {}", "b".repeat(100_000));
     let out = curl(
         &s.pki,
@@ -260,7 +261,11 @@ async fn oversized_headers_get_431() {
         &["--http1.1", "-H", &huge, &url],
     )
     .await;
-    assert_eq!(out.status, 431, "{out:?}");
+    // (On a reset, the last status curl saw is the CONNECT 200.)
+    assert!(
+        out.status == 431 || (!out.success && out.status == 200),
+        "{out:?}"
+    );
     assert!(s.up.seen().is_empty());
     // The proxy is still healthy.
     assert_eq!(
