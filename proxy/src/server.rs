@@ -18,6 +18,16 @@ use crate::proxy::{self, hyper_buf_size, Conn, Shared};
 use crate::tls::peer_spiffe_id;
 
 pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    accept_until_shutdown(&listener, acceptor, &shared).await;
+    drop(listener);
+    tracing::info!("stopped accepting new connections");
+}
+
+async fn accept_until_shutdown(
+    listener: &TcpListener,
+    acceptor: TlsAcceptor,
+    shared: &Arc<Shared>,
+) {
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     loop {
         let permit = tokio::select! {

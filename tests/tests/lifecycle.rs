@@ -212,7 +212,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     proxy.signal("TERM");
     proxy
         .logs
-        .wait_for("shutdown start", |l| l.contains("shutting down"));
+        .wait_for("the listener closing", |l| l.contains("stopped accepting"));
     // New connections are refused while draining.
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(refused.is_err(), "listener still accepting during drain");
