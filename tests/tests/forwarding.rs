@@ -413,3 +413,53 @@ async fn concurrent_first_connects_issue_one_leaf() {
         7
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_upstream_gets_504() {
+    let s = setup(|c| c["upstream"]["response_header_timeout"] = serde_json::json!("1s")).await;
+    let url = format!("https://localhost:{}/slow", s.up.port());
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    assert_eq!(out.status, 504, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("upstream_timeout")
+    );
+    s.up.release();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let s = setup(|c| c["limits"] = serde_json::json!({"max_connections": 1})).await;
+    let first = raw_tls(&s.pki, s.proxy.addr, &s.agent).await;
+    // The second handshake cannot complete while the only slot is taken...
+    let (pki, addr, agent) = (std::sync::Arc::new(s.pki), s.proxy.addr, s.agent.clone());
+    let p2 = pki.clone();
+    let mut second = tokio::spawn(async move { raw_tls(&p2, addr, &agent).await });
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut second).await;
+    assert!(
+        early.is_err(),
+        "a second connection was served beyond max_connections"
+    );
+    // ...and completes once the first connection closes.
+    drop(first);
+    let conn = tokio::time::timeout(WAIT, second)
+        .await
+        .expect("second connection never served");
+    assert!(conn.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed() {
+    let s = setup(|c| c["limits"] = serde_json::json!({"idle_timeout": "1s"})).await;
+    let mut tls = raw_tls(&s.pki, s.proxy.addr, &s.agent).await;
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
+        .await
+        .expect("idle connection kept open");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the idle timeout"
+    );
+}

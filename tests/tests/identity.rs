@@ -60,33 +60,31 @@ async fn invalid_svids_fail_the_handshake_and_never_reach_upstream() {
     let mut bad_id = svid("spiffe://acme.test/a");
     bad_id.uris = vec!["spiffe://ACME.test/a".into()];
 
-    let cases: Vec<(&str, &Authority, LeafSpec, &str)> = vec![
-        (
-            "untrusted-td",
-            &evil,
-            svid("spiffe://evil.test/a"),
-            "UnknownIssuer",
-        ),
-        ("two-uris", &pki.acme, two_uris, "2 URI SANs"),
-        ("non-spiffe", &pki.acme, https_uri, "spiffe"),
-        ("ca-leaf", &pki.acme, ca_leaf, "CA"),
-        ("expired", &pki.acme, expired, "Expired"),
-        ("not-yet-valid", &pki.acme, not_yet, "NotValidYet"),
-        ("key-cert-sign", &pki.acme, key_cert_sign, "keyCertSign"),
-        ("bad-spiffe-id", &pki.acme, bad_id, "invalid character"),
+    // (name, signer, certificate, logged reason, TLS alert the client receives)
+    let unknown = "certificate unknown";
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &Authority, LeafSpec, &str, &str)> = vec![
+        ("untrusted-td", &evil, svid("spiffe://evil.test/a"), "UnknownIssuer", "unknown ca"),
+        ("two-uris", &pki.acme, two_uris, "2 URI SANs", unknown),
+        ("non-spiffe", &pki.acme, https_uri, "spiffe", unknown),
+        ("ca-leaf", &pki.acme, ca_leaf, "CA", unknown),
+        ("expired", &pki.acme, expired, "Expired", "certificate expired"),
+        ("not-yet-valid", &pki.acme, not_yet, "NotValidYet", "certificate expired"),
+        ("key-cert-sign", &pki.acme, key_cert_sign, "keyCertSign", unknown),
+        ("bad-spiffe-id", &pki.acme, bad_id, "invalid character", unknown),
         // Signed by a trusted CA, but the wrong trust domain's: acme.test IDs need acme.test's CA.
-        (
-            "cross-td",
-            &pki.other,
-            svid("spiffe://acme.test/a"),
-            "UnknownIssuer",
-        ),
+        ("cross-td", &pki.other, svid("spiffe://acme.test/a"), "UnknownIssuer", "unknown ca"),
     ];
-    for (name, ca, spec, reason) in &cases {
+    for (name, ca, spec, reason, alert) in &cases {
         let client = pki.client_with(name, ca, spec);
         let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
         assert!(!out.success, "{name}: curl succeeded: {out:?}");
         assert_ne!(out.status, 200, "{name}");
+        assert!(
+            out.stderr.contains(alert),
+            "{name}: expected alert {alert:?}: {}",
+            out.stderr
+        );
         let line = proxy.logs.wait_for(name, |l| {
             l.contains("client TLS handshake failed") && l.contains(reason)
         });
@@ -95,6 +93,11 @@ async fn invalid_svids_fail_the_handshake_and_never_reach_upstream() {
     // No client certificate at all.
     let out = curl(&pki, proxy.addr, None, &[&url]).await;
     assert!(!out.success, "no client cert: {out:?}");
+    assert!(
+        out.stderr.contains("certificate required"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(
         up.connection_count(),
         0,
@@ -178,5 +181,36 @@ async fn broken_bundle_reload_keeps_the_last_good_one() {
     assert_eq!(
         curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
         200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_server_certificate_is_served_without_restart() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let agent = pki.client("agent", "spiffe://acme.test/a");
+    let url = format!("https://localhost:{}/", up.port());
+    let before = curl(&pki, proxy.addr, Some(&agent), &["-v", &url]).await;
+    assert!(before.stderr.contains("CN=portcullis"), "{}", before.stderr);
+
+    let mut rotated = svid("spiffe://acme.test/portcullis");
+    rotated.common_name = "portcullis-rotated".into();
+    rotated.dns = vec!["localhost".into()];
+    rotated.ips = vec![[127, 0, 0, 1].into()];
+    pki.acme
+        .issue(&rotated)
+        .unwrap()
+        .write(&pki.path("server.pem"), &pki.path("server.key"))
+        .unwrap();
+    proxy
+        .logs
+        .wait_for("the reload", |l| l.contains("reloaded server certificate"));
+    let after = curl(&pki, proxy.addr, Some(&agent), &["-v", &url]).await;
+    assert_eq!(after.status, 200, "{after:?}");
+    assert!(
+        after.stderr.contains("CN=portcullis-rotated"),
+        "{}",
+        after.stderr
     );
 }
