@@ -27,7 +27,7 @@ pub struct Status {
 pub async fn serve(
     listener: TcpListener,
     status: Arc<Status>,
-    leaf: Arc<crate::proxy::Shared>,
+    shared: Arc<crate::proxy::Shared>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -35,10 +35,10 @@ pub async fn serve(
             r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
             _ = shutdown.cancelled() => return,
         };
-        let (status, leaf) = (status.clone(), leaf.clone());
+        let (status, shared) = (status.clone(), shared.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(&req, &status, &leaf.mitm.stats);
+                let resp = route(&req, &status, &shared.mitm.stats);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

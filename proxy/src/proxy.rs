@@ -321,30 +321,33 @@ async fn handle_inner(
 }
 
 fn check_inner_authority(parts: &http::request::Parts, dest: &Destination) -> Result<(), String> {
-    let claimed = match parts.uri.authority() {
-        Some(a) => a.as_str().to_owned(),
-        None => match parts.headers.get(HOST).map(|h| h.to_str()) {
-            Some(Ok(h)) => h.to_owned(),
-            Some(Err(_)) => return Err("Host header is not valid text".into()),
-            None => return Err("request has no Host header".into()),
-        },
+    let from_uri = parts.uri.authority().map(|a| a.as_str());
+    let from_host = match parts.headers.get(HOST).map(|h| h.to_str()) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(_)) => return Err("Host header is not valid text".into()),
+        None => None,
     };
-    let with_port = if claimed.ends_with(']')
-        || !claimed.contains(':')
-        || claimed.matches(':').count() > 1 && !claimed.starts_with('[')
-    {
-        format!("{claimed}:{}", dest.port)
-    } else {
-        claimed.clone()
-    };
-    match Destination::parse_connect_authority(&with_port) {
-        Ok(d) if d.host == dest.host && d.port == dest.port => Ok(()),
-        Ok(_) => Err(format!(
-            "request authority {claimed:?} does not match the CONNECT target {}",
-            dest.authority()
-        )),
-        Err(e) => Err(format!("bad request authority {claimed:?}: {e}")),
+    if from_uri.is_none() && from_host.is_none() {
+        return Err("request has no Host header".into());
     }
+    // Both must name the CONNECT target when both are present (HTTP/1.1 absolute-form inside
+    // the tunnel carries both; only one is ever forwarded).
+    for claimed in from_uri.into_iter().chain(from_host) {
+        let matches = claimed
+            .parse::<http::uri::Authority>()
+            .ok()
+            .and_then(|a| Some((Host::parse(a.host()).ok()?, a.port_u16())))
+            .is_some_and(|(host, port)| {
+                host == dest.host && port.unwrap_or(dest.port) == dest.port
+            });
+        if !matches {
+            return Err(format!(
+                "request authority {claimed:?} does not match the CONNECT target {}",
+                dest.authority()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The shared path of every HTTP action: request phase, upstream request phase, send, response
