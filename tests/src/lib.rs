@@ -641,3 +641,24 @@ pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> RawRes
         body: body.to_owned(),
     }
 }
+
+/// The Python interpreter with the test requirements installed (`.ci/run` creates it).
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.is_file(),
+        "no Python venv at {}: run `bash .ci/run` (it creates it) or set PORTCULLIS_PYTHON",
+        venv.display()
+    );
+    venv
+}
+
+/// A script in tests/python/.
+pub fn python_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
