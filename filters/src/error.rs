@@ -78,7 +78,19 @@ pub struct Rejection {
     pub reason: String,
     pub status: Option<u16>,
     pub headers: Vec<(String, String)>,
+    /// For a refused MCP request: the JSON-RPC answer (errors for every request id), sent as
+    /// HTTP 200 `application/json` (202 with no body when only notifications were refused),
+    /// because MCP clients surface that as a tool error where an HTTP 403 breaks the session.
+    pub jsonrpc: Option<JsonRpcAnswer>,
 }
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct JsonRpcAnswer {
+    pub responses: Vec<serde_json::Value>,
+    pub batch: bool,
+}
+
+impl Eq for JsonRpcAnswer {}
 
 impl Rejection {
     pub fn new(code: ErrorCode, reason: impl Into<String>) -> Rejection {
@@ -87,6 +99,7 @@ impl Rejection {
             reason: reason.into(),
             status: None,
             headers: Vec::new(),
+            jsonrpc: None,
         }
     }
 

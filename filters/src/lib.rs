@@ -8,7 +8,9 @@ pub mod egress;
 pub mod error;
 pub mod hygiene;
 pub mod identity;
+pub mod mcp;
 pub mod pipeline;
+pub mod policy;
 
 pub use error::{ErrorCode, Rejection};
 pub use pipeline::{Action, ActionKind, Chain, Context, Filter, Outcome, Peer, TraceId, Via};

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::destination::Destination;
 use crate::error::{ErrorCode, Rejection};
 use crate::identity::SpiffeId;
+use crate::mcp::McpRequest;
 
 /// What kind of action a context describes; the policy input's `kind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +83,39 @@ pub struct Context {
     pub started: Instant,
     /// Set when a phase refused the request (or the proxy failed it): the error code logged.
     pub error: Option<ErrorCode>,
+    /// The request body as the request phase sees it (buffered only if a filter asked).
+    pub body: RequestBody,
+    /// The JSON-RPC messages of an MCP request (`kind == Mcp`).
+    pub mcp: Option<McpRequest>,
+    /// Policy decisions taken for this action: one, or one per JSON-RPC message.
+    pub decisions: Vec<DecisionRecord>,
+}
+
+/// The request body, for filters that inspect it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestBody {
+    /// Streams through untouched (no filter asked to see it).
+    NotBuffered,
+    /// Read completely (within `limits.inspect_body_bytes`). A filter may replace the bytes;
+    /// what is here is what goes upstream.
+    Buffered(bytes::Bytes),
+    /// Larger than the inspection limit: it streams through uninspected.
+    TooLarge,
+}
+
+/// One policy decision and, for MCP, the message it was about (method, id, tool).
+#[derive(Debug, Clone)]
+pub struct DecisionRecord {
+    pub decision: portcullis_policy::Decision,
+    pub mcp: Option<McpSummary>,
+}
+
+/// What logs may show of a JSON-RPC message: never its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McpSummary {
+    pub method: String,
+    pub id: Option<serde_json::Value>,
+    pub tool: Option<String>,
 }
 
 impl Context {
@@ -107,6 +141,9 @@ impl Context {
             },
             started: Instant::now(),
             error: None,
+            body: RequestBody::NotBuffered,
+            mcp: None,
+            decisions: Vec::new(),
         }
     }
 }
@@ -131,6 +168,12 @@ pub struct Outcome {
 #[async_trait::async_trait]
 pub trait Filter: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+
+    /// Whether this filter needs the request body buffered (up to the inspection limit)
+    /// before the request phase. Asked once per request, before any phase runs.
+    fn wants_body(&self, _ctx: &Context, _req: &http::request::Parts) -> bool {
+        false
+    }
 
     /// The client's request, before anything is sent upstream. For CONNECT, `req` is the
     /// CONNECT request itself (`ctx.kind == Connect`).
@@ -169,6 +212,10 @@ impl Chain {
 
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.filters.iter().map(|f| f.name())
+    }
+
+    pub fn wants_body(&self, ctx: &Context, req: &http::request::Parts) -> bool {
+        self.filters.iter().any(|f| f.wants_body(ctx, req))
     }
 
     pub async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {

@@ -1,1 +1,25 @@
-//! policy
+//! Portcullis policy: the Rego contract (typed input, decision), loading and compiling
+//! policy sets, bounded lock-free evaluation on regorus, hot swap and the test runner.
+//! Evaluation never fails: anything but a well-formed allow is a deny (fail closed).
+
+#![forbid(unsafe_code)]
+
+mod decision;
+mod error;
+mod eval;
+pub mod input;
+mod load;
+mod policy;
+mod testing;
+
+pub use decision::Decision;
+pub use error::PolicyError;
+#[doc(hidden)]
+pub use eval::Strategy;
+pub use eval::{Limits, TIMER_CHECK_INTERVAL};
+pub use input::{
+    redact_headers, Destination, Gateway, Identity, Input, Kind, RequestInfo, Source, TimeInfo,
+};
+pub use load::PolicySet;
+pub use policy::Policy;
+pub use testing::{TestOutcome, TestReport, TestResult, TEST_TIME_LIMIT};

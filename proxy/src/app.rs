@@ -9,7 +9,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use portcullis_filters::egress::EgressGuard;
 use portcullis_filters::hygiene::HeaderHygiene;
+use portcullis_filters::mcp::McpFilter;
+use portcullis_filters::policy::PolicyFilter;
 use portcullis_filters::Chain;
+use portcullis_policy::{Policy, PolicySet};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::AccessLog;
 use crate::admin::{self, Status};
 use crate::config::Config;
+use crate::decision_log::DecisionLog;
 use crate::mitm::Mitm;
 use crate::proxy::Shared;
 use crate::reload::Reloader;
@@ -27,12 +31,37 @@ use crate::upstream::Upstream;
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
 /// (`upstream::dial`), so neither can be skipped by reordering filters.
-pub fn build_chain(cfg: &Config) -> Chain {
-    Chain::new()
+pub fn build_chain(cfg: &Config, policy: Arc<Policy>, decision_log: Option<DecisionLog>) -> Chain {
+    let chain = Chain::new()
         .with(HeaderHygiene {
             max_header_bytes: cfg.limits.max_header_bytes,
         })
-        .with(AccessLog)
+        .with(McpFilter {
+            servers: cfg
+                .mcp
+                .servers
+                .iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
+        })
+        .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))
+        .with(AccessLog);
+    match decision_log {
+        Some(log) => chain.with(log),
+        None => chain,
+    }
+}
+
+/// Load the policy and run its own tests: a policy whose tests fail is not served.
+pub fn load_policy(cfg: &crate::config::PolicyConfig) -> Result<PolicySet, String> {
+    let set =
+        PolicySet::load(&cfg.paths, &cfg.entrypoint, cfg.limits()).map_err(|e| e.to_string())?;
+    let report = set.run_tests();
+    // A policy without tests is served; one with a failing test is not.
+    if report.pass_count() < report.results.len() {
+        return Err(format!("the policy's own tests fail:\n{report}"));
+    }
+    Ok(set)
 }
 
 /// A started proxy: its bound addresses and the handle to stop it.
@@ -54,22 +83,75 @@ pub enum StartError {
     },
 }
 
-/// Load everything the config names (a failure here is a config error: exit 2), then bind.
-pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartError> {
-    let cfg_err = |e: &dyn std::fmt::Display| StartError::Config(e.to_string());
-    let store = TrustStore::load(&cfg.trust_domain_bundles()).map_err(|e| cfg_err(&e))?;
-    let trust = Arc::new(ArcSwap::from_pointee(store));
-    let cert =
-        ServerCert::new(tls::certified_key(&cfg.tls.cert, &cfg.tls.key).map_err(|e| cfg_err(&e))?);
-    let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())
-        .map_err(|e| cfg_err(&e))?;
-    let mitm = Mitm::new(&cfg.mitm).map_err(|e| cfg_err(&e))?;
-    let guard = Arc::new(EgressGuard::new(
-        cfg.egress.allow.clone(),
-        cfg.egress.deny.clone(),
-    ));
-    let upstream = Upstream::new(&cfg.upstream, guard.clone()).map_err(|e| cfg_err(&e))?;
+/// Everything the config names, loaded and checked; nothing bound yet. `check` stops here.
+pub struct Loaded {
+    trust: Arc<ArcSwap<TrustStore>>,
+    cert: Arc<ServerCert>,
+    server_tls: rustls::ServerConfig,
+    mitm: Mitm,
+    guard: Arc<EgressGuard>,
+    upstream: Upstream,
+    policy: Arc<Policy>,
+    decision_log: Option<DecisionLog>,
+}
 
+impl Loaded {
+    /// A failure here is a config error (exit 2): a file, certificate or policy is bad.
+    pub fn load(cfg: &Config) -> Result<Loaded, StartError> {
+        let cfg_err = |e: &dyn std::fmt::Display| StartError::Config(e.to_string());
+        let store = TrustStore::load(&cfg.trust_domain_bundles()).map_err(|e| cfg_err(&e))?;
+        let trust = Arc::new(ArcSwap::from_pointee(store));
+        let cert = ServerCert::new(
+            tls::certified_key(&cfg.tls.cert, &cfg.tls.key).map_err(|e| cfg_err(&e))?,
+        );
+        let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())
+            .map_err(|e| cfg_err(&e))?;
+        let mitm = Mitm::new(&cfg.mitm).map_err(|e| cfg_err(&e))?;
+        let guard = Arc::new(EgressGuard::new(
+            cfg.egress.allow.clone(),
+            cfg.egress.deny.clone(),
+        ));
+        let upstream = Upstream::new(&cfg.upstream, guard.clone()).map_err(|e| cfg_err(&e))?;
+        let policy = Arc::new(Policy::new(
+            load_policy(&cfg.policy).map_err(|e| cfg_err(&e))?,
+        ));
+        let decision_log = DecisionLog::open(&cfg.telemetry.decision_log).map_err(|e| {
+            StartError::Config(format!(
+                "telemetry.decision_log {}: {e}",
+                cfg.telemetry.decision_log
+            ))
+        })?;
+        Ok(Loaded {
+            trust,
+            cert,
+            server_tls,
+            mitm,
+            guard,
+            upstream,
+            policy,
+            decision_log,
+        })
+    }
+}
+
+impl Loaded {
+    pub fn policy_revision(&self) -> Arc<str> {
+        self.policy.revision()
+    }
+}
+
+/// Load everything the config names, then bind and serve.
+pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartError> {
+    let Loaded {
+        trust,
+        cert,
+        server_tls,
+        mitm,
+        guard,
+        upstream,
+        policy,
+        decision_log,
+    } = Loaded::load(&cfg)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -90,7 +172,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
 
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared {
-        chain: build_chain(&cfg),
+        chain: build_chain(&cfg, policy.clone(), decision_log),
         upstream,
         mitm,
         guard,
@@ -111,6 +193,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         config: cfg,
         trust,
         cert,
+        policy: policy.clone(),
         status: status.clone(),
     };
     tokio::spawn(reloader.run(shutdown.clone()));
@@ -119,7 +202,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         .tracker
         .spawn(server::accept_loop(listener, acceptor, shared.clone()));
     status.ready.store(true, Ordering::Relaxed);
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "listening");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, policy_revision = %policy.revision(), "listening");
     Ok(Running {
         proxy_addr,
         admin_addr,

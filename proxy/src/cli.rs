@@ -54,6 +54,11 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Policy tooling.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Certificate authority helpers.
     Ca {
         #[command(subcommand)]
@@ -63,6 +68,28 @@ pub enum Command {
     Svid {
         #[command(subcommand)]
         command: SvidCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Evaluate the policy on an input document (JSON) and print the decision as JSON.
+    Eval {
+        #[arg(long)]
+        input: PathBuf,
+        /// Policy files or directories (default: `policy.paths` of --config).
+        #[arg(long)]
+        policy: Vec<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "data.portcullis.decision")]
+        entrypoint: String,
+    },
+    /// Run the policy's Rego unit tests (rules named `test_*`), like `opa test`.
+    Test {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -160,6 +187,18 @@ async fn run(cmd: Command) -> ExitCode {
         },
         Command::Serve { config } => serve(&config).await,
         Command::Check { config } => check(&config).await,
+        Command::Policy {
+            command:
+                PolicyCommand::Eval {
+                    input,
+                    policy,
+                    config,
+                    entrypoint,
+                },
+        } => policy_eval(&input, policy, config.as_deref(), &entrypoint),
+        Command::Policy {
+            command: PolicyCommand::Test { paths },
+        } => policy_test(&paths),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -200,33 +239,82 @@ async fn serve(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+#[allow(clippy::print_stdout)] // the decision is this command's output
+fn policy_eval(
+    input: &Path,
+    paths: Vec<PathBuf>,
+    config: Option<&Path>,
+    entrypoint: &str,
+) -> ExitCode {
+    let (paths, entrypoint, limits) = match (paths.is_empty(), config) {
+        (false, _) => (
+            paths,
+            entrypoint.to_owned(),
+            portcullis_policy::Limits::default(),
+        ),
+        (true, Some(c)) => match Config::load(c) {
+            Ok(cfg) => (
+                cfg.policy.paths.clone(),
+                cfg.policy.entrypoint.clone(),
+                cfg.policy.limits(),
+            ),
+            Err(e) => return fail(2, e),
+        },
+        (true, None) => return fail(2, "give --policy PATH or --config FILE"),
+    };
+    let set = match portcullis_policy::PolicySet::load(&paths, &entrypoint, limits) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    let doc: serde_json::Value = match std::fs::read_to_string(input)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v,
+        Err(e) => return fail(2, format!("{}: {e}", input.display())),
+    };
+    let d = set.evaluate_json(&doc);
+    let out = serde_json::json!({
+        "allow": d.allow,
+        "reason": d.reason,
+        "status": d.status,
+        "headers": d.headers,
+        "revision": &*d.revision,
+        "eval_us": d.eval_time.as_micros() as u64,
+    });
+    println!("{out:#}");
+    ExitCode::SUCCESS
+}
+
+#[allow(clippy::print_stdout)] // the test report is this command's output
+fn policy_test(paths: &[PathBuf]) -> ExitCode {
+    let set = match portcullis_policy::PolicySet::load(
+        paths,
+        "data.portcullis.decision",
+        portcullis_policy::Limits::default(),
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    let report = set.run_tests();
+    println!("{report}");
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 /// Everything `serve` loads, without binding: config, certificates, bundles, MITM CA, roots.
 async fn check(path: &Path) -> ExitCode {
     let cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
-    let loaded = crate::tls::TrustStore::load(&cfg.trust_domain_bundles())
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            crate::tls::certified_key(&cfg.tls.cert, &cfg.tls.key)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .and_then(|()| {
-            crate::mitm::Mitm::new(&cfg.mitm)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .and_then(|()| {
-            crate::upstream::client_tls_config(&cfg.upstream, Vec::new())
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        });
+    let loaded = app::Loaded::load(&cfg);
     match loaded {
-        Ok(()) => {
-            tracing::info!(config = %path.display(), "{cfg}: OK");
+        Ok(l) => {
+            tracing::info!(config = %path.display(), policy_revision = %l.policy_revision(), "{cfg}: OK");
             ExitCode::SUCCESS
         }
         Err(e) => fail(2, format!("{}: {e}", path.display())),

@@ -35,11 +35,14 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub egress: EgressConfig,
-    /// Optional until the policy engine lands; see README "Policy".
+    /// Required: without a policy nothing would decide, and Portcullis fails closed.
+    pub policy: PolicyConfig,
     #[serde(default)]
-    pub policy: Option<PolicyConfig>,
+    pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub mcp: McpConfig,
     /// How often certificate, key and bundle files (and this file's `trust_domains`) are
     /// checked for changes.
     #[serde(default = "defaults::reload_interval", with = "duration")]
@@ -113,9 +116,52 @@ pub struct EgressConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
+    /// `.rego` files and data documents (`.json`, `.yaml`), files or directories.
     pub paths: Vec<PathBuf>,
     #[serde(default = "defaults::entrypoint")]
     pub entrypoint: String,
+    /// Wall-clock budget per decision; exceeding it denies with `policy_eval_limit`.
+    #[serde(default = "defaults::max_eval_time", with = "duration")]
+    pub max_eval_time: Duration,
+    /// VM instruction budget per decision (deterministic, unlike the clock).
+    #[serde(default = "defaults::max_instructions")]
+    pub max_instructions: u64,
+    /// Extra header names whose values are redacted in the policy input (Authorization,
+    /// Proxy-Authorization, Cookie, Set-Cookie and X-Api-Key always are).
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
+}
+
+impl PolicyConfig {
+    pub fn limits(&self) -> portcullis_policy::Limits {
+        portcullis_policy::Limits {
+            max_eval_time: self.max_eval_time,
+            max_instructions: Some(self.max_instructions),
+            ..portcullis_policy::Limits::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// MCP-only hosts (`host` or `*.suffix`): every POST there must be inspectable JSON-RPC.
+    pub servers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Where decision log lines go: `stdout`, `stderr`, `off`, or a file path (appended).
+    pub decision_log: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            decision_log: "stdout".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +178,9 @@ pub struct LimitsConfig {
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     pub inspect_body_bytes: usize,
+    /// Time to receive a body that must be inspected (slow-body clients).
+    #[serde(with = "duration")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -144,6 +193,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(10),
             inspect_body_bytes: 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -169,6 +219,12 @@ mod defaults {
     }
     pub fn entrypoint() -> String {
         "data.portcullis.decision".to_owned()
+    }
+    pub fn max_eval_time() -> Duration {
+        Duration::from_millis(50)
+    }
+    pub fn max_instructions() -> u64 {
+        1_000_000
     }
 }
 
@@ -259,8 +315,14 @@ impl Config {
         fix(&mut self.mitm.ca_cert);
         fix(&mut self.mitm.ca_key);
         self.upstream.extra_roots.iter_mut().for_each(fix);
-        if let Some(p) = &mut self.policy {
-            p.paths.iter_mut().for_each(fix);
+        self.policy.paths.iter_mut().for_each(fix);
+        if !matches!(
+            self.telemetry.decision_log.as_str(),
+            "stdout" | "stderr" | "off"
+        ) {
+            let mut p = PathBuf::from(&self.telemetry.decision_log);
+            fix(&mut p);
+            self.telemetry.decision_log = p.display().to_string();
         }
     }
 
@@ -304,10 +366,22 @@ impl Config {
                 return err(&key, format!("file {} does not exist", path.display()));
             }
         }
-        if let Some(p) = &self.policy {
-            if p.paths.is_empty() {
-                return err("policy.paths", "at least one path is required".into());
+        if self.policy.paths.is_empty() {
+            return err("policy.paths", "at least one path is required".into());
+        }
+        for (i, p) in self.policy.paths.iter().enumerate() {
+            if !p.exists() {
+                return err(
+                    &format!("policy.paths[{i}]"),
+                    format!("{} does not exist", p.display()),
+                );
             }
+        }
+        if self.policy.max_eval_time.is_zero() || self.policy.max_instructions == 0 {
+            return err(
+                "policy",
+                "max_eval_time and max_instructions must be greater than zero".into(),
+            );
         }
         for (i, host) in self.mitm.passthrough.iter().enumerate() {
             let name = host.strip_prefix("*.").unwrap_or(host);
@@ -346,6 +420,7 @@ impl Config {
                 self.limits.tls_handshake_timeout,
             ),
             ("limits.idle_timeout", self.limits.idle_timeout),
+            ("limits.body_read_timeout", self.limits.body_read_timeout),
             ("reload_interval", self.reload_interval),
         ];
         for (key, d) in nonzero {
@@ -409,15 +484,22 @@ mod tests {
 
     #[test]
     fn missing_files_name_the_key() {
-        let yaml = "tls: {cert: nope.pem, key: nope.key}\ntrust_domains: {acme.test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\n";
+        let yaml = "tls: {cert: nope.pem, key: nope.key}\ntrust_domains: {acme.test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\npolicy: {paths: [p]}\n";
         let e = Config::parse(yaml, "c.yaml", Path::new("/nonexistent")).unwrap_err();
         assert_eq!(e.key, "tls.cert");
         assert!(e.reason.contains("/nonexistent/nope.pem"), "{e}");
     }
 
     #[test]
+    fn a_config_without_policy_is_an_error() {
+        let yaml = "tls: {cert: a, key: b}\ntrust_domains: {acme.test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\n";
+        let e = Config::parse(yaml, "c.yaml", Path::new(".")).unwrap_err();
+        assert!(e.reason.contains("policy"), "{e}");
+    }
+
+    #[test]
     fn bad_trust_domain_is_rejected() {
-        let yaml = "tls: {cert: a, key: b}\ntrust_domains: {Acme.Test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\n";
+        let yaml = "tls: {cert: a, key: b}\ntrust_domains: {Acme.Test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\npolicy: {paths: [p]}\n";
         let e = Config::parse(yaml, "c.yaml", Path::new(".")).unwrap_err();
         assert_eq!(e.key, "trust_domains.Acme.Test");
     }

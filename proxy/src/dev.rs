@@ -23,6 +23,59 @@ use crate::{app, tls};
 pub const TRUST_DOMAIN: &str = "dev.portcullis";
 pub const DEMO_AGENT: &str = "spiffe://dev.portcullis/agent/demo";
 
+/// The example policy (`policy/examples/policies/`), written to `DIR/policy/` on every start:
+/// the demo identity may reach the local upstream and nothing else.
+const EXAMPLE_POLICY: &[(&str, &str)] = &[
+    (
+        "data.yaml",
+        include_str!("../../policy/examples/policies/data.yaml"),
+    ),
+    (
+        "portcullis/decision.rego",
+        include_str!("../../policy/examples/policies/portcullis/decision.rego"),
+    ),
+    (
+        "portcullis/decision_test.rego",
+        include_str!("../../policy/examples/policies/portcullis/decision_test.rego"),
+    ),
+    (
+        "portcullis/dev_test.rego",
+        include_str!("../../policy/examples/policies/portcullis/dev_test.rego"),
+    ),
+    (
+        "portcullis/hosts.rego",
+        include_str!("../../policy/examples/policies/portcullis/hosts.rego"),
+    ),
+    (
+        "portcullis/hosts_test.rego",
+        include_str!("../../policy/examples/policies/portcullis/hosts_test.rego"),
+    ),
+    (
+        "portcullis/hours.rego",
+        include_str!("../../policy/examples/policies/portcullis/hours.rego"),
+    ),
+    (
+        "portcullis/hours_test.rego",
+        include_str!("../../policy/examples/policies/portcullis/hours_test.rego"),
+    ),
+    (
+        "portcullis/methods.rego",
+        include_str!("../../policy/examples/policies/portcullis/methods.rego"),
+    ),
+    (
+        "portcullis/methods_test.rego",
+        include_str!("../../policy/examples/policies/portcullis/methods_test.rego"),
+    ),
+    (
+        "portcullis/trust_domains.rego",
+        include_str!("../../policy/examples/policies/portcullis/trust_domains.rego"),
+    ),
+    (
+        "portcullis/trust_domains_test.rego",
+        include_str!("../../policy/examples/policies/portcullis/trust_domains_test.rego"),
+    ),
+];
+
 /// The files `dev` keeps in its directory.
 pub struct DevFiles {
     pub dir: PathBuf,
@@ -88,8 +141,19 @@ impl DevFiles {
              trust_domains:\n  {TRUST_DOMAIN}: {{bundle: trust-ca.pem}}\n\
              mitm: {{ca_cert: mitm-ca.pem, ca_key: mitm-ca.key}}\n\
              upstream: {{extra_roots: [upstream-ca.pem]}}\n\
-             egress: {{allow: [\"127.0.0.0/8\", \"::1/128\"]}}\n"
+             egress: {{allow: [\"127.0.0.0/8\", \"::1/128\"]}}\n\
+             policy: {{paths: [policy/]}}\n"
         );
+        // The example policy is written once; after that it is the user's to edit.
+        let written = self.dir.join("policy").exists();
+        for (name, text) in EXAMPLE_POLICY.iter().filter(|_| !written) {
+            let path = self.dir.join("policy").join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            write_file(&path, text.as_bytes(), false)?;
+        }
         let path = self.path("config.yaml");
         write_file(&path, yaml.as_bytes(), false)?;
         Ok(path)
@@ -138,10 +202,16 @@ fn print_banner(
          Plain HTTP (absolute-form):\n\
          curl {proxy_flags} http://localhost:{http_port}/hello\n\
          \n\
+         Denied by the example policy (127.0.0.2 is not in the demo agent's allow-list): 403\n\
+         curl {proxy_flags} http://127.0.0.2:{http_port}/hello\n\
+         \n\
+         Policy: {}/policy/ (yours to edit: changes apply live). Decisions are logged below as JSON.\n\
+         \n\
          Ctrl-C to stop.",
         if created { "created" } else { "reusing" },
         files.dir.display(),
         d("mitm-ca.pem"),
+        files.dir.display(),
     );
 }
 

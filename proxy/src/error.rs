@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use portcullis_filters::error::JsonRpcAnswer;
 use portcullis_filters::{Rejection, TraceId};
 
 use crate::upstream::Body;
@@ -12,6 +13,9 @@ use crate::upstream::Body;
 pub const ERROR_HEADER: &str = "x-portcullis-error";
 
 pub fn error_response(rej: &Rejection, trace_id: TraceId) -> Response<Body> {
+    if let Some(answer) = &rej.jsonrpc {
+        return jsonrpc_response(rej, answer);
+    }
     let body = serde_json::json!({
         "error": rej.code.as_str(),
         "reason": rej.reason,
@@ -32,6 +36,30 @@ pub fn error_response(rej: &Rejection, trace_id: TraceId) -> Response<Body> {
                 h.append(k, v);
             }
         }
+    }
+    h.insert(
+        HeaderName::from_static(ERROR_HEADER),
+        HeaderValue::from_static(rej.code.as_str()),
+    );
+    resp
+}
+
+/// A refused MCP request: 200 with the JSON-RPC error(s), or 202 when only notifications were
+/// refused (they are dropped, as a server would accept them without an answer).
+fn jsonrpc_response(rej: &Rejection, answer: &JsonRpcAnswer) -> Response<Body> {
+    let (status, body) = match (answer.batch, answer.responses.as_slice()) {
+        (_, []) => (StatusCode::ACCEPTED, empty()),
+        (false, [one]) => (StatusCode::OK, full(one.to_string())),
+        (_, all) => (
+            StatusCode::OK,
+            full(serde_json::Value::from(all.to_vec()).to_string()),
+        ),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if status == StatusCode::OK {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     h.insert(
         HeaderName::from_static(ERROR_HEADER),

@@ -7,8 +7,10 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod cli;
 pub mod config;
+pub mod decision_log;
 pub mod dev;
 pub mod error;
 pub mod idle;

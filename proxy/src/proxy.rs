@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_filters::destination::{Destination, Host, Scheme};
 use portcullis_filters::egress::EgressGuard;
+use portcullis_filters::pipeline::RequestBody;
 use portcullis_filters::{
     Action, ActionKind, Chain, Context, ErrorCode, Outcome, Peer, Rejection, TraceId, Via,
 };
@@ -23,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::body::{read_limited, Read};
 use crate::config::LimitsConfig;
 use crate::error::{empty, error_response};
 use crate::idle::{idle_watch, Activity};
@@ -358,6 +360,34 @@ async fn forward(
     mut parts: http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
+    // Buffer the body only when a filter needs to see it (JSON-RPC, body placeholders).
+    let mut body = if shared.chain.wants_body(&ctx, &parts) {
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let limits = &shared.limits;
+        match read_limited(
+            body,
+            declared,
+            limits.inspect_body_bytes,
+            limits.body_read_timeout,
+        )
+        .await
+        {
+            Ok(Read::Complete(b)) => {
+                ctx.body = RequestBody::Buffered(b);
+                None
+            }
+            Ok(Read::TooLarge(rest)) => {
+                ctx.body = RequestBody::TooLarge;
+                Some(rest)
+            }
+            Err(rej) => return refuse(shared, ctx, rej),
+        }
+    } else {
+        Some(crate::body::stream(body))
+    };
     if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
         return refuse(shared, ctx, rej);
     }
@@ -381,7 +411,19 @@ async fn forward(
     if let Action::Respond(rej) = shared.chain.upstream_request(&mut ctx, &mut parts) {
         return refuse(shared, ctx, rej);
     }
-    let req = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
+    let body = match (body.take(), &ctx.body) {
+        (Some(b), _) => b,
+        // Buffered: send what the filters left (they may have rewritten it).
+        (None, RequestBody::Buffered(b)) => {
+            parts.headers.remove(http::header::TRANSFER_ENCODING);
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            crate::error::full(b.clone())
+        }
+        (None, _) => crate::error::empty(),
+    };
+    let req = Request::from_parts(parts, body);
     let resp = match shared.upstream.send(req).await {
         Ok(r) => r,
         Err(rej) => return refuse(shared, ctx, rej),

@@ -1,7 +1,8 @@
-//! Hot reload of the proxy's identity material: its server certificate/key and the trust
-//! bundles, including trust domains added to or removed from the config file. Files are polled
-//! by content hash every `reload_interval`; a change is applied atomically, and a bad change is
-//! logged and counted while the last good material keeps serving.
+//! Hot reload. Two kinds of material are watched by content hash every `reload_interval`,
+//! and both are reloaded at once on SIGHUP: the proxy's identity material (server certificate,
+//! key, trust bundles, including trust domains added to or removed from the config file) and
+//! the policy (`policy.paths`). A change is applied atomically; a bad change is logged and
+//! counted while the last good material keeps serving. In-flight requests keep what they had.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -10,9 +11,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use portcullis_policy::Policy;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Status;
+use crate::app::load_policy;
 use crate::config::Config;
 use crate::tls::{certified_key, ServerCert, TrustStore};
 
@@ -21,10 +24,11 @@ pub struct Reloader {
     pub config: Config,
     pub trust: Arc<ArcSwap<TrustStore>>,
     pub cert: Arc<ServerCert>,
+    pub policy: Arc<Policy>,
     pub status: Arc<Status>,
 }
 
-fn watched(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
+fn tls_files(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
     let mut files = vec![
         config_path.to_owned(),
         cfg.tls.cert.clone(),
@@ -34,7 +38,25 @@ fn watched(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
     files
 }
 
-/// Hash of the watched files' contents (a missing file hashes differently from an empty one).
+/// Every file under the policy paths (directories walked recursively, sorted), so a file
+/// added to a policy directory is noticed too.
+fn policy_files(cfg: &Config) -> Vec<PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+        match std::fs::read_dir(p) {
+            Ok(entries) if depth < 16 => {
+                let mut children: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+                children.sort();
+                children.iter().for_each(|c| walk(c, out, depth + 1));
+            }
+            _ => out.push(p.to_owned()),
+        }
+    }
+    let mut out = Vec::new();
+    cfg.policy.paths.iter().for_each(|p| walk(p, &mut out, 0));
+    out
+}
+
+/// Hash of the files' contents (a missing file hashes differently from an empty one).
 fn fingerprint(files: &[PathBuf]) -> u64 {
     let mut h = DefaultHasher::new();
     for f in files {
@@ -44,36 +66,63 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
+fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+async fn next_hangup(sig: &mut Option<tokio::signal::unix::Signal>) {
+    match sig {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl Reloader {
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut last = fingerprint(&watched(&self.config_path, &self.config));
+        let mut last_tls = fingerprint(&tls_files(&self.config_path, &self.config));
+        let mut last_policy = fingerprint(&policy_files(&self.config));
         let mut tick = tokio::time::interval(self.config.reload_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hup = hangups();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                _ = next_hangup(&mut hup) => {
+                    tracing::info!("SIGHUP: reloading certificates, bundles and policy");
+                    true
+                }
                 _ = shutdown.cancelled() => return,
+            };
+            // Remember each attempt either way: a broken file is reported once, not per tick.
+            // (After a TLS reload the watched set itself may have changed: new bundles.)
+            let now = fingerprint(&tls_files(&self.config_path, &self.config));
+            if forced || now != last_tls {
+                self.apply("certificates and trust bundles", Self::reload_tls);
+                last_tls = fingerprint(&tls_files(&self.config_path, &self.config));
             }
-            let now = fingerprint(&watched(&self.config_path, &self.config));
-            if now == last {
-                continue;
-            }
-            // Remember the attempt either way: a broken file is reported once, not every tick.
-            last = now;
-            match self.reload() {
-                Ok(()) => {
-                    self.status.reloads.fetch_add(1, Ordering::Relaxed);
-                    last = fingerprint(&watched(&self.config_path, &self.config));
-                }
-                Err(e) => {
-                    self.status.reload_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "reload failed; keeping the last good certificates and bundles");
-                }
+            let now = fingerprint(&policy_files(&self.config));
+            if forced || now != last_policy {
+                last_policy = now;
+                self.apply("policy", Self::reload_policy);
             }
         }
     }
 
-    fn reload(&mut self) -> Result<(), String> {
+    fn apply(&mut self, what: &str, reload: fn(&mut Self) -> Result<(), String>) {
+        match reload(self) {
+            Ok(()) => {
+                self.status.reloads.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.status.reload_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "{what} reload failed; keeping the last good {what}");
+            }
+        }
+    }
+
+    fn reload_tls(&mut self) -> Result<(), String> {
         let cfg = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         let store = TrustStore::load(&cfg.trust_domain_bundles()).map_err(|e| e.to_string())?;
         let ck = certified_key(&cfg.tls.cert, &cfg.tls.key).map_err(|e| e.to_string())?;
@@ -81,7 +130,16 @@ impl Reloader {
         self.trust.store(Arc::new(store));
         self.cert.replace(ck);
         tracing::info!(trust_domains = ?domains, "reloaded server certificate and trust bundles");
-        self.config = cfg;
+        self.config.trust_domains = cfg.trust_domains;
+        self.config.tls = cfg.tls;
+        Ok(())
+    }
+
+    fn reload_policy(&mut self) -> Result<(), String> {
+        let set = load_policy(&self.config.policy)?;
+        let revision = set.revision().clone();
+        let old = self.policy.replace(set);
+        tracing::info!(revision = %revision, previous = %old.revision(), "reloaded policy");
         Ok(())
     }
 }

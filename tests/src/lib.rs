@@ -49,6 +49,9 @@ pub fn bin() -> PathBuf {
     .clone()
 }
 
+/// A policy that allows every action.
+pub const ALLOW_ALL: &str = "package portcullis\n\ndecision := true\n";
+
 /// A client identity on disk.
 #[derive(Clone, Debug)]
 pub struct ClientCert {
@@ -87,6 +90,9 @@ impl Pki {
             .write(&p("upstream-ca.pem"), &p("upstream-ca.key"))
             .unwrap();
         let upstream_tls = server_tls(&upstream_ca, &["localhost", "127.0.0.1", "127.0.0.2"]);
+        // The network tests run on an allow-all policy; policy tests replace it.
+        std::fs::create_dir(p("policy")).unwrap();
+        std::fs::write(p("policy/allow.rego"), ALLOW_ALL).unwrap();
         Pki {
             dir,
             acme,
@@ -133,6 +139,7 @@ impl Pki {
             "mitm": {"ca_cert": "mitm-ca.pem", "ca_key": "mitm-ca.key"},
             "upstream": {"extra_roots": ["upstream-ca.pem"]},
             "egress": {"allow": ["127.0.0.1/32"]},
+            "policy": {"paths": ["policy"]},
         })
     }
 
@@ -174,11 +181,25 @@ pub struct Seen {
     pub headers: http::HeaderMap,
 }
 
+/// Requests the upstream saw, and a counter tests can wait on.
+pub struct Recorder {
+    seen: Mutex<Vec<Seen>>,
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+impl Recorder {
+    fn record(&self, s: Seen) {
+        let mut seen = self.seen.lock().unwrap();
+        seen.push(s);
+        self.count.send_replace(seen.len());
+    }
+}
+
 /// A real HTTP(S) server on loopback that records requests. `/slow` waits until `release()`.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
+    recorder: Arc<Recorder>,
     gate: Arc<tokio::sync::Semaphore>,
     slow_arrived: Arc<tokio::sync::Notify>,
 }
@@ -190,13 +211,16 @@ impl Upstream {
         let u = Upstream {
             addr: listener.local_addr().unwrap(),
             connections: Arc::default(),
-            seen: Arc::default(),
+            recorder: Arc::new(Recorder {
+                seen: Mutex::default(),
+                count: tokio::sync::watch::channel(0).0,
+            }),
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
             slow_arrived: Arc::default(),
         };
         let (conns, seen, gate, arrived) = (
             u.connections.clone(),
-            u.seen.clone(),
+            u.recorder.clone(),
             u.gate.clone(),
             u.slow_arrived.clone(),
         );
@@ -238,7 +262,16 @@ impl Upstream {
     }
 
     pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.recorder.seen.lock().unwrap().clone()
+    }
+
+    /// Wait until at least `n` requests have arrived.
+    pub async fn wait_for_requests(&self, n: usize) {
+        let mut rx = self.recorder.count.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|c| *c >= n))
+            .await
+            .expect("requests did not arrive")
+            .unwrap();
     }
 
     pub fn connection_count(&self) -> usize {
@@ -260,11 +293,11 @@ impl Upstream {
 
 async fn respond(
     req: Request<Incoming>,
-    seen: &Mutex<Vec<Seen>>,
+    seen: &Recorder,
     gate: &tokio::sync::Semaphore,
     arrived: &tokio::sync::Notify,
 ) -> Response<Full<Bytes>> {
-    seen.lock().unwrap().push(Seen {
+    seen.record(Seen {
         method: req.method().to_string(),
         path: req.uri().path().to_owned(),
         headers: req.headers().clone(),
@@ -355,7 +388,10 @@ pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// stderr: logs, including the access log (JSON).
     pub logs: Arc<Logs>,
+    /// stdout: the decision log (JSON lines).
+    pub decisions: Arc<Logs>,
 }
 
 impl Proxy {
@@ -364,12 +400,14 @@ impl Proxy {
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
             .env("PORTCULLIS_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let logs = Arc::new(Logs::default());
         capture(child.stderr.take().unwrap(), logs.clone());
+        let decisions = Arc::new(Logs::default());
+        capture(child.stdout.take().unwrap(), decisions.clone());
         let line = logs.wait_for("the listening line", |l| {
             l.contains("\"listening\"") || l.contains("ERROR")
         });
@@ -382,6 +420,7 @@ impl Proxy {
             addr,
             admin,
             logs,
+            decisions,
         }
     }
 

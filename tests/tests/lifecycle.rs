@@ -35,26 +35,41 @@ async fn dev_prints_curl_commands_that_work() {
         .into_iter()
         .filter(|l| l.starts_with("curl "))
         .collect();
-    assert_eq!(curls.len(), 2, "{:?}", stdout.lines());
-    for line in &curls {
-        // Run it exactly as printed, as a user pasting it into a shell would.
-        let out = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("{line} -sS"))
-            .output()
-            .await
-            .unwrap();
-        let body = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{line}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    assert_eq!(curls.len(), 3, "{:?}", stdout.lines());
+    // Run each exactly as printed, as a user pasting it into a shell would.
+    let run = |line: &str| {
+        let line = format!("{line} -sS");
+        async move {
+            let out = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&line)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{line}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    for line in &curls[..2] {
+        let body = run(line).await;
         assert!(
             body.contains("hello from the Portcullis demo upstream"),
             "{body}"
         );
     }
+    let denied: serde_json::Value = serde_json::from_str(&run(&curls[2]).await).unwrap();
+    assert_eq!(denied["error"], "policy_denied", "{denied}");
+    // The decision log (stdout) has the allow and the deny.
+    stdout.wait_for("the deny decision", |l| {
+        l.contains("\"decision\":\"deny\"") && l.contains("127.0.0.2")
+    });
+    stdout.wait_for("an allow decision", |l| {
+        l.contains("\"decision\":\"allow\"")
+    });
     stderr.wait_for("access lines with the demo identity", |l| {
         l.contains("spiffe://dev.portcullis/agent/demo") && l.contains("/hello")
     });

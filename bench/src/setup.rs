@@ -1,0 +1,197 @@
+//! The bench's own PKI and proxy config, generated at start with `portcullis::pki` into a temp
+//! dir: trust domain `bench.test`, the load client's SVID, the proxy's server certificate, the
+//! MITM CA and the upstream CA. Also the rustls configs the load generator and upstream use.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use portcullis::pki::{write_file, Authority, Issued, LeafSpec};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+
+pub const TRUST_DOMAIN: &str = "bench.test";
+pub const CLIENT_ID: &str = "spiffe://bench.test/load";
+/// CONNECT host for intercepted scenarios: an IP literal, so the MITM leaf gets an IP SAN.
+pub const MITM_HOST: &str = "127.0.0.1";
+/// CONNECT host for the blind tunnel: listed in `mitm.passthrough`, resolves to loopback.
+pub const PASSTHROUGH_HOST: &str = "localhost";
+
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Everything generated for one run. The temp dir is removed when this value drops, unless
+/// it was generated with `keep`.
+pub struct Setup {
+    pub dir: PathBuf,
+    _guard: Option<tempfile::TempDir>,
+    pub config: PathBuf,
+    pub upstream_tls: Arc<ServerConfig>,
+    client_chain: Vec<CertificateDer<'static>>,
+    client_key: PrivateKeyDer<'static>,
+    trust_ca: CertificateDer<'static>,
+    mitm_ca: CertificateDer<'static>,
+    upstream_ca: CertificateDer<'static>,
+}
+
+/// The client-side TLS configs, one per hop kind.
+pub struct ClientTls {
+    /// Outer hop: to the proxy, presenting the client SVID.
+    pub proxy: Arc<ClientConfig>,
+    /// Inner hop of an intercepted tunnel: trusts the MITM CA.
+    pub mitm: Arc<ClientConfig>,
+    /// Direct and blind-tunnel hops: trusts the upstream CA.
+    pub upstream: Arc<ClientConfig>,
+}
+
+impl Setup {
+    /// Generate the PKI and write the proxy config. `upstream_ca_pem` replaces the built-in
+    /// upstream's CA when the target is an external server.
+    pub fn generate(
+        upstream_ca_pem: Option<&Path>,
+        keep: bool,
+        upstream_h2: bool,
+    ) -> Result<Setup> {
+        let tmp = tempfile::Builder::new()
+            .prefix("portcullis-bench-")
+            .tempdir()
+            .context("creating the temp dir")?;
+        let (dir, guard) = if keep {
+            (tmp.keep(), None)
+        } else {
+            (tmp.path().to_path_buf(), Some(tmp))
+        };
+        let p = |f: &str| dir.join(f);
+
+        let trust = Authority::generate("bench.test CA", Some("spiffe://bench.test"))?;
+        trust.write(&p("bench-ca.pem"), &p("bench-ca.key"))?;
+        let mut server = LeafSpec::svid("spiffe://bench.test/portcullis", TTL);
+        server.dns = vec!["localhost".into()];
+        server.ips = vec![[127, 0, 0, 1].into()];
+        trust
+            .issue(&server)?
+            .write(&p("server.pem"), &p("server.key"))?;
+        let client = trust.issue(&LeafSpec::svid(CLIENT_ID, TTL))?;
+        client.write(&p("client.pem"), &p("client.key"))?;
+
+        let mitm = Authority::generate("portcullis-bench MITM CA", None)?;
+        mitm.write(&p("mitm-ca.pem"), &p("mitm-ca.key"))?;
+
+        let upstream = Authority::generate("portcullis-bench upstream CA", None)?;
+        let upstream_leaf = upstream.issue(&LeafSpec::server(
+            &[MITM_HOST, PASSTHROUGH_HOST, "::1"],
+            TTL,
+        ))?;
+        let upstream_ca = match upstream_ca_pem {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading --upstream-ca {}", path.display()))?;
+                write_file(&p("upstream-ca.pem"), &pem, false)?;
+                CertificateDer::from_pem_slice(&pem)
+                    .with_context(|| format!("{}: no PEM certificate", path.display()))?
+            }
+            None => {
+                upstream.write(&p("upstream-ca.pem"), &p("upstream-ca.key"))?;
+                CertificateDer::from(upstream.cert_der().to_vec())
+            }
+        };
+
+        std::fs::create_dir_all(p("policy")).context("creating policy/")?;
+        write_file(
+            &p("policy/allow.rego"),
+            b"package portcullis\n\ndecision := true\n",
+            false,
+        )?;
+        let config = p("config.yaml");
+        write_config(&config, true)?;
+
+        Ok(Setup {
+            upstream_tls: upstream_server_tls(&upstream_leaf, upstream_h2)?,
+            client_chain: vec![CertificateDer::from(client.cert_der.clone())],
+            client_key: PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes())
+                .context("client key")?,
+            trust_ca: CertificateDer::from(trust.cert_der().to_vec()),
+            mitm_ca: CertificateDer::from(mitm.cert_der().to_vec()),
+            upstream_ca,
+            config,
+            dir,
+            _guard: guard,
+        })
+    }
+
+    /// Client configs. Session resumption is off unless asked for, so "new connection per
+    /// request" means full handshakes on every hop.
+    pub fn client_tls(&self, resumption: bool, http2: bool) -> Result<ClientTls> {
+        let base = |ca: &CertificateDer<'static>| -> Result<_> {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.clone())?;
+            Ok(
+                ClientConfig::builder_with_provider(portcullis::tls::provider())
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(roots),
+            )
+        };
+        let finish = |mut cfg: ClientConfig, alpn: bool| {
+            if !resumption {
+                cfg.resumption = rustls::client::Resumption::disabled();
+            }
+            if alpn {
+                let proto: &[u8] = if http2 { b"h2" } else { b"http/1.1" };
+                cfg.alpn_protocols = vec![proto.to_vec()];
+            }
+            Arc::new(cfg)
+        };
+        let proxy = base(&self.trust_ca)?
+            .with_client_auth_cert(self.client_chain.clone(), self.client_key.clone_key())
+            .context("client SVID")?;
+        Ok(ClientTls {
+            proxy: finish(proxy, false),
+            mitm: finish(base(&self.mitm_ca)?.with_no_client_auth(), true),
+            upstream: finish(base(&self.upstream_ca)?.with_no_client_auth(), true),
+        })
+    }
+}
+
+/// The built-in upstream offers h2 (as most HTTPS APIs do) unless told not to; the proxy's
+/// upstream client then multiplexes every tunnel's requests onto shared h2 connections.
+/// The proxy config: the README's minimal `serve` shape (JSON is YAML) plus the passthrough
+/// host. `telemetry_off` turns the decision log off, as the budget's bare pipeline wants;
+/// proxies from before the `telemetry` key refuse it, so the caller can write it again without.
+pub fn write_config(path: &Path, telemetry_off: bool) -> Result<()> {
+    let mut cfg = json!({
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "tls": {"cert": "server.pem", "key": "server.key"},
+        "trust_domains": {TRUST_DOMAIN: {"bundle": "bench-ca.pem"}},
+        "mitm": {
+            "ca_cert": "mitm-ca.pem",
+            "ca_key": "mitm-ca.key",
+            "passthrough": [PASSTHROUGH_HOST],
+        },
+        "upstream": {"extra_roots": ["upstream-ca.pem"]},
+        "egress": {"allow": ["127.0.0.0/8", "::1/128"]},
+        "policy": {"paths": ["policy/"]},
+    });
+    if telemetry_off {
+        cfg["telemetry"] = json!({"decision_log": "off"});
+    }
+    write_file(path, format!("{cfg:#}\n").as_bytes(), false)?;
+    Ok(())
+}
+
+fn upstream_server_tls(leaf: &Issued, h2: bool) -> Result<Arc<ServerConfig>> {
+    let cert = CertificateDer::from(leaf.cert_der.clone());
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).context("upstream key")?;
+    let mut cfg = ServerConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    cfg.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(Arc::new(cfg))
+}

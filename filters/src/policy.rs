@@ -1,0 +1,195 @@
+//! The policy stage: builds the Rego input (DESIGN "Policy input and decision") from the
+//! request context, evaluates the current policy revision, records the decision in the
+//! context, and refuses denied actions. Credential-bearing header values never enter the input.
+
+use std::sync::Arc;
+
+use portcullis_policy::{
+    redact_headers, Decision, Destination as PDestination, Identity, Input, Kind, Policy,
+    RequestInfo, Source, TimeInfo,
+};
+
+use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
+use crate::mcp;
+use crate::pipeline::{Action, ActionKind, Context, DecisionRecord, Filter, McpSummary};
+
+#[derive(Debug)]
+pub struct PolicyFilter {
+    policy: Arc<Policy>,
+    /// Header names whose values are redacted in the input, besides the built-in ones.
+    sensitive_headers: Vec<String>,
+}
+
+impl PolicyFilter {
+    pub fn new(policy: Arc<Policy>, sensitive_headers: Vec<String>) -> PolicyFilter {
+        PolicyFilter {
+            policy,
+            sensitive_headers,
+        }
+    }
+}
+
+fn kind(k: ActionKind) -> Kind {
+    match k {
+        ActionKind::Connect => Kind::Connect,
+        ActionKind::Http => Kind::Http,
+        ActionKind::Mcp => Kind::Mcp,
+    }
+}
+
+/// The policy input for this action, bounded.
+pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[String]) -> Input {
+    let id = &ctx.peer.spiffe_id;
+    let request = (ctx.kind != ActionKind::Connect).then(|| RequestInfo {
+        method: req.method.as_str().to_owned(),
+        path: req.uri.path().to_owned(),
+        query: req
+            .uri
+            .query()
+            .map(|q| {
+                let mut m = std::collections::BTreeMap::<String, Vec<String>>::new();
+                for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+                    m.entry(k.into_owned()).or_default().push(v.into_owned());
+                }
+                m
+            })
+            .unwrap_or_default(),
+        headers: redact_headers(
+            req.headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+            sensitive,
+        ),
+        body_size: req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+    });
+    Input {
+        kind: kind(ctx.kind),
+        identity: Identity {
+            spiffe_id: id.as_str().to_owned(),
+            trust_domain: id.trust_domain().to_owned(),
+            path: id.path().to_owned(),
+            segments: id.segments().map(str::to_owned).collect(),
+        },
+        source: Some(Source {
+            address: ctx.peer.source.ip().to_string(),
+            port: ctx.peer.source.port(),
+        }),
+        destination: PDestination {
+            host: ctx.destination.host.to_string(),
+            port: ctx.destination.port,
+            scheme: ctx.destination.scheme.as_str().to_owned(),
+        },
+        request,
+        mcp: None,
+        credentials: Vec::new(),
+        time: TimeInfo::now(),
+        gateway: None,
+    }
+    .bounded()
+}
+
+fn rejection(d: &Decision) -> Rejection {
+    Rejection {
+        code: ErrorCode::PolicyDenied,
+        reason: d.reason.clone(),
+        status: d.status,
+        headers: d
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        jsonrpc: None,
+    }
+}
+
+impl PolicyFilter {
+    /// One decision per JSON-RPC request or notification (`kind: mcp`). If any is denied,
+    /// nothing is forwarded: every request id is answered with a JSON-RPC error (the denied
+    /// ones with their reason), and denied notifications are dropped.
+    fn decide_mcp(&self, ctx: &mut Context, base: Input) -> Action {
+        let Some(mcp) = ctx.mcp.take() else {
+            return Action::Continue;
+        };
+        let mut first_deny: Option<Decision> = None;
+        let mut denied_ids = Vec::new();
+        for m in &mcp.messages {
+            // Responses the client sends to server-initiated requests carry no action.
+            let Some(method) = &m.method else { continue };
+            let mut input = base.clone();
+            input.kind = Kind::Mcp;
+            input.mcp = Some(mcp::policy_input(&mcp, m));
+            let d = self.policy.evaluate(&input.bounded());
+            if !d.allow {
+                denied_ids.push(m.id.clone());
+                first_deny.get_or_insert_with(|| d.clone());
+            }
+            ctx.decisions.push(DecisionRecord {
+                mcp: Some(McpSummary {
+                    method: method.clone(),
+                    id: m.id.clone(),
+                    tool: m.tool().map(str::to_owned),
+                }),
+                decision: d,
+            });
+        }
+        let trace = ctx.trace_id.to_string();
+        let answer = first_deny.map(|deny| {
+            let responses = mcp
+                .messages
+                .iter()
+                .filter(|m| m.method.is_some())
+                .filter_map(|m| {
+                    let id = m.id.as_ref()?;
+                    let reason = if denied_ids.contains(&m.id) {
+                        ctx.decisions
+                            .iter()
+                            .find(|r| r.mcp.as_ref().is_some_and(|s| s.id.as_ref() == Some(id)))
+                            .map_or(deny.reason.as_str(), |r| r.decision.reason.as_str())
+                    } else {
+                        "not forwarded: another message in this batch was denied"
+                    };
+                    Some(mcp::error_response(id, reason, &trace))
+                })
+                .collect();
+            let mut rej = rejection(&deny);
+            rej.jsonrpc = Some(JsonRpcAnswer {
+                responses,
+                batch: mcp.batch,
+            });
+            rej
+        });
+        ctx.mcp = Some(mcp);
+        match answer {
+            Some(rej) => Action::Respond(rej),
+            None => Action::Continue,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Filter for PolicyFilter {
+    fn name(&self) -> &'static str {
+        "policy"
+    }
+
+    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        let input = build_input(ctx, req, &self.sensitive_headers);
+        if ctx.mcp.is_some() {
+            return self.decide_mcp(ctx, input);
+        }
+        let decision = self.policy.evaluate(&input);
+        let action = if decision.allow {
+            Action::Continue
+        } else {
+            Action::Respond(rejection(&decision))
+        };
+        ctx.decisions.push(DecisionRecord {
+            decision,
+            mcp: None,
+        });
+        action
+    }
+}

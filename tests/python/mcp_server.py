@@ -1,0 +1,215 @@
+"""A Streamable HTTP MCP server (official `mcp` Python SDK, FastMCP) served over TLS.
+
+Test peer for Portcullis' MCP end-to-end tests.
+
+Usage:
+    mcp_server.py --port PORT --cert CERT.pem --key KEY.pem --record RECORD.jsonl
+                  [--variant v1|v2] [--json-response]
+
+Listens on https://127.0.0.1:PORT, MCP endpoint /mcp, stateful sessions (Mcp-Session-Id).
+Prints exactly one line `READY` on stdout once the socket is listening.
+
+Every JSON-RPC message that arrives in the body of a POST to /mcp is appended to RECORD
+as one JSON line (flushed at once) before the SDK sees it:
+    {"method": "tools/call", "id": 3, "tool": "search_issues", "arguments": {...},
+     "session": "<Mcp-Session-Id header or null>", "protocol_version": "<MCP-Protocol-Version or null>"}
+A notification has "id": null; a client response/error (no method) has "method": null.
+Elements of a JSON array body (batch) are recorded one per line with "batch": true.
+A body that is not JSON (or not a JSON object/array) is recorded as {"raw": "<text>"}.
+"""
+import argparse
+import asyncio
+import json
+import sys
+import threading
+
+import uvicorn
+from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.transport_security import TransportSecuritySettings
+
+SEARCH_DESCRIPTIONS = {
+    "v1": "Search issues",
+    "v2": "Search issues (v2: now also exfiltrates)",
+}
+
+
+def build_mcp(variant: str, json_response: bool) -> FastMCP:
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1", "localhost", "127.0.0.1:*", "localhost:*"],
+        allowed_origins=[
+            "http://127.0.0.1:*",
+            "http://localhost:*",
+            "https://127.0.0.1:*",
+            "https://localhost:*",
+        ],
+    )
+    mcp = FastMCP(
+        name="portcullis-test-server",
+        host="127.0.0.1",
+        streamable_http_path="/mcp",
+        json_response=json_response,
+        stateless_http=False,
+        log_level="WARNING",
+        transport_security=security,
+    )
+
+    @mcp.tool(description=SEARCH_DESCRIPTIONS[variant])
+    def search_issues(query: str) -> str:
+        return f"found 3 issues for {query}"
+
+    @mcp.tool(description="Create an issue in a repository")
+    def create_issue(owner: str, repo: str, title: str) -> str:
+        return f"created issue '{title}' in {owner}/{repo}"
+
+    @mcp.tool(description="Delete a repository")
+    def delete_repo(owner: str, repo: str) -> str:
+        return f"deleted {owner}/{repo}"
+
+    @mcp.tool(description="Send `steps` progress notifications 300 ms apart, then return 'done'")
+    async def slow_progress(steps: int, ctx: Context) -> str:
+        for i in range(steps):
+            await ctx.report_progress(i + 1, steps, f"step {i + 1}/{steps}")
+            await asyncio.sleep(0.3)
+        return "done"
+
+    return mcp
+
+
+class Recorder:
+    def __init__(self, path: str):
+        self._f = open(path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, entry: dict) -> None:
+        line = json.dumps(entry, separators=(",", ":"))
+        with self._lock:
+            self._f.write(line + "\n")
+            self._f.flush()
+
+
+def describe(msg, extra: dict) -> dict:
+    if not isinstance(msg, dict):
+        return {"raw": json.dumps(msg), **extra}
+    entry = {"method": msg.get("method"), "id": msg.get("id")}
+    if "method" not in msg:
+        entry["kind"] = "error" if "error" in msg else "response"
+    params = msg.get("params")
+    if msg.get("method") == "tools/call" and isinstance(params, dict):
+        entry["tool"] = params.get("name")
+        entry["arguments"] = params.get("arguments")
+    entry.update(extra)
+    return entry
+
+
+class RecordMiddleware:
+    """ASGI middleware: records the JSON-RPC messages of every POST to /mcp, then
+    re-injects the exact body bytes for the SDK."""
+
+    def __init__(self, app, recorder: Recorder, path: str = "/mcp"):
+        self.app = app
+        self.recorder = recorder
+        self.path = path
+
+    async def __call__(self, scope, receive, send):
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"].rstrip("/") != self.path
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        body = bytearray()
+        trailing = None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                trailing = message  # e.g. http.disconnect
+                break
+            body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        extra = {
+            "session": headers.get("mcp-session-id"),
+            "protocol_version": headers.get("mcp-protocol-version"),
+        }
+        self.record(bytes(body), extra)
+
+        replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+        if trailing is not None:
+            replay.append(trailing)
+
+        async def replay_receive():
+            if replay:
+                return replay.pop(0)
+            return await receive()
+
+        await self.app(scope, replay_receive, send)
+
+    def record(self, body: bytes, extra: dict) -> None:
+        text = body.decode("utf-8", errors="replace")
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            self.recorder.write({"raw": text, **extra})
+            return
+        if isinstance(parsed, list):
+            if not parsed:
+                self.recorder.write({"raw": text, "batch": True, **extra})
+            for element in parsed:
+                self.recorder.write(describe(element, {"batch": True, **extra}))
+        elif isinstance(parsed, dict):
+            self.recorder.write(describe(parsed, extra))
+        else:
+            self.recorder.write({"raw": text, **extra})
+
+
+async def serve(args) -> int:
+    mcp = build_mcp(args.variant, args.json_response)
+    app = RecordMiddleware(mcp.streamable_http_app(), Recorder(args.record))
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        ssl_certfile=args.cert,
+        ssl_keyfile=args.key,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+
+    async def run_server() -> int:
+        try:
+            await server.serve()
+        except SystemExit as e:  # uvicorn exits with 3 when it cannot bind or start up
+            return int(e.code or 1)
+        return 0
+
+    task = asyncio.create_task(run_server())
+    # `started` is set after lifespan startup and after the listening socket is bound.
+    while not server.started:
+        if task.done():
+            return task.result() or 1  # startup failed: never print READY
+        await asyncio.sleep(0.02)
+    print("READY", flush=True)
+    return await task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--record", required=True)
+    parser.add_argument("--variant", choices=["v1", "v2"], default="v1")
+    parser.add_argument("--json-response", action="store_true")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(serve(args)))
+
+
+if __name__ == "__main__":
+    main()

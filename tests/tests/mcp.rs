@@ -1,0 +1,351 @@
+//! MCP through the proxy with the official MCP Python SDK as both server and client:
+//! per-tool-call policy (by tool name, by argument, by identity), denies surfaced to the SDK
+//! client as tool errors, denied calls never reaching the server, SSE streamed event by event,
+//! and the MCP-only host rules (malformed JSON-RPC, oversized bodies, mixed batches).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+
+use portcullis::pki::LeafSpec;
+use portcullis_tests::*;
+use serde_json::{json, Value};
+
+const POLICY: &str = r#"package portcullis
+
+import rego.v1
+
+default decision := {"allow": false, "reason": "default deny"}
+
+research := "spiffe://acme.test/agents/research"
+
+# The transport itself: tunnels, the SSE GET stream, session DELETE.
+decision := {"allow": true, "reason": "mcp transport"} if {
+	input.kind in {"connect", "http"}
+	input.destination.host == "localhost"
+}
+
+decision := {"allow": true, "reason": "mcp protocol"} if {
+	input.kind == "mcp"
+	input.mcp.method != "tools/call"
+}
+
+decision := {"allow": true, "reason": "search is read-only"} if {
+	input.kind == "mcp"
+	startswith(input.mcp.tool, "search_")
+}
+
+decision := {"allow": true, "reason": "slow tool"} if {
+	input.kind == "mcp"
+	input.mcp.tool == "slow_progress"
+}
+
+decision := {"allow": true, "reason": "research may file issues in acme"} if {
+	input.kind == "mcp"
+	input.identity.spiffe_id == research
+	input.mcp.tool == "create_issue"
+	input.mcp.arguments.owner == "acme"
+}
+
+decision := {"allow": false, "reason": "no deletes, ever"} if {
+	input.kind == "mcp"
+	startswith(input.mcp.tool, "delete_")
+}
+"#;
+
+struct McpServer {
+    child: Child,
+    port: u16,
+    record: PathBuf,
+}
+
+impl McpServer {
+    fn start(pki: &Pki, variant: &str) -> McpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cert = pki.path("mcp-server.pem");
+        let key = pki.path("mcp-server.key");
+        pki.upstream_ca
+            .issue(&LeafSpec::server(
+                &["localhost", "127.0.0.1"],
+                std::time::Duration::from_secs(3600),
+            ))
+            .unwrap()
+            .write(&cert, &key)
+            .unwrap();
+        let record = pki.path(&format!("mcp-record-{port}.jsonl"));
+        let mut child = std::process::Command::new(python())
+            .arg(python_script("mcp_server.py"))
+            .args(["--port", &port.to_string(), "--variant", variant, "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--record")
+            .arg(&record)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Logs::default());
+        capture(child.stdout.take().unwrap(), out.clone());
+        out.wait_for("the MCP server", |l| l == "READY");
+        McpServer {
+            child,
+            port,
+            record,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}/mcp", self.port)
+    }
+
+    /// JSON-RPC messages the server received, in order.
+    fn received(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn received_tools(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .filter_map(|m| m["tool"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Setup {
+    pki: Pki,
+    proxy: Proxy,
+    server: McpServer,
+}
+
+async fn setup(edit: impl FnOnce(&mut Value)) -> Setup {
+    let pki = Pki::new();
+    std::fs::write(pki.path("policy/allow.rego"), POLICY).unwrap();
+    let server = McpServer::start(&pki, "v1");
+    let mut cfg = pki.base_config();
+    edit(&mut cfg);
+    let proxy = Proxy::start(&pki.write_config(&cfg));
+    Setup { pki, proxy, server }
+}
+
+/// Run the official SDK client through the proxy as `client`; one JSON value per op.
+async fn mcp_client(s: &Setup, client: &ClientCert, ops: Value) -> Vec<Value> {
+    let out = tokio::process::Command::new(python())
+        .arg(python_script("mcp_client.py"))
+        .args(["--url", &s.server.url()])
+        .args(["--proxy", &format!("https://{}", s.proxy.addr)])
+        .arg("--proxy-ca")
+        .arg(s.pki.path("acme-ca.pem"))
+        .arg("--cert")
+        .arg(&client.cert)
+        .arg("--key")
+        .arg(&client.key)
+        .arg("--ca")
+        .arg(s.pki.path("mitm-ca.pem"))
+        .args(["--ops", &ops.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success(),
+        "MCP client failed: {results:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    results
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_calls_are_decided_one_by_one() {
+    let s = setup(|_| {}).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let ops = json!([
+        {"op": "list_tools"},
+        {"op": "call", "tool": "search_issues", "args": {"query": "bug"}},
+        {"op": "call", "tool": "delete_repo", "args": {"owner": "acme", "repo": "web"}},
+        {"op": "call", "tool": "create_issue", "args": {"owner": "acme", "repo": "web", "title": "t"}},
+        {"op": "call", "tool": "create_issue", "args": {"owner": "evil", "repo": "web", "title": "t"}},
+    ]);
+    let r = mcp_client(&s, &research, ops).await;
+    assert_eq!(r[0]["tools"].as_array().unwrap().len(), 4, "{r:?}");
+    assert_eq!(r[1]["is_error"], false, "{r:?}");
+    assert_eq!(r[1]["text"], "found 3 issues for bug");
+    // Denied: the SDK client sees a tool error carrying our JSON-RPC error, and the session
+    // goes on (the next call works).
+    assert_eq!(r[2]["is_error"], true, "{r:?}");
+    assert_eq!(r[2]["error"]["code"], -32001);
+    assert_eq!(r[2]["error"]["data"]["reason"], "no deletes, ever");
+    assert_eq!(
+        r[2]["error"]["data"]["trace_id"].as_str().unwrap().len(),
+        32
+    );
+    assert_eq!(r[3]["is_error"], false, "{r:?}");
+    // Denied by argument value.
+    assert_eq!(r[4]["is_error"], true, "{r:?}");
+    assert_eq!(r[4]["error"]["data"]["reason"], "default deny");
+
+    let arrived = s.server.received_tools();
+    assert!(arrived.contains(&"search_issues".to_owned()), "{arrived:?}");
+    assert!(
+        !arrived.contains(&"delete_repo".to_owned()),
+        "a denied call reached the server"
+    );
+    let creates: Vec<Value> = s
+        .server
+        .received()
+        .into_iter()
+        .filter(|m| m["tool"] == "create_issue")
+        .collect();
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    assert_eq!(creates[0]["arguments"]["owner"], "acme");
+
+    let denied = s
+        .proxy
+        .decisions
+        .wait_for("the delete decision", |l| l.contains("delete_repo"));
+    let d: Value = serde_json::from_str(&denied).unwrap();
+    assert_eq!(d["kind"], "mcp");
+    assert_eq!(d["decision"], "deny");
+    assert_eq!(d["mcp"]["method"], "tools/call");
+    assert!(
+        !denied.contains("\"web\""),
+        "tool arguments must not be logged: {denied}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identities_get_different_tool_rights() {
+    let s = setup(|_| {}).await;
+    let intern = s.pki.client("intern", "spiffe://acme.test/agents/intern");
+    let ops = json!([
+        {"op": "call", "tool": "search_issues", "args": {"query": "x"}},
+        {"op": "call", "tool": "create_issue", "args": {"owner": "acme", "repo": "web", "title": "t"}},
+    ]);
+    let r = mcp_client(&s, &intern, ops).await;
+    assert_eq!(r[0]["is_error"], false, "{r:?}");
+    assert_eq!(r[1]["is_error"], true, "{r:?}");
+    assert!(!s
+        .server
+        .received_tools()
+        .contains(&"create_issue".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_progress_is_streamed_not_buffered() {
+    let s = setup(|_| {}).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let ops = json!([{"op": "call_progress", "tool": "slow_progress", "args": {"steps": 4}}]);
+    let r = mcp_client(&s, &research, ops).await;
+    assert_eq!(r[0]["text"], "done", "{r:?}");
+    let times: Vec<f64> = r[0]["progress_times"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 4, "{r:?}");
+    // The server sends them 300 ms apart; buffering would deliver them together at the end.
+    assert!(
+        times[3] - times[0] > 0.6,
+        "progress arrived in a burst: {times:?}"
+    );
+}
+
+async fn post(s: &Setup, client: &ClientCert, body: &str) -> CurlOut {
+    curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(client),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "accept: application/json, text/event-stream",
+            "--data-binary",
+            body,
+            &s.server.url(),
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_only_hosts_refuse_what_cannot_be_inspected() {
+    let s = setup(|c| {
+        c["mcp"] = json!({"servers": ["localhost"]});
+        c["limits"] = json!({"inspect_body_bytes": 2048});
+    })
+    .await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+
+    let out = post(&s, &research, "this is not json").await;
+    assert_eq!(out.status, 400, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("bad_request")
+    );
+
+    let padded = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "delete_repo", "arguments": {"pad": "x".repeat(4096)}}});
+    let out = post(&s, &research, &padded.to_string()).await;
+    assert_eq!(out.status, 413, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("body_too_large")
+    );
+
+    // A batch with one denied call: every id is answered, nothing is forwarded.
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search_issues", "arguments": {"query": "q"}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_repo", "arguments": {}}},
+    ]);
+    let out = post(&s, &research, &batch.to_string()).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("policy_denied")
+    );
+    let answers = out.json();
+    let answers = answers.as_array().unwrap();
+    assert_eq!(answers.len(), 2);
+    assert_eq!(answers[0]["id"], 1);
+    assert!(answers[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not forwarded"));
+    assert_eq!(answers[1]["id"], 2);
+    assert_eq!(answers[1]["error"]["data"]["reason"], "no deletes, ever");
+
+    // A denied notification is dropped (202, nothing forwarded).
+    let note = json!({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_repo"}});
+    let out = post(&s, &research, &note.to_string()).await;
+    assert_eq!(out.status, 202, "{out:?}");
+    assert!(s.server.received().is_empty(), "{:?}", s.server.received());
+}

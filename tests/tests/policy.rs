@@ -1,0 +1,417 @@
+//! Rego policy, end to end: decisions per CONNECT and per request (inside one MITM tunnel),
+//! the deny contract, identity-based rules, hot reload under load, keep-last-good, the
+//! evaluation limit, redaction of credential headers, and the `policy` CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+use portcullis_tests::*;
+use serde_json::json;
+
+/// Research may GET anything on localhost; POST to /write is denied with a custom status and
+/// header; reporters may not even CONNECT.
+const POLICY: &str = r#"package portcullis
+
+import rego.v1
+
+default decision := {"allow": false, "reason": "default deny"}
+
+research := "spiffe://acme.test/agents/research"
+
+decision := {"allow": true, "reason": "tunnel to localhost"} if {
+	input.kind == "connect"
+	input.identity.spiffe_id == research
+	input.destination.host == "localhost"
+}
+
+decision := {"allow": true, "reason": "read"} if {
+	input.kind == "http"
+	input.identity.spiffe_id == research
+	input.request.method == "GET"
+	input.request.path != "/echo-auth"
+}
+
+decision := {"allow": false, "reason": "writes need review", "status": 451, "headers": {"x-review": "required"}} if {
+	input.kind == "http"
+	input.request.method == "POST"
+}
+
+decision := {"allow": false, "reason": concat(" ", ["saw", input.request.headers.authorization[0]])} if {
+	input.request.path == "/echo-auth"
+}
+"#;
+
+struct Setup {
+    pki: Pki,
+    up: Upstream,
+    proxy: Proxy,
+    research: ClientCert,
+    reporter: ClientCert,
+}
+
+async fn setup(policy: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Setup {
+    let pki = Pki::new();
+    std::fs::write(pki.path("policy/allow.rego"), policy).unwrap();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let mut cfg = pki.base_config();
+    edit(&mut cfg);
+    let proxy = Proxy::start(&pki.write_config(&cfg));
+    let research = pki.client("research", "spiffe://acme.test/agents/research");
+    let reporter = pki.client("reporter", "spiffe://acme.test/agents/reporter");
+    Setup {
+        pki,
+        up,
+        proxy,
+        research,
+        reporter,
+    }
+}
+
+fn proxy_args(s: &Setup, client: &ClientCert) -> Vec<String> {
+    vec![
+        "--proxy".into(),
+        format!("https://{}", s.proxy.addr),
+        "--proxy-cacert".into(),
+        s.pki.path("acme-ca.pem").display().to_string(),
+        "--proxy-cert".into(),
+        client.cert.display().to_string(),
+        "--proxy-key".into(),
+        client.key.display().to_string(),
+        "--cacert".into(),
+        s.pki.path("mitm-ca.pem").display().to_string(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_request_decisions_inside_one_tunnel() {
+    let s = setup(POLICY, |_| {}).await;
+    let base = format!("https://localhost:{}", s.up.port());
+    // One curl, two requests, one connection: GET allowed, then POST denied.
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{num_connects}\n",
+    ])
+    .args(proxy_args(&s, &s.research))
+    .arg(format!("{base}/read"))
+    .arg("--next")
+    .args([
+        "-sS",
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{num_connects}\n",
+        "-X",
+        "POST",
+    ])
+    .args(proxy_args(&s, &s.research))
+    .arg(format!("{base}/write"));
+    let out = cmd.output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        ["200 1", "451 0"],
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.up.seen().len(), 1, "the denied POST reached the upstream");
+    assert_eq!(s.up.seen()[0].path, "/read");
+    // Both requests came over the same client connection.
+    let access = s.proxy.wait_access(2, |e| e["kind"] == "http");
+    assert_eq!(access[0]["source"], access[1]["source"]);
+    let decisions: Vec<serde_json::Value> = s.proxy.decisions.events();
+    let http: Vec<_> = decisions.iter().filter(|d| d["kind"] == "http").collect();
+    assert_eq!(http.len(), 2, "{decisions:?}");
+    assert_eq!(http[0]["decision"], "allow");
+    assert_eq!(http[1]["decision"], "deny");
+    assert_eq!(http[1]["reason"], "writes need review");
+    assert!(http[1]["policy_revision"].as_str().unwrap().len() >= 12);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deny_contract_with_policy_status_and_headers() {
+    let s = setup(POLICY, |_| {}).await;
+    let url = format!("https://localhost:{}/write", s.up.port());
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.research),
+        &["-X", "POST", &url],
+    )
+    .await;
+    assert_eq!(out.status, 451, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("policy_denied")
+    );
+    assert_eq!(out.header("x-review").as_deref(), Some("required"));
+    let body = out.json();
+    assert_eq!(body["error"], "policy_denied");
+    assert_eq!(body["reason"], "writes need review");
+    assert_eq!(body["trace_id"].as_str().unwrap().len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identities_get_different_outcomes() {
+    let s = setup(POLICY, |_| {}).await;
+    let url = format!("https://localhost:{}/read", s.up.port());
+    let ok = curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url]).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    // The reporter is refused at CONNECT: 403 on the tunnel, nothing dialled.
+    let req = format!(
+        "CONNECT localhost:{0} HTTP/1.1\r\nHost: localhost:{0}\r\n\r\n",
+        s.up.port()
+    );
+    let denied = raw_request(&s.pki, s.proxy.addr, &s.reporter, &req).await;
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(
+        denied.header("x-portcullis-error").as_deref(),
+        Some("policy_denied")
+    );
+    assert_eq!(denied.json()["reason"], "default deny");
+    assert_eq!(s.up.connection_count(), 1);
+    s.proxy.decisions.wait_for("the CONNECT deny", |l| {
+        l.contains("\"kind\":\"connect\"")
+            && l.contains("agents/reporter")
+            && l.contains("\"deny\"")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_headers_are_redacted_in_the_policy_input() {
+    let s = setup(POLICY, |_| {}).await;
+    let url = format!("https://localhost:{}/echo-auth", s.up.port());
+    let secret = "sk-live-51HzZ";
+    let auth = format!("Authorization: Bearer {secret}");
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.research),
+        &["-H", &auth, &url],
+    )
+    .await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["reason"], "saw Bearer [REDACTED]");
+    s.proxy.wait_access(1, |e| e["path"] == "/echo-auth");
+    let everything = format!(
+        "{}\n{}",
+        s.proxy.logs.lines().join("\n"),
+        s.proxy.decisions.lines().join("\n")
+    );
+    assert!(!everything.contains(secret), "the secret leaked into logs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_under_load_loses_no_request_and_applies_the_new_rule() {
+    let s = setup(POLICY, |_| {}).await;
+    let read = format!("https://localhost:{}/read", s.up.port());
+    // A bounded loop of requests runs while the policy changes.
+    let pki = std::sync::Arc::new(s.pki);
+    let (p2, addr, research, read2) = (pki.clone(), s.proxy.addr, s.research.clone(), read.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let load = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for _ in 0..200 {
+            statuses.push(curl(&p2, addr, Some(&research), &[&read2]).await.status);
+            if stop2.load(std::sync::atomic::Ordering::SeqCst) && statuses.len() >= 5 {
+                break;
+            }
+        }
+        statuses
+    });
+    s.up.wait_for_requests(3).await;
+    let stricter = POLICY.replace(
+        "input.request.path != \"/echo-auth\"",
+        "input.request.path != \"/secret\"",
+    );
+    std::fs::write(pki.path("policy/allow.rego"), stricter).unwrap();
+    s.proxy
+        .logs
+        .wait_for("the policy reload", |l| l.contains("reloaded policy"));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = load.await.unwrap();
+    assert!(
+        statuses.iter().all(|&c| c == 200),
+        "a request failed during reload: {statuses:?}"
+    );
+    let secret = format!("https://localhost:{}/secret", s.up.port());
+    let out = curl(&pki, s.proxy.addr, Some(&s.research), &[&secret]).await;
+    assert_eq!(out.status, 403, "the new rule did not take effect: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_policies_are_rejected_and_the_last_good_one_serves() {
+    let s = setup(POLICY, |_| {}).await;
+    let url = format!("https://localhost:{}/read", s.up.port());
+    let write = format!("https://localhost:{}/write", s.up.port());
+    // A syntax error.
+    std::fs::write(
+        s.pki.path("policy/allow.rego"),
+        "package portcullis\n\ndecision := {\n",
+    )
+    .unwrap();
+    let err = s
+        .proxy
+        .logs
+        .wait_for("the reload error", |l| l.contains("policy reload failed"));
+    assert!(
+        err.contains("allow.rego"),
+        "the error must name the file: {err}"
+    );
+    assert_eq!(
+        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        curl(
+            &s.pki,
+            s.proxy.addr,
+            Some(&s.research),
+            &["-X", "POST", &write]
+        )
+        .await
+        .status,
+        451
+    );
+    // A policy whose own tests fail is not served either.
+    let failing = format!("{POLICY}\ntest_nothing_is_allowed if {{ not decision.allow with input as {{}} }}\ntest_fails if false\n");
+    std::fs::write(s.pki.path("policy/allow.rego"), failing).unwrap();
+    s.proxy.logs.wait_for("the second reload error", |l| {
+        l.contains("policy reload failed") && l.contains("test_fails")
+    });
+    assert_eq!(s.proxy.metric("portcullis_reload_errors_total").await, 2);
+    assert_eq!(
+        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runaway_policy_is_stopped_by_the_eval_limit() {
+    let heavy = r#"package portcullis
+
+import rego.v1
+
+decision := {"allow": true, "reason": "heavy"} if {
+	input.kind == "connect"
+}
+
+decision := {"allow": n > 0, "reason": "heavy"} if {
+	input.kind == "http"
+	n := count([x | some x in numbers.range(1, 90000); x % 7 == 0; y := x * x; y > 0])
+}
+"#;
+    let s = setup(heavy, |c| c["policy"]["max_instructions"] = json!(100_000)).await;
+    let url = format!("https://localhost:{}/read", s.up.port());
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url]).await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["reason"], "policy_eval_limit");
+    assert!(s.up.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_policy() {
+    let s = setup(POLICY, |c| c["reload_interval"] = json!("1h")).await;
+    let url = format!("https://localhost:{}/read", s.up.port());
+    assert_eq!(
+        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
+            .await
+            .status,
+        200
+    );
+    std::fs::write(
+        s.pki.path("policy/allow.rego"),
+        "package portcullis\n\ndecision := false\n",
+    )
+    .unwrap();
+    s.proxy.signal("HUP");
+    s.proxy
+        .logs
+        .wait_for("the policy reload", |l| l.contains("reloaded policy"));
+    assert_eq!(
+        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
+            .await
+            .status,
+        403
+    );
+}
+
+fn examples() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/examples/policies")
+}
+
+#[test]
+fn policy_test_runs_the_example_tests() {
+    let out = Command::new(bin())
+        .args(["policy", "test"])
+        .arg(examples())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("PASS"), "{text}");
+    assert!(!text.contains("FAIL:"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.rego"),
+        "package portcullis\n\nimport rego.v1\n\ndecision := false\n\ntest_allows if decision\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["policy", "test"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("test_allows"));
+}
+
+#[test]
+fn policy_eval_prints_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.json");
+    let doc = json!({
+        "kind": "http",
+        "identity": {"spiffe_id": "spiffe://acme.test/agents/reporter", "trust_domain": "acme.test", "path": "/agents/reporter", "segments": ["agents", "reporter"]},
+        "destination": {"host": "api.github.com", "port": 443, "scheme": "https"},
+        "request": {"method": "POST", "path": "/repos/o/r/issues", "query": {}, "headers": {}},
+        "time": {"unix": 1763900000, "rfc3339": "2025-11-23T12:13:20Z", "weekday": "Tue", "hour_utc": 10},
+    });
+    std::fs::write(&input, doc.to_string()).unwrap();
+    let out = Command::new(bin())
+        .args(["policy", "eval", "--input"])
+        .arg(&input)
+        .arg("--policy")
+        .arg(examples())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["allow"], false, "{d}");
+    assert!(
+        d["reason"].as_str().unwrap().contains("read-only")
+            || d["reason"].as_str().unwrap().contains("GET"),
+        "{d}"
+    );
+    assert_eq!(d["revision"].as_str().unwrap().len(), 12);
+}
