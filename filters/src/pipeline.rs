@@ -89,6 +89,9 @@ pub struct Context {
     pub mcp: Option<McpRequest>,
     /// Policy decisions taken for this action: one, or one per JSON-RPC message.
     pub decisions: Vec<DecisionRecord>,
+    /// The policy input of this request, kept for decisions taken on its response
+    /// (`tools/list` filtering).
+    pub policy_input: Option<portcullis_policy::Input>,
 }
 
 /// The request body, for filters that inspect it.
@@ -119,6 +122,15 @@ pub struct McpSummary {
 }
 
 impl Context {
+    /// Whether the response carries `tools/list` results to filter.
+    pub fn lists_tools(&self) -> bool {
+        self.mcp.as_ref().is_some_and(|m| {
+            m.messages
+                .iter()
+                .any(|m| m.method.as_deref() == Some("tools/list"))
+        })
+    }
+
     pub fn new(
         peer: Arc<Peer>,
         destination: Destination,
@@ -144,6 +156,7 @@ impl Context {
             body: RequestBody::NotBuffered,
             mcp: None,
             decisions: Vec::new(),
+            policy_input: None,
         }
     }
 }
@@ -188,6 +201,10 @@ pub trait Filter: Send + Sync + 'static {
 
     /// The upstream's response headers, before they reach the client.
     fn response(&self, _ctx: &mut Context, _resp: &mut http::response::Parts) {}
+
+    /// Each JSON-RPC message of the response to an MCP request that lists tools (JSON body
+    /// or SSE event), before it reaches the client. Used to filter `tools/list` results.
+    fn mcp_response(&self, _ctx: &Context, _msg: &mut serde_json::Value) {}
 
     /// After the action finished (response body fully sent, or the request refused).
     fn logging(&self, _ctx: &Context, _outcome: &Outcome) {}
@@ -241,6 +258,12 @@ impl Chain {
     pub fn response(&self, ctx: &mut Context, resp: &mut http::response::Parts) {
         for f in &self.filters {
             f.response(ctx, resp);
+        }
+    }
+
+    pub fn mcp_response(&self, ctx: &Context, msg: &mut serde_json::Value) {
+        for f in &self.filters {
+            f.mcp_response(ctx, msg);
         }
     }
 

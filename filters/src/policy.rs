@@ -178,6 +178,9 @@ impl Filter for PolicyFilter {
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let input = build_input(ctx, req, &self.sensitive_headers);
         if ctx.mcp.is_some() {
+            if ctx.lists_tools() {
+                ctx.policy_input = Some(input.clone());
+            }
             return self.decide_mcp(ctx, input);
         }
         let decision = self.policy.evaluate(&input);
@@ -191,5 +194,42 @@ impl Filter for PolicyFilter {
             mcp: None,
         });
         action
+    }
+
+    /// `tools/list` results keep only the tools this identity may call: each tool is decided
+    /// as the `tools/call` it would be (`arguments: null`, `listing: true`).
+    fn mcp_response(&self, ctx: &Context, msg: &mut serde_json::Value) {
+        let (Some(base), Some(mcp)) = (&ctx.policy_input, &ctx.mcp) else {
+            return;
+        };
+        let answers_list = mcp.messages.iter().any(|m| {
+            m.method.as_deref() == Some("tools/list")
+                && m.id.is_some()
+                && m.id.as_ref() == msg.get("id")
+        });
+        let Some(tools) = msg
+            .pointer_mut("/result/tools")
+            .and_then(|t| t.as_array_mut())
+        else {
+            return;
+        };
+        if !answers_list {
+            return;
+        }
+        tools.retain(|tool| {
+            let Some(name) = tool.get("name").and_then(|n| n.as_str()) else {
+                return false;
+            };
+            let mut input = base.clone();
+            input.kind = Kind::Mcp;
+            let mut m = serde_json::json!({
+                "method": "tools/call", "tool": name, "arguments": null, "listing": true,
+            });
+            if let Some(s) = &mcp.session_id {
+                m["session_id"] = serde_json::json!(s);
+            }
+            input.mcp = Some(m);
+            self.policy.evaluate(&input.bounded()).allow
+        });
     }
 }

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_filters::destination::{Destination, Host, Scheme};
 use portcullis_filters::egress::EgressGuard;
+use portcullis_filters::mcp::ResponseRewriter;
 use portcullis_filters::pipeline::RequestBody;
 use portcullis_filters::{
     Action, ActionKind, Chain, Context, ErrorCode, Outcome, Peer, Rejection, TraceId, Via,
@@ -431,10 +432,26 @@ async fn forward(
     let (mut rparts, rbody) = resp.into_parts();
     shared.chain.response(&mut ctx, &mut rparts);
     let status = rparts.status;
+    let rewriter = ctx
+        .lists_tools()
+        .then(|| {
+            let ct = rparts.headers.get(http::header::CONTENT_TYPE);
+            ResponseRewriter::new(
+                ct.and_then(|v| v.to_str().ok()),
+                shared.limits.inspect_body_bytes,
+            )
+        })
+        .flatten();
+    if rewriter.is_some() {
+        // The filtered body has a different length.
+        rparts.headers.remove(http::header::CONTENT_LENGTH);
+    }
     let body = LoggedBody {
         inner: rbody,
         bytes: 0,
         status,
+        rewriter,
+        flushed: false,
         done: Some((ctx, shared.chain.clone())),
     };
     Response::from_parts(rparts, BodyExt::boxed(body))
@@ -445,6 +462,11 @@ struct LoggedBody {
     inner: Incoming,
     bytes: u64,
     status: StatusCode,
+    /// Set for responses to `tools/list`: their JSON-RPC messages go through the chain's
+    /// `mcp_response` phase before reaching the client.
+    rewriter: Option<ResponseRewriter>,
+    /// The rewriter's last output was sent after the upstream body ended.
+    flushed: bool,
     done: Option<(Context, Chain)>,
 }
 
@@ -458,6 +480,26 @@ impl LoggedBody {
             };
             chain.logging(&ctx, &outcome);
         }
+    }
+
+    /// Pass a chunk through the rewriter (if any); `None` when nothing is ready to send yet.
+    fn rewrite(&mut self, data: Bytes, end: bool) -> Result<Option<Bytes>, BoxError> {
+        let (Some(rw), Some((ctx, chain))) = (self.rewriter.as_mut(), self.done.as_ref()) else {
+            return Ok(Some(data));
+        };
+        let mut edit = |m: &mut serde_json::Value| chain.mcp_response(ctx, m);
+        let mut out = rw.push(&data, &mut edit);
+        if end {
+            out.extend(rw.finish(&mut edit));
+        }
+        if rw.overflowed() {
+            tracing::warn!(trace_id = %ctx.trace_id, "tools/list response too large to filter; cut off");
+            return Err(
+                "tools/list response exceeds limits.inspect_body_bytes and cannot be filtered"
+                    .into(),
+            );
+        }
+        Ok((!out.is_empty()).then(|| Bytes::from(out)))
     }
 }
 
@@ -475,24 +517,53 @@ impl HttpBody for LoggedBody {
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    self.bytes += d.len() as u64;
+        loop {
+            let r = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r,
+            };
+            let frame = match r {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                None if self.rewriter.is_some() && !self.flushed => {
+                    self.flushed = true;
+                    match self.rewrite(Bytes::new(), true) {
+                        Ok(Some(out)) => {
+                            self.bytes += out.len() as u64;
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                        Ok(None) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    }
                 }
+                None => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => match self.rewrite(data, false) {
+                    Ok(Some(out)) => Frame::data(out),
+                    Ok(None) => continue,
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                },
+                Err(trailers) => trailers,
+            };
+            if let Some(d) = frame.data_ref() {
+                self.bytes += d.len() as u64;
             }
-            Poll::Ready(None) => self.finish(),
-            _ => {}
+            return Poll::Ready(Some(Ok(frame)));
         }
-        r.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end_stream() && (self.rewriter.is_none() || self.flushed)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.rewriter {
+            Some(_) => SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
     }
 }

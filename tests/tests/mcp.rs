@@ -48,6 +48,14 @@ decision := {"allow": true, "reason": "research may file issues in acme"} if {
 	input.mcp.arguments.owner == "acme"
 }
 
+# tools/list shows research the tool it may call with some arguments.
+decision := {"allow": true, "reason": "research may see create_issue"} if {
+	input.kind == "mcp"
+	input.mcp.listing
+	input.identity.spiffe_id == research
+	input.mcp.tool == "create_issue"
+}
+
 decision := {"allow": false, "reason": "no deletes, ever"} if {
 	input.kind == "mcp"
 	startswith(input.mcp.tool, "delete_")
@@ -61,7 +69,7 @@ struct McpServer {
 }
 
 impl McpServer {
-    fn start(pki: &Pki, variant: &str) -> McpServer {
+    fn start(pki: &Pki, variant: &str, json_response: bool) -> McpServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -86,6 +94,7 @@ impl McpServer {
             .arg(&key)
             .arg("--record")
             .arg(&record)
+            .args(json_response.then_some("--json-response"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -135,9 +144,13 @@ struct Setup {
 }
 
 async fn setup(edit: impl FnOnce(&mut Value)) -> Setup {
+    setup_with(false, edit).await
+}
+
+async fn setup_with(json_response: bool, edit: impl FnOnce(&mut Value)) -> Setup {
     let pki = Pki::new();
     std::fs::write(pki.path("policy/allow.rego"), POLICY).unwrap();
-    let server = McpServer::start(&pki, "v1");
+    let server = McpServer::start(&pki, "v1", json_response);
     let mut cfg = pki.base_config();
     edit(&mut cfg);
     let proxy = Proxy::start(&pki.write_config(&cfg));
@@ -188,7 +201,19 @@ async fn tool_calls_are_decided_one_by_one() {
         {"op": "call", "tool": "create_issue", "args": {"owner": "evil", "repo": "web", "title": "t"}},
     ]);
     let r = mcp_client(&s, &research, ops).await;
-    assert_eq!(r[0]["tools"].as_array().unwrap().len(), 4, "{r:?}");
+    // tools/list is filtered: delete_repo is never shown.
+    let mut tools: Vec<&str> = r[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    tools.sort();
+    assert_eq!(
+        tools,
+        ["create_issue", "search_issues", "slow_progress"],
+        "{r:?}"
+    );
     assert_eq!(r[1]["is_error"], false, "{r:?}");
     assert_eq!(r[1]["text"], "found 3 issues for bug");
     // Denied: the SDK client sees a tool error carrying our JSON-RPC error, and the session
@@ -239,16 +264,44 @@ async fn identities_get_different_tool_rights() {
     let s = setup(|_| {}).await;
     let intern = s.pki.client("intern", "spiffe://acme.test/agents/intern");
     let ops = json!([
+        {"op": "list_tools"},
         {"op": "call", "tool": "search_issues", "args": {"query": "x"}},
         {"op": "call", "tool": "create_issue", "args": {"owner": "acme", "repo": "web", "title": "t"}},
     ]);
     let r = mcp_client(&s, &intern, ops).await;
-    assert_eq!(r[0]["is_error"], false, "{r:?}");
-    assert_eq!(r[1]["is_error"], true, "{r:?}");
+    let mut tools: Vec<&str> = r[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    tools.sort();
+    assert_eq!(
+        tools,
+        ["search_issues", "slow_progress"],
+        "the intern sees fewer tools: {r:?}"
+    );
+    assert_eq!(r[1]["is_error"], false, "{r:?}");
+    assert_eq!(r[2]["is_error"], true, "{r:?}");
     assert!(!s
         .server
         .received_tools()
         .contains(&"create_issue".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tools_list_is_filtered_in_json_responses_too() {
+    let s = setup_with(true, |_| {}).await;
+    let intern = s.pki.client("intern", "spiffe://acme.test/agents/intern");
+    let r = mcp_client(&s, &intern, json!([{"op": "list_tools"}])).await;
+    let mut tools: Vec<&str> = r[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    tools.sort();
+    assert_eq!(tools, ["search_issues", "slow_progress"], "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
