@@ -398,7 +398,7 @@ impl ResponseRewriter {
 
 fn edit_messages(v: &mut Value, edit: &mut dyn FnMut(&mut Value)) {
     match v {
-        Value::Array(items) => items.iter_mut().for_each(|m| edit(m)),
+        Value::Array(items) => items.iter_mut().for_each(edit),
         other => edit(other),
     }
 }
