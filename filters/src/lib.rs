@@ -9,6 +9,7 @@ pub mod error;
 pub mod hygiene;
 pub mod identity;
 pub mod mcp;
+pub mod pinning;
 pub mod pipeline;
 pub mod policy;
 

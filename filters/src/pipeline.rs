@@ -92,6 +92,8 @@ pub struct Context {
     /// The policy input of this request, kept for decisions taken on its response
     /// (`tools/list` filtering).
     pub policy_input: Option<portcullis_policy::Input>,
+    /// Tools called by this request whose definition changed since it was pinned.
+    pub changed_tools: Vec<String>,
 }
 
 /// The request body, for filters that inspect it.
@@ -119,6 +121,8 @@ pub struct McpSummary {
     pub method: String,
     pub id: Option<serde_json::Value>,
     pub tool: Option<String>,
+    /// The tool's definition changed since it was pinned (logged, or denied).
+    pub tool_changed: bool,
 }
 
 impl Context {
@@ -157,6 +161,7 @@ impl Context {
             mcp: None,
             decisions: Vec::new(),
             policy_input: None,
+            changed_tools: Vec::new(),
         }
     }
 }

@@ -131,6 +131,9 @@ impl PolicyFilter {
                     method: method.clone(),
                     id: m.id.clone(),
                     tool: m.tool().map(str::to_owned),
+                    tool_changed: m
+                        .tool()
+                        .is_some_and(|t| ctx.changed_tools.iter().any(|c| c == t)),
                 }),
                 decision: d,
             });

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::full;
 use crate::mitm::LeafStats;
+use crate::proxy::Shared;
 use crate::upstream::Body;
 
 /// Process-wide state the admin endpoints report.
@@ -38,7 +39,7 @@ pub async fn serve(
         let (status, shared) = (status.clone(), shared.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(&req, &status, &shared.mitm.stats);
+                let resp = route(&req, &status, &shared);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -48,7 +49,8 @@ pub async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, status: &Status, leaf: &LeafStats) -> Response<Body> {
+fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<Body> {
+    let leaf = &shared.mitm.stats;
     let text = |code: StatusCode, body: String| {
         let mut r = Response::new(full(body));
         *r.status_mut() = code;
@@ -59,6 +61,38 @@ fn route(req: &Request<Incoming>, status: &Status, leaf: &LeafStats) -> Response
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         "/metrics" => text(StatusCode::OK, metrics(status, leaf)),
+        "/mcp/pins" if req.method() == http::Method::GET => {
+            let pins: Vec<serde_json::Value> = shared
+                .pins
+                .list()
+                .into_iter()
+                .map(|(server, tool, pinned, changed_to)| {
+                    serde_json::json!({"server": server, "tool": tool, "pinned": pinned, "changed_to": changed_to})
+                })
+                .collect();
+            text(StatusCode::OK, serde_json::Value::from(pins).to_string())
+        }
+        "/mcp/pins/accept" if req.method() == http::Method::POST => {
+            let q: std::collections::HashMap<String, String> = req
+                .uri()
+                .query()
+                .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+                .unwrap_or_default();
+            match (q.get("server"), q.get("tool")) {
+                (Some(s), Some(t)) if shared.pins.accept(s, t) => {
+                    tracing::info!(server = %s, tool = %t, "operator accepted a changed MCP tool definition");
+                    text(StatusCode::OK, "accepted\n".into())
+                }
+                (Some(_), Some(_)) => text(
+                    StatusCode::NOT_FOUND,
+                    "no pending change for that tool\n".into(),
+                ),
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "give ?server=HOST:PORT&tool=NAME\n".into(),
+                ),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use portcullis_filters::egress::EgressGuard;
 use portcullis_filters::hygiene::HeaderHygiene;
 use portcullis_filters::mcp::McpFilter;
+use portcullis_filters::pinning::{OnChange, ToolPinning, ToolPins};
 use portcullis_filters::policy::PolicyFilter;
 use portcullis_filters::Chain;
 use portcullis_policy::{Policy, PolicySet};
@@ -19,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
 use crate::admin::{self, Status};
-use crate::config::Config;
+use crate::config::{Config, ToolChanges};
 use crate::decision_log::DecisionLog;
 use crate::mitm::Mitm;
 use crate::proxy::Shared;
@@ -31,7 +32,12 @@ use crate::upstream::Upstream;
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
 /// (`upstream::dial`), so neither can be skipped by reordering filters.
-pub fn build_chain(cfg: &Config, policy: Arc<Policy>, decision_log: Option<DecisionLog>) -> Chain {
+pub fn build_chain(
+    cfg: &Config,
+    policy: Arc<Policy>,
+    pins: Arc<ToolPins>,
+    decision_log: Option<DecisionLog>,
+) -> Chain {
     let chain = Chain::new()
         .with(HeaderHygiene {
             max_header_bytes: cfg.limits.max_header_bytes,
@@ -44,6 +50,7 @@ pub fn build_chain(cfg: &Config, policy: Arc<Policy>, decision_log: Option<Decis
                 .map(|s| s.to_ascii_lowercase())
                 .collect(),
         })
+        .with(ToolPinning { pins })
         .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))
         .with(AccessLog);
     match decision_log {
@@ -171,8 +178,13 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         })?;
 
     let shutdown = CancellationToken::new();
+    let pins = Arc::new(ToolPins::new(match cfg.mcp.tool_changes {
+        ToolChanges::Log => OnChange::Log,
+        ToolChanges::Deny => OnChange::Deny,
+    }));
     let shared = Arc::new(Shared {
-        chain: build_chain(&cfg, policy.clone(), decision_log),
+        chain: build_chain(&cfg, policy.clone(), pins.clone(), decision_log),
+        pins,
         upstream,
         mitm,
         guard,

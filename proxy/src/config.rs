@@ -147,6 +147,17 @@ impl PolicyConfig {
 pub struct McpConfig {
     /// MCP-only hosts (`host` or `*.suffix`): every POST there must be inspectable JSON-RPC.
     pub servers: Vec<String>,
+    /// When a pinned tool definition changes: `log` (default) or `deny` (hide the tool and
+    /// refuse its calls until accepted on the admin API).
+    pub tool_changes: ToolChanges,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChanges {
+    #[default]
+    Log,
+    Deny,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -77,7 +77,9 @@ impl Filter for DecisionLog {
                 "status": outcome.status,
             });
             if let Some(m) = &rec.mcp {
-                line["mcp"] = serde_json::json!({"method": m.method, "id": m.id, "tool": m.tool});
+                line["mcp"] = serde_json::json!({
+                    "method": m.method, "id": m.id, "tool": m.tool, "tool_changed": m.tool_changed,
+                });
             }
             let mut text = line.to_string();
             text.push('\n');

@@ -35,6 +35,7 @@ use crate::upstream::{self, Body, BoxError, Upstream};
 /// Everything request handling needs, shared by all connections.
 pub struct Shared {
     pub chain: Chain,
+    pub pins: Arc<portcullis_filters::pinning::ToolPins>,
     pub upstream: Upstream,
     pub mitm: Mitm,
     pub guard: Arc<EgressGuard>,

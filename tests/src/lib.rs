@@ -458,9 +458,14 @@ impl Proxy {
 
     /// GET an admin endpoint: (status, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        self.admin_request("GET", path).await
+    }
+
+    /// Any method on an admin endpoint: (status, body).
+    pub async fn admin_request(&self, method: &str, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.admin).await.unwrap();
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
         .unwrap();

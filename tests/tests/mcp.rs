@@ -75,6 +75,10 @@ impl McpServer {
             .local_addr()
             .unwrap()
             .port();
+        McpServer::start_on(pki, port, variant, json_response)
+    }
+
+    fn start_on(pki: &Pki, port: u16, variant: &str, json_response: bool) -> McpServer {
         let cert = pki.path("mcp-server.pem");
         let key = pki.path("mcp-server.key");
         pki.upstream_ca
@@ -85,7 +89,7 @@ impl McpServer {
             .unwrap()
             .write(&cert, &key)
             .unwrap();
-        let record = pki.path(&format!("mcp-record-{port}.jsonl"));
+        let record = pki.path(&format!("mcp-record-{port}-{variant}.jsonl"));
         let mut child = std::process::Command::new(python())
             .arg(python_script("mcp_server.py"))
             .args(["--port", &port.to_string(), "--variant", variant, "--cert"])
@@ -401,4 +405,64 @@ async fn mcp_only_hosts_refuse_what_cannot_be_inspected() {
     let out = post(&s, &research, &note.to_string()).await;
     assert_eq!(out.status, 202, "{out:?}");
     assert!(s.server.received().is_empty(), "{:?}", s.server.received());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
+    let mut s = setup(|c| c["mcp"] = json!({"tool_changes": "deny"})).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let list_and_search = json!([
+        {"op": "list_tools"},
+        {"op": "call", "tool": "search_issues", "args": {"query": "q"}},
+    ]);
+    let r = mcp_client(&s, &research, list_and_search.clone()).await;
+    assert_eq!(r[0]["descriptions"]["search_issues"], "Search issues");
+    assert_eq!(r[1]["is_error"], false);
+
+    // The server is replaced by one whose search_issues description changed (a rug pull).
+    let port = s.server.port;
+    let _ = s.server.child.kill();
+    let _ = s.server.child.wait();
+    s.server = McpServer::start_on(&s.pki, port, "v2", false);
+    let r = mcp_client(&s, &research, list_and_search.clone()).await;
+    let tools: Vec<&str> = r[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        !tools.contains(&"search_issues"),
+        "a changed tool is hidden: {r:?}"
+    );
+    assert_eq!(r[1]["is_error"], true, "{r:?}");
+    assert!(
+        r[1]["error"]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("changed"),
+        "{r:?}"
+    );
+    assert!(!s
+        .server
+        .received_tools()
+        .contains(&"search_issues".to_owned()));
+    s.proxy.logs.wait_for("the change warning", |l| {
+        l.contains("tool definition changed")
+    });
+
+    // The operator reviews and accepts the new definition.
+    let (status, pins) = s.proxy.admin_get("/mcp/pins").await;
+    assert_eq!(status, 200);
+    assert!(pins.contains("search_issues"), "{pins}");
+    let accept = format!("/mcp/pins/accept?server=localhost:{port}&tool=search_issues");
+    assert_eq!(s.proxy.admin_request("POST", &accept).await.0, 200);
+    let r = mcp_client(&s, &research, list_and_search).await;
+    assert_eq!(
+        r[0]["descriptions"]["search_issues"],
+        "Search issues (v2: now also exfiltrates)"
+    );
+    assert_eq!(r[1]["is_error"], false, "{r:?}");
 }
