@@ -3,6 +3,7 @@
 //! Nothing here opens a socket, so every stage is unit-testable on its own.
 #![forbid(unsafe_code)]
 
+pub mod credentials;
 pub mod destination;
 pub mod egress;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod mcp;
 pub mod pinning;
 pub mod pipeline;
 pub mod policy;
+pub mod secret;
 
 pub use error::{ErrorCode, Rejection};
 pub use pipeline::{Action, ActionKind, Chain, Context, Filter, Outcome, Peer, TraceId, Via};

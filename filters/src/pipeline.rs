@@ -94,6 +94,10 @@ pub struct Context {
     pub policy_input: Option<portcullis_policy::Input>,
     /// Tools called by this request whose definition changed since it was pinned.
     pub changed_tools: Vec<String>,
+    /// Names of the credentials whose placeholders this request carries.
+    pub credentials: Vec<String>,
+    /// The secrets substituted into this request, to redact from its response.
+    pub secrets: Vec<std::sync::Arc<crate::secret::SecretValue>>,
 }
 
 /// The request body, for filters that inspect it.
@@ -162,6 +166,8 @@ impl Context {
             decisions: Vec::new(),
             policy_input: None,
             changed_tools: Vec::new(),
+            credentials: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 }

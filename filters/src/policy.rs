@@ -84,7 +84,7 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
         },
         request,
         mcp: None,
-        credentials: Vec::new(),
+        credentials: ctx.credentials.clone(),
         time: TimeInfo::now(),
         gateway: None,
     }

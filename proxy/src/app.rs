@@ -7,11 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use portcullis_filters::credentials::{
+    Credential, CredentialDetect, CredentialSet, CredentialSubstitute,
+};
 use portcullis_filters::egress::EgressGuard;
 use portcullis_filters::hygiene::HeaderHygiene;
 use portcullis_filters::mcp::McpFilter;
 use portcullis_filters::pinning::{OnChange, ToolPinning, ToolPins};
 use portcullis_filters::policy::PolicyFilter;
+use portcullis_filters::secret::Placeholder;
 use portcullis_filters::Chain;
 use portcullis_policy::{Policy, PolicySet};
 use tokio::net::TcpListener;
@@ -25,6 +29,7 @@ use crate::decision_log::DecisionLog;
 use crate::mitm::Mitm;
 use crate::proxy::Shared;
 use crate::reload::Reloader;
+use crate::secrets::LocalSecrets;
 use crate::server;
 use crate::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::upstream::Upstream;
@@ -38,6 +43,19 @@ pub fn build_chain(
     pins: Arc<ToolPins>,
     decision_log: Option<DecisionLog>,
 ) -> Chain {
+    let creds = Arc::new(CredentialSet::new(
+        cfg.credentials
+            .iter()
+            .filter_map(|c| {
+                Some(Credential {
+                    name: c.name.clone(),
+                    placeholder: Placeholder::parse(&c.placeholder())?,
+                    hosts: c.hosts.clone(),
+                    body: c.body,
+                })
+            })
+            .collect(),
+    ));
     let chain = Chain::new()
         .with(HeaderHygiene {
             max_header_bytes: cfg.limits.max_header_bytes,
@@ -51,7 +69,17 @@ pub fn build_chain(
                 .collect(),
         })
         .with(ToolPinning { pins })
+        .with(CredentialDetect { set: creds.clone() })
         .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))
+        .with(CredentialSubstitute {
+            set: creds,
+            store: Arc::new(LocalSecrets::new(
+                cfg.credentials
+                    .iter()
+                    .map(|c| (c.name.clone(), c.source.clone()))
+                    .collect(),
+            )),
+        })
         .with(AccessLog);
     match decision_log {
         Some(log) => chain.with(log),

@@ -43,6 +43,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub mcp: McpConfig,
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
     /// How often certificate, key and bundle files (and this file's `trust_domains`) are
     /// checked for changes.
     #[serde(default = "defaults::reload_interval", with = "duration")]
@@ -140,6 +142,41 @@ impl PolicyConfig {
             ..portcullis_policy::Limits::default()
         }
     }
+}
+
+/// One brokered credential. The secret itself is never in the config, only where to get it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    pub name: String,
+    /// Default `pcx_<name>`.
+    #[serde(default)]
+    pub placeholder: Option<String>,
+    /// The only destinations it may be substituted for (`host` or `*.suffix`). Required.
+    pub hosts: Vec<String>,
+    /// `{env: VAR}` or `{file: path}`.
+    #[serde(with = "serde_yaml_ng::with::singleton_map")]
+    pub source: SourceConfig,
+    /// Also substitute placeholders inside request bodies (buffered up to the inspection limit).
+    #[serde(default)]
+    pub body: bool,
+}
+
+impl CredentialConfig {
+    pub fn placeholder(&self) -> String {
+        self.placeholder
+            .clone()
+            .unwrap_or_else(|| format!("pcx_{}", self.name))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// An environment variable of the proxy process.
+    Env(String),
+    /// A file holding the secret (trailing newline ignored), re-read when it changes.
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -297,10 +334,20 @@ impl Config {
                 .location()
                 .map(|l| format!(" (line {} column {})", l.line(), l.column()))
                 .unwrap_or_default();
+            // serde_yaml_ng may already prefix its message with the path.
+            let msg = inner.to_string();
+            let msg = msg
+                .strip_prefix(&format!("{key}: "))
+                .unwrap_or(&msg)
+                .to_owned();
+            let msg = match at.is_empty() || msg.contains(" at line ") {
+                true => msg,
+                false => format!("{msg}{at}"),
+            };
             ConfigError {
                 file: file.to_owned(),
                 key: if key == "." { "(document)".into() } else { key },
-                reason: format!("{inner}{at}"),
+                reason: msg,
             }
         })?;
         cfg.resolve_paths(base);
@@ -327,6 +374,11 @@ impl Config {
         fix(&mut self.mitm.ca_key);
         self.upstream.extra_roots.iter_mut().for_each(fix);
         self.policy.paths.iter_mut().for_each(fix);
+        for c in &mut self.credentials {
+            if let SourceConfig::File(p) = &mut c.source {
+                fix(p);
+            }
+        }
         if !matches!(
             self.telemetry.decision_log.as_str(),
             "stdout" | "stderr" | "off"
@@ -401,6 +453,40 @@ impl Config {
                     &format!("mitm.passthrough[{i}]"),
                     format!("{host:?} is not a host name or *.suffix pattern"),
                 );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut placeholders = std::collections::HashSet::new();
+        for (i, c) in self.credentials.iter().enumerate() {
+            let key = format!("credentials[{i}]");
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return err(
+                    &format!("{key}.name"),
+                    format!("{:?} must be non-empty letters, digits or _", c.name),
+                );
+            }
+            if portcullis_filters::secret::Placeholder::parse(&c.placeholder()).is_none() {
+                return err(
+                    &format!("{key}.placeholder"),
+                    format!(
+                        "{:?} must be pcx_ followed by letters, digits or _",
+                        c.placeholder()
+                    ),
+                );
+            }
+            if c.hosts.is_empty() {
+                return err(
+                    &format!("{key}.hosts"),
+                    "required: a credential bound to no host could never be used safely".into(),
+                );
+            }
+            if !names.insert(c.name.clone()) || !placeholders.insert(c.placeholder()) {
+                return err(&key, format!("duplicate name or placeholder {:?}", c.name));
             }
         }
         if self.mitm.cache_size == 0 {

@@ -18,6 +18,7 @@ pub mod mitm;
 pub mod pki;
 pub mod proxy;
 pub mod reload;
+pub mod secrets;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -14,6 +14,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_filters::credentials::Redactor;
 use portcullis_filters::destination::{Destination, Host, Scheme};
 use portcullis_filters::egress::EgressGuard;
 use portcullis_filters::mcp::ResponseRewriter;
@@ -443,8 +444,9 @@ async fn forward(
             )
         })
         .flatten();
-    if rewriter.is_some() {
-        // The filtered body has a different length.
+    let redactor = Redactor::new(ctx.secrets.clone());
+    if rewriter.is_some() || redactor.is_some() {
+        // The rewritten body has a different length.
         rparts.headers.remove(http::header::CONTENT_LENGTH);
     }
     let body = LoggedBody {
@@ -452,6 +454,7 @@ async fn forward(
         bytes: 0,
         status,
         rewriter,
+        redactor,
         flushed: false,
         done: Some((ctx, shared.chain.clone())),
     };
@@ -466,7 +469,9 @@ struct LoggedBody {
     /// Set for responses to `tools/list`: their JSON-RPC messages go through the chain's
     /// `mcp_response` phase before reaching the client.
     rewriter: Option<ResponseRewriter>,
-    /// The rewriter's last output was sent after the upstream body ended.
+    /// Set when the request carried substituted secrets: echoes of them are redacted.
+    redactor: Option<Redactor>,
+    /// The transformers' last output was sent after the upstream body ended.
     flushed: bool,
     done: Option<(Context, Chain)>,
 }
@@ -484,21 +489,32 @@ impl LoggedBody {
     }
 
     /// Pass a chunk through the rewriter (if any); `None` when nothing is ready to send yet.
+    /// Pass a chunk through the MCP rewriter and the secret redactor (when present); `None`
+    /// when nothing is ready to send yet.
     fn rewrite(&mut self, data: Bytes, end: bool) -> Result<Option<Bytes>, BoxError> {
-        let (Some(rw), Some((ctx, chain))) = (self.rewriter.as_mut(), self.done.as_ref()) else {
+        if self.rewriter.is_none() && self.redactor.is_none() {
             return Ok(Some(data));
-        };
-        let mut edit = |m: &mut serde_json::Value| chain.mcp_response(ctx, m);
-        let mut out = rw.push(&data, &mut edit);
-        if end {
-            out.extend(rw.finish(&mut edit));
         }
-        if rw.overflowed() {
-            tracing::warn!(trace_id = %ctx.trace_id, "tools/list response too large to filter; cut off");
-            return Err(
-                "tools/list response exceeds limits.inspect_body_bytes and cannot be filtered"
-                    .into(),
-            );
+        let mut out = data.to_vec();
+        if let (Some(rw), Some((ctx, chain))) = (self.rewriter.as_mut(), self.done.as_ref()) {
+            let mut edit = |m: &mut serde_json::Value| chain.mcp_response(ctx, m);
+            out = rw.push(&out, &mut edit);
+            if end {
+                out.extend(rw.finish(&mut edit));
+            }
+            if rw.overflowed() {
+                tracing::warn!(trace_id = %ctx.trace_id, "tools/list response too large to filter; cut off");
+                return Err(
+                    "tools/list response exceeds limits.inspect_body_bytes and cannot be filtered"
+                        .into(),
+                );
+            }
+        }
+        if let Some(r) = self.redactor.as_mut() {
+            out = r.push(&out);
+            if end {
+                out.extend(r.finish());
+            }
         }
         Ok((!out.is_empty()).then(|| Bytes::from(out)))
     }
@@ -526,7 +542,7 @@ impl HttpBody for LoggedBody {
             let frame = match r {
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
-                None if self.rewriter.is_some() && !self.flushed => {
+                None if (self.rewriter.is_some() || self.redactor.is_some()) && !self.flushed => {
                     self.flushed = true;
                     match self.rewrite(Bytes::new(), true) {
                         Ok(Some(out)) => {
@@ -558,13 +574,15 @@ impl HttpBody for LoggedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream() && (self.rewriter.is_none() || self.flushed)
+        self.inner.is_end_stream()
+            && ((self.rewriter.is_none() && self.redactor.is_none()) || self.flushed)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.rewriter {
-            Some(_) => SizeHint::default(),
-            None => self.inner.size_hint(),
+        if self.rewriter.is_some() || self.redactor.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
         }
     }
 }

@@ -302,6 +302,32 @@ async fn respond(
         path: req.uri().path().to_owned(),
         headers: req.headers().clone(),
     });
+    if req.uri().path() == "/echo" {
+        // Echo what arrived (headers, query, body), in the body and in a header: lets tests
+        // check substitution upstream and redaction on the way back.
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let headers: serde_json::Map<String, Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+            .collect();
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        let echo = json!({"headers": headers, "query": query, "body": body}).to_string();
+        return Response::builder()
+            .header("content-type", "application/json")
+            .header("x-echo-authorization", auth)
+            .body(Full::new(Bytes::from(echo)))
+            .unwrap();
+    }
     if req.uri().path() == "/slow" {
         arrived.notify_one();
         let _ = gate.acquire().await.map(|p| p.forget());
@@ -396,10 +422,15 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(config: &Path) -> Proxy {
+        Proxy::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Proxy {
         let mut child = Command::new(bin())
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
             .env("PORTCULLIS_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,66 @@
+//! The secret sources available without a network: environment variables and files. A file
+//! is re-read when its modification time changes (rotation without restart). Vault and OAuth
+//! sources come with the rest of the credentials issue.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use portcullis_filters::credentials::SecretStore;
+use portcullis_filters::secret::SecretValue;
+
+use crate::config::SourceConfig;
+
+#[derive(Debug)]
+pub struct LocalSecrets {
+    sources: HashMap<String, SourceConfig>,
+    files: Mutex<HashMap<PathBuf, (SystemTime, Arc<SecretValue>)>>,
+}
+
+impl LocalSecrets {
+    pub fn new(sources: HashMap<String, SourceConfig>) -> LocalSecrets {
+        LocalSecrets {
+            sources,
+            files: Mutex::default(),
+        }
+    }
+
+    fn read_file(&self, path: &PathBuf) -> Result<Arc<SecretValue>, String> {
+        let unavailable = |e: std::io::Error| format!("cannot read its file: {}", e.kind());
+        let mtime = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map_err(unavailable)?;
+        if let Ok(files) = self.files.lock() {
+            if let Some((seen, v)) = files.get(path) {
+                if *seen == mtime {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        let text = std::fs::read_to_string(path).map_err(unavailable)?;
+        let value = SecretValue::new(text.trim_end_matches(['\n', '\r']).to_owned());
+        if value.is_empty() {
+            return Err("its file is empty".into());
+        }
+        let value = Arc::new(value);
+        if let Ok(mut files) = self.files.lock() {
+            files.insert(path.clone(), (mtime, value.clone()));
+        }
+        Ok(value)
+    }
+}
+
+#[async_trait::async_trait]
+impl SecretStore for LocalSecrets {
+    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, String> {
+        match self.sources.get(name) {
+            Some(SourceConfig::Env(var)) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Arc::new(SecretValue::new(v))),
+                _ => Err(format!("environment variable {var} is not set")),
+            },
+            Some(SourceConfig::File(path)) => self.read_file(path),
+            None => Err("no source configured".into()),
+        }
+    }
+}

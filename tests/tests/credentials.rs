@@ -1,0 +1,243 @@
+//! Credential brokering end to end: agents send placeholders, the upstream receives real
+//! secrets (headers, Basic auth, query, opt-in JSON bodies), only for bound hosts; unknown or
+//! misdirected placeholders are refused before anything is forwarded; an unavailable source is
+//! a 503; echoed secrets are redacted; and no secret appears in any log or decision line.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use portcullis_tests::*;
+use serde_json::json;
+
+const GITHUB_SECRET: &str = "ghp_realSecretValue123456";
+const FILE_SECRET: &str = "file-secret-abcdef987654";
+
+/// Denies the `github` credential to the intern, allows everything else.
+const POLICY: &str = r#"package portcullis
+
+import rego.v1
+
+default decision := {"allow": true, "reason": "ok"}
+
+decision := {"allow": false, "reason": "interns may not use github"} if {
+	"github" in input.credentials
+	input.identity.spiffe_id == "spiffe://acme.test/agents/intern"
+}
+"#;
+
+struct Setup {
+    pki: Pki,
+    up: Upstream,
+    proxy: Proxy,
+    agent: ClientCert,
+}
+
+async fn setup() -> Setup {
+    let pki = Pki::new();
+    std::fs::write(pki.path("policy/allow.rego"), POLICY).unwrap();
+    std::fs::write(pki.path("file-secret"), format!("{FILE_SECRET}\n")).unwrap();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let mut cfg = pki.base_config();
+    cfg["credentials"] = json!([
+        {"name": "github", "hosts": ["localhost"], "source": {"env": "PCX_TEST_GITHUB"}, "body": true},
+        {"name": "filed", "placeholder": "pcx_filed_key", "hosts": ["localhost"], "source": {"file": "file-secret"}},
+        {"name": "elsewhere", "hosts": ["api.example.com"], "source": {"env": "PCX_TEST_GITHUB"}},
+        {"name": "missing", "hosts": ["localhost"], "source": {"env": "PCX_TEST_NOT_SET"}},
+    ]);
+    let config = pki.write_config(&cfg);
+    let proxy = Proxy::start_with_env(&config, &[("PCX_TEST_GITHUB", GITHUB_SECRET)]);
+    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
+    Setup {
+        pki,
+        up,
+        proxy,
+        agent,
+    }
+}
+
+impl Setup {
+    fn echo(&self, query: &str) -> String {
+        format!("https://localhost:{}/echo{query}", self.up.port())
+    }
+
+    /// Every line the proxy wrote (logs and decision log): the leak check reads these.
+    fn everything_logged(&self) -> String {
+        format!(
+            "{}\n{}",
+            self.proxy.logs.lines().join("\n"),
+            self.proxy.decisions.lines().join("\n")
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placeholders_become_secrets_upstream_and_never_come_back() {
+    let s = setup().await;
+    let basic = format!("Basic {}", base64_encode("bot:pcx_filed_key"));
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.agent),
+        &[
+            "-H",
+            "Authorization: Bearer pcx_github",
+            "-H",
+            &format!("X-Other: {basic}"),
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            r#"{"token":"pcx_github","keep":"pcx_filed_key"}"#,
+            &s.echo("?access_token=pcx_github&x=1"),
+        ],
+    )
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    // What the upstream received: the real values.
+    let seen = s.up.seen();
+    let h = &seen[0].headers;
+    assert_eq!(h["authorization"], format!("Bearer {GITHUB_SECRET}"));
+    // Basic credentials are only decoded in Authorization; X-Other carries it verbatim.
+    assert_eq!(h["x-other"], basic.as_str());
+    // What the agent got back: the echo, with every secret redacted.
+    assert!(
+        !out.body.contains(GITHUB_SECRET),
+        "secret echoed to the agent: {}",
+        out.body
+    );
+    assert!(!out.headers.contains(GITHUB_SECRET), "{}", out.headers);
+    let echo = out.json();
+    assert_eq!(echo["query"], "access_token=[REDACTED]&x=1");
+    assert_eq!(
+        echo["body"], r#"{"token":"[REDACTED]","keep":"pcx_filed_key"}"#,
+        "body opt-in is per credential"
+    );
+    assert_eq!(
+        out.header("x-echo-authorization").as_deref(),
+        Some("Bearer [REDACTED]")
+    );
+    // The policy saw the credential names.
+    s.proxy
+        .decisions
+        .wait_for("the decision", |l| l.contains("/echo"));
+    s.proxy.wait_access(1, |e| e["path"] == "/echo");
+    assert!(!s.everything_logged().contains(GITHUB_SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_auth_and_file_sources() {
+    let s = setup().await;
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.agent),
+        &["-u", "bot:pcx_filed_key", &s.echo("")],
+    )
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let sent = s.up.seen()[0].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        sent,
+        format!("Basic {}", base64_encode(&format!("bot:{FILE_SECRET}")))
+    );
+    // Rotation: a new file content is used without restart.
+    std::fs::write(s.pki.path("file-secret"), "rotated-secret-000111\n").unwrap();
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.agent),
+        &["-u", "bot:pcx_filed_key", &s.echo("")],
+    )
+    .await;
+    assert_eq!(out.status, 200);
+    let sent = s.up.seen()[1].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        sent,
+        format!("Basic {}", base64_encode("bot:rotated-secret-000111"))
+    );
+    assert!(!s.everything_logged().contains(FILE_SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn misdirected_unknown_and_unavailable_credentials_are_refused() {
+    let s = setup().await;
+    let cases = [
+        (
+            "Authorization: Bearer pcx_elsewhere",
+            403,
+            "credential_not_allowed",
+        ),
+        (
+            "Authorization: Bearer pcx_nobody",
+            403,
+            "credential_not_allowed",
+        ),
+        (
+            "Authorization: Bearer pcx_missing",
+            503,
+            "credential_unavailable",
+        ),
+    ];
+    for (header, status, code) in cases {
+        let out = curl(
+            &s.pki,
+            s.proxy.addr,
+            Some(&s.agent),
+            &["-H", header, &s.echo("")],
+        )
+        .await;
+        assert_eq!(out.status, status, "{header}: {out:?}");
+        assert_eq!(
+            out.header("x-portcullis-error").as_deref(),
+            Some(code),
+            "{header}"
+        );
+    }
+    assert!(
+        s.up.seen().is_empty(),
+        "a refused request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_decides_who_may_use_which_credential() {
+    let s = setup().await;
+    let intern = s.pki.client("intern", "spiffe://acme.test/agents/intern");
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&intern),
+        &["-H", "Authorization: Bearer pcx_github", &s.echo("")],
+    )
+    .await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(out.json()["reason"], "interns may not use github");
+    let out = curl(&s.pki, s.proxy.addr, Some(&intern), &[&s.echo("")]).await;
+    assert_eq!(
+        out.status, 200,
+        "without the credential the intern may pass"
+    );
+    assert_eq!(s.up.seen().len(), 1);
+}
+
+fn base64_encode(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
