@@ -228,14 +228,14 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         shared.clone(),
         shutdown.clone(),
     ));
-    let reloader = Reloader {
+    let reloader = Reloader::new(
         config_path,
-        config: cfg,
+        cfg,
         trust,
         cert,
-        policy: policy.clone(),
-        status: status.clone(),
-    };
+        policy.clone(),
+        status.clone(),
+    );
     tokio::spawn(reloader.run(shutdown.clone()));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
     shared

@@ -20,12 +20,17 @@ use crate::config::Config;
 use crate::tls::{certified_key, ServerCert, TrustStore};
 
 pub struct Reloader {
-    pub config_path: PathBuf,
-    pub config: Config,
-    pub trust: Arc<ArcSwap<TrustStore>>,
-    pub cert: Arc<ServerCert>,
-    pub policy: Arc<Policy>,
-    pub status: Arc<Status>,
+    config_path: PathBuf,
+    config: Config,
+    trust: Arc<ArcSwap<TrustStore>>,
+    cert: Arc<ServerCert>,
+    policy: Arc<Policy>,
+    status: Arc<Status>,
+    /// Fingerprints of what is being served, taken when it was loaded (before the proxy says
+    /// it is listening), so a change made right after start-up is never mistaken for the
+    /// baseline.
+    last_tls: u64,
+    last_policy: u64,
 }
 
 fn tls_files(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
@@ -80,9 +85,30 @@ async fn next_hangup(sig: &mut Option<tokio::signal::unix::Signal>) {
 }
 
 impl Reloader {
+    pub fn new(
+        config_path: PathBuf,
+        config: Config,
+        trust: Arc<ArcSwap<TrustStore>>,
+        cert: Arc<ServerCert>,
+        policy: Arc<Policy>,
+        status: Arc<Status>,
+    ) -> Reloader {
+        let last_tls = fingerprint(&tls_files(&config_path, &config));
+        let last_policy = fingerprint(&policy_files(&config));
+        Reloader {
+            config_path,
+            config,
+            trust,
+            cert,
+            policy,
+            status,
+            last_tls,
+            last_policy,
+        }
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut last_tls = fingerprint(&tls_files(&self.config_path, &self.config));
-        let mut last_policy = fingerprint(&policy_files(&self.config));
+        let (mut last_tls, mut last_policy) = (self.last_tls, self.last_policy);
         let mut tick = tokio::time::interval(self.config.reload_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hup = hangups();
