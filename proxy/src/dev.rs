@@ -14,6 +14,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use portcullis_filters::secret::SecretValue;
+
 use crate::config::Config;
 use crate::error::full;
 use crate::pki::{write_file, Authority, LeafSpec};
@@ -132,6 +134,20 @@ impl DevFiles {
         Ok(true)
     }
 
+    /// The demo credential's real value: random, kept in `demo-token` (mode 0600). Agents only
+    /// ever send its placeholder `pcx_demo`.
+    fn ensure_demo_secret(&self) -> anyhow::Result<Arc<SecretValue>> {
+        let path = self.path("demo-token");
+        if !path.is_file() {
+            let bytes: [u8; 16] = rand::random();
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            write_file(&path, format!("demo-{token}\n").as_bytes(), true)?;
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Arc::new(SecretValue::new(text.trim_end().to_owned())))
+    }
+
     fn write_config(&self, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<PathBuf> {
         let yaml = format!(
             "# Written by `portcullis dev` on every start.\n\
@@ -142,7 +158,9 @@ impl DevFiles {
              mitm: {{ca_cert: mitm-ca.pem, ca_key: mitm-ca.key}}\n\
              upstream: {{extra_roots: [upstream-ca.pem]}}\n\
              egress: {{allow: [\"127.0.0.0/8\", \"::1/128\"]}}\n\
-             policy: {{paths: [policy/]}}\n"
+             policy: {{paths: [policy/]}}\n\
+             credentials:\n  \
+               - {{name: demo, hosts: [localhost, 127.0.0.1], source: {{file: demo-token}}}}\n"
         );
         // The example policy is written once; after that it is the user's to edit.
         let written = self.dir.join("policy").exists();
@@ -166,7 +184,8 @@ pub async fn run(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::R
         dir: dir.to_owned(),
     };
     let created = files.ensure_pki()?;
-    let (https_port, http_port) = start_demo_upstream(&files).await?;
+    let secret = files.ensure_demo_secret()?;
+    let (https_port, http_port) = start_demo_upstream(&files, secret).await?;
     let config_path = files.write_config(listen, admin)?;
     let cfg = Config::load(&config_path)?;
     let running = app::start(cfg, config_path).await?;
@@ -196,8 +215,9 @@ fn print_banner(
         "Portcullis dev proxy on https://{proxy} ({} dev PKI in {})\n\
          Demo agent identity: {DEMO_AGENT}\n\
          \n\
-         HTTPS through CONNECT + MITM (trust the dev MITM CA with --cacert):\n\
-         curl {proxy_flags} --cacert {} https://localhost:{https_port}/hello\n\
+         HTTPS through CONNECT + MITM (trust the dev MITM CA with --cacert), holding only the\n\
+         placeholder pcx_demo; the upstream receives the real secret from {}:\n\
+         curl {proxy_flags} --cacert {} -H 'Authorization: Bearer pcx_demo' https://localhost:{https_port}/hello\n\
          \n\
          Plain HTTP (absolute-form):\n\
          curl {proxy_flags} http://localhost:{http_port}/hello\n\
@@ -210,13 +230,17 @@ fn print_banner(
          Ctrl-C to stop.",
         if created { "created" } else { "reusing" },
         files.dir.display(),
+        d("demo-token"),
         d("mitm-ca.pem"),
         files.dir.display(),
     );
 }
 
 /// The demo upstream: answers every request with a small JSON document describing it.
-async fn start_demo_upstream(files: &DevFiles) -> anyhow::Result<(u16, u16)> {
+async fn start_demo_upstream(
+    files: &DevFiles,
+    secret: Arc<SecretValue>,
+) -> anyhow::Result<(u16, u16)> {
     let ck = tls::certified_key(&files.path("upstream.pem"), &files.path("upstream.key"))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()?
@@ -227,42 +251,58 @@ async fn start_demo_upstream(files: &DevFiles) -> anyhow::Result<(u16, u16)> {
     let https = TcpListener::bind("127.0.0.1:0").await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let ports = (https.local_addr()?.port(), http.local_addr()?.port());
+    let secret2 = secret.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = https.accept().await {
-            let acceptor = acceptor.clone();
+            let (acceptor, secret) = (acceptor.clone(), secret.clone());
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(tcp).await {
-                    serve_demo(TokioIo::new(tls)).await;
+                    serve_demo(TokioIo::new(tls), secret).await;
                 }
             });
         }
     });
     tokio::spawn(async move {
         while let Ok((tcp, _)) = http.accept().await {
-            tokio::spawn(serve_demo(TokioIo::new(tcp)));
+            tokio::spawn(serve_demo(TokioIo::new(tcp), secret2.clone()));
         }
     });
     Ok(ports)
 }
 
-async fn serve_demo<I>(io: I)
+async fn serve_demo<I>(io: I, secret: Arc<SecretValue>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-        Ok::<_, Infallible>(demo_response(&req))
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let resp = demo_response(&req, &secret);
+        async move { Ok::<_, Infallible>(resp) }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(io, svc)
         .await;
 }
 
-fn demo_response(req: &Request<Incoming>) -> Response<Body> {
+/// Says whether the real demo secret arrived, without ever showing it.
+fn demo_response(req: &Request<Incoming>, secret: &SecretValue) -> Response<Body> {
+    let auth = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let credential = match auth {
+        Some(a) if a == format!("Bearer {}", secret.expose()) => {
+            "the real demo secret arrived (the agent only sent pcx_demo)"
+        }
+        Some(a) if a.contains("pcx_") => "a placeholder arrived: it was NOT substituted",
+        Some(_) => "an Authorization header that is not the demo secret arrived",
+        None => "no Authorization header (send one with pcx_demo to see substitution)",
+    };
     let body = serde_json::json!({
         "message": "hello from the Portcullis demo upstream",
         "method": req.method().as_str(),
         "path": req.uri().path(),
         "version": format!("{:?}", req.version()),
+        "credential": credential,
     });
     let mut resp = Response::new(full(format!("{body}\n")));
     resp.headers_mut().insert(
