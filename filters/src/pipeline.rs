@@ -100,8 +100,9 @@ pub struct Context {
     pub secrets: Vec<std::sync::Arc<crate::secret::SecretValue>>,
 }
 
-/// The request body, for filters that inspect it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The request body, for filters that inspect it. `Debug` shows only its size: after
+/// substitution the bytes may hold a secret.
+#[derive(Clone, PartialEq, Eq)]
 pub enum RequestBody {
     /// Streams through untouched (no filter asked to see it).
     NotBuffered,
@@ -110,6 +111,16 @@ pub enum RequestBody {
     Buffered(bytes::Bytes),
     /// Larger than the inspection limit: it streams through uninspected.
     TooLarge,
+}
+
+impl fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestBody::NotBuffered => f.write_str("NotBuffered"),
+            RequestBody::Buffered(b) => write!(f, "Buffered({} bytes)", b.len()),
+            RequestBody::TooLarge => f.write_str("TooLarge"),
+        }
+    }
 }
 
 /// One policy decision and, for MCP, the message it was about (method, id, tool).
