@@ -60,7 +60,11 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-        "/metrics" => text(StatusCode::OK, metrics(status, leaf)),
+        "/metrics" => {
+            let mut out = metrics(status, leaf);
+            shared.metrics.render(&mut out);
+            text(StatusCode::OK, out)
+        }
         "/mcp/pins" if req.method() == http::Method::GET => {
             let pins: Vec<serde_json::Value> = shared
                 .pins

@@ -26,6 +26,7 @@ use crate::access_log::AccessLog;
 use crate::admin::{self, Status};
 use crate::config::{Config, ToolChanges};
 use crate::decision_log::DecisionLog;
+use crate::metrics::{Metrics, MetricsFilter};
 use crate::mitm::Mitm;
 use crate::proxy::Shared;
 use crate::reload::Reloader;
@@ -41,6 +42,7 @@ pub fn build_chain(
     cfg: &Config,
     policy: Arc<Policy>,
     pins: Arc<ToolPins>,
+    metrics: Arc<Metrics>,
     decision_log: Option<DecisionLog>,
 ) -> Chain {
     let creds = Arc::new(CredentialSet::new(
@@ -80,7 +82,8 @@ pub fn build_chain(
                     .collect(),
             )),
         })
-        .with(AccessLog);
+        .with(AccessLog)
+        .with(MetricsFilter(metrics));
     match decision_log {
         Some(log) => chain.with(log),
         None => chain,
@@ -210,8 +213,16 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         ToolChanges::Log => OnChange::Log,
         ToolChanges::Deny => OnChange::Deny,
     }));
+    let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared {
-        chain: build_chain(&cfg, policy.clone(), pins.clone(), decision_log),
+        chain: build_chain(
+            &cfg,
+            policy.clone(),
+            pins.clone(),
+            metrics.clone(),
+            decision_log,
+        ),
+        metrics,
         pins,
         upstream,
         mitm,

@@ -14,6 +14,7 @@ pub mod decision_log;
 pub mod dev;
 pub mod error;
 pub mod idle;
+pub mod metrics;
 pub mod mitm;
 pub mod pki;
 pub mod proxy;

@@ -36,6 +36,7 @@ use crate::upstream::{self, Body, BoxError, Upstream};
 /// Everything request handling needs, shared by all connections.
 pub struct Shared {
     pub chain: Chain,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub pins: Arc<portcullis_filters::pinning::ToolPins>,
     pub upstream: Upstream,
     pub mitm: Mitm,
@@ -427,7 +428,10 @@ async fn forward(
         (None, _) => crate::error::empty(),
     };
     let req = Request::from_parts(parts, body);
-    let resp = match shared.upstream.send(req).await {
+    let sent = std::time::Instant::now();
+    let resp = shared.upstream.send(req).await;
+    shared.metrics.upstream_latency.observe(sent.elapsed());
+    let resp = match resp {
         Ok(r) => r,
         Err(rej) => return refuse(shared, ctx, rej),
     };

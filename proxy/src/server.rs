@@ -61,6 +61,7 @@ async fn serve_conn(
     addr: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
+    let _counted = shared.metrics.connection();
     let activity = Activity::new();
     let io = IdleIo::new(tcp, activity.clone());
     let handshake = tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io));

@@ -132,6 +132,17 @@ async fn per_request_decisions_inside_one_tunnel() {
     assert_eq!(http[1]["decision"], "deny");
     assert_eq!(http[1]["reason"], "writes need review");
     assert!(http[1]["policy_revision"].as_str().unwrap().len() >= 12);
+    // The same actions, counted in /metrics.
+    let (_, metrics) = s.proxy.admin_get("/metrics").await;
+    for line in [
+        r#"portcullis_requests_total{kind="connect",decision="allow",status="2xx"} 1"#,
+        r#"portcullis_requests_total{kind="http",decision="allow",status="2xx"} 1"#,
+        r#"portcullis_requests_total{kind="http",decision="deny",status="4xx"} 1"#,
+        "portcullis_policy_eval_seconds_count 3",
+        "portcullis_upstream_response_seconds_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing in:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
