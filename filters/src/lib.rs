@@ -14,6 +14,7 @@ pub mod pinning;
 pub mod pipeline;
 pub mod policy;
 pub mod secret;
+pub mod trace;
 
 pub use error::{ErrorCode, Rejection};
 pub use pipeline::{Action, ActionKind, Chain, Context, Filter, Outcome, Peer, TraceId, Via};

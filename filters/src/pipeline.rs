@@ -49,6 +49,21 @@ impl fmt::Debug for TraceId {
     }
 }
 
+/// A span id derived from fresh randomness in the trace id: the proxy makes both at once.
+fn span_id(trace_id: &TraceId) -> [u8; 8] {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&trace_id.0[8..]);
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+/// Hex of a span id, for logs.
+pub fn span_hex(id: &[u8; 8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Who is on the other end of the client connection: fixed for the connection's lifetime.
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -76,6 +91,12 @@ pub struct Context {
     pub kind: ActionKind,
     pub via: Via,
     pub trace_id: TraceId,
+    /// This action's span id (random), sent upstream as the `traceparent` parent.
+    pub span_id: [u8; 8],
+    /// The caller's span, when it sent a `traceparent`.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// W3C trace flags (01: sampled).
+    pub trace_flags: u8,
     /// The request method (`CONNECT` for a tunnel) and path without the query string: what
     /// logs may show. Query values can carry secrets and are never logged.
     pub method: http::Method,
@@ -164,6 +185,9 @@ impl Context {
             kind,
             via,
             trace_id,
+            span_id: span_id(&trace_id),
+            parent_span_id: None,
+            trace_flags: 1,
             method: req.method.clone(),
             path: if kind == ActionKind::Connect {
                 String::new()

@@ -1,6 +1,7 @@
 //! The access log: one line per action at the end of its logging phase (target
 //! `portcullis::access`). It shows the path but never the query string, and no header values.
 
+use portcullis_filters::pipeline::span_hex;
 use portcullis_filters::{Context, Filter, Outcome};
 
 #[derive(Debug)]
@@ -27,6 +28,7 @@ impl Filter for AccessLog {
             bytes = outcome.bytes,
             duration_ms = outcome.duration.as_secs_f64() * 1000.0,
             trace_id = %ctx.trace_id,
+            span_id = %span_hex(&ctx.span_id),
             "access"
         );
     }

@@ -16,6 +16,7 @@ use portcullis_filters::mcp::McpFilter;
 use portcullis_filters::pinning::{OnChange, ToolPinning, ToolPins};
 use portcullis_filters::policy::PolicyFilter;
 use portcullis_filters::secret::Placeholder;
+use portcullis_filters::trace::TracePropagation;
 use portcullis_filters::Chain;
 use portcullis_policy::{Policy, PolicySet};
 use tokio::net::TcpListener;
@@ -70,6 +71,7 @@ pub fn build_chain(
                 .map(|s| s.to_ascii_lowercase())
                 .collect(),
         })
+        .with(TracePropagation)
         .with(ToolPinning { pins })
         .with(CredentialDetect { set: creds.clone() })
         .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))

@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{LineWriter, Write};
 use std::sync::Mutex;
 
+use portcullis_filters::pipeline::span_hex;
 use portcullis_filters::{Context, Filter, Outcome};
 
 enum Sink {
@@ -65,6 +66,7 @@ impl Filter for DecisionLog {
             let mut line = serde_json::json!({
                 "time": time,
                 "trace_id": ctx.trace_id.to_string(),
+                "span_id": span_hex(&ctx.span_id),
                 "spiffe_id": ctx.peer.spiffe_id.as_str(),
                 "kind": if rec.mcp.is_some() { "mcp" } else { ctx.kind.as_str() },
                 "destination": ctx.destination.authority(),

@@ -490,3 +490,44 @@ async fn python_httpx_agent_reaches_upstream_through_the_proxy() {
     let e = s.proxy.wait_access(1, |e| e["path"] == "/from-python");
     assert_eq!(e[0]["spiffe_id"], "spiffe://acme.test/agents/research");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callers_trace_is_continued_upstream_and_in_logs() {
+    let s = setup(|_| {}).await;
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let url = format!("https://localhost:{}/traced", s.up.port());
+    let tp = format!("traceparent: {caller}");
+    let out = curl(
+        &s.pki,
+        s.proxy.addr,
+        Some(&s.agent),
+        &["-H", &tp, "-H", "tracestate: vendor=1", &url],
+    )
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let h = &s.up.seen()[0].headers;
+    let sent = h["traceparent"].to_str().unwrap();
+    assert!(
+        sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{sent}"
+    );
+    assert!(
+        !sent.contains("00f067aa0ba902b7"),
+        "the proxy's own span must be the parent: {sent}"
+    );
+    assert_eq!(h["tracestate"], "vendor=1");
+    let access = s.proxy.wait_access(1, |e| e["path"] == "/traced");
+    assert_eq!(access[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+        sent.split('-').nth(2).unwrap(),
+        access[0]["span_id"].as_str().unwrap()
+    );
+    // Without a traceparent, a new trace starts and is still sent upstream.
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    assert_eq!(out.status, 200);
+    let sent = s.up.seen()[1].headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!sent.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{sent}");
+}

@@ -466,3 +466,23 @@ async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
     );
     assert_eq!(r[1]["is_error"], false, "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_meta_traceparent_continues_the_trace() {
+    let s = setup(|_| {}).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized",
+        "params": {"_meta": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}}});
+    let out = post(&s, &research, &note.to_string()).await;
+    assert_ne!(out.status, 0, "{out:?}");
+    let e = s.proxy.wait_access(1, |e| e["kind"] == "mcp");
+    assert_eq!(e[0]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    s.proxy
+        .decisions
+        .wait_for("the decision in the same trace", |l| {
+            l.contains("0af7651916cd43dd8448eb211c80319c")
+                && l.contains("notifications/initialized")
+        });
+}

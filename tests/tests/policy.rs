@@ -141,7 +141,10 @@ async fn per_request_decisions_inside_one_tunnel() {
         "portcullis_policy_eval_seconds_count 3",
         "portcullis_upstream_response_seconds_count 1",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} missing in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing in:\n{metrics}"
+        );
     }
 }
 
