@@ -113,6 +113,22 @@ pub const ALL: &[Scenario] = &[
         Some("direct"),
     ),
     sc(
+        "tunnel-handshake",
+        "new proxy mTLS + CONNECT to a passthrough host + upstream TLS per request",
+        Route::Tunnel,
+        ConnMode::PerRequest,
+        Workload::Small,
+        Some("direct-handshake"),
+    ),
+    sc(
+        "tunnel-large",
+        "CONNECT to a passthrough host, blind tunnel, keep-alive, GET /bytes/N",
+        Route::Tunnel,
+        ConnMode::KeepAlive,
+        Workload::Large,
+        Some("direct-large"),
+    ),
+    sc(
         "mitm",
         "CONNECT + MITM, keep-alive, GET /small (bare pipeline)",
         Route::Mitm,

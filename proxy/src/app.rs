@@ -33,6 +33,7 @@ use crate::proxy::Shared;
 use crate::reload::Reloader;
 use crate::secrets::LocalSecrets;
 use crate::server;
+use crate::telemetry::{SpanExport, Telemetry};
 use crate::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::upstream::Upstream;
 
@@ -45,6 +46,7 @@ pub fn build_chain(
     pins: Arc<ToolPins>,
     metrics: Arc<Metrics>,
     decision_log: Option<DecisionLog>,
+    spans: Option<SpanExport>,
 ) -> Chain {
     let creds = Arc::new(CredentialSet::new(
         cfg.credentials
@@ -86,8 +88,12 @@ pub fn build_chain(
         })
         .with(AccessLog)
         .with(MetricsFilter(metrics));
-    match decision_log {
+    let chain = match decision_log {
         Some(log) => chain.with(log),
+        None => chain,
+    };
+    match spans {
+        Some(spans) => chain.with(spans),
         None => chain,
     }
 }
@@ -110,6 +116,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub shutdown: CancellationToken,
     shared: Arc<Shared>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +223,8 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         ToolChanges::Deny => OnChange::Deny,
     }));
     let metrics = Arc::new(Metrics::default());
+    let telemetry = Telemetry::init(&cfg.telemetry).map_err(StartError::Config)?;
+    let spans = telemetry.as_ref().map(Telemetry::filter);
     let shared = Arc::new(Shared {
         chain: build_chain(
             &cfg,
@@ -223,6 +232,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             pins.clone(),
             metrics.clone(),
             decision_log,
+            spans,
         ),
         metrics,
         pins,
@@ -261,6 +271,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         admin_addr,
         shutdown,
         shared,
+        telemetry: telemetry.map(Arc::new),
     })
 }
 
@@ -277,6 +288,11 @@ impl Running {
                 ?grace,
                 "shutdown grace period over; closing remaining connections"
             );
+        }
+        if let Some(t) = self.telemetry {
+            // Flush queued spans; the exporter's own timeout bounds this.
+            let flush = tokio::task::spawn_blocking(move || t.shutdown());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), flush).await;
         }
     }
 

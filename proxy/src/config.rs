@@ -202,12 +202,23 @@ pub enum ToolChanges {
 pub struct TelemetryConfig {
     /// Where decision log lines go: `stdout`, `stderr`, `off`, or a file path (appended).
     pub decision_log: String,
+    /// OTLP collector endpoint (default: `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`; none: no export).
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` (default) or `http/protobuf` (default: `OTEL_EXPORTER_OTLP_PROTOCOL`).
+    pub otlp_protocol: Option<String>,
+    pub service_name: String,
+    /// Fraction of new traces sampled (callers' sampled flags are honoured).
+    pub sampling_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             decision_log: "stdout".into(),
+            otlp_endpoint: None,
+            otlp_protocol: None,
+            service_name: "portcullis".into(),
+            sampling_ratio: 1.0,
         }
     }
 }
@@ -488,6 +499,9 @@ impl Config {
             if !names.insert(c.name.clone()) || !placeholders.insert(c.placeholder()) {
                 return err(&key, format!("duplicate name or placeholder {:?}", c.name));
             }
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
+            return err("telemetry.sampling_ratio", "must be between 0 and 1".into());
         }
         if self.mitm.cache_size == 0 {
             return err("mitm.cache_size", "must be at least 1".into());

@@ -21,5 +21,6 @@ pub mod proxy;
 pub mod reload;
 pub mod secrets;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -737,3 +737,118 @@ pub fn python_script(name: &str) -> PathBuf {
         .join("python")
         .join(name)
 }
+
+/// An in-process OTLP/HTTP collector: accepts `POST /v1/traces` (protobuf
+/// `ExportTraceServiceRequest`, the documented OTLP wire format) and keeps every span.
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        use prost::Message;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = OtlpReceiver {
+            addr: listener.local_addr().unwrap(),
+            spans: Arc::default(),
+            count: tokio::sync::watch::channel(0).0,
+        };
+        let (spans, count) = (r.spans.clone(), r.count.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (spans, count) = (spans.clone(), count.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (spans, count) = (spans.clone(), count.clone());
+                        async move {
+                            let ok = req.uri().path() == "/v1/traces";
+                            let body = http_body_util::BodyExt::collect(req.into_body())
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let status = match opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body) {
+                                Ok(export) if ok => {
+                                    let mut all = spans.lock().unwrap();
+                                    for rs in export.resource_spans {
+                                        for ss in rs.scope_spans {
+                                            all.extend(ss.spans);
+                                        }
+                                    }
+                                    count.send_replace(all.len());
+                                    200
+                                }
+                                _ => 400,
+                            };
+                            let reply = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::default().encode_to_vec();
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/x-protobuf")
+                                    .body(Full::new(Bytes::from(reply)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        r
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Wait until a span satisfies `pred`; returns it.
+    pub async fn wait_span(
+        &self,
+        what: &str,
+        pred: impl Fn(&opentelemetry_proto::tonic::trace::v1::Span) -> bool,
+    ) -> opentelemetry_proto::tonic::trace::v1::Span {
+        let mut rx = self.count.subscribe();
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(s) = self.spans.lock().unwrap().iter().find(|s| pred(s)) {
+                    return s.clone();
+                }
+                rx.changed().await.unwrap();
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "no span {what}; have {:?}",
+                self.spans
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>()
+            )
+        })
+    }
+
+    /// Everything received, as text (for leak checks).
+    pub fn dump(&self) -> String {
+        format!("{:?}", self.spans.lock().unwrap())
+    }
+}
+
+/// A span attribute's string (or integer, as text) value.
+pub fn span_attr(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            V::StringValue(s) => Some(s.clone()),
+            V::IntValue(i) => Some(i.to_string()),
+            V::BoolValue(b) => Some(b.to_string()),
+            other => Some(format!("{other:?}")),
+        })
+}
