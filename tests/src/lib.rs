@@ -804,6 +804,28 @@ impl OtlpReceiver {
         format!("http://{}", self.addr)
     }
 
+    /// The same collector over OTLP/gRPC (tonic, the OTLP TraceService).
+    pub async fn start_grpc() -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = OtlpReceiver {
+            addr: listener.local_addr().unwrap(),
+            spans: Arc::default(),
+            count: tokio::sync::watch::channel(0).0,
+        };
+        let svc = GrpcSink {
+            spans: r.spans.clone(),
+            count: r.count.clone(),
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(svc))
+                .serve_with_incoming(incoming),
+        );
+        r
+    }
+
     /// Wait until a span satisfies `pred`; returns it.
     pub async fn wait_span(
         &self,
@@ -836,6 +858,37 @@ impl OtlpReceiver {
     /// Everything received, as text (for leak checks).
     pub fn dump(&self) -> String {
         format!("{:?}", self.spans.lock().unwrap())
+    }
+}
+
+struct GrpcSink {
+    spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for GrpcSink
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut all = self.spans.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                all.extend(ss.spans);
+            }
+        }
+        self.count.send_replace(all.len());
+        Ok(tonic::Response::new(Default::default()))
     }
 }
 

@@ -146,3 +146,27 @@ async fn a_dead_collector_does_not_affect_requests() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_are_exported_over_otlp_grpc() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let otlp = OtlpReceiver::start_grpc().await;
+    let mut cfg = pki.base_config();
+    cfg["telemetry"] = json!({"otlp_endpoint": otlp.endpoint(), "otlp_protocol": "grpc"});
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let agent = pki.client("agent", "spiffe://acme.test/agents/grpc");
+    let url = format!("https://localhost:{}/g", up.port());
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
+        200
+    );
+    let span = otlp.wait_span("GET over gRPC", |s| s.name == "GET").await;
+    assert_eq!(
+        span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
+        Some("spiffe://acme.test/agents/grpc")
+    );
+}
