@@ -30,13 +30,7 @@ pub struct Credential {
 
 impl Credential {
     pub fn bound_to(&self, host: &Host) -> bool {
-        let host = host.to_string();
-        self.hosts.iter().any(|p| match p.strip_prefix("*.") {
-            Some(suffix) => host
-                .strip_suffix(suffix)
-                .is_some_and(|rest| rest.ends_with('.')),
-            None => p.eq_ignore_ascii_case(&host),
-        })
+        self.hosts.iter().any(|p| host.matches(p))
     }
 }
 

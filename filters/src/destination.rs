@@ -122,6 +122,24 @@ impl Host {
 }
 
 /// DNS name as-is, IP address in its canonical text form (IPv6 without brackets).
+impl Host {
+    /// Whether a host pattern from config names this host: an exact name or IP literal, or
+    /// `*.suffix` for any subdomain of `suffix` (not `suffix` itself). Case-insensitive. The
+    /// one matcher behind `mitm.passthrough`, `mcp.servers` and `credentials[].hosts`.
+    pub fn matches(&self, pattern: &str) -> bool {
+        let host = self.to_string();
+        match pattern.strip_prefix("*.") {
+            Some(suffix) => host.len() > suffix.len() + 1
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix),
+            None => pattern
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .eq_ignore_ascii_case(&host),
+        }
+    }
+}
+
 impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -389,6 +407,26 @@ fn snippet(s: &str) -> String {
     match s.char_indices().nth(SNIPPET_LEN) {
         Some((cut, _)) => format!("{}…", s.get(..cut).unwrap_or("")),
         None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod pattern_tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns() {
+        let h = |s: &str| Host::parse(s).unwrap();
+        assert!(h("api.github.com").matches("api.github.com"));
+        assert!(h("api.github.com").matches("API.GitHub.com"));
+        assert!(h("raw.githubusercontent.com").matches("*.githubusercontent.com"));
+        assert!(h("a.b.githubusercontent.com").matches("*.GitHubUserContent.com"));
+        assert!(!h("githubusercontent.com").matches("*.githubusercontent.com"));
+        assert!(!h("evilgithubusercontent.com").matches("*.githubusercontent.com"));
+        assert!(h("127.0.0.1").matches("127.0.0.1"));
+        assert!(h("::1").matches("[::1]"));
+        assert!(!h("127.0.0.2").matches("127.0.0.1"));
     }
 }
 

@@ -180,13 +180,7 @@ pub struct McpFilter {
 
 impl McpFilter {
     fn mcp_only(&self, host: &crate::destination::Host) -> bool {
-        let host = host.to_string();
-        self.servers.iter().any(|p| match p.strip_prefix("*.") {
-            Some(suffix) => host
-                .strip_suffix(suffix)
-                .is_some_and(|rest| rest.ends_with('.')),
-            None => *p == host,
-        })
+        self.servers.iter().any(|p| host.matches(p))
     }
 }
 

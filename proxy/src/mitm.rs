@@ -85,15 +85,7 @@ impl Mitm {
 
     /// `mitm.passthrough`: exact names, or `*.suffix` for any subdomain of suffix.
     pub fn is_passthrough(&self, host: &Host) -> bool {
-        let Host::Dns(name) = host else {
-            return self.passthrough.iter().any(|p| *p == host.to_string());
-        };
-        self.passthrough.iter().any(|p| match p.strip_prefix("*.") {
-            Some(suffix) => name
-                .strip_suffix(suffix)
-                .is_some_and(|rest| rest.ends_with('.')),
-            None => p == name,
-        })
+        self.passthrough.iter().any(|p| host.matches(p))
     }
 
     /// The TLS server config presenting a leaf for `host`; issued on first use, then cached.
