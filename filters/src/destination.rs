@@ -129,9 +129,11 @@ impl Host {
     pub fn matches(&self, pattern: &str) -> bool {
         let host = self.to_string();
         match pattern.strip_prefix("*.") {
-            Some(suffix) => host.len() > suffix.len() + 1
-                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix),
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
             None => pattern
                 .trim_start_matches('[')
                 .trim_end_matches(']')
