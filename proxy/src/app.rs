@@ -36,6 +36,7 @@ use crate::server;
 use crate::telemetry::{SpanExport, Telemetry};
 use crate::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::upstream::Upstream;
+use crate::vault::Vault;
 
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
@@ -47,6 +48,7 @@ pub fn build_chain(
     metrics: Arc<Metrics>,
     decision_log: Option<DecisionLog>,
     spans: Option<SpanExport>,
+    vault: Option<Vault>,
 ) -> Chain {
     let creds = Arc::new(CredentialSet::new(
         cfg.credentials
@@ -84,6 +86,7 @@ pub fn build_chain(
                     .iter()
                     .map(|c| (c.name.clone(), c.source.clone()))
                     .collect(),
+                vault,
             )),
         })
         .with(AccessLog)
@@ -224,6 +227,12 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     }));
     let metrics = Arc::new(Metrics::default());
     let telemetry = Telemetry::init(&cfg.telemetry).map_err(StartError::Config)?;
+    let vault = cfg
+        .vault
+        .as_ref()
+        .map(Vault::new)
+        .transpose()
+        .map_err(StartError::Config)?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
     let shared = Arc::new(Shared {
         chain: build_chain(
@@ -233,6 +242,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             metrics.clone(),
             decision_log,
             spans,
+            vault,
         ),
         metrics,
         pins,

@@ -45,6 +45,8 @@ pub struct Config {
     pub mcp: McpConfig,
     #[serde(default)]
     pub credentials: Vec<CredentialConfig>,
+    #[serde(default)]
+    pub vault: Option<VaultConfig>,
     /// How often certificate, key and bundle files (and this file's `trust_domains`) are
     /// checked for changes.
     #[serde(default = "defaults::reload_interval", with = "duration")]
@@ -177,6 +179,72 @@ pub enum SourceConfig {
     Env(String),
     /// A file holding the secret (trailing newline ignored), re-read when it changes.
     File(PathBuf),
+    /// A field of a Vault KV v2 secret (needs the top-level `vault` section).
+    Vault(VaultSecretRef),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VaultSecretRef {
+    #[serde(default = "defaults::vault_mount")]
+    pub mount: String,
+    pub path: String,
+    pub field: String,
+}
+
+/// Where Vault is and how to log in. Secrets here are references too: `env:NAME` or
+/// `file:PATH`, never literals.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// `https://vault.internal:8200` (plain `http://` for a local dev server only).
+    pub address: String,
+    /// Token auth: a reference to the token.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// AppRole auth: references to the role id and secret id.
+    #[serde(default)]
+    pub approle: Option<AppRoleConfig>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Extra CA for Vault's TLS certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// How long a fetched secret is reused before Vault is asked again.
+    #[serde(default = "defaults::vault_cache_ttl", with = "duration")]
+    pub cache_ttl: Duration,
+    #[serde(default = "defaults::vault_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRoleConfig {
+    pub role_id: String,
+    pub secret_id: String,
+    #[serde(default = "defaults::approle_mount")]
+    pub mount: String,
+}
+
+/// Resolve a secret reference (`env:NAME` or `file:PATH`) from the config.
+pub fn resolve_reference(
+    reference: &str,
+) -> Result<portcullis_filters::secret::SecretValue, String> {
+    use portcullis_filters::secret::SecretValue;
+    let value = if let Some(var) = reference.strip_prefix("env:") {
+        std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+    } else if let Some(path) = reference.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {path}: {e}"))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned()
+    } else {
+        return Err("a secret in the config must be a reference: env:NAME or file:PATH".into());
+    };
+    if value.is_empty() {
+        return Err(format!("{reference} is empty"));
+    }
+    Ok(SecretValue::new(value))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -285,6 +353,18 @@ mod defaults {
     pub fn max_instructions() -> u64 {
         1_000_000
     }
+    pub fn vault_mount() -> String {
+        "secret".to_owned()
+    }
+    pub fn approle_mount() -> String {
+        "approle".to_owned()
+    }
+    pub fn vault_cache_ttl() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn vault_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
 }
 
 /// Durations are written as `250ms`, `10s`, `5m`, `24h`.
@@ -389,6 +469,9 @@ impl Config {
             if let SourceConfig::File(p) = &mut c.source {
                 fix(p);
             }
+        }
+        if let Some(ca) = self.vault.as_mut().and_then(|v| v.ca.as_mut()) {
+            fix(ca);
         }
         if !matches!(
             self.telemetry.decision_log.as_str(),
@@ -499,6 +582,42 @@ impl Config {
             if !names.insert(c.name.clone()) || !placeholders.insert(c.placeholder()) {
                 return err(&key, format!("duplicate name or placeholder {:?}", c.name));
             }
+        }
+        let uses_vault = self
+            .credentials
+            .iter()
+            .any(|c| matches!(c.source, SourceConfig::Vault(_)));
+        match &self.vault {
+            None if uses_vault => {
+                return err(
+                    "vault",
+                    "a credential uses a vault source but there is no vault section".into(),
+                )
+            }
+            Some(v) => {
+                if !(v.address.starts_with("https://") || v.address.starts_with("http://")) {
+                    return err(
+                        "vault.address",
+                        format!("{:?} must be an http(s) URL", v.address),
+                    );
+                }
+                let refs = v
+                    .token
+                    .iter()
+                    .chain(v.approle.iter().flat_map(|a| [&a.role_id, &a.secret_id]));
+                for r in refs {
+                    if !(r.starts_with("env:") || r.starts_with("file:")) {
+                        return err(
+                            "vault",
+                            "token, role_id and secret_id must be references (env:NAME or file:PATH), never literals".into(),
+                        );
+                    }
+                }
+                if v.token.is_some() == v.approle.is_some() {
+                    return err("vault", "give exactly one of token or approle".into());
+                }
+            }
+            None => {}
         }
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return err("telemetry.sampling_ratio", "must be between 0 and 1".into());

@@ -1,6 +1,8 @@
-//! The secret sources available without a network: environment variables and files. A file
-//! is re-read when its modification time changes (rotation without restart). Vault and OAuth
-//! sources come with the rest of the credentials issue.
+//! Secret sources: environment variables, files (re-read when their modification time
+//! changes, so rotation needs no restart) and Vault KV v2 (token or AppRole auth, namespaces;
+//! values cached for `vault.cache_ttl`, concurrent misses coalesced into one fetch). A source
+//! that cannot answer and has no valid cached value is an error: the request is refused (503),
+//! never forwarded with its placeholder.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,13 +18,18 @@ use crate::config::SourceConfig;
 pub struct LocalSecrets {
     sources: HashMap<String, SourceConfig>,
     files: Mutex<HashMap<PathBuf, (SystemTime, Arc<SecretValue>)>>,
+    vault: Option<crate::vault::Vault>,
 }
 
 impl LocalSecrets {
-    pub fn new(sources: HashMap<String, SourceConfig>) -> LocalSecrets {
+    pub fn new(
+        sources: HashMap<String, SourceConfig>,
+        vault: Option<crate::vault::Vault>,
+    ) -> LocalSecrets {
         LocalSecrets {
             sources,
             files: Mutex::default(),
+            vault,
         }
     }
 
@@ -60,6 +67,10 @@ impl SecretStore for LocalSecrets {
                 _ => Err(format!("environment variable {var} is not set")),
             },
             Some(SourceConfig::File(path)) => self.read_file(path),
+            Some(SourceConfig::Vault(r)) => match &self.vault {
+                Some(v) => v.get(name, r).await,
+                None => Err("no vault configured".into()),
+            },
             None => Err("no source configured".into()),
         }
     }

@@ -241,3 +241,124 @@ fn base64_encode(s: &str) -> String {
     }
     out
 }
+
+const VAULT_SECRET: &str = "ghp_fromVault_0123456789";
+
+async fn vault_setup(
+    vault: &VaultServer,
+    auth: serde_json::Value,
+) -> (Pki, Upstream, Proxy, ClientCert) {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let mut cfg = pki.base_config();
+    let mut v = json!({"address": vault.address(), "cache_ttl": "1h"});
+    for (k, val) in auth.as_object().unwrap() {
+        v[k] = val.clone();
+    }
+    cfg["vault"] = v;
+    cfg["credentials"] = json!([{"name": "github", "hosts": ["localhost"],
+        "source": {"vault": {"mount": "secret", "path": "agents/github", "field": "token"}}}]);
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[
+            ("VAULT_TOKEN_FOR_TEST", VAULT_ROOT_TOKEN),
+            ("ROLE_ID", "role-1"),
+            ("SECRET_ID", "secret-1"),
+        ],
+    );
+    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
+    (pki, up, proxy, agent)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vault_secrets_are_fetched_once_and_served_from_cache_when_vault_is_down() {
+    let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
+    let (pki, up, proxy, agent) =
+        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let args = ["-H", "Authorization: Bearer pcx_github", url.as_str()];
+    let runs = (0..6).map(|_| curl(&pki, proxy.addr, Some(&agent), &args));
+    for out in futures_util::future::join_all(runs).await {
+        assert_eq!(out.status, 200, "{out:?}");
+        assert!(!out.body.contains(VAULT_SECRET));
+    }
+    assert!(up
+        .seen()
+        .iter()
+        .all(|s| s.headers["authorization"] == format!("Bearer {VAULT_SECRET}").as_str()));
+    assert_eq!(
+        vault.reads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "concurrent misses must coalesce into one read"
+    );
+    // Vault goes away: the cached value keeps serving.
+    vault.stop();
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &["-H", "Authorization: Bearer pcx_github", &url],
+    )
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let logged = format!(
+        "{}\n{}",
+        proxy.logs.lines().join("\n"),
+        proxy.decisions.lines().join("\n")
+    );
+    assert!(!logged.contains(VAULT_SECRET) && !logged.contains(VAULT_ROOT_TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vault_down_without_a_cached_secret_is_a_503_and_nothing_is_forwarded() {
+    let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
+    vault.stop();
+    let (pki, up, proxy, agent) =
+        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &["-H", "Authorization: Bearer pcx_github", &url],
+    )
+    .await;
+    assert_eq!(out.status, 503, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("credential_unavailable")
+    );
+    assert!(
+        out.json()["reason"].as_str().unwrap().contains("vault"),
+        "{}",
+        out.body
+    );
+    assert!(
+        up.seen().is_empty(),
+        "a placeholder was forwarded while vault was down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vault_approle_login() {
+    let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
+    let (pki, up, proxy, agent) = vault_setup(
+        &vault,
+        json!({"approle": {"role_id": "env:ROLE_ID", "secret_id": "env:SECRET_ID"}}),
+    )
+    .await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &["-H", "Authorization: Bearer pcx_github", &url],
+    )
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        up.seen()[0].headers["authorization"],
+        format!("Bearer {VAULT_SECRET}").as_str()
+    );
+    assert_eq!(vault.logins.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -1,0 +1,195 @@
+//! A Vault KV v2 client for credential sources (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
+//! `GET /v1/{mount}/data/{path}` with `X-Vault-Token` (and `X-Vault-Namespace`), token auth or
+//! AppRole login (`POST /v1/auth/{mount}/login`). Vault is an operator-configured internal
+//! service, so it is reached directly, not through the egress guard; its TLS is verified.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use moka::future::Cache;
+use portcullis_filters::secret::SecretValue;
+
+use crate::config::{resolve_reference, UpstreamConfig, VaultConfig, VaultSecretRef};
+
+pub struct Vault {
+    cfg: VaultConfig,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Secret values by credential name.
+    values: Cache<String, Arc<SecretValue>>,
+    /// The AppRole login token (token auth reads its reference each time: cheap and rotatable).
+    login: Cache<(), Arc<SecretValue>>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("address", &self.cfg.address)
+            .finish()
+    }
+}
+
+impl Vault {
+    pub fn new(cfg: &VaultConfig) -> Result<Vault, String> {
+        let roots = UpstreamConfig {
+            extra_roots: cfg.ca.iter().cloned().collect(),
+            ..UpstreamConfig::default()
+        };
+        let tls =
+            crate::upstream::client_tls_config(&roots, Vec::new()).map_err(|e| e.to_string())?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Vault {
+            cfg: cfg.clone(),
+            client: Client::builder(TokioExecutor::new()).build(https),
+            values: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(cfg.cache_ttl)
+                .build(),
+            login: Cache::builder()
+                .max_capacity(1)
+                .time_to_live(cfg.cache_ttl)
+                .build(),
+        })
+    }
+
+    /// The secret for credential `name`: cached, or fetched once for all concurrent callers.
+    pub async fn get(&self, name: &str, r: &VaultSecretRef) -> Result<Arc<SecretValue>, String> {
+        self.values
+            .try_get_with(name.to_owned(), self.fetch(r))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn fetch(&self, r: &VaultSecretRef) -> Result<Arc<SecretValue>, String> {
+        let url = format!(
+            "{}/v1/{}/data/{}",
+            self.cfg.address.trim_end_matches('/'),
+            r.mount.trim_matches('/'),
+            r.path.trim_matches('/')
+        );
+        let mut retried = false;
+        loop {
+            let token = self.token().await?;
+            let (status, body) = self.call(Method::GET, &url, Some(&token), None).await?;
+            match status {
+                StatusCode::OK => {
+                    let v: serde_json::Value = serde_json::from_slice(&body)
+                        .map_err(|_| "vault answered with invalid JSON".to_owned())?;
+                    let field = v
+                        .pointer("/data/data")
+                        .and_then(|d| d.get(&r.field))
+                        .and_then(|f| f.as_str())
+                        .ok_or_else(|| {
+                            format!(
+                                "vault secret {}/{} has no string field {}",
+                                r.mount, r.path, r.field
+                            )
+                        })?;
+                    return Ok(Arc::new(SecretValue::new(field.to_owned())));
+                }
+                // An expired AppRole token: log in again, once.
+                StatusCode::FORBIDDEN if self.cfg.approle.is_some() && !retried => {
+                    self.login.invalidate_all();
+                    retried = true;
+                }
+                s => return Err(format!("vault answered {s} for {}/{}", r.mount, r.path)),
+            }
+        }
+    }
+
+    async fn token(&self) -> Result<Arc<SecretValue>, String> {
+        if let Some(t) = &self.cfg.token {
+            return resolve_reference(t)
+                .map(Arc::new)
+                .map_err(|e| format!("vault token: {e}"));
+        }
+        self.login
+            .try_get_with((), self.approle_login())
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn approle_login(&self) -> Result<Arc<SecretValue>, String> {
+        let Some(a) = &self.cfg.approle else {
+            return Err("no vault auth configured".into());
+        };
+        let role_id = resolve_reference(&a.role_id)?;
+        let secret_id = resolve_reference(&a.secret_id)?;
+        let body =
+            serde_json::json!({"role_id": role_id.expose(), "secret_id": secret_id.expose()});
+        let url = format!(
+            "{}/v1/auth/{}/login",
+            self.cfg.address.trim_end_matches('/'),
+            a.mount.trim_matches('/')
+        );
+        let (status, resp) = self
+            .call(
+                Method::POST,
+                &url,
+                None,
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(format!("vault AppRole login answered {status}"));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp).map_err(|_| "vault login: invalid JSON".to_owned())?;
+        let token = v
+            .pointer("/auth/client_token")
+            .and_then(|t| t.as_str())
+            .ok_or("vault login: no auth.client_token")?;
+        Ok(Arc::new(SecretValue::new(token.to_owned())))
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&SecretValue>,
+        body: Option<Bytes>,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let mut req = Request::builder().method(method).uri(url);
+        if let Some(t) = token {
+            let mut v = http::HeaderValue::from_str(t.expose())
+                .map_err(|_| "vault token is not a valid header value".to_owned())?;
+            v.set_sensitive(true);
+            req = req.header("x-vault-token", v);
+        }
+        if let Some(ns) = &self.cfg.namespace {
+            req = req.header("x-vault-namespace", ns.as_str());
+        }
+        let req = req
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| format!("vault request: {e}"))?;
+        let timeout: Duration = self.cfg.timeout;
+        let run = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|_| "vault is unreachable".to_owned())?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| "vault response was cut off".to_owned())?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, run)
+            .await
+            .unwrap_or_else(|_| Err(format!("vault did not answer within {timeout:?}")))
+    }
+}
