@@ -393,7 +393,7 @@ async fn forward(
         Some(crate::body::stream(body))
     };
     if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
-        return refuse(shared, ctx, rej);
+        return refuse_draining(shared, ctx, rej, body);
     }
     if ctx.via == Via::AbsoluteForm {
         // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header.
@@ -402,10 +402,11 @@ async fn forward(
                 parts.headers.insert(HOST, h);
             }
             Err(e) => {
-                return refuse(
+                return refuse_draining(
                     shared,
                     ctx,
                     Rejection::new(ErrorCode::BadRequest, e.to_string()),
+                    body,
                 )
             }
         }
@@ -413,7 +414,7 @@ async fn forward(
     // hyper picks the upstream protocol per connection (ALPN); the request version must not pin it.
     parts.version = Version::HTTP_11;
     if let Action::Respond(rej) = shared.chain.upstream_request(&mut ctx, &mut parts) {
-        return refuse(shared, ctx, rej);
+        return refuse_draining(shared, ctx, rej, body);
     }
     let body = match (body.take(), &ctx.body) {
         (Some(b), _) => b,
@@ -463,6 +464,33 @@ async fn forward(
         done: Some((ctx, shared.chain.clone())),
     };
     Response::from_parts(rparts, BodyExt::boxed(body))
+}
+
+/// Refuse, but keep reading the unread request body in the background (bounded in size and
+/// time), so the client gets the answer instead of a reset (an h2 `RST_STREAM` or an HTTP/1.1
+/// close in the middle of its upload).
+fn refuse_draining(
+    shared: &Shared,
+    ctx: Context,
+    rej: Rejection,
+    body: Option<Body>,
+) -> Response<Body> {
+    if let Some(mut b) = body {
+        let limit = shared.limits.inspect_body_bytes;
+        shared.tracker.spawn(async move {
+            let drain = async {
+                let mut seen = 0usize;
+                while let Some(Ok(frame)) = b.frame().await {
+                    seen += frame.data_ref().map_or(0, |d| d.len());
+                    if seen > limit {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        });
+    }
+    refuse(shared, ctx, rej)
 }
 
 /// Counts response bytes and runs the logging phase once, when the body ends or is dropped.
