@@ -48,7 +48,7 @@ pub fn build_chain(
     metrics: Arc<Metrics>,
     decision_log: Option<DecisionLog>,
     spans: Option<SpanExport>,
-    vault: Option<Vault>,
+    secrets: Arc<LocalSecrets>,
 ) -> Chain {
     let creds = Arc::new(CredentialSet::new(
         cfg.credentials
@@ -81,13 +81,7 @@ pub fn build_chain(
         .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))
         .with(CredentialSubstitute {
             set: creds,
-            store: Arc::new(LocalSecrets::new(
-                cfg.credentials
-                    .iter()
-                    .map(|c| (c.name.clone(), c.source.clone()))
-                    .collect(),
-                vault,
-            )),
+            store: secrets,
         })
         .with(AccessLog)
         .with(MetricsFilter(metrics));
@@ -233,6 +227,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         .map(Vault::new)
         .transpose()
         .map_err(StartError::Config)?;
+    let secrets = Arc::new(LocalSecrets::new(&cfg.credentials, vault).map_err(StartError::Config)?);
     let spans = telemetry.as_ref().map(Telemetry::filter);
     let shared = Arc::new(Shared {
         chain: build_chain(
@@ -242,7 +237,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             metrics.clone(),
             decision_log,
             spans,
-            vault,
+            secrets,
         ),
         metrics,
         pins,

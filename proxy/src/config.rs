@@ -181,6 +181,29 @@ pub enum SourceConfig {
     File(PathBuf),
     /// A field of a Vault KV v2 secret (needs the top-level `vault` section).
     Vault(VaultSecretRef),
+    /// An OAuth 2.0 access token (client_credentials grant), cached until shortly before
+    /// it expires.
+    Oauth(OAuthSourceConfig),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthSourceConfig {
+    pub token_url: String,
+    pub client_id: String,
+    /// A reference: `env:NAME` or `file:PATH`.
+    pub client_secret: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// `basic` (HTTP Basic, the default) or `post` (in the form body).
+    #[serde(default = "defaults::client_auth")]
+    pub client_auth: String,
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default = "defaults::vault_timeout", with = "duration")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -353,6 +376,9 @@ mod defaults {
     pub fn max_instructions() -> u64 {
         1_000_000
     }
+    pub fn client_auth() -> String {
+        "basic".to_owned()
+    }
     pub fn vault_mount() -> String {
         "secret".to_owned()
     }
@@ -466,8 +492,10 @@ impl Config {
         self.upstream.extra_roots.iter_mut().for_each(fix);
         self.policy.paths.iter_mut().for_each(fix);
         for c in &mut self.credentials {
-            if let SourceConfig::File(p) = &mut c.source {
-                fix(p);
+            match &mut c.source {
+                SourceConfig::File(p) => fix(p),
+                SourceConfig::Oauth(o) => o.ca.iter_mut().for_each(fix),
+                _ => {}
             }
         }
         if let Some(ca) = self.vault.as_mut().and_then(|v| v.ca.as_mut()) {
@@ -578,6 +606,26 @@ impl Config {
                     &format!("{key}.hosts"),
                     "required: a credential bound to no host could never be used safely".into(),
                 );
+            }
+            if let SourceConfig::Oauth(o) = &c.source {
+                if !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://")) {
+                    return err(
+                        &format!("{key}.source.oauth.token_url"),
+                        "must be an http(s) URL".into(),
+                    );
+                }
+                if !(o.client_secret.starts_with("env:") || o.client_secret.starts_with("file:")) {
+                    return err(
+                        &format!("{key}.source.oauth.client_secret"),
+                        "must be a reference (env:NAME or file:PATH), never a literal".into(),
+                    );
+                }
+                if !matches!(o.client_auth.as_str(), "basic" | "post") {
+                    return err(
+                        &format!("{key}.source.oauth.client_auth"),
+                        "basic or post".into(),
+                    );
+                }
             }
             if !names.insert(c.name.clone()) || !placeholders.insert(c.placeholder()) {
                 return err(&key, format!("duplicate name or placeholder {:?}", c.name));

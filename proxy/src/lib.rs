@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod backend;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod idle;
 pub mod metrics;
 pub mod mitm;
+pub mod oauth;
 pub mod pki;
 pub mod proxy;
 pub mod reload;

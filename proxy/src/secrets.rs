@@ -19,18 +19,29 @@ pub struct LocalSecrets {
     sources: HashMap<String, SourceConfig>,
     files: Mutex<HashMap<PathBuf, (SystemTime, Arc<SecretValue>)>>,
     vault: Option<crate::vault::Vault>,
+    oauth: HashMap<String, crate::oauth::OAuthSource>,
 }
 
 impl LocalSecrets {
     pub fn new(
-        sources: HashMap<String, SourceConfig>,
+        creds: &[crate::config::CredentialConfig],
         vault: Option<crate::vault::Vault>,
-    ) -> LocalSecrets {
-        LocalSecrets {
-            sources,
+    ) -> Result<LocalSecrets, String> {
+        let mut oauth = HashMap::new();
+        for c in creds {
+            if let SourceConfig::Oauth(o) = &c.source {
+                oauth.insert(c.name.clone(), crate::oauth::OAuthSource::new(o)?);
+            }
+        }
+        Ok(LocalSecrets {
+            sources: creds
+                .iter()
+                .map(|c| (c.name.clone(), c.source.clone()))
+                .collect(),
             files: Mutex::default(),
             vault,
-        }
+            oauth,
+        })
     }
 
     fn read_file(&self, path: &PathBuf) -> Result<Arc<SecretValue>, String> {
@@ -67,6 +78,10 @@ impl SecretStore for LocalSecrets {
                 _ => Err(format!("environment variable {var} is not set")),
             },
             Some(SourceConfig::File(path)) => self.read_file(path),
+            Some(SourceConfig::Oauth(_)) => match self.oauth.get(name) {
+                Some(o) => o.get().await,
+                None => Err("no OAuth source".into()),
+            },
             Some(SourceConfig::Vault(r)) => match &self.vault {
                 Some(v) => v.get(name, r).await,
                 None => Err("no vault configured".into()),

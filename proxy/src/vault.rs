@@ -4,23 +4,18 @@
 //! service, so it is reached directly, not through the egress guard; its TLS is verified.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::future::Cache;
 use portcullis_filters::secret::SecretValue;
 
-use crate::config::{resolve_reference, UpstreamConfig, VaultConfig, VaultSecretRef};
+use crate::backend::Backend;
+use crate::config::{resolve_reference, VaultConfig, VaultSecretRef};
 
 pub struct Vault {
     cfg: VaultConfig,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    backend: Backend,
     /// Secret values by credential name.
     values: Cache<String, Arc<SecretValue>>,
     /// The AppRole login token (token auth reads its reference each time: cheap and rotatable).
@@ -37,20 +32,9 @@ impl std::fmt::Debug for Vault {
 
 impl Vault {
     pub fn new(cfg: &VaultConfig) -> Result<Vault, String> {
-        let roots = UpstreamConfig {
-            extra_roots: cfg.ca.iter().cloned().collect(),
-            ..UpstreamConfig::default()
-        };
-        let tls =
-            crate::upstream::client_tls_config(&roots, Vec::new()).map_err(|e| e.to_string())?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Vault {
             cfg: cfg.clone(),
-            client: Client::builder(TokioExecutor::new()).build(https),
+            backend: Backend::new("vault", cfg.ca.clone(), cfg.timeout)?,
             values: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(cfg.cache_ttl)
@@ -159,37 +143,17 @@ impl Vault {
         token: Option<&SecretValue>,
         body: Option<Bytes>,
     ) -> Result<(StatusCode, Bytes), String> {
-        let mut req = Request::builder().method(method).uri(url);
+        let mut headers = Vec::new();
         if let Some(t) = token {
-            let mut v = http::HeaderValue::from_str(t.expose())
+            let v = HeaderValue::from_str(t.expose())
                 .map_err(|_| "vault token is not a valid header value".to_owned())?;
-            v.set_sensitive(true);
-            req = req.header("x-vault-token", v);
+            headers.push((HeaderName::from_static("x-vault-token"), v));
         }
         if let Some(ns) = &self.cfg.namespace {
-            req = req.header("x-vault-namespace", ns.as_str());
+            let v = HeaderValue::from_str(ns)
+                .map_err(|_| "vault namespace is not a valid header value".to_owned())?;
+            headers.push((HeaderName::from_static("x-vault-namespace"), v));
         }
-        let req = req
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| format!("vault request: {e}"))?;
-        let timeout: Duration = self.cfg.timeout;
-        let run = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|_| "vault is unreachable".to_owned())?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|_| "vault response was cut off".to_owned())?
-                .to_bytes();
-            Ok((status, body))
-        };
-        tokio::time::timeout(timeout, run)
-            .await
-            .unwrap_or_else(|_| Err(format!("vault did not answer within {timeout:?}")))
+        self.backend.call(method, url, &headers, body).await
     }
 }

@@ -1018,3 +1018,61 @@ async fn vault_respond(
         json!({"data": {"data": data, "metadata": {"version": 1}}, "lease_duration": 0}),
     )
 }
+
+/// oauth2-mock-server (npm), a real third-party OAuth 2.0 server, run with node. Each token it
+/// issues is logged as a JSON line (`{"event":"token",...}`) on its stdout.
+pub struct OAuthServer {
+    child: Child,
+    pub port: u16,
+    pub out: Arc<Logs>,
+}
+
+impl OAuthServer {
+    pub fn start(token_ttl_secs: u64) -> OAuthServer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
+        assert!(
+            dir.join("node_modules/oauth2-mock-server").is_dir(),
+            "run `bash .ci/run` (or `npm ci --prefix tests/node`) to install oauth2-mock-server"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new("node")
+            .arg(dir.join("oauth_server.mjs"))
+            .args([port.to_string(), token_ttl_secs.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Logs::default());
+        capture(child.stdout.take().unwrap(), out.clone());
+        out.wait_for("the OAuth server", |l| l == "READY");
+        OAuthServer { child, port, out }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    /// Token responses so far.
+    pub fn tokens(&self) -> Vec<Value> {
+        self.out
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == "token")
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OAuthServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -362,3 +362,93 @@ async fn vault_approle_login() {
     );
     assert_eq!(vault.logins.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+async fn oauth_setup(token_url: &str) -> (Pki, Upstream, Proxy, ClientCert) {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let mut cfg = pki.base_config();
+    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
+        "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
+            "client_secret": "env:OAUTH_CLIENT_SECRET", "scopes": ["repo", "read:org"]}}}]);
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[("OAUTH_CLIENT_SECRET", "oauth-client-secret-xyz")],
+    );
+    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
+    (pki, up, proxy, agent)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oauth_client_credentials_token_is_fetched_once_refreshed_and_cached() {
+    // Tokens live 31 s; Portcullis refreshes 30 s early, so each is reused for ~1 s.
+    let mut oauth = OAuthServer::start(31);
+    let (pki, up, proxy, agent) = oauth_setup(&oauth.token_url()).await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let args = ["-H", "Authorization: Bearer pcx_saas", url.as_str()];
+    let runs = (0..5).map(|_| curl(&pki, proxy.addr, Some(&agent), &args));
+    for out in futures_util::future::join_all(runs).await {
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    let tokens = oauth.tokens();
+    assert_eq!(
+        tokens.len(),
+        1,
+        "concurrent requests must share one token request: {tokens:?}"
+    );
+    assert_eq!(tokens[0]["grant_type"], "client_credentials");
+    assert_eq!(tokens[0]["scope"], "repo read:org");
+    assert_eq!(tokens[0]["client_auth"], "basic");
+    let issued = tokens[0]["access_token"].as_str().unwrap().to_owned();
+    assert!(up
+        .seen()
+        .iter()
+        .all(|s| s.headers["authorization"] == format!("Bearer {issued}").as_str()));
+
+    // Expiry: after the token's (shortened) lifetime, the next request fetches a new one.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
+        200
+    );
+    assert_eq!(
+        oauth.tokens().len(),
+        2,
+        "an expired token must be refreshed"
+    );
+
+    // The endpoint goes down while a valid token is cached: still served.
+    oauth.stop();
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
+        200
+    );
+    let logged = format!(
+        "{}\n{}",
+        proxy.logs.lines().join("\n"),
+        proxy.decisions.lines().join("\n")
+    );
+    assert!(!logged.contains(&issued) && !logged.contains("oauth-client-secret-xyz"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oauth_endpoint_down_without_a_token_is_a_503() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (pki, up, proxy, agent) = oauth_setup(&format!("http://{dead}/token")).await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &["-H", "Authorization: Bearer pcx_saas", &url],
+    )
+    .await;
+    assert_eq!(out.status, 503, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("credential_unavailable")
+    );
+    assert!(up.seen().is_empty());
+}
