@@ -43,6 +43,10 @@ pub enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin_listen: SocketAddr,
+        /// Export spans to this OTLP collector (e.g. http://127.0.0.1:4317). Without it, the
+        /// access log on stderr shows one line per action with its identity and trace id.
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
     /// Run the proxy from a config file.
     Serve {
@@ -181,7 +185,8 @@ async fn run(cmd: Command) -> ExitCode {
             dir,
             listen,
             admin_listen,
-        } => match dev::run(&dir, listen, admin_listen).await {
+            otlp_endpoint,
+        } => match dev::run(&dir, listen, admin_listen, otlp_endpoint.as_deref()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, format!("dev: {e:#}")),
         },

@@ -148,8 +148,13 @@ impl DevFiles {
         Ok(Arc::new(SecretValue::new(text.trim_end().to_owned())))
     }
 
-    fn write_config(&self, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<PathBuf> {
-        let yaml = format!(
+    fn write_config(
+        &self,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        otlp: Option<&str>,
+    ) -> anyhow::Result<PathBuf> {
+        let mut yaml = format!(
             "# Written by `portcullis dev` on every start.\n\
              listen: {listen}\n\
              admin_listen: {admin}\n\
@@ -162,6 +167,10 @@ impl DevFiles {
              credentials:\n  \
                - {{name: demo, hosts: [localhost, 127.0.0.1], source: {{file: demo-token}}}}\n"
         );
+        if let Some(endpoint) = otlp {
+            let endpoint = serde_json::Value::from(endpoint);
+            yaml.push_str(&format!("telemetry: {{otlp_endpoint: {endpoint}}}\n"));
+        }
         // The example policy is written once; after that it is the user's to edit.
         let written = self.dir.join("policy").exists();
         for (name, text) in EXAMPLE_POLICY.iter().filter(|_| !written) {
@@ -179,14 +188,19 @@ impl DevFiles {
 }
 
 /// Run the dev proxy until Ctrl-C.
-pub async fn run(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+pub async fn run(
+    dir: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    otlp: Option<&str>,
+) -> anyhow::Result<()> {
     let files = DevFiles {
         dir: dir.to_owned(),
     };
     let created = files.ensure_pki()?;
     let secret = files.ensure_demo_secret()?;
     let (https_port, http_port) = start_demo_upstream(&files, secret).await?;
-    let config_path = files.write_config(listen, admin)?;
+    let config_path = files.write_config(listen, admin, otlp)?;
     let cfg = Config::load(&config_path)?;
     let running = app::start(cfg, config_path).await?;
     print_banner(&files, created, running.proxy_addr, https_port, http_port);

@@ -170,3 +170,56 @@ async fn spans_are_exported_over_otlp_grpc() {
         Some("spiffe://acme.test/agents/grpc")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_exports_spans_with_otlp_endpoint() {
+    let otlp = OtlpReceiver::start_grpc().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--otlp-endpoint",
+            &otlp.endpoint(),
+            "--dir",
+        ])
+        .arg(dir.path().join("dev"))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::sync::Arc::new(Logs::default());
+    capture(child.stdout.take().unwrap(), stdout.clone());
+    stdout.wait_for("the banner", |l| l.contains("Ctrl-C"));
+    let line = stdout
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("curl "))
+        .unwrap();
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{line} -sS"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let span = otlp.wait_span("the demo GET", |s| s.name == "GET").await;
+    assert_eq!(
+        span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
+        Some("spiffe://dev.portcullis/agent/demo")
+    );
+    assert_eq!(
+        span_attr(&span, "portcullis.credentials").as_deref(),
+        Some("demo")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
