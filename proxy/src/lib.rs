@@ -21,6 +21,7 @@ pub mod oauth;
 pub mod pki;
 pub mod proxy;
 pub mod reload;
+pub mod response_body;
 pub mod secrets;
 pub mod server;
 pub mod telemetry;
