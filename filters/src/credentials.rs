@@ -39,6 +39,10 @@ impl Credential {
 pub trait SecretStore: Send + Sync + std::fmt::Debug {
     /// The current secret of credential `name`. The error is a reason safe to show the agent.
     async fn get(&self, name: &str) -> Result<Arc<SecretValue>, String>;
+
+    /// Forget any cached value of credential `name`, so the next use fetches it again.
+    /// Returns false for an unknown name.
+    async fn revoke(&self, name: &str) -> bool;
 }
 
 /// The configured credentials, by placeholder.

@@ -39,8 +39,15 @@ pub async fn serve(
         let (status, shared) = (status.clone(), shared.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(&req, &status, &shared);
-                async move { Ok::<_, Infallible>(resp) }
+                let (status, shared) = (status.clone(), shared.clone());
+                async move {
+                    if req.method() == http::Method::POST
+                        && req.uri().path() == "/credentials/revoke"
+                    {
+                        return Ok::<_, Infallible>(revoke(&req, &shared).await);
+                    }
+                    Ok::<_, Infallible>(route(&req, &status, &shared))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -49,13 +56,35 @@ pub async fn serve(
     }
 }
 
+fn query(req: &Request<Incoming>) -> std::collections::HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn text(code: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = code;
+    r
+}
+
+/// `POST /credentials/revoke?name=NAME`: drop the cached value so the next use refetches.
+async fn revoke(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+    match query(req).get("name") {
+        Some(name) if shared.secrets.revoke(name).await => {
+            text(StatusCode::OK, format!("revoked {name}\n"))
+        }
+        Some(name) => text(
+            StatusCode::NOT_FOUND,
+            format!("no credential named {name}\n"),
+        ),
+        None => text(StatusCode::BAD_REQUEST, "give ?name=CREDENTIAL\n".into()),
+    }
+}
+
 fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<Body> {
     let leaf = &shared.mitm.stats;
-    let text = |code: StatusCode, body: String| {
-        let mut r = Response::new(full(body));
-        *r.status_mut() = code;
-        r
-    };
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
@@ -77,11 +106,7 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
             text(StatusCode::OK, serde_json::Value::from(pins).to_string())
         }
         "/mcp/pins/accept" if req.method() == http::Method::POST => {
-            let q: std::collections::HashMap<String, String> = req
-                .uri()
-                .query()
-                .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-                .unwrap_or_default();
+            let q = query(req);
             match (q.get("server"), q.get("tool")) {
                 (Some(s), Some(t)) if shared.pins.accept(s, t) => {
                     tracing::info!(server = %s, tool = %t, "operator accepted a changed MCP tool definition");

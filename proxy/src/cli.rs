@@ -63,6 +63,11 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Credential operations on a running proxy (through its admin listener).
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
     /// Certificate authority helpers.
     Ca {
         #[command(subcommand)]
@@ -94,6 +99,17 @@ pub enum PolicyCommand {
         /// Policy files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CredentialsCommand {
+    /// Drop the cached value of a credential, so the next use fetches it again.
+    Revoke {
+        name: String,
+        /// The proxy's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
     },
 }
 
@@ -204,6 +220,9 @@ async fn run(cmd: Command) -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Test { paths },
         } => policy_test(&paths),
+        Command::Credentials {
+            command: CredentialsCommand::Revoke { name, admin },
+        } => revoke(&name, admin).await,
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -224,6 +243,39 @@ async fn run(cmd: Command) -> ExitCode {
                     san,
                 },
         } => svid_issue(&spiffe_id, &ca, &ca_key, &out, ttl, &san),
+    }
+}
+
+/// `POST /credentials/revoke` on the admin listener.
+async fn revoke(name: &str, admin: SocketAddr) -> ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("name", name)
+        .finish();
+    let run = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        let req = format!(
+            "POST /credentials/revoke?{query} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(out)) if out.starts_with("HTTP/1.1 200") => {
+            tracing::info!(credential = name, "revoked");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(out)) => fail(
+            1,
+            out.split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or("revoke failed")
+                .trim(),
+        ),
+        Ok(Err(e)) => fail(1, format!("admin listener {admin}: {e}")),
+        Err(_) => fail(1, format!("admin listener {admin} did not answer")),
     }
 }
 

@@ -58,6 +58,10 @@ impl OAuthSource {
         })
     }
 
+    pub async fn revoke(&self) {
+        self.token.invalidate(&()).await;
+    }
+
     pub async fn get(&self) -> Result<Arc<SecretValue>, String> {
         self.token
             .try_get_with((), self.fetch())

@@ -35,6 +35,8 @@ use crate::upstream::{self, Body, Upstream};
 pub struct Shared {
     pub chain: Chain,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The credential sources, for revocation on the admin API.
+    pub secrets: Arc<dyn portcullis_filters::credentials::SecretStore>,
     pub pins: Arc<portcullis_filters::pinning::ToolPins>,
     pub upstream: Upstream,
     pub mitm: Mitm,

@@ -89,4 +89,28 @@ impl SecretStore for LocalSecrets {
             None => Err("no source configured".into()),
         }
     }
+
+    async fn revoke(&self, name: &str) -> bool {
+        match self.sources.get(name) {
+            Some(SourceConfig::File(path)) => {
+                if let Ok(mut files) = self.files.lock() {
+                    files.remove(path);
+                }
+            }
+            Some(SourceConfig::Vault(_)) => {
+                if let Some(v) = &self.vault {
+                    v.revoke(name).await;
+                }
+            }
+            Some(SourceConfig::Oauth(_)) => {
+                if let Some(o) = self.oauth.get(name) {
+                    o.revoke().await;
+                }
+            }
+            Some(SourceConfig::Env(_)) => {}
+            None => return false,
+        }
+        tracing::info!(credential = name, "revoked: cached value dropped");
+        true
+    }
 }

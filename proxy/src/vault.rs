@@ -46,6 +46,10 @@ impl Vault {
         })
     }
 
+    pub async fn revoke(&self, name: &str) {
+        self.values.invalidate(name).await;
+    }
+
     /// The secret for credential `name`: cached, or fetched once for all concurrent callers.
     pub async fn get(&self, name: &str, r: &VaultSecretRef) -> Result<Arc<SecretValue>, String> {
         self.values

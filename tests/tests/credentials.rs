@@ -452,3 +452,57 @@ async fn oauth_endpoint_down_without_a_token_is_a_503() {
     );
     assert!(up.seen().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_credential_drops_its_cached_value() {
+    let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
+    let (pki, up, proxy, agent) =
+        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let args = ["-H", "Authorization: Bearer pcx_github", url.as_str()];
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
+        200
+    );
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
+        200
+    );
+    assert_eq!(vault.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let out = std::process::Command::new(bin())
+        .args([
+            "credentials",
+            "revoke",
+            "github",
+            "--admin",
+            &proxy.admin.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
+        200
+    );
+    assert_eq!(
+        vault.reads.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "revocation must force a refetch"
+    );
+    // Unknown names are an error.
+    let out = std::process::Command::new(bin())
+        .args([
+            "credentials",
+            "revoke",
+            "nope",
+            "--admin",
+            &proxy.admin.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
