@@ -217,8 +217,8 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Set up, run every selected scenario, tear down. Results accumulate in `report` as they
-/// arrive, so an error part-way still leaves the finished scenarios in it.
+/// Set up, run every selected scenario, tear down. Rows measured before an error are still put
+/// in `report`.
 async fn run(
     args: &Args,
     selected: &[&'static scenario::Scenario],
@@ -303,6 +303,30 @@ async fn run(
         request_timeout: args.request_timeout,
     };
 
+    let (rows, outcome) =
+        measure(args, selected, &dialer, plan, proxy.as_mut(), &mut progress).await;
+    report.scenarios = rows;
+
+    if let (Some(p), Some(info)) = (&proxy, &mut report.proxy) {
+        info.rss_peak_mib = procstat::mem(p.pid).ok().map(|m| m.hwm_kib as f64 / 1024.0);
+    }
+    if let Some(p) = &mut proxy {
+        p.stop();
+    }
+    outcome
+}
+
+/// Run every selected scenario `--rounds` times; one row per scenario (see
+/// [`report::median_round`]) and why the run stopped early, if it did. Rows measured before a
+/// failure are kept.
+async fn measure(
+    args: &Args,
+    selected: &[&'static scenario::Scenario],
+    dialer: &Arc<Dialer>,
+    plan: Plan,
+    mut proxy: Option<&mut ProxyProcess>,
+    progress: &mut Progress,
+) -> (Vec<ScenarioResult>, Result<()>) {
     // rounds[i] holds every round's result of selected[i].
     let mut rounds: Vec<Vec<ScenarioResult>> = vec![Vec::new(); selected.len()];
     let mut outcome = Ok(());
@@ -323,7 +347,7 @@ async fn run(
             let mut best: Option<ScenarioResult> = None;
             for _attempt in 0..=args.max_other.map_or(0, |_| QUIET_RETRIES) {
                 if let Some(max) = args.max_other {
-                    let pid = proxy.as_ref().map(|p| p.pid);
+                    let pid = proxy.as_deref().map(|p| p.pid);
                     if !load::wait_quiet(max, pid, QUIET_WAIT).await {
                         progress.note(&format!(
                             "{}: still more than {max} other cores busy after {QUIET_WAIT:?}; measuring anyway",
@@ -331,7 +355,14 @@ async fn run(
                         ));
                     }
                 }
-                let m = load::run(sc, &dialer, plan, proxy.as_mut(), &mut progress).await?;
+                let m = match load::run(sc, dialer, plan, proxy.as_deref_mut(), progress).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        results.extend(best);
+                        outcome = Err(e.context(format!("scenario {}", sc.name)));
+                        break 'rounds;
+                    }
+                };
                 let r = ScenarioResult::from_measured(sc, plan.connections, &m);
                 let quiet = args
                     .max_other
@@ -354,18 +385,11 @@ async fn run(
             results.extend(best);
         }
     }
-    report.scenarios = rounds
+    let rows = rounds
         .into_iter()
         .filter_map(report::median_round)
         .collect();
-
-    if let (Some(p), Some(info)) = (&proxy, &mut report.proxy) {
-        info.rss_peak_mib = procstat::mem(p.pid).ok().map(|m| m.hwm_kib as f64 / 1024.0);
-    }
-    if let Some(p) = &mut proxy {
-        p.stop();
-    }
-    outcome
+    (rows, outcome)
 }
 
 #[allow(clippy::print_stdout)] // `--list` output is the product of that invocation
