@@ -162,7 +162,8 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.log_format);
+    // Held until exit: flushes queued log lines.
+    let _logs = init_logging(cli.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -173,13 +174,18 @@ pub fn main() -> ExitCode {
     rt.block_on(run(cli.command))
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a writer thread, so a log line costs the request path no write
+/// syscall; the queue is not lossy (a full queue waits). The guard flushes at exit.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let filter =
         EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder
@@ -188,6 +194,7 @@ fn init_logging(format: LogFormat) {
             .with_current_span(false)
             .init(),
     }
+    guard
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {

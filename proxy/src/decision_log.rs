@@ -2,48 +2,40 @@
 //! what was decided and why (identity, action, destination, method, path, decision, reason,
 //! policy revision, evaluation time), never a header value or query string.
 
-use std::fs::{File, OpenOptions};
-use std::io::{LineWriter, Write};
-use std::sync::Mutex;
+use std::fs::OpenOptions;
+use std::io::Write;
 
 use portcullis_filters::pipeline::span_hex;
 use portcullis_filters::{Context, Filter, Outcome};
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
-enum Sink {
-    Stdout,
-    Stderr,
-    File(Mutex<LineWriter<File>>),
-}
-
+/// Lines are handed to a writer thread (no write syscall on the request path). The queue is
+/// not lossy: when it is full the request waits rather than a decision going unrecorded. The
+/// guard flushes what is queued when the log is dropped at shutdown.
 pub struct DecisionLog {
-    sink: Sink,
+    writer: NonBlocking,
+    _flush_on_drop: WorkerGuard,
 }
 
 impl DecisionLog {
     /// `stdout`, `stderr`, `off` (returns `None`), or a file path opened for appending.
     pub fn open(target: &str) -> std::io::Result<Option<DecisionLog>> {
-        let sink = match target {
+        let builder = NonBlockingBuilder::default().lossy(false);
+        let (writer, guard) = match target {
             "off" => return Ok(None),
-            "stdout" => Sink::Stdout,
-            "stderr" => Sink::Stderr,
-            path => Sink::File(Mutex::new(LineWriter::new(
-                OpenOptions::new().create(true).append(true).open(path)?,
-            ))),
+            "stdout" => builder.finish(std::io::stdout()),
+            "stderr" => builder.finish(std::io::stderr()),
+            path => builder.finish(OpenOptions::new().create(true).append(true).open(path)?),
         };
-        Ok(Some(DecisionLog { sink }))
+        Ok(Some(DecisionLog {
+            writer,
+            _flush_on_drop: guard,
+        }))
     }
 
     fn write(&self, line: &[u8]) {
-        // A failed log write must not fail the request; it is reported once per failure.
-        let r = match &self.sink {
-            Sink::Stdout => std::io::stdout().lock().write_all(line),
-            Sink::Stderr => std::io::stderr().lock().write_all(line),
-            Sink::File(f) => match f.lock() {
-                Ok(mut f) => f.write_all(line),
-                Err(_) => Ok(()),
-            },
-        };
-        if let Err(e) = r {
+        // A failed log write must not fail the request.
+        if let Err(e) = self.writer.clone().write_all(line) {
             tracing::warn!(error = %e, "cannot write the decision log");
         }
     }

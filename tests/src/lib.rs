@@ -1076,3 +1076,9 @@ impl Drop for OAuthServer {
         self.stop();
     }
 }
+
+/// Replace a file the proxy watches atomically (temp file + rename), as an operator's
+/// deployment tool would: the proxy never sees it half-written.
+pub fn replace_file(path: &Path, content: &str) {
+    portcullis::pki::write_file(path, content.as_bytes(), false).unwrap();
+}

@@ -32,7 +32,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let pki = Pki::new();
-    std::fs::write(pki.path("policy/allow.rego"), POLICY).unwrap();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
     std::fs::write(pki.path("file-secret"), format!("{FILE_SECRET}\n")).unwrap();
     let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
     let mut cfg = pki.base_config();

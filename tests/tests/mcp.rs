@@ -153,7 +153,7 @@ async fn setup(edit: impl FnOnce(&mut Value)) -> Setup {
 
 async fn setup_with(json_response: bool, edit: impl FnOnce(&mut Value)) -> Setup {
     let pki = Pki::new();
-    std::fs::write(pki.path("policy/allow.rego"), POLICY).unwrap();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
     let server = McpServer::start(&pki, "v1", json_response);
     let mut cfg = pki.base_config();
     edit(&mut cfg);

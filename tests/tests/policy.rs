@@ -51,7 +51,7 @@ struct Setup {
 
 async fn setup(policy: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Setup {
     let pki = Pki::new();
-    std::fs::write(pki.path("policy/allow.rego"), policy).unwrap();
+    replace_file(&pki.path("policy/allow.rego"), policy);
     let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
     let mut cfg = pki.base_config();
     edit(&mut cfg);
@@ -125,6 +125,9 @@ async fn per_request_decisions_inside_one_tunnel() {
     // Both requests came over the same client connection.
     let access = s.proxy.wait_access(2, |e| e["kind"] == "http");
     assert_eq!(access[0]["source"], access[1]["source"]);
+    s.proxy.decisions.wait_for("the second http decision", |l| {
+        l.contains("writes need review")
+    });
     let decisions: Vec<serde_json::Value> = s.proxy.decisions.events();
     let http: Vec<_> = decisions.iter().filter(|d| d["kind"] == "http").collect();
     assert_eq!(http.len(), 2, "{decisions:?}");
@@ -245,7 +248,7 @@ async fn reload_under_load_loses_no_request_and_applies_the_new_rule() {
         "input.request.path != \"/echo-auth\"",
         "input.request.path != \"/secret\"",
     );
-    std::fs::write(pki.path("policy/allow.rego"), stricter).unwrap();
+    replace_file(&pki.path("policy/allow.rego"), &stricter);
     s.proxy
         .logs
         .wait_for("the policy reload", |l| l.contains("reloaded policy"));
@@ -266,11 +269,10 @@ async fn broken_policies_are_rejected_and_the_last_good_one_serves() {
     let url = format!("https://localhost:{}/read", s.up.port());
     let write = format!("https://localhost:{}/write", s.up.port());
     // A syntax error.
-    std::fs::write(
-        s.pki.path("policy/allow.rego"),
+    replace_file(
+        &s.pki.path("policy/allow.rego"),
         "package portcullis\n\ndecision := {\n",
-    )
-    .unwrap();
+    );
     let err = s
         .proxy
         .logs
@@ -298,7 +300,7 @@ async fn broken_policies_are_rejected_and_the_last_good_one_serves() {
     );
     // A policy whose own tests fail is not served either.
     let failing = format!("{POLICY}\ntest_nothing_is_allowed if {{ not decision.allow with input as {{}} }}\ntest_fails if false\n");
-    std::fs::write(s.pki.path("policy/allow.rego"), failing).unwrap();
+    replace_file(&s.pki.path("policy/allow.rego"), &failing);
     s.proxy.logs.wait_for("the second reload error", |l| {
         l.contains("policy reload failed") && l.contains("test_fails")
     });
@@ -344,11 +346,10 @@ async fn sighup_reloads_the_policy() {
             .status,
         200
     );
-    std::fs::write(
-        s.pki.path("policy/allow.rego"),
+    replace_file(
+        &s.pki.path("policy/allow.rego"),
         "package portcullis\n\ndecision := false\n",
-    )
-    .unwrap();
+    );
     s.proxy.signal("HUP");
     s.proxy
         .logs

@@ -25,7 +25,7 @@ fn hex(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_tie_each_action_to_the_workload_identity() {
     let pki = Pki::new();
-    std::fs::write(pki.path("policy/allow.rego"), POLICY).unwrap();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
     let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
     let otlp = OtlpReceiver::start().await;
     let mut cfg = pki.base_config();
