@@ -244,30 +244,59 @@ fn base64_encode(s: &str) -> String {
 
 const VAULT_SECRET: &str = "ghp_fromVault_0123456789";
 
-async fn vault_setup(
-    vault: &VaultServer,
-    auth: serde_json::Value,
+/// A proxy brokering one credential from a back end (`edit` adds it to the config), with an
+/// upstream and an agent.
+async fn broker(
+    edit: impl FnOnce(&mut serde_json::Value),
+    env: &[(&str, &str)],
 ) -> (Pki, Upstream, Proxy, ClientCert) {
     let pki = Pki::new();
     let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
     let mut cfg = pki.base_config();
+    edit(&mut cfg);
+    let proxy = Proxy::start_with_env(&pki.write_config(&cfg), env);
+    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
+    (pki, up, proxy, agent)
+}
+
+/// A credential that cannot be fetched: 503 `credential_unavailable` naming the back end, and
+/// nothing forwarded.
+fn assert_unavailable(out: &CurlOut, up: &Upstream, backend: &str) {
+    assert_eq!(out.status, 503, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("credential_unavailable")
+    );
+    assert!(
+        out.json()["reason"].as_str().unwrap().contains(backend),
+        "{}",
+        out.body
+    );
+    assert!(up.seen().is_empty(), "a placeholder was forwarded");
+}
+
+async fn vault_setup(
+    vault: &VaultServer,
+    auth: serde_json::Value,
+) -> (Pki, Upstream, Proxy, ClientCert) {
     let mut v = json!({"address": vault.address(), "cache_ttl": "1h"});
     for (k, val) in auth.as_object().unwrap() {
         v[k] = val.clone();
     }
-    cfg["vault"] = v;
-    cfg["credentials"] = json!([{"name": "github", "hosts": ["localhost"],
-        "source": {"vault": {"mount": "secret", "path": "agents/github", "field": "token"}}}]);
-    let proxy = Proxy::start_with_env(
-        &pki.write_config(&cfg),
-        &[
-            ("VAULT_TOKEN_FOR_TEST", VAULT_ROOT_TOKEN),
-            ("ROLE_ID", "role-1"),
-            ("SECRET_ID", "secret-1"),
-        ],
-    );
-    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
-    (pki, up, proxy, agent)
+    let env = [
+        ("VAULT_TOKEN_FOR_TEST", VAULT_ROOT_TOKEN),
+        ("ROLE_ID", "role-1"),
+        ("SECRET_ID", "secret-1"),
+    ];
+    broker(
+        |cfg| {
+            cfg["vault"] = v;
+            cfg["credentials"] = json!([{"name": "github", "hosts": ["localhost"],
+                "source": {"vault": {"mount": "secret", "path": "agents/github", "field": "token"}}}]);
+        },
+        &env,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -323,20 +352,7 @@ async fn vault_down_without_a_cached_secret_is_a_503_and_nothing_is_forwarded() 
         &["-H", "Authorization: Bearer pcx_github", &url],
     )
     .await;
-    assert_eq!(out.status, 503, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("credential_unavailable")
-    );
-    assert!(
-        out.json()["reason"].as_str().unwrap().contains("vault"),
-        "{}",
-        out.body
-    );
-    assert!(
-        up.seen().is_empty(),
-        "a placeholder was forwarded while vault was down"
-    );
+    assert_unavailable(&out, &up, "vault");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -364,18 +380,15 @@ async fn vault_approle_login() {
 }
 
 async fn oauth_setup(token_url: &str) -> (Pki, Upstream, Proxy, ClientCert) {
-    let pki = Pki::new();
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
-    let mut cfg = pki.base_config();
-    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
-        "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
-            "client_secret": "env:OAUTH_CLIENT_SECRET", "scopes": ["repo", "read:org"]}}}]);
-    let proxy = Proxy::start_with_env(
-        &pki.write_config(&cfg),
+    broker(
+        |cfg| {
+            cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
+                "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
+                    "client_secret": "env:OAUTH_CLIENT_SECRET", "scopes": ["repo", "read:org"]}}}]);
+        },
         &[("OAUTH_CLIENT_SECRET", "oauth-client-secret-xyz")],
-    );
-    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
-    (pki, up, proxy, agent)
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -445,12 +458,7 @@ async fn oauth_endpoint_down_without_a_token_is_a_503() {
         &["-H", "Authorization: Bearer pcx_saas", &url],
     )
     .await;
-    assert_eq!(out.status, 503, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("credential_unavailable")
-    );
-    assert!(up.seen().is_empty());
+    assert_unavailable(&out, &up, "OAuth token endpoint");
 }
 
 #[tokio::test(flavor = "multi_thread")]
