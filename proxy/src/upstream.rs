@@ -201,16 +201,20 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig, guard: Arc<EgressGuard>) -> Result<Upstream, TlsError> {
-        // hyper-rustls sets ALPN itself (h2, http/1.1) from `enable_all_versions`.
+        // hyper-rustls sets ALPN itself (h2 and/or http/1.1) from the enabled versions.
         let tls = client_tls_config(cfg, Vec::new())?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(GuardedConnector {
-                guard,
-                connect_timeout: cfg.connect_timeout,
-            });
+            .https_or_http();
+        let guarded = GuardedConnector {
+            guard,
+            connect_timeout: cfg.connect_timeout,
+        };
+        let https = if cfg.http2 {
+            builder.enable_all_versions().wrap_connector(guarded)
+        } else {
+            builder.enable_http1().wrap_connector(guarded)
+        };
         let connector = TimeoutConnector {
             inner: https,
             timeout: cfg.connect_timeout + cfg.tls_timeout,

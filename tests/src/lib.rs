@@ -177,6 +177,8 @@ pub fn server_tls(ca: &Authority, names: &[&str]) -> Arc<rustls::ServerConfig> {
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub method: String,
+    /// The HTTP version the request arrived with.
+    pub version: String,
     pub path: String,
     pub headers: http::HeaderMap,
 }
@@ -299,6 +301,7 @@ async fn respond(
 ) -> Response<Full<Bytes>> {
     seen.record(Seen {
         method: req.method().to_string(),
+        version: format!("{:?}", req.version()),
         path: req.uri().path().to_owned(),
         headers: req.headers().clone(),
     });

@@ -531,3 +531,18 @@ async fn the_callers_trace_is_continued_upstream_and_in_logs() {
         .to_owned();
     assert!(!sent.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{sent}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_protocol_follows_upstream_http2() {
+    for (http2, expected) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
+        let s = setup(|c| c["upstream"]["http2"] = serde_json::json!(http2)).await;
+        let url = format!("https://localhost:{}/v", s.up.port());
+        assert_eq!(
+            curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url])
+                .await
+                .status,
+            200
+        );
+        assert_eq!(s.up.seen()[0].version, expected, "upstream.http2 = {http2}");
+    }
+}
