@@ -128,8 +128,14 @@ pub fn parse(
 /// `tools/call` inputs used to filter `tools/list` results.
 pub fn policy_input(req: &McpRequest, m: &Message) -> Value {
     let mut o = Map::new();
-    if let Some(method) = &m.method {
-        o.insert("method".into(), json!(method));
+    match &m.method {
+        Some(method) => {
+            o.insert("method".into(), json!(method));
+        }
+        // A response (result or error) the client sends to a server-initiated request.
+        None => {
+            o.insert("response".into(), json!(true));
+        }
     }
     if let Some(id) = &m.id {
         o.insert("id".into(), id.clone());
@@ -271,6 +277,7 @@ mod tests {
         assert_eq!(policy_input(&r, &r.messages[1])["uri"], "file:///x");
         assert_eq!(policy_input(&r, &r.messages[2])["prompt"], "p");
         assert_eq!(r.messages[3].method, None);
+        assert_eq!(policy_input(&r, &r.messages[3])["response"], true);
     }
 
     #[test]

@@ -116,8 +116,10 @@ impl PolicyFilter {
         let mut first_deny: Option<Decision> = None;
         let mut denied_ids = Vec::new();
         for m in &mcp.messages {
-            // Responses the client sends to server-initiated requests carry no action.
-            let Some(method) = &m.method else { continue };
+            // Responses the client sends to server-initiated requests are decided too (with
+            // `input.mcp.response: true`): otherwise a body of only responses would carry data
+            // upstream with no decision at all.
+            let method = m.method.clone().unwrap_or_else(|| "response".to_owned());
             let mut input = base.clone();
             input.kind = Kind::Mcp;
             input.mcp = Some(mcp::policy_input(&mcp, m));
@@ -128,7 +130,7 @@ impl PolicyFilter {
             }
             ctx.decisions.push(DecisionRecord {
                 mcp: Some(McpSummary {
-                    method: method.clone(),
+                    method,
                     id: m.id.clone(),
                     tool: m.tool().map(str::to_owned),
                     tool_changed: m

@@ -400,6 +400,16 @@ async fn mcp_only_hosts_refuse_what_cannot_be_inspected() {
     assert_eq!(answers[1]["id"], 2);
     assert_eq!(answers[1]["error"]["data"]["reason"], "no deletes, ever");
 
+    // A body of only a JSON-RPC response is decided too (the policy has no rule for
+    // `input.mcp.response`, so default deny): dropped with 202, nothing forwarded.
+    let response = json!({"jsonrpc": "2.0", "id": 9, "result": {"exfiltrated": "data"}});
+    let out = post(&s, &research, &response.to_string()).await;
+    assert_eq!(out.status, 202, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("policy_denied")
+    );
+
     // A denied notification is dropped (202, nothing forwarded).
     let note = json!({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_repo"}});
     let out = post(&s, &research, &note.to_string()).await;
