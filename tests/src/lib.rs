@@ -400,6 +400,29 @@ impl Logs {
     }
 }
 
+/// A loopback address nobody listens on right now (the probe socket is closed on return): for
+/// peers that take a port argument, and for "the service is down" cases.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Start a peer process whose stdout says `READY` once it listens; returns it with its
+/// captured stdout.
+pub fn spawn_ready(cmd: &mut Command, what: &str) -> (Child, Arc<Logs>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Arc::new(Logs::default());
+    capture(child.stdout.take().unwrap(), out.clone());
+    out.wait_for(what, |l| l == "READY");
+    (child, out)
+}
+
 /// Spawn a thread that copies `r` line by line into `logs`.
 pub fn capture(r: impl std::io::Read + Send + 'static, logs: Arc<Logs>) {
     std::thread::spawn(move || {
@@ -1037,21 +1060,13 @@ impl OAuthServer {
             dir.join("node_modules/oauth2-mock-server").is_dir(),
             "run `bash .ci/run` (or `npm ci --prefix tests/node`) to install oauth2-mock-server"
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = Command::new("node")
-            .arg(dir.join("oauth_server.mjs"))
-            .args([port.to_string(), token_ttl_secs.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Logs::default());
-        capture(child.stdout.take().unwrap(), out.clone());
-        out.wait_for("the OAuth server", |l| l == "READY");
+        let port = free_addr().port();
+        let (child, out) = spawn_ready(
+            Command::new("node")
+                .arg(dir.join("oauth_server.mjs"))
+                .args([port.to_string(), token_ttl_secs.to_string()]),
+            "the OAuth server",
+        );
         OAuthServer { child, port, out }
     }
 

@@ -445,10 +445,7 @@ async fn oauth_client_credentials_token_is_fetched_once_refreshed_and_cached() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oauth_endpoint_down_without_a_token_is_a_503() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr();
     let (pki, up, proxy, agent) = oauth_setup(&format!("http://{dead}/token")).await;
     let url = format!("https://localhost:{}/echo", up.port());
     let out = curl(

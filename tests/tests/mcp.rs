@@ -5,8 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::sync::Arc;
+use std::process::Child;
 
 use portcullis::pki::LeafSpec;
 use portcullis_tests::*;
@@ -62,6 +61,18 @@ decision := {"allow": false, "reason": "no deletes, ever"} if {
 }
 "#;
 
+/// The tool names of a `list_tools` result, sorted.
+fn listed_tools(result: &Value) -> Vec<String> {
+    let mut tools: Vec<String> = result["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    tools.sort();
+    tools
+}
+
 struct McpServer {
     child: Child,
     port: u16,
@@ -70,11 +81,7 @@ struct McpServer {
 
 impl McpServer {
     fn start(pki: &Pki, variant: &str, json_response: bool) -> McpServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_addr().port();
         McpServer::start_on(pki, port, variant, json_response)
     }
 
@@ -90,22 +97,18 @@ impl McpServer {
             .write(&cert, &key)
             .unwrap();
         let record = pki.path(&format!("mcp-record-{port}-{variant}.jsonl"));
-        let mut child = std::process::Command::new(python())
-            .arg(python_script("mcp_server.py"))
-            .args(["--port", &port.to_string(), "--variant", variant, "--cert"])
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--record")
-            .arg(&record)
-            .args(json_response.then_some("--json-response"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = Arc::new(Logs::default());
-        capture(child.stdout.take().unwrap(), out.clone());
-        out.wait_for("the MCP server", |l| l == "READY");
+        let (child, _) = spawn_ready(
+            std::process::Command::new(python())
+                .arg(python_script("mcp_server.py"))
+                .args(["--port", &port.to_string(), "--variant", variant, "--cert"])
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .arg("--record")
+                .arg(&record)
+                .args(json_response.then_some("--json-response")),
+            "the MCP server",
+        );
         McpServer {
             child,
             port,
@@ -206,13 +209,7 @@ async fn tool_calls_are_decided_one_by_one() {
     ]);
     let r = mcp_client(&s, &research, ops).await;
     // tools/list is filtered: delete_repo is never shown.
-    let mut tools: Vec<&str> = r[0]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    tools.sort();
+    let tools = listed_tools(&r[0]);
     assert_eq!(
         tools,
         ["create_issue", "search_issues", "slow_progress"],
@@ -273,13 +270,7 @@ async fn identities_get_different_tool_rights() {
         {"op": "call", "tool": "create_issue", "args": {"owner": "acme", "repo": "web", "title": "t"}},
     ]);
     let r = mcp_client(&s, &intern, ops).await;
-    let mut tools: Vec<&str> = r[0]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    tools.sort();
+    let tools = listed_tools(&r[0]);
     assert_eq!(
         tools,
         ["search_issues", "slow_progress"],
@@ -298,13 +289,7 @@ async fn tools_list_is_filtered_in_json_responses_too() {
     let s = setup_with(true, |_| {}).await;
     let intern = s.pki.client("intern", "spiffe://acme.test/agents/intern");
     let r = mcp_client(&s, &intern, json!([{"op": "list_tools"}])).await;
-    let mut tools: Vec<&str> = r[0]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    tools.sort();
+    let tools = listed_tools(&r[0]);
     assert_eq!(tools, ["search_issues", "slow_progress"], "{r:?}");
 }
 
@@ -437,14 +422,9 @@ async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
     let _ = s.server.child.wait();
     s.server = McpServer::start_on(&s.pki, port, "v2", false);
     let r = mcp_client(&s, &research, list_and_search.clone()).await;
-    let tools: Vec<&str> = r[0]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tools = listed_tools(&r[0]);
     assert!(
-        !tools.contains(&"search_issues"),
+        !tools.contains(&"search_issues".to_owned()),
         "a changed tool is hidden: {r:?}"
     );
     assert_eq!(r[1]["is_error"], true, "{r:?}");

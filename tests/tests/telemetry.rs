@@ -126,10 +126,7 @@ async fn a_dead_collector_does_not_affect_requests() {
     let pki = Pki::new();
     let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
     // A port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = free_addr();
     let mut cfg = pki.base_config();
     cfg["telemetry"] =
         json!({"otlp_endpoint": format!("http://{dead}"), "otlp_protocol": "http/protobuf"});
