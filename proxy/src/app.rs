@@ -137,6 +137,7 @@ pub struct Loaded {
     upstream: Upstream,
     policy: Arc<Policy>,
     decision_log: Option<DecisionLog>,
+    secrets: Arc<LocalSecrets>,
 }
 
 impl Loaded {
@@ -165,6 +166,15 @@ impl Loaded {
                 cfg.telemetry.decision_log
             ))
         })?;
+        // Credential back ends (Vault, OAuth) are set up here too, so `check` validates them.
+        let vault = cfg
+            .vault
+            .as_ref()
+            .map(Vault::new)
+            .transpose()
+            .map_err(StartError::Config)?;
+        let secrets =
+            Arc::new(LocalSecrets::new(&cfg.credentials, vault).map_err(StartError::Config)?);
         Ok(Loaded {
             trust,
             cert,
@@ -174,11 +184,10 @@ impl Loaded {
             upstream,
             policy,
             decision_log,
+            secrets,
         })
     }
-}
 
-impl Loaded {
     pub fn policy_revision(&self) -> Arc<str> {
         self.policy.revision()
     }
@@ -195,6 +204,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         upstream,
         policy,
         decision_log,
+        secrets,
     } = Loaded::load(&cfg)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -221,13 +231,6 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     }));
     let metrics = Arc::new(Metrics::default());
     let telemetry = Telemetry::init(&cfg.telemetry).map_err(StartError::Config)?;
-    let vault = cfg
-        .vault
-        .as_ref()
-        .map(Vault::new)
-        .transpose()
-        .map_err(StartError::Config)?;
-    let secrets = Arc::new(LocalSecrets::new(&cfg.credentials, vault).map_err(StartError::Config)?);
     let spans = telemetry.as_ref().map(Telemetry::filter);
     let shared = Arc::new(Shared {
         chain: build_chain(
