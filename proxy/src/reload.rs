@@ -71,6 +71,17 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
+/// True when `now` differs from what is served and was already seen on the previous tick.
+fn settled(pending: &mut Option<u64>, now: u64, served: u64) -> bool {
+    if now == served {
+        *pending = None;
+        return false;
+    }
+    let stable = *pending == Some(now);
+    *pending = if stable { None } else { Some(now) };
+    stable
+}
+
 fn hangups() -> Option<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
 }
@@ -109,6 +120,7 @@ impl Reloader {
 
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (mut last_tls, mut last_policy) = (self.last_tls, self.last_policy);
+        let (mut pending_tls, mut pending_policy) = (None, None);
         let mut tick = tokio::time::interval(self.config.reload_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hup = hangups();
@@ -121,15 +133,17 @@ impl Reloader {
                 }
                 _ = shutdown.cancelled() => return,
             };
-            // Remember each attempt either way: a broken file is reported once, not per tick.
+            // A change is applied once the files have stayed the same for one tick, so a
+            // deployment that writes a temp file and renames it is loaded once, complete.
+            // Each attempt is remembered either way: a broken file is reported once, not per tick.
             // (After a TLS reload the watched set itself may have changed: new bundles.)
             let now = fingerprint(&tls_files(&self.config_path, &self.config));
-            if forced || now != last_tls {
+            if forced || settled(&mut pending_tls, now, last_tls) {
                 self.apply("certificates and trust bundles", Self::reload_tls);
                 last_tls = fingerprint(&tls_files(&self.config_path, &self.config));
             }
             let now = fingerprint(&policy_files(&self.config));
-            if forced || now != last_policy {
+            if forced || settled(&mut pending_policy, now, last_policy) {
                 last_policy = now;
                 self.apply("policy", Self::reload_policy);
             }
@@ -167,5 +181,23 @@ impl Reloader {
         let old = self.policy.replace(set);
         tracing::info!(revision = %revision, previous = %old.revision(), "reloaded policy");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settled;
+
+    #[test]
+    fn a_change_applies_once_it_holds_for_a_tick() {
+        let mut pending = None;
+        assert!(!settled(&mut pending, 1, 1), "nothing changed");
+        assert!(
+            !settled(&mut pending, 2, 1),
+            "first sight of a change waits"
+        );
+        assert!(!settled(&mut pending, 3, 1), "still changing: wait again");
+        assert!(settled(&mut pending, 3, 1), "stable for a tick: apply");
+        assert!(!settled(&mut pending, 1, 1), "back to what is served");
     }
 }
