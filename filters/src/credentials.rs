@@ -208,6 +208,65 @@ impl Filter for CredentialSubstitute {
         if ctx.credentials.is_empty() {
             return Action::Continue;
         }
+        if is_idempotent(&req.method) {
+            ctx.before_substitution = Some((req.clone(), ctx.body.clone()));
+        }
+        self.substitute(ctx, req).await
+    }
+
+    fn response(&self, ctx: &mut Context, resp: &mut http::response::Parts) {
+        if ctx.secrets.is_empty() {
+            return;
+        }
+        for value in resp.headers.values_mut() {
+            let Ok(text) = value.to_str() else { continue };
+            if ctx.secrets.iter().any(|s| text.contains(s.expose())) {
+                let mut redacted = text.to_owned();
+                for s in &ctx.secrets {
+                    redacted = redacted.replace(s.expose(), REDACTED);
+                }
+                if let Ok(v) = HeaderValue::from_str(&redacted) {
+                    *value = v;
+                }
+            }
+        }
+    }
+}
+
+/// RFC 9110 §9.2.2 (TRACE aside): safe to send twice.
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(m)
+}
+
+impl CredentialSubstitute {
+    /// After an upstream 401: drop the cached secrets this request used (everywhere, so no
+    /// replica reuses them), fetch fresh ones and substitute them into the request as it was
+    /// before the first substitution. `None` when the request cannot be replayed.
+    pub async fn refresh_for_retry(
+        &self,
+        ctx: &mut Context,
+    ) -> Option<Result<http::request::Parts, Rejection>> {
+        let (mut req, body) = ctx.before_substitution.take()?;
+        for name in &ctx.credentials {
+            self.store.revoke(name).await;
+        }
+        tracing::info!(credentials = ?ctx.credentials, "upstream answered 401: refreshed the credentials; retrying once");
+        ctx.body = body;
+        Some(match self.substitute(ctx, &mut req).await {
+            Action::Continue => Ok(req),
+            Action::Respond(rej) => Err(rej),
+        })
+    }
+
+    async fn substitute(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let mut pairs = Vec::new();
         for cred in self.set.by_placeholder.values() {
             if !ctx.credentials.contains(&cred.name) {
@@ -288,24 +347,6 @@ impl Filter for CredentialSubstitute {
         }
         ctx.secrets = pairs.into_iter().map(|(_, s)| s).collect();
         Action::Continue
-    }
-
-    fn response(&self, ctx: &mut Context, resp: &mut http::response::Parts) {
-        if ctx.secrets.is_empty() {
-            return;
-        }
-        for value in resp.headers.values_mut() {
-            let Ok(text) = value.to_str() else { continue };
-            if ctx.secrets.iter().any(|s| text.contains(s.expose())) {
-                let mut redacted = text.to_owned();
-                for s in &ctx.secrets {
-                    redacted = redacted.replace(s.expose(), REDACTED);
-                }
-                if let Ok(v) = HeaderValue::from_str(&redacted) {
-                    *value = v;
-                }
-            }
-        }
     }
 }
 

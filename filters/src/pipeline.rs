@@ -119,6 +119,9 @@ pub struct Context {
     pub credentials: Vec<String>,
     /// The secrets substituted into this request, to redact from its response.
     pub secrets: Vec<std::sync::Arc<crate::secret::SecretValue>>,
+    /// The request as it was just before its credentials were substituted (idempotent
+    /// requests only): replayed once with fresh secrets if the upstream answers 401.
+    pub before_substitution: Option<(http::request::Parts, RequestBody)>,
 }
 
 /// The request body, for filters that inspect it. `Debug` shows only its size: after
@@ -203,6 +206,7 @@ impl Context {
             changed_tools: Vec::new(),
             credentials: Vec::new(),
             secrets: Vec::new(),
+            before_substitution: None,
         }
     }
 }
@@ -270,6 +274,12 @@ impl Chain {
     #[must_use]
     pub fn with(mut self, filter: impl Filter) -> Chain {
         self.filters.push(Arc::new(filter));
+        self
+    }
+
+    /// Add a filter the caller keeps a handle to.
+    pub fn with_shared(mut self, filter: Arc<dyn Filter>) -> Chain {
+        self.filters.push(filter);
         self
     }
 

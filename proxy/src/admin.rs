@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::error::full;
 use crate::mitm::LeafStats;
 use crate::proxy::Shared;
+use crate::secrets::LocalSecrets;
 use crate::upstream::Body;
+use portcullis_filters::credentials::SecretStore as _;
 
 /// Process-wide state the admin endpoints report.
 #[derive(Debug, Default)]
@@ -90,7 +92,7 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         "/metrics" => {
-            let mut out = metrics(status, leaf);
+            let mut out = metrics(status, leaf, &shared.secrets);
             shared.metrics.render(&mut out);
             text(StatusCode::OK, out)
         }
@@ -126,9 +128,23 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
     }
 }
 
-fn metrics(status: &Status, leaf: &LeafStats) -> String {
+fn metrics(status: &Status, leaf: &LeafStats, secrets: &LocalSecrets) -> String {
     let mut out = String::new();
+    let redis_errors = secrets
+        .shared()
+        .map_or(0, |s| s.errors.load(Ordering::Relaxed));
     let rows = [
+        (
+            "portcullis_credential_fetches_total",
+            "counter",
+            secrets.stats.fetches.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_credential_fetch_errors_total",
+            "counter",
+            secrets.stats.errors.load(Ordering::Relaxed),
+        ),
+        ("portcullis_redis_errors_total", "counter", redis_errors),
         (
             "portcullis_mitm_leaf_cache_hits_total",
             "counter",

@@ -30,13 +30,13 @@ use crate::decision_log::DecisionLog;
 use crate::metrics::{Metrics, MetricsFilter};
 use crate::mitm::Mitm;
 use crate::proxy::Shared;
+use crate::redis_store::RedisStore;
 use crate::reload::Reloader;
 use crate::secrets::LocalSecrets;
 use crate::server;
 use crate::telemetry::{SpanExport, Telemetry};
 use crate::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::upstream::Upstream;
-use crate::vault::Vault;
 
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
@@ -49,7 +49,7 @@ pub fn build_chain(
     decision_log: Option<DecisionLog>,
     spans: Option<SpanExport>,
     secrets: Arc<LocalSecrets>,
-) -> Chain {
+) -> (Chain, Arc<CredentialSubstitute>) {
     let creds = Arc::new(CredentialSet::new(
         cfg.credentials
             .iter()
@@ -63,6 +63,10 @@ pub fn build_chain(
             })
             .collect(),
     ));
+    let substitute = Arc::new(CredentialSubstitute {
+        set: creds.clone(),
+        store: secrets,
+    });
     let chain = Chain::new()
         .with(HeaderHygiene {
             max_header_bytes: cfg.limits.max_header_bytes,
@@ -79,20 +83,18 @@ pub fn build_chain(
         .with(ToolPinning { pins })
         .with(CredentialDetect { set: creds.clone() })
         .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))
-        .with(CredentialSubstitute {
-            set: creds,
-            store: secrets,
-        })
+        .with_shared(substitute.clone())
         .with(AccessLog)
         .with(MetricsFilter(metrics));
     let chain = match decision_log {
         Some(log) => chain.with(log),
         None => chain,
     };
-    match spans {
+    let chain = match spans {
         Some(spans) => chain.with(spans),
         None => chain,
-    }
+    };
+    (chain, substitute)
 }
 
 /// Load the policy and run its own tests: a policy whose tests fail is not served.
@@ -167,14 +169,17 @@ impl Loaded {
             ))
         })?;
         // Credential back ends (Vault, OAuth) are set up here too, so `check` validates them.
-        let vault = cfg
-            .vault
+        let shared = cfg
+            .redis
             .as_ref()
-            .map(Vault::new)
+            .map(RedisStore::new)
             .transpose()
-            .map_err(StartError::Config)?;
-        let secrets =
-            Arc::new(LocalSecrets::new(&cfg.credentials, vault).map_err(StartError::Config)?);
+            .map_err(StartError::Config)?
+            .map(Arc::new);
+        let secrets = Arc::new(
+            LocalSecrets::new(&cfg.credentials, cfg.vault.as_ref(), shared)
+                .map_err(StartError::Config)?,
+        );
         Ok(Loaded {
             trust,
             cert,
@@ -225,6 +230,20 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         })?;
 
     let shutdown = CancellationToken::new();
+    if let Some(store) = secrets.shared() {
+        let local = secrets.clone();
+        store.spawn_revocation_listener(
+            move |name| {
+                let local = local.clone();
+                Box::pin(async move {
+                    if local.revoke_local(&name).await {
+                        tracing::info!(credential = %name, "revoked by a replica: cached value dropped");
+                    }
+                })
+            },
+            shutdown.clone(),
+        );
+    }
     let pins = Arc::new(ToolPins::new(match cfg.mcp.tool_changes {
         ToolChanges::Log => OnChange::Log,
         ToolChanges::Deny => OnChange::Deny,
@@ -232,16 +251,18 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     let metrics = Arc::new(Metrics::default());
     let telemetry = Telemetry::init(&cfg.telemetry).map_err(StartError::Config)?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
+    let (chain, substitute) = build_chain(
+        &cfg,
+        policy.clone(),
+        pins.clone(),
+        metrics.clone(),
+        decision_log,
+        spans,
+        secrets.clone(),
+    );
     let shared = Arc::new(Shared {
-        chain: build_chain(
-            &cfg,
-            policy.clone(),
-            pins.clone(),
-            metrics.clone(),
-            decision_log,
-            spans,
-            secrets.clone(),
-        ),
+        chain,
+        substitute,
         secrets,
         metrics,
         pins,

@@ -47,6 +47,9 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     #[serde(default)]
     pub vault: Option<VaultConfig>,
+    /// Shared, encrypted credential cache and tool pins across replicas (optional).
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
     /// How often certificate, key and bundle files (and this file's `trust_domains`) are
     /// checked for changes.
     #[serde(default = "defaults::reload_interval", with = "duration")]
@@ -186,8 +189,8 @@ pub enum SourceConfig {
     File(PathBuf),
     /// A field of a Vault KV v2 secret (needs the top-level `vault` section).
     Vault(VaultSecretRef),
-    /// An OAuth 2.0 access token (client_credentials grant), cached until shortly before
-    /// it expires.
+    /// An OAuth 2.0 access token (client_credentials or refresh_token grant), cached until
+    /// shortly before it expires.
     Oauth(OAuthSourceConfig),
 }
 
@@ -195,6 +198,14 @@ pub enum SourceConfig {
 #[serde(deny_unknown_fields)]
 pub struct OAuthSourceConfig {
     pub token_url: String,
+    /// `client_credentials` (default) or `refresh_token`.
+    #[serde(default)]
+    pub grant: OAuthGrant,
+    /// For the `refresh_token` grant: a reference (`env:NAME` or `file:PATH`) to the refresh
+    /// token to start from. A rotated refresh token is kept in Redis (encrypted) when
+    /// configured, else written back to the `file:`, else kept in memory.
+    #[serde(default)]
+    pub refresh_token: Option<String>,
     pub client_id: String,
     /// A reference: `env:NAME` or `file:PATH`.
     pub client_secret: String,
@@ -209,6 +220,14 @@ pub struct OAuthSourceConfig {
     pub ca: Option<PathBuf>,
     #[serde(default = "defaults::vault_timeout", with = "duration")]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OAuthGrant {
+    #[default]
+    ClientCredentials,
+    RefreshToken,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -245,6 +264,37 @@ pub struct VaultConfig {
     pub timeout: Duration,
 }
 
+/// Redis as the cache shared by replicas: fetched credentials (AES-256-GCM encrypted with
+/// `encryption_key`, expiring with the secret), revocations (pub/sub) and MCP tool pins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0`, or `rediss://` for TLS. Credentials go in `username`/`password`,
+    /// not in the URL.
+    pub url: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A reference: `env:NAME` or `file:PATH`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A reference to 32 random bytes, base64: the AES-256-GCM key for cached values.
+    pub encryption_key: String,
+    /// Extra CA for a `rediss://` server certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Key and channel prefix, so several deployments can share one Redis.
+    #[serde(default = "defaults::redis_prefix")]
+    pub prefix: String,
+    /// Per command; a slower Redis is treated as down (the proxy falls back to its own cache
+    /// and the source).
+    #[serde(default = "defaults::redis_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// How long a replica waits for another replica that is already fetching the same
+    /// credential before it fetches on its own.
+    #[serde(default = "defaults::redis_lock_ttl", with = "duration")]
+    pub lock_ttl: Duration,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppRoleConfig {
@@ -252,6 +302,38 @@ pub struct AppRoleConfig {
     pub secret_id: String,
     #[serde(default = "defaults::approle_mount")]
     pub mount: String,
+}
+
+impl RedisConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let reference = |r: &str| r.starts_with("env:") || r.starts_with("file:");
+        let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str())
+            .map_err(|e| ("url".to_owned(), format!("not a Redis URL: {e}")))?;
+        if info.redis_settings().password().is_some() {
+            return Err((
+                "url".into(),
+                "has a password in it: put a reference (env:NAME or file:PATH) in redis.password instead".into(),
+            ));
+        }
+        if self.password.as_deref().is_some_and(|p| !reference(p))
+            || !reference(&self.encryption_key)
+        {
+            return Err((
+                "password/encryption_key".into(),
+                "must be references (env:NAME or file:PATH), never literals".into(),
+            ));
+        }
+        if self.timeout.is_zero() || self.lock_ttl.is_zero() {
+            return Err((
+                "timeout/lock_ttl".into(),
+                "must be greater than zero".into(),
+            ));
+        }
+        if self.prefix.is_empty() {
+            return Err(("prefix".into(), "must not be empty".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Resolve a secret reference (`env:NAME` or `file:PATH`) from the config.
@@ -393,6 +475,15 @@ mod defaults {
     pub fn vault_cache_ttl() -> Duration {
         Duration::from_secs(300)
     }
+    pub fn redis_prefix() -> String {
+        "portcullis".into()
+    }
+    pub fn redis_timeout() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn redis_lock_ttl() -> Duration {
+        Duration::from_secs(5)
+    }
     pub fn vault_timeout() -> Duration {
         Duration::from_secs(5)
     }
@@ -504,6 +595,9 @@ impl Config {
             }
         }
         if let Some(ca) = self.vault.as_mut().and_then(|v| v.ca.as_mut()) {
+            fix(ca);
+        }
+        if let Some(ca) = self.redis.as_mut().and_then(|r| r.ca.as_mut()) {
             fix(ca);
         }
         if !matches!(
@@ -625,6 +719,29 @@ impl Config {
                         "must be a reference (env:NAME or file:PATH), never a literal".into(),
                     );
                 }
+                match (o.grant, &o.refresh_token) {
+                    (OAuthGrant::RefreshToken, None) => {
+                        return err(
+                            &format!("{key}.source.oauth.refresh_token"),
+                            "required by the refresh_token grant".into(),
+                        )
+                    }
+                    (OAuthGrant::RefreshToken, Some(r))
+                        if !(r.starts_with("env:") || r.starts_with("file:")) =>
+                    {
+                        return err(
+                            &format!("{key}.source.oauth.refresh_token"),
+                            "must be a reference (env:NAME or file:PATH), never a literal".into(),
+                        )
+                    }
+                    (OAuthGrant::ClientCredentials, Some(_)) => {
+                        return err(
+                            &format!("{key}.source.oauth.refresh_token"),
+                            "only used with grant: refresh_token".into(),
+                        )
+                    }
+                    _ => {}
+                }
                 if !matches!(o.client_auth.as_str(), "basic" | "post") {
                     return err(
                         &format!("{key}.source.oauth.client_auth"),
@@ -671,6 +788,11 @@ impl Config {
                 }
             }
             None => {}
+        }
+        if let Some(r) = &self.redis {
+            if let Err((key, reason)) = r.validate() {
+                return err(&format!("redis.{key}"), reason);
+            }
         }
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return err("telemetry.sampling_ratio", "must be between 0 and 1".into());

@@ -20,6 +20,7 @@ pub mod mitm;
 pub mod oauth;
 pub mod pki;
 pub mod proxy;
+pub mod redis_store;
 pub mod reload;
 pub mod response_body;
 pub mod secrets;

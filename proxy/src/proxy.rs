@@ -36,7 +36,9 @@ pub struct Shared {
     pub chain: Chain,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The credential sources, for revocation on the admin API.
-    pub secrets: Arc<dyn portcullis_filters::credentials::SecretStore>,
+    pub secrets: Arc<crate::secrets::LocalSecrets>,
+    /// The substitution stage, for the refresh-and-retry after an upstream 401.
+    pub substitute: Arc<portcullis_filters::credentials::CredentialSubstitute>,
     pub pins: Arc<portcullis_filters::pinning::ToolPins>,
     pub upstream: Upstream,
     pub mitm: Mitm,
@@ -364,8 +366,9 @@ async fn forward(
     mut parts: http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
+    let empty_body = http_body::Body::is_end_stream(&body);
     // Buffer the body only when a filter needs to see it (JSON-RPC, body placeholders).
-    let mut body = if shared.chain.wants_body(&ctx, &parts) {
+    let body = if shared.chain.wants_body(&ctx, &parts) {
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -395,43 +398,28 @@ async fn forward(
     if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
         return refuse_draining(shared, ctx, rej, body);
     }
-    if ctx.via == Via::AbsoluteForm {
-        // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header.
-        match HeaderValue::from_str(&ctx.destination.authority()) {
-            Ok(h) => {
-                parts.headers.insert(HOST, h);
-            }
-            Err(e) => {
-                return refuse_draining(
-                    shared,
-                    ctx,
-                    Rejection::new(ErrorCode::BadRequest, e.to_string()),
-                    body,
-                )
-            }
-        }
-    }
-    // hyper picks the upstream protocol per connection (ALPN); the request version must not pin it.
-    parts.version = Version::HTTP_11;
-    if let Action::Respond(rej) = shared.chain.upstream_request(&mut ctx, &mut parts) {
-        return refuse_draining(shared, ctx, rej, body);
-    }
-    let body = match (body.take(), &ctx.body) {
-        (Some(b), _) => b,
-        // Buffered: send what the filters left (they may have rewritten it).
-        (None, RequestBody::Buffered(b)) => {
-            parts.headers.remove(http::header::TRANSFER_ENCODING);
-            parts
-                .headers
-                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
-            crate::error::full(b.clone())
-        }
-        (None, _) => crate::error::empty(),
+    let (mut ctx, req) = match prepare(shared, ctx, parts, body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
-    let req = Request::from_parts(parts, body);
-    let sent = std::time::Instant::now();
-    let resp = shared.upstream.send(req).await;
-    shared.metrics.upstream_latency.observe(sent.elapsed());
+    let mut resp = send(shared, req).await;
+    // One refresh and one retry when the upstream rejects a substituted credential, for
+    // idempotent requests whose body we still have.
+    let replayable = empty_body || matches!(ctx.body, RequestBody::Buffered(_));
+    if replayable && matches!(&resp, Ok(r) if r.status() == http::StatusCode::UNAUTHORIZED) {
+        match shared.substitute.refresh_for_retry(&mut ctx).await {
+            Some(Ok(parts)) => {
+                let req;
+                (ctx, req) = match prepare(shared, ctx, parts, None) {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+                resp = send(shared, req).await;
+            }
+            Some(Err(rej)) => return refuse(shared, ctx, rej),
+            None => {}
+        }
+    }
     let resp = match resp {
         Ok(r) => r,
         Err(rej) => return refuse(shared, ctx, rej),
@@ -464,6 +452,54 @@ async fn forward(
         done: Some((ctx, shared.chain.clone())),
     };
     Response::from_parts(rparts, BodyExt::boxed(body))
+}
+
+/// The request as it goes upstream: Host for absolute-form, the upstream-request phase, and
+/// the body (streamed, or what the filters left of a buffered one).
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn prepare(
+    shared: &Shared,
+    mut ctx: Context,
+    mut parts: http::request::Parts,
+    mut body: Option<Body>,
+) -> Result<(Context, Request<Body>), Response<Body>> {
+    if ctx.via == Via::AbsoluteForm {
+        // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header.
+        match HeaderValue::from_str(&ctx.destination.authority()) {
+            Ok(h) => {
+                parts.headers.insert(HOST, h);
+            }
+            Err(e) => {
+                let rej = Rejection::new(ErrorCode::BadRequest, e.to_string());
+                return Err(refuse_draining(shared, ctx, rej, body));
+            }
+        }
+    }
+    // hyper picks the upstream protocol per connection (ALPN); the request version must not pin it.
+    parts.version = Version::HTTP_11;
+    if let Action::Respond(rej) = shared.chain.upstream_request(&mut ctx, &mut parts) {
+        return Err(refuse_draining(shared, ctx, rej, body));
+    }
+    let body = match (body.take(), &ctx.body) {
+        (Some(b), _) => b,
+        // Buffered: send what the filters left (they may have rewritten it).
+        (None, RequestBody::Buffered(b)) => {
+            parts.headers.remove(http::header::TRANSFER_ENCODING);
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            crate::error::full(b.clone())
+        }
+        (None, _) => crate::error::empty(),
+    };
+    Ok((ctx, Request::from_parts(parts, body)))
+}
+
+async fn send(shared: &Shared, req: Request<Body>) -> Result<Response<Incoming>, Rejection> {
+    let sent = std::time::Instant::now();
+    let resp = shared.upstream.send(req).await;
+    shared.metrics.upstream_latency.observe(sent.elapsed());
+    resp
 }
 
 /// Refuse, but keep reading the unread request body in the background (bounded in size and

@@ -1,6 +1,7 @@
 //! Secret sources: environment variables, files (re-read when their modification time
 //! changes, so rotation needs no restart) and Vault KV v2 (token or AppRole auth, namespaces;
-//! values cached for `vault.cache_ttl`, concurrent misses coalesced into one fetch). A source
+//! values cached for `vault.cache_ttl`, concurrent misses coalesced into one fetch) and OAuth,
+//! both shared across replicas through Redis when configured. A source
 //! that cannot answer and has no valid cached value is an error: the request is refused (503),
 //! never forwarded with its placeholder.
 
@@ -13,6 +14,7 @@ use portcullis_filters::credentials::SecretStore;
 use portcullis_filters::secret::SecretValue;
 
 use crate::config::SourceConfig;
+use crate::redis_store::{FetchStats, RedisStore};
 
 #[derive(Debug)]
 pub struct LocalSecrets {
@@ -20,17 +22,26 @@ pub struct LocalSecrets {
     files: Mutex<HashMap<PathBuf, (SystemTime, Arc<SecretValue>)>>,
     vault: Option<crate::vault::Vault>,
     oauth: HashMap<String, crate::oauth::OAuthSource>,
+    shared: Option<Arc<RedisStore>>,
+    pub stats: Arc<FetchStats>,
 }
 
 impl LocalSecrets {
     pub fn new(
         creds: &[crate::config::CredentialConfig],
-        vault: Option<crate::vault::Vault>,
+        vault: Option<&crate::config::VaultConfig>,
+        shared: Option<Arc<RedisStore>>,
     ) -> Result<LocalSecrets, String> {
+        let stats = Arc::new(FetchStats::default());
+        let vault = vault
+            .map(|v| crate::vault::Vault::new(v, shared.clone(), stats.clone()))
+            .transpose()?;
         let mut oauth = HashMap::new();
         for c in creds {
             if let SourceConfig::Oauth(o) = &c.source {
-                oauth.insert(c.name.clone(), crate::oauth::OAuthSource::new(o)?);
+                let source =
+                    crate::oauth::OAuthSource::new(&c.name, o, shared.clone(), stats.clone())?;
+                oauth.insert(c.name.clone(), source);
             }
         }
         Ok(LocalSecrets {
@@ -41,7 +52,38 @@ impl LocalSecrets {
             files: Mutex::default(),
             vault,
             oauth,
+            shared,
+            stats,
         })
+    }
+
+    /// Drop this replica's cached value of `name` (what a revocation from any replica does
+    /// here). Returns false for an unknown name.
+    pub async fn revoke_local(&self, name: &str) -> bool {
+        match self.sources.get(name) {
+            Some(SourceConfig::File(path)) => {
+                if let Ok(mut files) = self.files.lock() {
+                    files.remove(path);
+                }
+            }
+            Some(SourceConfig::Vault(_)) => {
+                if let Some(v) = &self.vault {
+                    v.revoke(name).await;
+                }
+            }
+            Some(SourceConfig::Oauth(_)) => {
+                if let Some(o) = self.oauth.get(name) {
+                    o.revoke().await;
+                }
+            }
+            Some(SourceConfig::Env(_)) => {}
+            None => return false,
+        }
+        true
+    }
+
+    pub fn shared(&self) -> Option<&Arc<RedisStore>> {
+        self.shared.as_ref()
     }
 
     fn read_file(&self, path: &PathBuf) -> Result<Arc<SecretValue>, String> {
@@ -91,24 +133,11 @@ impl SecretStore for LocalSecrets {
     }
 
     async fn revoke(&self, name: &str) -> bool {
-        match self.sources.get(name) {
-            Some(SourceConfig::File(path)) => {
-                if let Ok(mut files) = self.files.lock() {
-                    files.remove(path);
-                }
-            }
-            Some(SourceConfig::Vault(_)) => {
-                if let Some(v) = &self.vault {
-                    v.revoke(name).await;
-                }
-            }
-            Some(SourceConfig::Oauth(_)) => {
-                if let Some(o) = self.oauth.get(name) {
-                    o.revoke().await;
-                }
-            }
-            Some(SourceConfig::Env(_)) => {}
-            None => return false,
+        if !self.revoke_local(name).await {
+            return false;
+        }
+        if let Some(shared) = &self.shared {
+            shared.revoke(name).await;
         }
         tracing::info!(credential = name, "revoked: cached value dropped");
         true

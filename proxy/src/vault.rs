@@ -12,12 +12,16 @@ use portcullis_filters::secret::SecretValue;
 
 use crate::backend::Backend;
 use crate::config::{resolve_reference, VaultConfig, VaultSecretRef};
+use crate::oauth::ByLifetime;
+use crate::redis_store::{fingerprint, FetchStats, Fetched, RedisStore};
 
 pub struct Vault {
     cfg: VaultConfig,
     backend: Backend,
     /// Secret values by credential name.
-    values: Cache<String, Arc<SecretValue>>,
+    values: Cache<String, Arc<Fetched>>,
+    shared: Option<Arc<RedisStore>>,
+    stats: Arc<FetchStats>,
     /// The AppRole login token (token auth reads its reference each time: cheap and rotatable).
     login: Cache<(), Arc<SecretValue>>,
 }
@@ -31,14 +35,20 @@ impl std::fmt::Debug for Vault {
 }
 
 impl Vault {
-    pub fn new(cfg: &VaultConfig) -> Result<Vault, String> {
+    pub fn new(
+        cfg: &VaultConfig,
+        shared: Option<Arc<RedisStore>>,
+        stats: Arc<FetchStats>,
+    ) -> Result<Vault, String> {
         Ok(Vault {
             cfg: cfg.clone(),
             backend: Backend::new("vault", cfg.ca.clone(), cfg.timeout)?,
             values: Cache::builder()
                 .max_capacity(10_000)
-                .time_to_live(cfg.cache_ttl)
+                .expire_after(ByLifetime)
                 .build(),
+            shared,
+            stats,
             login: Cache::builder()
                 .max_capacity(1)
                 .time_to_live(cfg.cache_ttl)
@@ -50,15 +60,32 @@ impl Vault {
         self.values.invalidate(name).await;
     }
 
-    /// The secret for credential `name`: cached, or fetched once for all concurrent callers.
+    /// The secret for credential `name`: cached, or fetched once for all concurrent callers
+    /// (and, with Redis, once for all replicas).
     pub async fn get(&self, name: &str, r: &VaultSecretRef) -> Result<Arc<SecretValue>, String> {
+        let fetch = async {
+            let fetched = match &self.shared {
+                Some(s) => {
+                    let source = (&self.cfg.address, &self.cfg.namespace, r);
+                    s.get_or_fetch(name, &fingerprint(&source), || self.fetch_counted(r))
+                        .await
+                }
+                None => self.fetch_counted(r).await,
+            };
+            fetched.map(Arc::new)
+        };
         self.values
-            .try_get_with(name.to_owned(), self.fetch(r))
+            .try_get_with(name.to_owned(), fetch)
             .await
+            .map(|f| f.value.clone())
             .map_err(|e| (*e).clone())
     }
 
-    async fn fetch(&self, r: &VaultSecretRef) -> Result<Arc<SecretValue>, String> {
+    async fn fetch_counted(&self, r: &VaultSecretRef) -> Result<Fetched, String> {
+        self.stats.record(self.fetch(r).await)
+    }
+
+    async fn fetch(&self, r: &VaultSecretRef) -> Result<Fetched, String> {
         let url = format!(
             "{}/v1/{}/data/{}",
             self.cfg.address.trim_end_matches('/'),
@@ -83,7 +110,10 @@ impl Vault {
                                 r.mount, r.path, r.field
                             )
                         })?;
-                    return Ok(Arc::new(SecretValue::new(field.to_owned())));
+                    return Ok(Fetched {
+                        value: Arc::new(SecretValue::new(field.to_owned())),
+                        lifetime: self.cfg.cache_ttl,
+                    });
                 }
                 // An expired AppRole token: log in again, once.
                 StatusCode::FORBIDDEN if self.cfg.approle.is_some() && !retried => {

@@ -18,6 +18,9 @@ server.service.on('beforeResponse', (resp, req) => {
     audience: req.body.aud ?? req.body.audience ?? null,
     client_auth: auth.startsWith('Basic ') ? 'basic' : (req.body.client_secret ? 'post' : 'none'),
     access_token: resp.body.access_token,
+    // Test tokens only: lets the tests follow refresh-token rotation.
+    refresh_token_in: req.body.refresh_token ?? null,
+    refresh_token_out: resp.body.refresh_token ?? null,
   }));
 });
 await server.start(port, '127.0.0.1');

@@ -331,6 +331,27 @@ async fn respond(
             .body(Full::new(Bytes::from(echo)))
             .unwrap();
     }
+    if req.uri().path().starts_with("/first-auth-fails") {
+        // An upstream that rejects the first credential it sees on a path (say, revoked at
+        // the provider) and accepts the next request.
+        let path = req.uri().path().to_owned();
+        let earlier = seen
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .count();
+        if earlier == 1 {
+            return Response::builder()
+                .status(401)
+                .header("www-authenticate", "Bearer error=\"invalid_token\"")
+                .body(Full::new(Bytes::from_static(
+                    b"{\"error\":\"invalid_token\"}",
+                )))
+                .unwrap();
+        }
+    }
     if req.uri().path() == "/slow" {
         arrived.notify_one();
         let _ = gate.acquire().await.map(|p| p.forget());
@@ -1099,4 +1120,55 @@ impl Drop for OAuthServer {
 /// deployment tool would: the proxy never sees it half-written.
 pub fn replace_file(path: &Path, content: &str) {
     portcullis::pki::write_file(path, content.as_bytes(), false).unwrap();
+}
+
+/// A real `redis-server` on a free loopback port, no persistence; stopped on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = free_addr().port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by .ci/run)");
+        let out = Arc::new(Logs::default());
+        capture(child.stdout.take().unwrap(), out.clone());
+        out.wait_for("redis-server", |l| {
+            l.contains("Ready to accept connections")
+        });
+        RedisServer { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli` against this server; stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--no-raw"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -511,3 +511,96 @@ async fn revoking_a_credential_drops_its_cached_value() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
+    let oauth = OAuthServer::start(3600);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("refresh-token");
+    std::fs::write(&seed, "seed-refresh-token\n").unwrap();
+    let token_url = oauth.token_url();
+    let reference = format!("file:{}", seed.display());
+    let (pki, up, proxy, agent) = broker(
+        |cfg| {
+            cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
+                "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
+                    "grant": "refresh_token", "refresh_token": reference,
+                    "client_secret": "env:OAUTH_CLIENT_SECRET", "client_auth": "post"}}}]);
+        },
+        &[("OAUTH_CLIENT_SECRET", "oauth-client-secret-xyz")],
+    )
+    .await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &["-H", "Authorization: Bearer pcx_saas", &url],
+    )
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let tokens = oauth.tokens();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0]["grant_type"], "refresh_token");
+    assert_eq!(tokens[0]["client_auth"], "post");
+    assert_eq!(tokens[0]["refresh_token_in"], "seed-refresh-token");
+    let rotated = tokens[0]["refresh_token_out"].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(&seed).unwrap(), rotated);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&seed).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let logged = format!(
+        "{}\n{}",
+        proxy.logs.lines().join("\n"),
+        proxy.decisions.lines().join("\n")
+    );
+    assert!(!logged.contains(rotated) && !logged.contains("seed-refresh-token"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_401_refreshes_the_secret_and_retries_idempotent_requests_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
+    let (pki, up, proxy, agent) =
+        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let base = format!("https://localhost:{}", up.port());
+    let auth = ["-H", "Authorization: Bearer pcx_github"];
+    let get = format!("{base}/first-auth-fails/get");
+    let out = curl(&pki, proxy.addr, Some(&agent), &[auth[0], auth[1], &get]).await;
+    assert_eq!(out.status, 200, "the retry must succeed: {out:?}");
+    let tries: Vec<_> = up
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/first-auth-fails/get")
+        .collect();
+    assert_eq!(tries.len(), 2, "exactly one retry");
+    for t in &tries {
+        assert_eq!(
+            t.headers["authorization"],
+            format!("Bearer {VAULT_SECRET}").as_str()
+        );
+    }
+    assert_eq!(
+        vault.reads.load(SeqCst),
+        2,
+        "the 401 must refetch the secret"
+    );
+
+    // A POST is not replayed: the agent sees the 401, the upstream one request.
+    let post = format!("{base}/first-auth-fails/post");
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &[auth[0], auth[1], "-X", "POST", "-d", "{}", &post],
+    )
+    .await;
+    assert_eq!(out.status, 401, "{out:?}");
+    let posts = up
+        .seen()
+        .iter()
+        .filter(|s| s.path == "/first-auth-fails/post")
+        .count();
+    assert_eq!(posts, 1);
+    assert_eq!(vault.reads.load(SeqCst), 2);
+}
