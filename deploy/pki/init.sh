@@ -7,11 +7,12 @@ set -eu
 
 TD=demo.portcullis
 AGENT_ID=${AGENT_SPIFFE_ID:-spiffe://demo.portcullis/agent/research}
-CA=/pki/ca              # CA keys: this job only
-PROXY=/pki/proxy        # portcullis: server SVID, trust bundle, MITM CA, upstream CA
-AGENT=/pki/agent        # connector: the agent's SVID and the trust bundle
-AGENT_CA=/pki/agent-ca  # agent: the MITM CA certificate it must trust, nothing else
-UP=/pki/upstream        # mcp-server, demo-api: their TLS server certificate
+PKI=${PKI_DIR:-/pki}    # deploy/validate.sh runs this script on a temporary directory
+CA=$PKI/ca              # CA keys: this job only
+PROXY=$PKI/proxy        # portcullis: server SVID, trust bundle, MITM CA, upstream CA
+AGENT=$PKI/agent        # connector: the agent's SVID and the trust bundle
+AGENT_CA=$PKI/agent-ca  # agent: the MITM CA certificate it must trust, nothing else
+UP=$PKI/upstream        # mcp-server, demo-api: their TLS server certificate
 
 ca() { # ca NAME "Common Name" [--trust-domain TD]
   [ -s "$CA/$1.pem" ] && [ -s "$CA/$1.key" ] && return 0
@@ -30,12 +31,12 @@ put() { # put SRC DEST: mode and owner set before an atomic rename, so a reloadi
   case "$2" in *.key) mode=0600 ;; *) mode=0644 ;; esac
   cp "$1" "$2.tmp"
   chmod "$mode" "$2.tmp"
-  chown 65532:65532 "$2.tmp"
+  if [ "$(id -u)" = 0 ]; then chown 65532:65532 "$2.tmp"; fi
   mv -f "$2.tmp" "$2"
 }
 
 umask 077
-mkdir -p "$CA/leaves"
+mkdir -p "$CA/leaves" "$PROXY" "$AGENT" "$AGENT_CA" "$UP"
 ca trust-ca "Portcullis demo trust domain CA" --trust-domain "$TD"
 ca mitm-ca "Portcullis demo MITM CA"
 ca upstream-ca "Portcullis demo upstream CA"
