@@ -2,8 +2,9 @@
 
 It knows nothing about mTLS or SVIDs: it uses HTTPS_PROXY (the local connector sidecar on
 127.0.0.1:15001, which tunnels to Portcullis with the agent's SVID), trusts the Portcullis MITM
-CA, and holds only the placeholder `pcx_demo_api`. All calls carry one W3C traceparent, so
-Portcullis' spans of this run form one trace in Jaeger.
+CA, and holds only the placeholder `pcx_demo_api`. All requests carry one W3C traceparent, so
+Portcullis' spans for them form one trace in Jaeger (each CONNECT starts a trace of its own:
+a CONNECT request carries no traceparent).
 
 Prints one line per step and exits 1 if any outcome differs from what the demo policy says.
 """
@@ -71,8 +72,9 @@ async def call_api() -> None:
 
 
 async def call_blocked() -> None:
-    # Vault is on the backend network: the agent cannot reach it directly, and Portcullis'
-    # egress guard refuses to dial it (403 destination_blocked) before any policy allows it.
+    # Vault is on the backend network: the agent cannot reach it directly, and Portcullis
+    # refuses the CONNECT (403 policy_denied: not in the agent's allow-list; were it listed, the
+    # egress guard would still refuse to dial a private address outside egress.allow).
     try:
         async with client(headers={"traceparent": TRACEPARENT}) as c:
             r = await c.get(BLOCKED_URL)
