@@ -11,9 +11,10 @@ umask 077
 KEY=/demo-api/api-key
 TOKEN=/portcullis-vault/token
 
-own() { # own FILE: mode 0400, owner uid 65532, moved into place atomically
-  chmod 0400 "$1.tmp"
-  chown 65532:65532 "$1.tmp"
+own() { # own FILE: root:65532 mode 0440 (this job, without CAP_DAC_*, can still read it on
+        # a re-run; the services, gid 65532, read it by group), moved into place atomically
+  chmod 0440 "$1.tmp"
+  chown 0:65532 "$1.tmp"
   mv -f "$1.tmp" "$1"
 }
 
