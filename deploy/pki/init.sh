@@ -46,7 +46,11 @@ leaf agent trust-ca "$AGENT_ID" 168h
 # The demo upstreams are ordinary TLS servers; their clients ignore the URI SAN.
 leaf upstream upstream-ca "spiffe://upstream.demo/tools" 720h --san mcp-server --san demo-api
 
+# The AES-256-GCM key for credentials cached in Redis: created once, like the CAs.
+[ -s "$CA/cache.key" ] || head -c 32 /dev/urandom | base64 > "$CA/cache.key"
+
 put "$CA/leaves/server.pem" "$PROXY/server.pem"
+put "$CA/cache.key" "$PROXY/cache.key"
 put "$CA/leaves/server.key" "$PROXY/server.key"
 put "$CA/trust-ca.pem" "$PROXY/trust-bundle.pem"
 put "$CA/mitm-ca.pem" "$PROXY/mitm-ca.pem"
