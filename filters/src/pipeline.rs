@@ -81,6 +81,8 @@ pub enum Via {
     Mitm,
     /// An absolute-form request (`GET http://host/path`) on the proxy connection.
     AbsoluteForm,
+    /// An origin-form request on the proxy connection, routed by a gateway route.
+    Gateway,
 }
 
 /// Everything the pipeline knows about one action. Filters read and fill it.
@@ -122,6 +124,8 @@ pub struct Context {
     /// The request as it was just before its credentials were substituted (idempotent
     /// requests only): replayed once with fresh secrets if the upstream answers 401.
     pub before_substitution: Option<(http::request::Parts, RequestBody)>,
+    /// The gateway route that matched (`Via::Gateway`).
+    pub gateway_route: Option<Arc<str>>,
 }
 
 /// The request body, for filters that inspect it. `Debug` shows only its size: after
@@ -207,6 +211,7 @@ impl Context {
             credentials: Vec::new(),
             secrets: Vec::new(),
             before_substitution: None,
+            gateway_route: None,
         }
     }
 }

@@ -86,7 +86,12 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
         mcp: None,
         credentials: ctx.credentials.clone(),
         time: TimeInfo::now(),
-        gateway: None,
+        gateway: ctx
+            .gateway_route
+            .as_ref()
+            .map(|r| portcullis_policy::input::Gateway {
+                route: r.to_string(),
+            }),
     }
     .bounded()
 }

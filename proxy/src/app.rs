@@ -260,9 +260,12 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         spans,
         secrets.clone(),
     );
+    let routes =
+        crate::gateway::Routes::new(&cfg.routes, &cfg.credentials).map_err(StartError::Config)?;
     let shared = Arc::new(Shared {
         chain,
         substitute,
+        routes,
         secrets,
         metrics,
         pins,

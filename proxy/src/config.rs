@@ -50,6 +50,10 @@ pub struct Config {
     /// Shared, encrypted credential cache and tool pins across replicas (optional).
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// Gateway mode: origin-form requests on the proxy listener (`GET /github/...`) are
+    /// routed to a fixed upstream through the same pipeline.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
     /// How often certificate, key and bundle files (and this file's `trust_domains`) are
     /// checked for changes.
     #[serde(default = "defaults::reload_interval", with = "duration")]
@@ -170,6 +174,55 @@ pub struct CredentialConfig {
     /// Also substitute placeholders inside request bodies (buffered up to the inspection limit).
     #[serde(default)]
     pub body: bool,
+    /// For gateway routes that name this credential: the header to add (with the placeholder,
+    /// substituted like any other) when the request has none.
+    #[serde(default)]
+    pub inject: Option<InjectConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InjectConfig {
+    #[serde(default = "defaults::inject_header")]
+    pub header: String,
+    /// `{}` is where the secret goes.
+    #[serde(default = "defaults::inject_format")]
+    pub format: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            header: defaults::inject_header(),
+            format: defaults::inject_format(),
+        }
+    }
+}
+
+/// One gateway route: `https://<proxy>/<path_prefix>...` → `<upstream>/...`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: RouteMatch,
+    /// `https://api.github.com` (a base path is allowed: `https://host/v2`).
+    pub upstream: String,
+    /// A credential whose placeholder is injected (see `credentials[].inject`).
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Remove `path_prefix` before forwarding (default true).
+    #[serde(default = "defaults::yes")]
+    pub strip_prefix: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Only requests whose Host is this name (any when absent).
+    #[serde(default)]
+    pub host: Option<String>,
+    pub path_prefix: String,
 }
 
 impl CredentialConfig {
@@ -302,6 +355,67 @@ pub struct AppRoleConfig {
     pub secret_id: String,
     #[serde(default = "defaults::approle_mount")]
     pub mount: String,
+}
+
+impl Config {
+    fn validate_routes(&self) -> Result<(), (String, String)> {
+        for (i, c) in self.credentials.iter().enumerate() {
+            if let Some(inj) = &c.inject {
+                let key = format!("credentials[{i}].inject");
+                if http::HeaderName::from_bytes(inj.header.as_bytes()).is_err() {
+                    return Err((
+                        format!("{key}.header"),
+                        format!("{:?} is not a header name", inj.header),
+                    ));
+                }
+                if inj.format.matches("{}").count() != 1 {
+                    return Err((
+                        format!("{key}.format"),
+                        "must contain {} exactly once".into(),
+                    ));
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let e = |k: &str, reason: String| Err((format!("{key}.{k}"), reason));
+            if r.name.is_empty()
+                || !r
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return e(
+                    "name",
+                    format!("{:?} must be non-empty letters, digits, - or _", r.name),
+                );
+            }
+            if !names.insert(&r.name) {
+                return e("name", format!("duplicate route {:?}", r.name));
+            }
+            if !r.matches.path_prefix.starts_with('/') {
+                return e("match.path_prefix", "must start with /".into());
+            }
+            let upstream = crate::gateway::parse_upstream(&r.upstream)
+                .map_err(|reason| (format!("{key}.upstream"), reason))?;
+            if let Some(name) = &r.credential {
+                let Some(c) = self.credentials.iter().find(|c| &c.name == name) else {
+                    return e("credential", format!("no credential named {name:?}"));
+                };
+                if !c.hosts.iter().any(|h| upstream.0.host.matches(h)) {
+                    return e(
+                        "credential",
+                        format!(
+                            "credential {name:?} is not bound to {} (its hosts: {:?})",
+                            upstream.0.host, c.hosts
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RedisConfig {
@@ -474,6 +588,15 @@ mod defaults {
     }
     pub fn vault_cache_ttl() -> Duration {
         Duration::from_secs(300)
+    }
+    pub fn inject_header() -> String {
+        "authorization".into()
+    }
+    pub fn inject_format() -> String {
+        "Bearer {}".into()
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn redis_prefix() -> String {
         "portcullis".into()
@@ -788,6 +911,9 @@ impl Config {
                 }
             }
             None => {}
+        }
+        if let Err((key, reason)) = self.validate_routes() {
+            return err(&key, reason);
         }
         if let Some(r) = &self.redis {
             if let Err((key, reason)) = r.validate() {

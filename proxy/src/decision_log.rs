@@ -70,6 +70,9 @@ impl Filter for DecisionLog {
                 "eval_us": u64::try_from(d.eval_time.as_micros()).unwrap_or(u64::MAX),
                 "status": outcome.status,
             });
+            if let Some(route) = &ctx.gateway_route {
+                line["route"] = serde_json::Value::from(&**route);
+            }
             if let Some(m) = &rec.mcp {
                 line["mcp"] = serde_json::json!({
                     "method": m.method, "id": m.id, "tool": m.tool, "tool_changed": m.tool_changed,

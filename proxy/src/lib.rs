@@ -14,6 +14,7 @@ pub mod config;
 pub mod decision_log;
 pub mod dev;
 pub mod error;
+pub mod gateway;
 pub mod idle;
 pub mod metrics;
 pub mod mitm;

@@ -39,6 +39,8 @@ pub struct Shared {
     pub secrets: Arc<crate::secrets::LocalSecrets>,
     /// The substitution stage, for the refresh-and-retry after an upstream 401.
     pub substitute: Arc<portcullis_filters::credentials::CredentialSubstitute>,
+    /// Gateway routes for origin-form requests (none: gateway mode off).
+    pub routes: crate::gateway::Routes,
     pub pins: Arc<portcullis_filters::pinning::ToolPins>,
     pub upstream: Upstream,
     pub mitm: Mitm,
@@ -72,6 +74,9 @@ pub async fn handle(
     }
     let (parts, body) = req.into_parts();
     let trace_id = new_trace_id();
+    if parts.uri.scheme().is_none() && !shared.routes.is_empty() {
+        return gateway(&shared, &conn, trace_id, parts, body).await;
+    }
     let dest = match Destination::from_absolute_uri(&parts.uri) {
         Ok(d) => d,
         Err(e) => {
@@ -94,6 +99,61 @@ pub async fn handle(
     forward(&shared, ctx, parts, body).await
 }
 
+/// An origin-form request in gateway mode: route it, or 404 `no_route`.
+async fn gateway(
+    shared: &Shared,
+    conn: &Conn,
+    trace_id: TraceId,
+    mut parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    let host = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let Some(route) = shared.routes.find(host.as_deref(), parts.uri.path()) else {
+        let reason = format!("no gateway route matches {}", parts.uri.path());
+        let ctx = Context::new(
+            conn.peer.clone(),
+            no_destination(),
+            ActionKind::Http,
+            Via::Gateway,
+            trace_id,
+            &parts,
+        );
+        return refuse(shared, ctx, Rejection::new(ErrorCode::NoRoute, reason));
+    };
+    let uri = route.upstream_uri(&parts.uri);
+    let rewritten = uri.is_ok();
+    if let Ok(uri) = uri {
+        parts.uri = uri;
+    }
+    route.inject(&mut parts.headers);
+    let mut ctx = Context::new(
+        conn.peer.clone(),
+        route.upstream.clone(),
+        ActionKind::Http,
+        Via::Gateway,
+        trace_id,
+        &parts,
+    );
+    ctx.gateway_route = Some(route.name.clone());
+    if !rewritten {
+        let rej = Rejection::new(ErrorCode::BadRequest, "the path cannot be routed");
+        return refuse(shared, ctx, rej);
+    }
+    forward(shared, ctx, parts, body).await
+}
+
+fn no_destination() -> Destination {
+    Destination {
+        host: Host::Dns("-".into()),
+        port: 0,
+        scheme: Scheme::Http,
+    }
+}
+
 /// A bad request that never got a destination: log it against a placeholder destination.
 fn reject_early(
     shared: &Shared,
@@ -102,14 +162,9 @@ fn reject_early(
     parts: &http::request::Parts,
     reason: String,
 ) -> Response<Body> {
-    let dest = Destination {
-        host: Host::Dns("-".into()),
-        port: 0,
-        scheme: Scheme::Http,
-    };
     let ctx = Context::new(
         conn.peer.clone(),
-        dest,
+        no_destination(),
         ActionKind::Http,
         Via::AbsoluteForm,
         trace_id,
@@ -463,8 +518,9 @@ fn prepare(
     mut parts: http::request::Parts,
     mut body: Option<Body>,
 ) -> Result<(Context, Request<Body>), Response<Body>> {
-    if ctx.via == Via::AbsoluteForm {
-        // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header.
+    if matches!(ctx.via, Via::AbsoluteForm | Via::Gateway) {
+        // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header (and a
+        // gateway request is addressed to the route's upstream, not to the gateway).
         match HeaderValue::from_str(&ctx.destination.authority()) {
             Ok(h) => {
                 parts.headers.insert(HOST, h);
