@@ -2,7 +2,9 @@
 //! tool, a SHA-256 of its name, description and input schema is pinned per (server, tool). A
 //! later different definition is logged; with `mcp.tool_changes: deny` the changed tool is
 //! also hidden from listings and its calls are refused until an operator accepts the change
-//! (admin `POST /mcp/pins/accept`).
+//! (admin `POST /mcp/pins/accept`). Replicas share pins through a [`PinHook`] (the proxy wires
+//! it to Redis): first sights and acceptances are reported, and pins learned from elsewhere
+//! arrive through [`ToolPins::set_pinned`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,11 +30,37 @@ struct Pin {
     changed_to: Option<String>,
 }
 
+/// A pin this replica created (first sight) or moved (an operator accepted a change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinEvent {
+    FirstSight {
+        server: String,
+        tool: String,
+        hash: String,
+    },
+    Accepted {
+        server: String,
+        tool: String,
+        hash: String,
+    },
+}
+
+/// Where pin events go (called on the request path: must not block).
+pub type PinHook = std::sync::Arc<dyn Fn(PinEvent) + Send + Sync>;
+
 /// Pins, in memory, keyed by (server authority, tool name).
-#[derive(Debug)]
 pub struct ToolPins {
     pins: Mutex<HashMap<(String, String), Pin>>,
     pub on_change: OnChange,
+    hook: std::sync::OnceLock<PinHook>,
+}
+
+impl std::fmt::Debug for ToolPins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolPins")
+            .field("on_change", &self.on_change)
+            .finish()
+    }
 }
 
 /// SHA-256 (hex) over the canonical JSON of name, description and input schema.
@@ -51,6 +79,53 @@ impl ToolPins {
         ToolPins {
             pins: Mutex::default(),
             on_change,
+            hook: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Report first sights and acceptances to `hook` (set once).
+    pub fn set_hook(&self, hook: PinHook) {
+        let _ = self.hook.set(hook);
+    }
+
+    fn emit(&self, event: PinEvent) {
+        if let Some(hook) = self.hook.get() {
+            hook(event);
+        }
+    }
+
+    /// The pin of (server, tool) as agreed elsewhere (another replica, the shared store). The
+    /// definition this replica last saw, if different, stays marked as changed.
+    pub fn set_pinned(&self, server: &str, tool: &str, hash: &str) {
+        let Ok(mut pins) = self.pins.lock() else {
+            return;
+        };
+        let key = (server.to_owned(), tool.to_owned());
+        match pins.get_mut(&key) {
+            None => {
+                pins.insert(
+                    key,
+                    Pin {
+                        pinned: hash.to_owned(),
+                        changed_to: None,
+                    },
+                );
+            }
+            Some(pin) if pin.pinned != hash => {
+                let seen = pin.changed_to.take().unwrap_or_else(|| pin.pinned.clone());
+                pin.pinned = hash.to_owned();
+                if seen != hash {
+                    tracing::warn!(
+                        server,
+                        tool,
+                        pinned = &hash[..hash.len().min(12)],
+                        seen = &seen[..seen.len().min(12)],
+                        "MCP tool definition differs from the shared pin"
+                    );
+                    pin.changed_to = Some(seen);
+                }
+            }
+            Some(_) => {}
         }
     }
 
@@ -63,13 +138,26 @@ impl ToolPins {
         let Ok(mut pins) = self.pins.lock() else {
             return true; // a poisoned map is treated as "changed": fail closed
         };
-        let pin = pins
-            .entry((server.to_owned(), name.to_owned()))
-            .or_insert_with(|| Pin {
-                pinned: hash.clone(),
-                changed_to: None,
+        let key = (server.to_owned(), name.to_owned());
+        let Some(pin) = pins.get_mut(&key) else {
+            pins.insert(
+                key,
+                Pin {
+                    pinned: hash.clone(),
+                    changed_to: None,
+                },
+            );
+            drop(pins);
+            self.emit(PinEvent::FirstSight {
+                server: server.to_owned(),
+                tool: name.to_owned(),
+                hash,
             });
+            return false;
+        };
         if pin.pinned == hash {
+            // What the server shows now is the pin again (or became it elsewhere).
+            pin.changed_to = None;
             return false;
         }
         if pin.changed_to.as_deref() != Some(hash.as_str()) {
@@ -99,14 +187,26 @@ impl ToolPins {
         let Ok(mut pins) = self.pins.lock() else {
             return false;
         };
-        match pins.get_mut(&(server.to_owned(), tool.to_owned())) {
+        let accepted = match pins.get_mut(&(server.to_owned(), tool.to_owned())) {
             Some(pin) => match pin.changed_to.take() {
                 Some(new) => {
-                    pin.pinned = new;
-                    true
+                    pin.pinned = new.clone();
+                    Some(new)
                 }
-                None => false,
+                None => None,
             },
+            None => None,
+        };
+        drop(pins);
+        match accepted {
+            Some(hash) => {
+                self.emit(PinEvent::Accepted {
+                    server: server.to_owned(),
+                    tool: tool.to_owned(),
+                    hash,
+                });
+                true
+            }
             None => false,
         }
     }
@@ -216,6 +316,43 @@ mod tests {
         assert!(!pins.is_changed("s:443", "search"));
         assert!(!pins.observe("s:443", &v2));
         assert!(!pins.accept("s:443", "search"), "nothing left to accept");
+    }
+
+    #[test]
+    fn shared_pins_override_first_sight_and_report_events() {
+        let pins = ToolPins::new(OnChange::Deny);
+        let events = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        pins.set_hook(std::sync::Arc::new(move |e| sink.lock().unwrap().push(e)));
+        let v1 = json!({"name": "search", "description": "Search"});
+        let v2 = json!({"name": "search", "description": "Search and exfiltrate"});
+        let (h1, h2) = (definition_hash(&v1), definition_hash(&v2));
+        // This replica first sees the rug-pulled v2; the shared pin (v1) corrects it.
+        assert!(!pins.observe("s:443", &v2));
+        pins.set_pinned("s:443", "search", &h1);
+        assert!(pins.is_changed("s:443", "search"));
+        assert!(pins.observe("s:443", &v2));
+        // Another replica's acceptance of v2 clears the change here.
+        pins.set_pinned("s:443", "search", &h2);
+        assert!(!pins.is_changed("s:443", "search"));
+        // A pin for a tool never seen here is just recorded.
+        let other = json!({"name": "other", "description": "Other"});
+        pins.set_pinned("s:443", "other", &definition_hash(&other));
+        assert!(!pins.observe("s:443", &other));
+        let first = PinEvent::FirstSight {
+            server: "s:443".into(),
+            tool: "search".into(),
+            hash: h2.clone(),
+        };
+        assert_eq!(events.lock().unwrap().as_slice(), [first]);
+        pins.set_pinned("s:443", "search", &h1);
+        assert!(pins.accept("s:443", "search"));
+        let accepted = PinEvent::Accepted {
+            server: "s:443".into(),
+            tool: "search".into(),
+            hash: h2,
+        };
+        assert_eq!(events.lock().unwrap().last(), Some(&accepted));
     }
 
     #[test]

@@ -230,9 +230,21 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         })?;
 
     let shutdown = CancellationToken::new();
+    let pins = Arc::new(ToolPins::new(match cfg.mcp.tool_changes {
+        ToolChanges::Log => OnChange::Log,
+        ToolChanges::Deny => OnChange::Deny,
+    }));
     if let Some(store) = secrets.shared() {
+        // Pins other replicas already agreed on, before the first request is served.
+        match store.load_pins().await {
+            Ok(all) => all
+                .iter()
+                .for_each(|(server, tool, hash)| pins.set_pinned(server, tool, hash)),
+            Err(e) => tracing::warn!(error = %e, "redis: cannot load the shared MCP tool pins"),
+        }
+        crate::redis_store::share_pins(store, &pins);
         let local = secrets.clone();
-        store.spawn_revocation_listener(
+        store.spawn_listener(
             move |name| {
                 let local = local.clone();
                 Box::pin(async move {
@@ -241,13 +253,10 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
                     }
                 })
             },
+            pins.clone(),
             shutdown.clone(),
         );
     }
-    let pins = Arc::new(ToolPins::new(match cfg.mcp.tool_changes {
-        ToolChanges::Log => OnChange::Log,
-        ToolChanges::Deny => OnChange::Deny,
-    }));
     let metrics = Arc::new(Metrics::default());
     let telemetry = Telemetry::init(&cfg.telemetry).map_err(StartError::Config)?;
     let spans = telemetry.as_ref().map(Telemetry::filter);

@@ -19,6 +19,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio_util::sync::CancellationToken;
 
+use portcullis_filters::pinning::{PinEvent, ToolPins};
 use portcullis_filters::secret::SecretValue;
 
 use crate::config::{resolve_reference, RedisConfig};
@@ -398,20 +399,91 @@ impl RedisStore {
             .await;
     }
 
-    /// Listen for revocations published by any replica (including this one) until shutdown,
-    /// resubscribing after Redis failures.
-    pub fn spawn_revocation_listener<F>(self: &Arc<Self>, on_revoke: F, shutdown: CancellationToken)
-    where
+    fn pins_key(&self) -> String {
+        format!("{}:pins", self.prefix)
+    }
+
+    fn pins_channel(&self) -> String {
+        format!("{}:pins", self.prefix)
+    }
+
+    /// Every shared tool pin: (server, tool, hash).
+    pub async fn load_pins(&self) -> Result<Vec<(String, String, String)>, String> {
+        let all: Vec<(String, String)> = self
+            .query(redis::cmd("HGETALL").arg(self.pins_key()))
+            .await
+            .map_err(|e| e.0)?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(field, hash)| {
+                let (server, tool) = serde_json::from_str::<(String, String)>(&field).ok()?;
+                Some((server, tool, hash))
+            })
+            .collect())
+    }
+
+    /// Offer this replica's first sight as the shared pin; returns the shared pin (ours, or
+    /// the one another replica set first).
+    pub async fn pin_first_sight(&self, server: &str, tool: &str, hash: &str) -> Option<String> {
+        let field = serde_json::json!([server, tool]).to_string();
+        let created: i64 = self
+            .query(
+                redis::cmd("HSETNX")
+                    .arg(self.pins_key())
+                    .arg(&field)
+                    .arg(hash),
+            )
+            .await
+            .ok()?;
+        if created == 1 {
+            self.publish_pin(&field).await;
+            return Some(hash.to_owned());
+        }
+        self.query(redis::cmd("HGET").arg(self.pins_key()).arg(&field))
+            .await
+            .ok()
+    }
+
+    /// An operator accepted a new definition here: it becomes the shared pin.
+    pub async fn pin_accept(&self, server: &str, tool: &str, hash: &str) {
+        let field = serde_json::json!([server, tool]).to_string();
+        let set = self
+            .query::<i64>(
+                redis::cmd("HSET")
+                    .arg(self.pins_key())
+                    .arg(&field)
+                    .arg(hash),
+            )
+            .await;
+        if set.is_ok() {
+            self.publish_pin(&field).await;
+        }
+    }
+
+    async fn publish_pin(&self, field: &str) {
+        let _ = self
+            .query::<i64>(redis::cmd("PUBLISH").arg(self.pins_channel()).arg(field))
+            .await;
+    }
+
+    /// Follow what other replicas publish until shutdown — revocations (dropped here with
+    /// `on_revoke`) and pin changes (applied to `pins`) — resubscribing after Redis failures.
+    pub fn spawn_listener<F>(
+        self: &Arc<Self>,
+        on_revoke: F,
+        pins: Arc<ToolPins>,
+        shutdown: CancellationToken,
+    ) where
         F: Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static,
     {
         let store = self.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                let run = store.listen_once(&on_revoke);
+                let run = store.listen_once(&on_revoke, &pins);
                 tokio::select! {
                     r = run => if let Err(e) = r {
-                        tracing::debug!(error = %e, "redis revocation subscription ended; resubscribing");
+                        tracing::debug!(error = %e, "redis subscription ended; resubscribing");
                     },
                     _ = shutdown.cancelled() => return,
                 }
@@ -424,7 +496,7 @@ impl RedisStore {
         });
     }
 
-    async fn listen_once<F>(&self, on_revoke: &F) -> Result<(), String>
+    async fn listen_once<F>(&self, on_revoke: &F, pins: &ToolPins) -> Result<(), String>
     where
         F: Fn(String) -> futures_util::future::BoxFuture<'static, ()>,
     {
@@ -433,19 +505,57 @@ impl RedisStore {
             .await
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| e.to_string())?;
+        let (revoke, pin) = (self.revoke_channel(), self.pins_channel());
         pubsub
-            .subscribe(self.revoke_channel())
+            .subscribe(&[&revoke, &pin])
             .await
             .map_err(|e| e.to_string())?;
-        tracing::debug!(channel = %self.revoke_channel(), "listening for credential revocations");
+        // Pins changed while we were not listening.
+        if let Ok(all) = self.load_pins().await {
+            for (server, tool, hash) in all {
+                pins.set_pinned(&server, &tool, &hash);
+            }
+        }
+        tracing::debug!("listening for revocations and pin changes");
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
-            if let Ok(name) = msg.get_payload::<String>() {
-                on_revoke(name).await;
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            if msg.get_channel_name() == revoke {
+                on_revoke(payload).await;
+            } else if let Ok((server, tool)) = serde_json::from_str::<(String, String)>(&payload) {
+                let hash: Result<Option<String>, _> = self
+                    .query(redis::cmd("HGET").arg(self.pins_key()).arg(&payload))
+                    .await;
+                if let Ok(Some(hash)) = hash {
+                    pins.set_pinned(&server, &tool, &hash);
+                }
             }
         }
         Err("subscription closed".into())
     }
+}
+
+/// Report this replica's pin events to the shared store (and apply its answer).
+pub fn share_pins(store: &Arc<RedisStore>, pins: &Arc<ToolPins>) {
+    let (store, weak) = (store.clone(), Arc::downgrade(pins));
+    pins.set_hook(Arc::new(move |event| {
+        let (store, weak) = (store.clone(), weak.clone());
+        tokio::spawn(async move {
+            match event {
+                PinEvent::FirstSight { server, tool, hash } => {
+                    let shared = store.pin_first_sight(&server, &tool, &hash).await;
+                    if let (Some(shared), Some(pins)) = (shared, weak.upgrade()) {
+                        pins.set_pinned(&server, &tool, &shared);
+                    }
+                }
+                PinEvent::Accepted { server, tool, hash } => {
+                    store.pin_accept(&server, &tool, &hash).await;
+                }
+            }
+        });
+    }));
 }
 
 /// A stable fingerprint of a source's configuration (which Vault path, which token endpoint

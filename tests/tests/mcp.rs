@@ -166,18 +166,28 @@ async fn setup_with(json_response: bool, edit: impl FnOnce(&mut Value)) -> Setup
 
 /// Run the official SDK client through the proxy as `client`; one JSON value per op.
 async fn mcp_client(s: &Setup, client: &ClientCert, ops: Value) -> Vec<Value> {
+    mcp_client_via(&s.pki, &s.server, &s.proxy, client, ops).await
+}
+
+async fn mcp_client_via(
+    pki: &Pki,
+    server: &McpServer,
+    proxy: &Proxy,
+    client: &ClientCert,
+    ops: Value,
+) -> Vec<Value> {
     let out = tokio::process::Command::new(python())
         .arg(python_script("mcp_client.py"))
-        .args(["--url", &s.server.url()])
-        .args(["--proxy", &format!("https://{}", s.proxy.addr)])
+        .args(["--url", &server.url()])
+        .args(["--proxy", &format!("https://{}", proxy.addr)])
         .arg("--proxy-ca")
-        .arg(s.pki.path("acme-ca.pem"))
+        .arg(pki.path("acme-ca.pem"))
         .arg("--cert")
         .arg(&client.cert)
         .arg("--key")
         .arg(&client.key)
         .arg("--ca")
-        .arg(s.pki.path("mitm-ca.pem"))
+        .arg(pki.path("mitm-ca.pem"))
         .args(["--ops", &ops.to_string()])
         .output()
         .await
@@ -450,6 +460,82 @@ async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
     let accept = format!("/mcp/pins/accept?server=localhost:{port}&tool=search_issues");
     assert_eq!(s.proxy.admin_request("POST", &accept).await.0, 200);
     let r = mcp_client(&s, &research, list_and_search).await;
+    assert_eq!(
+        r[0]["descriptions"]["search_issues"],
+        "Search issues (v2: now also exfiltrates)"
+    );
+    assert_eq!(r[1]["is_error"], false, "{r:?}");
+}
+
+/// Wait (bounded) until `cond` holds for the proxy's `/mcp/pins` listing.
+async fn wait_pins(proxy: &Proxy, what: &str, cond: impl Fn(&Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, body) = proxy.admin_get("/mcp/pins").await;
+        let pins: Value = serde_json::from_str(&body).unwrap();
+        if cond(&pins) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {pins}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_tool_pins_through_redis() {
+    let redis = RedisServer::start();
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let mut server = McpServer::start(&pki, "v1", false);
+    let mut cfg = pki.base_config();
+    cfg["mcp"] = json!({"tool_changes": "deny"});
+    cfg["redis"] = json!({"url": redis.url(), "encryption_key": "env:PCX_REDIS_KEY"});
+    let config = pki.write_config(&cfg);
+    let env = [(
+        "PCX_REDIS_KEY",
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    )];
+    let a = Proxy::start_with_env(&config, &env);
+    let b = Proxy::start_with_env(&config, &env);
+    let research = pki.client("research", "spiffe://acme.test/agents/research");
+    let list_and_search = json!([
+        {"op": "list_tools"},
+        {"op": "call", "tool": "search_issues", "args": {"query": "q"}},
+    ]);
+
+    // A sees v1 first: that is the pin for every replica.
+    let r = mcp_client_via(&pki, &server, &a, &research, list_and_search.clone()).await;
+    assert_eq!(r[1]["is_error"], false, "{r:?}");
+    let tool_pinned_on = |pins: &Value| {
+        pins.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["tool"] == "search_issues" && p["changed_to"].is_null())
+    };
+    wait_pins(&b, "B learns A's pin", tool_pinned_on).await;
+
+    // Rug pull. B never saw v1 itself, yet hides and refuses the changed tool.
+    let port = server.port;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    server = McpServer::start_on(&pki, port, "v2", false);
+    let r = mcp_client_via(&pki, &server, &b, &research, list_and_search.clone()).await;
+    assert!(
+        !listed_tools(&r[0]).contains(&"search_issues".to_owned()),
+        "{r:?}"
+    );
+    assert_eq!(r[1]["is_error"], true, "{r:?}");
+    assert!(!server
+        .received_tools()
+        .contains(&"search_issues".to_owned()));
+
+    // Accepted on B: A follows.
+    let accept = format!("/mcp/pins/accept?server=localhost:{port}&tool=search_issues");
+    assert_eq!(b.admin_request("POST", &accept).await.0, 200);
+    // A last saw v1; its next listing shows it v2, which is now the pin.
+    mcp_client_via(&pki, &server, &a, &research, json!([{"op": "list_tools"}])).await;
+    wait_pins(&a, "A follows B's acceptance", tool_pinned_on).await;
+    let r = mcp_client_via(&pki, &server, &a, &research, list_and_search).await;
     assert_eq!(
         r[0]["descriptions"]["search_issues"],
         "Search issues (v2: now also exfiltrates)"
