@@ -1,4 +1,5 @@
-"""An MCP client (official `mcp` Python SDK, Streamable HTTP) talking through Portcullis.
+"""An MCP client (official `mcp` Python SDK, Streamable HTTP or --transport sse, the older
+HTTP+SSE transport) talking through Portcullis.
 
 Test peer for Portcullis' MCP end-to-end tests.
 
@@ -15,7 +16,7 @@ OPS_JSON is a JSON list run in order in ONE MCP session (after `initialize`); on
 is printed per op:
   {"op":"list_tools"}
       -> {"op":"list_tools","tools":[names],"descriptions":{name:desc}}
-  {"op":"call","tool":NAME,"args":{...}}
+  {"op":"call","tool":NAME,"args":{...}[,"timeout":SECONDS]}
       -> {"op":"call","tool":NAME,"is_error":bool,"text":"<concatenated text content>"}
       -> {"op":"call","tool":NAME,"is_error":true,"error":{"code":..,"message":..,"data":..}}
          when the tools/call got a JSON-RPC error response (e.g. Portcullis' -32001 deny)
@@ -42,6 +43,7 @@ from mcp import ClientSession
 from mcp.shared.exceptions import McpError
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+from mcp.client.sse import sse_client  # noqa: E402
 from mcp.client.streamable_http import streamablehttp_client  # noqa: E402
 
 _print_lock = threading.Lock()
@@ -110,8 +112,12 @@ async def run_call(session: ClientSession, op: dict, with_progress: bool) -> dic
         values.append(progress)
 
     try:
+        timeout = timedelta(seconds=op["timeout"]) if "timeout" in op else None
         result = await session.call_tool(
-            tool, op.get("args") or {}, progress_callback=on_progress if with_progress else None
+            tool,
+            op.get("args") or {},
+            read_timeout_seconds=timeout,
+            progress_callback=on_progress if with_progress else None,
         )
     except McpError as e:
         out["is_error"] = True
@@ -126,14 +132,25 @@ async def run_call(session: ClientSession, op: dict, with_progress: bool) -> dic
     return out
 
 
-async def run(args, ops: list) -> None:
-    factory = make_client_factory(args)
-    async with streamablehttp_client(
+def transport(args, factory):
+    if args.transport == "sse":
+        return sse_client(
+            args.url, timeout=min(args.timeout, 30.0), sse_read_timeout=args.timeout,
+            httpx_client_factory=factory,
+        )
+    return streamablehttp_client(
         args.url,
         timeout=min(args.timeout, 30.0),
         sse_read_timeout=args.timeout,
         httpx_client_factory=factory,
-    ) as (read, write, get_session_id):
+    )
+
+
+async def run(args, ops: list) -> None:
+    factory = make_client_factory(args)
+    async with transport(args, factory) as streams:
+        read, write = streams[0], streams[1]
+        get_session_id = streams[2] if len(streams) > 2 else (lambda: None)
         async with ClientSession(read, write, read_timeout_seconds=timedelta(seconds=args.timeout)) as session:
             init = await session.initialize()
             for op in ops:
@@ -170,6 +187,7 @@ def main() -> None:
     parser.add_argument("--ca", required=True)
     parser.add_argument("--ops", required=True, help="JSON list of ops")
     parser.add_argument("--timeout", type=float, default=30.0, help="overall bound in seconds")
+    parser.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
     args = parser.parse_args()
 
     # Last-resort watchdog: never hang, even if cleanup blocks.

@@ -4,9 +4,13 @@ Test peer for Portcullis' MCP end-to-end tests.
 
 Usage:
     mcp_server.py --port PORT --cert CERT.pem --key KEY.pem --record RECORD.jsonl
-                  [--variant v1|v2] [--json-response]
+                  [--variant v1|v2] [--json-response] [--transport streamable-http|sse]
+                  [--event-store]
 
 Listens on https://127.0.0.1:PORT, MCP endpoint /mcp, stateful sessions (Mcp-Session-Id).
+With --transport sse: the older HTTP+SSE transport instead (GET /sse, POST /messages/).
+With --event-store: SSE events get ids and are kept in memory, so a client can resume a
+stream with Last-Event-ID (Streamable HTTP).
 Prints exactly one line `READY` on stdout once the socket is listening.
 
 Every JSON-RPC message that arrives in the body of a POST to /mcp is appended to RECORD
@@ -25,6 +29,7 @@ import threading
 
 import uvicorn
 from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.streamable_http import EventMessage, EventStore
 from mcp.server.transport_security import TransportSecuritySettings
 
 SEARCH_DESCRIPTIONS = {
@@ -33,7 +38,31 @@ SEARCH_DESCRIPTIONS = {
 }
 
 
-def build_mcp(variant: str, json_response: bool) -> FastMCP:
+class MemoryEventStore(EventStore):
+    """Every event of every stream, in order, in memory (a test server lives briefly)."""
+
+    def __init__(self):
+        self.events: list[tuple[str, str, object]] = []  # (event id, stream id, message)
+
+    async def store_event(self, stream_id, message):
+        event_id = str(len(self.events) + 1)
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id, send_callback):
+        stream = next((s for e, s, _ in self.events if e == last_event_id), None)
+        if stream is None:
+            return None
+        after = False
+        for event_id, stream_id, message in self.events:
+            if event_id == last_event_id:
+                after = True
+            elif after and stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream
+
+
+def build_mcp(variant: str, json_response: bool, event_store: bool = False) -> FastMCP:
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
         allowed_hosts=["127.0.0.1", "localhost", "127.0.0.1:*", "localhost:*"],
@@ -52,6 +81,7 @@ def build_mcp(variant: str, json_response: bool) -> FastMCP:
         stateless_http=False,
         log_level="WARNING",
         transport_security=security,
+        event_store=MemoryEventStore() if event_store else None,
     )
 
     @mcp.tool(description=SEARCH_DESCRIPTIONS[variant])
@@ -106,16 +136,16 @@ class RecordMiddleware:
     """ASGI middleware: records the JSON-RPC messages of every POST to /mcp, then
     re-injects the exact body bytes for the SDK."""
 
-    def __init__(self, app, recorder: Recorder, path: str = "/mcp"):
+    def __init__(self, app, recorder: Recorder, paths=("/mcp", "/messages")):
         self.app = app
         self.recorder = recorder
-        self.path = path
+        self.paths = paths
 
     async def __call__(self, scope, receive, send):
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
-            or scope["path"].rstrip("/") != self.path
+            or scope["path"].rstrip("/") not in self.paths
         ):
             await self.app(scope, receive, send)
             return
@@ -168,8 +198,9 @@ class RecordMiddleware:
 
 
 async def serve(args) -> int:
-    mcp = build_mcp(args.variant, args.json_response)
-    app = RecordMiddleware(mcp.streamable_http_app(), Recorder(args.record))
+    mcp = build_mcp(args.variant, args.json_response, args.event_store)
+    inner = mcp.sse_app() if args.transport == "sse" else mcp.streamable_http_app()
+    app = RecordMiddleware(inner, Recorder(args.record))
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -207,6 +238,8 @@ def main() -> None:
     parser.add_argument("--record", required=True)
     parser.add_argument("--variant", choices=["v1", "v2"], default="v1")
     parser.add_argument("--json-response", action="store_true")
+    parser.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
+    parser.add_argument("--event-store", action="store_true")
     args = parser.parse_args()
     sys.exit(asyncio.run(serve(args)))
 

@@ -77,6 +77,8 @@ struct McpServer {
     child: Child,
     port: u16,
     record: PathBuf,
+    /// `/mcp` (Streamable HTTP) or `/sse` (the older HTTP+SSE transport).
+    path: &'static str,
 }
 
 impl McpServer {
@@ -86,6 +88,12 @@ impl McpServer {
     }
 
     fn start_on(pki: &Pki, port: u16, variant: &str, json_response: bool) -> McpServer {
+        let extra = json_response.then_some("--json-response");
+        McpServer::start_with(pki, port, variant, &Vec::from_iter(extra))
+    }
+
+    /// `extra`: more mcp_server.py flags (`--transport sse`, `--event-store`, ...).
+    fn start_with(pki: &Pki, port: u16, variant: &str, extra: &[&str]) -> McpServer {
         let cert = pki.path("mcp-server.pem");
         let key = pki.path("mcp-server.key");
         pki.upstream_ca
@@ -106,18 +114,20 @@ impl McpServer {
                 .arg(&key)
                 .arg("--record")
                 .arg(&record)
-                .args(json_response.then_some("--json-response")),
+                .args(extra),
             "the MCP server",
         );
+        let sse = extra.windows(2).any(|w| w == ["--transport", "sse"]);
         McpServer {
             child,
             port,
             record,
+            path: if sse { "/sse" } else { "/mcp" },
         }
     }
 
     fn url(&self) -> String {
-        format!("https://localhost:{}/mcp", self.port)
+        format!("https://localhost:{}{}", self.port, self.path)
     }
 
     /// JSON-RPC messages the server received, in order.
@@ -176,9 +186,14 @@ async fn mcp_client_via(
     client: &ClientCert,
     ops: Value,
 ) -> Vec<Value> {
+    let transport = if server.path == "/sse" {
+        "sse"
+    } else {
+        "streamable-http"
+    };
     let out = tokio::process::Command::new(python())
         .arg(python_script("mcp_client.py"))
-        .args(["--url", &server.url()])
+        .args(["--url", &server.url(), "--transport", transport])
         .args(["--proxy", &format!("https://{}", proxy.addr)])
         .arg("--proxy-ca")
         .arg(pki.path("acme-ca.pem"))
@@ -465,6 +480,90 @@ async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
         "Search issues (v2: now also exfiltrates)"
     );
     assert_eq!(r[1]["is_error"], false, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_older_http_sse_transport_streams_through_and_calls_are_still_decided() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let port = free_addr().port();
+    let server = McpServer::start_with(&pki, port, "v1", &["--transport", "sse"]);
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let research = pki.client("research", "spiffe://acme.test/agents/research");
+    let ops = json!([
+        {"op": "call", "tool": "search_issues", "args": {"query": "bug"}},
+        {"op": "call_progress", "tool": "slow_progress", "args": {"steps": 4}},
+        // On this transport answers travel on the GET stream, so the deny (the POST's own
+        // response) does not reach the SDK: the call times out on the client instead.
+        {"op": "call", "tool": "delete_repo", "args": {"owner": "acme", "repo": "x"}, "timeout": 2},
+    ]);
+    let r = mcp_client_via(&pki, &server, &proxy, &research, ops).await;
+    assert_eq!(r[0]["is_error"], false, "{r:?}");
+    assert_eq!(r[0]["text"], "found 3 issues for bug");
+    let times: Vec<f64> = r[1]["progress_times"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 4, "{r:?}");
+    assert!(
+        times[3] - times[0] > 0.6,
+        "progress must stream through: {times:?}"
+    );
+    assert_eq!(r[2]["is_error"], true, "{r:?}");
+    assert!(!server.received_tools().contains(&"delete_repo".to_owned()));
+    proxy.decisions.wait_for("the delete_repo deny", |l| {
+        l.contains("delete_repo") && l.contains("\"deny\"")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_stream_resumes_with_last_event_id() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let port = free_addr().port();
+    let server = McpServer::start_with(&pki, port, "v1", &["--event-store"]);
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let research = pki.client("research", "spiffe://acme.test/agents/research");
+    let out = tokio::process::Command::new(python())
+        .arg(python_script("mcp_resume.py"))
+        .args(["--url", &server.url()])
+        .args(["--proxy", &format!("https://{}", proxy.addr)])
+        .arg("--proxy-ca")
+        .arg(pki.path("acme-ca.pem"))
+        .arg("--cert")
+        .arg(&research.cert)
+        .arg("--key")
+        .arg(&research.key)
+        .arg("--ca")
+        .arg(pki.path("mitm-ca.pem"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["first"]["params"]["progress"], 1.0, "{v}");
+    let replayed = v["replayed"].as_array().unwrap();
+    let progress: Vec<_> = replayed
+        .iter()
+        .filter_map(|e| e["message"]["params"]["progress"].as_f64())
+        .collect();
+    assert_eq!(
+        progress,
+        [2.0, 3.0, 4.0],
+        "events after Last-Event-ID only: {v}"
+    );
+    let last = &replayed.last().unwrap()["message"];
+    assert_eq!(last["id"], 2);
+    assert_eq!(last["result"]["content"][0]["text"], "done", "{v}");
+    // Both the call and the resuming GET went through the pipeline.
+    let e = proxy.wait_access(1, |e| e["method"] == "GET");
+    assert_eq!(e[0]["status"], 200);
 }
 
 /// Wait (bounded) until `cond` holds for the proxy's `/mcp/pins` listing.
