@@ -37,6 +37,8 @@ pub struct Dialer {
     pub body_bytes: u64,
     /// Speak h2 on the innermost connection (ALPN `h2`) instead of HTTP/1.1.
     pub http2: bool,
+    /// Sent with every request (the `full` profile's credential placeholder).
+    pub headers: Vec<(header::HeaderName, header::HeaderValue)>,
 }
 
 /// The request a scenario repeats, built once.
@@ -45,6 +47,7 @@ pub struct Template {
     path: String,
     host: String,
     body: Bytes,
+    headers: Vec<(header::HeaderName, header::HeaderValue)>,
     /// Expected response body length, checked on every response.
     pub expect_len: Option<u64>,
 }
@@ -83,6 +86,7 @@ impl Template {
             path,
             host,
             body,
+            headers: dialer.headers.clone(),
             expect_len,
         }
     }
@@ -96,6 +100,9 @@ impl Template {
             b.uri(self.path.as_str())
                 .header(header::HOST, self.host.as_str())
         };
+        for (k, v) in &self.headers {
+            b = b.header(k, v);
+        }
         if !self.body.is_empty() {
             b = b
                 .header(header::CONTENT_TYPE, "application/json")

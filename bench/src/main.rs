@@ -28,7 +28,7 @@ use crate::load::Plan;
 use crate::progress::Progress;
 use crate::proxy_proc::ProxyProcess;
 use crate::report::{Machine, ProxyInfo, Report, ScenarioResult, Settings};
-use crate::scenario::Route;
+use crate::scenario::{Profile, Route};
 
 /// Extra attempts per scenario under `--max-other`, and the wait for a quiet machine.
 const QUIET_RETRIES: usize = 3;
@@ -289,13 +289,52 @@ async fn run(
         }
         None => None,
     };
-    let dialer = Arc::new(Dialer {
-        tls: setup.client_tls(args.tls_resumption, args.http2)?,
-        proxy: proxy.as_ref().map(|p| p.addr),
-        upstream: upstream_addr,
-        body_bytes: args.body_size,
-        http2: args.http2,
-    });
+    let dialer = |proxy: Option<&ProxyProcess>, headers| -> Result<Arc<Dialer>> {
+        Ok(Arc::new(Dialer {
+            tls: setup.client_tls(args.tls_resumption, args.http2)?,
+            proxy: proxy.map(|p| p.addr),
+            upstream: upstream_addr,
+            body_bytes: args.body_size,
+            http2: args.http2,
+            headers,
+        }))
+    };
+    let bare = dialer(proxy.as_ref(), Vec::new())?;
+    let mut targets = vec![Target {
+        profile: Profile::Bare,
+        dialer: bare,
+        proxy: proxy.take(),
+    }];
+    // The other profiles each get their own proxy process (and `full` an OTLP sink).
+    let mut profiles: Vec<Profile> = selected
+        .iter()
+        .map(|s| s.profile)
+        .filter(|p| *p != Profile::Bare)
+        .collect();
+    profiles.dedup();
+    let sink = match profiles.contains(&Profile::Full) {
+        true => Some(upstream::OtlpSink::start().await?),
+        false => None,
+    };
+    for profile in profiles {
+        let Some(bin) = &bin else { break };
+        let otlp = sink.as_ref().map_or(upstream_addr, |s| s.addr);
+        let config = setup.write_profile(profile, otlp)?;
+        let p = ProxyProcess::start(bin, &config, log_filter)
+            .with_context(|| format!("starting the {} proxy", profile.name()))?;
+        let headers = match profile {
+            Profile::Full => vec![(
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_static(concat!("Bearer ", "pcx_bench")),
+            )],
+            _ => Vec::new(),
+        };
+        targets.push(Target {
+            profile,
+            dialer: dialer(Some(&p), headers)?,
+            proxy: Some(p),
+        });
+    }
     let plan = Plan {
         connections: args.connections,
         warmup: args.warmup,
@@ -303,17 +342,31 @@ async fn run(
         request_timeout: args.request_timeout,
     };
 
-    let (rows, outcome) =
-        measure(args, selected, &dialer, plan, proxy.as_mut(), &mut progress).await;
+    let (rows, outcome) = measure(args, selected, &mut targets, plan, &mut progress).await;
     report.scenarios = rows;
+    if let Some(sink) = &sink {
+        let n = sink.requests.load(std::sync::atomic::Ordering::Relaxed);
+        report
+            .notes
+            .push(format!("full: the OTLP sink received {n} export requests"));
+    }
 
-    if let (Some(p), Some(info)) = (&proxy, &mut report.proxy) {
+    if let (Some(p), Some(info)) = (&targets[0].proxy, &mut report.proxy) {
         info.rss_peak_mib = procstat::mem(p.pid).ok().map(|m| m.hwm_kib as f64 / 1024.0);
     }
-    if let Some(p) = &mut proxy {
-        p.stop();
+    for t in &mut targets {
+        if let Some(p) = &mut t.proxy {
+            p.stop();
+        }
     }
     outcome
+}
+
+/// A proxy configuration under test: its process and the dialer that reaches it.
+struct Target {
+    profile: Profile,
+    dialer: Arc<Dialer>,
+    proxy: Option<ProxyProcess>,
 }
 
 /// Run every selected scenario `--rounds` times; one row per scenario (see
@@ -322,9 +375,8 @@ async fn run(
 async fn measure(
     args: &Args,
     selected: &[&'static scenario::Scenario],
-    dialer: &Arc<Dialer>,
+    targets: &mut [Target],
     plan: Plan,
-    mut proxy: Option<&mut ProxyProcess>,
     progress: &mut Progress,
 ) -> (Vec<ScenarioResult>, Result<()>) {
     // rounds[i] holds every round's result of selected[i].
@@ -342,6 +394,14 @@ async fn measure(
                 }
                 continue;
             }
+            let Some(target) = targets.iter_mut().find(|t| t.profile == sc.profile) else {
+                outcome = Err(anyhow::anyhow!(
+                    "scenario {}: no proxy for its profile",
+                    sc.name
+                ));
+                break 'rounds;
+            };
+            let (dialer, mut proxy) = (&target.dialer, target.proxy.as_mut());
             // With --max-other, a scenario disturbed by other processes is measured again
             // (bounded), keeping the least disturbed attempt.
             let mut best: Option<ScenarioResult> = None;

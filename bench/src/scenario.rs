@@ -38,6 +38,28 @@ pub enum Workload {
     Mcp,
 }
 
+/// Which proxy configuration a scenario runs against (one proxy process per profile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Profile {
+    /// Allow-all policy, no credentials, telemetry off: the budget's "bare MITM".
+    Bare,
+    /// The example policy, a credential substituted on every request, the decision log on
+    /// and spans exported over OTLP to an in-process sink: the budget's "full pipeline".
+    Full,
+    /// The example policy over a large data document (thousands of identities and hosts).
+    PolicyHeavy,
+}
+
+impl Profile {
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Bare => "bare",
+            Profile::Full => "full",
+            Profile::PolicyHeavy => "policy-heavy",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Scenario {
     pub name: &'static str,
@@ -49,6 +71,7 @@ pub struct Scenario {
     pub baseline: Option<&'static str>,
     /// Named but not measurable yet: reported as "not yet available".
     pub stub: bool,
+    pub profile: Profile,
 }
 
 const fn sc(
@@ -67,6 +90,7 @@ const fn sc(
         workload,
         baseline,
         stub: false,
+        profile: Profile::Bare,
     }
 }
 
@@ -169,7 +193,7 @@ pub const ALL: &[Scenario] = &[
         Some("direct-mcp"),
     ),
     Scenario {
-        stub: true,
+        profile: Profile::Full,
         ..sc(
             "full",
             "MITM with example policy, credential substitution, telemetry exporting",
@@ -180,10 +204,10 @@ pub const ALL: &[Scenario] = &[
         )
     },
     Scenario {
-        stub: true,
+        profile: Profile::PolicyHeavy,
         ..sc(
             "policy-heavy",
-            "MITM with a large Rego policy evaluated per request",
+            "MITM with the example policy over a large data document (5,000 identities)",
             Route::Mitm,
             ConnMode::KeepAlive,
             Workload::Small,
@@ -193,7 +217,7 @@ pub const ALL: &[Scenario] = &[
 ];
 
 /// What runs when `--scenarios` is not given.
-pub const DEFAULT: &str = "direct,tunnel,mitm,handshake,large,large-16x,mcp";
+pub const DEFAULT: &str = "direct,tunnel,mitm,handshake,large,large-16x,mcp,full,policy-heavy";
 
 #[derive(Debug)]
 pub struct UnknownScenario(pub String);

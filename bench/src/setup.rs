@@ -2,6 +2,7 @@
 //! dir: trust domain `bench.test`, the load client's SVID, the proxy's server certificate, the
 //! MITM CA and the upstream CA. Also the rustls configs the load generator and upstream use.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
+
+use crate::scenario::Profile;
 
 pub const TRUST_DOMAIN: &str = "bench.test";
 pub const CLIENT_ID: &str = "spiffe://bench.test/load";
@@ -154,13 +157,109 @@ impl Setup {
     }
 }
 
+/// The example policy (policy/examples/policies, tests left out) that `full` and
+/// `policy-heavy` evaluate.
+const EXAMPLE_POLICY: &[(&str, &str)] = &[
+    (
+        "data.yaml",
+        include_str!("../../policy/examples/policies/data.yaml"),
+    ),
+    (
+        "portcullis/decision.rego",
+        include_str!("../../policy/examples/policies/portcullis/decision.rego"),
+    ),
+    (
+        "portcullis/hosts.rego",
+        include_str!("../../policy/examples/policies/portcullis/hosts.rego"),
+    ),
+    (
+        "portcullis/hours.rego",
+        include_str!("../../policy/examples/policies/portcullis/hours.rego"),
+    ),
+    (
+        "portcullis/methods.rego",
+        include_str!("../../policy/examples/policies/portcullis/methods.rego"),
+    ),
+    (
+        "portcullis/trust_domains.rego",
+        include_str!("../../policy/examples/policies/portcullis/trust_domains.rego"),
+    ),
+];
+
+/// The placeholder the `full` profile's requests carry; substituted with a file secret.
+pub const BENCH_PLACEHOLDER: &str = "pcx_bench";
+
+impl Setup {
+    /// The config of a non-bare profile, with its policy directory; `otlp` is where `full`
+    /// exports spans (OTLP/HTTP).
+    pub fn write_profile(&self, profile: Profile, otlp: SocketAddr) -> Result<PathBuf> {
+        let name = profile.name();
+        let dir = self.dir.join(format!("policy-{name}"));
+        std::fs::create_dir_all(dir.join("portcullis")).context("creating the policy dir")?;
+        for (file, text) in EXAMPLE_POLICY {
+            write_file(&dir.join(file), text.as_bytes(), false)?;
+        }
+        // The load client's identity may reach the built-in upstream (the example policy's
+        // data shape); policy-heavy adds thousands of other identities and hosts around it.
+        let mut agents = serde_json::Map::new();
+        if profile == Profile::PolicyHeavy {
+            for i in 0..5000 {
+                let hosts: Vec<String> = (0..20)
+                    .map(|h| format!("api-{h}.tenant-{i}.example.com"))
+                    .collect();
+                agents.insert(
+                    format!("spiffe://bench.test/tenant-{i}/agent"),
+                    json!({"hosts": hosts}),
+                );
+            }
+        }
+        agents.insert(CLIENT_ID.into(), json!({"hosts": [MITM_HOST]}));
+        write_file(
+            &dir.join("bench.json"),
+            json!({"agents": agents}).to_string().as_bytes(),
+            false,
+        )?;
+        let mut cfg = base_config(&format!("policy-{name}/"));
+        if profile == Profile::Full {
+            write_file(
+                &self.dir.join("bench-secret"),
+                b"bench-real-secret-value\n",
+                false,
+            )?;
+            cfg["credentials"] = json!([{
+                "name": "bench", "placeholder": BENCH_PLACEHOLDER, "hosts": [MITM_HOST],
+                "source": {"file": "bench-secret"},
+            }]);
+            cfg["telemetry"] = json!({
+                "decision_log": "stdout",
+                "otlp_endpoint": format!("http://{otlp}"),
+                "otlp_protocol": "http/protobuf",
+            });
+        } else {
+            cfg["telemetry"] = json!({"decision_log": "off"});
+        }
+        let path = self.dir.join(format!("config-{name}.yaml"));
+        write_file(&path, format!("{cfg:#}\n").as_bytes(), false)?;
+        Ok(path)
+    }
+}
+
 /// The built-in upstream offers h2 (as most HTTPS APIs do) unless told not to; the proxy's
 /// upstream client then multiplexes every tunnel's requests onto shared h2 connections.
 /// The proxy config: the README's minimal `serve` shape (JSON is YAML) plus the passthrough
 /// host. `telemetry_off` turns the decision log off, as the budget's bare pipeline wants;
 /// proxies from before the `telemetry` key refuse it, so the caller can write it again without.
 pub fn write_config(path: &Path, telemetry_off: bool) -> Result<()> {
-    let mut cfg = json!({
+    let mut cfg = base_config("policy/");
+    if telemetry_off {
+        cfg["telemetry"] = json!({"decision_log": "off"});
+    }
+    write_file(path, format!("{cfg:#}\n").as_bytes(), false)?;
+    Ok(())
+}
+
+fn base_config(policy: &str) -> serde_json::Value {
+    json!({
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
         "tls": {"cert": "server.pem", "key": "server.key"},
@@ -172,13 +271,8 @@ pub fn write_config(path: &Path, telemetry_off: bool) -> Result<()> {
         },
         "upstream": {"extra_roots": ["upstream-ca.pem"]},
         "egress": {"allow": ["127.0.0.0/8", "::1/128"]},
-        "policy": {"paths": ["policy/"]},
-    });
-    if telemetry_off {
-        cfg["telemetry"] = json!({"decision_log": "off"});
-    }
-    write_file(path, format!("{cfg:#}\n").as_bytes(), false)?;
-    Ok(())
+        "policy": {"paths": [policy]},
+    })
 }
 
 fn upstream_server_tls(leaf: &Issued, h2: bool) -> Result<Arc<ServerConfig>> {

@@ -169,3 +169,57 @@ impl Body for UpBody {
         }
     }
 }
+
+/// An OTLP/HTTP collector stand-in for the `full` profile: accepts `POST /v1/traces` and answers
+/// 200 with an empty `ExportTraceServiceResponse`, counting requests (spans are not decoded:
+/// the bench measures the proxy's cost of exporting, not a collector).
+pub struct OtlpSink {
+    pub addr: SocketAddr,
+    pub requests: Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for OtlpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl OtlpSink {
+    pub async fn start() -> Result<OtlpSink> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the OTLP sink")?;
+        let addr = listener.local_addr()?;
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let counter = counter.clone();
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            Response::builder()
+                                .header(header::CONTENT_TYPE, "application/x-protobuf")
+                                .body(http_body_util::Full::new(Bytes::new()))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(OtlpSink {
+            addr,
+            requests,
+            task,
+        })
+    }
+}

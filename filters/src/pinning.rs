@@ -71,7 +71,7 @@ pub fn definition_hash(tool: &Value) -> String {
         "inputSchema": tool.get("inputSchema"),
     });
     let digest = Sha256::digest(canonical.to_string().as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::pipeline::hex(&digest)
 }
 
 impl ToolPins {

@@ -36,11 +36,34 @@ pub struct TraceId(pub [u8; 16]);
 
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let mut buf = [0u8; 32];
+        f.write_str(hex_into(&self.0, &mut buf))
     }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex of `bytes` into `buf` (twice as long): no allocation, no formatter per byte
+/// (ids are written several times per request).
+pub fn hex_into<'a>(bytes: &[u8], buf: &'a mut [u8]) -> &'a str {
+    let mut n = 0;
+    for (b, out) in bytes.iter().zip(buf.chunks_exact_mut(2)) {
+        out[0] = HEX[usize::from(b >> 4)];
+        out[1] = HEX[usize::from(b & 15)];
+        n += 2;
+    }
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
 }
 
 impl fmt::Debug for TraceId {
@@ -61,7 +84,7 @@ fn span_id(trace_id: &TraceId) -> [u8; 8] {
 
 /// Hex of a span id, for logs.
 pub fn span_hex(id: &[u8; 8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    hex(id)
 }
 
 /// Who is on the other end of the client connection: fixed for the connection's lifetime.
@@ -70,6 +93,8 @@ pub struct Peer {
     /// The verified SPIFFE ID from the client's X.509-SVID. There is no context without one.
     pub spiffe_id: SpiffeId,
     pub source: SocketAddr,
+    /// `source`'s IP as text, formatted once per connection (the policy input wants it).
+    pub source_ip: String,
 }
 
 /// How a request reached the proxy, for logs and for rebuilding the upstream URI.

@@ -74,7 +74,7 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
             segments: id.segments().map(str::to_owned).collect(),
         },
         source: Some(Source {
-            address: ctx.peer.source.ip().to_string(),
+            address: ctx.peer.source_ip.clone(),
             port: ctx.peer.source.port(),
         }),
         destination: PDestination {

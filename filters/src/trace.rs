@@ -55,8 +55,15 @@ impl TraceParent {
     }
 
     pub fn header(trace_id: &TraceId, span_id: &[u8; 8], flags: u8) -> String {
-        let span: String = span_id.iter().map(|b| format!("{b:02x}")).collect();
-        format!("00-{trace_id}-{span}-{flags:02x}")
+        let mut buf = [0u8; 32];
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        out.push_str(crate::pipeline::hex_into(&trace_id.0, &mut buf));
+        out.push('-');
+        out.push_str(crate::pipeline::hex_into(span_id, &mut buf));
+        out.push('-');
+        out.push_str(crate::pipeline::hex_into(&[flags], &mut buf));
+        out
     }
 }
 

@@ -174,9 +174,7 @@ impl PolicySet {
     }
 
     fn decide(&self, input: Value, strategy: Strategy) -> Decision {
-        let start = Instant::now();
-        let (result, revision) = self.run(input, strategy, start);
-        let eval_time = start.elapsed();
+        let (result, revision, eval_time) = self.run(input, strategy);
         match result {
             // The in-engine timer cannot interrupt a single slow builtin; the budget
             // still holds for the decision.
@@ -189,12 +187,11 @@ impl PolicySet {
         }
     }
 
-    fn run(
-        &self,
-        input: Value,
-        strategy: Strategy,
-        start: Instant,
-    ) -> (Result<Value, Failure>, Arc<str>) {
+    /// The result, the revision that produced it, and the evaluation time. Setting up a
+    /// thread's engine instance (once per thread and revision) is not evaluation: the
+    /// budget starts when the instance is ready, so a cold thread on a busy machine is not
+    /// denied for compiling.
+    fn run(&self, input: Value, strategy: Strategy) -> (Result<Value, Failure>, Arc<str>, Duration) {
         let interpreter = match strategy {
             Strategy::PerThread | Strategy::FreshPerEval => {
                 matches!(self.evaluator, Evaluator::Interpreter { .. })
@@ -206,10 +203,13 @@ impl PolicySet {
             Strategy::PerThread | Strategy::InterpreterPerThread
         );
         if !cached {
-            let result = self
-                .new_instance(interpreter, false)
-                .and_then(|mut instance| self.run_guarded(&mut instance, input, start));
-            return (result, self.revision.clone());
+            let mut instance = match self.new_instance(interpreter, false) {
+                Ok(i) => i,
+                Err(failure) => return (Err(failure), self.revision.clone(), Duration::ZERO),
+            };
+            let start = Instant::now();
+            let result = self.run_guarded(&mut instance, input, start);
+            return (result, self.revision.clone(), start.elapsed());
         }
         let mut slot = match take_slot(self.id, interpreter) {
             Some(slot) => slot,
@@ -221,16 +221,18 @@ impl PolicySet {
                     instance,
                     revision: Arc::from(&*self.revision),
                 },
-                Err(failure) => return (Err(failure), self.revision.clone()),
+                Err(failure) => return (Err(failure), self.revision.clone(), Duration::ZERO),
             },
         };
+        let start = Instant::now();
         let result = self.run_guarded(&mut slot.instance, input, start);
+        let eval_time = start.elapsed();
         let revision = slot.revision.clone();
         // An instance that failed may hold half-finished state: drop it.
         if result.is_ok() {
             put_slot(slot);
         }
-        (result, revision)
+        (result, revision, eval_time)
     }
 
     /// Runs one evaluation; a panic inside regorus (e.g. `numbers.range_step` with step 0

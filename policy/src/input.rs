@@ -142,10 +142,24 @@ pub struct TimeInfo {
 impl TimeInfo {
     /// The current time (a clock before 1970 reads as the epoch).
     pub fn now() -> TimeInfo {
+        thread_local! {
+            /// Formatting the date is most of the cost; it changes once a second.
+            static LAST: std::cell::RefCell<Option<TimeInfo>> = const { std::cell::RefCell::new(None) };
+        }
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        TimeInfo::at(unix)
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            match &*last {
+                Some(t) if t.unix == unix => t.clone(),
+                _ => {
+                    let t = TimeInfo::at(unix);
+                    *last = Some(t.clone());
+                    t
+                }
+            }
+        })
     }
 
     /// The given instant, in UTC.

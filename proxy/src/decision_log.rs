@@ -4,45 +4,135 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use portcullis_filters::pipeline::span_hex;
 use portcullis_filters::{Context, Filter, Outcome};
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use serde::Serialize;
 
-/// Lines are handed to a writer thread (no write syscall on the request path). The queue is
-/// not lossy: when it is full the request waits rather than a decision going unrecorded. The
-/// guard flushes what is queued when the log is dropped at shutdown.
+/// How often the writer thread flushes what requests have queued.
+const FLUSH_EVERY: Duration = Duration::from_millis(10);
+/// Queued bytes beyond which a request waits for the writer (the log is never lossy).
+const MAX_QUEUED: usize = 4 << 20;
+
+/// Lines are appended to an in-memory buffer (no syscall, no thread wake-up on the request
+/// path) that a writer thread flushes every 10 ms. Nothing is dropped: past 4 MiB queued a
+/// request waits for the writer, and dropping the log (shutdown) flushes the rest.
 pub struct DecisionLog {
-    writer: NonBlocking,
-    _flush_on_drop: WorkerGuard,
+    queue: Arc<Queue>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    state: Mutex<(Vec<u8>, bool)>, // (queued bytes, closed)
+    drained: Condvar,
 }
 
 impl DecisionLog {
     /// `stdout`, `stderr`, `off` (returns `None`), or a file path opened for appending.
     pub fn open(target: &str) -> std::io::Result<Option<DecisionLog>> {
-        let builder = NonBlockingBuilder::default().lossy(false);
-        let (writer, guard) = match target {
+        let out: Box<dyn Write + Send> = match target {
             "off" => return Ok(None),
-            "stdout" => builder.finish(std::io::stdout()),
-            "stderr" => builder.finish(std::io::stderr()),
-            path => builder.finish(OpenOptions::new().create(true).append(true).open(path)?),
+            "stdout" => Box::new(std::io::stdout()),
+            "stderr" => Box::new(std::io::stderr()),
+            path => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
+        let queue = Arc::new(Queue::default());
+        let q = queue.clone();
+        let writer = std::thread::Builder::new()
+            .name("decision-log".into())
+            .spawn(move || write_loop(&q, out))?;
         Ok(Some(DecisionLog {
-            writer,
-            _flush_on_drop: guard,
+            queue,
+            writer: Some(writer),
         }))
     }
 
     fn write(&self, line: &[u8]) {
-        // A failed log write must not fail the request.
-        if let Err(e) = self.writer.clone().write_all(line) {
-            tracing::warn!(error = %e, "cannot write the decision log");
+        let Ok(mut state) = self.queue.state.lock() else {
+            return;
+        };
+        while state.0.len() > MAX_QUEUED && !state.1 {
+            state = match self.queue.drained.wait(state) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+        state.0.extend_from_slice(line);
+    }
+}
+
+fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
+    let mut batch = Vec::new();
+    loop {
+        std::thread::sleep(FLUSH_EVERY);
+        let closed = match queue.state.lock() {
+            Ok(mut state) => {
+                std::mem::swap(&mut batch, &mut state.0);
+                state.1
+            }
+            Err(_) => return,
+        };
+        queue.drained.notify_all();
+        if !batch.is_empty() {
+            // A failed log write must not fail requests; say so once per batch.
+            if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+                tracing::warn!(error = %e, "cannot write the decision log");
+            }
+            batch.clear();
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+impl Drop for DecisionLog {
+    /// Flush everything queued before the process goes.
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.queue.state.lock() {
+            state.1 = true;
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
         }
     }
 }
 
 fn now_rfc3339() -> String {
     portcullis_policy::TimeInfo::now().rfc3339
+}
+
+/// One decision-log line.
+#[derive(Serialize)]
+struct Line<'a> {
+    time: &'a str,
+    trace_id: &'a str,
+    span_id: &'a str,
+    spiffe_id: &'a str,
+    kind: &'a str,
+    destination: &'a str,
+    method: &'a str,
+    path: &'a str,
+    decision: &'a str,
+    reason: &'a str,
+    policy_revision: &'a str,
+    eval_us: u64,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mcp: Option<McpLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct McpLine<'a> {
+    method: &'a str,
+    id: &'a Option<serde_json::Value>,
+    tool: &'a Option<String>,
+    tool_changed: bool,
 }
 
 #[async_trait::async_trait]
@@ -52,35 +142,47 @@ impl Filter for DecisionLog {
     }
 
     fn logging(&self, ctx: &Context, outcome: &Outcome) {
+        if ctx.decisions.is_empty() {
+            return;
+        }
         let time = now_rfc3339();
+        let mut trace = [0u8; 32];
+        let trace_id = portcullis_filters::pipeline::hex_into(&ctx.trace_id.0, &mut trace);
+        let span_id = span_hex(&ctx.span_id);
+        let destination = ctx.destination.authority();
+        let mut text = Vec::with_capacity(512);
         for rec in &ctx.decisions {
             let d = &rec.decision;
-            let mut line = serde_json::json!({
-                "time": time,
-                "trace_id": ctx.trace_id.to_string(),
-                "span_id": span_hex(&ctx.span_id),
-                "spiffe_id": ctx.peer.spiffe_id.as_str(),
-                "kind": if rec.mcp.is_some() { "mcp" } else { ctx.kind.as_str() },
-                "destination": ctx.destination.authority(),
-                "method": ctx.method.as_str(),
-                "path": ctx.path,
-                "decision": if d.allow { "allow" } else { "deny" },
-                "reason": d.reason,
-                "policy_revision": &*d.revision,
-                "eval_us": u64::try_from(d.eval_time.as_micros()).unwrap_or(u64::MAX),
-                "status": outcome.status,
-            });
-            if let Some(route) = &ctx.gateway_route {
-                line["route"] = serde_json::Value::from(&**route);
+            let line = Line {
+                time: &time,
+                trace_id,
+                span_id: &span_id,
+                spiffe_id: ctx.peer.spiffe_id.as_str(),
+                kind: if rec.mcp.is_some() {
+                    "mcp"
+                } else {
+                    ctx.kind.as_str()
+                },
+                destination: &destination,
+                method: ctx.method.as_str(),
+                path: &ctx.path,
+                decision: if d.allow { "allow" } else { "deny" },
+                reason: &d.reason,
+                policy_revision: &d.revision,
+                eval_us: u64::try_from(d.eval_time.as_micros()).unwrap_or(u64::MAX),
+                status: outcome.status,
+                route: ctx.gateway_route.as_deref(),
+                mcp: rec.mcp.as_ref().map(|m| McpLine {
+                    method: &m.method,
+                    id: &m.id,
+                    tool: &m.tool,
+                    tool_changed: m.tool_changed,
+                }),
+            };
+            if serde_json::to_writer(&mut text, &line).is_ok() {
+                text.push(b'\n');
             }
-            if let Some(m) = &rec.mcp {
-                line["mcp"] = serde_json::json!({
-                    "method": m.method, "id": m.id, "tool": m.tool, "tool_changed": m.tool_changed,
-                });
-            }
-            let mut text = line.to_string();
-            text.push('\n');
-            self.write(text.as_bytes());
         }
+        self.write(&text);
     }
 }

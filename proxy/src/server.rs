@@ -87,6 +87,7 @@ async fn serve_conn(
         peer: Arc::new(Peer {
             spiffe_id,
             source: addr,
+            source_ip: addr.ip().to_string(),
         }),
         activity: activity.clone(),
         _permit: permit,
