@@ -191,7 +191,11 @@ impl PolicySet {
     /// thread's engine instance (once per thread and revision) is not evaluation: the
     /// budget starts when the instance is ready, so a cold thread on a busy machine is not
     /// denied for compiling.
-    fn run(&self, input: Value, strategy: Strategy) -> (Result<Value, Failure>, Arc<str>, Duration) {
+    fn run(
+        &self,
+        input: Value,
+        strategy: Strategy,
+    ) -> (Result<Value, Failure>, Arc<str>, Duration) {
         let interpreter = match strategy {
             Strategy::PerThread | Strategy::FreshPerEval => {
                 matches!(self.evaluator, Evaluator::Interpreter { .. })

@@ -110,9 +110,17 @@ impl Vault {
                                 r.mount, r.path, r.field
                             )
                         })?;
+                    // A lease (KV v1, dynamic secrets) shorter than cache_ttl wins; KV v2
+                    // answers lease_duration 0 (no lease).
+                    let lease = v
+                        .get("lease_duration")
+                        .and_then(serde_json::Value::as_u64)
+                        .filter(|s| *s > 0)
+                        .map(std::time::Duration::from_secs);
+                    let lifetime = lease.map_or(self.cfg.cache_ttl, |l| l.min(self.cfg.cache_ttl));
                     return Ok(Fetched {
                         value: Arc::new(SecretValue::new(field.to_owned())),
-                        lifetime: self.cfg.cache_ttl,
+                        lifetime,
                     });
                 }
                 // An expired AppRole token: log in again, once.
