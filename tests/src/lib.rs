@@ -455,6 +455,12 @@ impl Proxy {
     }
 
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Proxy {
+        Proxy::start_until(config, env, "listening")
+    }
+
+    /// Start and wait for the log line whose message is `message` and which carries the
+    /// bound `proxy` and `admin` addresses (`listening`, or the Workload API's `waiting ...`).
+    pub fn start_until(config: &Path, env: &[(&str, &str)], message: &str) -> Proxy {
         let mut child = Command::new(bin())
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
@@ -468,11 +474,10 @@ impl Proxy {
         capture(child.stderr.take().unwrap(), logs.clone());
         let decisions = Arc::new(Logs::default());
         capture(child.stdout.take().unwrap(), decisions.clone());
-        let line = logs.wait_for("the listening line", |l| {
-            l.contains("\"listening\"") || l.contains("ERROR")
-        });
+        let quoted = format!("\"{message}\"");
+        let line = logs.wait_for(message, |l| l.contains(&quoted) || l.contains("ERROR"));
         let ev: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(ev["message"], "listening", "proxy failed to start: {line}");
+        assert_eq!(ev["message"], message, "proxy failed to start: {line}");
         let addr = ev["proxy"].as_str().unwrap().parse().unwrap();
         let admin = ev["admin"].as_str().unwrap().parse().unwrap();
         Proxy {
