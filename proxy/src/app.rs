@@ -275,7 +275,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             "waiting for the X.509-SVID and bundles from the Workload API");
         WorkloadApiFeeds {
             svid: workload_api::watch_svid(endpoint.clone(), shutdown.clone()),
-            bundles: Some(workload_api::watch_bundles(endpoint, shutdown.clone())),
+            bundles: workload_api::watch_bundles(endpoint, shutdown.clone()),
         }
     });
     let served = Served {
@@ -284,9 +284,9 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         cert,
         policy: policy.clone(),
     };
-    let reloader = Reloader::new(config_path, cfg, served, feeds, status.clone());
+    let reloader = Reloader::new(config_path, cfg, served, status.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(reloader.run(shutdown.clone(), ready_tx));
+    tokio::spawn(reloader.run(feeds, shutdown.clone(), ready_tx));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
     let (status2, shared2) = (status.clone(), shared.clone());
     shared.tracker.spawn(async move {

@@ -28,7 +28,7 @@ use crate::workload_api::{Bundles, X509Svid};
 pub struct WorkloadApiFeeds {
     pub svid: watch::Receiver<Option<Arc<X509Svid>>>,
     /// The X.509 bundles stream (used by `workload_api` trust domains).
-    pub bundles: Option<watch::Receiver<Option<Arc<Bundles>>>>,
+    pub bundles: watch::Receiver<Option<Arc<Bundles>>>,
 }
 
 pub struct Reloader {
@@ -38,7 +38,6 @@ pub struct Reloader {
     /// The bundle files' certificates as last loaded, so a Workload API bundle update can
     /// rebuild the store without re-reading (possibly mid-change) files.
     file_roots: Roots,
-    feeds: Option<WorkloadApiFeeds>,
     /// The latest bundles the Workload API sent.
     api_bundles: Option<Arc<Bundles>>,
     cert: Arc<ServerCert>,
@@ -134,7 +133,6 @@ impl Reloader {
         config_path: PathBuf,
         config: Config,
         served: Served,
-        feeds: Option<WorkloadApiFeeds>,
         status: Arc<Status>,
     ) -> Reloader {
         let last_tls = fingerprint(&tls_files(&config_path, &config));
@@ -144,7 +142,6 @@ impl Reloader {
             config,
             trust: served.trust,
             file_roots: served.file_roots,
-            feeds,
             api_bundles: None,
             cert: served.cert,
             policy: served.policy,
@@ -165,8 +162,8 @@ impl Reloader {
         let need_bundles = !self.config.workload_api_trust_domains().is_empty();
         let ready = async {
             let _ = feeds.svid.wait_for(Option::is_some).await;
-            if let Some(b) = feeds.bundles.as_mut().filter(|_| need_bundles) {
-                let _ = b.wait_for(Option::is_some).await;
+            if need_bundles {
+                let _ = feeds.bundles.wait_for(Option::is_some).await;
             }
         };
         tokio::select! {
@@ -174,9 +171,7 @@ impl Reloader {
             _ = shutdown.cancelled() => return false,
         }
         self.svid_update(&mut feeds.svid);
-        if let Some(b) = &mut feeds.bundles {
-            self.bundles_update(b);
-        }
+        self.bundles_update(&mut feeds.bundles);
         true
     }
 
@@ -197,14 +192,20 @@ impl Reloader {
         }
     }
 
-    /// Runs until shutdown; `ready` fires once the server certificate and bundles are in place.
-    pub async fn run(mut self, shutdown: CancellationToken, ready: oneshot::Sender<()>) {
+    /// Runs until shutdown; `ready` fires once the server certificate and bundles are in place
+    /// (at once without `feeds`, when they come from files).
+    pub async fn run(
+        mut self,
+        feeds: Option<WorkloadApiFeeds>,
+        shutdown: CancellationToken,
+        ready: oneshot::Sender<()>,
+    ) {
         let (mut svid_feed, mut bundle_feed) = (None, None);
-        if let Some(mut feeds) = self.feeds.take() {
+        if let Some(mut feeds) = feeds {
             if !self.first_material(&mut feeds, &shutdown).await {
                 return;
             }
-            (svid_feed, bundle_feed) = (Some(feeds.svid), feeds.bundles);
+            (svid_feed, bundle_feed) = (Some(feeds.svid), Some(feeds.bundles));
         }
         let _ = ready.send(());
         let (mut last_tls, mut last_policy) = (self.last_tls, self.last_policy);

@@ -132,11 +132,6 @@ impl TrustStore {
         Ok(TrustStore { domains })
     }
 
-    /// Build from `(trust domain, bundle file)` pairs.
-    pub fn load(bundles: &[(TrustDomain, std::path::PathBuf)]) -> Result<TrustStore, TlsError> {
-        TrustStore::build(&load_bundles(bundles)?)
-    }
-
     pub fn trust_domains(&self) -> impl Iterator<Item = &TrustDomain> {
         self.domains.keys()
     }
