@@ -149,7 +149,17 @@ where
 {
     futures_util::pin_mut!(stream);
     while let Some(item) = stream.next().await {
-        match item.map_err(|e| e.to_string()).and_then(&mut publish) {
+        let published = match item {
+            Ok(message) => publish(message),
+            // The stream itself failed (or the agent refused us): reconnect.
+            Err(
+                e @ (spiffe::WorkloadApiError::Transport(_)
+                | spiffe::WorkloadApiError::PermissionDenied(_)
+                | spiffe::WorkloadApiError::NoIdentityIssued),
+            ) => return e.to_string(),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
             Ok(()) => backoff.reset(),
             // A message we cannot use: keep the last good material, and keep listening.
             Err(e) => {
