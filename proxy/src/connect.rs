@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::reload::{fingerprint, settled};
+use crate::reload::{fingerprint, hangups, next_hangup, settled};
 use crate::tls;
 use crate::workload_api::{self, Endpoint, X509Svid};
 
@@ -149,15 +149,17 @@ fn identity(opts: &Options, shutdown: &CancellationToken) -> Result<Current, Str
             let (interval, shutdown) = (opts.reload_interval, shutdown.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
-                let mut pending = None;
+                let (mut pending, mut hup) = (None, hangups());
                 loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
+                    let forced = tokio::select! {
+                        _ = tick.tick() => false,
+                        _ = next_hangup(&mut hup) => true,
                         _ = shutdown.cancelled() => return,
-                    }
+                    };
                     let now = fingerprint(&files);
-                    // Applied once the files have held still for a tick (temp file + rename).
-                    if !settled(&mut pending, now, served) {
+                    // Applied once the files have held still for a tick (temp file + rename),
+                    // or at once on SIGHUP.
+                    if !forced && !settled(&mut pending, now, served) {
                         continue;
                     }
                     served = now;
@@ -175,6 +177,13 @@ fn identity(opts: &Options, shutdown: &CancellationToken) -> Result<Current, Str
         }
         IdentitySource::WorkloadApi(endpoint) => {
             let mut feed = workload_api::watch_svid(endpoint.clone(), shutdown.clone());
+            let mut hup = hangups();
+            tokio::spawn(async move {
+                loop {
+                    next_hangup(&mut hup).await;
+                    tracing::info!("SIGHUP: nothing to reload, the Workload API pushes new SVIDs");
+                }
+            });
             tokio::spawn(async move {
                 while feed.changed().await.is_ok() {
                     let svid = feed.borrow_and_update().clone();
@@ -450,6 +459,32 @@ mod tests {
         ] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn refusals_are_complete_http_answers_after_the_request_head() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            .await
+            .unwrap();
+        let reason = "127.0.0.9 may not use this connector".to_owned();
+        refuse(server, true, 403, "client_not_allowed", reason).await;
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
+        assert!(
+            head.contains("x-portcullis-error: client_not_allowed"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], "client_not_allowed");
+        assert_eq!(body["reason"], "127.0.0.9 may not use this connector");
     }
 
     #[test]

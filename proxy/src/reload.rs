@@ -96,8 +96,16 @@ pub(crate) fn settled(pending: &mut Option<u64>, now: u64, served: u64) -> bool 
     stable
 }
 
-fn hangups() -> Option<tokio::signal::unix::Signal> {
+pub(crate) fn hangups() -> Option<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+/// Wait for the feed's next value; false on shutdown or when the feed is gone.
+async fn changed_or_shutdown<T>(rx: &mut watch::Receiver<T>, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        r = rx.changed() => r.is_ok(),
+        _ = shutdown.cancelled() => false,
+    }
 }
 
 /// The next change on an optional feed; never, when there is none or its sender is gone.
@@ -111,7 +119,7 @@ async fn next_change<T>(rx: &mut Option<watch::Receiver<T>>) {
     }
 }
 
-async fn next_hangup(sig: &mut Option<tokio::signal::unix::Signal>) {
+pub(crate) async fn next_hangup(sig: &mut Option<tokio::signal::unix::Signal>) {
     match sig {
         Some(s) => {
             s.recv().await;
@@ -151,7 +159,7 @@ impl Reloader {
         }
     }
 
-    /// Fail closed: with the Workload API, nothing is served before the first SVID (and the
+    /// Fail closed: with the Workload API, nothing is served before a usable SVID (and the
     /// first bundles, when a trust domain takes them from there) has been swapped in. Returns
     /// false on shutdown.
     async fn first_material(
@@ -159,37 +167,41 @@ impl Reloader {
         feeds: &mut WorkloadApiFeeds,
         shutdown: &CancellationToken,
     ) -> bool {
-        let need_bundles = !self.config.workload_api_trust_domains().is_empty();
-        let ready = async {
-            let _ = feeds.svid.wait_for(Option::is_some).await;
-            if need_bundles {
-                let _ = feeds.bundles.wait_for(Option::is_some).await;
+        while !self.svid_update(&mut feeds.svid) {
+            if !changed_or_shutdown(&mut feeds.svid, shutdown).await {
+                return false;
             }
-        };
-        tokio::select! {
-            _ = ready => {}
-            _ = shutdown.cancelled() => return false,
         }
-        self.svid_update(&mut feeds.svid);
-        self.bundles_update(&mut feeds.bundles);
+        let need_bundles = !self.config.workload_api_trust_domains().is_empty();
+        while !self.bundles_update(&mut feeds.bundles) && need_bundles {
+            if !changed_or_shutdown(&mut feeds.bundles, shutdown).await {
+                return false;
+            }
+        }
         true
     }
 
-    fn svid_update(&mut self, rx: &mut watch::Receiver<Option<Arc<X509Svid>>>) {
-        let svid = rx.borrow_and_update().clone();
-        if let Some(svid) = svid {
-            let r = self.apply_svid(&svid);
-            self.record("server SVID from the Workload API", r);
-        }
+    /// Swap in the feed's SVID, if there is one; true when it is now served.
+    fn svid_update(&mut self, rx: &mut watch::Receiver<Option<Arc<X509Svid>>>) -> bool {
+        let Some(svid) = rx.borrow_and_update().clone() else {
+            return false;
+        };
+        let r = self.apply_svid(&svid);
+        let ok = r.is_ok();
+        self.record("server SVID from the Workload API", r);
+        ok
     }
 
-    fn bundles_update(&mut self, rx: &mut watch::Receiver<Option<Arc<Bundles>>>) {
-        let bundles = rx.borrow_and_update().clone();
-        if bundles.is_some() {
-            self.api_bundles = bundles;
-            let r = self.rebuild_trust();
-            self.record("trust bundles from the Workload API", r);
-        }
+    /// Rebuild the trust store with the feed's bundles, if there are any; true on success.
+    fn bundles_update(&mut self, rx: &mut watch::Receiver<Option<Arc<Bundles>>>) -> bool {
+        let Some(bundles) = rx.borrow_and_update().clone() else {
+            return false;
+        };
+        self.api_bundles = Some(bundles);
+        let r = self.rebuild_trust();
+        let ok = r.is_ok();
+        self.record("trust bundles from the Workload API", r);
+        ok
     }
 
     /// Runs until shutdown; `ready` fires once the server certificate and bundles are in place
@@ -217,13 +229,13 @@ impl Reloader {
             let forced = tokio::select! {
                 _ = next_change(&mut svid_feed) => {
                     if let Some(rx) = &mut svid_feed {
-                        self.svid_update(rx);
+                        let _ = self.svid_update(rx);
                     }
                     continue;
                 }
                 _ = next_change(&mut bundle_feed) => {
                     if let Some(rx) = &mut bundle_feed {
-                        self.bundles_update(rx);
+                        let _ = self.bundles_update(rx);
                     }
                     continue;
                 }

@@ -303,6 +303,45 @@ mod tests {
     }
 
     #[test]
+    fn a_workload_api_context_becomes_rustls_material() {
+        use crate::pki::{Authority, LeafSpec};
+        let ca = Authority::generate("acme CA", Some("spiffe://acme.test")).unwrap();
+        let other = Authority::generate("other CA", Some("spiffe://other.test")).unwrap();
+        let leaf = ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test/agent",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let key: PrivatePkcs8KeyDer<'static> =
+            rustls_pki_types::pem::PemObject::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let svid =
+            spiffe::X509Svid::parse_from_der(&leaf.cert_der, key.secret_pkcs8_der()).unwrap();
+        let mut set = spiffe::X509BundleSet::new();
+        for (td, a) in [("acme.test", &ca), ("other.test", &other)] {
+            let td = spiffe::TrustDomain::new(td).unwrap();
+            set.add_bundle(spiffe::X509Bundle::parse_from_der(td, a.cert_der()).unwrap());
+        }
+        let ctx = spiffe::X509Context::new(vec![Arc::new(svid)], Arc::new(set));
+        let got = convert_context(&ctx).unwrap();
+        assert_eq!(got.spiffe_id, "spiffe://acme.test/agent");
+        assert_eq!(got.chain, vec![CertificateDer::from(leaf.cert_der.clone())]);
+        assert_eq!(got.key().secret_der(), key.secret_pkcs8_der());
+        assert!(got.expires_unix > 0);
+        assert_eq!(names(&got.bundles), ["acme.test", "other.test"]);
+        let acme = TrustDomain::parse("acme.test").unwrap();
+        assert_eq!(
+            got.bundles[&acme],
+            vec![CertificateDer::from(ca.cert_der().to_vec())]
+        );
+        // Usable as is by rustls.
+        rustls::sign::CertifiedKey::from_der(got.chain.clone(), got.key(), &crate::tls::provider())
+            .unwrap();
+        // And the key never shows in Debug output.
+        assert!(!format!("{got:?}").contains("key"), "{got:?}");
+    }
+
+    #[test]
     fn backoff_grows_to_a_cap_and_resets() {
         let mut b = Backoff::new();
         let first = b.next();
