@@ -52,6 +52,12 @@ impl X509Svid {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
+
+    fn same_as(&self, other: &X509Svid) -> bool {
+        self.chain == other.chain
+            && self.key.secret_pkcs8_der() == other.key.secret_pkcs8_der()
+            && self.bundles == other.bundles
+    }
 }
 
 impl fmt::Debug for X509Svid {
@@ -224,6 +230,14 @@ pub fn watch_svid(
                 };
                 follow(stream, backoff, |ctx| {
                     let svid = convert_context(&ctx)?;
+                    // A reconnected stream starts with what we already have: no churn.
+                    if tx
+                        .borrow()
+                        .as_deref()
+                        .is_some_and(|cur: &X509Svid| cur.same_as(&svid))
+                    {
+                        return Ok(());
+                    }
                     tracing::info!(endpoint = %endpoint, spiffe_id = %svid.spiffe_id,
                     expires_unix = svid.expires_unix, trust_domains = ?names(&svid.bundles),
                     "X.509-SVID from the Workload API");
@@ -261,6 +275,9 @@ pub fn watch_bundles(
                 };
                 follow(stream, backoff, |set| {
                     let bundles = bundle_set(&set)?;
+                    if tx.borrow().as_deref() == Some(&bundles) {
+                        return Ok(());
+                    }
                     tracing::info!(endpoint = %endpoint, trust_domains = ?names(&bundles),
                     "X.509 bundles from the Workload API");
                     tx.send_replace(Some(Arc::new(bundles)));
