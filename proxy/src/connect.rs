@@ -86,6 +86,15 @@ impl Upstream {
     }
 }
 
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host.contains(':') {
+            true => write!(f, "[{}]:{}", self.host, self.port),
+            false => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
 /// The identity new connections use: swapped whole when the SVID or bundle rotates.
 pub struct Identity {
     pub spiffe_id: String,
@@ -235,7 +244,7 @@ pub async fn run(opts: Options) -> ExitCode {
             .as_ref()
             .map(|i| i.spiffe_id.clone())
             .unwrap_or_default();
-        tracing::info!(listen = %listen, upstream = %format!("{}:{}", opts.upstream.host, opts.upstream.port),
+        tracing::info!(listen = %listen, upstream = %opts.upstream,
             spiffe_id = %spiffe_id, "connector listening");
         accept_loop(&listener, &opts, &current, &tracker).await;
     };
@@ -320,7 +329,7 @@ async fn tunnel(
     up: Arc<Upstream>,
     timeout: Duration,
 ) {
-    let target = format!("{}:{}", up.host, up.port);
+    let target = up.to_string();
     let mut upstream = match tokio::time::timeout(timeout, dial(&up, &id)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -448,6 +457,7 @@ mod tests {
         assert_eq!(u.port, 443);
         let u = Upstream::parse("https://[::1]:9").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 9));
+        assert_eq!(u.to_string(), "[::1]:9");
         assert!(matches!(u.name, ServerName::IpAddress(_)));
         for bad in [
             "http://proxy:8443",
