@@ -335,7 +335,7 @@ async fn tunnel(
         Ok(Err(e)) => {
             let reason = format!(
                 "the connector cannot reach Portcullis at {target}: {}",
-                tls::handshake_error(&e)
+                describe(&e)
             );
             tracing::warn!(peer = %peer, spiffe_id = %id.spiffe_id, %reason, "upstream unreachable");
             return refuse(client, true, 502, "upstream_unreachable", reason).await;
@@ -361,12 +361,33 @@ async fn tunnel(
         Err(e) if client.written == 0 => {
             let reason = format!(
                 "Portcullis at {target} ended the connection: {}",
-                tls::handshake_error(&e)
+                describe(&e)
             );
             tracing::warn!(peer = %peer, spiffe_id = %id.spiffe_id, %reason, "upstream refused the connection");
             refuse(client.inner, false, 502, "upstream_unreachable", reason).await;
         }
         Err(e) => tracing::debug!(peer = %peer, error = %e, "tunnel ended with an error"),
+    }
+}
+
+/// Why a connection to the central proxy failed, from the connector's side of TLS.
+fn describe(e: &std::io::Error) -> String {
+    use rustls::AlertDescription as A;
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(c)) => {
+            format!("the proxy's certificate is not trusted by the connector's bundle: {c:?}")
+        }
+        Some(rustls::Error::AlertReceived(
+            a @ (A::BadCertificate
+            | A::CertificateExpired
+            | A::CertificateRequired
+            | A::CertificateRevoked
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied),
+        )) => format!("the proxy did not accept this connector's SVID (TLS alert {a:?})"),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,7 +81,6 @@ impl State {
         rx: watch::Receiver<Option<T>>,
     ) -> Updates<T> {
         let mut generation = self.generation.subscribe();
-        generation.mark_unchanged();
         let values = WatchStream::new(rx).filter_map(|v| async move { v.map(Ok) });
         let broken = futures_util::stream::once(async move {
             let _ = generation.changed().await;
@@ -193,11 +192,6 @@ pub struct WorkloadApiServer {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// A DER concatenation of certificates, as the Workload API sends bundles and chains.
-pub fn der_concat(certs: &[&[u8]]) -> Vec<u8> {
-    certs.concat()
-}
-
 /// PKCS#8 DER of an issued certificate's key (rcgen writes PKCS#8 PEM).
 pub fn pkcs8_der(issued: &Issued) -> Vec<u8> {
     use rustls_pki_types::pem::PemObject;
@@ -242,8 +236,8 @@ impl WorkloadApiServer {
         format!("unix://{}", self.socket.display())
     }
 
-    /// Push the workload's SVID (`issued` by `ca`, of `trust_domain`) with `ca` as its
-    /// bundle, plus federated bundles.
+    /// Push the workload's SVID `spiffe_id` (`issued` by `ca`) with `ca` as its trust domain's
+    /// bundle, plus federated bundles (trust domain name, CA).
     pub fn set_svid(
         &self,
         spiffe_id: &str,
@@ -268,13 +262,14 @@ impl WorkloadApiServer {
         self.state.svid.send_replace(Some(resp));
     }
 
-    /// Push the X.509 bundles: trust domain name → CA certificates (DER).
+    /// Push the X.509 bundles: trust domain name → CA certificates (DER, concatenated on the
+    /// wire as the Workload API sends them).
     pub fn set_bundles(&self, bundles: &[(&str, Vec<&[u8]>)]) {
         let resp = X509BundlesResponse {
             crl: Vec::new(),
             bundles: bundles
                 .iter()
-                .map(|(td, certs)| (format!("spiffe://{td}"), der_concat(certs)))
+                .map(|(td, certs)| (format!("spiffe://{td}"), certs.concat()))
                 .collect(),
         };
         self.state.bundles.send_replace(Some(resp));
@@ -291,10 +286,6 @@ impl WorkloadApiServer {
             self.state.calls.load(Ordering::SeqCst),
             self.state.refused.load(Ordering::SeqCst),
         )
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.socket
     }
 }
 
