@@ -118,6 +118,10 @@ pub struct ConnectArgs {
     /// How long open tunnels may continue after SIGTERM/Ctrl-C.
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
     pub shutdown_grace: Duration,
+    /// Open client connections at most (each holds one connection to the central proxy);
+    /// more wait in the accept queue.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -323,6 +327,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         connect_timeout: args.connect_timeout,
         reload_interval: args.reload_interval,
         shutdown_grace: args.shutdown_grace,
+        max_connections: args.max_connections,
     })
     .await
 }

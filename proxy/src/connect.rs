@@ -46,6 +46,8 @@ pub struct Options {
     pub connect_timeout: Duration,
     pub reload_interval: Duration,
     pub shutdown_grace: Duration,
+    /// Open client connections at most; more wait in the accept queue.
+    pub max_connections: usize,
 }
 
 /// The central proxy: `https://host[:port]` (port 443 by default).
@@ -272,7 +274,11 @@ async fn accept_loop(
     tracker: &TaskTracker,
 ) {
     let upstream = Arc::new(opts.upstream.clone());
+    let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
     loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
@@ -292,7 +298,10 @@ async fn accept_loop(
             continue;
         };
         let (upstream, timeout) = (upstream.clone(), opts.connect_timeout);
-        tracker.spawn(tunnel(tcp, peer, id, upstream, timeout));
+        tracker.spawn(async move {
+            tunnel(tcp, peer, id, upstream, timeout).await;
+            drop(permit);
+        });
     }
 }
 

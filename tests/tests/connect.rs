@@ -172,6 +172,47 @@ async fn clients_outside_allow_clients_are_refused() {
     assert_eq!(out.status, 200, "{out:?}");
 }
 
+/// `--max-connections 1`: a second client waits (in the accept queue) until the first is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_queues_the_excess() {
+    let pki = Pki::new();
+    let plain = Upstream::start("127.0.0.1", None).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let agent = pki.client("connector", CONNECTOR_ID);
+    let mut args = file_args(&pki, &proxy, &agent);
+    args.extend(["--max-connections".into(), "1".into()]);
+    let conn = Arc::new(start_connector(&args));
+    let url = |p: &str| format!("http://127.0.0.1:{}{p}", plain.port());
+    let spawn_curl = |path: &str| {
+        let (conn, pki_mitm, url) = (conn.clone(), pki.path("mitm-ca.pem"), url(path));
+        tokio::spawn(async move {
+            let mut cmd = tokio::process::Command::new("curl");
+            cmd.args(["-sS", "--max-time", "20", "-D", "-", "-o", "-", "--cacert"])
+                .arg(pki_mitm)
+                .arg(&url);
+            clear_proxy_env(cmd.as_std_mut());
+            cmd.env("http_proxy", conn.proxy_url());
+            run_curl(cmd).await
+        })
+    };
+    let slow = spawn_curl("/slow");
+    plain.slow_arrived().await;
+    let mut queued = spawn_curl("/queued");
+    // Bounded check that it is held back (not a synchronisation: nothing else waits on it).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut queued)
+            .await
+            .is_err(),
+        "the second connection was served beyond --max-connections 1"
+    );
+    assert_eq!(plain.seen().len(), 1);
+    plain.release();
+    assert_eq!(slow.await.unwrap().status, 200);
+    let out = queued.await.unwrap();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.json()["path"], "/queued");
+}
+
 /// An in-flight request keeps its connection (and identity) across a rotation; new connections
 /// present the new SVID.
 #[tokio::test(flavor = "multi_thread")]
