@@ -103,7 +103,7 @@ pub struct ConnectArgs {
     #[arg(long, requires = "svid")]
     pub bundle: Option<PathBuf>,
     /// Take the SVID and trust bundles from the SPIFFE Workload API instead, e.g.
-    /// unix:///run/spire/agent.sock.
+    /// unix:///run/spire/agent.sock (or just the socket's absolute path).
     #[arg(long)]
     pub workload_api: Option<String>,
     /// Source networks that may use the connector (repeatable); others get a 403.

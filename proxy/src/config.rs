@@ -874,7 +874,7 @@ mod tests {
             ("{key: a.key}", file_td, "tls.cert", "required with tls.key"),
             ("{}", file_td, "tls", "cert and key files, or workload_api"),
             ("{cert: a, key: b, workload_api: 'unix:///a'}", file_td, "tls", "not both"),
-            ("{workload_api: /run/agent.sock}", file_td, "tls.workload_api", "unix:///"),
+            ("{workload_api: run/agent.sock}", file_td, "tls.workload_api", "unix:///"),
             ("{cert: a, key: b}", api_td, "trust_domains.acme.test.workload_api", "needs tls.workload_api"),
             (api, "{acme.test: {}}", "trust_domains.acme.test", "bundle (a PEM file) or workload_api"),
             (api, "{acme.test: {bundle: b.pem, workload_api: true}}", "trust_domains.acme.test", "not both"),

@@ -18,16 +18,20 @@ use tokio_util::sync::CancellationToken;
 /// CA certificates per trust domain.
 pub type Bundles = BTreeMap<TrustDomain, Vec<CertificateDer<'static>>>;
 
-/// A validated Workload API address: `unix:///path/agent.sock` (or `unix:/path`), or
-/// `tcp://127.0.0.1:8081`.
+/// A validated Workload API address: `unix:///path/agent.sock` (or `unix:/path`, or just the
+/// absolute socket path), or `tcp://127.0.0.1:8081`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint(String);
 
 impl Endpoint {
     pub fn parse(s: &str) -> Result<Endpoint, String> {
-        spiffe::transport::Endpoint::parse(s)
-            .map(|_| Endpoint(s.to_owned()))
-            .map_err(|e| format!("{s:?} is not a Workload API address (unix:///path/agent.sock or tcp://IP:PORT): {e}"))
+        let uri = match s.starts_with('/') {
+            true => format!("unix://{s}"),
+            false => s.to_owned(),
+        };
+        spiffe::transport::Endpoint::parse(&uri)
+            .map(|_| Endpoint(uri))
+            .map_err(|e| format!("{s:?} is not a Workload API address (unix:///path/agent.sock, /path/agent.sock or tcp://IP:PORT): {e}"))
     }
 }
 
@@ -306,11 +310,13 @@ mod tests {
             "unix:/tmp/a.sock",
             "tcp://127.0.0.1:8081",
         ] {
-            assert!(Endpoint::parse(ok).is_ok(), "{ok}");
+            assert_eq!(Endpoint::parse(ok).unwrap().to_string(), ok);
         }
+        let bare = Endpoint::parse("/run/spire/agent.sock").unwrap();
+        assert_eq!(bare.to_string(), "unix:///run/spire/agent.sock");
         for bad in [
             "",
-            "/run/agent.sock",
+            "run/agent.sock",
             "http://127.0.0.1:1",
             "unix://",
             "tcp://host:1",

@@ -357,7 +357,9 @@ async fn connector_verifies_the_proxy_against_its_workload_api_bundles() {
     // Only acme.test's bundle: the proxy's certificate is not trusted.
     api.set_svid(id, &svid, &pki.acme, &[]);
     let upstream = format!("https://localhost:{}", proxy.addr.port());
-    let conn = Connector::start(&["--upstream", &upstream, "--workload-api", &api.endpoint()]);
+    // (The socket's bare path works as the address too.)
+    let socket = api.socket.display().to_string();
+    let conn = Connector::start(&["--upstream", &upstream, "--workload-api", &socket]);
     let out = conn.curl(&pki, &[&url]).await;
     assert_eq!(out.status, 502, "{out:?}");
     let reason = out.json()["reason"].as_str().unwrap().to_owned();
@@ -596,7 +598,7 @@ async fn connector_bad_inputs_give_clear_errors() {
         (vec!["--upstream", "https://localhost:1", "--svid", &missing, "--svid-key", &key, "--bundle", &ca], "missing.pem"),
         (vec!["--upstream", "https://localhost:1", "--svid", &key, "--svid-key", &key, "--bundle", &ca], "no PEM certificate"),
         (vec!["--upstream", "http://localhost:1", "--svid", &cert, "--svid-key", &key, "--bundle", &ca], "must be https://"),
-        (vec!["--upstream", "https://localhost:1", "--workload-api", "/run/agent.sock"], "unix:///"),
+        (vec!["--upstream", "https://localhost:1", "--workload-api", "agent.sock"], "unix:///"),
         (vec!["--upstream", "https://localhost:1", "--svid", &cert], "--svid-key"),
         (vec!["--upstream", "https://localhost:1"], "--svid"),
     ];
