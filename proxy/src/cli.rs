@@ -90,6 +90,10 @@ pub struct ConnectArgs {
     /// The central Portcullis proxy, e.g. https://portcullis.internal:8443.
     #[arg(long)]
     pub upstream: String,
+    /// Also require the central proxy's certificate to be the X.509-SVID of this SPIFFE ID,
+    /// e.g. spiffe://acme.test/portcullis (on top of the host name check).
+    #[arg(long)]
+    pub upstream_id: Option<String>,
     /// Where agents connect (HTTPS_PROXY=http://ADDR). Keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15001")]
     pub listen: SocketAddr,
@@ -304,6 +308,10 @@ async fn connect(args: ConnectArgs) -> ExitCode {
         Ok(u) => u,
         Err(e) => return fail(2, e),
     };
+    let upstream_id = match args.upstream_id.as_deref().map(SpiffeId::parse).transpose() {
+        Ok(id) => id,
+        Err(e) => return fail(2, format!("--upstream-id: {e}")),
+    };
     let identity = match (args.svid, args.svid_key, args.bundle, args.workload_api) {
         (Some(svid), Some(key), Some(bundle), None) => IdentitySource::Files { svid, key, bundle },
         (None, None, None, Some(api)) => match crate::workload_api::Endpoint::parse(&api) {
@@ -321,6 +329,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     }
     crate::connect::run(Options {
         upstream,
+        upstream_id,
         listen: args.listen,
         identity,
         allow_clients: args.allow_clients,

@@ -21,6 +21,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use portcullis_filters::identity::SpiffeId;
+
 use crate::reload::{fingerprint, hangups, next_hangup, settled};
 use crate::tls;
 use crate::workload_api::{self, Endpoint, X509Svid};
@@ -40,6 +42,8 @@ pub enum IdentitySource {
 #[derive(Debug)]
 pub struct Options {
     pub upstream: Upstream,
+    /// When set, the central proxy's certificate must be this SPIFFE ID's X.509-SVID.
+    pub upstream_id: Option<SpiffeId>,
     pub listen: SocketAddr,
     pub identity: IdentitySource,
     pub allow_clients: Vec<IpNet>,
@@ -103,7 +107,12 @@ pub struct Identity {
     tls: Arc<rustls::ClientConfig>,
 }
 
-fn from_files(svid: &Path, key: &Path, bundle: &Path) -> Result<Identity, String> {
+fn from_files(
+    svid: &Path,
+    key: &Path,
+    bundle: &Path,
+    upstream_id: Option<&SpiffeId>,
+) -> Result<Identity, String> {
     let chain = tls::load_certs(svid).map_err(|e| e.to_string())?;
     let id = chain
         .first()
@@ -114,7 +123,7 @@ fn from_files(svid: &Path, key: &Path, bundle: &Path) -> Result<Identity, String
     warn_if_readable_by_others(key);
     let key = tls::load_key(key).map_err(|e| e.to_string())?;
     let roots = tls::load_certs(bundle).map_err(|e| e.to_string())?;
-    let cfg = tls::connector_config(chain, key, &roots)
+    let cfg = tls::connector_config(chain, key, &roots, upstream_id)
         .map_err(|e| format!("{}: {e}", svid.display()))?;
     Ok(Identity {
         spiffe_id: id.to_string(),
@@ -122,10 +131,10 @@ fn from_files(svid: &Path, key: &Path, bundle: &Path) -> Result<Identity, String
     })
 }
 
-fn from_workload_api(svid: &X509Svid) -> Result<Identity, String> {
+fn from_workload_api(svid: &X509Svid, upstream_id: Option<&SpiffeId>) -> Result<Identity, String> {
     // The central proxy's certificate may come from this trust domain or a federated one.
     let roots = svid.bundles.values().flatten();
-    let cfg = tls::connector_config(svid.chain.clone(), svid.key(), roots)
+    let cfg = tls::connector_config(svid.chain.clone(), svid.key(), roots, upstream_id)
         .map_err(|e| format!("SVID {}: {e}", svid.spiffe_id))?;
     Ok(Identity {
         spiffe_id: svid.spiffe_id.clone(),
@@ -152,11 +161,13 @@ type Current = watch::Receiver<Option<Arc<Identity>>>;
 /// polled; the Workload API is followed in the background (`None` until its first SVID).
 fn identity(opts: &Options, shutdown: &CancellationToken) -> Result<Current, String> {
     let (tx, rx) = watch::channel(None);
+    let upstream_id = opts.upstream_id.clone();
     match &opts.identity {
         IdentitySource::Files { svid, key, bundle } => {
             let files = vec![svid.clone(), key.clone(), bundle.clone()];
             let mut served = fingerprint(&files);
-            tx.send_replace(Some(Arc::new(from_files(svid, key, bundle)?)));
+            let first = from_files(svid, key, bundle, upstream_id.as_ref())?;
+            tx.send_replace(Some(Arc::new(first)));
             let (interval, shutdown) = (opts.reload_interval, shutdown.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
@@ -174,7 +185,7 @@ fn identity(opts: &Options, shutdown: &CancellationToken) -> Result<Current, Str
                         continue;
                     }
                     served = now;
-                    match from_files(&files[0], &files[1], &files[2]) {
+                    match from_files(&files[0], &files[1], &files[2], upstream_id.as_ref()) {
                         Ok(id) => {
                             tracing::info!(spiffe_id = %id.spiffe_id, "SVID files changed: new connections use the new SVID");
                             tx.send_replace(Some(Arc::new(id)));
@@ -198,7 +209,10 @@ fn identity(opts: &Options, shutdown: &CancellationToken) -> Result<Current, Str
             tokio::spawn(async move {
                 while feed.changed().await.is_ok() {
                     let svid = feed.borrow_and_update().clone();
-                    match svid.as_deref().map(from_workload_api) {
+                    let id = svid
+                        .as_deref()
+                        .map(|s| from_workload_api(s, upstream_id.as_ref()));
+                    match id {
                         Some(Ok(id)) => {
                             tracing::info!(spiffe_id = %id.spiffe_id, "SVID from the Workload API: new connections use it");
                             tx.send_replace(Some(Arc::new(id)));
@@ -383,6 +397,9 @@ async fn tunnel(
 fn describe(e: &std::io::Error) -> String {
     use rustls::AlertDescription as A;
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("the proxy's certificate is refused: {}", other.0)
+        }
         Some(rustls::Error::InvalidCertificate(c)) => {
             format!("the proxy's certificate is not trusted by the connector's bundle: {c:?}")
         }

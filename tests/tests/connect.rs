@@ -379,6 +379,40 @@ async fn connector_verifies_the_proxy_against_its_workload_api_bundles() {
     decision_for(&proxy, id, "/federated");
 }
 
+/// `--upstream-id`: the central proxy must also be the expected workload, not just any
+/// certificate of the bundle that names the host.
+#[tokio::test(flavor = "multi_thread")]
+async fn connector_checks_the_proxys_spiffe_id_when_asked() {
+    let pki = Pki::new();
+    let plain = Upstream::start("127.0.0.1", None).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let agent = pki.client("connector", CONNECTOR_ID);
+    let url = format!("http://127.0.0.1:{}/id-checked", plain.port());
+    let mut args = file_args(&pki, &proxy, &agent);
+    args.extend([
+        "--upstream-id".into(),
+        "spiffe://acme.test/portcullis".into(),
+    ]);
+    let conn = start_connector(&args);
+    let out = conn.curl(&pki, &[&url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+
+    let mut args = file_args(&pki, &proxy, &agent);
+    args.extend([
+        "--upstream-id".into(),
+        "spiffe://acme.test/not-the-proxy".into(),
+    ]);
+    let conn = start_connector(&args);
+    let out = conn.curl(&pki, &[&url]).await;
+    assert_eq!(out.status, 502, "{out:?}");
+    let reason = out.json()["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("is spiffe://acme.test/portcullis, not spiffe://acme.test/not-the-proxy"),
+        "{reason}"
+    );
+    assert_eq!(plain.seen().len(), 1, "only the first request went through");
+}
+
 /// SPIRE refuses Workload API calls without the `workload.spiffe.io: true` header; so does
 /// the test server (a raw gRPC call over HTTP/2 on the Unix socket).
 #[tokio::test(flavor = "multi_thread")]
@@ -600,6 +634,7 @@ async fn connector_bad_inputs_give_clear_errors() {
         (vec!["--upstream", "http://localhost:1", "--svid", &cert, "--svid-key", &key, "--bundle", &ca], "must be https://"),
         (vec!["--upstream", "https://localhost:1", "--workload-api", "agent.sock"], "unix:///"),
         (vec!["--upstream", "https://localhost:1", "--svid", &cert], "--svid-key"),
+        (vec!["--upstream", "https://localhost:1", "--upstream-id", "https://x", "--svid", &cert, "--svid-key", &key, "--bundle", &ca], "--upstream-id"),
         (vec!["--upstream", "https://localhost:1"], "--svid"),
     ];
     for (args, reason) in &cases {
