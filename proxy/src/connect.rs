@@ -14,14 +14,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
+use portcullis_filters::identity::SpiffeId;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-use portcullis_filters::identity::SpiffeId;
 
 use crate::reload::{fingerprint, hangups, next_hangup, settled};
 use crate::tls;
@@ -147,7 +146,7 @@ fn warn_if_readable_by_others(key: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(key) {
         if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(key = %key.display(), "the SVID key is readable by other users; make it mode 0600");
+            tracing::warn!(key = %key.display(), "group or others can access the SVID key file; make it mode 0600");
         }
     }
 }
