@@ -31,12 +31,13 @@ use crate::metrics::{Metrics, MetricsFilter};
 use crate::mitm::Mitm;
 use crate::proxy::Shared;
 use crate::redis_store::RedisStore;
-use crate::reload::Reloader;
+use crate::reload::{Reloader, Served, WorkloadApiFeeds};
 use crate::secrets::LocalSecrets;
 use crate::server;
 use crate::telemetry::{SpanExport, Telemetry};
 use crate::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::upstream::Upstream;
+use crate::workload_api;
 
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
@@ -132,6 +133,7 @@ pub enum StartError {
 /// Everything the config names, loaded and checked; nothing bound yet. `check` stops here.
 pub struct Loaded {
     trust: Arc<ArcSwap<TrustStore>>,
+    file_roots: tls::Roots,
     cert: Arc<ServerCert>,
     server_tls: rustls::ServerConfig,
     mitm: Mitm,
@@ -146,11 +148,15 @@ impl Loaded {
     /// A failure here is a config error (exit 2): a file, certificate or policy is bad.
     pub fn load(cfg: &Config) -> Result<Loaded, StartError> {
         let cfg_err = |e: &dyn std::fmt::Display| StartError::Config(e.to_string());
-        let store = TrustStore::load(&cfg.trust_domain_bundles()).map_err(|e| cfg_err(&e))?;
+        let file_roots = tls::load_bundles(&cfg.trust_domain_bundles()).map_err(|e| cfg_err(&e))?;
+        // Trust domains whose bundle comes from the Workload API join when it arrives.
+        let store = TrustStore::build(&file_roots).map_err(|e| cfg_err(&e))?;
         let trust = Arc::new(ArcSwap::from_pointee(store));
-        let cert = ServerCert::new(
-            tls::certified_key(&cfg.tls.cert, &cfg.tls.key).map_err(|e| cfg_err(&e))?,
-        );
+        // With the Workload API the certificate arrives after start (see `start`).
+        let cert = ServerCert::new(match cfg.tls.files() {
+            Some((cert, key)) => Some(tls::certified_key(cert, key).map_err(|e| cfg_err(&e))?),
+            None => None,
+        });
         let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())
             .map_err(|e| cfg_err(&e))?;
         let mitm = Mitm::new(&cfg.mitm).map_err(|e| cfg_err(&e))?;
@@ -182,6 +188,7 @@ impl Loaded {
         );
         Ok(Loaded {
             trust,
+            file_roots,
             cert,
             server_tls,
             mitm,
@@ -202,6 +209,7 @@ impl Loaded {
 pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartError> {
     let Loaded {
         trust,
+        file_roots,
         cert,
         server_tls,
         mitm,
@@ -293,21 +301,35 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         shared.clone(),
         shutdown.clone(),
     ));
-    let reloader = Reloader::new(
-        config_path,
-        cfg,
+    // Fail closed with the Workload API: the listener is bound (the addresses are known) but
+    // not served, and /readyz says not ready, until the SVID and bundles have arrived.
+    let feeds = cfg.tls.workload_api().map(|endpoint| {
+        tracing::info!(proxy = %proxy_addr, admin = %admin_addr, endpoint = %endpoint,
+            "waiting for the X.509-SVID and bundles from the Workload API");
+        WorkloadApiFeeds {
+            svid: workload_api::watch_svid(endpoint.clone(), shutdown.clone()),
+            bundles: workload_api::watch_bundles(endpoint, shutdown.clone()),
+        }
+    });
+    let served = Served {
         trust,
+        file_roots,
         cert,
-        policy.clone(),
-        status.clone(),
-    );
-    tokio::spawn(reloader.run(shutdown.clone()));
+        policy: policy.clone(),
+    };
+    let reloader = Reloader::new(config_path, cfg, served, status.clone());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(reloader.run(feeds, shutdown.clone(), ready_tx));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
-    shared
-        .tracker
-        .spawn(server::accept_loop(listener, acceptor, shared.clone()));
-    status.ready.store(true, Ordering::Relaxed);
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, policy_revision = %policy.revision(), "listening");
+    let (status2, shared2) = (status.clone(), shared.clone());
+    shared.tracker.spawn(async move {
+        if ready_rx.await.is_err() {
+            return; // shut down before the Workload API delivered
+        }
+        status2.ready.store(true, Ordering::Relaxed);
+        tracing::info!(proxy = %proxy_addr, admin = %admin_addr, policy_revision = %policy.revision(), "listening");
+        server::accept_loop(listener, acceptor, shared2).await;
+    });
     Ok(Running {
         proxy_addr,
         admin_addr,

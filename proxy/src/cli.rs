@@ -68,6 +68,10 @@ pub enum Command {
         #[command(subcommand)]
         command: CredentialsCommand,
     },
+    /// Local connector: a plain HTTP proxy on loopback (HTTPS_PROXY=http://127.0.0.1:15001)
+    /// that carries each client connection to the central Portcullis over mTLS with this
+    /// workload's SVID.
+    Connect(ConnectArgs),
     /// Certificate authority helpers.
     Ca {
         #[command(subcommand)]
@@ -78,6 +82,50 @@ pub enum Command {
         #[command(subcommand)]
         command: SvidCommand,
     },
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("identity").required(true).args(["svid", "workload_api"])))]
+pub struct ConnectArgs {
+    /// The central Portcullis proxy, e.g. https://portcullis.internal:8443.
+    #[arg(long)]
+    pub upstream: String,
+    /// Also require the central proxy's certificate to be the X.509-SVID of this SPIFFE ID,
+    /// e.g. spiffe://acme.test/portcullis (on top of the host name check).
+    #[arg(long)]
+    pub upstream_id: Option<String>,
+    /// Where agents connect (HTTPS_PROXY=http://ADDR). Keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub listen: SocketAddr,
+    /// The workload's X.509-SVID (PEM, leaf first); re-read when it changes.
+    #[arg(long, requires_all = ["svid_key", "bundle"])]
+    pub svid: Option<PathBuf>,
+    /// The SVID's private key (PEM; keep it mode 0600).
+    #[arg(long, requires = "svid")]
+    pub svid_key: Option<PathBuf>,
+    /// CA certificates (PEM) that verify the central proxy's certificate.
+    #[arg(long, requires = "svid")]
+    pub bundle: Option<PathBuf>,
+    /// Take the SVID and trust bundles from the SPIFFE Workload API instead, e.g.
+    /// unix:///run/spire/agent.sock (or just the socket's absolute path).
+    #[arg(long)]
+    pub workload_api: Option<String>,
+    /// Source networks that may use the connector (repeatable); others get a 403.
+    #[arg(long = "allow-clients", value_name = "CIDR", num_args = 1.., default_values = ["127.0.0.0/8", "::1/128"])]
+    pub allow_clients: Vec<ipnet::IpNet>,
+    /// Bound on TCP connect + TLS handshake to the central proxy.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub connect_timeout: Duration,
+    /// How often the SVID files are checked for changes.
+    #[arg(long, default_value = "2s", value_parser = duration::parse)]
+    pub reload_interval: Duration,
+    /// How long open tunnels may continue after SIGTERM/Ctrl-C.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub shutdown_grace: Duration,
+    /// Open client connections at most (each holds one connection to the central proxy);
+    /// more wait in the accept queue.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,7 +245,7 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
-fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     tracing::error!("{msg}");
     ExitCode::from(code)
 }
@@ -230,6 +278,7 @@ async fn run(cmd: Command) -> ExitCode {
         Command::Credentials {
             command: CredentialsCommand::Revoke { name, admin },
         } => revoke(&name, admin).await,
+        Command::Connect(args) => connect(args).await,
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -251,6 +300,45 @@ async fn run(cmd: Command) -> ExitCode {
                 },
         } => svid_issue(&spiffe_id, &ca, &ca_key, &out, ttl, &san),
     }
+}
+
+async fn connect(args: ConnectArgs) -> ExitCode {
+    use crate::connect::{IdentitySource, Options, Upstream};
+    let upstream = match Upstream::parse(&args.upstream) {
+        Ok(u) => u,
+        Err(e) => return fail(2, e),
+    };
+    let upstream_id = match args.upstream_id.as_deref().map(SpiffeId::parse).transpose() {
+        Ok(id) => id,
+        Err(e) => return fail(2, format!("--upstream-id: {e}")),
+    };
+    let identity = match (args.svid, args.svid_key, args.bundle, args.workload_api) {
+        (Some(svid), Some(key), Some(bundle), None) => IdentitySource::Files { svid, key, bundle },
+        (None, None, None, Some(api)) => match crate::workload_api::Endpoint::parse(&api) {
+            Ok(e) => IdentitySource::WorkloadApi(e),
+            Err(e) => return fail(2, format!("--workload-api: {e}")),
+        },
+        // clap enforces the combinations; this is only reachable through a clap change.
+        _ => return fail(2, "give --svid, --svid-key and --bundle, or --workload-api"),
+    };
+    if args.connect_timeout.is_zero() || args.reload_interval.is_zero() {
+        return fail(
+            2,
+            "--connect-timeout and --reload-interval must be greater than zero",
+        );
+    }
+    crate::connect::run(Options {
+        upstream,
+        upstream_id,
+        listen: args.listen,
+        identity,
+        allow_clients: args.allow_clients,
+        connect_timeout: args.connect_timeout,
+        reload_interval: args.reload_interval,
+        shutdown_grace: args.shutdown_grace,
+        max_connections: args.max_connections,
+    })
+    .await
 }
 
 /// `POST /credentials/revoke` on the admin listener.

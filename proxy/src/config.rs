@@ -60,17 +60,40 @@ pub struct Config {
     pub reload_interval: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The proxy's own server certificate: files (`cert` + `key`), or the X.509-SVID the SPIFFE
+/// Workload API gives this workload (`workload_api: unix:///run/spire/agent.sock`).
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub workload_api: Option<String>,
 }
 
+impl TlsConfig {
+    /// The certificate and key files, when the certificate comes from files.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert.as_deref()?, self.key.as_deref()?))
+    }
+
+    /// The Workload API address (validated by `Config::validate`).
+    pub fn workload_api(&self) -> Option<crate::workload_api::Endpoint> {
+        crate::workload_api::Endpoint::parse(self.workload_api.as_deref()?).ok()
+    }
+}
+
+/// Where a trust domain's CA certificates come from: a PEM file (`bundle`), or the Workload
+/// API's X.509 bundles stream (`workload_api: true`, the socket of `tls.workload_api`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TrustDomainConfig {
-    pub bundle: PathBuf,
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    #[serde(default)]
+    pub workload_api: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -701,11 +724,11 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.tls.cert);
-        fix(&mut self.tls.key);
+        self.tls.cert.iter_mut().for_each(fix);
+        self.tls.key.iter_mut().for_each(fix);
         self.trust_domains
             .values_mut()
-            .for_each(|t| fix(&mut t.bundle));
+            .for_each(|t| t.bundle.iter_mut().for_each(fix));
         fix(&mut self.mitm.ca_cert);
         fix(&mut self.mitm.ca_key);
         self.upstream.extra_roots.iter_mut().for_each(fix);
@@ -742,33 +765,79 @@ impl Config {
                 "at least one trust domain is required: no trust domain means no client can be authenticated".into(),
             );
         }
-        for name in self.trust_domains.keys() {
+        let tls = &self.tls;
+        match (&tls.cert, &tls.key, &tls.workload_api) {
+            (Some(_), Some(_), None) => {}
+            (None, None, Some(api)) => {
+                if let Err(e) = crate::workload_api::Endpoint::parse(api) {
+                    return err("tls.workload_api", e);
+                }
+            }
+            (Some(_), None, None) => return err("tls.key", "required with tls.cert".into()),
+            (None, Some(_), None) => return err("tls.cert", "required with tls.key".into()),
+            (None, None, None) => {
+                return err(
+                    "tls",
+                    "give cert and key files, or workload_api (the SPIFFE Workload API socket)"
+                        .into(),
+                )
+            }
+            _ => {
+                return err(
+                    "tls",
+                    "give either cert and key, or workload_api, not both".into(),
+                )
+            }
+        }
+        for (name, td) in &self.trust_domains {
+            let key = format!("trust_domains.{name}");
             if let Err(e) = TrustDomain::parse(name) {
-                return err(&format!("trust_domains.{name}"), e.to_string());
+                return err(&key, e.to_string());
+            }
+            match (&td.bundle, td.workload_api) {
+                (Some(_), false) => {}
+                (None, true) if tls.workload_api.is_some() => {}
+                (None, true) => {
+                    return err(
+                        &format!("{key}.workload_api"),
+                        "needs tls.workload_api: the Workload API socket the bundles come from"
+                            .into(),
+                    )
+                }
+                (Some(_), true) => {
+                    return err(
+                        &key,
+                        "give either bundle or workload_api: true, not both".into(),
+                    )
+                }
+                (None, false) => {
+                    return err(
+                        &key,
+                        "give bundle (a PEM file) or workload_api: true".into(),
+                    )
+                }
             }
         }
         let files = [
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-            ("mitm.ca_cert", &self.mitm.ca_cert),
-            ("mitm.ca_key", &self.mitm.ca_key),
+            ("tls.cert", tls.cert.as_ref()),
+            ("tls.key", tls.key.as_ref()),
+            ("mitm.ca_cert", Some(&self.mitm.ca_cert)),
+            ("mitm.ca_key", Some(&self.mitm.ca_key)),
         ];
+        let files = files
+            .into_iter()
+            .filter_map(|(k, p)| Some((k.to_owned(), p?)));
         let bundles = self
             .trust_domains
             .iter()
-            .map(|(k, v)| (format!("trust_domains.{k}.bundle"), &v.bundle));
+            .filter_map(|(k, v)| Some((format!("trust_domains.{k}.bundle"), v.bundle.as_ref()?)));
         let roots = self
             .upstream
             .extra_roots
             .iter()
             .enumerate()
             .map(|(i, p)| (format!("upstream.extra_roots[{i}]"), p));
-        for (key, path) in files
-            .iter()
-            .map(|(k, p)| (k.to_string(), *p))
-            .chain(bundles)
-            .chain(roots)
-        {
+        for (key, path) in files.chain(bundles).chain(roots) {
             if !path.is_file() {
                 return err(&key, format!("file {} does not exist", path.display()));
             }
@@ -962,11 +1031,20 @@ impl Config {
         Ok(())
     }
 
-    /// The trust domains as validated newtypes.
+    /// The trust domains whose bundle is a file, as validated newtypes.
     pub fn trust_domain_bundles(&self) -> Vec<(TrustDomain, PathBuf)> {
         self.trust_domains
             .iter()
-            .filter_map(|(k, v)| Some((TrustDomain::parse(k).ok()?, v.bundle.clone())))
+            .filter_map(|(k, v)| Some((TrustDomain::parse(k).ok()?, v.bundle.clone()?)))
+            .collect()
+    }
+
+    /// The trust domains whose bundle comes from the Workload API.
+    pub fn workload_api_trust_domains(&self) -> Vec<TrustDomain> {
+        self.trust_domains
+            .iter()
+            .filter(|(_, v)| v.workload_api)
+            .filter_map(|(k, _)| TrustDomain::parse(k).ok())
             .collect()
     }
 }
@@ -1026,6 +1104,37 @@ mod tests {
         let yaml = "tls: {cert: a, key: b}\ntrust_domains: {acme.test: {bundle: b.pem}}\nmitm: {ca_cert: m.pem, ca_key: m.key}\n";
         let e = Config::parse(yaml, "c.yaml", Path::new(".")).unwrap_err();
         assert!(e.reason.contains("policy"), "{e}");
+    }
+
+    fn tls_error(tls: &str, tds: &str) -> ConfigError {
+        let yaml = format!("tls: {tls}\ntrust_domains: {tds}\nmitm: {{ca_cert: m.pem, ca_key: m.key}}\npolicy: {{paths: [p]}}\n");
+        Config::parse(&yaml, "c.yaml", Path::new("/nonexistent")).unwrap_err()
+    }
+
+    #[test]
+    fn tls_from_files_or_the_workload_api() {
+        let api = "{workload_api: 'unix:///run/spire/agent.sock'}";
+        let file_td = "{acme.test: {bundle: b.pem}}";
+        let api_td = "{acme.test: {workload_api: true}}";
+        #[rustfmt::skip]
+        let cases = [
+            ("{cert: a.pem}", file_td, "tls.key", "required with tls.cert"),
+            ("{key: a.key}", file_td, "tls.cert", "required with tls.key"),
+            ("{}", file_td, "tls", "cert and key files, or workload_api"),
+            ("{cert: a, key: b, workload_api: 'unix:///a'}", file_td, "tls", "not both"),
+            ("{workload_api: run/agent.sock}", file_td, "tls.workload_api", "unix:///"),
+            ("{cert: a, key: b}", api_td, "trust_domains.acme.test.workload_api", "needs tls.workload_api"),
+            (api, "{acme.test: {}}", "trust_domains.acme.test", "bundle (a PEM file) or workload_api"),
+            (api, "{acme.test: {bundle: b.pem, workload_api: true}}", "trust_domains.acme.test", "not both"),
+            (api, "{acme.test: {workload_api: 1}}", "trust_domains.acme.test.workload_api", ""),
+            // With the Workload API nothing TLS-related needs a file: the next error is the MITM CA.
+            (api, api_td, "mitm.ca_cert", "does not exist"),
+        ];
+        for (tls, tds, key, reason) in cases {
+            let e = tls_error(tls, tds);
+            assert_eq!(e.key, key, "{tls} {tds}: {e}");
+            assert!(e.reason.contains(reason), "{tls} {tds}: {e}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use portcullis_filters::identity::{self, SpiffeId, SvidError, TrustDomain};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -25,6 +25,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 pub enum TlsError {
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
+    #[error("{0}")]
+    Bundle(String),
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -63,28 +65,42 @@ pub fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsEr
     Ok(Arc::new(ck))
 }
 
-/// The proxy's own server certificate, swapped in place when its files change.
+/// The proxy's own server certificate, swapped in place when its files change or the Workload
+/// API rotates it. Empty until the first SVID arrives from the Workload API: a handshake then
+/// fails (and the listener is not served before it is filled).
 #[derive(Debug)]
 pub struct ServerCert {
-    current: ArcSwap<CertifiedKey>,
+    current: ArcSwapOption<CertifiedKey>,
 }
 
 impl ServerCert {
-    pub fn new(ck: Arc<CertifiedKey>) -> Arc<ServerCert> {
+    pub fn new(ck: Option<Arc<CertifiedKey>>) -> Arc<ServerCert> {
         Arc::new(ServerCert {
-            current: ArcSwap::new(ck),
+            current: ArcSwapOption::new(ck),
         })
     }
 
     pub fn replace(&self, ck: Arc<CertifiedKey>) {
-        self.current.store(ck);
+        self.current.store(Some(ck));
     }
 }
 
 impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+        self.current.load_full()
     }
+}
+
+/// CA certificates per trust domain, as read from bundle files or sent by the Workload API.
+pub type Roots = Vec<(TrustDomain, Vec<CertificateDer<'static>>)>;
+
+/// Read `(trust domain, bundle file)` pairs. Any unreadable or empty bundle fails the whole load
+/// (the caller keeps what it had).
+pub fn load_bundles(bundles: &[(TrustDomain, std::path::PathBuf)]) -> Result<Roots, TlsError> {
+    bundles
+        .iter()
+        .map(|(td, path)| Ok((td.clone(), load_certs(path)?)))
+        .collect()
 }
 
 /// One verifier per trust domain, each knowing only its own bundle.
@@ -94,22 +110,23 @@ pub struct TrustStore {
 }
 
 impl TrustStore {
-    /// Build from `(trust domain, bundle file)` pairs. Any unreadable or empty bundle fails the
-    /// whole load (the caller keeps the previous store).
-    pub fn load(bundles: &[(TrustDomain, std::path::PathBuf)]) -> Result<TrustStore, TlsError> {
+    /// Build from each trust domain's CA certificates; a bundle rustls cannot use fails the
+    /// whole build (the caller keeps the previous store).
+    pub fn build<'a>(
+        roots: impl IntoIterator<Item = &'a (TrustDomain, Vec<CertificateDer<'static>>)>,
+    ) -> Result<TrustStore, TlsError> {
         let provider = provider();
         let mut domains = HashMap::new();
-        for (td, path) in bundles {
-            let mut roots = RootCertStore::empty();
-            for cert in load_certs(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| file_err(path, format!("bundle for {td}: {e}")))?;
+        for (td, certs) in roots {
+            let bad = |e: &dyn fmt::Display| TlsError::Bundle(format!("bundle for {td}: {e}"));
+            let mut store = RootCertStore::empty();
+            for cert in certs {
+                store.add(cert.clone()).map_err(|e| bad(&e))?;
             }
             let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
                     .build()
-                    .map_err(|e| file_err(path, format!("bundle for {td}: {e}")))?;
+                    .map_err(|e| bad(&e))?;
             domains.insert(td.clone(), verifier);
         }
         Ok(TrustStore { domains })
@@ -261,4 +278,117 @@ pub fn handshake_error(e: &std::io::Error) -> String {
 pub fn peer_spiffe_id(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;
     identity::check_svid_leaf(leaf).ok()
+}
+
+/// The connector's client TLS config: the workload's SVID as client certificate, the central
+/// proxy's certificate verified (host name included) against the trust bundles and, with
+/// `upstream_id`, required to be the X.509-SVID of that SPIFFE ID; HTTP/1.1.
+pub fn connector_config<'a>(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: impl IntoIterator<Item = &'a CertificateDer<'static>>,
+    upstream_id: Option<&SpiffeId>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in roots {
+        store
+            .add(cert.clone())
+            .map_err(|e| TlsError::Bundle(format!("trust bundle: {e}")))?;
+    }
+    if store.is_empty() {
+        return Err(TlsError::Bundle(
+            "the trust bundle has no CA certificate".into(),
+        ));
+    }
+    let webpki =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
+            .build()
+            .map_err(|e| TlsError::Bundle(format!("trust bundle: {e}")))?;
+    let verifier = Arc::new(UpstreamVerifier {
+        webpki,
+        expected: upstream_id.cloned(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous() // a verifier that adds a check to the WebPKI one, never removes one
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The WebPKI server verification (chain to the bundle, validity, host name), then, when
+/// configured, the central proxy's SPIFFE ID.
+#[derive(Debug)]
+struct UpstreamVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: Option<SpiffeId>,
+}
+
+/// The proxy's certificate chains to the bundle but is not the expected workload's SVID.
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy's certificate is {found}, not {expected}")]
+pub struct WrongUpstreamId {
+    expected: String,
+    found: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let Some(expected) = &self.expected else {
+            return Ok(verified);
+        };
+        match identity::check_svid_leaf(end_entity) {
+            Ok(id) if &id == expected => Ok(verified),
+            found => {
+                let found = match found {
+                    Ok(id) => id.to_string(),
+                    Err(e) => format!("not an X.509-SVID ({e})"),
+                };
+                let e = WrongUpstreamId {
+                    expected: expected.to_string(),
+                    found,
+                };
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(e)),
+                )))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }

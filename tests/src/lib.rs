@@ -4,6 +4,9 @@
 // This crate only exists to test; failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod workload_api;
+pub use workload_api::WorkloadApiServer;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -25,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Generous bound for anything that should happen "soon"; loops never run longer.
 pub const WAIT: Duration = Duration::from_secs(30);
+/// Bound on a peer process becoming ready.
+pub const PEER_START: Duration = Duration::from_secs(90);
 
 /// The `portcullis` binary, built once if the workspace build has not produced it yet.
 pub fn bin() -> PathBuf {
@@ -387,7 +392,17 @@ impl Logs {
 
     /// Block until a line satisfies `pred`, up to [`WAIT`].
     pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
+        self.wait_for_within(what, WAIT, pred)
+    }
+
+    /// Block until a line satisfies `pred`, up to `limit`.
+    pub fn wait_for_within(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + limit;
         let mut lines = self.lines.lock().unwrap();
         loop {
             if let Some(l) = lines.iter().find(|l| pred(l)) {
@@ -440,7 +455,9 @@ pub fn spawn_ready(cmd: &mut Command, what: &str) -> (Child, Arc<Logs>) {
         .unwrap();
     let out = Arc::new(Logs::default());
     capture(child.stdout.take().unwrap(), out.clone());
-    out.wait_for(what, |l| l == "READY");
+    // Interpreted peers (Python importing the MCP SDK, node) start slowly when a dozen start
+    // at once on two cores: a longer bound than for log lines.
+    out.wait_for_within(what, PEER_START, |l| l == "READY");
     (child, out)
 }
 
@@ -473,6 +490,12 @@ impl Proxy {
     }
 
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Proxy {
+        Proxy::start_until(config, env, "listening")
+    }
+
+    /// Start and wait for the log line whose message is `message` and which carries the
+    /// bound `proxy` and `admin` addresses (`listening`, or the Workload API's `waiting ...`).
+    pub fn start_until(config: &Path, env: &[(&str, &str)], message: &str) -> Proxy {
         let mut child = Command::new(bin())
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
@@ -486,11 +509,10 @@ impl Proxy {
         capture(child.stderr.take().unwrap(), logs.clone());
         let decisions = Arc::new(Logs::default());
         capture(child.stdout.take().unwrap(), decisions.clone());
-        let line = logs.wait_for("the listening line", |l| {
-            l.contains("\"listening\"") || l.contains("ERROR")
-        });
+        let quoted = format!("\"{message}\"");
+        let line = logs.wait_for(message, |l| l.contains(&quoted) || l.contains("ERROR"));
         let ev: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(ev["message"], "listening", "proxy failed to start: {line}");
+        assert_eq!(ev["message"], message, "proxy failed to start: {line}");
         let addr = ev["proxy"].as_str().unwrap().parse().unwrap();
         let admin = ev["admin"].as_str().unwrap().parse().unwrap();
         Proxy {
@@ -588,6 +610,110 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The real binary running `connect` (the local connector) with JSON logs on stderr.
+pub struct Connector {
+    pub child: Child,
+    /// Where agents connect: `HTTPS_PROXY=http://{addr}`.
+    pub addr: SocketAddr,
+    pub logs: Arc<Logs>,
+}
+
+impl Connector {
+    /// `portcullis connect ARGS --listen 127.0.0.1:0`, started without waiting.
+    pub fn spawn(args: &[&str]) -> (Child, Arc<Logs>) {
+        let mut child = Command::new(bin())
+            .args(["--log-format", "json", "connect", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("PORTCULLIS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Logs::default());
+        capture(child.stderr.take().unwrap(), logs.clone());
+        (child, logs)
+    }
+
+    /// Start it and wait until it accepts connections.
+    pub fn start(args: &[&str]) -> Connector {
+        let (child, logs) = Connector::spawn(args);
+        Connector::ready(child, logs)
+    }
+
+    /// Wait for the "connector listening" line of a spawned connector.
+    pub fn ready(child: Child, logs: Arc<Logs>) -> Connector {
+        let line = logs.wait_for("the connector listening line", |l| {
+            l.contains("connector listening") || l.contains("\"ERROR\"")
+        });
+        let ev: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            ev["message"], "connector listening",
+            "connector failed: {line}"
+        );
+        let addr = ev["listen"].as_str().unwrap().parse().unwrap();
+        Connector { child, addr, logs }
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The environment an agent runtime gets: only the proxy variables (and the MITM CA).
+    pub fn env(&self, pki: &Pki) -> Vec<(String, String)> {
+        let mitm = pki.path("mitm-ca.pem").display().to_string();
+        [
+            ("HTTPS_PROXY", self.proxy_url()),
+            ("https_proxy", self.proxy_url()),
+            ("HTTP_PROXY", self.proxy_url()),
+            ("http_proxy", self.proxy_url()),
+            ("SSL_CERT_FILE", mitm.clone()),
+            ("REQUESTS_CA_BUNDLE", mitm),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// curl with nothing but the proxy environment variables (plus `--cacert` for the MITM CA).
+    pub async fn curl(&self, pki: &Pki, args: &[&str]) -> CurlOut {
+        let mut cmd = tokio::process::Command::new("curl");
+        cmd.args(["-sS", "--max-time", "20", "-D", "-", "-o", "-", "--cacert"])
+            .arg(pki.path("mitm-ca.pem"))
+            .args(args);
+        clear_proxy_env(cmd.as_std_mut());
+        cmd.env("HTTPS_PROXY", self.proxy_url())
+            .env("http_proxy", self.proxy_url());
+        run_curl(cmd).await
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Remove every proxy-related variable the test process may have inherited.
+pub fn clear_proxy_env(cmd: &mut Command) {
+    for v in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+    ] {
+        cmd.env_remove(v);
     }
 }
 
