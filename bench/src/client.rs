@@ -33,6 +33,8 @@ const MCP_CALL: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","param
 pub struct Dialer {
     pub tls: ClientTls,
     pub proxy: Option<SocketAddr>,
+    /// mTLS with the client SVID to the proxy (Portcullis); plain TCP for peers.
+    pub proxy_tls: bool,
     pub upstream: SocketAddr,
     pub body_bytes: u64,
     /// Speak h2 on the innermost connection (ALPN `h2`) instead of HTTP/1.1.
@@ -155,26 +157,32 @@ impl Dialer {
         }
     }
 
-    /// TCP + mTLS to the proxy, then `CONNECT host:port` and its `200`.
-    async fn connect_tunnel(
-        &self,
-        proxy: SocketAddr,
-        host: &str,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    /// TCP + mTLS to the proxy (plain TCP to a peer), then `CONNECT host:port` and its `200`.
+    async fn connect_tunnel(&self, proxy: SocketAddr, host: &str) -> Result<Box<dyn Io>> {
         let tcp = tcp(proxy).await.context("connecting to the proxy")?;
-        let name = ServerName::try_from(proxy.ip().to_string())?;
-        let mut tls = TlsConnector::from(self.tls.proxy.clone())
-            .connect(name, tcp)
-            .await
-            .context("mTLS to the proxy")?;
+        let mut io: Box<dyn Io> = if self.proxy_tls {
+            let name = ServerName::try_from(proxy.ip().to_string())?;
+            Box::new(
+                TlsConnector::from(self.tls.proxy.clone())
+                    .connect(name, tcp)
+                    .await
+                    .context("mTLS to the proxy")?,
+            )
+        } else {
+            Box::new(tcp)
+        };
         let target = format!("{host}:{}", self.upstream.port());
-        tls.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        io.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
             .await
             .context("sending CONNECT")?;
-        read_connect_reply(&mut tls).await?;
-        Ok(tls)
+        read_connect_reply(&mut io).await?;
+        Ok(io)
     }
 }
+
+/// A tunnel's byte stream: TLS to Portcullis, plain TCP to a peer.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 async fn tcp(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let tcp = TcpStream::connect(addr).await?;

@@ -6,6 +6,7 @@
 
 mod client;
 mod load;
+mod peers;
 mod procstat;
 mod progress;
 mod proxy_proc;
@@ -136,7 +137,11 @@ async fn main() -> ExitCode {
         eprintln!("portcullis-bench: --upstream {u}: must be 127.0.0.1:PORT");
         return ExitCode::from(2);
     }
-    let selected = match scenario::select(&args.scenarios) {
+    let list = match args.peers {
+        true => format!("{},{}", args.scenarios, scenario::PEERS),
+        false => args.scenarios.clone(),
+    };
+    let selected = match scenario::select(&list) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("portcullis-bench: {e}");
@@ -226,19 +231,6 @@ async fn run(
     report: &mut Report,
 ) -> Result<()> {
     let mut progress = Progress::new();
-    if args.peers {
-        for peer in ["mitmdump", "squid"] {
-            let note = match on_path(peer) {
-                Some(p) => format!(
-                    "{peer} found at {}, but peer runs are not implemented yet: skipped",
-                    p.display()
-                ),
-                None => format!("{peer} not found on PATH: skipped"),
-            };
-            progress.note(&format!("peers: {note}"));
-            report.peers.push(note);
-        }
-    }
 
     let setup = setup::Setup::generate(
         args.upstream_ca.as_deref(),
@@ -293,6 +285,7 @@ async fn run(
         Ok(Arc::new(Dialer {
             tls: setup.client_tls(args.tls_resumption, args.http2)?,
             proxy: proxy.map(|p| p.addr),
+            proxy_tls: true,
             upstream: upstream_addr,
             body_bytes: args.body_size,
             http2: args.http2,
@@ -317,6 +310,33 @@ async fn run(
         false => None,
     };
     for profile in profiles {
+        if profile.is_peer() {
+            match start_peer(profile, &setup, args, upstream_addr).await {
+                Ok(Some(target)) => {
+                    let note = format!(
+                        "{} running as pid {}",
+                        profile.name(),
+                        target.proxy.as_ref().map_or(0, |p| p.pid)
+                    );
+                    report.peers.push(note);
+                    targets.push(target);
+                }
+                Ok(None) => {
+                    let note = format!(
+                        "{} not installed: its scenarios are skipped",
+                        profile.name()
+                    );
+                    progress.note(&format!("peers: {note}"));
+                    report.peers.push(note);
+                }
+                Err(e) => {
+                    let note = format!("{} failed to start: {e:#}", profile.name());
+                    progress.note(&format!("peers: {note}"));
+                    report.peers.push(note);
+                }
+            }
+            continue;
+        }
         let Some(bin) = &bin else { break };
         let otlp = sink.as_ref().map_or(upstream_addr, |s| s.addr);
         let config = setup.write_profile(profile, otlp)?;
@@ -362,6 +382,48 @@ async fn run(
     outcome
 }
 
+/// Start a peer proxy if it is installed (`Ok(None)` when it is not).
+async fn start_peer(
+    profile: Profile,
+    setup: &setup::Setup,
+    args: &Args,
+    upstream: SocketAddr,
+) -> Result<Option<Target>> {
+    let (proc, tls) = match profile {
+        Profile::Mitmproxy => {
+            let Some(bin) = peers::find("mitmdump") else {
+                return Ok(None);
+            };
+            let ca = setup.dir.join("upstream-ca.pem");
+            let (proc, mitm_ca) = peers::mitmdump(&bin, &setup.dir, &ca).await?;
+            let tls = setup.client_tls_trusting(args.tls_resumption, args.http2, &mitm_ca)?;
+            (proc, tls)
+        }
+        Profile::Squid => {
+            let Some(bin) = peers::find("squid") else {
+                return Ok(None);
+            };
+            let proc = peers::squid(&bin, &setup.dir, upstream.port()).await?;
+            (proc, setup.client_tls(args.tls_resumption, args.http2)?)
+        }
+        _ => return Ok(None),
+    };
+    let dialer = Arc::new(Dialer {
+        tls,
+        proxy: Some(proc.addr),
+        proxy_tls: false,
+        upstream,
+        body_bytes: args.body_size,
+        http2: args.http2,
+        headers: Vec::new(),
+    });
+    Ok(Some(Target {
+        profile,
+        dialer,
+        proxy: Some(proc),
+    }))
+}
+
 /// A proxy configuration under test: its process and the dialer that reaches it.
 struct Target {
     profile: Profile,
@@ -395,6 +457,13 @@ async fn measure(
                 continue;
             }
             let Some(target) = targets.iter_mut().find(|t| t.profile == sc.profile) else {
+                if sc.profile.is_peer() {
+                    // Not installed or failed to start: the report's peers say which.
+                    if round == 0 {
+                        results.push(ScenarioResult::skipped(sc));
+                    }
+                    continue;
+                }
                 outcome = Err(anyhow::anyhow!(
                     "scenario {}: no proxy for its profile",
                     sc.name
@@ -459,14 +528,6 @@ fn list_scenarios() {
         let stub = if s.stub { " [not yet available]" } else { "" };
         println!("{:<17} {}{base}{stub}", s.name, s.about);
     }
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 /// `250ms`, `5s`, `1.5s`, `2m`.

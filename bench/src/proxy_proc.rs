@@ -104,6 +104,17 @@ impl ProxyProcess {
         }
     }
 
+    /// A peer proxy (mitmdump, squid) already started and listening on `addr`.
+    pub fn peer(child: Child, addr: SocketAddr) -> ProxyProcess {
+        ProxyProcess {
+            pid: child.id(),
+            child,
+            addr,
+            admin: addr,
+            tail: Arc::default(),
+        }
+    }
+
     /// `Some(reason)` once the process has exited.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {

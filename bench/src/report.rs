@@ -164,6 +164,14 @@ impl ScenarioResult {
         }
     }
 
+    /// A peer scenario whose peer is not installed (or did not start).
+    pub fn skipped(sc: &Scenario) -> ScenarioResult {
+        ScenarioResult {
+            status: "skipped",
+            ..ScenarioResult::stub(sc)
+        }
+    }
+
     /// A named scenario that cannot be measured yet.
     pub fn stub(sc: &Scenario) -> ScenarioResult {
         ScenarioResult {
@@ -288,6 +296,11 @@ impl Report {
             "full pipeline: throughput >= 0.8x bare MITM",
             full.and_then(|s| s.ratio_to_mitm),
             &|v| v >= 0.8,
+        );
+        push(
+            "bare MITM: throughput >= 40x mitmproxy (intercepting)",
+            mitm.zip(get("mitmproxy")).map(|(m, p)| m.rps / p.rps),
+            &|v| v >= 40.0,
         );
         push(
             "new intercepted connection per request: >= 0.4x direct",

@@ -48,6 +48,10 @@ pub enum Profile {
     Full,
     /// The example policy over a large data document (thousands of identities and hosts).
     PolicyHeavy,
+    /// mitmproxy's `mitmdump`, intercepting (a peer, with `--peers`).
+    Mitmproxy,
+    /// squid, CONNECT tunnels only (a peer, with `--peers`).
+    Squid,
 }
 
 impl Profile {
@@ -56,7 +60,14 @@ impl Profile {
             Profile::Bare => "bare",
             Profile::Full => "full",
             Profile::PolicyHeavy => "policy-heavy",
+            Profile::Mitmproxy => "mitmproxy",
+            Profile::Squid => "squid",
         }
+    }
+
+    /// Another proxy, measured for comparison; reached over plain TCP, no client SVID.
+    pub fn is_peer(self) -> bool {
+        matches!(self, Profile::Mitmproxy | Profile::Squid)
     }
 }
 
@@ -214,7 +225,54 @@ pub const ALL: &[Scenario] = &[
             Some("direct"),
         )
     },
+    Scenario {
+        profile: Profile::Mitmproxy,
+        ..sc(
+            "mitmproxy",
+            "peer: mitmdump intercepting, keep-alive, GET /small (with --peers)",
+            Route::Mitm,
+            ConnMode::KeepAlive,
+            Workload::Small,
+            Some("direct"),
+        )
+    },
+    Scenario {
+        profile: Profile::Mitmproxy,
+        ..sc(
+            "mitmproxy-large",
+            "peer: mitmdump intercepting, keep-alive, GET /bytes/N (with --peers)",
+            Route::Mitm,
+            ConnMode::KeepAlive,
+            Workload::Large,
+            Some("direct-large"),
+        )
+    },
+    Scenario {
+        profile: Profile::Squid,
+        ..sc(
+            "squid",
+            "peer: squid CONNECT blind tunnel, keep-alive, GET /small (with --peers)",
+            Route::Tunnel,
+            ConnMode::KeepAlive,
+            Workload::Small,
+            Some("direct"),
+        )
+    },
+    Scenario {
+        profile: Profile::Squid,
+        ..sc(
+            "squid-large",
+            "peer: squid CONNECT blind tunnel, keep-alive, GET /bytes/N (with --peers)",
+            Route::Tunnel,
+            ConnMode::KeepAlive,
+            Workload::Large,
+            Some("direct-large"),
+        )
+    },
 ];
+
+/// The peer scenarios `--peers` adds.
+pub const PEERS: &str = "mitmproxy,mitmproxy-large,squid,squid-large";
 
 /// What runs when `--scenarios` is not given.
 pub const DEFAULT: &str = "direct,tunnel,mitm,handshake,large,large-16x,mcp,full,policy-heavy";

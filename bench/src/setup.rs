@@ -127,6 +127,16 @@ impl Setup {
     /// Client configs. Session resumption is off unless asked for, so "new connection per
     /// request" means full handshakes on every hop.
     pub fn client_tls(&self, resumption: bool, http2: bool) -> Result<ClientTls> {
+        self.client_tls_trusting(resumption, http2, &self.mitm_ca)
+    }
+
+    /// Client configs whose intercepted hop trusts `mitm_ca` (a peer's own CA).
+    pub fn client_tls_trusting(
+        &self,
+        resumption: bool,
+        http2: bool,
+        mitm_ca: &CertificateDer<'static>,
+    ) -> Result<ClientTls> {
         let base = |ca: &CertificateDer<'static>| -> Result<_> {
             let mut roots = RootCertStore::empty();
             roots.add(ca.clone())?;
@@ -151,7 +161,7 @@ impl Setup {
             .context("client SVID")?;
         Ok(ClientTls {
             proxy: finish(proxy, false),
-            mitm: finish(base(&self.mitm_ca)?.with_no_client_auth(), true),
+            mitm: finish(base(mitm_ca)?.with_no_client_auth(), true),
             upstream: finish(base(&self.upstream_ca)?.with_no_client_auth(), true),
         })
     }
