@@ -331,6 +331,15 @@ pub fn check_validity(der: &[u8], now: SystemTime) -> Result<(), SvidError> {
     Ok(())
 }
 
+/// `(notBefore, notAfter)` in Unix seconds; notAfter covers its whole second.
+pub fn validity_window(der: &[u8]) -> Result<(i64, i64), SvidError> {
+    let validity = parse_cert(der)?.validity().clone();
+    Ok((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
+}
+
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     let (rest, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| SvidError::Malformed(e.to_string()))?;

@@ -107,7 +107,12 @@ pub fn load_bundles(bundles: &[(TrustDomain, std::path::PathBuf)]) -> Result<Roo
 #[derive(Default)]
 pub struct TrustStore {
     domains: HashMap<TrustDomain, Arc<dyn ClientCertVerifier>>,
+    /// Distinguishes this store from every other one built in the process (verified chains
+    /// are cached per store).
+    generation: u64,
 }
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl TrustStore {
     /// Build from each trust domain's CA certificates; a bundle rustls cannot use fails the
@@ -129,7 +134,11 @@ impl TrustStore {
                     .map_err(|e| bad(&e))?;
             domains.insert(td.clone(), verifier);
         }
-        Ok(TrustStore { domains })
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(TrustStore {
+            domains,
+            generation,
+        })
     }
 
     pub fn trust_domains(&self) -> impl Iterator<Item = &TrustDomain> {
@@ -161,6 +170,40 @@ fn reject(e: SvidRejected) -> rustls::Error {
 pub struct SpiffeVerifier {
     store: Arc<ArcSwap<TrustStore>>,
     provider: Arc<CryptoProvider>,
+    /// Chains verified recently, by SHA-256 of the presented certificates: an agent opening
+    /// many connections with the same SVID pays the chain verification once per trust store,
+    /// not per handshake (its CertificateVerify signature is still checked every time).
+    verified: moka::sync::Cache<[u8; 32], VerifiedChain>,
+}
+
+/// A chain that passed every check against store `generation`, valid (all of its
+/// certificates) from `not_before` to `not_after` (Unix seconds, inclusive).
+#[derive(Clone, Copy)]
+struct VerifiedChain {
+    generation: u64,
+    not_before: i64,
+    not_after: i64,
+}
+
+fn chain_key(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for cert in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        ctx.update(&(cert.len() as u64).to_be_bytes());
+        ctx.update(cert);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
+
+/// The window in which every certificate of the chain is valid.
+fn chain_window(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Option<(i64, i64)> {
+    let mut window = identity::validity_window(end_entity).ok()?;
+    for c in intermediates {
+        let (nb, na) = identity::validity_window(c).ok()?;
+        window = (window.0.max(nb), window.1.min(na));
+    }
+    Some(window)
 }
 
 impl SpiffeVerifier {
@@ -168,6 +211,10 @@ impl SpiffeVerifier {
         Arc::new(SpiffeVerifier {
             store,
             provider: provider(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
         })
     }
 }
@@ -200,15 +247,34 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        let store = self.store.load();
+        let key = chain_key(end_entity, intermediates);
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if let Some(v) = self.verified.get(&key) {
+            if v.generation == store.generation && (v.not_before..=v.not_after).contains(&secs) {
+                return Ok(ClientCertVerified::assertion());
+            }
+        }
         let now_sys = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
         let id = check_leaf(end_entity, now_sys).map_err(|e| reject(e.into()))?;
-        let store = self.store.load();
         let verifier = store.domains.get(id.trust_domain()).ok_or_else(|| {
             reject(SvidRejected::UnknownTrustDomain(
                 id.trust_domain().to_owned(),
             ))
         })?;
-        verifier.verify_client_cert(end_entity, intermediates, now)
+        let verified = verifier.verify_client_cert(end_entity, intermediates, now)?;
+        if let Some((not_before, not_after)) = chain_window(end_entity, intermediates) {
+            let generation = store.generation;
+            self.verified.insert(
+                key,
+                VerifiedChain {
+                    generation,
+                    not_before,
+                    not_after,
+                },
+            );
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -390,5 +456,45 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+
+    fn store_for(ca: &Authority) -> TrustStore {
+        let td = TrustDomain::parse("acme.test").unwrap();
+        let roots = [(td, vec![CertificateDer::from(ca.cert_der().to_vec())])];
+        TrustStore::build(roots.iter()).unwrap()
+    }
+
+    #[test]
+    fn cached_chains_still_expire_and_follow_the_trust_store() {
+        let ca = Authority::generate("acme", Some("spiffe://acme.test")).unwrap();
+        let leaf = ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test/agents/research",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let der = CertificateDer::from(leaf.cert_der.clone());
+        let store = Arc::new(ArcSwap::from_pointee(store_for(&ca)));
+        let v = SpiffeVerifier::new(store.clone());
+        let now = UnixTime::now();
+        assert!(v.verify_client_cert(&der, &[], now).is_ok());
+        v.verified.run_pending_tasks();
+        assert_eq!(v.verified.entry_count(), 1, "a verified chain is cached");
+        // From the cache.
+        assert!(v.verify_client_cert(&der, &[], now).is_ok());
+        // Past notAfter, a cached chain is refused like any other.
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 7200));
+        assert!(v.verify_client_cert(&der, &[], later).is_err());
+        // A new trust store (another CA for the domain) is not served from the old entries.
+        let other = Authority::generate("other", Some("spiffe://acme.test")).unwrap();
+        store.store(Arc::new(store_for(&other)));
+        assert!(v.verify_client_cert(&der, &[], now).is_err());
     }
 }

@@ -1221,6 +1221,20 @@ impl OAuthServer {
         format!("http://127.0.0.1:{}/token", self.port)
     }
 
+    /// Token responses so far, once there are at least `n` (bounded wait: the log line is
+    /// written before the response, but our reader thread may not have read it yet).
+    pub fn tokens_after(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let tokens = self.tokens();
+            let seen = self.out.lines().len();
+            if tokens.len() >= n || Instant::now() >= deadline {
+                return tokens;
+            }
+            self.out.wait_for_len(seen + 1, deadline);
+        }
+    }
+
     /// Token responses so far.
     pub fn tokens(&self) -> Vec<Value> {
         self.out

@@ -402,7 +402,7 @@ async fn oauth_client_credentials_token_is_fetched_once_refreshed_and_cached() {
     for out in futures_util::future::join_all(runs).await {
         assert_eq!(out.status, 200, "{out:?}");
     }
-    let tokens = oauth.tokens();
+    let tokens = oauth.tokens_after(1);
     assert_eq!(
         tokens.len(),
         1,
@@ -424,7 +424,7 @@ async fn oauth_client_credentials_token_is_fetched_once_refreshed_and_cached() {
         200
     );
     assert_eq!(
-        oauth.tokens().len(),
+        oauth.tokens_after(2).len(),
         2,
         "an expired token must be refreshed"
     );
@@ -539,7 +539,7 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
     )
     .await;
     assert_eq!(out.status, 200, "{out:?}");
-    let tokens = oauth.tokens();
+    let tokens = oauth.tokens_after(1);
     assert_eq!(tokens.len(), 1);
     assert_eq!(tokens[0]["grant_type"], "refresh_token");
     assert_eq!(tokens[0]["client_auth"], "post");

@@ -102,7 +102,7 @@ async fn two_replicas_fetch_one_token_between_them_and_revoke_everywhere() {
     for out in futures_util::future::join_all(calls).await {
         assert_eq!(out.status, 200, "{out:?}");
     }
-    let tokens = oauth.tokens();
+    let tokens = oauth.tokens_after(1);
     assert_eq!(tokens.len(), 1, "replicas must share one token: {tokens:?}");
     let issued = tokens[0]["access_token"].as_str().unwrap().to_owned();
     assert!(r
@@ -140,7 +140,11 @@ async fn two_replicas_fetch_one_token_between_them_and_revoke_everywhere() {
         "(integer) 0"
     );
     assert_eq!(r.call(&r.b).await.status, 200);
-    assert_eq!(oauth.tokens().len(), 2, "a revoked token must be refetched");
+    assert_eq!(
+        oauth.tokens_after(2).len(),
+        2,
+        "a revoked token must be refetched"
+    );
     assert_eq!(
         r.last_token(),
         oauth.tokens()[1]["access_token"].as_str().unwrap()
@@ -166,7 +170,7 @@ async fn a_refresh_token_rotated_by_one_replica_is_used_by_the_other() {
     let r = replicas(&redis.url(), &source).await;
 
     assert_eq!(r.call(&r.a).await.status, 200);
-    let first = oauth.tokens();
+    let first = oauth.tokens_after(1);
     assert_eq!(first.len(), 1);
     assert_eq!(first[0]["grant_type"], "refresh_token");
     assert_eq!(first[0]["refresh_token_in"], "seed-refresh-token");
@@ -175,7 +179,7 @@ async fn a_refresh_token_rotated_by_one_replica_is_used_by_the_other() {
     // Once that token expires, B refreshes with the token A received, not the stale seed.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(r.call(&r.b).await.status, 200);
-    let tokens = oauth.tokens();
+    let tokens = oauth.tokens_after(2);
     assert_eq!(tokens.len(), 2, "{tokens:?}");
     assert_eq!(tokens[1]["refresh_token_in"], rotated.as_str());
     let logged = r.everything_logged();
@@ -190,10 +194,14 @@ async fn redis_down_falls_back_to_the_replicas_own_cache_and_source() {
     for _ in 0..3 {
         assert_eq!(r.call(&r.a).await.status, 200);
     }
-    assert_eq!(oauth.tokens().len(), 1, "A's own cache still serves");
+    assert_eq!(oauth.tokens_after(1).len(), 1, "A's own cache still serves");
     assert!(r.a.metric("portcullis_redis_errors_total").await >= 1);
     assert_eq!(r.call(&r.b).await.status, 200);
-    assert_eq!(oauth.tokens().len(), 2, "without Redis, B fetches its own");
+    assert_eq!(
+        oauth.tokens_after(2).len(),
+        2,
+        "without Redis, B fetches its own"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
