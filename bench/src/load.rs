@@ -26,6 +26,13 @@ pub struct Plan {
     pub duration: Duration,
     /// Bound on one request (connection set-up included).
     pub request_timeout: Duration,
+    /// Open loop: the total request rate (per second) spread evenly over the connections.
+    /// Each request has an intended start time on a fixed schedule; one that a slow previous
+    /// request delayed counts its latency from that time, not from when the worker got to
+    /// send it (so a stall shows up in the percentiles instead of being hidden:
+    /// coordinated-omission correction, as in wrk2).
+    /// `None`: closed loop, the next request when the previous one ends.
+    pub rate: Option<f64>,
 }
 
 /// How often the proxy is checked for life and its RSS sampled.
@@ -121,13 +128,20 @@ pub async fn run(
     let warm_end = start + plan.warmup;
     let end = warm_end + plan.duration;
     let mut workers = JoinSet::new();
-    for _ in 0..plan.connections {
+    for n in 0..plan.connections {
+        let offset = n as f64 / plan.connections as f64;
         workers.spawn(worker(
             dialer.clone(),
             template.clone(),
             *sc,
-            (warm_end, end),
-            plan.request_timeout,
+            Timing {
+                warm_end,
+                end,
+                request_timeout: plan.request_timeout,
+                interval: plan
+                    .rate
+                    .map(|r| (Duration::from_secs_f64(plan.connections as f64 / r), offset)),
+            },
             live.clone(),
             hist.clone(),
         ));
@@ -230,15 +244,29 @@ async fn preflight(
     Ok(())
 }
 
+/// When a worker measures, how long a request may take, and (open loop) its schedule: the
+/// interval between its requests and its offset into the first interval (fraction).
+struct Timing {
+    warm_end: Instant,
+    end: Instant,
+    request_timeout: Duration,
+    interval: Option<(Duration, f64)>,
+}
+
 async fn worker(
     dialer: Arc<Dialer>,
     template: Arc<Template>,
     sc: Scenario,
-    (warm_end, end): (Instant, Instant),
-    request_timeout: Duration,
+    timing: Timing,
     live: Arc<Live>,
     hist: Histogram<u64>,
 ) -> WorkerStats {
+    let Timing {
+        warm_end,
+        end,
+        request_timeout,
+        interval,
+    } = timing;
     let mut s = WorkerStats {
         hist,
         requests: 0,
@@ -247,8 +275,24 @@ async fn worker(
         bytes: 0,
     };
     let mut conn: Option<Sender> = None;
+    // Open loop: the workers' schedules are staggered evenly over one interval.
+    let mut intended = interval.map(|(i, offset)| Instant::now() + i.mul_f64(offset));
+    let interval = interval.map(|(i, _)| i);
     while Instant::now() < end {
-        let t0 = Instant::now();
+        // Open loop: a request the previous one made late counts from its scheduled start
+        // (coordinated omission); one that is on time counts from when it is really sent, so
+        // the timer's millisecond granularity does not add to the latency.
+        let t0 = match intended {
+            Some(at) if Instant::now() >= at => at,
+            Some(at) => {
+                tokio::time::sleep_until(at).await;
+                Instant::now()
+            }
+            None => Instant::now(),
+        };
+        if let (Some(at), Some(i)) = (&mut intended, interval) {
+            *at += i;
+        }
         // A request still running just after the end is abandoned, not waited for.
         let deadline = (t0 + request_timeout).min(end + Duration::from_millis(500));
         let r = tokio::time::timeout_at(deadline, iteration(&dialer, &template, &sc, &mut conn))

@@ -66,6 +66,11 @@ struct Args {
     /// Bound on one request, connection set-up included.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// Open loop at this many requests per second in total (spread over the connections;
+    /// latency counted from each request's scheduled start, correcting for coordinated
+    /// omission). Default: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
     /// The portcullis binary [default: `portcullis` next to this executable].
     #[arg(long)]
     proxy_bin: Option<PathBuf>,
@@ -137,6 +142,10 @@ async fn main() -> ExitCode {
         eprintln!("portcullis-bench: --upstream {u}: must be 127.0.0.1:PORT");
         return ExitCode::from(2);
     }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        eprintln!("portcullis-bench: --rate must be a positive number of requests per second");
+        return ExitCode::from(2);
+    }
     let list = match args.peers {
         true => format!("{},{}", args.scenarios, scenario::PEERS),
         false => args.scenarios.clone(),
@@ -177,6 +186,7 @@ async fn main() -> ExitCode {
             access_log: args.access_log,
             decision_log: args.decision_log,
             tls_resumption: args.tls_resumption,
+            open_loop_rate: args.rate,
             client_protocol: if args.http2 { "h2" } else { "http/1.1" },
             upstream_alpn: if args.upstream_http1 {
                 "http/1.1"
@@ -360,6 +370,7 @@ async fn run(
         warmup: args.warmup,
         duration: args.duration,
         request_timeout: args.request_timeout,
+        rate: args.rate,
     };
 
     let (rows, outcome) = measure(args, selected, &mut targets, plan, &mut progress).await;

@@ -51,6 +51,8 @@ pub struct Settings {
     pub client_protocol: &'static str,
     /// What the built-in upstream offers in ALPN (so what the proxy's upstream leg speaks).
     pub upstream_alpn: &'static str,
+    /// `--rate`: open loop at this total rate; `None`: closed loop.
+    pub open_loop_rate: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -500,6 +502,7 @@ mod tests {
                 tls_resumption: false,
                 client_protocol: "http/1.1",
                 upstream_alpn: "h2,http/1.1",
+                open_loop_rate: None,
             },
             proxy: None,
             scenarios: rows,
