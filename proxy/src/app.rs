@@ -283,6 +283,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         chain,
         substitute,
         routes,
+        sse: Arc::default(),
         secrets,
         metrics,
         pins,

@@ -27,6 +27,7 @@ pub mod reload;
 pub mod response_body;
 pub mod secrets;
 pub mod server;
+pub mod sse_sessions;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

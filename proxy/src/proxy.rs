@@ -41,6 +41,8 @@ pub struct Shared {
     pub substitute: Arc<portcullis_filters::credentials::CredentialSubstitute>,
     /// Gateway routes for origin-form requests (none: gateway mode off).
     pub routes: crate::gateway::Routes,
+    /// Open HTTP+SSE (older MCP transport) streams, where their denials are delivered.
+    pub sse: Arc<crate::sse_sessions::SseSessions>,
     pub pins: Arc<portcullis_filters::pinning::ToolPins>,
     pub upstream: Upstream,
     pub mitm: Mitm,
@@ -451,6 +453,10 @@ async fn forward(
         Some(crate::body::stream(body))
     };
     if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
+        if let Some(resp) = deny_on_sse_stream(shared, &mut ctx, &parts, &rej) {
+            drop(body);
+            return resp;
+        }
         return refuse_draining(shared, ctx, rej, body);
     }
     let (mut ctx, req) = match prepare(shared, ctx, parts, body) {
@@ -497,6 +503,14 @@ async fn forward(
         // The rewritten body has a different length.
         rparts.headers.remove(http::header::CONTENT_LENGTH);
     }
+    // A GET event stream may be an HTTP+SSE session whose denials must travel on it.
+    let event_stream = ctx.method == Method::GET
+        && rparts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    let sse_authority = event_stream.then(|| ctx.destination.authority());
     let body = LoggedBody {
         inner: rbody,
         bytes: 0,
@@ -506,7 +520,45 @@ async fn forward(
         flushed: false,
         done: Some((ctx, shared.chain.clone())),
     };
+    if let Some(authority) = sse_authority {
+        let tapped = crate::sse_sessions::SseTap::new(body, shared.sse.clone(), authority);
+        return Response::from_parts(rparts, BodyExt::boxed(tapped));
+    }
     Response::from_parts(rparts, BodyExt::boxed(body))
+}
+
+/// A denied POST of the older MCP transport (HTTP+SSE) to an endpoint whose event stream
+/// passes through this proxy: its JSON-RPC errors go on that stream (where the client waits
+/// for answers) and the POST gets the transport's 202.
+fn deny_on_sse_stream(
+    shared: &Shared,
+    ctx: &mut Context,
+    parts: &http::request::Parts,
+    rej: &Rejection,
+) -> Option<Response<Body>> {
+    let answer = rej.jsonrpc.as_ref()?;
+    if parts.method != Method::POST || answer.responses.is_empty() {
+        return None;
+    }
+    let endpoint = parts.uri.path_and_query()?.as_str();
+    let authority = ctx.destination.authority();
+    if !shared.sse.deliver(&authority, endpoint, &answer.responses) {
+        return None;
+    }
+    ctx.error = Some(rej.code);
+    let mut resp = Response::new(crate::error::empty());
+    *resp.status_mut() = http::StatusCode::ACCEPTED;
+    resp.headers_mut().insert(
+        http::HeaderName::from_static(crate::error::ERROR_HEADER),
+        HeaderValue::from_static(rej.code.as_str()),
+    );
+    let outcome = Outcome {
+        status: 202,
+        bytes: 0,
+        duration: ctx.started.elapsed(),
+    };
+    shared.chain.logging(ctx, &outcome);
+    Some(resp)
 }
 
 /// The request as it goes upstream: Host for absolute-form, the upstream-request phase, and

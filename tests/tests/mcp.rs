@@ -483,7 +483,7 @@ async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_older_http_sse_transport_streams_through_and_calls_are_still_decided() {
+async fn the_older_http_sse_transport_streams_through_and_denies_arrive_on_its_stream() {
     let pki = Pki::new();
     replace_file(&pki.path("policy/allow.rego"), POLICY);
     let port = free_addr().port();
@@ -493,9 +493,9 @@ async fn the_older_http_sse_transport_streams_through_and_calls_are_still_decide
     let ops = json!([
         {"op": "call", "tool": "search_issues", "args": {"query": "bug"}},
         {"op": "call_progress", "tool": "slow_progress", "args": {"steps": 4}},
-        // On this transport answers travel on the GET stream, so the deny (the POST's own
-        // response) does not reach the SDK: the call times out on the client instead.
-        {"op": "call", "tool": "delete_repo", "args": {"owner": "acme", "repo": "x"}, "timeout": 2},
+        // On this transport answers travel on the GET stream: the proxy puts the deny there.
+        {"op": "call", "tool": "delete_repo", "args": {"owner": "acme", "repo": "x"}, "timeout": 20},
+        {"op": "call", "tool": "search_issues", "args": {"query": "after"}},
     ]);
     let r = mcp_client_via(&pki, &server, &proxy, &research, ops).await;
     assert_eq!(r[0]["is_error"], false, "{r:?}");
@@ -512,6 +512,13 @@ async fn the_older_http_sse_transport_streams_through_and_calls_are_still_decide
         "progress must stream through: {times:?}"
     );
     assert_eq!(r[2]["is_error"], true, "{r:?}");
+    assert_eq!(
+        r[2]["error"]["code"], -32001,
+        "the deny itself, not a timeout: {r:?}"
+    );
+    assert_eq!(r[2]["error"]["data"]["reason"], "no deletes, ever", "{r:?}");
+    // The stream stays usable after a delivered deny.
+    assert_eq!(r[3]["is_error"], false, "{r:?}");
     assert!(!server.received_tools().contains(&"delete_repo".to_owned()));
     proxy.decisions.wait_for("the delete_repo deny", |l| {
         l.contains("delete_repo") && l.contains("\"deny\"")
