@@ -119,7 +119,7 @@ impl<B> Drop for SseTap<B> {
 /// The path and query announced by an `event: endpoint` among complete events in `head`.
 fn endpoint_event(head: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(head).ok()?.replace("\r\n", "\n");
-    for event in text.split("\n\n").filter(|_| true) {
+    for event in text.split("\n\n") {
         let mut is_endpoint = false;
         let mut data = None;
         for line in event.lines() {
