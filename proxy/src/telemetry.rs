@@ -1,52 +1,74 @@
-//! OpenTelemetry export: one span per action (CONNECT, HTTP request, MCP request), ended in the
-//! logging phase, with the identity, policy and HTTP/MCP semantic-convention attributes of the
-//! DESIGN contract, exported over OTLP (gRPC or HTTP/protobuf) by a bounded batch processor so
-//! a slow or dead collector never blocks a request. The span uses the ids the proxy already
-//! gave the action (and sent upstream in `traceparent`), through a thread-local id generator.
+//! OpenTelemetry export. Each action's span (CONNECT, HTTP request, MCP request) and its child
+//! spans (`policy.evaluate`, `credential.fetch`, the upstream HTTP client call) are built at
+//! logging time from what the request path recorded in its `Context` (ids, decisions, step
+//! timings) — no OpenTelemetry call runs on the request path. Spans go through a bounded queue
+//! to one export task (OTLP gRPC or HTTP/protobuf); a full queue or a failed export drops spans
+//! and counts them (`portcullis_otel_spans_dropped_total`), so a slow or dead collector never
+//! blocks a request.
 
-use std::cell::Cell;
-use std::time::{Duration, SystemTime};
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
-    Tracer, TracerProvider as _,
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
-use opentelemetry::{Context as OtelContext, KeyValue};
+use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
-use opentelemetry_sdk::trace::{IdGenerator, Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use opentelemetry_sdk::Resource;
+use portcullis_filters::timing::{sampled, StepKind};
 use portcullis_filters::{ActionKind, Context, Filter, Outcome};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::TelemetryConfig;
 
-thread_local! {
-    /// The ids of the span about to be built on this thread.
-    static NEXT_IDS: Cell<Option<([u8; 16], [u8; 8])>> = const { Cell::new(None) };
+/// What happened to the spans handed to the exporter, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Spans accepted by the collector.
+    pub exported: AtomicU64,
+    /// Spans lost: the queue was full, or their export failed or timed out.
+    pub dropped: AtomicU64,
+    /// Export calls (batches) that failed or timed out.
+    pub export_errors: AtomicU64,
 }
 
-/// Hands the SDK the ids Portcullis chose for the action; random ones otherwise.
-#[derive(Debug)]
-struct ActionIds;
+/// The batch settings, from the standard `OTEL_BSP_*` variables (OpenTelemetry's defaults).
+#[derive(Debug, Clone, Copy)]
+struct Batching {
+    queue: usize,
+    batch: usize,
+    delay: Duration,
+    timeout: Duration,
+}
 
-impl IdGenerator for ActionIds {
-    fn new_trace_id(&self) -> TraceId {
-        match NEXT_IDS.with(Cell::get) {
-            Some((t, _)) => TraceId::from_bytes(t),
-            None => TraceId::from_bytes(rand::random()),
-        }
-    }
-
-    fn new_span_id(&self) -> SpanId {
-        match NEXT_IDS.with(Cell::get) {
-            Some((_, s)) => SpanId::from_bytes(s),
-            None => SpanId::from_bytes(rand::random()),
+impl Batching {
+    fn from_env() -> Batching {
+        let num = |name: &str, default: u64| {
+            env(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(default)
+        };
+        let queue = usize::try_from(num("OTEL_BSP_MAX_QUEUE_SIZE", 2048)).unwrap_or(2048);
+        let batch = usize::try_from(num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)).unwrap_or(512);
+        Batching {
+            queue,
+            batch: batch.min(queue),
+            delay: Duration::from_millis(num("OTEL_BSP_SCHEDULE_DELAY", 5000)),
+            timeout: Duration::from_millis(num("OTEL_BSP_EXPORT_TIMEOUT", 30_000)),
         }
     }
 }
 
 /// The configured exporter, if any (none: spans are not exported; logs still carry ids).
 pub struct Telemetry {
-    provider: SdkTracerProvider,
+    tx: mpsc::Sender<SpanData>,
+    stats: Arc<ExportStats>,
+    sampling_ratio: f64,
+    shutdown: std::sync::Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -54,8 +76,12 @@ fn env(name: &str) -> Option<String> {
 }
 
 impl Telemetry {
-    /// From `telemetry.*`, falling back to the standard `OTEL_*` variables.
-    pub fn init(cfg: &TelemetryConfig) -> Result<Option<Telemetry>, String> {
+    /// From `telemetry.*`, falling back to the standard `OTEL_*` variables. Must run inside
+    /// the Tokio runtime: it spawns the export task.
+    pub fn init(
+        cfg: &TelemetryConfig,
+        stats: Arc<ExportStats>,
+    ) -> Result<Option<Telemetry>, String> {
         let Some(endpoint) = cfg
             .otlp_endpoint
             .clone()
@@ -69,11 +95,12 @@ impl Telemetry {
             .clone()
             .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
             .unwrap_or_else(|| "grpc".into());
-        let exporter = match protocol.as_str() {
+        let batching = Batching::from_env();
+        let mut exporter = match protocol.as_str() {
             "grpc" => opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint.clone())
-                .with_timeout(Duration::from_secs(5))
+                .with_timeout(batching.timeout)
                 .build(),
             "http/protobuf" | "http" => {
                 let url = if endpoint.ends_with("/v1/traces") {
@@ -85,7 +112,7 @@ impl Telemetry {
                     .with_http()
                     .with_protocol(Protocol::HttpBinary)
                     .with_endpoint(url)
-                    .with_timeout(Duration::from_secs(5))
+                    .with_timeout(batching.timeout)
                     .build()
             }
             other => {
@@ -95,11 +122,6 @@ impl Telemetry {
             }
         }
         .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
-        let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
-            exporter,
-            opentelemetry_sdk::runtime::Tokio,
-        )
-        .build();
         let resource = Resource::builder()
             .with_service_name(cfg.service_name.clone())
             .with_attributes([
@@ -110,35 +132,133 @@ impl Telemetry {
                 ),
             ])
             .build();
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_id_generator(ActionIds)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                cfg.sampling_ratio,
-            ))))
-            .with_resource(resource)
-            .build();
+        exporter.set_resource(&resource);
+        let (tx, rx) = mpsc::channel(batching.queue);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        tokio::spawn(export_loop(exporter, rx, batching, stats.clone(), stop_rx));
         tracing::info!(endpoint = %endpoint, protocol = %protocol, "exporting spans over OTLP");
-        Ok(Some(Telemetry { provider }))
+        Ok(Some(Telemetry {
+            tx,
+            stats,
+            sampling_ratio: cfg.sampling_ratio,
+            shutdown: std::sync::Mutex::new(Some(stop_tx)),
+        }))
     }
 
     pub fn filter(&self) -> SpanExport {
         SpanExport {
-            tracer: self.provider.tracer("portcullis"),
+            tx: self.tx.clone(),
+            stats: self.stats.clone(),
+            sampling_ratio: self.sampling_ratio,
+            scope: InstrumentationScope::builder("portcullis")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
         }
     }
 
-    /// Flush what is queued (bounded by the exporter timeout).
-    pub fn shutdown(&self) {
-        if let Err(e) = self.provider.shutdown() {
-            tracing::debug!(error = %e, "span exporter shutdown");
+    /// Export what is queued, then stop the export task (bounded by the export timeout; the
+    /// caller bounds the wait too).
+    pub async fn shutdown(&self) {
+        let stop = self.shutdown.lock().ok().and_then(|mut s| s.take());
+        if let Some(stop) = stop {
+            let (done_tx, done_rx) = oneshot::channel();
+            if stop.send(done_tx).is_ok() {
+                let _ = done_rx.await;
+            }
         }
     }
 }
 
-/// The logging-phase stage that emits the action's span.
+/// The export task: batches of up to `batch` spans, sent when full or every `delay`, one
+/// export at a time, each bounded by `timeout`. Spans of a failed batch are counted as dropped
+/// (no retry: the queue behind it would only grow).
+async fn export_loop(
+    exporter: opentelemetry_otlp::SpanExporter,
+    mut rx: mpsc::Receiver<SpanData>,
+    cfg: Batching,
+    stats: Arc<ExportStats>,
+    mut stop: oneshot::Receiver<oneshot::Sender<()>>,
+) {
+    let mut batch = Vec::with_capacity(cfg.batch);
+    let mut tick = tokio::time::interval(cfg.delay);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, cfg.batch) => {
+                if n == 0 {
+                    break;
+                }
+                if batch.len() >= cfg.batch {
+                    export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
+                }
+            }
+            _ = tick.tick() => {
+                if !batch.is_empty() {
+                    export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
+                }
+            }
+            done = &mut stop => {
+                while let Ok(span) = rx.try_recv() {
+                    batch.push(span);
+                    if batch.len() >= cfg.batch {
+                        export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
+                    }
+                }
+                export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
+                if let Err(e) = exporter.shutdown() {
+                    tracing::debug!(error = %e, "span exporter shutdown");
+                }
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<SpanData>,
+    cfg: &Batching,
+    stats: &ExportStats,
+    failing: &mut bool,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    let spans = std::mem::replace(batch, Vec::with_capacity(cfg.batch));
+    let error = match tokio::time::timeout(cfg.timeout, exporter.export(spans)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("timed out after {:?}", cfg.timeout)),
+    };
+    match error {
+        None => {
+            stats.exported.fetch_add(n, Ordering::Relaxed);
+            if std::mem::take(failing) {
+                tracing::info!("span export works again");
+            }
+        }
+        Some(e) => {
+            stats.dropped.fetch_add(n, Ordering::Relaxed);
+            stats.export_errors.fetch_add(1, Ordering::Relaxed);
+            // Once per outage, not per batch.
+            if !std::mem::replace(failing, true) {
+                tracing::warn!(error = %e, spans = n, "span export failed; dropping spans until the collector answers (counted in portcullis_otel_spans_dropped_total)");
+            }
+        }
+    }
+}
+
+/// The logging-phase stage that builds the action's span and its children.
 pub struct SpanExport {
-    tracer: opentelemetry_sdk::trace::SdkTracer,
+    tx: mpsc::Sender<SpanData>,
+    stats: Arc<ExportStats>,
+    sampling_ratio: f64,
+    scope: InstrumentationScope,
 }
 
 impl std::fmt::Debug for SpanExport {
@@ -164,15 +284,68 @@ fn span_name(ctx: &Context) -> String {
     }
 }
 
-#[async_trait::async_trait]
-impl Filter for SpanExport {
-    fn name(&self) -> &'static str {
-        "span_export"
+/// Converts the request path's `Instant`s to wall-clock times, from one reading of both.
+struct Clock {
+    now: Instant,
+    wall: SystemTime,
+}
+
+impl Clock {
+    fn wall(&self, at: Instant) -> SystemTime {
+        self.wall
+            .checked_sub(self.now.saturating_duration_since(at))
+            .unwrap_or(self.wall)
+    }
+}
+
+impl SpanExport {
+    /// The sampling ratio for new traces (the propagation stage decides with it too).
+    pub fn sampling_ratio(&self) -> f64 {
+        self.sampling_ratio
     }
 
-    fn logging(&self, ctx: &Context, outcome: &Outcome) {
-        let end = SystemTime::now();
-        let start = end.checked_sub(outcome.duration).unwrap_or(end);
+    fn send(&self, span: SpanData) {
+        if self.tx.try_send(span).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // one call per span kind, each naming every field
+    fn span(
+        &self,
+        ctx: &Context,
+        id: [u8; 8],
+        parent: Option<[u8; 8]>,
+        kind: SpanKind,
+        name: Cow<'static, str>,
+        times: (SystemTime, SystemTime),
+        attributes: Vec<KeyValue>,
+        status: Status,
+    ) -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes(ctx.trace_id.0),
+                SpanId::from_bytes(id),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: parent.map_or(SpanId::INVALID, SpanId::from_bytes),
+            parent_span_is_remote: parent.is_some() && id == ctx.span_id,
+            span_kind: kind,
+            name,
+            start_time: times.0,
+            end_time: times.1,
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status,
+            instrumentation_scope: self.scope.clone(),
+        }
+    }
+
+    fn action_attributes(ctx: &Context, outcome: &Outcome) -> Vec<KeyValue> {
         let denied = ctx.decisions.iter().find(|r| !r.decision.allow);
         let decision = match (denied, ctx.decisions.first()) {
             (Some(d), _) => Some(("deny", d)),
@@ -196,16 +369,7 @@ impl Filter for SpanExport {
             KeyValue::new("client.address", ctx.peer.source.ip().to_string()),
         ];
         if ctx.kind != ActionKind::Connect {
-            // The query string may hold placeholders or data: only the path is recorded.
-            attrs.push(KeyValue::new(
-                "url.full",
-                format!(
-                    "{}://{}{}",
-                    ctx.destination.scheme.as_str(),
-                    ctx.destination.authority(),
-                    ctx.path
-                ),
-            ));
+            attrs.push(KeyValue::new("url.full", url(ctx)));
         }
         if let Some((word, rec)) = decision {
             attrs.push(KeyValue::new("portcullis.policy.decision", word));
@@ -233,29 +397,158 @@ impl Filter for SpanExport {
         if let Some(code) = ctx.error {
             attrs.push(KeyValue::new("error.type", code.as_str()));
         }
-        let parent = match ctx.parent_span_id {
-            Some(p) => OtelContext::new().with_remote_span_context(SpanContext::new(
-                TraceId::from_bytes(ctx.trace_id.0),
-                SpanId::from_bytes(p),
-                TraceFlags::new(ctx.trace_flags),
-                true,
-                TraceState::default(),
-            )),
-            None => OtelContext::new(),
+        attrs
+    }
+
+    /// One child span per recorded step, parented to the action's span.
+    fn children(&self, ctx: &Context, clock: &Clock) {
+        let Some(steps) = ctx.steps.as_deref() else {
+            return;
         };
-        NEXT_IDS.with(|ids| ids.set(Some((ctx.trace_id.0, ctx.span_id))));
-        let mut span = self
-            .tracer
-            .span_builder(span_name(ctx))
-            .with_kind(SpanKind::Server)
-            .with_start_time(start)
-            .with_attributes(attrs)
-            .start_with_context(&self.tracer, &parent);
-        NEXT_IDS.with(|ids| ids.set(None));
-        if ctx.error.is_some() {
-            let why = ctx.error.map(|c| c.as_str()).unwrap_or("error");
-            opentelemetry::trace::Span::set_status(&mut span, Status::error(why));
+        for step in &steps.steps {
+            let times = (clock.wall(step.start), clock.wall(step.end));
+            let (kind, name, attrs, status): (_, Cow<'static, str>, _, _) = match &step.kind {
+                StepKind::Policy { decision } => {
+                    let Some(rec) = ctx.decisions.get(*decision) else {
+                        continue;
+                    };
+                    let d = &rec.decision;
+                    let mut attrs = vec![
+                        KeyValue::new(
+                            "portcullis.policy.decision",
+                            if d.allow { "allow" } else { "deny" },
+                        ),
+                        KeyValue::new("portcullis.policy.reason", d.reason.clone()),
+                        KeyValue::new("portcullis.policy.revision", d.revision.to_string()),
+                        KeyValue::new(
+                            "portcullis.policy.eval_time_us",
+                            i64::try_from(d.eval_time.as_micros()).unwrap_or(i64::MAX),
+                        ),
+                    ];
+                    if let Some(m) = &rec.mcp {
+                        attrs.push(KeyValue::new("mcp.method.name", m.method.clone()));
+                        if let Some(t) = &m.tool {
+                            attrs.push(KeyValue::new("gen_ai.tool.name", t.clone()));
+                        }
+                    }
+                    (
+                        SpanKind::Internal,
+                        "policy.evaluate".into(),
+                        attrs,
+                        Status::Unset,
+                    )
+                }
+                StepKind::Credential {
+                    name,
+                    cache_hit,
+                    error,
+                } => {
+                    let mut attrs = vec![KeyValue::new("portcullis.credential.name", name.clone())];
+                    if let Some(hit) = cache_hit {
+                        attrs.push(KeyValue::new("portcullis.credential.cache_hit", *hit));
+                    }
+                    let status = if *error {
+                        attrs.push(KeyValue::new("error.type", "credential_unavailable"));
+                        Status::error("credential_unavailable")
+                    } else {
+                        Status::Unset
+                    };
+                    (SpanKind::Internal, "credential.fetch".into(), attrs, status)
+                }
+                StepKind::Upstream { status, error } => {
+                    let mut attrs = vec![
+                        KeyValue::new("http.request.method", ctx.method.to_string()),
+                        KeyValue::new("server.address", ctx.destination.host.to_string()),
+                        KeyValue::new("server.port", i64::from(ctx.destination.port)),
+                        KeyValue::new("url.full", url(ctx)),
+                    ];
+                    if let Some(s) = status {
+                        attrs.push(KeyValue::new("http.response.status_code", i64::from(*s)));
+                    }
+                    // HTTP semconv: a client span is an error for 4xx and 5xx and for
+                    // failures with no response.
+                    let failed = match (error, status) {
+                        (Some(code), _) => Some(code.as_str().to_owned()),
+                        (None, Some(s)) if *s >= 400 => Some(s.to_string()),
+                        _ => None,
+                    };
+                    let status = match failed {
+                        Some(why) => {
+                            attrs.push(KeyValue::new("error.type", why.clone()));
+                            Status::error(why)
+                        }
+                        None => Status::Unset,
+                    };
+                    (
+                        SpanKind::Client,
+                        ctx.method.to_string().into(),
+                        attrs,
+                        status,
+                    )
+                }
+            };
+            self.send(self.span(
+                ctx,
+                step.span_id,
+                Some(ctx.span_id),
+                kind,
+                name,
+                times,
+                attrs,
+                status,
+            ));
         }
-        opentelemetry::trace::Span::end_with_timestamp(&mut span, end);
+    }
+}
+
+/// `url.full` without the query string (it may hold placeholders or data).
+fn url(ctx: &Context) -> String {
+    format!(
+        "{}://{}{}",
+        ctx.destination.scheme.as_str(),
+        ctx.destination.authority(),
+        ctx.path
+    )
+}
+
+#[async_trait::async_trait]
+impl Filter for SpanExport {
+    fn name(&self) -> &'static str {
+        "span_export"
+    }
+
+    fn logging(&self, ctx: &Context, outcome: &Outcome) {
+        // Actions refused before the propagation stage ran have no steps but are sampled the
+        // same way (the decision depends only on the ids and flags).
+        if ctx.steps.is_none()
+            && !sampled(
+                &ctx.trace_id.0,
+                ctx.parent_span_id.is_some(),
+                ctx.trace_flags,
+                self.sampling_ratio,
+            )
+        {
+            return;
+        }
+        let clock = Clock {
+            now: Instant::now(),
+            wall: SystemTime::now(),
+        };
+        let status = match ctx.error {
+            Some(code) => Status::error(code.as_str()),
+            None => Status::Unset,
+        };
+        let action = self.span(
+            ctx,
+            ctx.span_id,
+            ctx.parent_span_id,
+            SpanKind::Server,
+            span_name(ctx).into(),
+            (clock.wall(ctx.started), clock.wall),
+            Self::action_attributes(ctx, outcome),
+            status,
+        );
+        self.send(action);
+        self.children(ctx, &clock);
     }
 }
