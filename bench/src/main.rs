@@ -6,6 +6,7 @@
 
 mod client;
 mod load;
+mod otlp_sink;
 mod procstat;
 mod progress;
 mod proxy_proc;
@@ -296,6 +297,25 @@ async fn run(
         body_bytes: args.body_size,
         http2: args.http2,
     });
+    // `mitm-otel`: a second proxy, the same config plus OTLP export to a sink in the bench.
+    let mut otel = match &bin {
+        Some(bin) if selected.iter().any(|s| s.otel && !s.stub) => {
+            let sink = otlp_sink::OtlpSink::start().await?;
+            let config = setup.dir.join("config-otel.yaml");
+            setup::write_otel_config(&config, &sink.endpoint())?;
+            let p = ProxyProcess::start(bin, &config, log_filter)
+                .context("starting the exporting proxy")?;
+            let d = Arc::new(Dialer {
+                tls: setup.client_tls(args.tls_resumption, args.http2)?,
+                proxy: Some(p.addr),
+                upstream: upstream_addr,
+                body_bytes: args.body_size,
+                http2: args.http2,
+            });
+            Some((d, p, sink))
+        }
+        _ => None,
+    };
     let plan = Plan {
         connections: args.connections,
         warmup: args.warmup,
@@ -303,9 +323,32 @@ async fn run(
         request_timeout: args.request_timeout,
     };
 
-    let (rows, outcome) =
-        measure(args, selected, &dialer, plan, proxy.as_mut(), &mut progress).await;
+    let (rows, outcome) = measure(
+        args,
+        selected,
+        &dialer,
+        plan,
+        proxy.as_mut(),
+        otel.as_mut().map(|(d, p, _)| (&*d, p)),
+        &mut progress,
+    )
+    .await;
     report.scenarios = rows;
+    if let Some((_, p, sink)) = &mut otel {
+        let metric = |name: &'static str| proxy_proc::admin_metric(p.admin, name);
+        let (exported, dropped) = (
+            metric("portcullis_otel_spans_exported_total").await,
+            metric("portcullis_otel_spans_dropped_total").await,
+        );
+        report.notes.push(format!(
+            "mitm-otel: the exporting proxy reported {} spans exported and {} dropped; the sink received {} export requests ({} KiB)",
+            exported.map_or("?".into(), |n| n.to_string()),
+            dropped.map_or("?".into(), |n| n.to_string()),
+            sink.requests.load(std::sync::atomic::Ordering::Relaxed),
+            sink.bytes.load(std::sync::atomic::Ordering::Relaxed) / 1024,
+        ));
+        p.stop();
+    }
 
     if let (Some(p), Some(info)) = (&proxy, &mut report.proxy) {
         info.rss_peak_mib = procstat::mem(p.pid).ok().map(|m| m.hwm_kib as f64 / 1024.0);
@@ -325,6 +368,7 @@ async fn measure(
     dialer: &Arc<Dialer>,
     plan: Plan,
     mut proxy: Option<&mut ProxyProcess>,
+    mut otel: Option<(&Arc<Dialer>, &mut ProxyProcess)>,
     progress: &mut Progress,
 ) -> (Vec<ScenarioResult>, Result<()>) {
     // rounds[i] holds every round's result of selected[i].
@@ -346,6 +390,10 @@ async fn measure(
             // (bounded), keeping the least disturbed attempt.
             let mut best: Option<ScenarioResult> = None;
             for _attempt in 0..=args.max_other.map_or(0, |_| QUIET_RETRIES) {
+                let (dialer, proxy) = match (sc.otel, otel.as_mut()) {
+                    (true, Some((d, p))) => (*d, Some(&mut **p)),
+                    _ => (dialer, proxy.as_deref_mut()),
+                };
                 if let Some(max) = args.max_other {
                     let pid = proxy.as_deref().map(|p| p.pid);
                     if !load::wait_quiet(max, pid, QUIET_WAIT).await {
@@ -355,7 +403,7 @@ async fn measure(
                         ));
                     }
                 }
-                let m = match load::run(sc, dialer, plan, proxy.as_deref_mut(), progress).await {
+                let m = match load::run(sc, dialer, plan, proxy, progress).await {
                     Ok(m) => m,
                     Err(e) => {
                         results.extend(best);

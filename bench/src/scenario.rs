@@ -49,6 +49,9 @@ pub struct Scenario {
     pub baseline: Option<&'static str>,
     /// Named but not measurable yet: reported as "not yet available".
     pub stub: bool,
+    /// Through the second proxy, which exports every span over OTLP (to the bench's sink);
+    /// compared with `mitm` (telemetry off) of the same run.
+    pub otel: bool,
 }
 
 const fn sc(
@@ -67,6 +70,7 @@ const fn sc(
         workload,
         baseline,
         stub: false,
+        otel: false,
     }
 }
 
@@ -136,6 +140,17 @@ pub const ALL: &[Scenario] = &[
         Workload::Small,
         Some("direct"),
     ),
+    Scenario {
+        otel: true,
+        ..sc(
+            "mitm-otel",
+            "like mitm, through a proxy exporting every span (OTLP/HTTP to a sink in the bench)",
+            Route::Mitm,
+            ConnMode::KeepAlive,
+            Workload::Small,
+            Some("direct"),
+        )
+    },
     sc(
         "handshake",
         "new proxy mTLS + CONNECT + MITM TLS per request (leaf cache warm)",
@@ -193,7 +208,7 @@ pub const ALL: &[Scenario] = &[
 ];
 
 /// What runs when `--scenarios` is not given.
-pub const DEFAULT: &str = "direct,tunnel,mitm,handshake,large,large-16x,mcp";
+pub const DEFAULT: &str = "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp";
 
 #[derive(Debug)]
 pub struct UnknownScenario(pub String);
@@ -230,6 +245,10 @@ pub fn select(list: &str) -> Result<Vec<&'static Scenario>, UnknownScenario> {
         if let Some(b) = s.baseline {
             wanted.push(b);
         }
+        if s.otel {
+            // Telemetry's cost is read against the same pipeline without it.
+            wanted.push("mitm");
+        }
     }
     if wanted.is_empty() {
         return Err(UnknownScenario(list.to_owned()));
@@ -250,6 +269,12 @@ mod tests {
             .map(|s| s.name)
             .collect();
         assert_eq!(names, ["direct", "direct-large", "mitm", "large"]);
+        let names: Vec<&str> = select("mitm-otel")
+            .unwrap()
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["direct", "mitm", "mitm-otel"]);
     }
 
     #[test]

@@ -160,6 +160,24 @@ impl Setup {
 /// host. `telemetry_off` turns the decision log off, as the budget's bare pipeline wants;
 /// proxies from before the `telemetry` key refuse it, so the caller can write it again without.
 pub fn write_config(path: &Path, telemetry_off: bool) -> Result<()> {
+    write_config_with(path, telemetry_off.then(|| json!({"decision_log": "off"})))
+}
+
+/// The same config, exporting every span over OTLP/HTTP to `endpoint` (decision log off), for
+/// the `mitm-otel` proxy.
+pub fn write_otel_config(path: &Path, endpoint: &str) -> Result<()> {
+    write_config_with(
+        path,
+        Some(json!({
+            "decision_log": "off",
+            "otlp_endpoint": endpoint,
+            "otlp_protocol": "http/protobuf",
+            "sampling_ratio": 1.0,
+        })),
+    )
+}
+
+fn write_config_with(path: &Path, telemetry: Option<serde_json::Value>) -> Result<()> {
     let mut cfg = json!({
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
@@ -174,8 +192,8 @@ pub fn write_config(path: &Path, telemetry_off: bool) -> Result<()> {
         "egress": {"allow": ["127.0.0.0/8", "::1/128"]},
         "policy": {"paths": ["policy/"]},
     });
-    if telemetry_off {
-        cfg["telemetry"] = json!({"decision_log": "off"});
+    if let Some(t) = telemetry {
+        cfg["telemetry"] = t;
     }
     write_file(path, format!("{cfg:#}\n").as_bytes(), false)?;
     Ok(())
