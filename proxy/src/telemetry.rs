@@ -172,8 +172,8 @@ impl Telemetry {
 /// The export task: batches of up to `batch` spans, sent when full or every `delay`, one
 /// export at a time, each bounded by `timeout`. Spans of a failed batch are counted as dropped
 /// (no retry: the queue behind it would only grow).
-async fn export_loop(
-    exporter: opentelemetry_otlp::SpanExporter,
+async fn export_loop<E: opentelemetry_sdk::trace::SpanExporter + 'static>(
+    exporter: E,
     mut rx: mpsc::Receiver<SpanData>,
     cfg: Batching,
     stats: Arc<ExportStats>,
@@ -218,8 +218,8 @@ async fn export_loop(
     }
 }
 
-async fn export(
-    exporter: &opentelemetry_otlp::SpanExporter,
+async fn export<E: opentelemetry_sdk::trace::SpanExporter>(
+    exporter: &E,
     batch: &mut Vec<SpanData>,
     cfg: &Batching,
     stats: &ExportStats,
@@ -550,5 +550,123 @@ impl Filter for SpanExport {
         );
         self.send(action);
         self.children(ctx, &clock);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+    use std::sync::atomic::AtomicBool;
+
+    /// An exporter that fails while `down` is set and counts what it accepted.
+    #[derive(Debug, Default)]
+    struct Fake {
+        down: Arc<AtomicBool>,
+        got: Arc<AtomicU64>,
+    }
+
+    impl opentelemetry_sdk::trace::SpanExporter for Fake {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(OTelSdkError::InternalFailure("down".into()));
+            }
+            self.got.fetch_add(batch.len() as u64, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn span() -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes([1; 16]),
+                SpanId::from_bytes([2; 8]),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "GET".into(),
+            start_time: SystemTime::now(),
+            end_time: SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: InstrumentationScope::builder("t").build(),
+        }
+    }
+
+    fn stage(tx: mpsc::Sender<SpanData>, stats: Arc<ExportStats>) -> SpanExport {
+        SpanExport {
+            tx,
+            stats,
+            sampling_ratio: 1.0,
+            scope: InstrumentationScope::builder("t").build(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let stats = Arc::new(ExportStats::default());
+        let (tx, _rx) = mpsc::channel(2);
+        let stage = stage(tx, stats.clone());
+        for _ in 0..5 {
+            stage.send(span());
+        }
+        assert_eq!(stats.dropped.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn failed_exports_are_counted_then_delivery_resumes() {
+        let stats = Arc::new(ExportStats::default());
+        let fake = Fake::default();
+        let (down, got) = (fake.down.clone(), fake.got.clone());
+        down.store(true, Ordering::SeqCst);
+        let cfg = Batching {
+            queue: 16,
+            batch: 4,
+            delay: Duration::from_millis(10),
+            timeout: Duration::from_secs(1),
+        };
+        let (tx, rx) = mpsc::channel(cfg.queue);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(export_loop(fake, rx, cfg, stats.clone(), stop_rx));
+        let stage = stage(tx, stats.clone());
+        for _ in 0..4 {
+            stage.send(span());
+        }
+        let wait = |what: &'static str, f: Box<dyn Fn() -> bool>| async move {
+            for _ in 0..500 {
+                if f() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{what}");
+        };
+        let s = stats.clone();
+        wait(
+            "the failed batch",
+            Box::new(move || s.dropped.load(Ordering::SeqCst) == 4),
+        )
+        .await;
+        assert!(stats.export_errors.load(Ordering::SeqCst) >= 1);
+        down.store(false, Ordering::SeqCst);
+        for _ in 0..3 {
+            stage.send(span());
+        }
+        // Shutdown flushes what is queued.
+        let (done_tx, done_rx) = oneshot::channel();
+        stop_tx.send(done_tx).unwrap();
+        done_rx.await.unwrap();
+        task.await.unwrap();
+        assert_eq!(got.load(Ordering::SeqCst), 3);
+        assert_eq!(stats.exported.load(Ordering::SeqCst), 3);
+        assert_eq!(stats.dropped.load(Ordering::SeqCst), 4);
     }
 }
