@@ -4,9 +4,11 @@
 //! timings) — no OpenTelemetry call runs on the request path. Spans go through a bounded queue
 //! to one export task (OTLP gRPC or HTTP/protobuf); a full queue or a failed export drops spans
 //! and counts them (`portcullis_otel_spans_dropped_total`), so a slow or dead collector never
-//! blocks a request.
+//! blocks a request. The queue wakes the export task once per full batch (or on its timer),
+//! not per span: a wake-up per span cost more than building the span.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -20,7 +22,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLink
 use opentelemetry_sdk::Resource;
 use portcullis_filters::timing::{sampled, StepKind};
 use portcullis_filters::{ActionKind, Context, Filter, Outcome};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 use crate::config::TelemetryConfig;
 
@@ -33,6 +35,58 @@ pub struct ExportStats {
     pub dropped: AtomicU64,
     /// Export calls (batches) that failed or timed out.
     pub export_errors: AtomicU64,
+}
+
+/// The spans waiting for export: bounded, and the export task is woken only when a batch is
+/// full.
+struct Queue {
+    spans: std::sync::Mutex<Vec<SpanData>>,
+    capacity: usize,
+    batch: usize,
+    full: Notify,
+}
+
+impl Queue {
+    fn new(cfg: &Batching) -> Queue {
+        Queue {
+            spans: std::sync::Mutex::new(Vec::with_capacity(cfg.batch)),
+            capacity: cfg.queue,
+            batch: cfg.batch,
+            full: Notify::new(),
+        }
+    }
+
+    /// False when the queue is full (the span is dropped).
+    fn push(&self, span: SpanData) -> bool {
+        let Ok(mut q) = self.spans.lock() else {
+            return false;
+        };
+        if q.len() >= self.capacity {
+            return false;
+        }
+        q.push(span);
+        let batch_ready = q.len() % self.batch == 0;
+        drop(q);
+        if batch_ready {
+            self.full.notify_one();
+        }
+        true
+    }
+
+    /// Up to one batch, oldest first; only a full one unless `partial`.
+    fn take(&self, partial: bool) -> Vec<SpanData> {
+        let Ok(mut q) = self.spans.lock() else {
+            return Vec::new();
+        };
+        if q.len() < self.batch && !partial {
+            return Vec::new();
+        }
+        if q.len() <= self.batch {
+            std::mem::replace(&mut *q, Vec::with_capacity(self.batch))
+        } else {
+            q.drain(..self.batch).collect()
+        }
+    }
 }
 
 /// The batch settings, from the standard `OTEL_BSP_*` variables (OpenTelemetry's defaults).
@@ -65,7 +119,7 @@ impl Batching {
 
 /// The configured exporter, if any (none: spans are not exported; logs still carry ids).
 pub struct Telemetry {
-    tx: mpsc::Sender<SpanData>,
+    queue: Arc<Queue>,
     stats: Arc<ExportStats>,
     sampling_ratio: f64,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
@@ -133,12 +187,18 @@ impl Telemetry {
             ])
             .build();
         exporter.set_resource(&resource);
-        let (tx, rx) = mpsc::channel(batching.queue);
+        let queue = Arc::new(Queue::new(&batching));
         let (stop_tx, stop_rx) = oneshot::channel();
-        tokio::spawn(export_loop(exporter, rx, batching, stats.clone(), stop_rx));
+        tokio::spawn(export_loop(
+            exporter,
+            queue.clone(),
+            batching,
+            stats.clone(),
+            stop_rx,
+        ));
         tracing::info!(endpoint = %endpoint, protocol = %protocol, "exporting spans over OTLP");
         Ok(Some(Telemetry {
-            tx,
+            queue,
             stats,
             sampling_ratio: cfg.sampling_ratio,
             shutdown: std::sync::Mutex::new(Some(stop_tx)),
@@ -147,7 +207,7 @@ impl Telemetry {
 
     pub fn filter(&self) -> SpanExport {
         SpanExport {
-            tx: self.tx.clone(),
+            queue: self.queue.clone(),
             stats: self.stats.clone(),
             sampling_ratio: self.sampling_ratio,
             scope: InstrumentationScope::builder("portcullis")
@@ -169,67 +229,58 @@ impl Telemetry {
     }
 }
 
-/// The export task: batches of up to `batch` spans, sent when full or every `delay`, one
-/// export at a time, each bounded by `timeout`. Spans of a failed batch are counted as dropped
-/// (no retry: the queue behind it would only grow).
+/// The export task: batches of up to `batch` spans, sent when one is full or every `delay`,
+/// one export at a time, each bounded by `timeout`. Spans of a failed batch are counted as
+/// dropped (no retry: the queue behind it would only grow).
 async fn export_loop<E: opentelemetry_sdk::trace::SpanExporter + 'static>(
     exporter: E,
-    mut rx: mpsc::Receiver<SpanData>,
+    queue: Arc<Queue>,
     cfg: Batching,
     stats: Arc<ExportStats>,
     mut stop: oneshot::Receiver<oneshot::Sender<()>>,
 ) {
-    let mut batch = Vec::with_capacity(cfg.batch);
     let mut tick = tokio::time::interval(cfg.delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, cfg.batch) => {
-                if n == 0 {
-                    break;
-                }
-                if batch.len() >= cfg.batch {
-                    export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
-                }
+        let (partial, done) = tokio::select! {
+            _ = queue.full.notified() => (false, None),
+            _ = tick.tick() => (true, None),
+            done = &mut stop => (true, Some(done)),
+        };
+        // The full batches (spans keep arriving while one is exported), and on the timer or
+        // at shutdown what is left too.
+        loop {
+            let batch = queue.take(partial);
+            let last = batch.len() < cfg.batch;
+            export(&exporter, batch, &cfg, &stats, &mut failing).await;
+            if last {
+                break;
             }
-            _ = tick.tick() => {
-                if !batch.is_empty() {
-                    export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
-                }
+        }
+        if let Some(done) = done {
+            if let Err(e) = exporter.shutdown() {
+                tracing::debug!(error = %e, "span exporter shutdown");
             }
-            done = &mut stop => {
-                while let Ok(span) = rx.try_recv() {
-                    batch.push(span);
-                    if batch.len() >= cfg.batch {
-                        export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
-                    }
-                }
-                export(&exporter, &mut batch, &cfg, &stats, &mut failing).await;
-                if let Err(e) = exporter.shutdown() {
-                    tracing::debug!(error = %e, "span exporter shutdown");
-                }
-                if let Ok(done) = done {
-                    let _ = done.send(());
-                }
-                return;
+            if let Ok(done) = done {
+                let _ = done.send(());
             }
+            return;
         }
     }
 }
 
 async fn export<E: opentelemetry_sdk::trace::SpanExporter>(
     exporter: &E,
-    batch: &mut Vec<SpanData>,
+    spans: Vec<SpanData>,
     cfg: &Batching,
     stats: &ExportStats,
     failing: &mut bool,
 ) {
-    if batch.is_empty() {
+    if spans.is_empty() {
         return;
     }
-    let n = batch.len() as u64;
-    let spans = std::mem::replace(batch, Vec::with_capacity(cfg.batch));
+    let n = spans.len() as u64;
     let error = match tokio::time::timeout(cfg.timeout, exporter.export(spans)).await {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
@@ -255,7 +306,7 @@ async fn export<E: opentelemetry_sdk::trace::SpanExporter>(
 
 /// The logging-phase stage that builds the action's span and its children.
 pub struct SpanExport {
-    tx: mpsc::Sender<SpanData>,
+    queue: Arc<Queue>,
     stats: Arc<ExportStats>,
     sampling_ratio: f64,
     scope: InstrumentationScope,
@@ -267,20 +318,20 @@ impl std::fmt::Debug for SpanExport {
     }
 }
 
-fn span_name(ctx: &Context) -> String {
+fn span_name(ctx: &Context) -> Cow<'static, str> {
     match ctx.kind {
-        ActionKind::Connect => format!("CONNECT {}", ctx.destination.authority()),
+        ActionKind::Connect => format!("CONNECT {}", ctx.destination).into(),
         ActionKind::Mcp => {
             let first = ctx.decisions.iter().find_map(|r| r.mcp.as_ref());
             match first {
                 Some(m) => match &m.tool {
-                    Some(t) => format!("{} {t}", m.method),
-                    None => m.method.clone(),
+                    Some(t) => format!("{} {t}", m.method).into(),
+                    None => m.method.clone().into(),
                 },
                 None => "mcp".into(),
             }
         }
-        ActionKind::Http => ctx.method.to_string(),
+        ActionKind::Http => method(&ctx.method),
     }
 }
 
@@ -305,7 +356,7 @@ impl SpanExport {
     }
 
     fn send(&self, span: SpanData) {
-        if self.tx.try_send(span).is_err() {
+        if !self.queue.push(span) {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -345,7 +396,7 @@ impl SpanExport {
         }
     }
 
-    fn action_attributes(ctx: &Context, outcome: &Outcome) -> Vec<KeyValue> {
+    fn action_attributes(ctx: &Context, outcome: &Outcome, url: Option<&str>) -> Vec<KeyValue> {
         let denied = ctx.decisions.iter().find(|r| !r.decision.allow);
         let decision = match (denied, ctx.decisions.first()) {
             (Some(d), _) => Some(("deny", d)),
@@ -362,14 +413,14 @@ impl SpanExport {
                 ctx.peer.spiffe_id.trust_domain().to_owned(),
             ),
             KeyValue::new("portcullis.credentials", ctx.credentials.join(",")),
-            KeyValue::new("http.request.method", ctx.method.to_string()),
+            KeyValue::new("http.request.method", method(&ctx.method)),
             KeyValue::new("server.address", ctx.destination.host.to_string()),
             KeyValue::new("server.port", i64::from(ctx.destination.port)),
             KeyValue::new("http.response.status_code", i64::from(outcome.status)),
             KeyValue::new("client.address", ctx.peer.source.ip().to_string()),
         ];
-        if ctx.kind != ActionKind::Connect {
-            attrs.push(KeyValue::new("url.full", url(ctx)));
+        if let Some(url) = url {
+            attrs.push(KeyValue::new("url.full", url.to_owned()));
         }
         if let Some((word, rec)) = decision {
             attrs.push(KeyValue::new("portcullis.policy.decision", word));
@@ -401,7 +452,7 @@ impl SpanExport {
     }
 
     /// One child span per recorded step, parented to the action's span.
-    fn children(&self, ctx: &Context, clock: &Clock) {
+    fn children(&self, ctx: &Context, clock: &Clock, url: Option<&str>) {
         let Some(steps) = ctx.steps.as_deref() else {
             return;
         };
@@ -457,11 +508,13 @@ impl SpanExport {
                 }
                 StepKind::Upstream { status, error } => {
                     let mut attrs = vec![
-                        KeyValue::new("http.request.method", ctx.method.to_string()),
+                        KeyValue::new("http.request.method", method(&ctx.method)),
                         KeyValue::new("server.address", ctx.destination.host.to_string()),
                         KeyValue::new("server.port", i64::from(ctx.destination.port)),
-                        KeyValue::new("url.full", url(ctx)),
                     ];
+                    if let Some(url) = url {
+                        attrs.push(KeyValue::new("url.full", url.to_owned()));
+                    }
                     if let Some(s) = status {
                         attrs.push(KeyValue::new("http.response.status_code", i64::from(*s)));
                     }
@@ -479,12 +532,7 @@ impl SpanExport {
                         }
                         None => Status::Unset,
                     };
-                    (
-                        SpanKind::Client,
-                        ctx.method.to_string().into(),
-                        attrs,
-                        status,
-                    )
+                    (SpanKind::Client, method(&ctx.method), attrs, status)
                 }
             };
             self.send(self.span(
@@ -503,12 +551,35 @@ impl SpanExport {
 
 /// `url.full` without the query string (it may hold placeholders or data).
 fn url(ctx: &Context) -> String {
-    format!(
+    let mut u = String::with_capacity(ctx.path.len() + 48);
+    let _ = write!(
+        u,
         "{}://{}{}",
         ctx.destination.scheme.as_str(),
-        ctx.destination.authority(),
+        ctx.destination,
         ctx.path
-    )
+    );
+    u
+}
+
+/// The method as a string, without an allocation for the standard ones.
+fn method(m: &http::Method) -> Cow<'static, str> {
+    use http::Method;
+    let known = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    match known.iter().find(|(k, _)| k == m) {
+        Some((_, name)) => Cow::Borrowed(name),
+        None => Cow::Owned(m.as_str().to_owned()),
+    }
 }
 
 #[async_trait::async_trait]
@@ -538,18 +609,19 @@ impl Filter for SpanExport {
             Some(code) => Status::error(code.as_str()),
             None => Status::Unset,
         };
+        let url = (ctx.kind != ActionKind::Connect).then(|| url(ctx));
         let action = self.span(
             ctx,
             ctx.span_id,
             ctx.parent_span_id,
             SpanKind::Server,
-            span_name(ctx).into(),
+            span_name(ctx),
             (clock.wall(ctx.started), clock.wall),
-            Self::action_attributes(ctx, outcome),
+            Self::action_attributes(ctx, outcome, url.as_deref()),
             status,
         );
         self.send(action);
-        self.children(ctx, &clock);
+        self.children(ctx, &clock, url.as_deref());
     }
 }
 
@@ -601,9 +673,9 @@ mod tests {
         }
     }
 
-    fn stage(tx: mpsc::Sender<SpanData>, stats: Arc<ExportStats>) -> SpanExport {
+    fn stage(queue: Arc<Queue>, stats: Arc<ExportStats>) -> SpanExport {
         SpanExport {
-            tx,
+            queue,
             stats,
             sampling_ratio: 1.0,
             scope: InstrumentationScope::builder("t").build(),
@@ -613,8 +685,13 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts() {
         let stats = Arc::new(ExportStats::default());
-        let (tx, _rx) = mpsc::channel(2);
-        let stage = stage(tx, stats.clone());
+        let queue = Arc::new(Queue::new(&Batching {
+            queue: 2,
+            batch: 2,
+            delay: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        }));
+        let stage = stage(queue, stats.clone());
         for _ in 0..5 {
             stage.send(span());
         }
@@ -633,10 +710,16 @@ mod tests {
             delay: Duration::from_millis(10),
             timeout: Duration::from_secs(1),
         };
-        let (tx, rx) = mpsc::channel(cfg.queue);
+        let queue = Arc::new(Queue::new(&cfg));
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(export_loop(fake, rx, cfg, stats.clone(), stop_rx));
-        let stage = stage(tx, stats.clone());
+        let task = tokio::spawn(export_loop(
+            fake,
+            queue.clone(),
+            cfg,
+            stats.clone(),
+            stop_rx,
+        ));
+        let stage = stage(queue, stats.clone());
         for _ in 0..4 {
             stage.send(span());
         }
