@@ -101,6 +101,9 @@ struct Args {
     /// proxy opens one upstream connection per concurrent request instead of multiplexing.
     #[arg(long)]
     upstream_http1: bool,
+    /// `telemetry.sampling_ratio` of the `mitm-otel` proxy (1.0: every action's spans).
+    #[arg(long, default_value_t = 1.0)]
+    otel_sampling: f64,
     /// Keep the generated PKI and config dir and print its path.
     #[arg(long)]
     keep_dir: bool,
@@ -302,7 +305,7 @@ async fn run(
         Some(bin) if selected.iter().any(|s| s.otel && !s.stub) => {
             let sink = otlp_sink::OtlpSink::start().await?;
             let config = setup.dir.join("config-otel.yaml");
-            setup::write_otel_config(&config, &sink.endpoint())?;
+            setup::write_otel_config(&config, &sink.endpoint(), args.otel_sampling)?;
             let p = ProxyProcess::start(bin, &config, log_filter)
                 .context("starting the exporting proxy")?;
             let d = Arc::new(Dialer {
@@ -341,7 +344,8 @@ async fn run(
             metric("portcullis_otel_spans_dropped_total").await,
         );
         report.notes.push(format!(
-            "mitm-otel: the exporting proxy reported {} spans exported and {} dropped; the sink received {} export requests ({} KiB)",
+            "mitm-otel (sampling ratio {}): the exporting proxy reported {} spans exported and {} dropped; the sink received {} export requests ({} KiB)",
+            args.otel_sampling,
             exported.map_or("?".into(), |n| n.to_string()),
             dropped.map_or("?".into(), |n| n.to_string()),
             sink.requests.load(std::sync::atomic::Ordering::Relaxed),

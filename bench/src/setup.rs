@@ -165,14 +165,14 @@ pub fn write_config(path: &Path, telemetry_off: bool) -> Result<()> {
 
 /// The same config, exporting every span over OTLP/HTTP to `endpoint` (decision log off), for
 /// the `mitm-otel` proxy.
-pub fn write_otel_config(path: &Path, endpoint: &str) -> Result<()> {
+pub fn write_otel_config(path: &Path, endpoint: &str, sampling_ratio: f64) -> Result<()> {
     write_config_with(
         path,
         Some(json!({
             "decision_log": "off",
             "otlp_endpoint": endpoint,
             "otlp_protocol": "http/protobuf",
-            "sampling_ratio": 1.0,
+            "sampling_ratio": sampling_ratio,
         })),
     )
 }
