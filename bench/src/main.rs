@@ -6,6 +6,7 @@
 
 mod client;
 mod load;
+mod otlp_sink;
 mod peers;
 mod procstat;
 mod progress;
@@ -106,6 +107,9 @@ struct Args {
     /// proxy opens one upstream connection per concurrent request instead of multiplexing.
     #[arg(long)]
     upstream_http1: bool,
+    /// `telemetry.sampling_ratio` of the `mitm-otel` proxy (1.0: every action's spans).
+    #[arg(long, default_value_t = 1.0)]
+    otel_sampling: f64,
     /// Keep the generated PKI and config dir and print its path.
     #[arg(long)]
     keep_dir: bool,
@@ -315,8 +319,8 @@ async fn run(
         .filter(|p| *p != Profile::Bare)
         .collect();
     profiles.dedup();
-    let sink = match profiles.contains(&Profile::Full) {
-        true => Some(upstream::OtlpSink::start().await?),
+    let sink = match profiles.contains(&Profile::Full) || profiles.contains(&Profile::Otel) {
+        true => Some(otlp_sink::OtlpSink::start().await?),
         false => None,
     };
     for profile in profiles {
@@ -349,7 +353,7 @@ async fn run(
         }
         let Some(bin) = &bin else { break };
         let otlp = sink.as_ref().map_or(upstream_addr, |s| s.addr);
-        let config = setup.write_profile(profile, otlp)?;
+        let config = setup.write_profile(profile, otlp, args.otel_sampling)?;
         let p = ProxyProcess::start(bin, &config, log_filter)
             .with_context(|| format!("starting the {} proxy", profile.name()))?;
         let headers = match profile {
@@ -375,11 +379,32 @@ async fn run(
 
     let (rows, outcome) = measure(args, selected, &mut targets, plan, &mut progress).await;
     report.scenarios = rows;
+    for t in targets
+        .iter()
+        .filter(|t| matches!(t.profile, Profile::Full | Profile::Otel))
+    {
+        let Some(p) = &t.proxy else { continue };
+        let metric = |name: &'static str| proxy_proc::admin_metric(p.admin, name);
+        let (exported, dropped) = (
+            metric("portcullis_otel_spans_exported_total").await,
+            metric("portcullis_otel_spans_dropped_total").await,
+        );
+        let show = |n: Option<u64>| n.map_or("?".to_owned(), |n| n.to_string());
+        report.notes.push(format!(
+            "{}: the proxy reported {} spans exported and {} dropped",
+            t.profile.name(),
+            show(exported),
+            show(dropped)
+        ));
+    }
     if let Some(sink) = &sink {
-        let n = sink.requests.load(std::sync::atomic::Ordering::Relaxed);
-        report
-            .notes
-            .push(format!("full: the OTLP sink received {n} export requests"));
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        report.notes.push(format!(
+            "the OTLP sink received {} export requests ({} KiB); mitm-otel sampling ratio {}",
+            sink.requests.load(ordering),
+            sink.bytes.load(ordering) / 1024,
+            args.otel_sampling
+        ));
     }
 
     if let (Some(p), Some(info)) = (&targets[0].proxy, &mut report.proxy) {

@@ -146,6 +146,25 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// A counter from the proxy's `/metrics` (admin listener), if it answers and has it.
+pub async fn admin_metric(admin: SocketAddr, name: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// The `proxy` and `admin` addresses of the JSON `listening` event, if `line` is it.
 fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let ev: serde_json::Value = serde_json::from_str(line).ok()?;

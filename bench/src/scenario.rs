@@ -48,6 +48,9 @@ pub enum Profile {
     Full,
     /// The example policy over a large data document (thousands of identities and hosts).
     PolicyHeavy,
+    /// The bare pipeline plus OTLP export of every span (`--otel-sampling`) to a sink in the
+    /// bench: telemetry's cost, read against `mitm`.
+    Otel,
     /// mitmproxy's `mitmdump`, intercepting (a peer, with `--peers`).
     Mitmproxy,
     /// squid, CONNECT tunnels only (a peer, with `--peers`).
@@ -60,6 +63,7 @@ impl Profile {
             Profile::Bare => "bare",
             Profile::Full => "full",
             Profile::PolicyHeavy => "policy-heavy",
+            Profile::Otel => "mitm-otel",
             Profile::Mitmproxy => "mitmproxy",
             Profile::Squid => "squid",
         }
@@ -204,6 +208,17 @@ pub const ALL: &[Scenario] = &[
         Some("direct-mcp"),
     ),
     Scenario {
+        profile: Profile::Otel,
+        ..sc(
+            "mitm-otel",
+            "like mitm, through a proxy exporting every span (OTLP/HTTP to a sink in the bench)",
+            Route::Mitm,
+            ConnMode::KeepAlive,
+            Workload::Small,
+            Some("direct"),
+        )
+    },
+    Scenario {
         profile: Profile::Full,
         ..sc(
             "full",
@@ -275,7 +290,8 @@ pub const ALL: &[Scenario] = &[
 pub const PEERS: &str = "mitmproxy,mitmproxy-large,squid,squid-large";
 
 /// What runs when `--scenarios` is not given.
-pub const DEFAULT: &str = "direct,tunnel,mitm,handshake,large,large-16x,mcp,full,policy-heavy";
+pub const DEFAULT: &str =
+    "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp,full,policy-heavy";
 
 #[derive(Debug)]
 pub struct UnknownScenario(pub String);
@@ -312,6 +328,10 @@ pub fn select(list: &str) -> Result<Vec<&'static Scenario>, UnknownScenario> {
         if let Some(b) = s.baseline {
             wanted.push(b);
         }
+        if s.profile != Profile::Bare && !s.profile.is_peer() {
+            // Their cost is read against the bare pipeline of the same run.
+            wanted.push("mitm");
+        }
     }
     if wanted.is_empty() {
         return Err(UnknownScenario(list.to_owned()));
@@ -332,6 +352,16 @@ mod tests {
             .map(|s| s.name)
             .collect();
         assert_eq!(names, ["direct", "direct-large", "mitm", "large"]);
+    }
+
+    #[test]
+    fn profiles_bring_the_bare_mitm_along() {
+        let names: Vec<&str> = select("mitm-otel,full")
+            .unwrap()
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["direct", "mitm", "mitm-otel", "full"]);
     }
 
     #[test]

@@ -202,8 +202,25 @@ pub const BENCH_PLACEHOLDER: &str = "pcx_bench";
 impl Setup {
     /// The config of a non-bare profile, with its policy directory; `otlp` is where `full`
     /// exports spans (OTLP/HTTP).
-    pub fn write_profile(&self, profile: Profile, otlp: SocketAddr) -> Result<PathBuf> {
+    pub fn write_profile(
+        &self,
+        profile: Profile,
+        otlp: SocketAddr,
+        otel_sampling: f64,
+    ) -> Result<PathBuf> {
         let name = profile.name();
+        if profile == Profile::Otel {
+            let mut cfg = base_config("policy/");
+            cfg["telemetry"] = json!({
+                "decision_log": "off",
+                "otlp_endpoint": format!("http://{otlp}"),
+                "otlp_protocol": "http/protobuf",
+                "sampling_ratio": otel_sampling,
+            });
+            let path = self.dir.join("config-otel.yaml");
+            write_file(&path, format!("{cfg:#}\n").as_bytes(), false)?;
+            return Ok(path);
+        }
         let dir = self.dir.join(format!("policy-{name}"));
         std::fs::create_dir_all(dir.join("portcullis")).context("creating the policy dir")?;
         for (file, text) in EXAMPLE_POLICY {

@@ -16,6 +16,7 @@ use crate::destination::Host;
 use crate::error::{ErrorCode, Rejection};
 use crate::pipeline::{Action, ActionKind, Context, Filter, RequestBody};
 use crate::secret::{find_placeholders, Placeholder, SecretValue};
+use crate::timing::StepKind;
 
 /// One configured credential.
 #[derive(Debug, Clone)]
@@ -39,6 +40,13 @@ impl Credential {
 pub trait SecretStore: Send + Sync + std::fmt::Debug {
     /// The current secret of credential `name`. The error is a reason safe to show the agent.
     async fn get(&self, name: &str) -> Result<Arc<SecretValue>, String>;
+
+    /// [`SecretStore::get`], also telling whether the value was served from a cache (no source
+    /// asked) when the store can tell. Called instead of `get` only when the action's spans are
+    /// exported (the `credential.fetch` child span).
+    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, String>, Option<bool>) {
+        (self.get(name).await, None)
+    }
 
     /// Forget any cached value of credential `name`, so the next use fetches it again.
     /// Returns false for an unknown name.
@@ -272,7 +280,17 @@ impl CredentialSubstitute {
             if !ctx.credentials.contains(&cred.name) {
                 continue;
             }
-            match self.store.get(&cred.name).await {
+            let start = ctx.step_start();
+            let (got, cache_hit) = match start {
+                Some(_) => self.store.get_traced(&cred.name).await,
+                None => (self.store.get(&cred.name).await, None),
+            };
+            ctx.step_end(start, || StepKind::Credential {
+                name: cred.name.clone(),
+                cache_hit,
+                error: got.is_err(),
+            });
+            match got {
                 Ok(secret) => pairs.push((cred.placeholder.clone(), secret)),
                 Err(reason) => {
                     return Action::Respond(Rejection::new(

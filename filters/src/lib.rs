@@ -14,6 +14,7 @@ pub mod pinning;
 pub mod pipeline;
 pub mod policy;
 pub mod secret;
+pub mod timing;
 pub mod trace;
 
 pub use error::{ErrorCode, Rejection};

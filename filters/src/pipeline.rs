@@ -151,6 +151,10 @@ pub struct Context {
     pub before_substitution: Option<(http::request::Parts, RequestBody)>,
     /// The gateway route that matched (`Via::Gateway`).
     pub gateway_route: Option<Arc<str>>,
+    /// Timings of the policy, credential and upstream steps, for child spans: `Some` only when
+    /// this action's span is exported (set by the trace propagation stage), so stages record
+    /// nothing when telemetry is off.
+    pub steps: Option<Box<crate::timing::Steps>>,
 }
 
 /// The request body, for filters that inspect it. `Debug` shows only its size: after
@@ -194,6 +198,22 @@ pub struct McpSummary {
 }
 
 impl Context {
+    /// When steps are recorded, the time a step starts; `None` otherwise (nothing to pay).
+    pub fn step_start(&self) -> Option<Instant> {
+        self.steps.is_some().then(Instant::now)
+    }
+
+    /// Record a step started at `start` (from [`Context::step_start`]).
+    pub fn step_end(
+        &mut self,
+        start: Option<Instant>,
+        kind: impl FnOnce() -> crate::timing::StepKind,
+    ) {
+        if let (Some(start), Some(steps)) = (start, self.steps.as_deref_mut()) {
+            steps.record(start, kind());
+        }
+    }
+
     /// Whether the response carries `tools/list` results to filter.
     pub fn lists_tools(&self) -> bool {
         self.mcp.as_ref().is_some_and(|m| {
@@ -237,6 +257,7 @@ impl Context {
             secrets: Vec::new(),
             before_substitution: None,
             gateway_route: None,
+            steps: None,
         }
     }
 }

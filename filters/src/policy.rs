@@ -12,6 +12,7 @@ use portcullis_policy::{
 use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
 use crate::mcp;
 use crate::pipeline::{Action, ActionKind, Context, DecisionRecord, Filter, McpSummary};
+use crate::timing::StepKind;
 
 #[derive(Debug)]
 pub struct PolicyFilter {
@@ -128,7 +129,10 @@ impl PolicyFilter {
             let mut input = base.clone();
             input.kind = Kind::Mcp;
             input.mcp = Some(mcp::policy_input(&mcp, m));
+            let start = ctx.step_start();
             let d = self.policy.evaluate(&input.bounded());
+            let decision = ctx.decisions.len();
+            ctx.step_end(start, || StepKind::Policy { decision });
             if !d.allow {
                 denied_ids.push(m.id.clone());
                 first_deny.get_or_insert_with(|| d.clone());
@@ -193,7 +197,10 @@ impl Filter for PolicyFilter {
             }
             return self.decide_mcp(ctx, input);
         }
+        let start = ctx.step_start();
         let decision = self.policy.evaluate(&input);
+        let index = ctx.decisions.len();
+        ctx.step_end(start, || StepKind::Policy { decision: index });
         let action = if decision.allow {
             Action::Continue
         } else {

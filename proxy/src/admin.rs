@@ -25,6 +25,9 @@ pub struct Status {
     pub ready: AtomicBool,
     pub reloads: AtomicU64,
     pub reload_errors: AtomicU64,
+    /// Of those, the policy's own (`reloads` and `reload_errors` count every kind).
+    pub policy_reloads: AtomicU64,
+    pub policy_reload_errors: AtomicU64,
 }
 
 pub async fn serve(
@@ -169,6 +172,16 @@ fn metrics(status: &Status, leaf: &LeafStats, secrets: &LocalSecrets) -> String 
             "portcullis_reload_errors_total",
             "counter",
             status.reload_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_policy_reloads_total",
+            "counter",
+            status.policy_reloads.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_policy_reload_errors_total",
+            "counter",
+            status.policy_reload_errors.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, value) in rows {

@@ -80,7 +80,9 @@ pub fn build_chain(
                 .map(|s| s.to_ascii_lowercase())
                 .collect(),
         })
-        .with(TracePropagation)
+        .with(TracePropagation {
+            sampling: spans.as_ref().map(|s| s.sampling_ratio()),
+        })
         .with(ToolPinning { pins })
         .with(CredentialDetect { set: creds.clone() })
         .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))
@@ -266,7 +268,8 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         );
     }
     let metrics = Arc::new(Metrics::default());
-    let telemetry = Telemetry::init(&cfg.telemetry).map_err(StartError::Config)?;
+    let telemetry =
+        Telemetry::init(&cfg.telemetry, metrics.otel.clone()).map_err(StartError::Config)?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
     let (chain, substitute) = build_chain(
         &cfg,
@@ -355,9 +358,8 @@ impl Running {
             );
         }
         if let Some(t) = self.telemetry {
-            // Flush queued spans; the exporter's own timeout bounds this.
-            let flush = tokio::task::spawn_blocking(move || t.shutdown());
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), flush).await;
+            // Flush queued spans; the exporter's own timeout bounds this too.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t.shutdown()).await;
         }
     }
 

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub policy_eval: Histogram,
     pub upstream_latency: Histogram,
     pub active_connections: AtomicI64,
+    /// The span exporter's counters (zero when spans are not exported).
+    pub otel: std::sync::Arc<crate::telemetry::ExportStats>,
 }
 
 /// Keeps `active_connections` right however a connection ends.
@@ -99,6 +101,29 @@ impl Metrics {
             "# TYPE portcullis_active_connections gauge\nportcullis_active_connections {}",
             self.active_connections.load(Ordering::Relaxed)
         );
+        for (name, help, v) in [
+            (
+                "portcullis_otel_spans_exported_total",
+                "Spans the OTLP collector accepted.",
+                &self.otel.exported,
+            ),
+            (
+                "portcullis_otel_spans_dropped_total",
+                "Spans lost: export queue full, or their export failed or timed out.",
+                &self.otel.dropped,
+            ),
+            (
+                "portcullis_otel_export_errors_total",
+                "OTLP export calls (batches) that failed or timed out.",
+                &self.otel.export_errors,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

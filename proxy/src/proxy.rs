@@ -16,6 +16,7 @@ use portcullis_filters::destination::{Destination, Host, Scheme};
 use portcullis_filters::egress::EgressGuard;
 use portcullis_filters::mcp::ResponseRewriter;
 use portcullis_filters::pipeline::RequestBody;
+use portcullis_filters::timing::StepKind;
 use portcullis_filters::{
     Action, ActionKind, Chain, Context, ErrorCode, Outcome, Peer, Rejection, TraceId, Via,
 };
@@ -463,7 +464,7 @@ async fn forward(
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let mut resp = send(shared, req).await;
+    let mut resp = send(shared, &mut ctx, req).await;
     // One refresh and one retry when the upstream rejects a substituted credential, for
     // idempotent requests whose body we still have.
     let replayable = empty_body || matches!(ctx.body, RequestBody::Buffered(_));
@@ -475,7 +476,7 @@ async fn forward(
                     Ok(r) => r,
                     Err(resp) => return resp,
                 };
-                resp = send(shared, req).await;
+                resp = send(shared, &mut ctx, req).await;
             }
             Some(Err(rej)) => return refuse(shared, ctx, rej),
             None => {}
@@ -603,10 +604,19 @@ fn prepare(
     Ok((ctx, Request::from_parts(parts, body)))
 }
 
-async fn send(shared: &Shared, req: Request<Body>) -> Result<Response<Incoming>, Rejection> {
+async fn send(
+    shared: &Shared,
+    ctx: &mut Context,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, Rejection> {
     let sent = std::time::Instant::now();
     let resp = shared.upstream.send(req).await;
     shared.metrics.upstream_latency.observe(sent.elapsed());
+    // The upstream client span (telemetry on only): until the response headers.
+    ctx.step_end(Some(sent), || StepKind::Upstream {
+        status: resp.as_ref().ok().map(|r| r.status().as_u16()),
+        error: resp.as_ref().err().map(|r| r.code),
+    });
     resp
 }
 

@@ -35,6 +35,7 @@ impl FetchStats {
     /// Count one fetch from a source and its outcome.
     pub fn record<T>(&self, r: Result<T, String>) -> Result<T, String> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        crate::secrets::note_fetch();
         if r.is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }

@@ -263,19 +263,29 @@ impl Reloader {
         }
     }
 
+    /// Reload one kind of material and count the outcome (before logging it, so whoever sees
+    /// the log line sees the count).
     fn apply(&mut self, what: &str, reload: fn(&mut Self) -> Result<(), String>) {
         let r = reload(self);
         self.record(what, r);
     }
 
     fn record(&self, what: &str, result: Result<(), String>) {
+        let (all, policy_counter) = match result {
+            Ok(()) => (&self.status.reloads, &self.status.policy_reloads),
+            Err(_) => (
+                &self.status.reload_errors,
+                &self.status.policy_reload_errors,
+            ),
+        };
+        all.fetch_add(1, Ordering::Relaxed);
+        if what == "policy" {
+            policy_counter.fetch_add(1, Ordering::Relaxed);
+        }
         match result {
-            Ok(()) => {
-                self.status.reloads.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(e) => {
-                self.status.reload_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "{what} reload failed; keeping the last good {what}");
+                tracing::error!(error = %e, "{what} reload failed; keeping the last good {what}")
             }
         }
     }

@@ -98,6 +98,7 @@ impl LocalSecrets {
                 }
             }
         }
+        note_fetch();
         let text = std::fs::read_to_string(path).map_err(unavailable)?;
         let value = SecretValue::new(text.trim_end_matches(['\n', '\r']).to_owned());
         if value.is_empty() {
@@ -111,8 +112,31 @@ impl LocalSecrets {
     }
 }
 
+tokio::task_local! {
+    /// Set while a traced read runs, when a source (not a cache) produced the value.
+    static FETCHED: std::cell::Cell<bool>;
+}
+
+/// A source was asked for a secret (Vault, OAuth, a file re-read): the traced read in this
+/// task, if any, was not a cache hit.
+pub fn note_fetch() {
+    let _ = FETCHED.try_with(|f| f.set(true));
+}
+
 #[async_trait::async_trait]
 impl SecretStore for LocalSecrets {
+    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, String>, Option<bool>) {
+        // An environment variable has no cache to hit.
+        let cached = !matches!(self.sources.get(name), Some(SourceConfig::Env(_)) | None);
+        FETCHED
+            .scope(std::cell::Cell::new(false), async {
+                let r = self.get(name).await;
+                let hit = cached.then(|| !FETCHED.with(std::cell::Cell::get));
+                (r, hit)
+            })
+            .await
+    }
+
     async fn get(&self, name: &str) -> Result<Arc<SecretValue>, String> {
         match self.sources.get(name) {
             Some(SourceConfig::Env(var)) => match std::env::var(var) {

@@ -16,7 +16,8 @@ OPS_JSON is a JSON list run in order in ONE MCP session (after `initialize`); on
 is printed per op:
   {"op":"list_tools"}
       -> {"op":"list_tools","tools":[names],"descriptions":{name:desc}}
-  {"op":"call","tool":NAME,"args":{...}[,"timeout":SECONDS]}
+  {"op":"call","tool":NAME,"args":{...}[,"timeout":SECONDS][,"meta":{...}]}
+      ("meta" is sent as the request's params._meta, e.g. {"traceparent": "00-..."})
       -> {"op":"call","tool":NAME,"is_error":bool,"text":"<concatenated text content>"}
       -> {"op":"call","tool":NAME,"is_error":true,"error":{"code":..,"message":..,"data":..}}
          when the tools/call got a JSON-RPC error response (e.g. Portcullis' -32001 deny)
@@ -118,6 +119,7 @@ async def run_call(session: ClientSession, op: dict, with_progress: bool) -> dic
             op.get("args") or {},
             read_timeout_seconds=timeout,
             progress_callback=on_progress if with_progress else None,
+            meta=op.get("meta"),
         )
     except McpError as e:
         out["is_error"] = True

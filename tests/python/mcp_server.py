@@ -18,6 +18,8 @@ as one JSON line (flushed at once) before the SDK sees it:
     {"method": "tools/call", "id": 3, "tool": "search_issues", "arguments": {...},
      "session": "<Mcp-Session-Id header or null>", "protocol_version": "<MCP-Protocol-Version or null>"}
 A notification has "id": null; a client response/error (no method) has "method": null.
+A message with params._meta has it under "meta"; every entry has the request's
+`traceparent` header under "traceparent" (null when absent).
 Elements of a JSON array body (batch) are recorded one per line with "batch": true.
 A body that is not JSON (or not a JSON object/array) is recorded as {"raw": "<text>"}.
 """
@@ -128,6 +130,8 @@ def describe(msg, extra: dict) -> dict:
     if msg.get("method") == "tools/call" and isinstance(params, dict):
         entry["tool"] = params.get("name")
         entry["arguments"] = params.get("arguments")
+    if isinstance(params, dict) and "_meta" in params:
+        entry["meta"] = params["_meta"]
     entry.update(extra)
     return entry
 
@@ -165,6 +169,7 @@ class RecordMiddleware:
         extra = {
             "session": headers.get("mcp-session-id"),
             "protocol_version": headers.get("mcp-protocol-version"),
+            "traceparent": headers.get("traceparent"),
         }
         self.record(bytes(body), extra)
 

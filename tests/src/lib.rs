@@ -1028,6 +1028,11 @@ impl OtlpReceiver {
         })
     }
 
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        self.spans.lock().unwrap().clone()
+    }
+
     /// Everything received, as text (for leak checks).
     pub fn dump(&self) -> String {
         format!("{:?}", self.spans.lock().unwrap())
@@ -1311,4 +1316,104 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The official MCP Python SDK's server (tests/python/mcp_server.py) over TLS on loopback,
+/// recording every JSON-RPC message it receives.
+pub struct McpSdkServer {
+    child: Child,
+    pub port: u16,
+    record: PathBuf,
+}
+
+impl McpSdkServer {
+    pub fn start(pki: &Pki) -> McpSdkServer {
+        let port = free_addr().port();
+        let (cert, key) = (
+            pki.path("mcp-sdk-server.pem"),
+            pki.path("mcp-sdk-server.key"),
+        );
+        pki.upstream_ca
+            .issue(&LeafSpec::server(
+                &["localhost", "127.0.0.1"],
+                Duration::from_secs(3600),
+            ))
+            .unwrap()
+            .write(&cert, &key)
+            .unwrap();
+        let record = pki.path(&format!("mcp-sdk-record-{port}.jsonl"));
+        let (child, _) = spawn_ready(
+            Command::new(python())
+                .arg(python_script("mcp_server.py"))
+                .args(["--port", &port.to_string(), "--cert"])
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .arg("--record")
+                .arg(&record),
+            "the MCP server",
+        );
+        McpSdkServer {
+            child,
+            port,
+            record,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}/mcp", self.port)
+    }
+
+    /// JSON-RPC messages the server received, in order.
+    pub fn received(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for McpSdkServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run the official SDK client (tests/python/mcp_client.py) through `proxy` as `client`; one
+/// JSON value per op.
+pub async fn mcp_sdk_client(
+    pki: &Pki,
+    proxy: SocketAddr,
+    client: &ClientCert,
+    url: &str,
+    ops: Value,
+) -> Vec<Value> {
+    let out = tokio::process::Command::new(python())
+        .arg(python_script("mcp_client.py"))
+        .args(["--url", url])
+        .args(["--proxy", &format!("https://{proxy}")])
+        .arg("--proxy-ca")
+        .arg(pki.path("acme-ca.pem"))
+        .arg("--cert")
+        .arg(&client.cert)
+        .arg("--key")
+        .arg(&client.key)
+        .arg("--ca")
+        .arg(pki.path("mitm-ca.pem"))
+        .args(["--ops", &ops.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success(),
+        "MCP client failed: {results:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    results
 }

@@ -306,6 +306,12 @@ async fn broken_policies_are_rejected_and_the_last_good_one_serves() {
     });
     assert_eq!(s.proxy.metric("portcullis_reload_errors_total").await, 2);
     assert_eq!(
+        s.proxy
+            .metric("portcullis_policy_reload_errors_total")
+            .await,
+        2
+    );
+    assert_eq!(
         curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
             .await
             .status,

@@ -1,9 +1,13 @@
 //! OpenTelemetry export, checked at an in-process OTLP/HTTP collector (no collector binary can
 //! be installed here; the receiver decodes the documented OTLP protobuf): spans per action with
-//! the identity and policy attributes, continuing the caller's trace, deny spans marked as
-//! errors, no secret anywhere, and a dead collector never affecting requests.
+//! the identity and policy attributes, continuing the caller's trace, child spans for the
+//! policy, the credential and the upstream call inside the action's span, the upstream and an
+//! MCP server (the official SDK) continuing the trace from the proxy's client span, deny spans
+//! marked as errors, no secret anywhere, and a dead collector never affecting requests while
+//! its drops are counted.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use opentelemetry_proto::tonic::trace::v1::Span;
 use portcullis_tests::*;
 use serde_json::json;
 
@@ -18,8 +22,61 @@ decision := {"allow": false, "reason": "no writes"} if {
 }
 "#;
 
+/// OTLP `Span.kind` values.
+const INTERNAL: i32 = 1;
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+/// OTLP `Status.code` for Error.
+const ERROR: i32 = 2;
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn is_error(s: &Span) -> bool {
+    s.status.as_ref().is_some_and(|st| st.code == ERROR)
+}
+
+/// The child spans of `parent` (same trace), each checked to lie inside its interval.
+fn children(otlp: &OtlpReceiver, parent: &Span) -> Vec<Span> {
+    let kids: Vec<Span> = otlp
+        .spans()
+        .into_iter()
+        .filter(|s| s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id)
+        .collect();
+    for k in &kids {
+        assert!(
+            k.start_time_unix_nano >= parent.start_time_unix_nano
+                && k.start_time_unix_nano <= k.end_time_unix_nano
+                && k.end_time_unix_nano <= parent.end_time_unix_nano,
+            "child {} [{}, {}] is not inside its parent {} [{}, {}]",
+            k.name,
+            k.start_time_unix_nano,
+            k.end_time_unix_nano,
+            parent.name,
+            parent.start_time_unix_nano,
+            parent.end_time_unix_nano
+        );
+    }
+    kids
+}
+
+/// Wait until `parent` has a child satisfying `pred` (children are exported with the parent,
+/// but may land in the next batch).
+async fn child(
+    otlp: &OtlpReceiver,
+    parent: &Span,
+    what: &str,
+    pred: impl Fn(&Span) -> bool,
+) -> Span {
+    otlp.wait_span(what, |s| {
+        s.parent_span_id == parent.span_id && s.trace_id == parent.trace_id && pred(s)
+    })
+    .await;
+    children(otlp, parent)
+        .into_iter()
+        .find(|s| pred(s))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,9 +87,14 @@ async fn spans_tie_each_action_to_the_workload_identity() {
     let otlp = OtlpReceiver::start().await;
     let mut cfg = pki.base_config();
     cfg["telemetry"] = json!({"otlp_endpoint": otlp.endpoint(), "otlp_protocol": "http/protobuf", "service_name": "portcullis-test"});
-    cfg["credentials"] =
-        json!([{"name": "gh", "hosts": ["localhost"], "source": {"env": "PCX_TEST_SECRET"}}]);
+    cfg["credentials"] = json!([
+        {"name": "gh", "hosts": ["localhost"], "source": {"env": "PCX_TEST_SECRET"}},
+        {"name": "filed", "hosts": ["localhost"], "source": {"file": "filed-token"}},
+        {"name": "missing", "hosts": ["localhost"], "source": {"env": "PCX_UNSET_FOR_TEST"}},
+    ]);
     let secret = "otel-leak-check-secret-42";
+    let file_secret = "otel-leak-check-file-secret-43";
+    std::fs::write(pki.path("filed-token"), file_secret).unwrap();
     let proxy = Proxy::start_with_env(
         &pki.write_config(&cfg),
         &[
@@ -61,13 +123,19 @@ async fn spans_tie_each_action_to_the_workload_identity() {
     .await;
     assert_eq!(denied.status, 403);
 
-    let get = otlp.wait_span("GET", |s| s.name == "GET").await;
+    let get = otlp
+        .wait_span("GET", |s| s.name == "GET" && s.kind == SERVER)
+        .await;
     assert_eq!(
         hex(&get.trace_id),
         caller_trace,
         "the caller's trace is continued"
     );
-    assert_eq!(hex(&get.parent_span_id), "00f067aa0ba902b7");
+    assert_eq!(
+        hex(&get.parent_span_id),
+        "00f067aa0ba902b7",
+        "the caller's span is the action span's parent"
+    );
     assert_eq!(
         span_attr(&get, "portcullis.identity.spiffe_id").as_deref(),
         Some("spiffe://acme.test/agents/research")
@@ -92,14 +160,69 @@ async fn spans_tie_each_action_to_the_workload_identity() {
         span_attr(&get, "server.address").as_deref(),
         Some("localhost")
     );
-    // The span the upstream saw as its parent is this span.
+
+    // Child spans: the policy decision, the credential read, the upstream call.
+    let policy = child(&otlp, &get, "policy.evaluate", |s| {
+        s.name == "policy.evaluate"
+    })
+    .await;
+    assert_eq!(policy.kind, INTERNAL);
+    assert_eq!(
+        span_attr(&policy, "portcullis.policy.decision").as_deref(),
+        Some("allow")
+    );
+    assert_eq!(
+        span_attr(&policy, "portcullis.policy.reason").as_deref(),
+        Some("ok")
+    );
+    assert_eq!(
+        span_attr(&policy, "portcullis.policy.revision"),
+        span_attr(&get, "portcullis.policy.revision")
+    );
+    assert!(span_attr(&policy, "portcullis.policy.eval_time_us").is_some());
+    let cred = child(&otlp, &get, "credential.fetch", |s| {
+        s.name == "credential.fetch"
+    })
+    .await;
+    assert_eq!(
+        span_attr(&cred, "portcullis.credential.name").as_deref(),
+        Some("gh")
+    );
+    assert!(!is_error(&cred));
+    let client = child(&otlp, &get, "the upstream client span", |s| {
+        s.kind == CLIENT
+    })
+    .await;
+    assert_eq!(client.name, "GET");
+    assert_eq!(
+        span_attr(&client, "server.address").as_deref(),
+        Some("localhost")
+    );
+    assert_eq!(
+        span_attr(&client, "server.port"),
+        Some(up.port().to_string())
+    );
+    assert_eq!(
+        span_attr(&client, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert!(!is_error(&client));
+    // Policy first, then the credential, then the upstream call.
+    assert!(policy.end_time_unix_nano <= cred.start_time_unix_nano);
+    assert!(cred.end_time_unix_nano <= client.start_time_unix_nano);
+    // The upstream continues the caller's trace with the proxy's client span as its parent.
     let sent = up.seen()[0].headers["traceparent"]
         .to_str()
         .unwrap()
         .to_owned();
-    assert_eq!(sent, format!("00-{caller_trace}-{}-01", hex(&get.span_id)));
+    assert_eq!(
+        sent,
+        format!("00-{caller_trace}-{}-01", hex(&client.span_id))
+    );
 
-    let post = otlp.wait_span("POST", |s| s.name == "POST").await;
+    let post = otlp
+        .wait_span("POST", |s| s.name == "POST" && s.kind == SERVER)
+        .await;
     assert_eq!(
         span_attr(&post, "portcullis.policy.decision").as_deref(),
         Some("deny")
@@ -108,17 +231,158 @@ async fn spans_tie_each_action_to_the_workload_identity() {
         span_attr(&post, "portcullis.policy.reason").as_deref(),
         Some("no writes")
     );
+    assert!(is_error(&post), "deny spans have status Error");
     assert_eq!(
-        post.status.as_ref().unwrap().code,
-        2,
-        "deny spans have status Error"
+        span_attr(&post, "error.type").as_deref(),
+        Some("policy_denied")
+    );
+    let denial = child(&otlp, &post, "the deny decision", |s| {
+        s.name == "policy.evaluate"
+    })
+    .await;
+    assert_eq!(
+        span_attr(&denial, "portcullis.policy.decision").as_deref(),
+        Some("deny")
+    );
+    assert!(
+        children(&otlp, &post).iter().all(|s| s.kind != CLIENT),
+        "a denied request has no upstream call"
     );
     otlp.wait_span("CONNECT", |s| s.name.starts_with("CONNECT localhost:"))
         .await;
+
+    // A file credential: read once (not a cache hit), then served from the cache.
+    for _ in 0..2 {
+        let out = curl(
+            &pki,
+            proxy.addr,
+            Some(&agent),
+            &["-H", "Authorization: Bearer pcx_filed", &url],
+        )
+        .await;
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    let filed = otlp
+        .wait_span("two filed reads", |s| {
+            s.name == "credential.fetch"
+                && span_attr(s, "portcullis.credential.cache_hit").as_deref() == Some("true")
+        })
+        .await;
+    assert_eq!(
+        span_attr(&filed, "portcullis.credential.name").as_deref(),
+        Some("filed")
+    );
+    otlp.wait_span("the first filed read", |s| {
+        s.name == "credential.fetch"
+            && span_attr(s, "portcullis.credential.cache_hit").as_deref() == Some("false")
+    })
+    .await;
+
+    // A credential that cannot be read: the fetch span is an error, nothing goes upstream.
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &["-H", "Authorization: Bearer pcx_missing", &url],
+    )
+    .await;
+    assert_eq!(out.status, 503, "{out:?}");
+    let failed = otlp
+        .wait_span("the failed fetch", |s| {
+            s.name == "credential.fetch"
+                && span_attr(s, "portcullis.credential.name").as_deref() == Some("missing")
+        })
+        .await;
+    assert!(is_error(&failed));
+    let action = otlp
+        .wait_span("the 503 action", |s| s.span_id == failed.parent_span_id)
+        .await;
+    assert_eq!(
+        span_attr(&action, "error.type").as_deref(),
+        Some("credential_unavailable")
+    );
+    assert!(children(&otlp, &action).iter().all(|s| s.kind != CLIENT));
+
+    // An upstream nobody listens on: the client span says why it failed.
+    let dead = format!("https://localhost:{}/x", free_addr().port());
+    let out = curl(&pki, proxy.addr, Some(&agent), &[&dead]).await;
+    assert_eq!(out.status, 502, "{out:?}");
+    let refused = otlp
+        .wait_span("the failed upstream call", |s| {
+            s.kind == CLIENT && is_error(s)
+        })
+        .await;
+    assert_eq!(
+        span_attr(&refused, "error.type").as_deref(),
+        Some("upstream_unreachable")
+    );
+    assert!(span_attr(&refused, "http.response.status_code").is_none());
+
+    let dump = otlp.dump();
     assert!(
-        !otlp.dump().contains(secret),
+        !dump.contains(secret) && !dump.contains(file_secret),
         "a secret reached the exported spans"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_servers_continue_the_trace_from_meta() {
+    let pki = Pki::new();
+    let server = McpSdkServer::start(&pki);
+    let otlp = OtlpReceiver::start().await;
+    let mut cfg = pki.base_config();
+    cfg["telemetry"] = json!({"otlp_endpoint": otlp.endpoint(), "otlp_protocol": "http/protobuf"});
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let agent = pki.client("agent", "spiffe://acme.test/agents/mcp");
+    let caller_trace = "0af7651916cd43dd8448eb211c80319c";
+    let caller_span = "b7ad6b7169203331";
+    let ops = json!([{
+        "op": "call", "tool": "search_issues", "args": {"query": "bug"},
+        "meta": {"traceparent": format!("00-{caller_trace}-{caller_span}-01"), "progressToken": "p1"},
+    }]);
+    let r = mcp_sdk_client(&pki, proxy.addr, &agent, &server.url(), ops).await;
+    assert_eq!(r[0]["text"], "found 3 issues for bug", "{r:?}");
+
+    // The action span continues the trace the caller put in `_meta`.
+    let call = otlp
+        .wait_span("tools/call search_issues", |s| {
+            s.name == "tools/call search_issues" && s.kind == SERVER
+        })
+        .await;
+    assert_eq!(hex(&call.trace_id), caller_trace);
+    assert_eq!(hex(&call.parent_span_id), caller_span);
+    let client = child(&otlp, &call, "the upstream client span", |s| {
+        s.kind == CLIENT
+    })
+    .await;
+    assert_eq!(client.name, "POST");
+
+    // The MCP server got the proxy's client span as the parent, in `_meta` and in the header;
+    // the rest of `_meta` arrived as the caller sent it.
+    let expected = format!("00-{caller_trace}-{}-01", hex(&client.span_id));
+    let received = server.received();
+    let m = received
+        .iter()
+        .find(|m| m["tool"] == "search_issues")
+        .unwrap();
+    assert_eq!(m["meta"]["traceparent"], expected.as_str(), "{m}");
+    assert_eq!(m["meta"]["progressToken"], "p1", "{m}");
+    assert_eq!(m["traceparent"], expected.as_str(), "{m}");
+    assert_eq!(m["arguments"], json!({"query": "bug"}));
+    // Messages that came without a trace context get the proxy's (a new trace) too.
+    let init = received
+        .iter()
+        .find(|m| m["method"] == "initialize")
+        .unwrap();
+    let tp = init["meta"]["traceparent"].as_str().unwrap();
+    assert!(
+        tp.starts_with("00-") && !tp.contains(caller_trace),
+        "{init}"
+    );
+    assert_eq!(init["traceparent"].as_str(), Some(tp));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -142,6 +406,27 @@ async fn a_dead_collector_does_not_affect_requests() {
             200
         );
     }
+    // The spans that could not be delivered are counted, not silently lost.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let dropped = proxy.metric("portcullis_otel_spans_dropped_total").await;
+        if dropped > 0 {
+            assert!(proxy.metric("portcullis_otel_export_errors_total").await > 0);
+            assert_eq!(
+                proxy.metric("portcullis_otel_spans_exported_total").await,
+                0
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dropped spans counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    proxy.logs.wait_for("the export failure warning", |l| {
+        l.contains("span export failed")
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -161,7 +446,9 @@ async fn spans_are_exported_over_otlp_grpc() {
         curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
         200
     );
-    let span = otlp.wait_span("GET over gRPC", |s| s.name == "GET").await;
+    let span = otlp
+        .wait_span("GET over gRPC", |s| s.name == "GET" && s.kind == SERVER)
+        .await;
     assert_eq!(
         span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
         Some("spiffe://acme.test/agents/grpc")
@@ -208,7 +495,9 @@ async fn dev_exports_spans_with_otlp_endpoint() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let span = otlp.wait_span("the demo GET", |s| s.name == "GET").await;
+    let span = otlp
+        .wait_span("the demo GET", |s| s.name == "GET" && s.kind == SERVER)
+        .await;
     assert_eq!(
         span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
         Some("spiffe://dev.portcullis/agent/demo")
