@@ -1390,9 +1390,15 @@ pub async fn mcp_sdk_client(
     url: &str,
     ops: Value,
 ) -> Vec<Value> {
+    // A server on the older HTTP+SSE transport is reached at /sse.
+    let transport = if url.ends_with("/sse") {
+        "sse"
+    } else {
+        "streamable-http"
+    };
     let out = tokio::process::Command::new(python())
         .arg(python_script("mcp_client.py"))
-        .args(["--url", url])
+        .args(["--url", url, "--transport", transport])
         .args(["--proxy", &format!("https://{proxy}")])
         .arg("--proxy-ca")
         .arg(pki.path("acme-ca.pem"))

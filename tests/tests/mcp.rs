@@ -186,37 +186,7 @@ async fn mcp_client_via(
     client: &ClientCert,
     ops: Value,
 ) -> Vec<Value> {
-    let transport = if server.path == "/sse" {
-        "sse"
-    } else {
-        "streamable-http"
-    };
-    let out = tokio::process::Command::new(python())
-        .arg(python_script("mcp_client.py"))
-        .args(["--url", &server.url(), "--transport", transport])
-        .args(["--proxy", &format!("https://{}", proxy.addr)])
-        .arg("--proxy-ca")
-        .arg(pki.path("acme-ca.pem"))
-        .arg("--cert")
-        .arg(&client.cert)
-        .arg("--key")
-        .arg(&client.key)
-        .arg("--ca")
-        .arg(pki.path("mitm-ca.pem"))
-        .args(["--ops", &ops.to_string()])
-        .output()
-        .await
-        .unwrap();
-    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(
-        out.status.success(),
-        "MCP client failed: {results:?}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    results
+    mcp_sdk_client(pki, proxy.addr, client, &server.url(), ops).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
