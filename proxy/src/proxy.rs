@@ -511,7 +511,12 @@ async fn forward(
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let sse_authority = event_stream.then(|| ctx.destination.authority());
+    let sse_key = event_stream.then(|| {
+        (
+            ctx.peer.spiffe_id.as_str().to_owned(),
+            ctx.destination.authority(),
+        )
+    });
     let body = LoggedBody {
         inner: rbody,
         bytes: 0,
@@ -521,8 +526,9 @@ async fn forward(
         flushed: false,
         done: Some((ctx, shared.chain.clone())),
     };
-    if let Some(authority) = sse_authority {
-        let tapped = crate::sse_sessions::SseTap::new(body, shared.sse.clone(), authority);
+    if let Some((identity, authority)) = sse_key {
+        let tapped =
+            crate::sse_sessions::SseTap::new(body, shared.sse.clone(), identity, authority);
         return Response::from_parts(rparts, BodyExt::boxed(tapped));
     }
     Response::from_parts(rparts, BodyExt::boxed(body))
@@ -543,7 +549,11 @@ fn deny_on_sse_stream(
     }
     let endpoint = parts.uri.path_and_query()?.as_str();
     let authority = ctx.destination.authority();
-    if !shared.sse.deliver(&authority, endpoint, &answer.responses) {
+    let identity = ctx.peer.spiffe_id.as_str();
+    if !shared
+        .sse
+        .deliver(identity, &authority, endpoint, &answer.responses)
+    {
         return None;
     }
     ctx.error = Some(rej.code);

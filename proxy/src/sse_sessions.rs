@@ -18,9 +18,11 @@ use crate::upstream::BoxError;
 /// Only the first bytes of a stream are read for the endpoint event.
 const HEAD_LIMIT: usize = 4096;
 
-type Key = (String, String);
+/// (caller's SPIFFE ID, server authority, announced POST endpoint path and query): a denial
+/// only ever reaches a stream of the identity whose request was denied.
+type Key = (String, String, String);
 
-/// Open HTTP+SSE streams by (server authority, announced POST endpoint path and query).
+/// Open HTTP+SSE streams by [`Key`].
 #[derive(Debug, Default)]
 pub struct SseSessions {
     streams: Mutex<HashMap<Key, mpsc::UnboundedSender<Bytes>>>,
@@ -29,11 +31,22 @@ pub struct SseSessions {
 impl SseSessions {
     /// Put JSON-RPC messages on the stream whose endpoint is `endpoint` at `authority`;
     /// false when there is no such stream.
-    pub fn deliver(&self, authority: &str, endpoint: &str, messages: &[serde_json::Value]) -> bool {
+    pub fn deliver(
+        &self,
+        identity: &str,
+        authority: &str,
+        endpoint: &str,
+        messages: &[serde_json::Value],
+    ) -> bool {
         let Ok(streams) = self.streams.lock() else {
             return false;
         };
-        let Some(tx) = streams.get(&(authority.to_owned(), endpoint.to_owned())) else {
+        let key = (
+            identity.to_owned(),
+            authority.to_owned(),
+            endpoint.to_owned(),
+        );
+        let Some(tx) = streams.get(&key) else {
             return false;
         };
         let mut events = String::new();
@@ -63,6 +76,7 @@ impl SseSessions {
 pub struct SseTap<B> {
     inner: B,
     sessions: Arc<SseSessions>,
+    identity: String,
     authority: String,
     head: Vec<u8>,
     key: Option<Key>,
@@ -73,10 +87,16 @@ pub struct SseTap<B> {
 }
 
 impl<B> SseTap<B> {
-    pub fn new(inner: B, sessions: Arc<SseSessions>, authority: String) -> SseTap<B> {
+    pub fn new(
+        inner: B,
+        sessions: Arc<SseSessions>,
+        identity: String,
+        authority: String,
+    ) -> SseTap<B> {
         SseTap {
             inner,
             sessions,
+            identity,
             authority,
             head: Vec::new(),
             key: None,
@@ -99,7 +119,7 @@ impl<B> SseTap<B> {
         self.head
             .extend_from_slice(&data[..data.len().min(HEAD_LIMIT - self.head.len())]);
         if let Some(endpoint) = endpoint_event(&self.head) {
-            let key = (self.authority.clone(), endpoint);
+            let key = (self.identity.clone(), self.authority.clone(), endpoint);
             let (tx, rx) = mpsc::unbounded_channel();
             self.sessions.register(key.clone(), tx);
             self.key = Some(key);
