@@ -460,6 +460,7 @@ async fn forward(
         }
         return refuse_draining(shared, ctx, rej, body);
     }
+    expect_lists_on_sse_stream(shared, &ctx, &parts);
     let (mut ctx, req) = match prepare(shared, ctx, parts, body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -511,12 +512,7 @@ async fn forward(
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let sse_key = event_stream.then(|| {
-        (
-            ctx.peer.spiffe_id.as_str().to_owned(),
-            ctx.destination.authority(),
-        )
-    });
+    let sse_stream = event_stream.then(|| crate::sse_sessions::StreamOf::of(&ctx));
     let body = LoggedBody {
         inner: rbody,
         bytes: 0,
@@ -526,9 +522,13 @@ async fn forward(
         flushed: false,
         done: Some((ctx, shared.chain.clone())),
     };
-    if let Some((identity, authority)) = sse_key {
-        let tapped =
-            crate::sse_sessions::SseTap::new(body, shared.sse.clone(), identity, authority);
+    if let Some(stream) = sse_stream {
+        let tapped = crate::sse_sessions::SseTap::new(
+            body,
+            shared.sse.clone(),
+            stream,
+            shared.chain.clone(),
+        );
         return Response::from_parts(rparts, BodyExt::boxed(tapped));
     }
     Response::from_parts(rparts, BodyExt::boxed(body))
@@ -570,6 +570,26 @@ fn deny_on_sse_stream(
     };
     shared.chain.logging(ctx, &outcome);
     Some(resp)
+}
+
+/// An allowed `tools/list` POST of the older MCP transport: its answer will come on the
+/// session's event stream, which filters it with this request's policy context.
+fn expect_lists_on_sse_stream(shared: &Shared, ctx: &Context, parts: &http::request::Parts) {
+    if parts.method != Method::POST || !ctx.lists_tools() {
+        return;
+    }
+    let (Some(input), Some(mcp), Some(endpoint)) =
+        (&ctx.policy_input, &ctx.mcp, parts.uri.path_and_query())
+    else {
+        return;
+    };
+    let authority = ctx.destination.authority();
+    let key = (
+        ctx.peer.spiffe_id.as_str(),
+        authority.as_str(),
+        endpoint.as_str(),
+    );
+    shared.sse.expect_lists(key, input, mcp);
 }
 
 /// The request as it goes upstream: Host for absolute-form, the upstream-request phase, and

@@ -1,16 +1,22 @@
 //! The older MCP transport (HTTP+SSE, 2024-11-05) answers every POSTed message on the client's
 //! GET event stream, not in the POST's response, so a JSON-RPC error in the POST's body never
-//! reaches that transport's clients. Here each such stream that passes through the proxy is
-//! registered under the endpoint its server announced (`event: endpoint`), and a denied POST
-//! to that endpoint has its JSON-RPC errors delivered on the stream, between two events.
+//! reaches that transport's clients, and `tools/list` results arrive where the POST's pipeline
+//! cannot see them. Here each such stream that passes through the proxy is registered under
+//! the endpoint its server announced (`event: endpoint`): a denied POST to that endpoint has
+//! its JSON-RPC errors delivered on the stream, between two events, and an allowed
+//! `tools/list` leaves its policy context with the stream, whose answer is then filtered
+//! like a Streamable HTTP one.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use portcullis_filters::mcp::{McpRequest, ResponseRewriter};
+use portcullis_filters::pipeline::{ActionKind, Peer, TraceId, Via};
+use portcullis_filters::{destination::Destination, Chain, Context};
 use tokio::sync::mpsc;
 
 use crate::upstream::BoxError;
@@ -22,10 +28,19 @@ const HEAD_LIMIT: usize = 4096;
 /// only ever reaches a stream of the identity whose request was denied.
 type Key = (String, String, String);
 
+/// One open stream: where denials go, and the `tools/list` requests whose answers it will
+/// carry.
+#[derive(Debug)]
+struct Session {
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// (JSON-RPC id, the listing request's policy input and messages).
+    lists: Mutex<Vec<(serde_json::Value, portcullis_policy::Input, McpRequest)>>,
+}
+
 /// Open HTTP+SSE streams by [`Key`].
 #[derive(Debug, Default)]
 pub struct SseSessions {
-    streams: Mutex<HashMap<Key, mpsc::UnboundedSender<Bytes>>>,
+    streams: Mutex<HashMap<Key, Arc<Session>>>,
 }
 
 impl SseSessions {
@@ -46,7 +61,7 @@ impl SseSessions {
             authority.to_owned(),
             endpoint.to_owned(),
         );
-        let Some(tx) = streams.get(&key) else {
+        let Some(session) = streams.get(&key) else {
             return false;
         };
         let mut events = String::new();
@@ -55,18 +70,59 @@ impl SseSessions {
             events.push_str(&m.to_string());
             events.push_str("\r\n\r\n");
         }
-        tx.send(Bytes::from(events)).is_ok()
+        session.tx.send(Bytes::from(events)).is_ok()
     }
 
-    fn register(&self, key: Key, tx: mpsc::UnboundedSender<Bytes>) {
+    /// An allowed `tools/list` POST to a registered endpoint: its answer, on the stream, is
+    /// filtered with this request's policy context. False when there is no such stream.
+    pub fn expect_lists(
+        &self,
+        key: (&str, &str, &str),
+        input: &portcullis_policy::Input,
+        mcp: &McpRequest,
+    ) -> bool {
+        let Ok(streams) = self.streams.lock() else {
+            return false;
+        };
+        let key = (key.0.to_owned(), key.1.to_owned(), key.2.to_owned());
+        let Some(session) = streams.get(&key) else {
+            return false;
+        };
+        let Ok(mut lists) = session.lists.lock() else {
+            return false;
+        };
+        for m in &mcp.messages {
+            if let (Some("tools/list"), Some(id)) = (m.method.as_deref(), &m.id) {
+                lists.push((id.clone(), input.clone(), mcp.clone()));
+            }
+        }
+        true
+    }
+
+    fn register(&self, key: Key, session: Arc<Session>) {
         if let Ok(mut streams) = self.streams.lock() {
-            streams.insert(key, tx);
+            streams.insert(key, session);
         }
     }
 
     fn unregister(&self, key: &Key) {
         if let Ok(mut streams) = self.streams.lock() {
             streams.remove(key);
+        }
+    }
+}
+
+/// Whose stream it is: the caller and the server (taken from the GET's context).
+pub struct StreamOf {
+    pub peer: Arc<Peer>,
+    pub destination: Destination,
+}
+
+impl StreamOf {
+    pub fn of(ctx: &Context) -> StreamOf {
+        StreamOf {
+            peer: ctx.peer.clone(),
+            destination: ctx.destination.clone(),
         }
     }
 }
@@ -81,26 +137,32 @@ pub struct SseTap<B> {
     head: Vec<u8>,
     key: Option<Key>,
     rx: Option<mpsc::UnboundedReceiver<Bytes>>,
+    session: Option<Arc<Session>>,
+    /// For `tools/list` answers: the filter chain and the stream's caller and server.
+    chain: Chain,
+    peer: Arc<Peer>,
+    destination: Destination,
+    rewriter: Option<ResponseRewriter>,
     /// The bytes sent so far end an event (a blank line).
     at_boundary: bool,
     tail: [u8; 4],
 }
 
 impl<B> SseTap<B> {
-    pub fn new(
-        inner: B,
-        sessions: Arc<SseSessions>,
-        identity: String,
-        authority: String,
-    ) -> SseTap<B> {
+    pub fn new(inner: B, sessions: Arc<SseSessions>, stream: StreamOf, chain: Chain) -> SseTap<B> {
         SseTap {
             inner,
             sessions,
-            identity,
-            authority,
+            identity: stream.peer.spiffe_id.as_str().to_owned(),
+            authority: stream.destination.authority(),
             head: Vec::new(),
             key: None,
             rx: None,
+            session: None,
+            chain,
+            peer: stream.peer,
+            destination: stream.destination,
+            rewriter: None,
             at_boundary: true,
             tail: [0; 4],
         }
@@ -121,12 +183,75 @@ impl<B> SseTap<B> {
         if let Some(endpoint) = endpoint_event(&self.head) {
             let key = (self.identity.clone(), self.authority.clone(), endpoint);
             let (tx, rx) = mpsc::unbounded_channel();
-            self.sessions.register(key.clone(), tx);
+            let session = Arc::new(Session {
+                tx,
+                lists: Mutex::default(),
+            });
+            self.sessions.register(key.clone(), session.clone());
             self.key = Some(key);
             self.rx = Some(rx);
+            self.session = Some(session);
         }
     }
+
+    /// Whether `tools/list` answers are awaited (or an event is half-read): only then is the
+    /// stream parsed event by event.
+    fn filtering(&self) -> bool {
+        let awaited = self
+            .session
+            .as_ref()
+            .and_then(|s| s.lists.lock().ok().map(|l| !l.is_empty()))
+            .unwrap_or(false);
+        awaited || self.rewriter.is_some()
+    }
+
+    /// Pass a chunk through the `tools/list` filter; `Err` when an event is too large to
+    /// filter (the stream ends rather than pass it unfiltered).
+    fn filter(&mut self, data: &[u8]) -> Result<Vec<u8>, BoxError> {
+        if self.rewriter.is_none() {
+            self.rewriter = ResponseRewriter::new(Some("text/event-stream"), LIST_EVENT_LIMIT);
+        }
+        let Some(rewriter) = self.rewriter.as_mut() else {
+            return Ok(data.to_vec());
+        };
+        let (session, chain, peer, destination) =
+            (&self.session, &self.chain, &self.peer, &self.destination);
+        let mut edit = |msg: &mut serde_json::Value| {
+            let Some(session) = session else { return };
+            let Some(id) = msg.get("id").cloned() else {
+                return;
+            };
+            let found = session.lists.lock().ok().and_then(|mut lists| {
+                let i = lists.iter().position(|(want, _, _)| *want == id)?;
+                Some(lists.remove(i))
+            });
+            let Some((_, input, mcp)) = found else { return };
+            let (parts, ()) = http::Request::new(()).into_parts();
+            let mut ctx = Context::new(
+                peer.clone(),
+                destination.clone(),
+                ActionKind::Mcp,
+                Via::Mitm,
+                TraceId([0; 16]),
+                &parts,
+            );
+            ctx.policy_input = Some(input);
+            ctx.mcp = Some(mcp);
+            chain.mcp_response(&ctx, msg);
+        };
+        let out = rewriter.push(data, &mut edit);
+        if rewriter.overflowed() {
+            return Err(
+                "a tools/list event exceeds limits.inspect_body_bytes and cannot be filtered"
+                    .into(),
+            );
+        }
+        Ok(out)
+    }
 }
+
+/// Largest single event parsed while a `tools/list` answer is awaited.
+const LIST_EVENT_LIMIT: usize = 4 << 20;
 
 impl<B> Drop for SseTap<B> {
     fn drop(&mut self) {
@@ -167,7 +292,7 @@ where
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.at_boundary {
@@ -177,14 +302,39 @@ where
                 }
             }
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.observe(d);
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Some(d) = frame.data_ref() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    if !this.filtering() {
+                        this.observe(d);
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    let d = d.clone();
+                    match this.filter(&d) {
+                        // Whole events only: what was sent still ends at an event boundary.
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => {
+                            this.observe(&out);
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    }
                 }
-                Poll::Ready(Some(Ok(frame)))
+                Poll::Ready(None) => {
+                    // A half event held back at the end of the stream goes out as it is.
+                    if let Some(mut rw) = this.rewriter.take() {
+                        let rest = rw.finish(&mut |_| {});
+                        if !rest.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 

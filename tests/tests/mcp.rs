@@ -461,6 +461,7 @@ async fn the_older_http_sse_transport_streams_through_and_denies_arrive_on_its_s
     let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
     let research = pki.client("research", "spiffe://acme.test/agents/research");
     let ops = json!([
+        {"op": "list_tools"},
         {"op": "call", "tool": "search_issues", "args": {"query": "bug"}},
         {"op": "call_progress", "tool": "slow_progress", "args": {"steps": 4}},
         // On this transport answers travel on the GET stream: the proxy puts the deny there.
@@ -468,9 +469,16 @@ async fn the_older_http_sse_transport_streams_through_and_denies_arrive_on_its_s
         {"op": "call", "tool": "search_issues", "args": {"query": "after"}},
     ]);
     let r = mcp_client_via(&pki, &server, &proxy, &research, ops).await;
-    assert_eq!(r[0]["is_error"], false, "{r:?}");
-    assert_eq!(r[0]["text"], "found 3 issues for bug");
-    let times: Vec<f64> = r[1]["progress_times"]
+    // The listing arrives on the GET stream, filtered like a Streamable HTTP one: no
+    // delete_repo for anyone.
+    assert_eq!(
+        listed_tools(&r[0]),
+        ["create_issue", "search_issues", "slow_progress"],
+        "{r:?}"
+    );
+    assert_eq!(r[1]["is_error"], false, "{r:?}");
+    assert_eq!(r[1]["text"], "found 3 issues for bug");
+    let times: Vec<f64> = r[2]["progress_times"]
         .as_array()
         .unwrap()
         .iter()
@@ -481,14 +489,14 @@ async fn the_older_http_sse_transport_streams_through_and_denies_arrive_on_its_s
         times[3] - times[0] > 0.6,
         "progress must stream through: {times:?}"
     );
-    assert_eq!(r[2]["is_error"], true, "{r:?}");
+    assert_eq!(r[3]["is_error"], true, "{r:?}");
     assert_eq!(
-        r[2]["error"]["code"], -32001,
+        r[3]["error"]["code"], -32001,
         "the deny itself, not a timeout: {r:?}"
     );
-    assert_eq!(r[2]["error"]["data"]["reason"], "no deletes, ever", "{r:?}");
+    assert_eq!(r[3]["error"]["data"]["reason"], "no deletes, ever", "{r:?}");
     // The stream stays usable after a delivered deny.
-    assert_eq!(r[3]["is_error"], false, "{r:?}");
+    assert_eq!(r[4]["is_error"], false, "{r:?}");
     assert!(!server.received_tools().contains(&"delete_repo".to_owned()));
     proxy.decisions.wait_for("the delete_repo deny", |l| {
         l.contains("delete_repo") && l.contains("\"deny\"")
