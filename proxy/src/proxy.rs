@@ -453,11 +453,8 @@ async fn forward(
     } else {
         Some(crate::body::stream(body))
     };
-    if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
-        if let Some(resp) = deny_on_sse_stream(shared, &mut ctx, &parts, &rej) {
-            drop(body);
-            return resp;
-        }
+    if let Action::Respond(mut rej) = shared.chain.request(&mut ctx, &mut parts).await {
+        deliver_on_sse_stream(shared, &ctx, &parts, &mut rej);
         return refuse_draining(shared, ctx, rej, body);
     }
     expect_lists_on_sse_stream(shared, &ctx, &parts);
@@ -536,40 +533,30 @@ async fn forward(
 
 /// A denied POST of the older MCP transport (HTTP+SSE) to an endpoint whose event stream
 /// passes through this proxy: its JSON-RPC errors go on that stream (where the client waits
-/// for answers) and the POST gets the transport's 202.
-fn deny_on_sse_stream(
+/// for answers) and leave the refusal, which is then the transport's bare 202.
+fn deliver_on_sse_stream(
     shared: &Shared,
-    ctx: &mut Context,
+    ctx: &Context,
     parts: &http::request::Parts,
-    rej: &Rejection,
-) -> Option<Response<Body>> {
-    let answer = rej.jsonrpc.as_ref()?;
+    rej: &mut Rejection,
+) {
+    let Some(answer) = rej.jsonrpc.as_mut() else {
+        return;
+    };
+    let Some(endpoint) = parts.uri.path_and_query() else {
+        return;
+    };
     if parts.method != Method::POST || answer.responses.is_empty() {
-        return None;
+        return;
     }
-    let endpoint = parts.uri.path_and_query()?.as_str();
     let authority = ctx.destination.authority();
     let identity = ctx.peer.spiffe_id.as_str();
-    if !shared
+    if shared
         .sse
-        .deliver(identity, &authority, endpoint, &answer.responses)
+        .deliver(identity, &authority, endpoint.as_str(), &answer.responses)
     {
-        return None;
+        answer.responses.clear();
     }
-    ctx.error = Some(rej.code);
-    let mut resp = Response::new(crate::error::empty());
-    *resp.status_mut() = http::StatusCode::ACCEPTED;
-    resp.headers_mut().insert(
-        http::HeaderName::from_static(crate::error::ERROR_HEADER),
-        HeaderValue::from_static(rej.code.as_str()),
-    );
-    let outcome = Outcome {
-        status: 202,
-        bytes: 0,
-        duration: ctx.started.elapsed(),
-    };
-    shared.chain.logging(ctx, &outcome);
-    Some(resp)
 }
 
 /// An allowed `tools/list` POST of the older MCP transport: its answer will come on the

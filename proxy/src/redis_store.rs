@@ -159,8 +159,15 @@ impl RedisStore {
     /// One command with the configured timeout; a failure marks Redis down for a while.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        let r = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await;
-        let err = match r {
+        self.bounded(cmd.query_async::<T>(&mut conn)).await
+    }
+
+    /// A Redis call with the configured timeout; a failure marks Redis down for a while.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let err = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timed out".to_owned(),
@@ -214,16 +221,9 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
         let mut conn = self.conn.clone();
-        let r = tokio::time::timeout(
-            self.timeout,
-            pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut conn),
-        )
-        .await;
-        let (stored, ttl_ms) = match r {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(self.failed(e.to_string())),
-            Err(_) => return Err(self.failed("timed out".into())),
-        };
+        let (stored, ttl_ms) = self
+            .bounded(pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut conn))
+            .await?;
         let ttl = match ttl_ms {
             -1 => None,
             ms => match u64::try_from(ms) {
@@ -346,10 +346,7 @@ impl RedisStore {
             .await;
         match acquired {
             Ok(Some(_)) => {
-                let r = fetch().await;
-                if let Ok(f) = &r {
-                    self.write(name, fingerprint, f).await;
-                }
+                let r = self.fetch_and_share(name, fingerprint, fetch).await;
                 // Release only our own lock (it may have expired and been taken since).
                 let release = redis::Script::new(
                     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
@@ -380,14 +377,28 @@ impl RedisStore {
                         _ => break,
                     }
                 }
-                let r = fetch().await;
-                if let Ok(f) = &r {
-                    self.write(name, fingerprint, f).await;
-                }
-                r
+                self.fetch_and_share(name, fingerprint, fetch).await
             }
             Err(_) => fetch().await,
         }
+    }
+
+    /// Fetch from the source and, on success, store the value for the other replicas.
+    async fn fetch_and_share<F, Fut>(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        fetch: F,
+    ) -> Result<Fetched, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Fetched, String>>,
+    {
+        let r = fetch().await;
+        if let Ok(f) = &r {
+            self.write(name, fingerprint, f).await;
+        }
+        r
     }
 
     /// Drop the shared value and tell every replica to drop its own copy.
