@@ -281,7 +281,7 @@ fn check_characters(s: &str) -> Result<(), AuthorityError> {
 }
 
 /// Splits `host[:port]` into host (brackets kept for IPv6) and optional port text.
-fn split_authority(s: &str) -> Result<(&str, Option<&str>), AuthorityError> {
+pub fn split_authority(s: &str) -> Result<(&str, Option<&str>), AuthorityError> {
     if let Some(rest) = s.strip_prefix('[') {
         let Some(close) = rest.find(']') else {
             return Err(AuthorityError::UnclosedBracket);

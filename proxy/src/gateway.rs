@@ -6,7 +6,7 @@
 //! the usual substitution (bound hosts only) turns it into the secret.
 
 use http::{HeaderName, HeaderValue, Uri};
-use portcullis_filters::destination::{Destination, Scheme};
+use portcullis_filters::destination::{split_authority, Destination, Scheme};
 
 use crate::config::{CredentialConfig, RouteConfig};
 
@@ -84,7 +84,10 @@ impl Routes {
     /// The route for a request to `host` (the Host header, port ignored) and `path`. A prefix
     /// matches whole segments: `/github` matches `/github` and `/github/x`, not `/githubx`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        let host = host.map(|h| strip_port(h).to_ascii_lowercase());
+        // The Host header's name without its port (a malformed one matches no host-bound route).
+        let host = host
+            .and_then(|h| split_authority(h).ok())
+            .map(|(h, _)| h.to_ascii_lowercase());
         self.routes.iter().find(|r| {
             let host_ok = match (&r.host, &host) {
                 (None, _) => true,
@@ -93,14 +96,6 @@ impl Routes {
             };
             host_ok && prefix_matches(&r.prefix, path)
         })
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    match host.rsplit_once(':') {
-        // Not an IPv6 literal's colon.
-        Some((h, p)) if !h.ends_with(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
     }
 }
 
