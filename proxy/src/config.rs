@@ -522,9 +522,19 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// `grpc` (default) or `http/protobuf` (default: `OTEL_EXPORTER_OTLP_PROTOCOL`).
     pub otlp_protocol: Option<String>,
-    pub service_name: String,
+    /// Headers sent with every export (collector API keys): a value `env:NAME` or `file:PATH`
+    /// is read from there, any other value is sent as written. Added to (and overriding)
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`.
+    pub otlp_headers: BTreeMap<String, String>,
+    /// Extra CA for an `https://` collector.
+    pub otlp_ca: Option<PathBuf>,
+    /// Resource `service.name` (default: `OTEL_SERVICE_NAME`, else `portcullis`).
+    pub service_name: Option<String>,
     /// Fraction of new traces sampled (callers' sampled flags are honoured).
     pub sampling_ratio: f64,
+    /// One compact line per action's span tree in the log (target `portcullis::span`);
+    /// `dev` turns it on when no collector is given.
+    pub span_summary: bool,
 }
 
 impl Default for TelemetryConfig {
@@ -533,8 +543,11 @@ impl Default for TelemetryConfig {
             decision_log: "stdout".into(),
             otlp_endpoint: None,
             otlp_protocol: None,
-            service_name: "portcullis".into(),
+            otlp_headers: BTreeMap::new(),
+            otlp_ca: None,
+            service_name: None,
             sampling_ratio: 1.0,
+            span_summary: false,
         }
     }
 }
@@ -747,6 +760,7 @@ impl Config {
         if let Some(ca) = self.redis.as_mut().and_then(|r| r.ca.as_mut()) {
             fix(ca);
         }
+        self.telemetry.otlp_ca.iter_mut().for_each(fix);
         if !matches!(
             self.telemetry.decision_log.as_str(),
             "stdout" | "stderr" | "off"

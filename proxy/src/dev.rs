@@ -167,9 +167,13 @@ impl DevFiles {
              credentials:\n  \
                - {{name: demo, hosts: [localhost, 127.0.0.1], source: {{file: demo-token}}}}\n"
         );
-        if let Some(endpoint) = otlp {
-            let endpoint = serde_json::Value::from(endpoint);
-            yaml.push_str(&format!("telemetry: {{otlp_endpoint: {endpoint}}}\n"));
+        // Spans go to the collector when one is given, else one summary line per action.
+        match otlp {
+            Some(endpoint) => {
+                let endpoint = serde_json::Value::from(endpoint);
+                yaml.push_str(&format!("telemetry: {{otlp_endpoint: {endpoint}}}\n"));
+            }
+            None => yaml.push_str("telemetry: {span_summary: true}\n"),
         }
         // The example policy is written once; after that it is the user's to edit.
         let written = self.dir.join("policy").exists();

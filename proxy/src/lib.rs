@@ -20,6 +20,7 @@ pub mod idle;
 pub mod metrics;
 pub mod mitm;
 pub mod oauth;
+pub mod otlp;
 pub mod pki;
 pub mod proxy;
 pub mod redis_store;
