@@ -72,14 +72,13 @@ impl fmt::Debug for TraceId {
     }
 }
 
-/// A span id derived from fresh randomness in the trace id: the proxy makes both at once.
+/// A span id from the trace id's fresh randomness: the proxy draws both at once. The id is
+/// the first half of the trace id mixed, so it neither repeats the trace id's text nor
+/// correlates with the half the samplers read.
 fn span_id(trace_id: &TraceId) -> [u8; 8] {
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&trace_id.0[8..]);
-    if id == [0; 8] {
-        id[7] = 1;
-    }
-    id
+    let mut high = [0u8; 8];
+    high.copy_from_slice(&trace_id.0[..8]);
+    crate::timing::mixed_id(u64::from_be_bytes(high))
 }
 
 /// Hex of a span id, for logs.

@@ -26,6 +26,18 @@ pub enum StepKind {
     },
 }
 
+/// A non-zero span id from `z` through splitmix64's finaliser (a bijection: distinct inputs
+/// give distinct ids, and the result shows no trace of the input's structure).
+pub fn mixed_id(mut z: u64) -> [u8; 8] {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    if z == 0 {
+        z = 1;
+    }
+    z.to_be_bytes()
+}
+
 /// One timed step: a child span of the action's span.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -63,15 +75,10 @@ impl Steps {
     /// (splitmix64's finaliser), so ids are unique within the action and look random.
     pub fn next_id(&mut self) -> [u8; 8] {
         self.issued += 1;
-        let mut z = u64::from_be_bytes(self.parent)
-            .wrapping_add(self.issued.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        if z == 0 {
-            z = 1;
-        }
-        z.to_be_bytes()
+        mixed_id(
+            u64::from_be_bytes(self.parent)
+                .wrapping_add(self.issued.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        )
     }
 
     /// Record a step that started at `start` and ends now.

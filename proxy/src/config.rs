@@ -1004,6 +1004,25 @@ impl Config {
                 return err(&format!("redis.{key}"), reason);
             }
         }
+        if let Some(p) = &self.telemetry.otlp_protocol {
+            if crate::otlp::Protocol::parse(p).is_none() {
+                return err(
+                    "telemetry.otlp_protocol",
+                    format!("{p:?}: use grpc or http/protobuf"),
+                );
+            }
+        }
+        if let Some(name) = self
+            .telemetry
+            .otlp_headers
+            .keys()
+            .find(|n| http::HeaderName::from_bytes(n.as_bytes()).is_err())
+        {
+            return err(
+                "telemetry.otlp_headers",
+                format!("{name:?} is not a header name"),
+            );
+        }
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return err("telemetry.sampling_ratio", "must be between 0 and 1".into());
         }

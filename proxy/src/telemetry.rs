@@ -697,11 +697,10 @@ fn summary(ctx: &Context, outcome: &Outcome) {
         span_name(ctx, &mut s.name);
         let line = &mut s.text;
         line.clear();
-        let _ = write!(line, "{} ", s.name);
-        if ctx.kind == ActionKind::Connect {
-            let _ = write!(line, "{}", ctx.destination);
-        } else {
+        line.push_str(&s.name);
+        if ctx.kind != ActionKind::Connect {
             url(ctx, &mut s.url);
+            line.push(' ');
             line.push_str(&s.url);
         }
         let _ = write!(

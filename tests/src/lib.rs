@@ -911,92 +911,113 @@ pub fn python_script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// An in-process OTLP/HTTP collector: accepts `POST /v1/traces` (protobuf
-/// `ExportTraceServiceRequest`, the documented OTLP wire format) and keeps every span.
+/// What an in-process collector received.
+#[derive(Default)]
+struct Received {
+    spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
+    /// The resource of every `ResourceSpans` received.
+    resources: Vec<opentelemetry_proto::tonic::resource::v1::Resource>,
+    /// The request headers of every export call.
+    headers: Vec<http::HeaderMap>,
+}
+
+type Receiving = (Arc<Mutex<Received>>, tokio::sync::watch::Sender<usize>);
+
+fn receive(
+    into: &Receiving,
+    headers: http::HeaderMap,
+    export: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) {
+    let mut r = into.0.lock().unwrap();
+    r.headers.push(headers);
+    for rs in export.resource_spans {
+        r.resources.extend(rs.resource);
+        for ss in rs.scope_spans {
+            r.spans.extend(ss.spans);
+        }
+    }
+    into.1.send_replace(r.spans.len());
+}
+
+/// An in-process OTLP collector (no collector binary can be installed here): OTLP/HTTP
+/// (`POST /v1/traces`, protobuf `ExportTraceServiceRequest`) or OTLP/gRPC (tonic's generated
+/// `TraceService` server over HTTP/2), plain or over TLS. It keeps every span, resource and
+/// the export calls' headers.
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
-    spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
-    count: tokio::sync::watch::Sender<usize>,
+    received: Receiving,
+    tls: bool,
 }
 
 impl OtlpReceiver {
+    /// OTLP/HTTP, plain.
     pub async fn start() -> OtlpReceiver {
-        use prost::Message;
+        Self::serve(false, None).await
+    }
+
+    /// OTLP/gRPC, plain (HTTP/2 with prior knowledge).
+    pub async fn start_grpc() -> OtlpReceiver {
+        Self::serve(true, None).await
+    }
+
+    /// OTLP/gRPC or OTLP/HTTP over TLS with `tls` (a certificate for `localhost`).
+    pub async fn start_tls(grpc: bool, tls: Arc<rustls::ServerConfig>) -> OtlpReceiver {
+        Self::serve(grpc, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn serve(grpc: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let r = OtlpReceiver {
             addr: listener.local_addr().unwrap(),
-            spans: Arc::default(),
-            count: tokio::sync::watch::channel(0).0,
+            received: (Arc::default(), tokio::sync::watch::channel(0).0),
+            tls: tls.is_some(),
         };
-        let (spans, count) = (r.spans.clone(), r.count.clone());
+        let into = r.received.clone();
+        let grpc_svc = TraceServiceServer::new(GrpcSink { into: into.clone() });
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (spans, count) = (spans.clone(), count.clone());
+                let (tls, into, grpc_svc) = (tls.clone(), into.clone(), grpc_svc.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (spans, count) = (spans.clone(), count.clone());
-                        async move {
-                            let ok = req.uri().path() == "/v1/traces";
-                            let body = http_body_util::BodyExt::collect(req.into_body())
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let status = match opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body) {
-                                Ok(export) if ok => {
-                                    let mut all = spans.lock().unwrap();
-                                    for rs in export.resource_spans {
-                                        for ss in rs.scope_spans {
-                                            all.extend(ss.spans);
-                                        }
-                                    }
-                                    count.send_replace(all.len());
-                                    200
-                                }
-                                _ => 400,
-                            };
-                            let reply = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::default().encode_to_vec();
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/x-protobuf")
-                                    .body(Full::new(Bytes::from(reply)))
-                                    .unwrap(),
-                            )
-                        }
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let http_svc = hyper::service::service_fn(move |req| {
+                        let into = into.clone();
+                        async move { Ok::<_, Infallible>(otlp_http(&into, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let grpc_svc = hyper_util::service::TowerToHyperService::new(grpc_svc);
+                    match (tls, grpc) {
+                        (None, false) => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), http_svc).await;
+                        }
+                        (None, true) => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), grpc_svc).await;
+                        }
+                        (Some(tls), grpc) => {
+                            let Ok(io) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            let io = TokioIo::new(io);
+                            let _ = if grpc {
+                                builder.serve_connection(io, grpc_svc).await
+                            } else {
+                                builder.serve_connection(io, http_svc).await
+                            };
+                        }
+                    }
                 });
             }
         });
         r
     }
 
+    /// `http://127.0.0.1:port`, or `https://localhost:port` over TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The same collector over OTLP/gRPC (tonic, the OTLP TraceService).
-    pub async fn start_grpc() -> OtlpReceiver {
-        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let r = OtlpReceiver {
-            addr: listener.local_addr().unwrap(),
-            spans: Arc::default(),
-            count: tokio::sync::watch::channel(0).0,
-        };
-        let svc = GrpcSink {
-            spans: r.spans.clone(),
-            count: r.count.clone(),
-        };
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(svc))
-                .serve_with_incoming(incoming),
-        );
-        r
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// Wait until a span satisfies `pred`; returns it.
@@ -1005,11 +1026,11 @@ impl OtlpReceiver {
         what: &str,
         pred: impl Fn(&opentelemetry_proto::tonic::trace::v1::Span) -> bool,
     ) -> opentelemetry_proto::tonic::trace::v1::Span {
-        let mut rx = self.count.subscribe();
+        let mut rx = self.received.1.subscribe();
         let found = tokio::time::timeout(WAIT, async {
             loop {
-                if let Some(s) = self.spans.lock().unwrap().iter().find(|s| pred(s)) {
-                    return s.clone();
+                if let Some(s) = self.spans().into_iter().find(|s| pred(s)) {
+                    return s;
                 }
                 rx.changed().await.unwrap();
             }
@@ -1018,9 +1039,7 @@ impl OtlpReceiver {
         found.unwrap_or_else(|_| {
             panic!(
                 "no span {what}; have {:?}",
-                self.spans
-                    .lock()
-                    .unwrap()
+                self.spans()
                     .iter()
                     .map(|s| s.name.clone())
                     .collect::<Vec<_>>()
@@ -1030,18 +1049,61 @@ impl OtlpReceiver {
 
     /// Every span received so far.
     pub fn spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
-        self.spans.lock().unwrap().clone()
+        self.received.0.lock().unwrap().spans.clone()
+    }
+
+    /// Every resource received so far (one per `ResourceSpans`).
+    pub fn resources(&self) -> Vec<opentelemetry_proto::tonic::resource::v1::Resource> {
+        self.received.0.lock().unwrap().resources.clone()
+    }
+
+    /// The headers of every export call so far.
+    pub fn headers(&self) -> Vec<http::HeaderMap> {
+        self.received.0.lock().unwrap().headers.clone()
     }
 
     /// Everything received, as text (for leak checks).
     pub fn dump(&self) -> String {
-        format!("{:?}", self.spans.lock().unwrap())
+        let r = self.received.0.lock().unwrap();
+        format!("{:?} {:?}", r.resources, r.spans)
     }
 }
 
+/// The OTLP/HTTP side: protobuf in, an empty `ExportTraceServiceResponse` out; 400 for a body
+/// that does not decode or a wrong path.
+async fn otlp_http(into: &Receiving, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use prost::Message;
+    let ok = req.uri().path() == "/v1/traces"
+        && req
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v == "application/x-protobuf");
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let status = match ExportTraceServiceRequest::decode(body) {
+        Ok(export) if ok => {
+            receive(into, parts.headers, export);
+            200
+        }
+        _ => 400,
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/x-protobuf")
+        .body(Full::new(Bytes::from(
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        )))
+        .unwrap()
+}
+
 struct GrpcSink {
-    spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
-    count: tokio::sync::watch::Sender<usize>,
+    into: Receiving,
 }
 
 #[tonic::async_trait]
@@ -1059,13 +1121,8 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         >,
         tonic::Status,
     > {
-        let mut all = self.spans.lock().unwrap();
-        for rs in req.into_inner().resource_spans {
-            for ss in rs.scope_spans {
-                all.extend(ss.spans);
-            }
-        }
-        self.count.send_replace(all.len());
+        let headers = req.metadata().clone().into_headers();
+        receive(&self.into, headers, req.into_inner());
         Ok(tonic::Response::new(Default::default()))
     }
 }

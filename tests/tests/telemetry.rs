@@ -323,6 +323,27 @@ async fn spans_tie_each_action_to_the_workload_identity() {
         !dump.contains(secret) && !dump.contains(file_secret),
         "a secret reached the exported spans"
     );
+
+    // Every export names the service and this process.
+    for resource in otlp.resources() {
+        let attr = |k: &str| {
+            resource
+                .attributes
+                .iter()
+                .find(|kv| kv.key == k)
+                .and_then(|kv| kv.value.as_ref()?.value.clone())
+        };
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+        assert_eq!(
+            attr("service.name"),
+            Some(V::StringValue("portcullis-test".into()))
+        );
+        assert!(matches!(attr("service.version"), Some(V::StringValue(v)) if !v.is_empty()));
+        assert!(
+            matches!(attr("service.instance.id"), Some(V::StringValue(v)) if v.len() == 32),
+            "{resource:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -506,6 +527,127 @@ async fn dev_exports_spans_with_otlp_endpoint() {
         span_attr(&span, "portcullis.credentials").as_deref(),
         Some("demo")
     );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A collector reached over TLS (verified against `telemetry.otlp_ca`), on both protocols,
+/// with export headers from the standard variable and from the config (a secret read from
+/// the environment wins over the variable's value) and resource attributes from
+/// `OTEL_RESOURCE_ATTRIBUTES`. The header's secret value appears in no log.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_collectors_get_the_configured_headers() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let key = "otlp-api-key-never-logged-77";
+    for grpc in [true, false] {
+        let otlp = OtlpReceiver::start_tls(grpc, pki.upstream_tls.clone()).await;
+        let mut cfg = pki.base_config();
+        cfg["telemetry"] = json!({
+            "otlp_endpoint": otlp.endpoint(),
+            "otlp_protocol": if grpc { "grpc" } else { "http/protobuf" },
+            "otlp_ca": pki.path("upstream-ca.pem"),
+            "otlp_headers": {"x-api-key": "env:PCX_OTLP_KEY", "x-tenant": "acme"},
+        });
+        let proxy = Proxy::start_with_env(
+            &pki.write_config(&cfg),
+            &[
+                ("PCX_OTLP_KEY", key),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "x-api-key=from-env,x-env-only=e%20v",
+                ),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ],
+        );
+        let agent = pki.client("agent", "spiffe://acme.test/agents/tls");
+        let url = format!("https://localhost:{}/t", up.port());
+        assert_eq!(
+            curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
+            200
+        );
+        let span = otlp
+            .wait_span("GET over TLS", |s| s.name == "GET" && s.kind == SERVER)
+            .await;
+        assert_eq!(
+            span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
+            Some("spiffe://acme.test/agents/tls")
+        );
+        let headers = otlp.headers();
+        let h = headers.first().unwrap();
+        let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        assert_eq!(get("x-api-key").as_deref(), Some(key), "grpc={grpc}");
+        assert_eq!(get("x-tenant").as_deref(), Some("acme"));
+        assert_eq!(get("x-env-only").as_deref(), Some("e v"));
+        assert!(otlp.resources().iter().all(|r| r
+            .attributes
+            .iter()
+            .any(|kv| kv.key == "deployment.environment")));
+        assert!(
+            !proxy.logs.lines().iter().any(|l| l.contains(key)),
+            "the export header's secret was logged"
+        );
+    }
+}
+
+/// `dev` without a collector: one summary line per action on stderr, tying the request to
+/// the demo identity, its verdict, trace ids and steps, without the demo secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_without_a_collector_logs_a_span_summary_per_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--dir",
+        ])
+        .arg(dir.path().join("dev"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (stdout, stderr) = (
+        std::sync::Arc::new(Logs::default()),
+        std::sync::Arc::new(Logs::default()),
+    );
+    capture(child.stdout.take().unwrap(), stdout.clone());
+    capture(child.stderr.take().unwrap(), stderr.clone());
+    stdout.wait_for("the banner", |l| l.contains("Ctrl-C"));
+    let line = stdout
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("curl "))
+        .unwrap();
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{line} -sS"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let summary = stderr.wait_for("the GET's span summary", |l| {
+        l.contains("portcullis::span") && l.contains("GET https://localhost:")
+    });
+    for part in [
+        "/hello -> 200",
+        "spiffe://dev.portcullis/agent/demo allow",
+        "credentials=demo",
+        " trace=",
+        "policy.evaluate ",
+        "credential.fetch demo ",
+        "upstream GET ",
+    ] {
+        assert!(summary.contains(part), "{part:?} missing in {summary}");
+    }
+    stderr.wait_for("the CONNECT's span summary", |l| {
+        l.contains("portcullis::span") && l.contains("CONNECT localhost:")
+    });
+    let secret = std::fs::read_to_string(dir.path().join("dev/demo-token")).unwrap();
+    assert!(!stderr.lines().iter().any(|l| l.contains(secret.trim())));
     let _ = child.kill();
     let _ = child.wait();
 }
