@@ -613,6 +613,82 @@ impl Drop for Proxy {
     }
 }
 
+/// The real binary running `dev` in a temporary directory, its stdout (banner, decision log)
+/// and stderr (logs) captured; killed on drop.
+pub struct DevProxy {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub stdout: Arc<Logs>,
+    pub stderr: Arc<Logs>,
+}
+
+impl DevProxy {
+    /// `dev` on free loopback ports with `args` added; returns once the banner is printed.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> DevProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(bin())
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .arg("--dir")
+            .arg(dir.path().join("dev"))
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stdout, stderr) = (Arc::new(Logs::default()), Arc::new(Logs::default()));
+        capture(child.stdout.take().unwrap(), stdout.clone());
+        capture(child.stderr.take().unwrap(), stderr.clone());
+        stdout.wait_for("the banner", |l| l.contains("Ctrl-C"));
+        DevProxy {
+            child,
+            dir,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The curl commands the banner printed, in order.
+    pub fn curls(&self) -> Vec<String> {
+        self.stdout
+            .lines()
+            .into_iter()
+            .filter(|l| l.starts_with("curl "))
+            .collect()
+    }
+
+    /// Run a printed curl command as a user pasting it into a shell would (plus `-sS`); it must
+    /// succeed. Returns its stdout.
+    pub async fn run(line: &str) -> String {
+        let line = format!("{line} -sS");
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{line}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for DevProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The real binary running `connect` (the local connector) with JSON logs on stderr.
 pub struct Connector {
     pub child: Child,

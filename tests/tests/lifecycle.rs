@@ -3,78 +3,36 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use portcullis_tests::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_prints_curl_commands_that_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin())
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--dir",
-        ])
-        .arg(dir.path().join("dev"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = Arc::new(Logs::default());
-    capture(child.stderr.take().unwrap(), stderr.clone());
-    let stdout = Arc::new(Logs::default());
-    capture(child.stdout.take().unwrap(), stdout.clone());
-    stdout.wait_for("the banner", |l| l.contains("Ctrl-C"));
-    let curls: Vec<String> = stdout
-        .lines()
-        .into_iter()
-        .filter(|l| l.starts_with("curl "))
-        .collect();
-    assert_eq!(curls.len(), 3, "{:?}", stdout.lines());
-    // Run each exactly as printed, as a user pasting it into a shell would.
-    let run = |line: &str| {
-        let line = format!("{line} -sS");
-        async move {
-            let out = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(&line)
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{line}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
-    };
+    let dev = DevProxy::start(&[], &[]);
+    let curls = dev.curls();
+    assert_eq!(curls.len(), 3, "{:?}", dev.stdout.lines());
     for line in &curls[..2] {
-        let body = run(line).await;
+        let body = DevProxy::run(line).await;
         assert!(
             body.contains("hello from the Portcullis demo upstream"),
             "{body}"
         );
     }
-    let denied: serde_json::Value = serde_json::from_str(&run(&curls[2]).await).unwrap();
+    let denied: serde_json::Value = serde_json::from_str(&DevProxy::run(&curls[2]).await).unwrap();
     assert_eq!(denied["error"], "policy_denied", "{denied}");
     // The decision log (stdout) has the allow and the deny.
-    stdout.wait_for("the deny decision", |l| {
+    dev.stdout.wait_for("the deny decision", |l| {
         l.contains("\"decision\":\"deny\"") && l.contains("127.0.0.2")
     });
-    stdout.wait_for("an allow decision", |l| {
+    dev.stdout.wait_for("an allow decision", |l| {
         l.contains("\"decision\":\"allow\"")
     });
-    stderr.wait_for("access lines with the demo identity", |l| {
-        l.contains("spiffe://dev.portcullis/agent/demo") && l.contains("/hello")
-    });
-    let _ = child.kill();
-    let _ = child.wait();
+    dev.stderr
+        .wait_for("access lines with the demo identity", |l| {
+            l.contains("spiffe://dev.portcullis/agent/demo") && l.contains("/hello")
+        });
 }
 
 #[test]

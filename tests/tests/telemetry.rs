@@ -485,43 +485,11 @@ async fn spans_are_exported_over_otlp_grpc() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_exports_spans_with_otlp_endpoint() {
     let otlp = OtlpReceiver::start_grpc().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(bin())
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--otlp-endpoint",
-            &otlp.endpoint(),
-            "--dir",
-        ])
-        .arg(dir.path().join("dev"))
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = std::sync::Arc::new(Logs::default());
-    capture(child.stdout.take().unwrap(), stdout.clone());
-    stdout.wait_for("the banner", |l| l.contains("Ctrl-C"));
-    let line = stdout
-        .lines()
-        .into_iter()
-        .find(|l| l.starts_with("curl "))
-        .unwrap();
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{line} -sS"))
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let dev = DevProxy::start(
+        &["--otlp-endpoint", &otlp.endpoint()],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
+    DevProxy::run(&dev.curls()[0]).await;
     let span = otlp
         .wait_span("the demo GET", |s| s.name == "GET" && s.kind == SERVER)
         .await;
@@ -533,8 +501,12 @@ async fn dev_exports_spans_with_otlp_endpoint() {
         span_attr(&span, "portcullis.credentials").as_deref(),
         Some("demo")
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    // With a collector, no summary lines.
+    assert!(!dev
+        .stderr
+        .lines()
+        .iter()
+        .any(|l| l.contains("portcullis::span")));
 }
 
 /// A collector reached over TLS (verified against `telemetry.otlp_ca`), on both protocols,
@@ -601,41 +573,9 @@ async fn tls_collectors_get_the_configured_headers() {
 /// the demo identity, its verdict, trace ids and steps, without the demo secret.
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_without_a_collector_logs_a_span_summary_per_action() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(bin())
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--dir",
-        ])
-        .arg(dir.path().join("dev"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (stdout, stderr) = (
-        std::sync::Arc::new(Logs::default()),
-        std::sync::Arc::new(Logs::default()),
-    );
-    capture(child.stdout.take().unwrap(), stdout.clone());
-    capture(child.stderr.take().unwrap(), stderr.clone());
-    stdout.wait_for("the banner", |l| l.contains("Ctrl-C"));
-    let line = stdout
-        .lines()
-        .into_iter()
-        .find(|l| l.starts_with("curl "))
-        .unwrap();
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{line} -sS"))
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
-    let summary = stderr.wait_for("the GET's span summary", |l| {
+    let dev = DevProxy::start(&[], &[]);
+    DevProxy::run(&dev.curls()[0]).await;
+    let summary = dev.stderr.wait_for("the GET's span summary", |l| {
         l.contains("portcullis::span") && l.contains("GET https://localhost:")
     });
     for part in [
@@ -649,11 +589,9 @@ async fn dev_without_a_collector_logs_a_span_summary_per_action() {
     ] {
         assert!(summary.contains(part), "{part:?} missing in {summary}");
     }
-    stderr.wait_for("the CONNECT's span summary", |l| {
+    dev.stderr.wait_for("the CONNECT's span summary", |l| {
         l.contains("portcullis::span") && l.contains("CONNECT localhost:")
     });
-    let secret = std::fs::read_to_string(dir.path().join("dev/demo-token")).unwrap();
-    assert!(!stderr.lines().iter().any(|l| l.contains(secret.trim())));
-    let _ = child.kill();
-    let _ = child.wait();
+    let secret = std::fs::read_to_string(dev.dir.path().join("dev/demo-token")).unwrap();
+    assert!(!dev.stderr.lines().iter().any(|l| l.contains(secret.trim())));
 }
