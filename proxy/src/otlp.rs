@@ -264,6 +264,9 @@ impl Protocol {
     }
 }
 
+/// The largest collector response read.
+const MAX_RESPONSE: usize = 64 * 1024;
+
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// The collector connection: one pooled client, fixed URL and headers.
@@ -290,13 +293,15 @@ impl Transport {
             Protocol::HttpProtobuf => format!("{base}/v1/traces"),
             Protocol::Grpc => format!("{base}{GRPC_PATH}"),
         };
+        // The endpoint is not echoed: it could hold credentials.
         let url: http::Uri = url
             .parse()
-            .map_err(|_| format!("{endpoint:?} is not a URL"))?;
+            .map_err(|_| "is not a URL: use http://host:port or https://host:port".to_owned())?;
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
-            return Err(format!(
-                "{endpoint:?}: use http://host:port or https://host:port"
-            ));
+            return Err("must be http://host:port or https://host:port".into());
+        }
+        if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err("must not carry credentials: put them in telemetry.otlp_headers".into());
         }
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -320,6 +325,13 @@ impl Transport {
 
     pub fn url(&self) -> &http::Uri {
         &self.url
+    }
+
+    /// The URL without its query string, for logs.
+    pub fn describe(&self) -> String {
+        let scheme = self.url.scheme_str().unwrap_or("");
+        let authority = self.url.authority().map_or("", |a| a.as_str());
+        format!("{scheme}://{authority}{}", self.url.path())
     }
 
     /// Send one batch of encoded spans; the error says why it was not accepted (never a
@@ -355,11 +367,12 @@ impl Transport {
             .map_err(|e| format!("collector unreachable: {}", root_cause(&e)))?;
         let status = resp.status();
         let head_grpc_status = grpc_status(resp.headers());
-        let body = resp
-            .into_body()
+        // Only the status matters; a collector's answer is small (an empty message, or a
+        // partial-success count), so a larger one is refused rather than buffered.
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|_| "collector response cut off".to_owned())?;
+            .map_err(|_| "collector response cut off or too large".to_owned())?;
         match self.protocol {
             Protocol::HttpProtobuf if status.is_success() => Ok(()),
             Protocol::HttpProtobuf => Err(format!("collector answered HTTP {status}")),
@@ -601,6 +614,11 @@ mod tests {
             format!("http://c:4317{GRPC_PATH}")
         );
         assert!(url(Protocol::Grpc, "c:4317").is_err());
+        let err = url(Protocol::Grpc, "https://user:hunter2@c:4317").unwrap_err();
+        assert!(
+            err.contains("credentials") && !err.contains("hunter2"),
+            "{err}"
+        );
         assert!(url(Protocol::Grpc, "ftp://c:4317").is_err());
     }
 }

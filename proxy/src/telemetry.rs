@@ -214,7 +214,7 @@ impl Telemetry {
         let tls = crate::upstream::client_tls_config(&roots, Vec::new())
             .map_err(|e| format!("telemetry.otlp_ca: {e}"))?;
         let transport = Transport::new(proto, endpoint, headers, tls)
-            .map_err(|e| format!("telemetry.otlp_endpoint {e}"))?;
+            .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
         let service = cfg
             .service_name
             .clone()
@@ -245,7 +245,7 @@ impl Telemetry {
         let batching = Batching::from_env();
         let queue = Arc::new(Queue::new(&batching));
         let (stop_tx, stop_rx) = oneshot::channel();
-        tracing::info!(url = %transport.url(), protocol = %protocol, "exporting spans over OTLP");
+        tracing::info!(url = %transport.describe(), protocol = %protocol, "exporting spans over OTLP");
         tokio::spawn(export_loop(
             Sender {
                 transport,
