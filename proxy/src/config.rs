@@ -1004,12 +1004,21 @@ impl Config {
                 return err(&format!("redis.{key}"), reason);
             }
         }
-        if let Some(p) = &self.telemetry.otlp_protocol {
-            if crate::otlp::Protocol::parse(p).is_none() {
-                return err(
-                    "telemetry.otlp_protocol",
-                    format!("{p:?}: use grpc or http/protobuf"),
-                );
+        let protocol = match &self.telemetry.otlp_protocol {
+            Some(p) => match crate::otlp::Protocol::parse(p) {
+                Some(p) => p,
+                None => {
+                    return err(
+                        "telemetry.otlp_protocol",
+                        format!("{p:?}: use grpc or http/protobuf"),
+                    )
+                }
+            },
+            None => crate::otlp::Protocol::Grpc,
+        };
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            if let Err(e) = crate::otlp::export_url(protocol, endpoint) {
+                return err("telemetry.otlp_endpoint", e);
             }
         }
         if let Some(name) = self

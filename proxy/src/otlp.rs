@@ -269,6 +269,28 @@ const MAX_RESPONSE: usize = 64 * 1024;
 
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
+/// Where a batch is sent: the OTLP/HTTP `/v1/traces` path (an endpoint already ending in it
+/// is taken as it is) or the gRPC method path under the endpoint. Errors never echo the
+/// endpoint: it could hold credentials.
+pub fn export_url(protocol: Protocol, endpoint: &str) -> Result<http::Uri, String> {
+    let base = endpoint.trim_end_matches('/');
+    let url = match protocol {
+        Protocol::HttpProtobuf if base.ends_with("/v1/traces") => base.to_owned(),
+        Protocol::HttpProtobuf => format!("{base}/v1/traces"),
+        Protocol::Grpc => format!("{base}{GRPC_PATH}"),
+    };
+    let url: http::Uri = url
+        .parse()
+        .map_err(|_| "is not a URL: use http://host:port or https://host:port".to_owned())?;
+    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+        return Err("must be http://host:port or https://host:port".into());
+    }
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not carry credentials: put them in telemetry.otlp_headers".into());
+    }
+    Ok(url)
+}
+
 /// The collector connection: one pooled client, fixed URL and headers.
 pub struct Transport {
     protocol: Protocol,
@@ -287,22 +309,7 @@ impl Transport {
         headers: Vec<(HeaderName, HeaderValue)>,
         tls: rustls::ClientConfig,
     ) -> Result<Transport, String> {
-        let base = endpoint.trim_end_matches('/');
-        let url = match protocol {
-            Protocol::HttpProtobuf if base.ends_with("/v1/traces") => base.to_owned(),
-            Protocol::HttpProtobuf => format!("{base}/v1/traces"),
-            Protocol::Grpc => format!("{base}{GRPC_PATH}"),
-        };
-        // The endpoint is not echoed: it could hold credentials.
-        let url: http::Uri = url
-            .parse()
-            .map_err(|_| "is not a URL: use http://host:port or https://host:port".to_owned())?;
-        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
-            return Err("must be http://host:port or https://host:port".into());
-        }
-        if url.authority().is_some_and(|a| a.as_str().contains('@')) {
-            return Err("must not carry credentials: put them in telemetry.otlp_headers".into());
-        }
+        let url = export_url(protocol, endpoint)?;
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();

@@ -72,6 +72,21 @@ fn check_accepts_a_good_config_and_names_the_bad_key() {
             serde_json::json!({"egress": {"allow": ["10.0.0.0/33"]}}),
             "egress",
         ),
+        (
+            "otlp protocol",
+            serde_json::json!({"telemetry": {"otlp_protocol": "thrift"}}),
+            "telemetry.otlp_protocol",
+        ),
+        (
+            "otlp endpoint with credentials",
+            serde_json::json!({"telemetry": {"otlp_endpoint": "https://u:pw-never-shown@c:4317"}}),
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "otlp header name",
+            serde_json::json!({"telemetry": {"otlp_headers": {"bad name": "x"}}}),
+            "telemetry.otlp_headers",
+        ),
     ];
     for (name, patch, key) in cases {
         let mut cfg = pki.base_config();
@@ -91,6 +106,7 @@ fn check_accepts_a_good_config_and_names_the_bad_key() {
             err.contains("config.yaml"),
             "{name}: the file must be named: {err}"
         );
+        assert!(!err.contains("pw-never-shown"), "{name}: {err}");
     }
     // A key file that is not a key: found at load time, still exit 2.
     let good = pki.write_config(&pki.base_config());
