@@ -584,6 +584,19 @@ impl Proxy {
             .unwrap_or_else(|| panic!("metric {name} missing in:\n{body}"))
     }
 
+    /// Wait until metric `name` satisfies `pred` (polling `/metrics`); returns its value.
+    pub async fn wait_metric(&self, name: &str, pred: impl Fn(u64) -> bool) -> u64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.metric(name).await;
+            if pred(v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{name} stayed at {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
@@ -995,6 +1008,8 @@ struct Received {
     resources: Vec<opentelemetry_proto::tonic::resource::v1::Resource>,
     /// The request headers of every export call.
     headers: Vec<http::HeaderMap>,
+    /// Refuse exports (HTTP 503, gRPC `UNAVAILABLE`) and keep nothing.
+    refuse: bool,
 }
 
 type Receiving = (Arc<Mutex<Received>>, tokio::sync::watch::Sender<usize>);
@@ -1138,6 +1153,11 @@ impl OtlpReceiver {
         self.received.0.lock().unwrap().headers.clone()
     }
 
+    /// Refuse (or accept again) every export: HTTP 503 or gRPC status `UNAVAILABLE`.
+    pub fn set_refusing(&self, refuse: bool) {
+        self.received.0.lock().unwrap().refuse = refuse;
+    }
+
     /// Everything received, as text (for leak checks).
     pub fn dump(&self) -> String {
         let r = self.received.0.lock().unwrap();
@@ -1162,7 +1182,9 @@ async fn otlp_http(into: &Receiving, req: Request<Incoming>) -> Response<Full<By
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let refuse = into.0.lock().unwrap().refuse;
     let status = match ExportTraceServiceRequest::decode(body) {
+        _ if refuse => 503,
         Ok(export) if ok => {
             receive(into, parts.headers, export);
             200
@@ -1197,6 +1219,9 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         >,
         tonic::Status,
     > {
+        if self.into.0.lock().unwrap().refuse {
+            return Err(tonic::Status::unavailable("refusing exports"));
+        }
         let headers = req.metadata().clone().into_headers();
         receive(&self.into, headers, req.into_inner());
         Ok(tonic::Response::new(Default::default()))

@@ -432,28 +432,74 @@ async fn a_dead_or_hanging_collector_does_not_affect_requests() {
                 200
             );
         }
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let dropped = proxy.metric("portcullis_otel_spans_dropped_total").await;
-            if dropped > 0 {
-                assert!(proxy.metric("portcullis_otel_export_errors_total").await > 0);
-                assert_eq!(
-                    proxy.metric("portcullis_otel_spans_exported_total").await,
-                    0
-                );
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no dropped spans counted for {collector}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        proxy
+            .wait_metric("portcullis_otel_spans_dropped_total", |n| n > 0)
+            .await;
+        assert!(proxy.metric("portcullis_otel_export_errors_total").await > 0);
+        assert_eq!(
+            proxy.metric("portcullis_otel_spans_exported_total").await,
+            0
+        );
         proxy.logs.wait_for("the export failure warning", |l| {
             l.contains("span export failed")
         });
     }
     drop(hanging);
+}
+
+/// A collector that answers but refuses (HTTP 503; gRPC status `UNAVAILABLE`, sent as a
+/// trailers-only response): the refused spans are counted as dropped, requests are untouched,
+/// and once it accepts again spans arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusing_collector_is_counted_then_delivery_resumes() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    for grpc in [true, false] {
+        let otlp = if grpc {
+            OtlpReceiver::start_grpc().await
+        } else {
+            OtlpReceiver::start().await
+        };
+        otlp.set_refusing(true);
+        let mut cfg = pki.base_config();
+        cfg["telemetry"] = json!({
+            "otlp_endpoint": otlp.endpoint(),
+            "otlp_protocol": if grpc { "grpc" } else { "http/protobuf" },
+        });
+        let proxy = Proxy::start_with_env(
+            &pki.write_config(&cfg),
+            &[("OTEL_BSP_SCHEDULE_DELAY", "50")],
+        );
+        let agent = pki.client("agent", "spiffe://acme.test/agents/refused");
+        let url = format!("https://localhost:{}/r", up.port());
+        assert_eq!(
+            curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
+            200
+        );
+        proxy
+            .wait_metric("portcullis_otel_spans_dropped_total", |n| n > 0)
+            .await;
+        assert!(proxy.metric("portcullis_otel_export_errors_total").await > 0);
+        assert!(otlp.spans().is_empty());
+        let warning = proxy.logs.wait_for("the export failure warning", |l| {
+            l.contains("span export failed")
+        });
+        let why = if grpc { "gRPC status 14" } else { "HTTP 503" };
+        assert!(warning.contains(why), "grpc={grpc}: {warning}");
+
+        otlp.set_refusing(false);
+        assert_eq!(
+            curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
+            200
+        );
+        otlp.wait_span("a span after the collector recovered", |s| {
+            s.name == "GET" && s.kind == SERVER
+        })
+        .await;
+        proxy
+            .wait_metric("portcullis_otel_spans_exported_total", |n| n > 0)
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
