@@ -501,7 +501,15 @@ async fn the_callers_trace_is_continued_upstream_and_in_logs() {
         &s.pki,
         s.proxy.addr,
         Some(&s.agent),
-        &["-H", &tp, "-H", "tracestate: vendor=1", &url],
+        &[
+            "-H",
+            &tp,
+            "-H",
+            "tracestate: vendor=1",
+            "-H",
+            "baggage: userId=alice,tenant=acme",
+            &url,
+        ],
     )
     .await;
     assert_eq!(out.status, 200, "{out:?}");
@@ -516,6 +524,7 @@ async fn the_callers_trace_is_continued_upstream_and_in_logs() {
         "the proxy's own span must be the parent: {sent}"
     );
     assert_eq!(h["tracestate"], "vendor=1");
+    assert_eq!(h["baggage"], "userId=alice,tenant=acme");
     let access = s.proxy.wait_access(1, |e| e["path"] == "/traced");
     assert_eq!(access[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(

@@ -362,7 +362,7 @@ async fn mcp_servers_continue_the_trace_from_meta() {
     let caller_span = "b7ad6b7169203331";
     let ops = json!([{
         "op": "call", "tool": "search_issues", "args": {"query": "bug"},
-        "meta": {"traceparent": format!("00-{caller_trace}-{caller_span}-01"), "progressToken": "p1"},
+        "meta": {"traceparent": format!("00-{caller_trace}-{caller_span}-01"), "tracestate": "vendor=7", "progressToken": "p1"},
     }]);
     let r = mcp_sdk_client(&pki, proxy.addr, &agent, &server.url(), ops).await;
     assert_eq!(r[0]["text"], "found 3 issues for bug", "{r:?}");
@@ -391,6 +391,7 @@ async fn mcp_servers_continue_the_trace_from_meta() {
         .unwrap();
     assert_eq!(m["meta"]["traceparent"], expected.as_str(), "{m}");
     assert_eq!(m["meta"]["progressToken"], "p1", "{m}");
+    assert_eq!(m["meta"]["tracestate"], "vendor=7", "{m}");
     assert_eq!(m["traceparent"], expected.as_str(), "{m}");
     assert_eq!(m["arguments"], json!({"query": "bug"}));
     // Messages that came without a trace context get the proxy's (a new trace) too.
