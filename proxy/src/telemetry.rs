@@ -215,33 +215,7 @@ impl Telemetry {
             .map_err(|e| format!("telemetry.otlp_ca: {e}"))?;
         let transport = Transport::new(proto, endpoint, headers, tls)
             .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
-        let service = cfg
-            .service_name
-            .clone()
-            .or_else(|| env("OTEL_SERVICE_NAME"))
-            .unwrap_or_else(|| "portcullis".into());
-        let instance = format!("{:032x}", rand::random::<u128>());
-        let version = env!("CARGO_PKG_VERSION");
-        let mut resource = vec![
-            ("service.name".to_owned(), service),
-            ("service.version".to_owned(), version.to_owned()),
-            ("service.instance.id".to_owned(), instance),
-        ];
-        // OTEL_RESOURCE_ATTRIBUTES adds to these (same name=value,... format as headers).
-        if let Some(extra) = env("OTEL_RESOURCE_ATTRIBUTES") {
-            for (k, v) in
-                otlp::parse_pairs(&extra).map_err(|e| format!("OTEL_RESOURCE_ATTRIBUTES: {e}"))?
-            {
-                if !resource.iter().any(|(name, _)| *name == k) {
-                    resource.push((k, v));
-                }
-            }
-        }
-        let resource: Vec<(&str, &str)> = resource
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let envelope = Envelope::new(&resource, "portcullis", version);
+        let envelope = envelope(cfg)?;
         let batching = Batching::from_env();
         let queue = Arc::new(Queue::new(&batching));
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -288,6 +262,40 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// The resource (`service.name` from the config, else `OTEL_SERVICE_NAME`, else
+/// `portcullis`; `service.version`; a random `service.instance.id`; then what
+/// `OTEL_RESOURCE_ATTRIBUTES` adds) and the instrumentation scope, encoded once.
+fn envelope(cfg: &TelemetryConfig) -> Result<Envelope, String> {
+    let service = cfg
+        .service_name
+        .clone()
+        .or_else(|| env("OTEL_SERVICE_NAME"))
+        .unwrap_or_else(|| "portcullis".into());
+    let version = env!("CARGO_PKG_VERSION");
+    let mut resource = vec![
+        ("service.name".to_owned(), service),
+        ("service.version".to_owned(), version.to_owned()),
+        (
+            "service.instance.id".to_owned(),
+            format!("{:032x}", rand::random::<u128>()),
+        ),
+    ];
+    if let Some(extra) = env("OTEL_RESOURCE_ATTRIBUTES") {
+        for (k, v) in
+            otlp::parse_pairs(&extra).map_err(|e| format!("OTEL_RESOURCE_ATTRIBUTES: {e}"))?
+        {
+            if !resource.iter().any(|(name, _)| *name == k) {
+                resource.push((k, v));
+            }
+        }
+    }
+    let resource: Vec<(&str, &str)> = resource
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Ok(Envelope::new(&resource, "portcullis", version))
 }
 
 /// `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (else `OTEL_EXPORTER_OTLP_HEADERS`), then
