@@ -79,6 +79,35 @@ async fn child(
         .unwrap()
 }
 
+/// A GET through the proxy as `spiffe_id` (answered 200), then its action span, checked to
+/// carry that identity.
+async fn get_as(
+    pki: &Pki,
+    proxy: &Proxy,
+    up: &Upstream,
+    otlp: &OtlpReceiver,
+    spiffe_id: &str,
+) -> Span {
+    let agent = pki.client("agent", spiffe_id);
+    let url = format!("https://localhost:{}/get", up.port());
+    assert_eq!(
+        curl(pki, proxy.addr, Some(&agent), &[&url]).await.status,
+        200
+    );
+    let span = otlp
+        .wait_span(&format!("GET by {spiffe_id}"), |s| {
+            s.name == "GET"
+                && s.kind == SERVER
+                && span_attr(s, "portcullis.identity.spiffe_id").as_deref() == Some(spiffe_id)
+        })
+        .await;
+    assert_eq!(
+        span_attr(&span, "portcullis.identity.trust_domain").as_deref(),
+        Some("acme.test")
+    );
+    span
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_tie_each_action_to_the_workload_identity() {
     let pki = Pki::new();
@@ -489,13 +518,13 @@ async fn a_refusing_collector_is_counted_then_delivery_resumes() {
         assert!(warning.contains(why), "grpc={grpc}: {warning}");
 
         otlp.set_refusing(false);
-        assert_eq!(
-            curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
-            200
-        );
-        otlp.wait_span("a span after the collector recovered", |s| {
-            s.name == "GET" && s.kind == SERVER
-        })
+        get_as(
+            &pki,
+            &proxy,
+            &up,
+            &otlp,
+            "spiffe://acme.test/agents/refused",
+        )
         .await;
         proxy
             .wait_metric("portcullis_otel_spans_exported_total", |n| n > 0)
@@ -514,19 +543,7 @@ async fn spans_are_exported_over_otlp_grpc() {
         &pki.write_config(&cfg),
         &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
-    let agent = pki.client("agent", "spiffe://acme.test/agents/grpc");
-    let url = format!("https://localhost:{}/g", up.port());
-    assert_eq!(
-        curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
-        200
-    );
-    let span = otlp
-        .wait_span("GET over gRPC", |s| s.name == "GET" && s.kind == SERVER)
-        .await;
-    assert_eq!(
-        span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
-        Some("spiffe://acme.test/agents/grpc")
-    );
+    get_as(&pki, &proxy, &up, &otlp, "spiffe://acme.test/agents/grpc").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -586,19 +603,7 @@ async fn tls_collectors_get_the_configured_headers() {
                 ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ],
         );
-        let agent = pki.client("agent", "spiffe://acme.test/agents/tls");
-        let url = format!("https://localhost:{}/t", up.port());
-        assert_eq!(
-            curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
-            200
-        );
-        let span = otlp
-            .wait_span("GET over TLS", |s| s.name == "GET" && s.kind == SERVER)
-            .await;
-        assert_eq!(
-            span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
-            Some("spiffe://acme.test/agents/tls")
-        );
+        get_as(&pki, &proxy, &up, &otlp, "spiffe://acme.test/agents/tls").await;
         let headers = otlp.headers();
         let h = headers.first().unwrap();
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
