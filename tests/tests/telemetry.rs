@@ -108,6 +108,18 @@ async fn get_as(
     span
 }
 
+/// Wait until undelivered spans are counted (dropped spans and failed export calls); returns
+/// the once-per-outage warning.
+async fn drops_counted(proxy: &Proxy) -> String {
+    proxy
+        .wait_metric("portcullis_otel_spans_dropped_total", |n| n > 0)
+        .await;
+    assert!(proxy.metric("portcullis_otel_export_errors_total").await > 0);
+    proxy.logs.wait_for("the export failure warning", |l| {
+        l.contains("span export failed")
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_tie_each_action_to_the_workload_identity() {
     let pki = Pki::new();
@@ -462,17 +474,11 @@ async fn a_dead_or_hanging_collector_does_not_affect_requests() {
                 200
             );
         }
-        proxy
-            .wait_metric("portcullis_otel_spans_dropped_total", |n| n > 0)
-            .await;
-        assert!(proxy.metric("portcullis_otel_export_errors_total").await > 0);
+        drops_counted(&proxy).await;
         assert_eq!(
             proxy.metric("portcullis_otel_spans_exported_total").await,
             0
         );
-        proxy.logs.wait_for("the export failure warning", |l| {
-            l.contains("span export failed")
-        });
     }
     drop(hanging);
 }
@@ -506,14 +512,8 @@ async fn a_refusing_collector_is_counted_then_delivery_resumes() {
             curl(&pki, proxy.addr, Some(&agent), &[&url]).await.status,
             200
         );
-        proxy
-            .wait_metric("portcullis_otel_spans_dropped_total", |n| n > 0)
-            .await;
-        assert!(proxy.metric("portcullis_otel_export_errors_total").await > 0);
+        let warning = drops_counted(&proxy).await;
         assert!(otlp.spans().is_empty());
-        let warning = proxy.logs.wait_for("the export failure warning", |l| {
-            l.contains("span export failed")
-        });
         let why = if grpc { "gRPC status 14" } else { "HTTP 503" };
         assert!(warning.contains(why), "grpc={grpc}: {warning}");
 
