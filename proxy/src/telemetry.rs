@@ -447,7 +447,7 @@ fn span_name(ctx: &Context, out: &mut String) {
     let _ = match ctx.kind {
         ActionKind::Connect => write!(out, "CONNECT {}", ctx.destination),
         ActionKind::Mcp => match mcp(ctx) {
-            Some((_, m)) => match &m.tool {
+            Some(m) => match &m.tool {
                 Some(t) => write!(out, "{} {t}", m.method),
                 None => write!(out, "{}", m.method),
             },
@@ -469,11 +469,9 @@ fn url(ctx: &Context, out: &mut String) {
     );
 }
 
-/// The first MCP message's decision record and summary.
-fn mcp(ctx: &Context) -> Option<(&DecisionRecord, &McpSummary)> {
-    ctx.decisions
-        .iter()
-        .find_map(|r| r.mcp.as_ref().map(|m| (r, m)))
+/// The first MCP message's summary.
+fn mcp(ctx: &Context) -> Option<&McpSummary> {
+    ctx.decisions.iter().find_map(|r| r.mcp.as_ref())
 }
 
 /// The action's verdict: the first denial if any, else the first decision.
@@ -538,7 +536,7 @@ fn action_attributes(a: &mut Attributes<'_>, ctx: &Context, outcome: &Outcome, u
         a.str("portcullis.policy.reason", &rec.decision.reason);
         a.str("portcullis.policy.revision", &rec.decision.revision);
     }
-    if let Some((_, m)) = mcp(ctx) {
+    if let Some(m) = mcp(ctx) {
         a.str("mcp.method.name", &m.method);
         if let Some(t) = &m.tool {
             a.str("gen_ai.tool.name", t);
