@@ -330,10 +330,6 @@ impl Transport {
         })
     }
 
-    pub fn url(&self) -> &http::Uri {
-        &self.url
-    }
-
     /// The URL without its query string, for logs.
     pub fn describe(&self) -> String {
         let scheme = self.url.scheme_str().unwrap_or("");
@@ -606,8 +602,7 @@ mod tests {
 
     #[test]
     fn endpoints_become_export_urls() {
-        let tls = || crate::upstream::client_tls_config(&Default::default(), Vec::new()).unwrap();
-        let url = |p, e: &str| Transport::new(p, e, Vec::new(), tls()).map(|t| t.url().to_string());
+        let url = |p, e: &str| export_url(p, e).map(|u| u.to_string());
         assert_eq!(
             url(Protocol::HttpProtobuf, "http://c:4318/").unwrap(),
             "http://c:4318/v1/traces"
