@@ -348,6 +348,9 @@ async fn respond(
             .filter(|s| s.path == path)
             .count();
         if earlier == 1 {
+            // Read the request first, as an API server checking a token usually does: this
+            // peer tests the 401 handling, not an answer that races the upload.
+            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
             return Response::builder()
                 .status(401)
                 .header("www-authenticate", "Bearer error=\"invalid_token\"")
