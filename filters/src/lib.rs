@@ -1,21 +1,16 @@
-//! The per-request pipeline of Portcullis: filter phases over a request context, and the pure
-//! stages that plug into it (identity, destination parsing, egress guard, header hygiene).
-//! Nothing here opens a socket, so every stage is unit-testable on its own.
+//! The per-request pipeline of Portcullis: filter phases over a request context
+//! ([`pipeline`]), the pure parsers the stages use ([`parse`]: destinations, the egress guard,
+//! SPIFFE identities, placeholders and secrets, JSON-RPC), and the stages that run in the
+//! chain ([`stages`]). Nothing here opens a socket, so every part is unit-testable on its own.
 #![forbid(unsafe_code)]
 
-pub mod credentials;
-pub mod destination;
-pub mod egress;
 pub mod error;
-pub mod hygiene;
-pub mod identity;
-pub mod mcp;
-pub mod pinning;
+pub mod parse;
 pub mod pipeline;
-pub mod policy;
-pub mod secret;
-pub mod timing;
-pub mod trace;
+pub mod stages;
 
 pub use error::{ErrorCode, Rejection};
-pub use pipeline::{Action, ActionKind, Chain, Context, Filter, Outcome, Peer, TraceId, Via};
+pub use pipeline::{
+    Action, ActionKind, AfterResponse, BodyTransform, Chain, Context, Filter, Outcome, Peer,
+    TraceId, TransformError, Transforms, Via,
+};

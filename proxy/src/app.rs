@@ -7,37 +7,38 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use portcullis_filters::credentials::{
+use portcullis_filters::stages::credentials::{
     Credential, CredentialDetect, CredentialSet, CredentialSubstitute,
 };
-use portcullis_filters::egress::EgressGuard;
-use portcullis_filters::hygiene::HeaderHygiene;
-use portcullis_filters::mcp::McpFilter;
-use portcullis_filters::pinning::{OnChange, ToolPinning, ToolPins};
-use portcullis_filters::policy::PolicyFilter;
-use portcullis_filters::secret::Placeholder;
-use portcullis_filters::trace::TracePropagation;
+use portcullis_filters::parse::egress::EgressGuard;
+use portcullis_filters::stages::hygiene::HeaderHygiene;
+use portcullis_filters::stages::mcp::McpFilter;
+use portcullis_filters::stages::pinning::{OnChange, ToolPinning, ToolPins};
+use portcullis_filters::stages::policy::PolicyFilter;
+use portcullis_filters::parse::secret::Placeholder;
+use portcullis_filters::stages::trace::TracePropagation;
 use portcullis_filters::Chain;
 use portcullis_policy::{Policy, PolicySet};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access_log::AccessLog;
-use crate::admin::{self, Status};
+use crate::telemetry::access_log::AccessLog;
+use crate::edge::admin::{self, Status};
 use crate::config::{Config, ToolChanges};
-use crate::decision_log::DecisionLog;
-use crate::metrics::{Metrics, MetricsFilter};
-use crate::mitm::Mitm;
-use crate::proxy::Shared;
-use crate::redis_store::RedisStore;
+use crate::telemetry::decision_log::DecisionLog;
+use crate::telemetry::metrics::{Metrics, MetricsFilter};
+use crate::http::mitm::Mitm;
+use crate::http::Shared;
+use crate::replicas::RedisStore;
 use crate::reload::{Reloader, Served, WorkloadApiFeeds};
-use crate::secrets::LocalSecrets;
-use crate::server;
+use crate::credentials::LocalSecrets;
+use crate::edge::listener;
+use crate::http::sse::SseTransport;
 use crate::telemetry::{SpanExport, Telemetry};
-use crate::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
+use crate::edge::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::upstream::Upstream;
-use crate::workload_api;
+use crate::reload::workload_api;
 
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
@@ -50,24 +51,28 @@ pub fn build_chain(
     decision_log: Option<DecisionLog>,
     spans: Option<SpanExport>,
     secrets: Arc<LocalSecrets>,
-) -> (Chain, Arc<CredentialSubstitute>) {
-    let creds = Arc::new(CredentialSet::new(
-        cfg.credentials
-            .iter()
-            .filter_map(|c| {
-                Some(Credential {
-                    name: c.name.clone(),
-                    placeholder: Placeholder::parse(&c.placeholder())?,
-                    hosts: c.hosts.clone(),
-                    body: c.body,
-                })
+) -> Result<Chain, StartError> {
+    let creds = cfg
+        .credentials
+        .iter()
+        .map(|c| {
+            let placeholder = Placeholder::parse(&c.placeholder()).ok_or_else(|| {
+                StartError::Config(format!(
+                    "credentials {:?}: placeholder {:?} is not a valid placeholder",
+                    c.name,
+                    c.placeholder()
+                ))
+            })?;
+            Ok(Credential {
+                name: c.name.clone(),
+                placeholder,
+                hosts: c.hosts.clone(),
+                body: c.body,
             })
-            .collect(),
-    ));
-    let substitute = Arc::new(CredentialSubstitute {
-        set: creds.clone(),
-        store: secrets,
-    });
+        })
+        .collect::<Result<Vec<_>, StartError>>()?;
+    let creds = Arc::new(CredentialSet::new(creds));
+
     let chain = Chain::new()
         .with(HeaderHygiene {
             max_header_bytes: cfg.limits.max_header_bytes,
@@ -83,21 +88,26 @@ pub fn build_chain(
         .with(TracePropagation {
             sampling: spans.as_ref().map(|s| s.sampling_ratio()),
         })
-        .with(ToolPinning { pins })
+        .with(ToolPinning {
+            pins,
+            list_limit: cfg.limits.inspect_body_bytes,
+        })
         .with(CredentialDetect { set: creds.clone() })
-        .with(PolicyFilter::new(policy, cfg.policy.redact_headers.clone()))
-        .with_shared(substitute.clone())
+        .with(PolicyFilter::new(
+            policy,
+            cfg.policy.redact_headers.clone(),
+            cfg.limits.inspect_body_bytes,
+        ))
+        .with(CredentialSubstitute {
+            set: creds,
+            store: secrets,
+        })
+        .with(SseTransport::new(cfg.limits.inspect_body_bytes))
         .with(AccessLog)
-        .with(MetricsFilter(metrics));
-    let chain = match decision_log {
-        Some(log) => chain.with(log),
-        None => chain,
-    };
-    let chain = match spans {
-        Some(spans) => chain.with(spans),
-        None => chain,
-    };
-    (chain, substitute)
+        .with(MetricsFilter(metrics))
+        .with_optional(decision_log)
+        .with_optional(spans);
+    Ok(chain)
 }
 
 /// Load the policy and run its own tests: a policy whose tests fail is not served.
@@ -115,7 +125,6 @@ pub fn load_policy(cfg: &crate::config::PolicyConfig) -> Result<PolicySet, Strin
 /// A started proxy: its bound addresses and the handle to stop it.
 pub struct Running {
     pub proxy_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
     pub shutdown: CancellationToken,
     shared: Arc<Shared>,
     telemetry: Option<Arc<Telemetry>>,
@@ -252,7 +261,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
                 .for_each(|(server, tool, hash)| pins.set_pinned(server, tool, hash)),
             Err(e) => tracing::warn!(error = %e, "redis: cannot load the shared MCP tool pins"),
         }
-        crate::redis_store::share_pins(store, &pins);
+        crate::replicas::share_pins(store, &pins);
         let local = secrets.clone();
         store.spawn_listener(
             move |name| {
@@ -271,7 +280,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     let telemetry =
         Telemetry::init(&cfg.telemetry, metrics.otel.clone()).map_err(StartError::Config)?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
-    let (chain, substitute) = build_chain(
+    let chain = build_chain(
         &cfg,
         policy.clone(),
         pins.clone(),
@@ -279,14 +288,12 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         decision_log,
         spans,
         secrets.clone(),
-    );
+    )?;
     let routes =
-        crate::gateway::Routes::new(&cfg.routes, &cfg.credentials).map_err(StartError::Config)?;
+        crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials).map_err(StartError::Config)?;
     let shared = Arc::new(Shared {
         chain,
-        substitute,
         routes,
-        sse: Arc::default(),
         secrets,
         metrics,
         pins,
@@ -332,11 +339,10 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         }
         status2.ready.store(true, Ordering::Relaxed);
         tracing::info!(proxy = %proxy_addr, admin = %admin_addr, policy_revision = %policy.revision(), "listening");
-        server::accept_loop(listener, acceptor, shared2).await;
+        listener::accept_loop(listener, acceptor, shared2).await;
     });
     Ok(Running {
         proxy_addr,
-        admin_addr,
         shutdown,
         shared,
         telemetry: telemetry.map(Arc::new),

@@ -1,36 +1,32 @@
-//! Portcullis: an egress forward proxy for AI-agent tool calls. This crate is the network edge:
-//! listeners, TLS (mTLS with SPIFFE SVID verification), CONNECT and MITM, the upstream client,
-//! config, admin endpoints and the CLI commands. The per-request logic lives in
-//! `portcullis-filters`.
+//! Portcullis: an egress forward proxy for AI-agent tool calls. This crate is the network
+//! edge and the process around it; the per-request logic lives in `portcullis-filters`.
+//!
+//! One request, in module order: [`edge`] accepts and authenticates the connection (mTLS, the
+//! SPIFFE SVID) → [`http`] reads CONNECT, absolute-form or gateway requests, intercepts
+//! tunnels and runs the filter chain's phases (built in [`app::build_chain`]) → [`upstream`]
+//! dials (the egress guard sits at its only dial) → the response body streams back through
+//! the chain's transforms → the logging phase feeds [`telemetry`]. Around it: [`credentials`]
+//! (secret sources), [`replicas`] (Redis shared by replicas), [`reload`] (files and the
+//! Workload API), [`connector`] (`portcullis connect`), [`cli`] and [`config`].
 #![forbid(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
-pub mod app;
-pub mod backend;
-pub mod body;
-pub mod cli;
-pub mod config;
-pub mod connect;
-pub mod decision_log;
-pub mod dev;
-pub mod error;
-pub mod gateway;
-pub mod idle;
-pub mod metrics;
-pub mod mitm;
-pub mod oauth;
-pub mod otlp;
+mod app;
+mod cli;
+mod config;
+mod connector;
+mod credentials;
+mod edge;
+mod http;
 pub mod pki;
-pub mod proxy;
-pub mod redis_store;
-pub mod reload;
-pub mod response_body;
-pub mod secrets;
-pub mod server;
-pub mod sse_sessions;
-pub mod telemetry;
-pub mod tls;
-pub mod upstream;
-pub mod vault;
-pub mod workload_api;
+mod reload;
+mod replicas;
+mod telemetry;
+mod upstream;
+
+pub use cli::main;
+
+/// TLS helpers the bench and the tests share with the proxy: PEM loading, the rustls crypto
+/// provider and the X.509-SVID leaf checks.
+pub mod tls {
+    pub use crate::edge::tls::{check_leaf, load_certs, load_key, provider};
+}

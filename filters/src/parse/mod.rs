@@ -1,0 +1,9 @@
+//! Pure parsers of what peers send: total functions from bytes to types or errors, with no
+//! phase logic, so each can be tested and fuzzed alone.
+
+pub mod destination;
+pub mod egress;
+pub mod identity;
+pub mod jsonrpc;
+pub mod mcp_body;
+pub mod secret;

@@ -1,0 +1,273 @@
+//! The per-action context every phase reads and fills: who (the peer), what (destination,
+//! kind, method and path), the trace ids, the request body as inspection saw it, the MCP
+//! messages, the policy decisions and the credentials used.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::parse::destination::Destination;
+use crate::error::ErrorCode;
+use crate::parse::identity::SpiffeId;
+use crate::parse::jsonrpc::McpRequest;
+
+/// What kind of action a context describes; the policy input's `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionKind {
+    Connect,
+    Http,
+    Mcp,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Connect => "connect",
+            ActionKind::Http => "http",
+            ActionKind::Mcp => "mcp",
+        }
+    }
+}
+
+/// A W3C trace id (16 random bytes), used to join error bodies, logs and spans.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceId(pub [u8; 16]);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 32];
+        f.write_str(hex_into(&self.0, &mut buf))
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex of `bytes` into `buf` (twice as long): no allocation, no formatter per byte
+/// (ids are written several times per request).
+pub fn hex_into<'a>(bytes: &[u8], buf: &'a mut [u8]) -> &'a str {
+    let mut n = 0;
+    for (b, out) in bytes.iter().zip(buf.chunks_exact_mut(2)) {
+        out[0] = HEX[usize::from(b >> 4)];
+        out[1] = HEX[usize::from(b & 15)];
+        n += 2;
+    }
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
+}
+
+impl fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A span id from the trace id's fresh randomness: the proxy draws both at once. The id is
+/// the first half of the trace id mixed, so it neither repeats the trace id's text nor
+/// correlates with the half the samplers read.
+fn span_id(trace_id: &TraceId) -> [u8; 8] {
+    let mut high = [0u8; 8];
+    high.copy_from_slice(&trace_id.0[..8]);
+    crate::pipeline::timing::mixed_id(u64::from_be_bytes(high))
+}
+
+/// Hex of a span id, for logs.
+pub fn span_hex(id: &[u8; 8]) -> String {
+    hex(id)
+}
+
+/// Who is on the other end of the client connection: fixed for the connection's lifetime.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The verified SPIFFE ID from the client's X.509-SVID. There is no context without one.
+    pub spiffe_id: SpiffeId,
+    pub source: SocketAddr,
+    /// `source`'s IP as text, formatted once per connection (the policy input wants it).
+    pub source_ip: String,
+}
+
+/// How a request reached the proxy, for logs and for rebuilding the upstream URI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `CONNECT host:port` itself.
+    Connect,
+    /// A request inside an intercepted CONNECT tunnel.
+    Mitm,
+    /// An absolute-form request (`GET http://host/path`) on the proxy connection.
+    AbsoluteForm,
+    /// An origin-form request on the proxy connection, routed by a gateway route.
+    Gateway,
+}
+
+/// Everything the pipeline knows about one action. Filters read and fill it.
+#[derive(Debug)]
+pub struct Context {
+    pub peer: Arc<Peer>,
+    pub destination: Destination,
+    pub kind: ActionKind,
+    pub via: Via,
+    pub trace_id: TraceId,
+    /// This action's span id (random), sent upstream as the `traceparent` parent.
+    pub span_id: [u8; 8],
+    /// The caller's span, when it sent a `traceparent`.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// W3C trace flags (01: sampled).
+    pub trace_flags: u8,
+    /// The request method (`CONNECT` for a tunnel) and path without the query string: what
+    /// logs may show. Query values can carry secrets and are never logged.
+    pub method: http::Method,
+    pub path: String,
+    pub started: Instant,
+    /// Set when a phase refused the request (or the proxy failed it): the error code logged.
+    pub error: Option<ErrorCode>,
+    /// The request body as the request phase sees it (buffered only if a filter asked).
+    pub body: RequestBody,
+    /// The JSON-RPC messages of an MCP request (`kind == Mcp`).
+    pub mcp: Option<McpRequest>,
+    /// Policy decisions taken for this action: one, or one per JSON-RPC message.
+    pub decisions: Vec<DecisionRecord>,
+    /// The policy input of this request, kept for decisions taken on its response
+    /// (`tools/list` filtering).
+    pub policy_input: Option<portcullis_policy::Input>,
+    /// Tools called by this request whose definition changed since it was pinned.
+    pub changed_tools: Vec<String>,
+    /// Names of the credentials whose placeholders this request carries.
+    pub credentials: Vec<String>,
+    /// The secrets substituted into this request, to redact from its response.
+    pub secrets: Vec<std::sync::Arc<crate::parse::secret::SecretValue>>,
+    /// The request as it was just before its credentials were substituted (idempotent
+    /// requests only): replayed once with fresh secrets if the upstream answers 401.
+    pub before_substitution: Option<(http::request::Parts, RequestBody)>,
+    /// The gateway route that matched (`Via::Gateway`).
+    pub gateway_route: Option<Arc<str>>,
+    /// Timings of the policy, credential and upstream steps, for child spans: `Some` only when
+    /// this action's span is exported (set by the trace propagation stage), so stages record
+    /// nothing when telemetry is off.
+    pub steps: Option<Box<crate::pipeline::timing::Steps>>,
+}
+
+/// The request body, for filters that inspect it. `Debug` shows only its size: after
+/// substitution the bytes may hold a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RequestBody {
+    /// Streams through untouched (no filter asked to see it).
+    NotBuffered,
+    /// The request has no body (known before any phase ran).
+    Empty,
+    /// Read completely (within `limits.inspect_body_bytes`). A filter may replace the bytes;
+    /// what is here is what goes upstream.
+    Buffered(bytes::Bytes),
+    /// Larger than the inspection limit: it streams through uninspected.
+    TooLarge,
+}
+
+impl fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestBody::NotBuffered => f.write_str("NotBuffered"),
+            RequestBody::Empty => f.write_str("Empty"),
+            RequestBody::Buffered(b) => write!(f, "Buffered({} bytes)", b.len()),
+            RequestBody::TooLarge => f.write_str("TooLarge"),
+        }
+    }
+}
+
+impl RequestBody {
+    /// Whether the request can be sent again as it was: the proxy holds all of its body.
+    pub fn replayable(&self) -> bool {
+        matches!(self, RequestBody::Empty | RequestBody::Buffered(_))
+    }
+}
+
+/// One policy decision and, for MCP, the message it was about (method, id, tool).
+#[derive(Debug, Clone)]
+pub struct DecisionRecord {
+    pub decision: portcullis_policy::Decision,
+    pub mcp: Option<McpSummary>,
+}
+
+/// What logs may show of a JSON-RPC message: never its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McpSummary {
+    pub method: String,
+    pub id: Option<serde_json::Value>,
+    pub tool: Option<String>,
+    /// The tool's definition changed since it was pinned (logged, or denied).
+    pub tool_changed: bool,
+}
+
+impl Context {
+    /// When steps are recorded, the time a step starts; `None` otherwise (nothing to pay).
+    pub fn step_start(&self) -> Option<Instant> {
+        self.steps.is_some().then(Instant::now)
+    }
+
+    /// Record a step started at `start` (from [`Context::step_start`]).
+    pub fn step_end(
+        &mut self,
+        start: Option<Instant>,
+        kind: impl FnOnce() -> crate::pipeline::timing::StepKind,
+    ) {
+        if let (Some(start), Some(steps)) = (start, self.steps.as_deref_mut()) {
+            steps.record(start, kind());
+        }
+    }
+
+    /// Whether the response carries `tools/list` results to filter.
+    pub fn lists_tools(&self) -> bool {
+        self.mcp.as_ref().is_some_and(|m| {
+            m.messages
+                .iter()
+                .any(|m| m.method.as_deref() == Some("tools/list"))
+        })
+    }
+
+    pub fn new(
+        peer: Arc<Peer>,
+        destination: Destination,
+        kind: ActionKind,
+        via: Via,
+        trace_id: TraceId,
+        req: &http::request::Parts,
+    ) -> Context {
+        Context {
+            peer,
+            destination,
+            kind,
+            via,
+            trace_id,
+            span_id: span_id(&trace_id),
+            parent_span_id: None,
+            trace_flags: 1,
+            method: req.method.clone(),
+            path: if kind == ActionKind::Connect {
+                String::new()
+            } else {
+                req.uri.path().to_owned()
+            },
+            started: Instant::now(),
+            error: None,
+            body: RequestBody::NotBuffered,
+            mcp: None,
+            decisions: Vec::new(),
+            policy_input: None,
+            changed_tools: Vec::new(),
+            credentials: Vec::new(),
+            secrets: Vec::new(),
+            before_substitution: None,
+            gateway_route: None,
+            steps: None,
+        }
+    }
+}
+

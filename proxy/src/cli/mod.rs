@@ -1,0 +1,524 @@
+//! The command line (DESIGN "CLI contract"). Exit codes: 0 ok, 1 runtime failure, 2 bad usage
+//! or bad config.
+
+pub(crate) mod dev;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portcullis_filters::parse::identity::{SpiffeId, TrustDomain};
+
+use crate::config::{duration, Config};
+use crate::pki::{Authority, LeafSpec};
+use crate::app;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Egress forward proxy for AI-agent tool calls"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Zero-setup local run: dev PKI, demo upstream, proxy, and a curl that works.
+    Dev {
+        #[arg(long, default_value = ".portcullis-dev")]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+        /// Export spans to this OTLP collector (e.g. http://127.0.0.1:4317). Without it, the
+        /// access log on stderr shows one line per action with its identity and trace id.
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
+    },
+    /// Run the proxy from a config file.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and everything it references, then exit.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Policy tooling.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Credential operations on a running proxy (through its admin listener).
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
+    /// Local connector: a plain HTTP proxy on loopback (HTTPS_PROXY=http://127.0.0.1:15001)
+    /// that carries each client connection to the central Portcullis over mTLS with this
+    /// workload's SVID.
+    Connect(ConnectArgs),
+    /// Certificate authority helpers.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// X.509-SVID helpers.
+    Svid {
+        #[command(subcommand)]
+        command: SvidCommand,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("identity").required(true).args(["svid", "workload_api"])))]
+pub struct ConnectArgs {
+    /// The central Portcullis proxy, e.g. https://portcullis.internal:8443.
+    #[arg(long)]
+    pub upstream: String,
+    /// Also require the central proxy's certificate to be the X.509-SVID of this SPIFFE ID,
+    /// e.g. spiffe://acme.test/portcullis (on top of the host name check).
+    #[arg(long)]
+    pub upstream_id: Option<String>,
+    /// Where agents connect (HTTPS_PROXY=http://ADDR). Keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub listen: SocketAddr,
+    /// The workload's X.509-SVID (PEM, leaf first); re-read when it changes.
+    #[arg(long, requires_all = ["svid_key", "bundle"])]
+    pub svid: Option<PathBuf>,
+    /// The SVID's private key (PEM; keep it mode 0600).
+    #[arg(long, requires = "svid")]
+    pub svid_key: Option<PathBuf>,
+    /// CA certificates (PEM) that verify the central proxy's certificate.
+    #[arg(long, requires = "svid")]
+    pub bundle: Option<PathBuf>,
+    /// Take the SVID and trust bundles from the SPIFFE Workload API instead, e.g.
+    /// unix:///run/spire/agent.sock (or just the socket's absolute path).
+    #[arg(long)]
+    pub workload_api: Option<String>,
+    /// Source networks that may use the connector (repeatable); others get a 403.
+    #[arg(long = "allow-clients", value_name = "CIDR", num_args = 1.., default_values = ["127.0.0.0/8", "::1/128"])]
+    pub allow_clients: Vec<ipnet::IpNet>,
+    /// Bound on TCP connect + TLS handshake to the central proxy.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub connect_timeout: Duration,
+    /// How often the SVID files are checked for changes.
+    #[arg(long, default_value = "2s", value_parser = duration::parse)]
+    pub reload_interval: Duration,
+    /// How long open tunnels may continue after SIGTERM/Ctrl-C.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub shutdown_grace: Duration,
+    /// Open client connections at most (each holds one connection to the central proxy);
+    /// more wait in the accept queue.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Evaluate the policy on an input document (JSON) and print the decision as JSON.
+    Eval {
+        #[arg(long)]
+        input: PathBuf,
+        /// Policy files or directories (default: `policy.paths` of --config).
+        #[arg(long)]
+        policy: Vec<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "data.portcullis.decision")]
+        entrypoint: String,
+    },
+    /// Run the policy's Rego unit tests (rules named `test_*`), like `opa test`.
+    Test {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CredentialsCommand {
+    /// Drop the cached value of a credential, so the next use fetches it again.
+    Revoke {
+        name: String,
+        /// The proxy's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a self-signed CA (a trust domain CA with --trust-domain, else a plain CA such as
+    /// the MITM CA). Writes CERT and KEY (mode 0600).
+    Init {
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        trust_domain: Option<String>,
+        #[arg(long, default_value = "Portcullis CA")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SvidCommand {
+    /// Issue an X.509-SVID signed by a trust domain CA; writes OUT.pem and OUT.key.
+    Issue {
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime, e.g. 1h, 24h.
+        #[arg(long, default_value = "24h", value_parser = duration::parse)]
+        ttl: Duration,
+        /// Extra DNS or IP SANs (for the proxy's own server SVID).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // Held until exit: flushes queued log lines.
+    let _logs = init_logging(cli.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(run(cli.command))
+}
+
+/// Logs go to stderr through a writer thread, so a log line costs the request path no write
+/// syscall; the queue is not lossy (a full queue waits). The guard flushes at exit.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    let filter =
+        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+    guard
+}
+
+pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    tracing::error!("{msg}");
+    ExitCode::from(code)
+}
+
+async fn run(cmd: Command) -> ExitCode {
+    match cmd {
+        Command::Dev {
+            dir,
+            listen,
+            admin_listen,
+            otlp_endpoint,
+        } => match dev::run(&dir, listen, admin_listen, otlp_endpoint.as_deref()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, format!("dev: {e:#}")),
+        },
+        Command::Serve { config } => serve(&config).await,
+        Command::Check { config } => check(&config).await,
+        Command::Policy {
+            command:
+                PolicyCommand::Eval {
+                    input,
+                    policy,
+                    config,
+                    entrypoint,
+                },
+        } => policy_eval(&input, policy, config.as_deref(), &entrypoint),
+        Command::Policy {
+            command: PolicyCommand::Test { paths },
+        } => policy_test(&paths),
+        Command::Credentials {
+            command: CredentialsCommand::Revoke { name, admin },
+        } => revoke(&name, admin).await,
+        Command::Connect(args) => connect(args).await,
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    cert,
+                    key,
+                    trust_domain,
+                    name,
+                },
+        } => ca_init(&cert, &key, trust_domain.as_deref(), &name),
+        Command::Svid {
+            command:
+                SvidCommand::Issue {
+                    spiffe_id,
+                    ca,
+                    ca_key,
+                    out,
+                    ttl,
+                    san,
+                },
+        } => svid_issue(&spiffe_id, &ca, &ca_key, &out, ttl, &san),
+    }
+}
+
+async fn connect(args: ConnectArgs) -> ExitCode {
+    use crate::connector::{IdentitySource, Options, Upstream};
+    let upstream = match Upstream::parse(&args.upstream) {
+        Ok(u) => u,
+        Err(e) => return fail(2, e),
+    };
+    let upstream_id = match args.upstream_id.as_deref().map(SpiffeId::parse).transpose() {
+        Ok(id) => id,
+        Err(e) => return fail(2, format!("--upstream-id: {e}")),
+    };
+    let identity = match (args.svid, args.svid_key, args.bundle, args.workload_api) {
+        (Some(svid), Some(key), Some(bundle), None) => IdentitySource::Files { svid, key, bundle },
+        (None, None, None, Some(api)) => match crate::reload::workload_api::Endpoint::parse(&api) {
+            Ok(e) => IdentitySource::WorkloadApi(e),
+            Err(e) => return fail(2, format!("--workload-api: {e}")),
+        },
+        // clap enforces the combinations; this is only reachable through a clap change.
+        _ => return fail(2, "give --svid, --svid-key and --bundle, or --workload-api"),
+    };
+    if args.connect_timeout.is_zero() || args.reload_interval.is_zero() {
+        return fail(
+            2,
+            "--connect-timeout and --reload-interval must be greater than zero",
+        );
+    }
+    crate::connector::run(Options {
+        upstream,
+        upstream_id,
+        listen: args.listen,
+        identity,
+        allow_clients: args.allow_clients,
+        connect_timeout: args.connect_timeout,
+        reload_interval: args.reload_interval,
+        shutdown_grace: args.shutdown_grace,
+        max_connections: args.max_connections,
+    })
+    .await
+}
+
+/// `POST /credentials/revoke` on the admin listener.
+async fn revoke(name: &str, admin: SocketAddr) -> ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("name", name)
+        .finish();
+    let run = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        let req = format!(
+            "POST /credentials/revoke?{query} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(out)) if out.starts_with("HTTP/1.1 200") => {
+            tracing::info!(credential = name, "revoked");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(out)) => fail(
+            1,
+            out.split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or("revoke failed")
+                .trim(),
+        ),
+        Ok(Err(e)) => fail(1, format!("admin listener {admin}: {e}")),
+        Err(_) => fail(1, format!("admin listener {admin} did not answer")),
+    }
+}
+
+async fn serve(path: &Path) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let running = match app::start(cfg, path.to_owned()).await {
+        Ok(r) => r,
+        Err(e @ app::StartError::Config(_)) => return fail(2, e),
+        Err(e) => return fail(1, e),
+    };
+    app::shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    let grace = running.grace();
+    running.drain(grace).await;
+    ExitCode::SUCCESS
+}
+
+#[allow(clippy::print_stdout)] // the decision is this command's output
+fn policy_eval(
+    input: &Path,
+    paths: Vec<PathBuf>,
+    config: Option<&Path>,
+    entrypoint: &str,
+) -> ExitCode {
+    let (paths, entrypoint, limits) = match (paths.is_empty(), config) {
+        (false, _) => (
+            paths,
+            entrypoint.to_owned(),
+            portcullis_policy::Limits::default(),
+        ),
+        (true, Some(c)) => match Config::load(c) {
+            Ok(cfg) => (
+                cfg.policy.paths.clone(),
+                cfg.policy.entrypoint.clone(),
+                cfg.policy.limits(),
+            ),
+            Err(e) => return fail(2, e),
+        },
+        (true, None) => return fail(2, "give --policy PATH or --config FILE"),
+    };
+    let set = match portcullis_policy::PolicySet::load(&paths, &entrypoint, limits) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    let doc: serde_json::Value = match std::fs::read_to_string(input)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v,
+        Err(e) => return fail(2, format!("{}: {e}", input.display())),
+    };
+    let d = set.evaluate_json(&doc);
+    let out = serde_json::json!({
+        "allow": d.allow,
+        "reason": d.reason,
+        "status": d.status,
+        "headers": d.headers,
+        "revision": &*d.revision,
+        "eval_us": d.eval_time.as_micros() as u64,
+    });
+    println!("{out:#}");
+    ExitCode::SUCCESS
+}
+
+#[allow(clippy::print_stdout)] // the test report is this command's output
+fn policy_test(paths: &[PathBuf]) -> ExitCode {
+    let set = match portcullis_policy::PolicySet::load(
+        paths,
+        "data.portcullis.decision",
+        portcullis_policy::Limits::default(),
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    let report = set.run_tests();
+    println!("{report}");
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Everything `serve` loads, without binding: config, certificates, bundles, MITM CA, roots.
+async fn check(path: &Path) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let loaded = app::Loaded::load(&cfg);
+    match loaded {
+        Ok(l) => {
+            tracing::info!(config = %path.display(), policy_revision = %l.policy_revision(), "{cfg}: OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, format!("{}: {e}", path.display())),
+    }
+}
+
+fn ca_init(cert: &Path, key: &Path, trust_domain: Option<&str>, name: &str) -> ExitCode {
+    let uri = match trust_domain.map(TrustDomain::parse).transpose() {
+        Ok(td) => td.map(|td| format!("spiffe://{td}")),
+        Err(e) => return fail(2, format!("--trust-domain: {e}")),
+    };
+    match Authority::generate(name, uri.as_deref()).and_then(|ca| ca.write(cert, key)) {
+        Ok(()) => {
+            tracing::info!(cert = %cert.display(), key = %key.display(), "CA created");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+fn svid_issue(
+    spiffe_id: &str,
+    ca: &Path,
+    ca_key: &Path,
+    out: &Path,
+    ttl: Duration,
+    san: &[String],
+) -> ExitCode {
+    let id = match SpiffeId::parse(spiffe_id) {
+        Ok(id) => id,
+        Err(e) => return fail(2, format!("--spiffe-id {spiffe_id:?}: {e}")),
+    };
+    let authority = match Authority::load(ca, ca_key) {
+        Ok(a) => a,
+        Err(e) => return fail(2, e),
+    };
+    let mut spec = LeafSpec::svid(id.as_str(), ttl);
+    for s in san {
+        match s.parse::<std::net::IpAddr>() {
+            Ok(ip) => spec.ips.push(ip),
+            Err(_) => spec.dns.push(s.clone()),
+        }
+    }
+    let cert = out.with_extension("pem");
+    let key = out.with_extension("key");
+    match authority.issue(&spec).and_then(|i| i.write(&cert, &key)) {
+        Ok(()) => {
+            tracing::info!(spiffe_id = %id, cert = %cert.display(), key = %key.display(), "SVID issued");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}

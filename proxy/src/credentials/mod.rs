@@ -1,0 +1,172 @@
+//! Secret sources: environment variables, files (re-read when their modification time
+//! changes, so rotation needs no restart) and Vault KV v2 (token or AppRole auth, namespaces;
+//! values cached for `vault.cache_ttl`, concurrent misses coalesced into one fetch) and OAuth,
+//! both shared across replicas through Redis when configured. A source
+//! that cannot answer and has no valid cached value is an error: the request is refused (503),
+//! never forwarded with its placeholder.
+
+pub(crate) mod oauth;
+pub(crate) mod vault;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use portcullis_filters::stages::credentials::SecretStore;
+use portcullis_filters::parse::secret::SecretValue;
+
+use crate::config::SourceConfig;
+use crate::replicas::{FetchStats, RedisStore};
+
+#[derive(Debug)]
+pub struct LocalSecrets {
+    sources: HashMap<String, SourceConfig>,
+    files: Mutex<HashMap<PathBuf, (SystemTime, Arc<SecretValue>)>>,
+    vault: Option<crate::credentials::vault::Vault>,
+    oauth: HashMap<String, crate::credentials::oauth::OAuthSource>,
+    shared: Option<Arc<RedisStore>>,
+    pub stats: Arc<FetchStats>,
+}
+
+impl LocalSecrets {
+    pub fn new(
+        creds: &[crate::config::CredentialConfig],
+        vault: Option<&crate::config::VaultConfig>,
+        shared: Option<Arc<RedisStore>>,
+    ) -> Result<LocalSecrets, String> {
+        let stats = Arc::new(FetchStats::default());
+        let vault = vault
+            .map(|v| crate::credentials::vault::Vault::new(v, shared.clone(), stats.clone()))
+            .transpose()?;
+        let mut oauth = HashMap::new();
+        for c in creds {
+            if let SourceConfig::Oauth(o) = &c.source {
+                let source =
+                    crate::credentials::oauth::OAuthSource::new(&c.name, o, shared.clone(), stats.clone())?;
+                oauth.insert(c.name.clone(), source);
+            }
+        }
+        Ok(LocalSecrets {
+            sources: creds
+                .iter()
+                .map(|c| (c.name.clone(), c.source.clone()))
+                .collect(),
+            files: Mutex::default(),
+            vault,
+            oauth,
+            shared,
+            stats,
+        })
+    }
+
+    /// Drop this replica's cached value of `name` (what a revocation from any replica does
+    /// here). Returns false for an unknown name.
+    pub async fn revoke_local(&self, name: &str) -> bool {
+        match self.sources.get(name) {
+            Some(SourceConfig::File(path)) => {
+                if let Ok(mut files) = self.files.lock() {
+                    files.remove(path);
+                }
+            }
+            Some(SourceConfig::Vault(_)) => {
+                if let Some(v) = &self.vault {
+                    v.revoke(name).await;
+                }
+            }
+            Some(SourceConfig::Oauth(_)) => {
+                if let Some(o) = self.oauth.get(name) {
+                    o.revoke().await;
+                }
+            }
+            Some(SourceConfig::Env(_)) => {}
+            None => return false,
+        }
+        true
+    }
+
+    pub fn shared(&self) -> Option<&Arc<RedisStore>> {
+        self.shared.as_ref()
+    }
+
+    fn read_file(&self, path: &PathBuf) -> Result<Arc<SecretValue>, String> {
+        let unavailable = |e: std::io::Error| format!("cannot read its file: {}", e.kind());
+        let mtime = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map_err(unavailable)?;
+        if let Ok(files) = self.files.lock() {
+            if let Some((seen, v)) = files.get(path) {
+                if *seen == mtime {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        note_fetch();
+        let text = std::fs::read_to_string(path).map_err(unavailable)?;
+        let value = SecretValue::new(text.trim_end_matches(['\n', '\r']).to_owned());
+        if value.is_empty() {
+            return Err("its file is empty".into());
+        }
+        let value = Arc::new(value);
+        if let Ok(mut files) = self.files.lock() {
+            files.insert(path.clone(), (mtime, value.clone()));
+        }
+        Ok(value)
+    }
+}
+
+tokio::task_local! {
+    /// Set while a traced read runs, when a source (not a cache) produced the value.
+    static FETCHED: std::cell::Cell<bool>;
+}
+
+/// A source was asked for a secret (Vault, OAuth, a file re-read): the traced read in this
+/// task, if any, was not a cache hit.
+pub fn note_fetch() {
+    let _ = FETCHED.try_with(|f| f.set(true));
+}
+
+#[async_trait::async_trait]
+impl SecretStore for LocalSecrets {
+    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, String>, Option<bool>) {
+        // An environment variable has no cache to hit.
+        let cached = !matches!(self.sources.get(name), Some(SourceConfig::Env(_)) | None);
+        FETCHED
+            .scope(std::cell::Cell::new(false), async {
+                let r = self.get(name).await;
+                let hit = cached.then(|| !FETCHED.with(std::cell::Cell::get));
+                (r, hit)
+            })
+            .await
+    }
+
+    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, String> {
+        match self.sources.get(name) {
+            Some(SourceConfig::Env(var)) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Arc::new(SecretValue::new(v))),
+                _ => Err(format!("environment variable {var} is not set")),
+            },
+            Some(SourceConfig::File(path)) => self.read_file(path),
+            Some(SourceConfig::Oauth(_)) => match self.oauth.get(name) {
+                Some(o) => o.get().await,
+                None => Err("no OAuth source".into()),
+            },
+            Some(SourceConfig::Vault(r)) => match &self.vault {
+                Some(v) => v.get(name, r).await,
+                None => Err("no vault configured".into()),
+            },
+            None => Err("no source configured".into()),
+        }
+    }
+
+    async fn revoke(&self, name: &str) -> bool {
+        if !self.revoke_local(name).await {
+            return false;
+        }
+        if let Some(shared) = &self.shared {
+            shared.revoke(name).await;
+        }
+        tracing::info!(credential = name, "revoked: cached value dropped");
+        true
+    }
+}

@@ -1,0 +1,191 @@
+//! The admin listener (plain HTTP, bind it to loopback): `/healthz` (process up), `/readyz`
+//! (listeners, certificates and bundles loaded), `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::error::full;
+use crate::http::mitm::LeafStats;
+use crate::http::Shared;
+use crate::credentials::LocalSecrets;
+use crate::upstream::Body;
+use portcullis_filters::stages::credentials::SecretStore as _;
+
+/// Process-wide state the admin endpoints report.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub ready: AtomicBool,
+    pub reloads: AtomicU64,
+    pub reload_errors: AtomicU64,
+    /// Of those, the policy's own (`reloads` and `reload_errors` count every kind).
+    pub policy_reloads: AtomicU64,
+    pub policy_reload_errors: AtomicU64,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    status: Arc<Status>,
+    shared: Arc<crate::http::Shared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
+            _ = shutdown.cancelled() => return,
+        };
+        let (status, shared) = (status.clone(), shared.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (status, shared) = (status.clone(), shared.clone());
+                async move {
+                    if req.method() == http::Method::POST
+                        && req.uri().path() == "/credentials/revoke"
+                    {
+                        return Ok::<_, Infallible>(revoke(&req, &shared).await);
+                    }
+                    Ok::<_, Infallible>(route(&req, &status, &shared))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn query(req: &Request<Incoming>) -> std::collections::HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn text(code: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = code;
+    r
+}
+
+/// `POST /credentials/revoke?name=NAME`: drop the cached value so the next use refetches.
+async fn revoke(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+    match query(req).get("name") {
+        Some(name) if shared.secrets.revoke(name).await => {
+            text(StatusCode::OK, format!("revoked {name}\n"))
+        }
+        Some(name) => text(
+            StatusCode::NOT_FOUND,
+            format!("no credential named {name}\n"),
+        ),
+        None => text(StatusCode::BAD_REQUEST, "give ?name=CREDENTIAL\n".into()),
+    }
+}
+
+fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<Body> {
+    let leaf = &shared.mitm.stats;
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        "/metrics" => {
+            let mut out = metrics(status, leaf, &shared.secrets);
+            shared.metrics.render(&mut out);
+            text(StatusCode::OK, out)
+        }
+        "/mcp/pins" if req.method() == http::Method::GET => {
+            let pins: Vec<serde_json::Value> = shared
+                .pins
+                .list()
+                .into_iter()
+                .map(|(server, tool, pinned, changed_to)| {
+                    serde_json::json!({"server": server, "tool": tool, "pinned": pinned, "changed_to": changed_to})
+                })
+                .collect();
+            text(StatusCode::OK, serde_json::Value::from(pins).to_string())
+        }
+        "/mcp/pins/accept" if req.method() == http::Method::POST => {
+            let q = query(req);
+            match (q.get("server"), q.get("tool")) {
+                (Some(s), Some(t)) if shared.pins.accept(s, t) => {
+                    tracing::info!(server = %s, tool = %t, "operator accepted a changed MCP tool definition");
+                    text(StatusCode::OK, "accepted\n".into())
+                }
+                (Some(_), Some(_)) => text(
+                    StatusCode::NOT_FOUND,
+                    "no pending change for that tool\n".into(),
+                ),
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "give ?server=HOST:PORT&tool=NAME\n".into(),
+                ),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn metrics(status: &Status, leaf: &LeafStats, secrets: &LocalSecrets) -> String {
+    let mut out = String::new();
+    let redis_errors = secrets
+        .shared()
+        .map_or(0, |s| s.errors.load(Ordering::Relaxed));
+    let rows = [
+        (
+            "portcullis_credential_fetches_total",
+            "counter",
+            secrets.stats.fetches.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_credential_fetch_errors_total",
+            "counter",
+            secrets.stats.errors.load(Ordering::Relaxed),
+        ),
+        ("portcullis_redis_errors_total", "counter", redis_errors),
+        (
+            "portcullis_mitm_leaf_cache_hits_total",
+            "counter",
+            leaf.hits.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_mitm_leaf_cache_misses_total",
+            "counter",
+            leaf.misses.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_mitm_leaf_issue_microseconds_total",
+            "counter",
+            leaf.issue_nanos.load(Ordering::Relaxed) / 1000,
+        ),
+        (
+            "portcullis_reloads_total",
+            "counter",
+            status.reloads.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_reload_errors_total",
+            "counter",
+            status.reload_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_policy_reloads_total",
+            "counter",
+            status.policy_reloads.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_policy_reload_errors_total",
+            "counter",
+            status.policy_reload_errors.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, value) in rows {
+        let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
+    }
+    out
+}

@@ -1,0 +1,123 @@
+//! The client-facing listener: accept (bounded by `limits.max_connections`), TLS handshake with
+//! a deadline and SPIFFE client verification, then HTTP/1.1 proxy requests until the connection
+//! closes, idles out, or the proxy drains for shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use portcullis_filters::Peer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::edge::idle::{idle_watch, Activity, IdleIo};
+use crate::http::{self, hyper_buf_size, Conn, Shared};
+use crate::edge::tls::peer_spiffe_id;
+
+pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    accept_until_shutdown(&listener, acceptor, &shared).await;
+    drop(listener);
+    tracing::info!("stopped accepting new connections");
+}
+
+async fn accept_until_shutdown(
+    listener: &TcpListener,
+    acceptor: TlsAcceptor,
+    shared: &Arc<Shared>,
+) {
+    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, shared2) = (acceptor.clone(), shared.clone());
+        shared
+            .tracker
+            .spawn(serve_conn(shared2, acceptor, tcp, addr, permit));
+    }
+}
+
+async fn serve_conn(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let _counted = shared.metrics.connection();
+    let activity = Activity::new();
+    let io = IdleIo::new(tcp, activity.clone());
+    let handshake = tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io));
+    let tls = match handshake.await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = crate::edge::tls::handshake_error(&e);
+            tracing::warn!(peer = %addr, reason, "client TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %addr, "client TLS handshake timed out");
+            return;
+        }
+    };
+    // The verifier already required a valid SVID; this re-reads the ID it checked.
+    let Some(spiffe_id) = peer_spiffe_id(tls.get_ref().1) else {
+        tracing::error!(peer = %addr, "authenticated connection without a SPIFFE ID; closing");
+        return;
+    };
+    tracing::debug!(peer = %addr, spiffe_id = %spiffe_id, "client authenticated");
+    let conn = Arc::new(Conn {
+        peer: Arc::new(Peer {
+            spiffe_id,
+            source: addr,
+            source_ip: addr.ip().to_string(),
+        }),
+        activity: activity.clone(),
+        _permit: permit,
+    });
+    let svc_shared = shared.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (s, c) = (svc_shared.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(http::handle(s, c, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_read_timeout)
+        .max_buf_size(hyper_buf_size(&shared.limits));
+    let served = builder
+        .serve_connection(TokioIo::new(tls), svc)
+        .with_upgrades();
+    tokio::pin!(served);
+    tokio::select! {
+        r = served.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(peer = %addr, error = %e, "client connection ended with error");
+            }
+        }
+        _ = idle_watch(&activity, shared.limits.idle_timeout) => {
+            tracing::debug!(peer = %addr, "client connection idle; closing");
+        }
+        _ = shared.shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+}

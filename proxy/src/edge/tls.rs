@@ -1,0 +1,500 @@
+//! TLS for the client-facing listener: the proxy's own (hot-swappable) server certificate and the
+//! SPIFFE client-certificate verifier. The verifier first applies the X.509-SVID structural rules
+//! (`filters::identity`), then verifies the chain against the bundle of *the trust domain named
+//! in the SVID's SPIFFE ID* only, so one trust domain's CA can never vouch for another's IDs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use portcullis_filters::parse::identity::{self, SpiffeId, SvidError, TrustDomain};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls::{OtherError, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{0}")]
+    Bundle(String),
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn file_err(path: &Path, reason: impl fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// All certificates in a PEM file; an empty file is an error.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("private key: {e}")))
+}
+
+pub fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let ck = CertifiedKey::from_der(chain, key, &provider())?;
+    Ok(Arc::new(ck))
+}
+
+/// The proxy's own server certificate, swapped in place when its files change or the Workload
+/// API rotates it. Empty until the first SVID arrives from the Workload API: a handshake then
+/// fails (and the listener is not served before it is filled).
+#[derive(Debug)]
+pub struct ServerCert {
+    current: ArcSwapOption<CertifiedKey>,
+}
+
+impl ServerCert {
+    pub fn new(ck: Option<Arc<CertifiedKey>>) -> Arc<ServerCert> {
+        Arc::new(ServerCert {
+            current: ArcSwapOption::new(ck),
+        })
+    }
+
+    pub fn replace(&self, ck: Arc<CertifiedKey>) {
+        self.current.store(Some(ck));
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+/// CA certificates per trust domain, as read from bundle files or sent by the Workload API.
+pub type Roots = Vec<(TrustDomain, Vec<CertificateDer<'static>>)>;
+
+/// Read `(trust domain, bundle file)` pairs. Any unreadable or empty bundle fails the whole load
+/// (the caller keeps what it had).
+pub fn load_bundles(bundles: &[(TrustDomain, std::path::PathBuf)]) -> Result<Roots, TlsError> {
+    bundles
+        .iter()
+        .map(|(td, path)| Ok((td.clone(), load_certs(path)?)))
+        .collect()
+}
+
+/// One verifier per trust domain, each knowing only its own bundle.
+#[derive(Default)]
+pub struct TrustStore {
+    domains: HashMap<TrustDomain, Arc<dyn ClientCertVerifier>>,
+    /// Distinguishes this store from every other one built in the process (verified chains
+    /// are cached per store).
+    generation: u64,
+}
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl TrustStore {
+    /// Build from each trust domain's CA certificates; a bundle rustls cannot use fails the
+    /// whole build (the caller keeps the previous store).
+    pub fn build<'a>(
+        roots: impl IntoIterator<Item = &'a (TrustDomain, Vec<CertificateDer<'static>>)>,
+    ) -> Result<TrustStore, TlsError> {
+        let provider = provider();
+        let mut domains = HashMap::new();
+        for (td, certs) in roots {
+            let bad = |e: &dyn fmt::Display| TlsError::Bundle(format!("bundle for {td}: {e}"));
+            let mut store = RootCertStore::empty();
+            for cert in certs {
+                store.add(cert.clone()).map_err(|e| bad(&e))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
+                    .build()
+                    .map_err(|e| bad(&e))?;
+            domains.insert(td.clone(), verifier);
+        }
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(TrustStore {
+            domains,
+            generation,
+        })
+    }
+
+    pub fn trust_domains(&self) -> impl Iterator<Item = &TrustDomain> {
+        self.domains.keys()
+    }
+}
+
+/// Why a client certificate was refused; carried inside the rustls error (and so in the
+/// handshake failure log line) and mapped to the matching TLS alert.
+#[derive(Debug, thiserror::Error)]
+pub enum SvidRejected {
+    #[error("{0}")]
+    Svid(#[from] SvidError),
+    #[error("trust domain {0:?} is not trusted")]
+    UnknownTrustDomain(String),
+}
+
+fn reject(e: SvidRejected) -> rustls::Error {
+    let cert_err = match &e {
+        SvidRejected::Svid(SvidError::Expired { .. }) => CertificateError::Expired,
+        SvidRejected::Svid(SvidError::NotYetValid { .. }) => CertificateError::NotValidYet,
+        SvidRejected::UnknownTrustDomain(_) => CertificateError::UnknownIssuer,
+        SvidRejected::Svid(_) => CertificateError::Other(OtherError(Arc::new(e))),
+    };
+    rustls::Error::InvalidCertificate(cert_err)
+}
+
+/// The rustls client verifier: SVID rules, then the chain against the SVID's own trust domain.
+pub struct SpiffeVerifier {
+    store: Arc<ArcSwap<TrustStore>>,
+    provider: Arc<CryptoProvider>,
+    /// Chains verified recently, by SHA-256 of the presented certificates: an agent opening
+    /// many connections with the same SVID pays the chain verification once per trust store,
+    /// not per handshake (its CertificateVerify signature is still checked every time).
+    verified: moka::sync::Cache<[u8; 32], VerifiedChain>,
+}
+
+/// A chain that passed every check against store `generation`, valid (all of its
+/// certificates) from `not_before` to `not_after` (Unix seconds, inclusive).
+#[derive(Clone, Copy)]
+struct VerifiedChain {
+    generation: u64,
+    not_before: i64,
+    not_after: i64,
+}
+
+fn chain_key(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for cert in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        ctx.update(&(cert.len() as u64).to_be_bytes());
+        ctx.update(cert);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
+
+/// The window in which every certificate of the chain is valid.
+fn chain_window(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Option<(i64, i64)> {
+    let mut window = identity::validity_window(end_entity).ok()?;
+    for c in intermediates {
+        let (nb, na) = identity::validity_window(c).ok()?;
+        window = (window.0.max(nb), window.1.min(na));
+    }
+    Some(window)
+}
+
+impl SpiffeVerifier {
+    pub fn new(store: Arc<ArcSwap<TrustStore>>) -> Arc<SpiffeVerifier> {
+        Arc::new(SpiffeVerifier {
+            store,
+            provider: provider(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let store = self.store.load();
+        f.debug_struct("SpiffeVerifier")
+            .field("trust_domains", &store.domains.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The SVID checks that do not need the bundle: structure, SPIFFE ID, validity window.
+pub fn check_leaf(der: &[u8], now: SystemTime) -> Result<SpiffeId, SvidError> {
+    let id = identity::check_svid_leaf(der)?;
+    identity::check_validity(der, now)?;
+    Ok(id)
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Several trust domains: hinting one CA list would be misleading; clients send their SVID.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let store = self.store.load();
+        let key = chain_key(end_entity, intermediates);
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if let Some(v) = self.verified.get(&key) {
+            if v.generation == store.generation && (v.not_before..=v.not_after).contains(&secs) {
+                return Ok(ClientCertVerified::assertion());
+            }
+        }
+        let now_sys = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        let id = check_leaf(end_entity, now_sys).map_err(|e| reject(e.into()))?;
+        let verifier = store.domains.get(id.trust_domain()).ok_or_else(|| {
+            reject(SvidRejected::UnknownTrustDomain(
+                id.trust_domain().to_owned(),
+            ))
+        })?;
+        let verified = verifier.verify_client_cert(end_entity, intermediates, now)?;
+        if let Some((not_before, not_after)) = chain_window(end_entity, intermediates) {
+            let generation = store.generation;
+            self.verified.insert(
+                key,
+                VerifiedChain {
+                    generation,
+                    not_before,
+                    not_after,
+                },
+            );
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client-facing TLS config: mTLS required, SPIFFE verification, HTTP/1.1 (the proxy
+/// protocol; intercepted connections negotiate h2 separately).
+pub fn server_config(
+    verifier: Arc<SpiffeVerifier>,
+    cert: Arc<ServerCert>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A readable reason for a failed client handshake: rustls prints our SVID rejections with
+/// `Debug`, so unwrap them to their messages.
+pub fn handshake_error(e: &std::io::Error) -> String {
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) => {
+            format!("invalid client certificate: {inner}")
+        }
+        Some(rustls::Error::InvalidCertificate(c)) => format!("invalid client certificate: {c:?}"),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// The SPIFFE ID of an authenticated connection (already verified by [`SpiffeVerifier`]).
+pub fn peer_spiffe_id(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
+    let leaf = conn.peer_certificates()?.first()?;
+    identity::check_svid_leaf(leaf).ok()
+}
+
+/// The connector's client TLS config: the workload's SVID as client certificate, the central
+/// proxy's certificate verified (host name included) against the trust bundles and, with
+/// `upstream_id`, required to be the X.509-SVID of that SPIFFE ID; HTTP/1.1.
+pub fn connector_config<'a>(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: impl IntoIterator<Item = &'a CertificateDer<'static>>,
+    upstream_id: Option<&SpiffeId>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in roots {
+        store
+            .add(cert.clone())
+            .map_err(|e| TlsError::Bundle(format!("trust bundle: {e}")))?;
+    }
+    if store.is_empty() {
+        return Err(TlsError::Bundle(
+            "the trust bundle has no CA certificate".into(),
+        ));
+    }
+    let webpki =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
+            .build()
+            .map_err(|e| TlsError::Bundle(format!("trust bundle: {e}")))?;
+    let verifier = Arc::new(UpstreamVerifier {
+        webpki,
+        expected: upstream_id.cloned(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous() // a verifier that adds a check to the WebPKI one, never removes one
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The WebPKI server verification (chain to the bundle, validity, host name), then, when
+/// configured, the central proxy's SPIFFE ID.
+#[derive(Debug)]
+struct UpstreamVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: Option<SpiffeId>,
+}
+
+/// The proxy's certificate chains to the bundle but is not the expected workload's SVID.
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy's certificate is {found}, not {expected}")]
+pub struct WrongUpstreamId {
+    expected: String,
+    found: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let Some(expected) = &self.expected else {
+            return Ok(verified);
+        };
+        match identity::check_svid_leaf(end_entity) {
+            Ok(id) if &id == expected => Ok(verified),
+            found => {
+                let found = match found {
+                    Ok(id) => id.to_string(),
+                    Err(e) => format!("not an X.509-SVID ({e})"),
+                };
+                let e = WrongUpstreamId {
+                    expected: expected.to_string(),
+                    found,
+                };
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(e)),
+                )))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+
+    fn store_for(ca: &Authority) -> TrustStore {
+        let td = TrustDomain::parse("acme.test").unwrap();
+        let roots = [(td, vec![CertificateDer::from(ca.cert_der().to_vec())])];
+        TrustStore::build(roots.iter()).unwrap()
+    }
+
+    #[test]
+    fn cached_chains_still_expire_and_follow_the_trust_store() {
+        let ca = Authority::generate("acme", Some("spiffe://acme.test")).unwrap();
+        let leaf = ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test/agents/research",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let der = CertificateDer::from(leaf.cert_der.clone());
+        let store = Arc::new(ArcSwap::from_pointee(store_for(&ca)));
+        let v = SpiffeVerifier::new(store.clone());
+        let now = UnixTime::now();
+        assert!(v.verify_client_cert(&der, &[], now).is_ok());
+        v.verified.run_pending_tasks();
+        assert_eq!(v.verified.entry_count(), 1, "a verified chain is cached");
+        // From the cache.
+        assert!(v.verify_client_cert(&der, &[], now).is_ok());
+        // Past notAfter, a cached chain is refused like any other.
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 7200));
+        assert!(v.verify_client_cert(&der, &[], later).is_err());
+        // A new trust store (another CA for the domain) is not served from the old entries.
+        let other = Authority::generate("other", Some("spiffe://acme.test")).unwrap();
+        store.store(Arc::new(store_for(&other)));
+        assert!(v.verify_client_cert(&der, &[], now).is_err());
+    }
+}

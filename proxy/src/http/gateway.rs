@@ -1,0 +1,264 @@
+//! Gateway mode: an origin-form request on the proxy listener (`GET /github/repos/...`, sent
+//! to Portcullis as if it were the API) is matched against `routes` and becomes a request to
+//! the route's fixed upstream, which then goes through the same pipeline as any other
+//! (identity, policy with `input.gateway.route`, credentials, MCP, telemetry, egress guard).
+//! A route that names a credential gets its placeholder injected when the request has none;
+//! the usual substitution (bound hosts only) turns it into the secret.
+
+use http::{HeaderName, HeaderValue, Uri};
+use portcullis_filters::parse::destination::{split_authority, Destination, Scheme};
+
+use crate::config::{CredentialConfig, RouteConfig};
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: std::sync::Arc<str>,
+    host: Option<String>,
+    prefix: String,
+    strip_prefix: bool,
+    pub upstream: Destination,
+    /// The upstream's base path, without a trailing `/`.
+    base_path: String,
+    /// Header and value (with the placeholder) to add when absent.
+    inject: Option<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// Most specific first: host-bound before any-host, then longer prefixes first.
+    routes: Vec<Route>,
+}
+
+/// A route's upstream URL: the destination and its base path.
+pub fn parse_upstream(url: &str) -> Result<(Destination, String), String> {
+    let uri: Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let dest = Destination::from_absolute_uri(&uri).map_err(|e| format!("{url:?}: {e}"))?;
+    if uri.query().is_some() {
+        return Err(format!("{url:?}: no query string allowed"));
+    }
+    Ok((dest, uri.path().trim_end_matches('/').to_owned()))
+}
+
+impl Routes {
+    /// Built from a validated config.
+    pub fn new(routes: &[RouteConfig], creds: &[CredentialConfig]) -> Result<Routes, String> {
+        let mut out = Vec::with_capacity(routes.len());
+        for r in routes {
+            let (upstream, base_path) = parse_upstream(&r.upstream)?;
+            let inject = match &r.credential {
+                Some(name) => {
+                    let c = creds
+                        .iter()
+                        .find(|c| &c.name == name)
+                        .ok_or_else(|| format!("route {}: no credential {name:?}", r.name))?;
+                    let inj = c.inject.clone().unwrap_or_default();
+                    let header = HeaderName::from_bytes(inj.header.as_bytes())
+                        .map_err(|e| format!("route {}: {e}", r.name))?;
+                    let value =
+                        HeaderValue::from_str(&inj.format.replacen("{}", &c.placeholder(), 1))
+                            .map_err(|e| format!("route {}: {e}", r.name))?;
+                    Some((header, value))
+                }
+                None => None,
+            };
+            out.push(Route {
+                name: r.name.as_str().into(),
+                host: r.matches.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                prefix: r.matches.path_prefix.clone(),
+                strip_prefix: r.strip_prefix,
+                upstream,
+                base_path,
+                inject,
+            });
+        }
+        out.sort_by(|a, b| {
+            (b.host.is_some(), b.prefix.len()).cmp(&(a.host.is_some(), a.prefix.len()))
+        });
+        Ok(Routes { routes: out })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The route for a request to `host` (the Host header, port ignored) and `path`. A prefix
+    /// matches whole segments: `/github` matches `/github` and `/github/x`, not `/githubx`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        // The Host header's name without its port (a malformed one matches no host-bound route).
+        let host = host
+            .and_then(|h| split_authority(h).ok())
+            .map(|(h, _)| h.to_ascii_lowercase());
+        self.routes.iter().find(|r| {
+            let host_ok = match (&r.host, &host) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want == got,
+                (Some(_), None) => false,
+            };
+            host_ok && prefix_matches(&r.prefix, path)
+        })
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+}
+
+impl Route {
+    /// The upstream URI for a request's path and query.
+    pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, String> {
+        let path = uri.path();
+        let rest = match self.strip_prefix {
+            true => &path[self.prefix.len().min(path.len())..],
+            false => path,
+        };
+        let rest = rest.trim_start_matches('/');
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        // `/prefix` alone goes to the base path itself (`/` for none).
+        let sep = if rest.is_empty() && !self.base_path.is_empty() {
+            ""
+        } else {
+            "/"
+        };
+        let scheme = match self.upstream.scheme {
+            Scheme::Https => "https",
+            Scheme::Http => "http",
+        };
+        format!(
+            "{scheme}://{}{}{sep}{rest}{query}",
+            self.upstream.authority(),
+            self.base_path
+        )
+        .parse()
+        .map_err(|e| format!("cannot build the upstream URI: {e}"))
+    }
+
+    /// Add the credential's placeholder header when the request has none.
+    pub fn inject(&self, headers: &mut http::HeaderMap) {
+        if let Some((name, value)) = &self.inject {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RouteMatch, SourceConfig};
+
+    fn route(
+        name: &str,
+        host: Option<&str>,
+        prefix: &str,
+        upstream: &str,
+        strip: bool,
+    ) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            matches: RouteMatch {
+                host: host.map(str::to_owned),
+                path_prefix: prefix.into(),
+            },
+            upstream: upstream.into(),
+            credential: None,
+            strip_prefix: strip,
+        }
+    }
+
+    fn routes() -> Routes {
+        let cfg = [
+            route("gh", None, "/github/", "https://api.github.com", true),
+            route(
+                "ghv",
+                None,
+                "/github/v2",
+                "https://api.github.com/v2/",
+                true,
+            ),
+            route("keep", None, "/keep", "https://example.com/base", false),
+            route(
+                "hosted",
+                Some("gw.example.com"),
+                "/github/",
+                "https://ghe.example.com",
+                true,
+            ),
+        ];
+        Routes::new(&cfg, &[]).unwrap_or_default()
+    }
+
+    fn target(r: &Routes, host: Option<&str>, uri: &str) -> Option<(String, String)> {
+        let uri: Uri = uri.parse().ok()?;
+        let route = r.find(host, uri.path())?;
+        Some((
+            route.name.to_string(),
+            route.upstream_uri(&uri).ok()?.to_string(),
+        ))
+    }
+
+    #[test]
+    fn most_specific_route_wins_and_paths_are_rewritten() {
+        let r = routes();
+        let t = |h, u: &str| target(&r, h, u);
+        assert_eq!(
+            t(None, "/github/repos/o/r?x=1"),
+            Some((
+                "gh".into(),
+                "https://api.github.com:443/repos/o/r?x=1".into()
+            ))
+        );
+        assert_eq!(
+            t(None, "/github/v2/users"),
+            Some(("ghv".into(), "https://api.github.com:443/v2/users".into()))
+        );
+        assert_eq!(
+            t(Some("GW.example.com:8443"), "/github/x"),
+            Some(("hosted".into(), "https://ghe.example.com:443/x".into()))
+        );
+        assert_eq!(
+            t(None, "/keep/a"),
+            Some(("keep".into(), "https://example.com:443/base/keep/a".into()))
+        );
+        assert_eq!(
+            t(None, "/github/v2"),
+            Some(("ghv".into(), "https://api.github.com:443/v2".into()))
+        );
+        assert_eq!(t(None, "/keeper"), None, "prefixes match whole segments");
+        assert_eq!(t(None, "/gitlab/x"), None);
+        assert_eq!(t(None, "/github"), None, "/github/ needs the slash");
+    }
+
+    #[test]
+    fn credential_placeholder_is_injected_only_when_absent() {
+        let mut cfg = route("gh", None, "/github/", "https://api.github.com", true);
+        cfg.credential = Some("github".into());
+        let cred = CredentialConfig {
+            name: "github".into(),
+            placeholder: None,
+            hosts: vec!["api.github.com".into()],
+            source: SourceConfig::Env("X".into()),
+            body: false,
+            inject: None,
+        };
+        let r = Routes::new(&[cfg], &[cred]).unwrap_or_default();
+        let route = r.find(None, "/github/x");
+        let mut h = http::HeaderMap::new();
+        route.iter().for_each(|r| r.inject(&mut h));
+        assert_eq!(
+            h.get("authorization").and_then(|v| v.to_str().ok()),
+            Some("Bearer pcx_github")
+        );
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer pcx_other"),
+        );
+        route.iter().for_each(|r| r.inject(&mut h));
+        assert_eq!(
+            h.get("authorization").and_then(|v| v.to_str().ok()),
+            Some("Bearer pcx_other")
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The response body on its way to the client: counts bytes, runs the logging phase once when
+//! the body ends (or is dropped), and runs the body transforms the chain's response-body phase
+//! returned (`tools/list` filtering, redaction of echoed secrets, the HTTP+SSE tap). Frames
+//! stream through; nothing is buffered beyond what a transform holds back.
+
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use portcullis_filters::{BodyTransform, Chain, Context, Outcome, Transforms};
+
+use crate::upstream::BoxError;
+
+/// Counts response bytes and runs the logging phase once, when the body ends or is dropped.
+pub struct LoggedBody {
+    inner: Incoming,
+    bytes: u64,
+    status: StatusCode,
+    transforms: Option<Transforms>,
+    /// The upstream body ended and the transforms' held-back bytes were sent.
+    flushed: bool,
+    done: Option<(Context, Chain)>,
+}
+
+impl LoggedBody {
+    pub fn new(
+        inner: Incoming,
+        status: StatusCode,
+        transforms: Option<Transforms>,
+        ctx: Context,
+        chain: Chain,
+    ) -> LoggedBody {
+        LoggedBody {
+            inner,
+            bytes: 0,
+            status,
+            transforms,
+            flushed: false,
+            done: Some((ctx, chain)),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((ctx, chain)) = self.done.take() {
+            let outcome = Outcome {
+                status: self.status.as_u16(),
+                bytes: self.bytes,
+                duration: ctx.started.elapsed(),
+            };
+            chain.logging(&ctx, &outcome);
+        }
+    }
+
+    fn cut_off(&self, e: portcullis_filters::TransformError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some((ctx, _)) = &self.done {
+            tracing::warn!(trace_id = %ctx.trace_id, error = %e, "response body cut off");
+        }
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+
+    fn send(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.bytes += data.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let (Some(t), false) = (this.transforms.as_mut(), this.flushed) {
+                if let Poll::Ready(Some(inserted)) = t.poll_insert(cx) {
+                    return this.send(inserted);
+                }
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => match (this.transforms.as_mut(), this.flushed) {
+                    (Some(t), false) => {
+                        this.flushed = true;
+                        match t.end() {
+                            Ok(rest) if rest.is_empty() => continue,
+                            Ok(rest) => return this.send(rest),
+                            Err(e) => return this.cut_off(e),
+                        }
+                    }
+                    _ => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                },
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            };
+            let data = match this.transforms.as_mut() {
+                None => data,
+                Some(t) => match t.data(data) {
+                    Ok(out) if out.is_empty() => continue,
+                    Ok(out) => out,
+                    Err(e) => return this.cut_off(e),
+                },
+            };
+            return this.send(data);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream() && (self.transforms.is_none() || self.flushed)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.transforms.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}

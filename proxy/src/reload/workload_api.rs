@@ -1,0 +1,379 @@
+//! The SPIFFE Workload API (a SPIRE agent's socket) as a source of X.509-SVIDs and trust
+//! bundles. Each watcher holds one server stream open and re-opens it with capped, jittered
+//! backoff when it fails; every message is published on a `watch` channel, and consumers swap
+//! it in at their own hot-swap points. A failing stream never clears what was published: the
+//! last good material keeps serving until a new one arrives.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use portcullis_filters::parse::identity::TrustDomain;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// CA certificates per trust domain.
+pub type Bundles = BTreeMap<TrustDomain, Vec<CertificateDer<'static>>>;
+
+/// A validated Workload API address: `unix:///path/agent.sock` (or `unix:/path`, or just the
+/// absolute socket path), or `tcp://127.0.0.1:8081`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint(String);
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        let uri = match s.starts_with('/') {
+            true => format!("unix://{s}"),
+            false => s.to_owned(),
+        };
+        spiffe::transport::Endpoint::parse(&uri)
+            .map(|_| Endpoint(uri))
+            .map_err(|e| format!("{s:?} is not a Workload API address (unix:///path/agent.sock, /path/agent.sock or tcp://IP:PORT): {e}"))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The workload's default X.509-SVID, with the bundles that came with it (its own trust
+/// domain's and the federated ones), ready for rustls.
+pub struct X509Svid {
+    pub spiffe_id: String,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+    pub bundles: Bundles,
+    pub expires_unix: i64,
+}
+
+impl X509Svid {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    fn same_as(&self, other: &X509Svid) -> bool {
+        self.chain == other.chain
+            && self.key.secret_pkcs8_der() == other.key.secret_pkcs8_der()
+            && self.bundles == other.bundles
+    }
+}
+
+impl fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("expires_unix", &self.expires_unix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn trust_domain(td: &spiffe::TrustDomain) -> Result<TrustDomain, String> {
+    TrustDomain::parse(td.as_str()).map_err(|e| format!("trust domain {td}: {e}"))
+}
+
+fn bundle_set(set: &spiffe::X509BundleSet) -> Result<Bundles, String> {
+    let mut out = Bundles::new();
+    for (td, bundle) in set.iter() {
+        let certs = bundle
+            .authorities()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+            .collect();
+        out.insert(trust_domain(td)?, certs);
+    }
+    Ok(out)
+}
+
+fn convert_context(ctx: &spiffe::X509Context) -> Result<X509Svid, String> {
+    let svid = ctx
+        .default_svid()
+        .ok_or("the Workload API sent no X.509-SVID")?;
+    let chain = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    let expires_unix = x509_parser::parse_x509_certificate(svid.leaf().as_bytes())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .unwrap_or(0);
+    Ok(X509Svid {
+        spiffe_id: svid.spiffe_id().to_string(),
+        chain,
+        key: PrivatePkcs8KeyDer::from(svid.private_key().as_bytes().to_vec()),
+        bundles: bundle_set(ctx.bundle_set())?,
+        expires_unix,
+    })
+}
+
+/// Exponential backoff from 200 ms to 30 s with ±20% jitter, reset after a good message.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Backoff {
+        Backoff(Self::FIRST)
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d.mul_f64(rand::random_range(0.8..1.2))
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn client(endpoint: &Endpoint) -> Result<spiffe::WorkloadApiClient, String> {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        spiffe::WorkloadApiClient::connect_to(&endpoint.0),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("cannot connect: {e}")),
+        Err(_) => Err("connect timed out".into()),
+    }
+}
+
+/// Keep one stream open, publishing each message through `publish`; returns why it ended.
+async fn follow<S, T>(
+    stream: S,
+    backoff: &mut Backoff,
+    mut publish: impl FnMut(T) -> Result<(), String>,
+) -> String
+where
+    S: futures_util::Stream<Item = Result<T, spiffe::WorkloadApiError>>,
+{
+    futures_util::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        let published = match item {
+            Ok(message) => publish(message),
+            // The stream itself failed (or the agent refused us): reconnect.
+            Err(
+                e @ (spiffe::WorkloadApiError::Transport(_)
+                | spiffe::WorkloadApiError::PermissionDenied(_)
+                | spiffe::WorkloadApiError::NoIdentityIssued),
+            ) => return e.to_string(),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(()) => backoff.reset(),
+            // A message we cannot use: keep the last good material, and keep listening.
+            Err(e) => {
+                tracing::error!(error = %e, "unusable message from the Workload API; keeping the last good material")
+            }
+        }
+    }
+    "the stream ended".into()
+}
+
+type Attempt<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + 'a>>;
+
+/// Run `attempt` (one stream, until it fails) again and again, with backoff, until shutdown.
+fn spawn_retrying<F>(
+    what: &'static str,
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+    mut attempt: F,
+) where
+    F: for<'a> FnMut(&'a Endpoint, &'a mut Backoff) -> Attempt<'a> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new();
+        loop {
+            let why = tokio::select! {
+                why = attempt(&endpoint, &mut backoff) => why,
+                _ = shutdown.cancelled() => return,
+            };
+            let wait = backoff.next();
+            tracing::warn!(endpoint = %endpoint, reason = %why, retry_in = ?wait,
+                "Workload API {what} stream lost; keeping the last good material");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Watch the workload's X.509-SVID (FetchX509SVID). The receiver holds `None` until the first
+/// SVID arrives.
+pub fn watch_svid(
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Option<Arc<X509Svid>>> {
+    let (tx, rx) = watch::channel(None);
+    let tx = Arc::new(tx);
+    spawn_retrying(
+        "X.509-SVID",
+        endpoint,
+        shutdown,
+        move |endpoint, backoff| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                let stream = match client(endpoint).await {
+                    Ok(c) => c.stream_x509_contexts().await,
+                    Err(e) => return e,
+                };
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => return format!("FetchX509SVID: {e}"),
+                };
+                follow(stream, backoff, |ctx| {
+                    let svid = convert_context(&ctx)?;
+                    // A reconnected stream starts with what we already have: no churn.
+                    if tx
+                        .borrow()
+                        .as_deref()
+                        .is_some_and(|cur: &X509Svid| cur.same_as(&svid))
+                    {
+                        return Ok(());
+                    }
+                    tracing::info!(endpoint = %endpoint, spiffe_id = %svid.spiffe_id,
+                    expires_unix = svid.expires_unix, trust_domains = ?names(&svid.bundles),
+                    "X.509-SVID from the Workload API");
+                    tx.send_replace(Some(Arc::new(svid)));
+                    Ok(())
+                })
+                .await
+            })
+        },
+    );
+    rx
+}
+
+/// Watch the X.509 trust bundles (FetchX509Bundles). `None` until the first message.
+pub fn watch_bundles(
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Option<Arc<Bundles>>> {
+    let (tx, rx) = watch::channel(None);
+    let tx = Arc::new(tx);
+    spawn_retrying(
+        "X.509 bundles",
+        endpoint,
+        shutdown,
+        move |endpoint, backoff| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                let stream = match client(endpoint).await {
+                    Ok(c) => c.stream_x509_bundles().await,
+                    Err(e) => return e,
+                };
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => return format!("FetchX509Bundles: {e}"),
+                };
+                follow(stream, backoff, |set| {
+                    let bundles = bundle_set(&set)?;
+                    if tx.borrow().as_deref() == Some(&bundles) {
+                        return Ok(());
+                    }
+                    tracing::info!(endpoint = %endpoint, trust_domains = ?names(&bundles),
+                    "X.509 bundles from the Workload API");
+                    tx.send_replace(Some(Arc::new(bundles)));
+                    Ok(())
+                })
+                .await
+            })
+        },
+    );
+    rx
+}
+
+fn names(b: &Bundles) -> Vec<String> {
+    b.keys().map(|t| t.to_string()).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        for ok in [
+            "unix:///run/spire/agent.sock",
+            "unix:/tmp/a.sock",
+            "tcp://127.0.0.1:8081",
+        ] {
+            assert_eq!(Endpoint::parse(ok).unwrap().to_string(), ok);
+        }
+        let bare = Endpoint::parse("/run/spire/agent.sock").unwrap();
+        assert_eq!(bare.to_string(), "unix:///run/spire/agent.sock");
+        for bad in [
+            "",
+            "run/agent.sock",
+            "http://127.0.0.1:1",
+            "unix://",
+            "tcp://host:1",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_workload_api_context_becomes_rustls_material() {
+        use crate::pki::{Authority, LeafSpec};
+        let ca = Authority::generate("acme CA", Some("spiffe://acme.test")).unwrap();
+        let other = Authority::generate("other CA", Some("spiffe://other.test")).unwrap();
+        let leaf = ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test/agent",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let key: PrivatePkcs8KeyDer<'static> =
+            rustls_pki_types::pem::PemObject::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let svid =
+            spiffe::X509Svid::parse_from_der(&leaf.cert_der, key.secret_pkcs8_der()).unwrap();
+        let mut set = spiffe::X509BundleSet::new();
+        for (td, a) in [("acme.test", &ca), ("other.test", &other)] {
+            let td = spiffe::TrustDomain::new(td).unwrap();
+            set.add_bundle(spiffe::X509Bundle::parse_from_der(td, a.cert_der()).unwrap());
+        }
+        let ctx = spiffe::X509Context::new(vec![Arc::new(svid)], Arc::new(set));
+        let got = convert_context(&ctx).unwrap();
+        assert_eq!(got.spiffe_id, "spiffe://acme.test/agent");
+        assert_eq!(got.chain, vec![CertificateDer::from(leaf.cert_der.clone())]);
+        assert_eq!(got.key().secret_der(), key.secret_pkcs8_der());
+        assert!(got.expires_unix > 0);
+        assert_eq!(names(&got.bundles), ["acme.test", "other.test"]);
+        let acme = TrustDomain::parse("acme.test").unwrap();
+        assert_eq!(
+            got.bundles[&acme],
+            vec![CertificateDer::from(ca.cert_der().to_vec())]
+        );
+        // Usable as is by rustls.
+        rustls::sign::CertifiedKey::from_der(got.chain.clone(), got.key(), &crate::edge::tls::provider())
+            .unwrap();
+        // And the key never shows in Debug output.
+        assert!(!format!("{got:?}").contains("key"), "{got:?}");
+    }
+
+    #[test]
+    fn backoff_grows_to_a_cap_and_resets() {
+        let mut b = Backoff::new();
+        let first = b.next();
+        assert!(first >= Duration::from_millis(160) && first <= Duration::from_millis(240));
+        for _ in 0..20 {
+            b.next();
+        }
+        assert!(b.next() <= Backoff::MAX.mul_f64(1.2));
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(240));
+    }
+}
