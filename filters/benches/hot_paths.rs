@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use portcullis_filters::parse::destination::Destination;
+use portcullis_filters::parse::identity::{self, SpiffeId};
+use portcullis_filters::parse::secret::{Placeholder, SecretValue};
+use portcullis_filters::pipeline::{ActionKind, Context, Filter, Peer, TraceId, Via};
 use portcullis_filters::stages::credentials::{
     Credential, CredentialDetect, CredentialSet, CredentialSubstitute, SecretStore,
 };
-use portcullis_filters::parse::destination::Destination;
-use portcullis_filters::parse::identity::{self, SpiffeId};
-use portcullis_filters::pipeline::{ActionKind, Context, Filter, Peer, TraceId, Via};
-use portcullis_filters::parse::secret::{Placeholder, SecretValue};
 use rcgen::{string::Ia5String, CertificateParams, KeyPair, KeyUsagePurpose, SanType};
 
 const ID: &str = "spiffe://acme.test/agents/research";
@@ -130,8 +130,12 @@ fn benches(c: &mut Criterion) {
     let body = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"owner":"acme","repo":"widgets","title":"Flaky test in CI","body":"The nightly run failed twice this week."}}}"#;
     c.bench_function("jsonrpc_inspect_tools_call", |b| {
         b.iter(|| {
-            portcullis_filters::parse::jsonrpc::parse(black_box(body), Some("session-1"), Some("2025-06-18"))
-                .unwrap()
+            portcullis_filters::parse::jsonrpc::parse(
+                black_box(body),
+                Some("session-1"),
+                Some("2025-06-18"),
+            )
+            .unwrap()
         })
     });
 }

@@ -7,15 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use portcullis_filters::parse::egress::EgressGuard;
+use portcullis_filters::parse::secret::Placeholder;
 use portcullis_filters::stages::credentials::{
     Credential, CredentialDetect, CredentialSet, CredentialSubstitute,
 };
-use portcullis_filters::parse::egress::EgressGuard;
 use portcullis_filters::stages::hygiene::HeaderHygiene;
 use portcullis_filters::stages::mcp::McpFilter;
 use portcullis_filters::stages::pinning::{OnChange, ToolPinning, ToolPins};
 use portcullis_filters::stages::policy::PolicyFilter;
-use portcullis_filters::parse::secret::Placeholder;
 use portcullis_filters::stages::trace::TracePropagation;
 use portcullis_filters::Chain;
 use portcullis_policy::{Policy, PolicySet};
@@ -23,22 +23,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::telemetry::access_log::AccessLog;
-use crate::edge::admin::{self, Status};
 use crate::config::{Config, ToolChanges};
+use crate::credentials::LocalSecrets;
+use crate::edge::admin::{self, Status};
+use crate::edge::listener;
+use crate::edge::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
+use crate::http::mitm::Mitm;
+use crate::http::sse::SseTransport;
+use crate::http::Shared;
+use crate::reload::workload_api;
+use crate::reload::{Reloader, Served, WorkloadApiFeeds};
+use crate::replicas::RedisStore;
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::decision_log::DecisionLog;
 use crate::telemetry::metrics::{Metrics, MetricsFilter};
-use crate::http::mitm::Mitm;
-use crate::http::Shared;
-use crate::replicas::RedisStore;
-use crate::reload::{Reloader, Served, WorkloadApiFeeds};
-use crate::credentials::LocalSecrets;
-use crate::edge::listener;
-use crate::http::sse::SseTransport;
 use crate::telemetry::{SpanExport, Telemetry};
-use crate::edge::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::upstream::Upstream;
-use crate::reload::workload_api;
 
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
@@ -289,8 +289,8 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         spans,
         secrets.clone(),
     )?;
-    let routes =
-        crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials).map_err(StartError::Config)?;
+    let routes = crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials)
+        .map_err(StartError::Config)?;
     let shared = Arc::new(Shared {
         chain,
         routes,

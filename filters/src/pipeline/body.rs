@@ -103,14 +103,19 @@ mod tests {
             Ok(Bytes::from(all.to_ascii_uppercase()))
         }
         fn end(&mut self) -> Result<Bytes, TransformError> {
-            Ok(Bytes::from(std::mem::take(&mut self.0).to_ascii_uppercase()))
+            Ok(Bytes::from(
+                std::mem::take(&mut self.0).to_ascii_uppercase(),
+            ))
         }
     }
 
     struct Bracket;
     impl BodyTransform for Bracket {
         fn data(&mut self, chunk: Bytes) -> Result<Bytes, TransformError> {
-            Ok(Bytes::from(format!("[{}]", String::from_utf8_lossy(&chunk))))
+            Ok(Bytes::from(format!(
+                "[{}]",
+                String::from_utf8_lossy(&chunk)
+            )))
         }
     }
 

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::parse::destination::Destination;
 use crate::error::ErrorCode;
+use crate::parse::destination::Destination;
 use crate::parse::identity::SpiffeId;
 use crate::parse::jsonrpc::McpRequest;
 
@@ -270,4 +270,3 @@ impl Context {
         }
     }
 }
-

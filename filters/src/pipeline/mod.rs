@@ -183,11 +183,7 @@ impl Chain {
 
     /// The transforms of every filter that wants the body, in chain order; `None` when no
     /// filter does (the body then streams through untouched).
-    pub fn response_body(
-        &self,
-        ctx: &Context,
-        resp: &http::response::Parts,
-    ) -> Option<Transforms> {
+    pub fn response_body(&self, ctx: &Context, resp: &http::response::Parts) -> Option<Transforms> {
         let mut all = Transforms::default();
         for f in &self.filters {
             if let Some(t) = f.response_body(ctx, resp, self) {

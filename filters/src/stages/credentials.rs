@@ -12,16 +12,16 @@ use std::sync::Arc;
 use base64::Engine as _;
 use http::header::{HeaderValue, AUTHORIZATION};
 
-use crate::parse::destination::Host;
 use crate::error::{ErrorCode, Rejection};
+use crate::parse::destination::Host;
 use bytes::Bytes;
 
+use crate::parse::secret::{find_placeholders, Placeholder, SecretValue};
+use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
     Action, ActionKind, AfterResponse, BodyTransform, Chain, Context, Filter, RequestBody,
     TransformError,
 };
-use crate::parse::secret::{find_placeholders, Placeholder, SecretValue};
-use crate::pipeline::timing::StepKind;
 
 /// One configured credential.
 #[derive(Debug, Clone)]

@@ -11,11 +11,11 @@ use portcullis_policy::{
 
 use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
 use crate::parse::jsonrpc as mcp;
+use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
     Action, ActionKind, BodyTransform, Chain, Context, DecisionRecord, Filter, McpSummary,
 };
 use crate::stages::mcp::EditMessages;
-use crate::pipeline::timing::StepKind;
 
 #[derive(Debug)]
 pub struct PolicyFilter {

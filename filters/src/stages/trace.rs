@@ -9,8 +9,8 @@
 
 use http::HeaderValue;
 
-use crate::pipeline::{Action, Context, Filter, RequestBody};
 use crate::pipeline::timing::{sampled, Steps};
+use crate::pipeline::{Action, Context, Filter, RequestBody};
 use crate::TraceId;
 
 /// A parsed `traceparent`: version 00, trace id, parent span id, flags.

@@ -16,12 +16,12 @@ use tokio::net::TcpListener;
 
 use portcullis_filters::parse::secret::SecretValue;
 
+use crate::app;
 use crate::config::Config;
+use crate::edge::tls;
 use crate::http::error::full;
 use crate::pki::{write_file, Authority, LeafSpec};
 use crate::upstream::Body;
-use crate::app;
-use crate::edge::tls;
 
 pub const TRUST_DOMAIN: &str = "dev.portcullis";
 pub const DEMO_AGENT: &str = "spiffe://dev.portcullis/agent/demo";

@@ -11,9 +11,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use portcullis_filters::parse::identity::{SpiffeId, TrustDomain};
 
+use crate::app;
 use crate::config::{duration, Config};
 use crate::pki::{Authority, LeafSpec};
-use crate::app;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -22,9 +22,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::reload::{fingerprint, hangups, next_hangup, settled};
 use crate::edge::tls;
 use crate::reload::workload_api::{self, Endpoint, X509Svid};
+use crate::reload::{fingerprint, hangups, next_hangup, settled};
 
 /// Where the connector's identity comes from.
 #[derive(Debug)]

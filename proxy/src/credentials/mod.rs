@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use portcullis_filters::stages::credentials::SecretStore;
 use portcullis_filters::parse::secret::SecretValue;
+use portcullis_filters::stages::credentials::SecretStore;
 
 use crate::config::SourceConfig;
 use crate::replicas::{FetchStats, RedisStore};
@@ -42,8 +42,12 @@ impl LocalSecrets {
         let mut oauth = HashMap::new();
         for c in creds {
             if let SourceConfig::Oauth(o) = &c.source {
-                let source =
-                    crate::credentials::oauth::OAuthSource::new(&c.name, o, shared.clone(), stats.clone())?;
+                let source = crate::credentials::oauth::OAuthSource::new(
+                    &c.name,
+                    o,
+                    shared.clone(),
+                    stats.clone(),
+                )?;
                 oauth.insert(c.name.clone(), source);
             }
         }

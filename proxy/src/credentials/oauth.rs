@@ -15,9 +15,9 @@ use moka::future::Cache;
 use moka::Expiry;
 use portcullis_filters::parse::secret::SecretValue;
 
-use crate::upstream::backend::Backend;
 use crate::config::{resolve_reference, OAuthGrant, OAuthSourceConfig};
 use crate::replicas::{FetchStats, Fetched, RedisStore};
+use crate::upstream::backend::Backend;
 
 /// Refresh this long before the token expires, so a request never carries a dying token.
 const EARLY: Duration = Duration::from_secs(30);

@@ -10,10 +10,10 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
-use crate::upstream::backend::Backend;
 use crate::config::{resolve_reference, VaultConfig, VaultSecretRef};
 use crate::credentials::oauth::ByLifetime;
 use crate::replicas::{fingerprint, FetchStats, Fetched, RedisStore};
+use crate::upstream::backend::Backend;
 
 pub struct Vault {
     cfg: VaultConfig,

@@ -12,10 +12,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::credentials::LocalSecrets;
 use crate::http::error::full;
 use crate::http::mitm::LeafStats;
 use crate::http::Shared;
-use crate::credentials::LocalSecrets;
 use crate::upstream::Body;
 use portcullis_filters::stages::credentials::SecretStore as _;
 

@@ -14,8 +14,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::edge::idle::{idle_watch, Activity, IdleIo};
-use crate::http::{self, hyper_buf_size, Conn, Shared};
 use crate::edge::tls::peer_spiffe_id;
+use crate::http::{self, hyper_buf_size, Conn, Shared};
 
 pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     accept_until_shutdown(&listener, acceptor, &shared).await;

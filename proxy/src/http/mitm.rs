@@ -16,8 +16,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
 use crate::config::MitmConfig;
-use crate::pki::{Authority, LeafSpec, PkiError};
 use crate::edge::tls::provider;
+use crate::pki::{Authority, LeafSpec, PkiError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MitmError {

@@ -20,8 +20,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_filters::parse::destination::{Destination, Host, Scheme};
 use portcullis_filters::parse::egress::EgressGuard;
-use portcullis_filters::pipeline::RequestBody;
 use portcullis_filters::pipeline::timing::StepKind;
+use portcullis_filters::pipeline::RequestBody;
 use portcullis_filters::{
     Action, ActionKind, AfterResponse, Chain, Context, ErrorCode, Outcome, Peer, Rejection,
     TraceId, Via,
@@ -30,11 +30,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::request_body::{read_limited, Read};
 use crate::config::LimitsConfig;
-use crate::http::error::{empty, error_response};
 use crate::edge::idle::{idle_watch, Activity};
+use crate::http::error::{empty, error_response};
 use crate::http::mitm::Mitm;
+use crate::http::request_body::{read_limited, Read};
 use crate::http::response_body::LoggedBody;
 use crate::upstream::{self, Body, Upstream};
 

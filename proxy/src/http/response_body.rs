@@ -54,7 +54,10 @@ impl LoggedBody {
         }
     }
 
-    fn cut_off(&self, e: portcullis_filters::TransformError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn cut_off(
+        &self,
+        e: portcullis_filters::TransformError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some((ctx, _)) = &self.done {
             tracing::warn!(trace_id = %ctx.trace_id, error = %e, "response body cut off");
         }

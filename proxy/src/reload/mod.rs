@@ -20,9 +20,9 @@ use portcullis_policy::Policy;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::edge::admin::Status;
 use crate::app::load_policy;
 use crate::config::Config;
+use crate::edge::admin::Status;
 use crate::edge::tls::{certified_key, load_bundles, provider, Roots, ServerCert, TrustStore};
 use crate::reload::workload_api::{Bundles, X509Svid};
 

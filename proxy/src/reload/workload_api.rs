@@ -358,8 +358,12 @@ mod tests {
             vec![CertificateDer::from(ca.cert_der().to_vec())]
         );
         // Usable as is by rustls.
-        rustls::sign::CertifiedKey::from_der(got.chain.clone(), got.key(), &crate::edge::tls::provider())
-            .unwrap();
+        rustls::sign::CertifiedKey::from_der(
+            got.chain.clone(),
+            got.key(),
+            &crate::edge::tls::provider(),
+        )
+        .unwrap();
         // And the key never shows in Debug output.
         assert!(!format!("{got:?}").contains("key"), "{got:?}");
     }

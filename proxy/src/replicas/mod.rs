@@ -19,8 +19,8 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio_util::sync::CancellationToken;
 
-use portcullis_filters::stages::pinning::{PinEvent, ToolPins};
 use portcullis_filters::parse::secret::SecretValue;
+use portcullis_filters::stages::pinning::{PinEvent, ToolPins};
 
 use crate::config::{resolve_reference, RedisConfig};
 

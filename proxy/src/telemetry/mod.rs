@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use portcullis_filters::parse::destination::Host;
-use portcullis_filters::pipeline::{span_hex, DecisionRecord, McpSummary};
 use portcullis_filters::pipeline::timing::{sampled, Step, StepKind};
+use portcullis_filters::pipeline::{span_hex, DecisionRecord, McpSummary};
 use portcullis_filters::{ActionKind, Context, Filter, Outcome};
 use tokio::sync::{oneshot, Notify};
 
