@@ -39,6 +39,9 @@ pub enum PolicyError {
     },
     #[error("entrypoint {entrypoint}: {message}")]
     Entrypoint { entrypoint: String, message: String },
+    /// The policy's own `test_` rules fail: such a policy is never served.
+    #[error("the policy's own tests fail:\n{report}")]
+    TestsFail { report: String },
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {

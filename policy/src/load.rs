@@ -73,6 +73,23 @@ struct SourceFile {
 }
 
 impl PolicySet {
+    /// [`PolicySet::load`], then the policy's own tests: what the proxy serves (at start and
+    /// on every reload). A policy without tests is served; one with a failing test is not.
+    pub fn load_tested(
+        paths: &[PathBuf],
+        entrypoint: &str,
+        limits: Limits,
+    ) -> Result<PolicySet, PolicyError> {
+        let set = PolicySet::load(paths, entrypoint, limits)?;
+        let report = set.run_tests();
+        if report.pass_count() < report.results.len() {
+            return Err(PolicyError::TestsFail {
+                report: report.to_string(),
+            });
+        }
+        Ok(set)
+    }
+
     /// Loads every `.rego`, `.json`, `.yaml` and `.yml` file under `paths` (files or
     /// directories), compiles `entrypoint` (e.g. `data.portcullis.decision`) and smoke-tests
     /// it on a minimal input. Errors name the file, and for Rego `file:line:col`.

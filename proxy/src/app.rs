@@ -18,7 +18,7 @@ use portcullis_filters::stages::pinning::{OnChange, ToolPinning, ToolPins};
 use portcullis_filters::stages::policy::PolicyFilter;
 use portcullis_filters::stages::trace::TracePropagation;
 use portcullis_filters::Chain;
-use portcullis_policy::{Policy, PolicySet};
+use portcullis_policy::Policy;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,7 +30,7 @@ use crate::edge::listener;
 use crate::edge::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
 use crate::http::mitm::Mitm;
 use crate::http::sse::SseTransport;
-use crate::http::Shared;
+use crate::http::{Operations, Shared, Tasks};
 use crate::reload::workload_api;
 use crate::reload::{Reloader, Served, WorkloadApiFeeds};
 use crate::replicas::RedisStore;
@@ -110,18 +110,6 @@ pub fn build_chain(
     Ok(chain)
 }
 
-/// Load the policy and run its own tests: a policy whose tests fail is not served.
-pub fn load_policy(cfg: &crate::config::PolicyConfig) -> Result<PolicySet, String> {
-    let set =
-        PolicySet::load(&cfg.paths, &cfg.entrypoint, cfg.limits()).map_err(|e| e.to_string())?;
-    let report = set.run_tests();
-    // A policy without tests is served; one with a failing test is not.
-    if report.pass_count() < report.results.len() {
-        return Err(format!("the policy's own tests fail:\n{report}"));
-    }
-    Ok(set)
-}
-
 /// A started proxy: its bound addresses and the handle to stop it.
 pub struct Running {
     pub proxy_addr: SocketAddr,
@@ -148,7 +136,6 @@ pub struct Loaded {
     cert: Arc<ServerCert>,
     server_tls: rustls::ServerConfig,
     mitm: Mitm,
-    guard: Arc<EgressGuard>,
     upstream: Upstream,
     policy: Arc<Policy>,
     decision_log: Option<DecisionLog>,
@@ -175,10 +162,8 @@ impl Loaded {
             cfg.egress.allow.clone(),
             cfg.egress.deny.clone(),
         ));
-        let upstream = Upstream::new(&cfg.upstream, guard.clone()).map_err(|e| cfg_err(&e))?;
-        let policy = Arc::new(Policy::new(
-            load_policy(&cfg.policy).map_err(|e| cfg_err(&e))?,
-        ));
+        let upstream = Upstream::new(&cfg.upstream, guard).map_err(|e| cfg_err(&e))?;
+        let policy = Arc::new(Policy::new(cfg.policy.load().map_err(|e| cfg_err(&e))?));
         let decision_log = DecisionLog::open(&cfg.telemetry.decision_log).map_err(|e| {
             StartError::Config(format!(
                 "telemetry.decision_log {}: {e}",
@@ -203,7 +188,6 @@ impl Loaded {
             cert,
             server_tls,
             mitm,
-            guard,
             upstream,
             policy,
             decision_log,
@@ -224,7 +208,6 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         cert,
         server_tls,
         mitm,
-        guard,
         upstream,
         policy,
         decision_log,
@@ -294,16 +277,18 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     let shared = Arc::new(Shared {
         chain,
         routes,
-        secrets,
-        metrics,
-        pins,
         upstream,
         mitm,
-        guard,
         limits: cfg.limits.clone(),
-        connect_timeout: cfg.upstream.connect_timeout,
-        shutdown: shutdown.clone(),
-        tracker: TaskTracker::new(),
+        tasks: Tasks {
+            shutdown: shutdown.clone(),
+            tracker: TaskTracker::new(),
+        },
+        ops: Operations {
+            metrics,
+            secrets,
+            pins,
+        },
     });
     let status = Arc::new(Status::default());
     tokio::spawn(admin::serve(
@@ -333,7 +318,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     tokio::spawn(reloader.run(feeds, shutdown.clone(), ready_tx));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
     let (status2, shared2) = (status.clone(), shared.clone());
-    shared.tracker.spawn(async move {
+    shared.tasks.tracker.spawn(async move {
         if ready_rx.await.is_err() {
             return; // shut down before the Workload API delivered
         }
@@ -353,8 +338,8 @@ impl Running {
     /// Stop accepting, let in-flight requests finish for up to `grace`, then return.
     pub async fn drain(self, grace: std::time::Duration) {
         self.shutdown.cancel();
-        self.shared.tracker.close();
-        if tokio::time::timeout(grace, self.shared.tracker.wait())
+        self.shared.tasks.tracker.close();
+        if tokio::time::timeout(grace, self.shared.tasks.tracker.wait())
             .await
             .is_err()
         {
@@ -394,4 +379,74 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use portcullis_filters::stages::pinning::OnChange;
+
+    /// A config for `build_chain` alone (nothing it names is opened) and its policy.
+    fn config(extra: &str) -> (tempfile::TempDir, Config, Arc<Policy>) {
+        let dir = tempfile::tempdir().unwrap();
+        let rego = dir.path().join("p.rego");
+        std::fs::write(&rego, "package portcullis\ndecision := true\n").unwrap();
+        let yaml = format!(
+            "tls: {{cert: c, key: k}}\ntrust_domains: {{}}\nmitm: {{ca_cert: m, ca_key: k}}\n\
+             policy: {{paths: ['{}']}}\n{extra}",
+            rego.display()
+        );
+        let cfg: Config = serde_yaml_ng::from_str(&yaml).unwrap();
+        let policy = Arc::new(Policy::new(cfg.policy.load().unwrap()));
+        (dir, cfg, policy)
+    }
+
+    fn chain(
+        cfg: &Config,
+        policy: Arc<Policy>,
+        log: Option<DecisionLog>,
+    ) -> Result<Chain, StartError> {
+        let secrets = Arc::new(LocalSecrets::new(&cfg.credentials, None, None).unwrap());
+        let pins = Arc::new(ToolPins::new(OnChange::Log));
+        build_chain(cfg, policy, pins, Arc::default(), log, None, secrets)
+    }
+
+    /// The order is the security argument: hygiene and inspection before anything reads the
+    /// request, credentials detected before the policy sees them, substituted only after it
+    /// allowed, the HTTP+SSE transport after every refusal could happen, logging last.
+    #[test]
+    fn the_chain_runs_its_filters_in_this_order() {
+        let (_dir, cfg, policy) = config("");
+        let log = DecisionLog::open("stderr").unwrap();
+        let names: Vec<_> = chain(&cfg, policy, log).unwrap().names().collect();
+        assert_eq!(
+            names,
+            [
+                "header_hygiene",
+                "mcp_inspect",
+                "trace_propagation",
+                "tool_pinning",
+                "credential_detect",
+                "policy",
+                "credential_substitute",
+                "mcp_sse_transport",
+                "access_log",
+                "metrics",
+                "decision_log",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_credential_whose_placeholder_does_not_parse_is_a_config_error() {
+        let (_dir, cfg, policy) = config(
+            "credentials: [{name: demo, placeholder: 'not a placeholder', hosts: [localhost], \
+             source: {env: DEMO_TOKEN}}]\n",
+        );
+        let Err(StartError::Config(e)) = chain(&cfg, policy, None) else {
+            panic!("accepted an unparsable placeholder");
+        };
+        assert!(e.contains("demo") && e.contains("placeholder"), "{e}");
+    }
 }

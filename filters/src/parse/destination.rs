@@ -306,7 +306,7 @@ pub fn split_authority(s: &str) -> Result<(&str, Option<&str>), AuthorityError> 
 }
 
 /// Strict decimal port in 1..=65535 (digits only: no sign, no whitespace).
-fn parse_port(p: &str) -> Result<u16, AuthorityError> {
+pub fn parse_port(p: &str) -> Result<u16, AuthorityError> {
     if p.is_empty() {
         return Err(AuthorityError::EmptyPort);
     }

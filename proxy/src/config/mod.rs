@@ -180,6 +180,11 @@ impl PolicyConfig {
             ..portcullis_policy::Limits::default()
         }
     }
+
+    /// Load the policy and run its own tests (a policy whose tests fail is not served).
+    pub fn load(&self) -> Result<portcullis_policy::PolicySet, portcullis_policy::PolicyError> {
+        portcullis_policy::PolicySet::load_tested(&self.paths, &self.entrypoint, self.limits())
+    }
 }
 
 /// One brokered credential. The secret itself is never in the config, only where to get it.
@@ -569,6 +574,14 @@ pub struct LimitsConfig {
     /// Time to receive a body that must be inspected (slow-body clients).
     #[serde(with = "duration")]
     pub body_read_timeout: Duration,
+}
+
+impl LimitsConfig {
+    /// hyper's own header buffer limit sits above ours so our 431 (with the error contract)
+    /// answers first; anything beyond it still gets hyper's bare 431.
+    pub fn hyper_buf_size(&self) -> usize {
+        (self.max_header_bytes * 2).max(8192)
+    }
 }
 
 impl Default for LimitsConfig {

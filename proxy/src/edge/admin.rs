@@ -77,7 +77,7 @@ fn text(code: StatusCode, body: String) -> Response<Body> {
 /// `POST /credentials/revoke?name=NAME`: drop the cached value so the next use refetches.
 async fn revoke(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
     match query(req).get("name") {
-        Some(name) if shared.secrets.revoke(name).await => {
+        Some(name) if shared.ops.secrets.revoke(name).await => {
             text(StatusCode::OK, format!("revoked {name}\n"))
         }
         Some(name) => text(
@@ -95,12 +95,13 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         "/metrics" => {
-            let mut out = metrics(status, leaf, &shared.secrets);
-            shared.metrics.render(&mut out);
+            let mut out = metrics(status, leaf, &shared.ops.secrets);
+            shared.ops.metrics.render(&mut out);
             text(StatusCode::OK, out)
         }
         "/mcp/pins" if req.method() == http::Method::GET => {
             let pins: Vec<serde_json::Value> = shared
+                .ops
                 .pins
                 .list()
                 .into_iter()
@@ -113,7 +114,7 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
         "/mcp/pins/accept" if req.method() == http::Method::POST => {
             let q = query(req);
             match (q.get("server"), q.get("tool")) {
-                (Some(s), Some(t)) if shared.pins.accept(s, t) => {
+                (Some(s), Some(t)) if shared.ops.pins.accept(s, t) => {
                     tracing::info!(server = %s, tool = %t, "operator accepted a changed MCP tool definition");
                     text(StatusCode::OK, "accepted\n".into())
                 }

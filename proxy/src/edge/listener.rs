@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::edge::idle::{idle_watch, Activity, IdleIo};
 use crate::edge::tls::peer_spiffe_id;
-use crate::http::{self, hyper_buf_size, Conn, Shared};
+use crate::http::{self, Conn, Shared};
 
 pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     accept_until_shutdown(&listener, acceptor, &shared).await;
@@ -32,7 +32,7 @@ async fn accept_until_shutdown(
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.tasks.shutdown.cancelled() => return,
         };
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -44,11 +44,12 @@ async fn accept_until_shutdown(
                     continue;
                 }
             },
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.tasks.shutdown.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, shared2) = (acceptor.clone(), shared.clone());
         shared
+            .tasks
             .tracker
             .spawn(serve_conn(shared2, acceptor, tcp, addr, permit));
     }
@@ -61,7 +62,7 @@ async fn serve_conn(
     addr: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
-    let _counted = shared.metrics.connection();
+    let _counted = shared.ops.metrics.connection();
     let activity = Activity::new();
     let io = IdleIo::new(tcp, activity.clone());
     let handshake = tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io));
@@ -101,7 +102,7 @@ async fn serve_conn(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
-        .max_buf_size(hyper_buf_size(&shared.limits));
+        .max_buf_size(shared.limits.hyper_buf_size());
     let served = builder
         .serve_connection(TokioIo::new(tls), svc)
         .with_upgrades();
@@ -115,7 +116,7 @@ async fn serve_conn(
         _ = idle_watch(&activity, shared.limits.idle_timeout) => {
             tracing::debug!(peer = %addr, "client connection idle; closing");
         }
-        _ = shared.shutdown.cancelled() => {
+        _ = shared.tasks.shutdown.cancelled() => {
             served.as_mut().graceful_shutdown();
             let _ = served.await;
         }

@@ -5,10 +5,17 @@
 //! A route that names a credential gets its placeholder injected when the request has none;
 //! the usual substitution (bound hosts only) turns it into the secret.
 
-use http::{HeaderName, HeaderValue, Uri};
+use http::{HeaderName, HeaderValue, Response, Uri};
 use portcullis_filters::parse::destination::{split_authority, Destination, Scheme};
 
+use http::header::HOST;
+use hyper::body::Incoming;
+use portcullis_filters::{ActionKind, Context, ErrorCode, Rejection, TraceId, Via};
+
 use crate::config::{CredentialConfig, RouteConfig};
+use crate::http::forward::forward;
+use crate::http::{no_destination, refuse, Conn, Shared};
+use crate::upstream::Body;
 
 #[derive(Debug)]
 pub struct Route {
@@ -141,6 +148,53 @@ impl Route {
             }
         }
     }
+}
+
+/// An origin-form request in gateway mode: route it, or 404 `no_route`.
+pub(crate) async fn handle(
+    shared: &Shared,
+    conn: &Conn,
+    trace_id: TraceId,
+    mut parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    let host = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let Some(route) = shared.routes.find(host.as_deref(), parts.uri.path()) else {
+        let reason = format!("no gateway route matches {}", parts.uri.path());
+        let ctx = Context::new(
+            conn.peer.clone(),
+            no_destination(),
+            ActionKind::Http,
+            Via::Gateway,
+            trace_id,
+            &parts,
+        );
+        return refuse(shared, ctx, Rejection::new(ErrorCode::NoRoute, reason));
+    };
+    let uri = route.upstream_uri(&parts.uri);
+    let rewritten = uri.is_ok();
+    if let Ok(uri) = uri {
+        parts.uri = uri;
+    }
+    route.inject(&mut parts.headers);
+    let mut ctx = Context::new(
+        conn.peer.clone(),
+        route.upstream.clone(),
+        ActionKind::Http,
+        Via::Gateway,
+        trace_id,
+        &parts,
+    );
+    ctx.gateway_route = Some(route.name.clone());
+    if !rewritten {
+        let rej = Rejection::new(ErrorCode::BadRequest, "the path cannot be routed");
+        return refuse(shared, ctx, rej);
+    }
+    forward(shared, ctx, parts, body).await
 }
 
 #[cfg(test)]

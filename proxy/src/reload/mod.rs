@@ -20,7 +20,6 @@ use portcullis_policy::Policy;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::load_policy;
 use crate::config::Config;
 use crate::edge::admin::Status;
 use crate::edge::tls::{certified_key, load_bundles, provider, Roots, ServerCert, TrustStore};
@@ -352,7 +351,7 @@ impl Reloader {
     }
 
     fn reload_policy(&mut self) -> Result<(), String> {
-        let set = load_policy(&self.config.policy)?;
+        let set = self.config.policy.load().map_err(|e| e.to_string())?;
         let revision = set.revision().clone();
         let old = self.policy.replace(set);
         tracing::info!(revision = %revision, previous = %old.revision(), "reloaded policy");

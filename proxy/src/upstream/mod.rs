@@ -198,6 +198,9 @@ type Connector = TimeoutConnector<HttpsConnector<GuardedConnector>>;
 pub struct Upstream {
     client: Client<Connector, Body>,
     response_header_timeout: Duration,
+    /// For CONNECT: its addresses are checked before the tunnel exists.
+    guard: Arc<EgressGuard>,
+    connect_timeout: Duration,
 }
 
 impl Upstream {
@@ -208,7 +211,7 @@ impl Upstream {
             .with_tls_config(tls)
             .https_or_http();
         let guarded = GuardedConnector {
-            guard,
+            guard: guard.clone(),
             connect_timeout: cfg.connect_timeout,
         };
         let https = if cfg.http2 {
@@ -229,7 +232,20 @@ impl Upstream {
         Ok(Upstream {
             client,
             response_header_timeout: cfg.response_header_timeout,
+            guard,
+            connect_timeout: cfg.connect_timeout,
         })
+    }
+
+    /// A CONNECT target's addresses, each checked by the egress guard, so a blocked CONNECT
+    /// is refused before the tunnel exists.
+    pub async fn resolve(&self, host: &Host, port: u16) -> Result<Vec<SocketAddr>, DialError> {
+        resolve_checked(&self.guard, host, port).await
+    }
+
+    /// A TCP connection to addresses from [`Upstream::resolve`], for a passthrough tunnel.
+    pub async fn connect(&self, addrs: &[SocketAddr], host: &Host) -> Result<TcpStream, DialError> {
+        connect_checked(addrs, host, self.connect_timeout).await
     }
 
     /// Send a request; errors are already mapped to the DESIGN error table.

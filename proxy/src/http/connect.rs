@@ -1,0 +1,290 @@
+//! CONNECT: the tunnel's own action (egress guard and policy before the tunnel exists), then
+//! either bytes both ways (`mitm.passthrough`) or interception: TLS terminated with a leaf for
+//! the CONNECT host and HTTP/1.1 or h2 served inside, every request of which must name that
+//! host and then runs the same pipeline as any other.
+
+use std::sync::Arc;
+
+use http::header::HOST;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_filters::parse::destination::{parse_port, split_authority, Destination, Host};
+use portcullis_filters::{Action, ActionKind, Context, ErrorCode, Outcome, Rejection, Via};
+use tokio::net::TcpStream;
+
+use crate::edge::idle::idle_watch;
+use crate::http::error::empty;
+use crate::http::forward::forward;
+use crate::http::{new_trace_id, refuse, reject_early, Conn, Shared};
+use crate::upstream::Body;
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, _body) = req.into_parts();
+    let trace_id = new_trace_id();
+    let target = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let dest = match Destination::parse_connect_authority(target) {
+        Ok(d) if parts.uri.path_and_query().is_none() => d,
+        Ok(_) => {
+            return reject_early(
+                &shared,
+                &conn,
+                trace_id,
+                &parts,
+                "CONNECT target must be authority-form host:port".into(),
+            )
+        }
+        Err(e) => return reject_early(&shared, &conn, trace_id, &parts, e.to_string()),
+    };
+    let mut ctx = Context::new(
+        conn.peer.clone(),
+        dest,
+        ActionKind::Connect,
+        Via::Connect,
+        trace_id,
+        &parts,
+    );
+    if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
+        return refuse(&shared, ctx, rej);
+    }
+    // Check the destination now, so a blocked CONNECT is refused before the tunnel exists.
+    let addrs = match shared
+        .upstream
+        .resolve(&ctx.destination.host, ctx.destination.port)
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => return refuse(&shared, ctx, e.rejection()),
+    };
+    let passthrough = shared.mitm.is_passthrough(&ctx.destination.host);
+    let upstream_tcp = if passthrough {
+        match shared.upstream.connect(&addrs, &ctx.destination.host).await {
+            Ok(s) => Some(s),
+            Err(e) => return refuse(&shared, ctx, e.rejection()),
+        }
+    } else {
+        None
+    };
+    shared.chain.logging(
+        &ctx,
+        &Outcome {
+            status: 200,
+            bytes: 0,
+            duration: ctx.started.elapsed(),
+        },
+    );
+    let dest = ctx.destination.clone();
+    let shared2 = shared.clone();
+    shared.tasks.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        match upstream_tcp {
+            Some(tcp) => tunnel(&shared2, &conn, upgraded, tcp).await,
+            None => mitm(shared2, conn, dest, upgraded).await,
+        }
+    });
+    Response::new(empty())
+}
+
+/// `mitm.passthrough`: bytes both ways, no interception, until either side closes.
+async fn tunnel(
+    shared: &Shared,
+    conn: &Conn,
+    mut client: TokioIo<hyper::upgrade::Upgraded>,
+    mut upstream: TcpStream,
+) {
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "passthrough tunnel closed with error");
+            }
+        }
+        // No shutdown branch: a draining proxy lets tunnels run until the grace period ends.
+        _ = idle_watch(&conn.activity, shared.limits.idle_timeout) => {}
+    }
+}
+
+/// Terminate TLS inside the tunnel with a leaf for the CONNECT host and serve HTTP/1.1 or h2.
+async fn mitm(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    dest: Destination,
+    io: TokioIo<hyper::upgrade::Upgraded>,
+) {
+    let cfg = match shared.mitm.server_config(&dest.host).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(host = %dest.host, error = %e, "cannot issue MITM leaf certificate");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let tls = match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io))
+        .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::info!(host = %dest.host, spiffe_id = %conn.peer.spiffe_id, error = %e, "TLS handshake inside CONNECT tunnel failed (does the client trust the MITM CA?)");
+            return;
+        }
+        Err(_) => return,
+    };
+    let dest = Arc::new(dest);
+    let svc_shared = shared.clone();
+    let svc_conn = conn.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (s, c, d) = (svc_shared.clone(), svc_conn.clone(), dest.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle_inner(s, c, d, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_read_timeout)
+        .max_buf_size(shared.limits.hyper_buf_size());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.limits.hyper_buf_size()).unwrap_or(u32::MAX));
+    let served = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(served);
+    tokio::select! {
+        r = served.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "intercepted connection ended with error");
+            }
+        }
+        _ = idle_watch(&conn.activity, shared.limits.idle_timeout) => {}
+        _ = shared.tasks.shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+}
+
+/// A request inside an intercepted tunnel. Its target must be the CONNECT host: a different
+/// Host header would let a client reach a name the CONNECT (and its policy) never saw.
+async fn handle_inner(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    dest: Arc<Destination>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let ctx = Context::new(
+        conn.peer.clone(),
+        (*dest).clone(),
+        ActionKind::Http,
+        Via::Mitm,
+        new_trace_id(),
+        &parts,
+    );
+    if let Err(reason) = check_inner_authority(&parts, &dest) {
+        return refuse(&shared, ctx, Rejection::new(ErrorCode::BadRequest, reason));
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    match Uri::try_from(format!("https://{}{}", dest.authority(), path)) {
+        Ok(uri) => parts.uri = uri,
+        Err(e) => {
+            return refuse(
+                &shared,
+                ctx,
+                Rejection::new(ErrorCode::BadRequest, e.to_string()),
+            )
+        }
+    }
+    forward(&shared, ctx, parts, body).await
+}
+
+fn check_inner_authority(parts: &http::request::Parts, dest: &Destination) -> Result<(), String> {
+    let from_uri = parts.uri.authority().map(|a| a.as_str());
+    let from_host = match parts.headers.get(HOST).map(|h| h.to_str()) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(_)) => return Err("Host header is not valid text".into()),
+        None => None,
+    };
+    if from_uri.is_none() && from_host.is_none() {
+        return Err("request has no Host header".into());
+    }
+    // Both must name the CONNECT target when both are present (HTTP/1.1 absolute-form inside
+    // the tunnel carries both; only one is ever forwarded).
+    for claimed in from_uri.into_iter().chain(from_host) {
+        // The same splitter and host rules as the CONNECT target itself: no second, looser
+        // reading (userinfo, a lenient port) of what the upstream will be told.
+        let matches = split_authority(claimed)
+            .ok()
+            .and_then(|(host, port)| {
+                let port = match port {
+                    Some(p) => parse_port(p).ok()?,
+                    None => dest.port,
+                };
+                Some(Host::parse(host).ok()? == dest.host && port == dest.port)
+            })
+            .unwrap_or(false);
+        if !matches {
+            return Err(format!(
+                "request authority {claimed:?} does not match the CONNECT target {}",
+                dest.authority()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, host: Option<&[u8]>) -> http::request::Parts {
+        let mut req = Request::builder().uri(uri);
+        if let Some(h) = host {
+            req = req.header(HOST, http::HeaderValue::from_bytes(h).unwrap());
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    fn target() -> Destination {
+        Destination::parse_connect_authority("api.example.com:443").unwrap()
+    }
+
+    #[test]
+    fn inner_requests_must_name_the_connect_target() {
+        for ok in [
+            parts("/x", Some(b"api.example.com")),
+            parts("/x", Some(b"API.example.com:443")),
+            parts("https://api.example.com/x", None),
+            parts("https://api.example.com:443/x", Some(b"api.example.com")),
+        ] {
+            assert_eq!(check_inner_authority(&ok, &target()), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            parts("/x", None),
+            parts("/x", Some(b"other.example.com")),
+            parts("/x", Some(b"api.example.com:8443")),
+            parts("/x", Some(b"api.example.com:+443")),
+            parts("/x", Some(b"user@api.example.com")),
+            parts("/x", Some(b"api.example.com.evil.test")),
+            parts("/x", Some(b"api.example.com\xff")),
+            // Both present: both must match, whichever is forwarded.
+            parts("https://api.example.com/x", Some(b"other.example.com")),
+            parts("https://other.example.com/x", Some(b"api.example.com")),
+        ] {
+            assert!(check_inner_authority(&bad, &target()).is_err(), "{bad:?}");
+        }
+    }
+}

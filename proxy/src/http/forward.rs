@@ -1,0 +1,180 @@
+//! The path every HTTP action shares, written as the phases of the filter chain and nothing
+//! else: read the body if a filter asked, request phase, upstream-request phase, send,
+//! after-response phase (at most one retry), response phase, response-body phase; the body
+//! runs the logging phase when it ends. A capability is a filter, never an `if` here.
+
+use std::time::Duration;
+
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use portcullis_filters::pipeline::timing::StepKind;
+use portcullis_filters::pipeline::RequestBody;
+use portcullis_filters::{Action, AfterResponse, Context, ErrorCode, Rejection, Via};
+
+use crate::http::request_body::{read_limited, Read};
+use crate::http::response_body::LoggedBody;
+use crate::http::{refuse, Shared};
+use crate::upstream::Body;
+
+/// The shared path of every HTTP action: request phase, upstream request phase, send, after
+/// response phase (which may ask for one retry), response phase, response-body phase, and a
+/// body that runs the logging phase when it ends. Features live in the filters, not here.
+pub(crate) async fn forward(
+    shared: &Shared,
+    mut ctx: Context,
+    mut parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    // Buffer the body only when a filter needs to see it (JSON-RPC, body placeholders).
+    let body = if shared.chain.wants_body(&ctx, &parts) {
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let limits = &shared.limits;
+        match read_limited(
+            body,
+            declared,
+            limits.inspect_body_bytes,
+            limits.body_read_timeout,
+        )
+        .await
+        {
+            Ok(Read::Complete(b)) => {
+                ctx.body = RequestBody::Buffered(b);
+                None
+            }
+            Ok(Read::TooLarge(rest)) => {
+                ctx.body = RequestBody::TooLarge;
+                Some(rest)
+            }
+            Err(rej) => return refuse(shared, ctx, rej),
+        }
+    } else if http_body::Body::is_end_stream(&body) {
+        ctx.body = RequestBody::Empty;
+        None
+    } else {
+        Some(crate::http::request_body::stream(body))
+    };
+    if let Action::Respond(mut rej) = shared.chain.request(&mut ctx, &mut parts).await {
+        shared.chain.refused(&ctx, &parts, &mut rej);
+        return refuse_draining(shared, ctx, rej, body);
+    }
+    let (mut ctx, mut req) = match prepare(shared, ctx, parts, body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let mut retried = false;
+    let (mut rparts, rbody) = loop {
+        let (rparts, rbody) = match send(shared, &mut ctx, req).await {
+            Ok(r) => r.into_parts(),
+            Err(rej) => return refuse(shared, ctx, rej),
+        };
+        match shared.chain.after_response(&mut ctx, &rparts).await {
+            AfterResponse::Retry(parts) if !retried => {
+                retried = true;
+                (ctx, req) = match prepare(shared, ctx, parts, None) {
+                    Ok(r) => r,
+                    Err(resp) => return resp,
+                };
+            }
+            AfterResponse::Respond(rej) => return refuse(shared, ctx, rej),
+            AfterResponse::Deliver | AfterResponse::Retry(_) => break (rparts, rbody),
+        }
+    };
+    shared.chain.response(&mut ctx, &mut rparts);
+    let transforms = shared.chain.response_body(&ctx, &rparts);
+    if transforms.is_some() {
+        // A transformed body has another length.
+        rparts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    let body = LoggedBody::new(rbody, rparts.status, transforms, ctx, shared.chain.clone());
+    Response::from_parts(rparts, BodyExt::boxed(body))
+}
+
+/// The request as it goes upstream: Host for absolute-form, the upstream-request phase, and
+/// the body (streamed, or what the filters left of a buffered one).
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn prepare(
+    shared: &Shared,
+    mut ctx: Context,
+    mut parts: http::request::Parts,
+    mut body: Option<Body>,
+) -> Result<(Context, Request<Body>), Response<Body>> {
+    if matches!(ctx.via, Via::AbsoluteForm | Via::Gateway) {
+        // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header (and a
+        // gateway request is addressed to the route's upstream, not to the gateway).
+        match HeaderValue::from_str(&ctx.destination.authority()) {
+            Ok(h) => {
+                parts.headers.insert(HOST, h);
+            }
+            Err(e) => {
+                let rej = Rejection::new(ErrorCode::BadRequest, e.to_string());
+                return Err(refuse_draining(shared, ctx, rej, body));
+            }
+        }
+    }
+    // hyper picks the upstream protocol per connection (ALPN); the request version must not pin it.
+    parts.version = Version::HTTP_11;
+    if let Action::Respond(rej) = shared.chain.upstream_request(&mut ctx, &mut parts) {
+        return Err(refuse_draining(shared, ctx, rej, body));
+    }
+    let body = match (body.take(), &ctx.body) {
+        (Some(b), _) => b,
+        // Buffered: send what the filters left (they may have rewritten it).
+        (None, RequestBody::Buffered(b)) => {
+            parts.headers.remove(http::header::TRANSFER_ENCODING);
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            crate::http::error::full(b.clone())
+        }
+        (None, _) => crate::http::error::empty(),
+    };
+    Ok((ctx, Request::from_parts(parts, body)))
+}
+
+async fn send(
+    shared: &Shared,
+    ctx: &mut Context,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, Rejection> {
+    let sent = std::time::Instant::now();
+    let resp = shared.upstream.send(req).await;
+    shared.ops.metrics.upstream_latency.observe(sent.elapsed());
+    // The upstream client span (telemetry on only): until the response headers.
+    ctx.step_end(Some(sent), || StepKind::Upstream {
+        status: resp.as_ref().ok().map(|r| r.status().as_u16()),
+        error: resp.as_ref().err().map(|r| r.code),
+    });
+    resp
+}
+
+/// Refuse, but keep reading the unread request body in the background (bounded in size and
+/// time), so the client gets the answer instead of a reset (an h2 `RST_STREAM` or an HTTP/1.1
+/// close in the middle of its upload).
+fn refuse_draining(
+    shared: &Shared,
+    ctx: Context,
+    rej: Rejection,
+    body: Option<Body>,
+) -> Response<Body> {
+    if let Some(mut b) = body {
+        let limit = shared.limits.inspect_body_bytes;
+        shared.tasks.tracker.spawn(async move {
+            let drain = async {
+                let mut seen = 0usize;
+                while let Some(Ok(frame)) = b.frame().await {
+                    seen += frame.data_ref().map_or(0, |d| d.len());
+                    if seen > limit {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        });
+    }
+    refuse(shared, ctx, rej)
+}
