@@ -152,7 +152,9 @@ impl Loaded {
         let trust = Arc::new(ArcSwap::from_pointee(store));
         // With the Workload API the certificate arrives after start (see `start`).
         let cert = ServerCert::new(match cfg.tls.files() {
-            Some((cert, key)) => Some(tls::certified_key(cert, key).map_err(|e| cfg_err(&e))?),
+            Some((cert, key)) => {
+                Some(crate::certs::certified_key(cert, key).map_err(|e| cfg_err(&e))?)
+            }
             None => None,
         });
         let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod app;
+mod certs;
 mod cli;
 mod config;
 mod connector;
@@ -28,5 +29,6 @@ pub use cli::main;
 /// TLS helpers the bench and the tests share with the proxy: PEM loading, the rustls crypto
 /// provider and the X.509-SVID leaf checks.
 pub mod tls {
-    pub use crate::edge::tls::{check_leaf, load_certs, load_key, provider};
+    pub use crate::certs::{load_certs, load_key, provider};
+    pub use crate::edge::tls::check_leaf;
 }

@@ -18,7 +18,6 @@ use portcullis_filters::parse::secret::SecretValue;
 
 use crate::app;
 use crate::config::Config;
-use crate::edge::tls;
 use crate::http::error::full;
 use crate::pki::{write_file, Authority, LeafSpec};
 use crate::upstream::Body;
@@ -260,8 +259,8 @@ async fn start_demo_upstream(
     files: &DevFiles,
     secret: Arc<SecretValue>,
 ) -> anyhow::Result<(u16, u16)> {
-    let ck = tls::certified_key(&files.path("upstream.pem"), &files.path("upstream.key"))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
+    let ck = crate::certs::certified_key(&files.path("upstream.pem"), &files.path("upstream.key"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::certs::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)));

@@ -5,6 +5,8 @@
 //! client's CONNECT or absolute-form requests as if the client had sent them over mTLS.
 //! Anyone who can reach the listener acts as this workload, hence loopback and `--allow-clients`.
 
+mod tls;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -22,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::edge::tls;
+use crate::edge::tls::check_leaf;
 use crate::reload::workload_api::{self, Endpoint, X509Svid};
 use crate::reload::{fingerprint, hangups, next_hangup, settled};
 
@@ -112,16 +114,16 @@ fn from_files(
     bundle: &Path,
     upstream_id: Option<&SpiffeId>,
 ) -> Result<Identity, String> {
-    let chain = tls::load_certs(svid).map_err(|e| e.to_string())?;
+    let chain = crate::certs::load_certs(svid).map_err(|e| e.to_string())?;
     let id = chain
         .first()
-        .map(|leaf| tls::check_leaf(leaf, SystemTime::now()))
+        .map(|leaf| check_leaf(leaf, SystemTime::now()))
         .transpose()
         .map_err(|e| format!("{}: not a usable X.509-SVID: {e}", svid.display()))?
         .ok_or_else(|| format!("{}: no certificate", svid.display()))?;
     warn_if_readable_by_others(key);
-    let key = tls::load_key(key).map_err(|e| e.to_string())?;
-    let roots = tls::load_certs(bundle).map_err(|e| e.to_string())?;
+    let key = crate::certs::load_key(key).map_err(|e| e.to_string())?;
+    let roots = crate::certs::load_certs(bundle).map_err(|e| e.to_string())?;
     let cfg = tls::connector_config(chain, key, &roots, upstream_id)
         .map_err(|e| format!("{}: {e}", svid.display()))?;
     Ok(Identity {

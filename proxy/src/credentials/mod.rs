@@ -5,6 +5,7 @@
 //! that cannot answer and has no valid cached value is an error: the request is refused (503),
 //! never forwarded with its placeholder.
 
+pub(crate) mod fetch;
 pub(crate) mod oauth;
 pub(crate) mod vault;
 
@@ -17,7 +18,8 @@ use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::credentials::SecretStore;
 
 use crate::config::SourceConfig;
-use crate::replicas::{FetchStats, RedisStore};
+use crate::credentials::fetch::{note_fetch, FetchStats, FETCHED};
+use crate::replicas::RedisStore;
 
 #[derive(Debug)]
 pub struct LocalSecrets {
@@ -117,17 +119,6 @@ impl LocalSecrets {
         }
         Ok(value)
     }
-}
-
-tokio::task_local! {
-    /// Set while a traced read runs, when a source (not a cache) produced the value.
-    static FETCHED: std::cell::Cell<bool>;
-}
-
-/// A source was asked for a secret (Vault, OAuth, a file re-read): the traced read in this
-/// task, if any, was not a cache hit.
-pub fn note_fetch() {
-    let _ = FETCHED.try_with(|f| f.set(true));
 }
 
 #[async_trait::async_trait]

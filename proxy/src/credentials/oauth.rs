@@ -6,30 +6,21 @@
 //! error (the request gets 503, never the placeholder forwarded).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::future::Cache;
-use moka::Expiry;
 use portcullis_filters::parse::secret::SecretValue;
 
 use crate::config::{resolve_reference, OAuthGrant, OAuthSourceConfig};
-use crate::replicas::{FetchStats, Fetched, RedisStore};
+use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
+use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
 
 /// Refresh this long before the token expires, so a request never carries a dying token.
 const EARLY: Duration = Duration::from_secs(30);
-
-/// Cache entries live as long as the secret they hold.
-pub struct ByLifetime;
-
-impl<K> Expiry<K, Arc<Fetched>> for ByLifetime {
-    fn expire_after_create(&self, _k: &K, f: &Arc<Fetched>, _now: Instant) -> Option<Duration> {
-        Some(f.lifetime)
-    }
-}
 
 pub struct OAuthSource {
     name: String,
@@ -41,6 +32,26 @@ pub struct OAuthSource {
     /// The latest rotated refresh token and the hash of the configured one it descends from.
     rotated: tokio::sync::Mutex<Option<(String, SecretValue)>>,
     stats: Arc<FetchStats>,
+}
+
+/// Which token endpoint, client and grant the token comes from (not how it is reached: the CA
+/// and the timeout do not change the token).
+fn source_fingerprint(cfg: &OAuthSourceConfig) -> String {
+    let grant = match cfg.grant {
+        OAuthGrant::ClientCredentials => "client_credentials",
+        OAuthGrant::RefreshToken => "refresh_token",
+    };
+    let scopes = cfg.scopes.join(" ");
+    fingerprint([
+        Some(cfg.token_url.as_str()),
+        Some(grant),
+        cfg.refresh_token.as_deref(),
+        Some(cfg.client_id.as_str()),
+        Some(cfg.client_secret.as_str()),
+        Some(scopes.as_str()),
+        cfg.audience.as_deref(),
+        Some(cfg.client_auth.as_str()),
+    ])
 }
 
 impl std::fmt::Debug for OAuthSource {
@@ -78,7 +89,7 @@ impl OAuthSource {
                 .max_capacity(1)
                 .expire_after(ByLifetime)
                 .build(),
-            fingerprint: crate::replicas::fingerprint(cfg),
+            fingerprint: source_fingerprint(cfg),
             shared,
             rotated: tokio::sync::Mutex::new(None),
             stats,
@@ -115,7 +126,7 @@ impl OAuthSource {
             return Err("no refresh_token configured".into());
         };
         let seed = resolve_reference(reference).map_err(|e| format!("refresh_token: {e}"))?;
-        let seed_hash = crate::replicas::fingerprint(&seed.expose());
+        let seed_hash = fingerprint([Some(seed.expose())]);
         if let Some(s) = &self.shared {
             if let Some(t) = s
                 .load_refresh(&self.name, &self.fingerprint, &seed_hash)

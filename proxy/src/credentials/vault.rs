@@ -11,8 +11,8 @@ use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
 use crate::config::{resolve_reference, VaultConfig, VaultSecretRef};
-use crate::credentials::oauth::ByLifetime;
-use crate::replicas::{fingerprint, FetchStats, Fetched, RedisStore};
+use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
+use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
 
 pub struct Vault {
@@ -66,8 +66,14 @@ impl Vault {
         let fetch = async {
             let fetched = match &self.shared {
                 Some(s) => {
-                    let source = (&self.cfg.address, &self.cfg.namespace, r);
-                    s.get_or_fetch(name, &fingerprint(&source), || self.fetch_counted(r))
+                    let source = fingerprint([
+                        Some(self.cfg.address.as_str()),
+                        self.cfg.namespace.as_deref(),
+                        Some(r.mount.as_str()),
+                        Some(r.path.as_str()),
+                        Some(r.field.as_str()),
+                    ]);
+                    s.get_or_fetch(name, &source, || self.fetch_counted(r))
                         .await
                 }
                 None => self.fetch_counted(r).await,

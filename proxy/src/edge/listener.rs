@@ -13,8 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::edge::idle::{idle_watch, Activity, IdleIo};
 use crate::edge::tls::peer_spiffe_id;
+use crate::http::idle::{idle_watch, Activity, IdleIo};
 use crate::http::{self, Conn, Shared};
 
 pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {

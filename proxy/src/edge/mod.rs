@@ -1,7 +1,6 @@
 //! The network edge: the client-facing listener (accept, TLS handshake with SPIFFE client
-//! verification, idle detection), the proxy's own TLS material, and the admin listener.
+//! verification), the proxy's own TLS material, and the admin listener.
 
 pub(crate) mod admin;
-pub(crate) mod idle;
 pub(crate) mod listener;
 pub(crate) mod tls;

@@ -3,9 +3,11 @@
 //! (`filters::identity`), then verifies the chain against the bundle of *the trust domain named
 //! in the SVID's SPIFFE ID* only, so one trust domain's CA can never vouch for another's IDs.
 
+pub use crate::certs::TlsError;
+use crate::certs::{load_certs, provider};
+
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -18,52 +20,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
 use rustls::{OtherError, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {reason}")]
-    File { path: String, reason: String },
-    #[error("{0}")]
-    Bundle(String),
-    #[error("{0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-fn file_err(path: &Path, reason: impl fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.display().to_string(),
-        reason: reason.to_string(),
-    }
-}
-
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// All certificates in a PEM file; an empty file is an error.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
-    if certs.is_empty() {
-        return Err(file_err(path, "no PEM certificate found"));
-    }
-    Ok(certs)
-}
-
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("private key: {e}")))
-}
-
-pub fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
-    let chain = load_certs(cert)?;
-    let key = load_key(key)?;
-    let ck = CertifiedKey::from_der(chain, key, &provider())?;
-    Ok(Arc::new(ck))
-}
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 /// The proxy's own server certificate, swapped in place when its files change or the Workload
 /// API rotates it. Empty until the first SVID arrives from the Workload API: a handshake then
@@ -344,119 +301,6 @@ pub fn handshake_error(e: &std::io::Error) -> String {
 pub fn peer_spiffe_id(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;
     identity::check_svid_leaf(leaf).ok()
-}
-
-/// The connector's client TLS config: the workload's SVID as client certificate, the central
-/// proxy's certificate verified (host name included) against the trust bundles and, with
-/// `upstream_id`, required to be the X.509-SVID of that SPIFFE ID; HTTP/1.1.
-pub fn connector_config<'a>(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    roots: impl IntoIterator<Item = &'a CertificateDer<'static>>,
-    upstream_id: Option<&SpiffeId>,
-) -> Result<rustls::ClientConfig, TlsError> {
-    let mut store = RootCertStore::empty();
-    for cert in roots {
-        store
-            .add(cert.clone())
-            .map_err(|e| TlsError::Bundle(format!("trust bundle: {e}")))?;
-    }
-    if store.is_empty() {
-        return Err(TlsError::Bundle(
-            "the trust bundle has no CA certificate".into(),
-        ));
-    }
-    let webpki =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
-            .build()
-            .map_err(|e| TlsError::Bundle(format!("trust bundle: {e}")))?;
-    let verifier = Arc::new(UpstreamVerifier {
-        webpki,
-        expected: upstream_id.cloned(),
-    });
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .dangerous() // a verifier that adds a check to the WebPKI one, never removes one
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
-/// The WebPKI server verification (chain to the bundle, validity, host name), then, when
-/// configured, the central proxy's SPIFFE ID.
-#[derive(Debug)]
-struct UpstreamVerifier {
-    webpki: Arc<rustls::client::WebPkiServerVerifier>,
-    expected: Option<SpiffeId>,
-}
-
-/// The proxy's certificate chains to the bundle but is not the expected workload's SVID.
-#[derive(Debug, thiserror::Error)]
-#[error("the proxy's certificate is {found}, not {expected}")]
-pub struct WrongUpstreamId {
-    expected: String,
-    found: String,
-}
-
-impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &rustls_pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let verified = self.webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
-        let Some(expected) = &self.expected else {
-            return Ok(verified);
-        };
-        match identity::check_svid_leaf(end_entity) {
-            Ok(id) if &id == expected => Ok(verified),
-            found => {
-                let found = match found {
-                    Ok(id) => id.to_string(),
-                    Err(e) => format!("not an X.509-SVID ({e})"),
-                };
-                let e = WrongUpstreamId {
-                    expected: expected.to_string(),
-                    found,
-                };
-                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                    OtherError(Arc::new(e)),
-                )))
-            }
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@ use portcullis_filters::parse::destination::{parse_port, split_authority, Destin
 use portcullis_filters::{Action, ActionKind, Context, ErrorCode, Outcome, Rejection, Via};
 use tokio::net::TcpStream;
 
-use crate::edge::idle::idle_watch;
 use crate::http::error::empty;
 use crate::http::forward::forward;
+use crate::http::idle::idle_watch;
 use crate::http::{new_trace_id, refuse, reject_early, Conn, Shared};
 use crate::upstream::Body;
 

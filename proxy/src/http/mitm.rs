@@ -15,8 +15,8 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
+use crate::certs::provider;
 use crate::config::MitmConfig;
-use crate::edge::tls::provider;
 use crate::pki::{Authority, LeafSpec, PkiError};
 
 #[derive(Debug, thiserror::Error)]

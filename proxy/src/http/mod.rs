@@ -7,6 +7,7 @@ pub(crate) mod connect;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod gateway;
+pub(crate) mod idle;
 pub(crate) mod mitm;
 pub(crate) mod request_body;
 pub(crate) mod response_body;
@@ -26,9 +27,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::LimitsConfig;
 use crate::credentials::LocalSecrets;
-use crate::edge::idle::Activity;
 use crate::http::error::error_response;
 use crate::http::gateway::Routes;
+use crate::http::idle::Activity;
 use crate::http::mitm::Mitm;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::{Body, Upstream};

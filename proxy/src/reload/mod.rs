@@ -20,9 +20,10 @@ use portcullis_policy::Policy;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::certs::{certified_key, provider};
 use crate::config::Config;
 use crate::edge::admin::Status;
-use crate::edge::tls::{certified_key, load_bundles, provider, Roots, ServerCert, TrustStore};
+use crate::edge::tls::{load_bundles, Roots, ServerCert, TrustStore};
 use crate::reload::workload_api::{Bundles, X509Svid};
 
 /// What the Workload API watchers publish (`tls.workload_api`).

@@ -361,7 +361,7 @@ mod tests {
         rustls::sign::CertifiedKey::from_der(
             got.chain.clone(),
             got.key(),
-            &crate::edge::tls::provider(),
+            &crate::certs::provider(),
         )
         .unwrap();
         // And the key never shows in Debug output.

@@ -8,54 +8,36 @@
 //! or timeout falls back to the replica's own cache and the source (and is counted), so a Redis
 //! outage costs extra fetches, never a forwarded placeholder.
 
+mod cache;
+mod pins;
+mod pubsub;
+mod sealed;
+
+pub use pins::share_pins;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use redis::aio::ConnectionManager;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use ring::rand::{SecureRandom, SystemRandom};
-use tokio_util::sync::CancellationToken;
-
 use portcullis_filters::parse::secret::SecretValue;
-use portcullis_filters::stages::pinning::{PinEvent, ToolPins};
+use redis::aio::ConnectionManager;
+use ring::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
+use ring::rand::SystemRandom;
 
 use crate::config::{resolve_reference, RedisConfig};
 
-/// Fetches from remote credential sources (Vault, OAuth), for `/metrics`.
-#[derive(Debug, Default)]
-pub struct FetchStats {
-    pub fetches: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-impl FetchStats {
-    /// Count one fetch from a source and its outcome.
-    pub fn record<T>(&self, r: Result<T, String>) -> Result<T, String> {
-        self.fetches.fetch_add(1, Ordering::Relaxed);
-        crate::credentials::note_fetch();
-        if r.is_err() {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-/// A secret fetched from a remote source, with how long it may be used.
+/// A secret fetched from a remote source, with how long it may be used: what sources return
+/// and what the shared cache stores.
 #[derive(Clone)]
 pub struct Fetched {
     pub value: Arc<SecretValue>,
     pub lifetime: Duration,
 }
 
-/// Stored value layout: version byte, nonce, ciphertext with tag.
-const VERSION: u8 = 1;
 /// After a Redis error, skip Redis for this long instead of paying a timeout on every miss.
 const BACK_OFF: Duration = Duration::from_secs(5);
-/// How often a waiting replica looks for the value another replica is fetching.
-const POLL: Duration = Duration::from_millis(20);
 
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -81,7 +63,7 @@ impl std::fmt::Debug for RedisStore {
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct StoreError(String);
+pub(super) struct StoreError(pub(super) String);
 
 impl RedisStore {
     /// Connects lazily: a Redis that is down at start delays nothing.
@@ -140,30 +122,33 @@ impl RedisStore {
         })
     }
 
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn is_down(&self) -> bool {
+    pub(super) fn is_down(&self) -> bool {
         self.now_ms() < self.down_until_ms.load(Ordering::Relaxed)
     }
 
-    fn secret_key(&self, name: &str) -> String {
+    pub(super) fn secret_key(&self, name: &str) -> String {
         format!("{}:secret:{name}", self.prefix)
     }
 
-    fn revoke_channel(&self) -> String {
+    pub(super) fn revoke_channel(&self) -> String {
         format!("{}:revoke", self.prefix)
     }
 
     /// One command with the configured timeout; a failure marks Redis down for a while.
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         self.bounded(cmd.query_async::<T>(&mut conn)).await
     }
 
     /// A Redis call with the configured timeout; a failure marks Redis down for a while.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
@@ -175,101 +160,7 @@ impl RedisStore {
         Err(self.failed(err))
     }
 
-    fn seal(&self, aad: &str, plain: &str) -> Option<Vec<u8>> {
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).ok()?;
-        let mut buf = plain.as_bytes().to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut buf,
-            )
-            .ok()?;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + buf.len());
-        out.push(VERSION);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
-        zeroize::Zeroize::zeroize(&mut buf);
-        Some(out)
-    }
-
-    fn open(&self, aad: &str, stored: &[u8]) -> Option<SecretValue> {
-        let (&version, rest) = stored.split_first()?;
-        if version != VERSION || rest.len() < NONCE_LEN {
-            return None;
-        }
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let mut buf = sealed.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(aad), &mut buf)
-            .ok()?;
-        let value = std::str::from_utf8(plain).ok().map(str::to_owned);
-        zeroize::Zeroize::zeroize(&mut buf);
-        value.map(SecretValue::new)
-    }
-
-    /// A sealed value and its remaining lifetime (`None` without expiry); a value sealed
-    /// under other associated data (another source, another seed) is a miss.
-    async fn get_sealed(
-        &self,
-        key: &str,
-        aad: &str,
-    ) -> Result<Option<(SecretValue, Option<Duration>)>, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
-        let mut conn = self.conn.clone();
-        let (stored, ttl_ms) = self
-            .bounded(pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut conn))
-            .await?;
-        let ttl = match ttl_ms {
-            -1 => None,
-            ms => match u64::try_from(ms) {
-                Ok(ms @ 1..) => Some(Duration::from_millis(ms)),
-                _ => return Ok(None), // gone or expiring this instant
-            },
-        };
-        Ok(stored
-            .and_then(|s| self.open(&format!("{key}\n{aad}"), &s))
-            .map(|v| (v, ttl)))
-    }
-
-    async fn set_sealed(&self, key: &str, aad: &str, value: &SecretValue, ttl: Option<Duration>) {
-        let Some(sealed) = self.seal(&format!("{key}\n{aad}"), value.expose()) else {
-            return;
-        };
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(sealed);
-        if let Some(ttl) = ttl {
-            cmd.arg("PX")
-                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        }
-        let _ = self.query::<()>(&cmd).await;
-    }
-
-    async fn read(&self, name: &str, fingerprint: &str) -> Result<Option<Fetched>, StoreError> {
-        let hit = self.get_sealed(&self.secret_key(name), fingerprint).await?;
-        Ok(hit.and_then(|(v, ttl)| {
-            ttl.map(|lifetime| Fetched {
-                value: Arc::new(v),
-                lifetime,
-            })
-        }))
-    }
-
-    async fn write(&self, name: &str, fingerprint: &str, f: &Fetched) {
-        self.set_sealed(
-            &self.secret_key(name),
-            fingerprint,
-            &f.value,
-            Some(f.lifetime),
-        )
-        .await;
-    }
-
-    fn failed(&self, err: String) -> StoreError {
+    pub(super) fn failed(&self, err: String) -> StoreError {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let until = self.now_ms() + u64::try_from(BACK_OFF.as_millis()).unwrap_or(5_000);
         if self.down_until_ms.swap(until, Ordering::Relaxed) < self.now_ms() {
@@ -277,308 +168,6 @@ impl RedisStore {
         }
         StoreError(err)
     }
-
-    /// The latest rotated OAuth refresh token of credential `name` that descends from the
-    /// configured token `seed_hash` (a re-seeded config starts a new chain).
-    pub async fn load_refresh(
-        &self,
-        name: &str,
-        fingerprint: &str,
-        seed_hash: &str,
-    ) -> Option<SecretValue> {
-        if self.is_down() {
-            return None;
-        }
-        let key = format!("{}:refresh:{name}", self.prefix);
-        let aad = format!("{fingerprint}\n{seed_hash}");
-        self.get_sealed(&key, &aad)
-            .await
-            .ok()
-            .flatten()
-            .map(|(v, _)| v)
-    }
-
-    pub async fn store_refresh(
-        &self,
-        name: &str,
-        fingerprint: &str,
-        seed_hash: &str,
-        token: &SecretValue,
-    ) {
-        let key = format!("{}:refresh:{name}", self.prefix);
-        let aad = format!("{fingerprint}\n{seed_hash}");
-        self.set_sealed(&key, &aad, token, None).await;
-    }
-
-    /// The credential from the shared cache, or fetched with `fetch` by exactly one replica
-    /// at a time (the others wait for its result up to `lock_ttl`, then fetch themselves).
-    pub async fn get_or_fetch<F, Fut>(
-        &self,
-        name: &str,
-        fingerprint: &str,
-        fetch: F,
-    ) -> Result<Fetched, String>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Fetched, String>>,
-    {
-        if self.is_down() {
-            return fetch().await;
-        }
-        match self.read(name, fingerprint).await {
-            Ok(Some(hit)) => return Ok(hit),
-            Ok(None) => {}
-            Err(_) => return fetch().await,
-        }
-        let lock = format!("{}:lock", self.secret_key(name));
-        let mut token = [0u8; 16];
-        let _ = self.rng.fill(&mut token);
-        let lock_ms = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(5_000);
-        let acquired = self
-            .query::<Option<String>>(
-                redis::cmd("SET")
-                    .arg(&lock)
-                    .arg(&token[..])
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lock_ms),
-            )
-            .await;
-        match acquired {
-            Ok(Some(_)) => {
-                let r = self.fetch_and_share(name, fingerprint, fetch).await;
-                // Release only our own lock (it may have expired and been taken since).
-                let release = redis::Script::new(
-                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
-                );
-                let mut conn = self.conn.clone();
-                let _ = tokio::time::timeout(
-                    self.timeout,
-                    release
-                        .key(&lock)
-                        .arg(&token[..])
-                        .invoke_async::<i64>(&mut conn),
-                )
-                .await;
-                r
-            }
-            Ok(None) => {
-                let deadline = Instant::now() + self.lock_ttl;
-                while Instant::now() < deadline {
-                    tokio::time::sleep(POLL).await;
-                    match self.read(name, fingerprint).await {
-                        Ok(Some(hit)) => return Ok(hit),
-                        Ok(None) => {}
-                        Err(_) => break,
-                    }
-                    // The fetching replica gave up (its fetch failed): stop waiting.
-                    match self.query::<bool>(redis::cmd("EXISTS").arg(&lock)).await {
-                        Ok(true) => {}
-                        _ => break,
-                    }
-                }
-                self.fetch_and_share(name, fingerprint, fetch).await
-            }
-            Err(_) => fetch().await,
-        }
-    }
-
-    /// Fetch from the source and, on success, store the value for the other replicas.
-    async fn fetch_and_share<F, Fut>(
-        &self,
-        name: &str,
-        fingerprint: &str,
-        fetch: F,
-    ) -> Result<Fetched, String>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Fetched, String>>,
-    {
-        let r = fetch().await;
-        if let Ok(f) = &r {
-            self.write(name, fingerprint, f).await;
-        }
-        r
-    }
-
-    /// Drop the shared value and tell every replica to drop its own copy.
-    pub async fn revoke(&self, name: &str) {
-        let _ = self
-            .query::<i64>(redis::cmd("DEL").arg(self.secret_key(name)))
-            .await;
-        let _ = self
-            .query::<i64>(redis::cmd("PUBLISH").arg(self.revoke_channel()).arg(name))
-            .await;
-    }
-
-    fn pins_key(&self) -> String {
-        format!("{}:pins", self.prefix)
-    }
-
-    fn pins_channel(&self) -> String {
-        format!("{}:pins", self.prefix)
-    }
-
-    /// Every shared tool pin: (server, tool, hash).
-    pub async fn load_pins(&self) -> Result<Vec<(String, String, String)>, String> {
-        let all: Vec<(String, String)> = self
-            .query(redis::cmd("HGETALL").arg(self.pins_key()))
-            .await
-            .map_err(|e| e.0)?;
-        Ok(all
-            .into_iter()
-            .filter_map(|(field, hash)| {
-                let (server, tool) = serde_json::from_str::<(String, String)>(&field).ok()?;
-                Some((server, tool, hash))
-            })
-            .collect())
-    }
-
-    /// Offer this replica's first sight as the shared pin; returns the shared pin (ours, or
-    /// the one another replica set first).
-    pub async fn pin_first_sight(&self, server: &str, tool: &str, hash: &str) -> Option<String> {
-        let field = serde_json::json!([server, tool]).to_string();
-        let created: i64 = self
-            .query(
-                redis::cmd("HSETNX")
-                    .arg(self.pins_key())
-                    .arg(&field)
-                    .arg(hash),
-            )
-            .await
-            .ok()?;
-        if created == 1 {
-            self.publish_pin(&field).await;
-            return Some(hash.to_owned());
-        }
-        self.query(redis::cmd("HGET").arg(self.pins_key()).arg(&field))
-            .await
-            .ok()
-    }
-
-    /// An operator accepted a new definition here: it becomes the shared pin.
-    pub async fn pin_accept(&self, server: &str, tool: &str, hash: &str) {
-        let field = serde_json::json!([server, tool]).to_string();
-        let set = self
-            .query::<i64>(
-                redis::cmd("HSET")
-                    .arg(self.pins_key())
-                    .arg(&field)
-                    .arg(hash),
-            )
-            .await;
-        if set.is_ok() {
-            self.publish_pin(&field).await;
-        }
-    }
-
-    async fn publish_pin(&self, field: &str) {
-        let _ = self
-            .query::<i64>(redis::cmd("PUBLISH").arg(self.pins_channel()).arg(field))
-            .await;
-    }
-
-    /// Follow what other replicas publish until shutdown — revocations (dropped here with
-    /// `on_revoke`) and pin changes (applied to `pins`) — resubscribing after Redis failures.
-    pub fn spawn_listener<F>(
-        self: &Arc<Self>,
-        on_revoke: F,
-        pins: Arc<ToolPins>,
-        shutdown: CancellationToken,
-    ) where
-        F: Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static,
-    {
-        let store = self.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let run = store.listen_once(&on_revoke, &pins);
-                tokio::select! {
-                    r = run => if let Err(e) = r {
-                        tracing::debug!(error = %e, "redis subscription ended; resubscribing");
-                    },
-                    _ = shutdown.cancelled() => return,
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        });
-    }
-
-    async fn listen_once<F>(&self, on_revoke: &F, pins: &ToolPins) -> Result<(), String>
-    where
-        F: Fn(String) -> futures_util::future::BoxFuture<'static, ()>,
-    {
-        use futures_util::StreamExt;
-        let mut pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let (revoke, pin) = (self.revoke_channel(), self.pins_channel());
-        pubsub
-            .subscribe(&[&revoke, &pin])
-            .await
-            .map_err(|e| e.to_string())?;
-        // Pins changed while we were not listening.
-        if let Ok(all) = self.load_pins().await {
-            for (server, tool, hash) in all {
-                pins.set_pinned(&server, &tool, &hash);
-            }
-        }
-        tracing::debug!("listening for revocations and pin changes");
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
-            let Ok(payload) = msg.get_payload::<String>() else {
-                continue;
-            };
-            if msg.get_channel_name() == revoke {
-                on_revoke(payload).await;
-            } else if let Ok((server, tool)) = serde_json::from_str::<(String, String)>(&payload) {
-                let hash: Result<Option<String>, _> = self
-                    .query(redis::cmd("HGET").arg(self.pins_key()).arg(&payload))
-                    .await;
-                if let Ok(Some(hash)) = hash {
-                    pins.set_pinned(&server, &tool, &hash);
-                }
-            }
-        }
-        Err("subscription closed".into())
-    }
-}
-
-/// Report this replica's pin events to the shared store (and apply its answer).
-pub fn share_pins(store: &Arc<RedisStore>, pins: &Arc<ToolPins>) {
-    let (store, weak) = (store.clone(), Arc::downgrade(pins));
-    pins.set_hook(Arc::new(move |event| {
-        let (store, weak) = (store.clone(), weak.clone());
-        tokio::spawn(async move {
-            match event {
-                PinEvent::FirstSight { server, tool, hash } => {
-                    let shared = store.pin_first_sight(&server, &tool, &hash).await;
-                    if let (Some(shared), Some(pins)) = (shared, weak.upgrade()) {
-                        pins.set_pinned(&server, &tool, &shared);
-                    }
-                }
-                PinEvent::Accepted { server, tool, hash } => {
-                    store.pin_accept(&server, &tool, &hash).await;
-                }
-            }
-        });
-    }));
-}
-
-/// A stable fingerprint of a source's configuration (which Vault path, which token endpoint
-/// and client), so replicas share a value only when they fetch it from the same place.
-pub fn fingerprint(source: &impl std::fmt::Debug) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, format!("{source:?}").as_bytes());
-    d.as_ref()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[cfg(test)]

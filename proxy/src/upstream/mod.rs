@@ -24,8 +24,8 @@ use portcullis_filters::parse::egress::{Blocked, EgressGuard};
 use portcullis_filters::{ErrorCode, Rejection};
 use tokio::net::TcpStream;
 
+use crate::certs::{load_certs, provider, TlsError};
 use crate::config::UpstreamConfig;
-use crate::edge::tls::{load_certs, provider, TlsError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
