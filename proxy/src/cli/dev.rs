@@ -208,7 +208,7 @@ pub async fn run(
     let cfg = Config::load(&config_path)?;
     let running = app::start(cfg, config_path).await?;
     print_banner(&files, created, running.proxy_addr, https_port, http_port);
-    app::shutdown_signal().await;
+    crate::cli::signal::shutdown_signal().await;
     let grace = running.grace();
     running.drain(grace).await;
     Ok(())

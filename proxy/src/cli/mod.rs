@@ -2,6 +2,7 @@
 //! or bad config.
 
 pub(crate) mod dev;
+pub(crate) mod signal;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -316,7 +317,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     };
     let identity = match (args.svid, args.svid_key, args.bundle, args.workload_api) {
         (Some(svid), Some(key), Some(bundle), None) => IdentitySource::Files { svid, key, bundle },
-        (None, None, None, Some(api)) => match crate::reload::workload_api::Endpoint::parse(&api) {
+        (None, None, None, Some(api)) => match crate::config::WorkloadApiEndpoint::parse(&api) {
             Ok(e) => IdentitySource::WorkloadApi(e),
             Err(e) => return fail(2, format!("--workload-api: {e}")),
         },
@@ -329,18 +330,24 @@ async fn connect(args: ConnectArgs) -> ExitCode {
             "--connect-timeout and --reload-interval must be greater than zero",
         );
     }
-    crate::connector::run(Options {
-        upstream,
-        upstream_id,
-        listen: args.listen,
-        identity,
-        allow_clients: args.allow_clients,
-        connect_timeout: args.connect_timeout,
-        reload_interval: args.reload_interval,
-        shutdown_grace: args.shutdown_grace,
-        max_connections: args.max_connections,
-    })
-    .await
+    let run = crate::connector::run(
+        Options {
+            upstream,
+            upstream_id,
+            listen: args.listen,
+            identity,
+            allow_clients: args.allow_clients,
+            connect_timeout: args.connect_timeout,
+            reload_interval: args.reload_interval,
+            shutdown_grace: args.shutdown_grace,
+            max_connections: args.max_connections,
+        },
+        signal::shutdown_signal(),
+    );
+    match run.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.exit_code(), e),
+    }
 }
 
 /// `POST /credentials/revoke` on the admin listener.
@@ -386,7 +393,7 @@ async fn serve(path: &Path) -> ExitCode {
         Err(e @ app::StartError::Config(_)) => return fail(2, e),
         Err(e) => return fail(1, e),
     };
-    app::shutdown_signal().await;
+    signal::shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
     let grace = running.grace();
     running.drain(grace).await;

@@ -9,8 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use portcullis_filters::parse::identity::TrustDomain;
 use serde::{Deserialize, Deserializer};
+
+mod types;
+mod validate;
+
+pub use types::{
+    OtlpEndpoint, OtlpProtocol, SecretRef, UpstreamUrl, ValueOrRef, WorkloadApiEndpoint,
+};
 
 /// A config problem, with the file and the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +76,7 @@ pub struct TlsConfig {
     #[serde(default)]
     pub key: Option<PathBuf>,
     #[serde(default)]
-    pub workload_api: Option<String>,
+    pub workload_api: Option<WorkloadApiEndpoint>,
 }
 
 impl TlsConfig {
@@ -80,8 +86,8 @@ impl TlsConfig {
     }
 
     /// The Workload API address (validated by `Config::validate`).
-    pub fn workload_api(&self) -> Option<crate::reload::workload_api::Endpoint> {
-        crate::reload::workload_api::Endpoint::parse(self.workload_api.as_deref()?).ok()
+    pub fn workload_api(&self) -> Option<WorkloadApiEndpoint> {
+        self.workload_api.clone()
     }
 }
 
@@ -236,7 +242,7 @@ pub struct RouteConfig {
     #[serde(rename = "match")]
     pub matches: RouteMatch,
     /// `https://api.github.com` (a base path is allowed: `https://host/v2`).
-    pub upstream: String,
+    pub upstream: UpstreamUrl,
     /// A credential whose placeholder is injected (see `credentials[].inject`).
     #[serde(default)]
     pub credential: Option<String>,
@@ -287,10 +293,10 @@ pub struct OAuthSourceConfig {
     /// token to start from. A rotated refresh token is kept in Redis (encrypted) when
     /// configured, else written back to the `file:`, else kept in memory.
     #[serde(default)]
-    pub refresh_token: Option<String>,
+    pub refresh_token: Option<SecretRef>,
     pub client_id: String,
     /// A reference: `env:NAME` or `file:PATH`.
-    pub client_secret: String,
+    pub client_secret: SecretRef,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]
@@ -330,7 +336,7 @@ pub struct VaultConfig {
     pub address: String,
     /// Token auth: a reference to the token.
     #[serde(default)]
-    pub token: Option<String>,
+    pub token: Option<SecretRef>,
     /// AppRole auth: references to the role id and secret id.
     #[serde(default)]
     pub approle: Option<AppRoleConfig>,
@@ -358,9 +364,9 @@ pub struct RedisConfig {
     pub username: Option<String>,
     /// A reference: `env:NAME` or `file:PATH`.
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<SecretRef>,
     /// A reference to 32 random bytes, base64: the AES-256-GCM key for cached values.
-    pub encryption_key: String,
+    pub encryption_key: SecretRef,
     /// Extra CA for a `rediss://` server certificate.
     #[serde(default)]
     pub ca: Option<PathBuf>,
@@ -380,124 +386,10 @@ pub struct RedisConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppRoleConfig {
-    pub role_id: String,
-    pub secret_id: String,
+    pub role_id: SecretRef,
+    pub secret_id: SecretRef,
     #[serde(default = "defaults::approle_mount")]
     pub mount: String,
-}
-
-impl Config {
-    fn validate_routes(&self) -> Result<(), (String, String)> {
-        for (i, c) in self.credentials.iter().enumerate() {
-            if let Some(inj) = &c.inject {
-                let key = format!("credentials[{i}].inject");
-                if http::HeaderName::from_bytes(inj.header.as_bytes()).is_err() {
-                    return Err((
-                        format!("{key}.header"),
-                        format!("{:?} is not a header name", inj.header),
-                    ));
-                }
-                if inj.format.matches("{}").count() != 1 {
-                    return Err((
-                        format!("{key}.format"),
-                        "must contain {} exactly once".into(),
-                    ));
-                }
-            }
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            let key = format!("routes[{i}]");
-            let e = |k: &str, reason: String| Err((format!("{key}.{k}"), reason));
-            if r.name.is_empty()
-                || !r
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                return e(
-                    "name",
-                    format!("{:?} must be non-empty letters, digits, - or _", r.name),
-                );
-            }
-            if !names.insert(&r.name) {
-                return e("name", format!("duplicate route {:?}", r.name));
-            }
-            if !r.matches.path_prefix.starts_with('/') {
-                return e("match.path_prefix", "must start with /".into());
-            }
-            let upstream = crate::http::gateway::parse_upstream(&r.upstream)
-                .map_err(|reason| (format!("{key}.upstream"), reason))?;
-            if let Some(name) = &r.credential {
-                let Some(c) = self.credentials.iter().find(|c| &c.name == name) else {
-                    return e("credential", format!("no credential named {name:?}"));
-                };
-                if !c.hosts.iter().any(|h| upstream.0.host.matches(h)) {
-                    return e(
-                        "credential",
-                        format!(
-                            "credential {name:?} is not bound to {} (its hosts: {:?})",
-                            upstream.0.host, c.hosts
-                        ),
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl RedisConfig {
-    fn validate(&self) -> Result<(), (String, String)> {
-        let reference = |r: &str| r.starts_with("env:") || r.starts_with("file:");
-        let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str())
-            .map_err(|e| ("url".to_owned(), format!("not a Redis URL: {e}")))?;
-        if info.redis_settings().password().is_some() {
-            return Err((
-                "url".into(),
-                "has a password in it: put a reference (env:NAME or file:PATH) in redis.password instead".into(),
-            ));
-        }
-        if self.password.as_deref().is_some_and(|p| !reference(p))
-            || !reference(&self.encryption_key)
-        {
-            return Err((
-                "password/encryption_key".into(),
-                "must be references (env:NAME or file:PATH), never literals".into(),
-            ));
-        }
-        if self.timeout.is_zero() || self.lock_ttl.is_zero() {
-            return Err((
-                "timeout/lock_ttl".into(),
-                "must be greater than zero".into(),
-            ));
-        }
-        if self.prefix.is_empty() {
-            return Err(("prefix".into(), "must not be empty".into()));
-        }
-        Ok(())
-    }
-}
-
-/// Resolve a secret reference (`env:NAME` or `file:PATH`) from the config.
-pub fn resolve_reference(
-    reference: &str,
-) -> Result<portcullis_filters::parse::secret::SecretValue, String> {
-    use portcullis_filters::parse::secret::SecretValue;
-    let value = if let Some(var) = reference.strip_prefix("env:") {
-        std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
-    } else if let Some(path) = reference.strip_prefix("file:") {
-        std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {path}: {e}"))?
-            .trim_end_matches(['\n', '\r'])
-            .to_owned()
-    } else {
-        return Err("a secret in the config must be a reference: env:NAME or file:PATH".into());
-    };
-    if value.is_empty() {
-        return Err(format!("{reference} is empty"));
-    }
-    Ok(SecretValue::new(value))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -524,13 +416,13 @@ pub struct TelemetryConfig {
     /// Where decision log lines go: `stdout`, `stderr`, `off`, or a file path (appended).
     pub decision_log: String,
     /// OTLP collector endpoint (default: `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`; none: no export).
-    pub otlp_endpoint: Option<String>,
+    pub otlp_endpoint: Option<OtlpEndpoint>,
     /// `grpc` (default) or `http/protobuf` (default: `OTEL_EXPORTER_OTLP_PROTOCOL`).
-    pub otlp_protocol: Option<String>,
+    pub otlp_protocol: Option<OtlpProtocol>,
     /// Headers sent with every export (collector API keys): a value `env:NAME` or `file:PATH`
     /// is read from there, any other value is sent as written. Added to (and overriding)
     /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`.
-    pub otlp_headers: BTreeMap<String, String>,
+    pub otlp_headers: BTreeMap<String, ValueOrRef>,
     /// Extra CA for an `https://` collector.
     pub otlp_ca: Option<PathBuf>,
     /// Resource `service.name` (default: `OTEL_SERVICE_NAME`, else `portcullis`).
@@ -737,10 +629,10 @@ impl Config {
             }
         })?;
         cfg.resolve_paths(base);
-        cfg.validate().map_err(|(key, reason)| ConfigError {
+        cfg.validate().map_err(|e| ConfigError {
             file: file.to_owned(),
-            key,
-            reason,
+            key: e.key,
+            reason: e.reason,
         })?;
         Ok(cfg)
     }
@@ -782,326 +674,6 @@ impl Config {
             fix(&mut p);
             self.telemetry.decision_log = p.display().to_string();
         }
-    }
-
-    /// Semantic checks serde cannot express. Returns `(key, reason)`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, r: String| Err((k.to_owned(), r));
-        if self.trust_domains.is_empty() {
-            return err(
-                "trust_domains",
-                "at least one trust domain is required: no trust domain means no client can be authenticated".into(),
-            );
-        }
-        let tls = &self.tls;
-        match (&tls.cert, &tls.key, &tls.workload_api) {
-            (Some(_), Some(_), None) => {}
-            (None, None, Some(api)) => {
-                if let Err(e) = crate::reload::workload_api::Endpoint::parse(api) {
-                    return err("tls.workload_api", e);
-                }
-            }
-            (Some(_), None, None) => return err("tls.key", "required with tls.cert".into()),
-            (None, Some(_), None) => return err("tls.cert", "required with tls.key".into()),
-            (None, None, None) => {
-                return err(
-                    "tls",
-                    "give cert and key files, or workload_api (the SPIFFE Workload API socket)"
-                        .into(),
-                )
-            }
-            _ => {
-                return err(
-                    "tls",
-                    "give either cert and key, or workload_api, not both".into(),
-                )
-            }
-        }
-        for (name, td) in &self.trust_domains {
-            let key = format!("trust_domains.{name}");
-            if let Err(e) = TrustDomain::parse(name) {
-                return err(&key, e.to_string());
-            }
-            match (&td.bundle, td.workload_api) {
-                (Some(_), false) => {}
-                (None, true) if tls.workload_api.is_some() => {}
-                (None, true) => {
-                    return err(
-                        &format!("{key}.workload_api"),
-                        "needs tls.workload_api: the Workload API socket the bundles come from"
-                            .into(),
-                    )
-                }
-                (Some(_), true) => {
-                    return err(
-                        &key,
-                        "give either bundle or workload_api: true, not both".into(),
-                    )
-                }
-                (None, false) => {
-                    return err(
-                        &key,
-                        "give bundle (a PEM file) or workload_api: true".into(),
-                    )
-                }
-            }
-        }
-        let files = [
-            ("tls.cert", tls.cert.as_ref()),
-            ("tls.key", tls.key.as_ref()),
-            ("mitm.ca_cert", Some(&self.mitm.ca_cert)),
-            ("mitm.ca_key", Some(&self.mitm.ca_key)),
-        ];
-        let files = files
-            .into_iter()
-            .filter_map(|(k, p)| Some((k.to_owned(), p?)));
-        let bundles = self
-            .trust_domains
-            .iter()
-            .filter_map(|(k, v)| Some((format!("trust_domains.{k}.bundle"), v.bundle.as_ref()?)));
-        let roots = self
-            .upstream
-            .extra_roots
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (format!("upstream.extra_roots[{i}]"), p));
-        for (key, path) in files.chain(bundles).chain(roots) {
-            if !path.is_file() {
-                return err(&key, format!("file {} does not exist", path.display()));
-            }
-        }
-        if self.policy.paths.is_empty() {
-            return err("policy.paths", "at least one path is required".into());
-        }
-        for (i, p) in self.policy.paths.iter().enumerate() {
-            if !p.exists() {
-                return err(
-                    &format!("policy.paths[{i}]"),
-                    format!("{} does not exist", p.display()),
-                );
-            }
-        }
-        if self.policy.max_eval_time.is_zero() || self.policy.max_instructions == 0 {
-            return err(
-                "policy",
-                "max_eval_time and max_instructions must be greater than zero".into(),
-            );
-        }
-        for (i, host) in self.mitm.passthrough.iter().enumerate() {
-            let name = host.strip_prefix("*.").unwrap_or(host);
-            if portcullis_filters::parse::destination::Host::parse(name).is_err() {
-                return err(
-                    &format!("mitm.passthrough[{i}]"),
-                    format!("{host:?} is not a host name or *.suffix pattern"),
-                );
-            }
-        }
-        let mut names = std::collections::HashSet::new();
-        let mut placeholders = std::collections::HashSet::new();
-        for (i, c) in self.credentials.iter().enumerate() {
-            let key = format!("credentials[{i}]");
-            if c.name.is_empty()
-                || !c
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                return err(
-                    &format!("{key}.name"),
-                    format!("{:?} must be non-empty letters, digits or _", c.name),
-                );
-            }
-            if portcullis_filters::parse::secret::Placeholder::parse(&c.placeholder()).is_none() {
-                return err(
-                    &format!("{key}.placeholder"),
-                    format!(
-                        "{:?} must be pcx_ followed by letters, digits or _",
-                        c.placeholder()
-                    ),
-                );
-            }
-            if c.hosts.is_empty() {
-                return err(
-                    &format!("{key}.hosts"),
-                    "required: a credential bound to no host could never be used safely".into(),
-                );
-            }
-            if let SourceConfig::Oauth(o) = &c.source {
-                if !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://")) {
-                    return err(
-                        &format!("{key}.source.oauth.token_url"),
-                        "must be an http(s) URL".into(),
-                    );
-                }
-                if !(o.client_secret.starts_with("env:") || o.client_secret.starts_with("file:")) {
-                    return err(
-                        &format!("{key}.source.oauth.client_secret"),
-                        "must be a reference (env:NAME or file:PATH), never a literal".into(),
-                    );
-                }
-                match (o.grant, &o.refresh_token) {
-                    (OAuthGrant::RefreshToken, None) => {
-                        return err(
-                            &format!("{key}.source.oauth.refresh_token"),
-                            "required by the refresh_token grant".into(),
-                        )
-                    }
-                    (OAuthGrant::RefreshToken, Some(r))
-                        if !(r.starts_with("env:") || r.starts_with("file:")) =>
-                    {
-                        return err(
-                            &format!("{key}.source.oauth.refresh_token"),
-                            "must be a reference (env:NAME or file:PATH), never a literal".into(),
-                        )
-                    }
-                    (OAuthGrant::ClientCredentials, Some(_)) => {
-                        return err(
-                            &format!("{key}.source.oauth.refresh_token"),
-                            "only used with grant: refresh_token".into(),
-                        )
-                    }
-                    _ => {}
-                }
-                if !matches!(o.client_auth.as_str(), "basic" | "post") {
-                    return err(
-                        &format!("{key}.source.oauth.client_auth"),
-                        "basic or post".into(),
-                    );
-                }
-            }
-            if !names.insert(c.name.clone()) || !placeholders.insert(c.placeholder()) {
-                return err(&key, format!("duplicate name or placeholder {:?}", c.name));
-            }
-        }
-        let uses_vault = self
-            .credentials
-            .iter()
-            .any(|c| matches!(c.source, SourceConfig::Vault(_)));
-        match &self.vault {
-            None if uses_vault => {
-                return err(
-                    "vault",
-                    "a credential uses a vault source but there is no vault section".into(),
-                )
-            }
-            Some(v) => {
-                if !(v.address.starts_with("https://") || v.address.starts_with("http://")) {
-                    return err(
-                        "vault.address",
-                        format!("{:?} must be an http(s) URL", v.address),
-                    );
-                }
-                let refs = v
-                    .token
-                    .iter()
-                    .chain(v.approle.iter().flat_map(|a| [&a.role_id, &a.secret_id]));
-                for r in refs {
-                    if !(r.starts_with("env:") || r.starts_with("file:")) {
-                        return err(
-                            "vault",
-                            "token, role_id and secret_id must be references (env:NAME or file:PATH), never literals".into(),
-                        );
-                    }
-                }
-                if v.token.is_some() == v.approle.is_some() {
-                    return err("vault", "give exactly one of token or approle".into());
-                }
-            }
-            None => {}
-        }
-        if let Err((key, reason)) = self.validate_routes() {
-            return err(&key, reason);
-        }
-        if let Some(r) = &self.redis {
-            if let Err((key, reason)) = r.validate() {
-                return err(&format!("redis.{key}"), reason);
-            }
-        }
-        let protocol = match &self.telemetry.otlp_protocol {
-            Some(p) => match crate::telemetry::otlp::Protocol::parse(p) {
-                Some(p) => p,
-                None => {
-                    return err(
-                        "telemetry.otlp_protocol",
-                        format!("{p:?}: use grpc or http/protobuf"),
-                    )
-                }
-            },
-            None => crate::telemetry::otlp::Protocol::Grpc,
-        };
-        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
-            if let Err(e) = crate::telemetry::otlp::export_url(protocol, endpoint) {
-                return err("telemetry.otlp_endpoint", e);
-            }
-        }
-        if let Some(name) = self
-            .telemetry
-            .otlp_headers
-            .keys()
-            .find(|n| http::HeaderName::from_bytes(n.as_bytes()).is_err())
-        {
-            return err(
-                "telemetry.otlp_headers",
-                format!("{name:?} is not a header name"),
-            );
-        }
-        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
-            return err("telemetry.sampling_ratio", "must be between 0 and 1".into());
-        }
-        if self.mitm.cache_size == 0 {
-            return err("mitm.cache_size", "must be at least 1".into());
-        }
-        if self.mitm.leaf_ttl < Duration::from_secs(300) {
-            return err("mitm.leaf_ttl", "must be at least 5m".into());
-        }
-        if self.limits.max_header_bytes < 1024 {
-            return err("limits.max_header_bytes", "must be at least 1024".into());
-        }
-        if self.limits.max_connections == 0 {
-            return err("limits.max_connections", "must be at least 1".into());
-        }
-        let nonzero = [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.tls_timeout", self.upstream.tls_timeout),
-            (
-                "upstream.response_header_timeout",
-                self.upstream.response_header_timeout,
-            ),
-            (
-                "limits.header_read_timeout",
-                self.limits.header_read_timeout,
-            ),
-            (
-                "limits.tls_handshake_timeout",
-                self.limits.tls_handshake_timeout,
-            ),
-            ("limits.idle_timeout", self.limits.idle_timeout),
-            ("limits.body_read_timeout", self.limits.body_read_timeout),
-            ("reload_interval", self.reload_interval),
-        ];
-        for (key, d) in nonzero {
-            if d.is_zero() {
-                return err(key, "must be greater than zero".into());
-            }
-        }
-        Ok(())
-    }
-
-    /// The trust domains whose bundle is a file, as validated newtypes.
-    pub fn trust_domain_bundles(&self) -> Vec<(TrustDomain, PathBuf)> {
-        self.trust_domains
-            .iter()
-            .filter_map(|(k, v)| Some((TrustDomain::parse(k).ok()?, v.bundle.clone()?)))
-            .collect()
-    }
-
-    /// The trust domains whose bundle comes from the Workload API.
-    pub fn workload_api_trust_domains(&self) -> Vec<TrustDomain> {
-        self.trust_domains
-            .iter()
-            .filter(|(_, v)| v.workload_api)
-            .filter_map(|(k, _)| TrustDomain::parse(k).ok())
-            .collect()
     }
 }
 

@@ -7,10 +7,10 @@
 
 mod tls;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -24,8 +24,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::WorkloadApiEndpoint;
 use crate::edge::tls::check_leaf;
-use crate::reload::workload_api::{self, Endpoint, X509Svid};
+use crate::reload::workload_api::{self, X509Svid};
 use crate::reload::{fingerprint, hangups, next_hangup, settled};
 
 /// Where the connector's identity comes from.
@@ -37,7 +38,7 @@ pub enum IdentitySource {
         key: PathBuf,
         bundle: PathBuf,
     },
-    WorkloadApi(Endpoint),
+    WorkloadApi(WorkloadApiEndpoint),
 }
 
 #[derive(Debug)]
@@ -235,17 +236,40 @@ fn allowed(allow: &[IpNet], ip: IpAddr) -> bool {
     allow.iter().any(|n| n.contains(&ip))
 }
 
-/// Run the connector until SIGTERM/Ctrl-C. Exit codes per the CLI contract.
-pub async fn run(opts: Options) -> ExitCode {
+/// Why the connector could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// The SVID, key or bundle cannot be used (bad usage or config).
+    #[error("{0}")]
+    Identity(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl ConnectorError {
+    /// Per the CLI contract: 2 for bad usage or config, 1 for a runtime failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConnectorError::Identity(_) => 2,
+            ConnectorError::Listen { .. } => 1,
+        }
+    }
+}
+
+/// Run the connector until `stop` resolves (the CLI passes SIGTERM/Ctrl-C).
+pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), ConnectorError> {
     let shutdown = CancellationToken::new();
-    let mut current = match identity(&opts, &shutdown) {
-        Ok(c) => c,
-        Err(e) => return crate::cli::fail(2, e),
-    };
-    let listener = match TcpListener::bind(opts.listen).await {
-        Ok(l) => l,
-        Err(e) => return crate::cli::fail(1, format!("cannot listen on {}: {e}", opts.listen)),
-    };
+    let mut current = identity(&opts, &shutdown).map_err(ConnectorError::Identity)?;
+    let listener =
+        TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ConnectorError::Listen {
+                addr: opts.listen,
+                source,
+            })?;
     let listen = listener.local_addr().unwrap_or(opts.listen);
     if !listen.ip().is_loopback() {
         tracing::warn!(listen = %listen, "listening beyond loopback: every allowed client acts as this workload");
@@ -267,7 +291,7 @@ pub async fn run(opts: Options) -> ExitCode {
     };
     tokio::select! {
         _ = serve => {}
-        _ = crate::app::shutdown_signal() => {}
+        _ = stop => {}
     }
     tracing::info!("shutting down: no new connections; waiting for open tunnels");
     shutdown.cancel();
@@ -279,7 +303,7 @@ pub async fn run(opts: Options) -> ExitCode {
     {
         tracing::warn!(grace = ?opts.shutdown_grace, "grace period over; closing open tunnels");
     }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 async fn accept_loop(

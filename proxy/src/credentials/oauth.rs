@@ -14,7 +14,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
-use crate::config::{resolve_reference, OAuthGrant, OAuthSourceConfig};
+use crate::config::{OAuthGrant, OAuthSourceConfig, SecretRef};
 use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
@@ -42,12 +42,14 @@ fn source_fingerprint(cfg: &OAuthSourceConfig) -> String {
         OAuthGrant::RefreshToken => "refresh_token",
     };
     let scopes = cfg.scopes.join(" ");
+    let refresh_token = cfg.refresh_token.as_ref().map(SecretRef::to_string);
+    let client_secret = cfg.client_secret.to_string();
     fingerprint([
         Some(cfg.token_url.as_str()),
         Some(grant),
-        cfg.refresh_token.as_deref(),
+        refresh_token.as_deref(),
         Some(cfg.client_id.as_str()),
-        Some(cfg.client_secret.as_str()),
+        Some(client_secret.as_str()),
         Some(scopes.as_str()),
         cfg.audience.as_deref(),
         Some(cfg.client_auth.as_str()),
@@ -71,10 +73,7 @@ impl OAuthSource {
     ) -> Result<OAuthSource, String> {
         if cfg.grant == OAuthGrant::RefreshToken
             && shared.is_none()
-            && cfg
-                .refresh_token
-                .as_deref()
-                .is_some_and(|r| r.starts_with("env:"))
+            && matches!(cfg.refresh_token, Some(SecretRef::Env(_)))
         {
             tracing::warn!(
                 credential = name,
@@ -125,7 +124,9 @@ impl OAuthSource {
         let Some(reference) = &self.cfg.refresh_token else {
             return Err("no refresh_token configured".into());
         };
-        let seed = resolve_reference(reference).map_err(|e| format!("refresh_token: {e}"))?;
+        let seed = reference
+            .resolve()
+            .map_err(|e| format!("refresh_token: {e}"))?;
         let seed_hash = fingerprint([Some(seed.expose())]);
         if let Some(s) = &self.shared {
             if let Some(t) = s
@@ -144,14 +145,17 @@ impl OAuthSource {
 
     /// Keep a rotated refresh token where the next fetch (on any replica) will find it.
     async fn keep_rotated(&self, seed_hash: String, new: SecretValue) {
-        let reference = self.cfg.refresh_token.as_deref().unwrap_or_default();
-        match (&self.shared, reference.strip_prefix("file:")) {
+        let file = match &self.cfg.refresh_token {
+            Some(SecretRef::File(path)) => Some(path.as_path()),
+            _ => None,
+        };
+        match (&self.shared, file) {
             (Some(s), _) => {
                 s.store_refresh(&self.name, &self.fingerprint, &seed_hash, &new)
                     .await
             }
             (None, Some(path)) => {
-                if let Err(e) = write_secret_file(std::path::Path::new(path), &new) {
+                if let Err(e) = write_secret_file(path, &new) {
                     tracing::error!(credential = %self.name, error = %e, "cannot persist the rotated OAuth refresh token");
                 }
                 // The file now holds the new token: it is the seed of the next fetch.
@@ -168,7 +172,11 @@ impl OAuthSource {
         &self,
         refresh: Option<&SecretValue>,
     ) -> Result<(Vec<(HeaderName, HeaderValue)>, Bytes), String> {
-        let secret = resolve_reference(&self.cfg.client_secret)?;
+        let secret = self
+            .cfg
+            .client_secret
+            .resolve()
+            .map_err(|e| e.to_string())?;
         let mut form = form_urlencoded::Serializer::new(String::new());
         match refresh {
             Some(r) => {

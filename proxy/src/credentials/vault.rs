@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
-use crate::config::{resolve_reference, VaultConfig, VaultSecretRef};
+use crate::config::{VaultConfig, VaultSecretRef};
 use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
@@ -141,7 +141,8 @@ impl Vault {
 
     async fn token(&self) -> Result<Arc<SecretValue>, String> {
         if let Some(t) = &self.cfg.token {
-            return resolve_reference(t)
+            return t
+                .resolve()
                 .map(Arc::new)
                 .map_err(|e| format!("vault token: {e}"));
         }
@@ -155,8 +156,8 @@ impl Vault {
         let Some(a) = &self.cfg.approle else {
             return Err("no vault auth configured".into());
         };
-        let role_id = resolve_reference(&a.role_id)?;
-        let secret_id = resolve_reference(&a.secret_id)?;
+        let role_id = a.role_id.resolve().map_err(|e| e.to_string())?;
+        let secret_id = a.secret_id.resolve().map_err(|e| e.to_string())?;
         let body =
             serde_json::json!({"role_id": role_id.expose(), "secret_id": secret_id.expose()});
         let url = format!(

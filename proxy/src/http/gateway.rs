@@ -36,22 +36,13 @@ pub struct Routes {
     routes: Vec<Route>,
 }
 
-/// A route's upstream URL: the destination and its base path.
-pub fn parse_upstream(url: &str) -> Result<(Destination, String), String> {
-    let uri: Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
-    let dest = Destination::from_absolute_uri(&uri).map_err(|e| format!("{url:?}: {e}"))?;
-    if uri.query().is_some() {
-        return Err(format!("{url:?}: no query string allowed"));
-    }
-    Ok((dest, uri.path().trim_end_matches('/').to_owned()))
-}
-
 impl Routes {
     /// Built from a validated config.
     pub fn new(routes: &[RouteConfig], creds: &[CredentialConfig]) -> Result<Routes, String> {
         let mut out = Vec::with_capacity(routes.len());
         for r in routes {
-            let (upstream, base_path) = parse_upstream(&r.upstream)?;
+            let upstream = r.upstream.destination.clone();
+            let base_path = r.upstream.base_path.clone();
             let inject = match &r.credential {
                 Some(name) => {
                     let c = creds
@@ -198,6 +189,7 @@ pub(crate) async fn handle(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::{RouteMatch, SourceConfig};
@@ -215,7 +207,7 @@ mod tests {
                 host: host.map(str::to_owned),
                 path_prefix: prefix.into(),
             },
-            upstream: upstream.into(),
+            upstream: crate::config::UpstreamUrl::try_from(upstream.to_owned()).unwrap(),
             credential: None,
             strip_prefix: strip,
         }

@@ -15,31 +15,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::WorkloadApiEndpoint;
+
 /// CA certificates per trust domain.
 pub type Bundles = BTreeMap<TrustDomain, Vec<CertificateDer<'static>>>;
-
-/// A validated Workload API address: `unix:///path/agent.sock` (or `unix:/path`, or just the
-/// absolute socket path), or `tcp://127.0.0.1:8081`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint(String);
-
-impl Endpoint {
-    pub fn parse(s: &str) -> Result<Endpoint, String> {
-        let uri = match s.starts_with('/') {
-            true => format!("unix://{s}"),
-            false => s.to_owned(),
-        };
-        spiffe::transport::Endpoint::parse(&uri)
-            .map(|_| Endpoint(uri))
-            .map_err(|e| format!("{s:?} is not a Workload API address (unix:///path/agent.sock, /path/agent.sock or tcp://IP:PORT): {e}"))
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// The workload's default X.509-SVID, with the bundles that came with it (its own trust
 /// domain's and the federated ones), ready for rustls.
@@ -135,10 +114,10 @@ impl Backoff {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn client(endpoint: &Endpoint) -> Result<spiffe::WorkloadApiClient, String> {
+async fn client(endpoint: &WorkloadApiEndpoint) -> Result<spiffe::WorkloadApiClient, String> {
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        spiffe::WorkloadApiClient::connect_to(&endpoint.0),
+        spiffe::WorkloadApiClient::connect_to(endpoint.as_str()),
     )
     .await
     {
@@ -185,11 +164,11 @@ type Attempt<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = String> + 
 /// Run `attempt` (one stream, until it fails) again and again, with backoff, until shutdown.
 fn spawn_retrying<F>(
     what: &'static str,
-    endpoint: Endpoint,
+    endpoint: WorkloadApiEndpoint,
     shutdown: CancellationToken,
     mut attempt: F,
 ) where
-    F: for<'a> FnMut(&'a Endpoint, &'a mut Backoff) -> Attempt<'a> + Send + 'static,
+    F: for<'a> FnMut(&'a WorkloadApiEndpoint, &'a mut Backoff) -> Attempt<'a> + Send + 'static,
 {
     tokio::spawn(async move {
         let mut backoff = Backoff::new();
@@ -212,7 +191,7 @@ fn spawn_retrying<F>(
 /// Watch the workload's X.509-SVID (FetchX509SVID). The receiver holds `None` until the first
 /// SVID arrives.
 pub fn watch_svid(
-    endpoint: Endpoint,
+    endpoint: WorkloadApiEndpoint,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Option<Arc<X509Svid>>> {
     let (tx, rx) = watch::channel(None);
@@ -257,7 +236,7 @@ pub fn watch_svid(
 
 /// Watch the X.509 trust bundles (FetchX509Bundles). `None` until the first message.
 pub fn watch_bundles(
-    endpoint: Endpoint,
+    endpoint: WorkloadApiEndpoint,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Option<Arc<Bundles>>> {
     let (tx, rx) = watch::channel(None);
@@ -302,28 +281,6 @@ fn names(b: &Bundles) -> Vec<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints() {
-        for ok in [
-            "unix:///run/spire/agent.sock",
-            "unix:/tmp/a.sock",
-            "tcp://127.0.0.1:8081",
-        ] {
-            assert_eq!(Endpoint::parse(ok).unwrap().to_string(), ok);
-        }
-        let bare = Endpoint::parse("/run/spire/agent.sock").unwrap();
-        assert_eq!(bare.to_string(), "unix:///run/spire/agent.sock");
-        for bad in [
-            "",
-            "run/agent.sock",
-            "http://127.0.0.1:1",
-            "unix://",
-            "tcp://host:1",
-        ] {
-            assert!(Endpoint::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn a_workload_api_context_becomes_rustls_material() {

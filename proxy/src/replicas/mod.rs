@@ -26,7 +26,7 @@ use redis::aio::ConnectionManager;
 use ring::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
 use ring::rand::SystemRandom;
 
-use crate::config::{resolve_reference, RedisConfig};
+use crate::config::RedisConfig;
 
 /// A secret fetched from a remote source, with how long it may be used: what sources return
 /// and what the shared cache stores.
@@ -68,7 +68,9 @@ pub(super) struct StoreError(pub(super) String);
 impl RedisStore {
     /// Connects lazily: a Redis that is down at start delays nothing.
     pub fn new(cfg: &RedisConfig) -> Result<RedisStore, String> {
-        let key = resolve_reference(&cfg.encryption_key)
+        let key = cfg
+            .encryption_key
+            .resolve()
             .map_err(|e| format!("redis.encryption_key: {e}"))?;
         let raw = base64::engine::general_purpose::STANDARD
             .decode(key.expose().trim())
@@ -82,7 +84,7 @@ impl RedisStore {
             settings = settings.set_username(u);
         }
         if let Some(p) = &cfg.password {
-            let p = resolve_reference(p).map_err(|e| format!("redis.password: {e}"))?;
+            let p = p.resolve().map_err(|e| format!("redis.password: {e}"))?;
             settings = settings.set_password(p.expose());
         }
         info = info.set_redis_settings(settings);
@@ -173,6 +175,7 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SecretRef;
 
     fn store() -> RedisStore {
         std::env::set_var(
@@ -183,7 +186,7 @@ mod tests {
             url: "redis://127.0.0.1:1".into(),
             username: None,
             password: None,
-            encryption_key: "env:PORTCULLIS_TEST_REDIS_KEY".into(),
+            encryption_key: SecretRef::Env("PORTCULLIS_TEST_REDIS_KEY".into()),
             ca: None,
             prefix: "t".into(),
             timeout: Duration::from_millis(100),

@@ -24,8 +24,8 @@ use portcullis_filters::pipeline::{span_hex, DecisionRecord, McpSummary};
 use portcullis_filters::{ActionKind, Context, Filter, Outcome};
 use tokio::sync::{oneshot, Notify};
 
-use crate::config::{resolve_reference, TelemetryConfig, UpstreamConfig};
-use crate::telemetry::otlp::{Attributes, Encoder, Envelope, Kind, Protocol, SpanHead, Transport};
+use crate::config::{OtlpEndpoint, OtlpProtocol, TelemetryConfig, UpstreamConfig, ValueOrRef};
+use crate::telemetry::otlp::{Attributes, Encoder, Envelope, Kind, SpanHead, Transport};
 
 /// What happened to the spans handed to the exporter, for `/metrics`.
 #[derive(Debug, Default)]
@@ -156,6 +156,17 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The first of `vars` that is set, parsed; an error names the variable.
+fn from_env<T>(
+    vars: &[&str],
+    parse: impl FnOnce(String) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    match vars.iter().find_map(|var| Some((var, env(var)?))) {
+        Some((var, value)) => parse(value).map(Some).map_err(|e| format!("{var}: {e}")),
+        None => Ok(None),
+    }
+}
+
 /// The export side: queue, counters, and the task that drains the queue.
 struct Export {
     queue: Arc<Queue>,
@@ -178,12 +189,17 @@ impl Telemetry {
         cfg: &TelemetryConfig,
         stats: Arc<ExportStats>,
     ) -> Result<Option<Telemetry>, String> {
-        let export = match cfg
-            .otlp_endpoint
-            .clone()
-            .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
-        {
+        let endpoint = match &cfg.otlp_endpoint {
+            Some(e) => Some(e.clone()),
+            None => from_env(
+                &[
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                ],
+                |v| OtlpEndpoint::try_from(v).map_err(str::to_owned),
+            )?,
+        };
+        let export = match endpoint {
             Some(endpoint) => Some(Self::exporter(cfg, &endpoint, stats)?),
             None => None,
         };
@@ -199,18 +215,20 @@ impl Telemetry {
 
     fn exporter(
         cfg: &TelemetryConfig,
-        endpoint: &str,
+        endpoint: &OtlpEndpoint,
         stats: Arc<ExportStats>,
     ) -> Result<Export, String> {
-        let protocol = cfg
-            .otlp_protocol
-            .clone()
-            .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
-            .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-            .unwrap_or_else(|| "grpc".into());
-        let proto = Protocol::parse(&protocol).ok_or_else(|| {
-            format!("telemetry.otlp_protocol {protocol:?}: use grpc or http/protobuf")
-        })?;
+        let protocol = match cfg.otlp_protocol {
+            Some(p) => p,
+            None => from_env(
+                &[
+                    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                    "OTEL_EXPORTER_OTLP_PROTOCOL",
+                ],
+                OtlpProtocol::try_from,
+            )?
+            .unwrap_or(OtlpProtocol::Grpc),
+        };
         let headers = export_headers(cfg)?;
         let roots = UpstreamConfig {
             extra_roots: cfg.otlp_ca.iter().cloned().collect(),
@@ -218,7 +236,7 @@ impl Telemetry {
         };
         let tls = crate::upstream::client_tls_config(&roots, Vec::new())
             .map_err(|e| format!("telemetry.otlp_ca: {e}"))?;
-        let transport = Transport::new(proto, endpoint, headers, tls)
+        let transport = Transport::new(protocol, endpoint, headers, tls)
             .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
         let envelope = envelope(cfg)?;
         let batching = Batching::from_env();
@@ -318,11 +336,12 @@ fn export_headers(
     };
     for (name, value) in &cfg.otlp_headers {
         let key = || format!("telemetry.otlp_headers.{name}");
-        let value = if value.starts_with("env:") || value.starts_with("file:") {
-            let secret = resolve_reference(value).map_err(|e| format!("{}: {e}", key()))?;
-            otlp::header(name, secret.expose())
-        } else {
-            otlp::header(name, value)
+        let value = match value {
+            ValueOrRef::Ref(r) => {
+                let secret = r.resolve().map_err(|e| format!("{}: {e}", key()))?;
+                otlp::header(name, secret.expose())
+            }
+            ValueOrRef::Value(v) => otlp::header(name, v),
         }
         .map_err(|e| format!("{}: {e}", key()))?;
         headers.retain(|(n, _)| *n != value.0);
@@ -953,8 +972,8 @@ mod tests {
         let tls =
             crate::upstream::client_tls_config(&UpstreamConfig::default(), Vec::new()).unwrap();
         let transport = Transport::new(
-            Protocol::HttpProtobuf,
-            &format!("http://{addr}"),
+            OtlpProtocol::HttpProtobuf,
+            &OtlpEndpoint::try_from(format!("http://{addr}")).unwrap(),
             otlp::parse_headers("x-api-key=k%3D1").unwrap(),
             tls,
         )

@@ -6,6 +6,7 @@
 //! (bench/README.md); the integration tests decode what arrives with the official generated
 //! types (`opentelemetry-proto`, tonic's gRPC server).
 
+use crate::config::{OtlpEndpoint, OtlpProtocol as Protocol};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -245,50 +246,24 @@ impl Envelope {
     }
 }
 
-/// How batches reach the collector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// `POST {endpoint}/v1/traces`, `application/x-protobuf`.
-    HttpProtobuf,
-    /// The unary `TraceService/Export` call over HTTP/2.
-    Grpc,
-}
-
-impl Protocol {
-    pub fn parse(s: &str) -> Option<Protocol> {
-        match s {
-            "grpc" => Some(Protocol::Grpc),
-            "http/protobuf" | "http" => Some(Protocol::HttpProtobuf),
-            _ => None,
-        }
-    }
-}
-
 /// The largest collector response read.
 const MAX_RESPONSE: usize = 64 * 1024;
 
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// Where a batch is sent: the OTLP/HTTP `/v1/traces` path (an endpoint already ending in it
-/// is taken as it is) or the gRPC method path under the endpoint. Errors never echo the
-/// endpoint: it could hold credentials.
-pub fn export_url(protocol: Protocol, endpoint: &str) -> Result<http::Uri, String> {
+/// is taken as it is) or the gRPC method path under the endpoint. The endpoint was checked when
+/// it was parsed; errors never echo it (it could hold a token in its path).
+pub fn export_url(protocol: Protocol, endpoint: &OtlpEndpoint) -> Result<http::Uri, String> {
+    let endpoint = endpoint.uri().to_string();
     let base = endpoint.trim_end_matches('/');
     let url = match protocol {
         Protocol::HttpProtobuf if base.ends_with("/v1/traces") => base.to_owned(),
         Protocol::HttpProtobuf => format!("{base}/v1/traces"),
         Protocol::Grpc => format!("{base}{GRPC_PATH}"),
     };
-    let url: http::Uri = url
-        .parse()
-        .map_err(|_| "is not a URL: use http://host:port or https://host:port".to_owned())?;
-    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
-        return Err("must be http://host:port or https://host:port".into());
-    }
-    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err("must not carry credentials: put them in telemetry.otlp_headers".into());
-    }
-    Ok(url)
+    url.parse()
+        .map_err(|_| "is not a URL: use http://host:port or https://host:port".to_owned())
 }
 
 /// The collector connection: one pooled client, fixed URL and headers.
@@ -305,7 +280,7 @@ impl Transport {
     /// system roots and `tls`'s extra ones.
     pub fn new(
         protocol: Protocol,
-        endpoint: &str,
+        endpoint: &OtlpEndpoint,
         headers: Vec<(HeaderName, HeaderValue)>,
         tls: rustls::ClientConfig,
     ) -> Result<Transport, String> {
@@ -602,7 +577,10 @@ mod tests {
 
     #[test]
     fn endpoints_become_export_urls() {
-        let url = |p, e: &str| export_url(p, e).map(|u| u.to_string());
+        let url = |p, e: &str| {
+            let endpoint = OtlpEndpoint::try_from(e.to_owned()).map_err(str::to_owned)?;
+            export_url(p, &endpoint).map(|u| u.to_string())
+        };
         assert_eq!(
             url(Protocol::HttpProtobuf, "http://c:4318/").unwrap(),
             "http://c:4318/v1/traces"
