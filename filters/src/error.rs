@@ -20,6 +20,8 @@ pub enum ErrorCode {
     CredentialUnavailable,
     /// An `Upgrade` (WebSocket, h2c) inside an intercepted connection: not supported yet.
     UpgradeNotSupported,
+    /// The local connector refuses a client outside its `--allow-clients` networks.
+    ClientNotAllowed,
     /// A bug or resource failure inside the proxy; never caused by the peer.
     Internal,
 }
@@ -31,7 +33,8 @@ impl ErrorCode {
             ErrorCode::IdentityRequired => 407,
             ErrorCode::PolicyDenied
             | ErrorCode::CredentialNotAllowed
-            | ErrorCode::DestinationBlocked => 403,
+            | ErrorCode::DestinationBlocked
+            | ErrorCode::ClientNotAllowed => 403,
             ErrorCode::BadRequest => 400,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::HeadersTooLarge => 431,
@@ -59,6 +62,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::CredentialUnavailable => "credential_unavailable",
             ErrorCode::UpgradeNotSupported => "upgrade_not_supported",
+            ErrorCode::ClientNotAllowed => "client_not_allowed",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -146,6 +150,8 @@ mod tests {
                 503,
                 "credential_unavailable",
             ),
+            (ErrorCode::UpgradeNotSupported, 501, "upgrade_not_supported"),
+            (ErrorCode::ClientNotAllowed, 403, "client_not_allowed"),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status(), status, "{name}");

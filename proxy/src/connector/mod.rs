@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use portcullis_filters::parse::identity::SpiffeId;
+use portcullis_filters::{ErrorCode, Rejection};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -330,7 +331,11 @@ async fn accept_loop(
         if !allowed(&opts.allow_clients, peer.ip()) {
             tracing::warn!(peer = %peer, "refused a client outside --allow-clients");
             let reason = format!("{} may not use this connector (--allow-clients)", peer.ip());
-            tracker.spawn(refuse(tcp, true, 403, "client_not_allowed", reason));
+            tracker.spawn(refuse(
+                tcp,
+                true,
+                Rejection::new(ErrorCode::ClientNotAllowed, reason),
+            ));
             continue;
         }
         let Some(id) = current.borrow().clone() else {
@@ -386,14 +391,24 @@ async fn tunnel(
                 describe(&e)
             );
             tracing::warn!(peer = %peer, spiffe_id = %id.spiffe_id, %reason, "upstream unreachable");
-            return refuse(client, true, 502, "upstream_unreachable", reason).await;
+            return refuse(
+                client,
+                true,
+                Rejection::new(ErrorCode::UpstreamUnreachable, reason),
+            )
+            .await;
         }
         Err(_) => {
             let reason = format!(
                 "the connector timed out after {timeout:?} connecting to Portcullis at {target}"
             );
             tracing::warn!(peer = %peer, %reason, "upstream timeout");
-            return refuse(client, true, 504, "upstream_timeout", reason).await;
+            return refuse(
+                client,
+                true,
+                Rejection::new(ErrorCode::UpstreamTimeout, reason),
+            )
+            .await;
         }
     };
     let mut client = Counted {
@@ -412,7 +427,12 @@ async fn tunnel(
                 describe(&e)
             );
             tracing::warn!(peer = %peer, spiffe_id = %id.spiffe_id, %reason, "upstream refused the connection");
-            refuse(client.inner, false, 502, "upstream_unreachable", reason).await;
+            refuse(
+                client.inner,
+                false,
+                Rejection::new(ErrorCode::UpstreamUnreachable, reason),
+            )
+            .await;
         }
         Err(e) => tracing::debug!(peer = %peer, error = %e, "tunnel ended with an error"),
     }
@@ -445,13 +465,7 @@ fn describe(e: &std::io::Error) -> String {
 /// Answer a client the connector cannot serve with a proxy error response, then close.
 /// `read_head` first reads the client's request head: closing a socket with unread input
 /// resets it, and the client would see a reset instead of the answer.
-async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    read_head: bool,
-    status: u16,
-    code: &str,
-    reason: String,
-) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, read_head: bool, rej: Rejection) {
     if read_head {
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
@@ -465,7 +479,8 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
     }
-    let body = serde_json::json!({"error": code, "reason": reason}).to_string();
+    let (status, code) = (rej.status(), rej.code.as_str());
+    let body = serde_json::json!({"error": code, "reason": rej.reason}).to_string();
     let phrase = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
@@ -551,7 +566,12 @@ mod tests {
             .await
             .unwrap();
         let reason = "127.0.0.9 may not use this connector".to_owned();
-        refuse(server, true, 403, "client_not_allowed", reason).await;
+        refuse(
+            server,
+            true,
+            Rejection::new(ErrorCode::ClientNotAllowed, reason),
+        )
+        .await;
         let mut out = String::new();
         client.read_to_string(&mut out).await.unwrap();
         let (head, body) = out.split_once("\r\n\r\n").unwrap();
