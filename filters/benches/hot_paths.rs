@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use portcullis_filters::parse::destination::Destination;
 use portcullis_filters::parse::identity::{self, SpiffeId};
 use portcullis_filters::parse::secret::{Placeholder, SecretValue};
-use portcullis_filters::pipeline::{ActionKind, Context, Filter, Peer, TraceId, Via};
+use portcullis_filters::pipeline::{Context, Filter, Peer, Via};
 use portcullis_filters::stages::credentials::{
     Credential, CredentialDetect, CredentialSet, CredentialSubstitute, SecretStore,
 };
@@ -106,14 +106,7 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let parts = template.clone();
-                let ctx = Context::new(
-                    peer.clone(),
-                    dest.clone(),
-                    ActionKind::Http,
-                    Via::Mitm,
-                    TraceId([7; 16]),
-                    &parts,
-                );
+                let ctx = Context::new(peer.clone(), Via::Mitm, dest.clone(), &parts);
                 (ctx, parts)
             },
             |(mut ctx, mut parts)| {

@@ -109,51 +109,71 @@ pub enum Via {
     Gateway,
 }
 
-/// Everything the pipeline knows about one action. Filters read and fill it.
+/// Everything the pipeline knows about one action, in parts: what the action is (peer,
+/// destination, kind, method, path, body), and what the phases found and decided (the trace,
+/// the MCP messages, the decisions, the credentials used). Filters read and fill it.
 #[derive(Debug)]
 pub struct Context {
     pub peer: Arc<Peer>,
     pub destination: Destination,
     pub kind: ActionKind,
     pub via: Via,
-    pub trace_id: TraceId,
+    /// The request method (`CONNECT` for a tunnel) and path without the query string: what
+    /// logs may show. Query values can carry secrets and are never logged.
+    pub method: http::Method,
+    pub path: String,
+    /// The gateway route that matched (`Via::Gateway`).
+    pub gateway_route: Option<Arc<str>>,
+    pub started: Instant,
+    /// The request body as the request phase sees it (buffered only if a filter asked).
+    pub body: RequestBody,
+    /// Set when a phase refused the request (or the proxy failed it): the error code logged.
+    pub error: Option<ErrorCode>,
+    /// Policy decisions taken for this action: one, or one per JSON-RPC message.
+    pub decisions: Vec<DecisionRecord>,
+    pub trace: Trace,
+    pub mcp: Mcp,
+    pub credentials: CredentialUse,
+}
+
+/// The action's place in a distributed trace.
+#[derive(Debug)]
+pub struct Trace {
+    pub id: TraceId,
     /// This action's span id (random), sent upstream as the `traceparent` parent.
     pub span_id: [u8; 8],
     /// The caller's span, when it sent a `traceparent`.
     pub parent_span_id: Option<[u8; 8]>,
     /// W3C trace flags (01: sampled).
-    pub trace_flags: u8,
-    /// The request method (`CONNECT` for a tunnel) and path without the query string: what
-    /// logs may show. Query values can carry secrets and are never logged.
-    pub method: http::Method,
-    pub path: String,
-    pub started: Instant,
-    /// Set when a phase refused the request (or the proxy failed it): the error code logged.
-    pub error: Option<ErrorCode>,
-    /// The request body as the request phase sees it (buffered only if a filter asked).
-    pub body: RequestBody,
-    /// The JSON-RPC messages of an MCP request (`kind == Mcp`).
-    pub mcp: Option<McpRequest>,
-    /// Policy decisions taken for this action: one, or one per JSON-RPC message.
-    pub decisions: Vec<DecisionRecord>,
-    /// The policy input of this request, kept for decisions taken on its response
-    /// (`tools/list` filtering).
-    pub policy_input: Option<portcullis_policy::Input>,
-    /// Tools called by this request whose definition changed since it was pinned.
-    pub changed_tools: Vec<String>,
-    /// Names of the credentials whose placeholders this request carries.
-    pub credentials: Vec<String>,
-    /// The secrets substituted into this request, to redact from its response.
-    pub secrets: Vec<std::sync::Arc<crate::parse::secret::SecretValue>>,
-    /// The request as it was just before its credentials were substituted (idempotent
-    /// requests only): replayed once with fresh secrets if the upstream answers 401.
-    pub before_substitution: Option<(http::request::Parts, RequestBody)>,
-    /// The gateway route that matched (`Via::Gateway`).
-    pub gateway_route: Option<Arc<str>>,
+    pub flags: u8,
     /// Timings of the policy, credential and upstream steps, for child spans: `Some` only when
     /// this action's span is exported (set by the trace propagation stage), so stages record
     /// nothing when telemetry is off.
     pub steps: Option<Box<crate::pipeline::timing::Steps>>,
+}
+
+/// What MCP inspection found (`kind == Mcp`) and what its response phases need.
+#[derive(Debug, Default)]
+pub struct Mcp {
+    /// The JSON-RPC messages of the request.
+    pub request: Option<McpRequest>,
+    /// The policy input of a `tools/list` request, kept for the decisions taken on its
+    /// response (each listed tool is decided as the call it would be).
+    pub listing_input: Option<portcullis_policy::Input>,
+    /// Tools called by this request whose definition changed since it was pinned.
+    pub changed_tools: Vec<String>,
+}
+
+/// The credentials an action carries and what substitution did with them.
+#[derive(Debug, Default)]
+pub struct CredentialUse {
+    /// Names of the credentials whose placeholders the request carries.
+    pub names: Vec<String>,
+    /// The secrets substituted into the request, to redact from its response.
+    pub secrets: Vec<Arc<crate::parse::secret::SecretValue>>,
+    /// The request as it was just before its credentials were substituted (idempotent
+    /// requests only): replayed once with fresh secrets if the upstream answers 401.
+    pub before_substitution: Option<(http::request::Parts, RequestBody)>,
 }
 
 /// The request body, for filters that inspect it. `Debug` shows only its size: after
@@ -207,9 +227,51 @@ pub struct McpSummary {
 }
 
 impl Context {
+    /// A new action arriving `via` the proxy for `destination`, described by `req` (its method
+    /// and path). Its trace id and span id are fresh; trace propagation may adopt the caller's
+    /// trace.
+    pub fn new(
+        peer: Arc<Peer>,
+        via: Via,
+        destination: Destination,
+        req: &http::request::Parts,
+    ) -> Context {
+        let kind = match via {
+            Via::Connect => ActionKind::Connect,
+            Via::Mitm | Via::AbsoluteForm | Via::Gateway => ActionKind::Http,
+        };
+        let id = TraceId(rand::random());
+        Context {
+            peer,
+            destination,
+            kind,
+            via,
+            method: req.method.clone(),
+            path: if kind == ActionKind::Connect {
+                String::new()
+            } else {
+                req.uri.path().to_owned()
+            },
+            gateway_route: None,
+            started: Instant::now(),
+            body: RequestBody::NotBuffered,
+            error: None,
+            decisions: Vec::new(),
+            trace: Trace {
+                id,
+                span_id: span_id(&id),
+                parent_span_id: None,
+                flags: 1,
+                steps: None,
+            },
+            mcp: Mcp::default(),
+            credentials: CredentialUse::default(),
+        }
+    }
+
     /// When steps are recorded, the time a step starts; `None` otherwise (nothing to pay).
     pub fn step_start(&self) -> Option<Instant> {
-        self.steps.is_some().then(Instant::now)
+        self.trace.steps.is_some().then(Instant::now)
     }
 
     /// Record a step started at `start` (from [`Context::step_start`]).
@@ -218,55 +280,17 @@ impl Context {
         start: Option<Instant>,
         kind: impl FnOnce() -> crate::pipeline::timing::StepKind,
     ) {
-        if let (Some(start), Some(steps)) = (start, self.steps.as_deref_mut()) {
+        if let (Some(start), Some(steps)) = (start, self.trace.steps.as_deref_mut()) {
             steps.record(start, kind());
         }
     }
 
     /// Whether the response carries `tools/list` results to filter.
     pub fn lists_tools(&self) -> bool {
-        self.mcp.as_ref().is_some_and(|m| {
+        self.mcp.request.as_ref().is_some_and(|m| {
             m.messages
                 .iter()
                 .any(|m| m.method.as_deref() == Some("tools/list"))
         })
-    }
-
-    pub fn new(
-        peer: Arc<Peer>,
-        destination: Destination,
-        kind: ActionKind,
-        via: Via,
-        trace_id: TraceId,
-        req: &http::request::Parts,
-    ) -> Context {
-        Context {
-            peer,
-            destination,
-            kind,
-            via,
-            trace_id,
-            span_id: span_id(&trace_id),
-            parent_span_id: None,
-            trace_flags: 1,
-            method: req.method.clone(),
-            path: if kind == ActionKind::Connect {
-                String::new()
-            } else {
-                req.uri.path().to_owned()
-            },
-            started: Instant::now(),
-            error: None,
-            body: RequestBody::NotBuffered,
-            mcp: None,
-            decisions: Vec::new(),
-            policy_input: None,
-            changed_tools: Vec::new(),
-            credentials: Vec::new(),
-            secrets: Vec::new(),
-            before_substitution: None,
-            gateway_route: None,
-            steps: None,
-        }
     }
 }

@@ -16,8 +16,8 @@ use crate::error::Rejection;
 
 pub use body::{BodyTransform, TransformError, Transforms};
 pub use context::{
-    hex, hex_into, span_hex, ActionKind, Context, DecisionRecord, McpSummary, Peer, RequestBody,
-    TraceId, Via,
+    hex, hex_into, span_hex, ActionKind, Context, CredentialUse, DecisionRecord, Mcp, McpSummary,
+    Peer, RequestBody, Trace, TraceId, Via,
 };
 
 /// What a phase decided.

@@ -167,8 +167,8 @@ impl Filter for CredentialDetect {
                     cred.name, ctx.destination.host
                 ));
             }
-            if !ctx.credentials.contains(&cred.name) {
-                ctx.credentials.push(cred.name.clone());
+            if !ctx.credentials.names.contains(&cred.name) {
+                ctx.credentials.names.push(cred.name.clone());
             }
         }
         Action::Continue
@@ -218,24 +218,29 @@ impl Filter for CredentialSubstitute {
     }
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        if ctx.credentials.is_empty() {
+        if ctx.credentials.names.is_empty() {
             return Action::Continue;
         }
         if is_idempotent(&req.method) {
-            ctx.before_substitution = Some((req.clone(), ctx.body.clone()));
+            ctx.credentials.before_substitution = Some((req.clone(), ctx.body.clone()));
         }
         self.substitute(ctx, req).await
     }
 
     fn response(&self, ctx: &mut Context, resp: &mut http::response::Parts) {
-        if ctx.secrets.is_empty() {
+        if ctx.credentials.secrets.is_empty() {
             return;
         }
         for value in resp.headers.values_mut() {
             let Ok(text) = value.to_str() else { continue };
-            if ctx.secrets.iter().any(|s| text.contains(s.expose())) {
+            if ctx
+                .credentials
+                .secrets
+                .iter()
+                .any(|s| text.contains(s.expose()))
+            {
                 let mut redacted = text.to_owned();
-                for s in &ctx.secrets {
+                for s in &ctx.credentials.secrets {
                     redacted = redacted.replace(s.expose(), REDACTED);
                 }
                 if let Ok(v) = HeaderValue::from_str(&redacted) {
@@ -257,16 +262,16 @@ impl Filter for CredentialSubstitute {
         if resp.status != http::StatusCode::UNAUTHORIZED {
             return AfterResponse::Deliver;
         }
-        let Some((mut req, body)) = ctx.before_substitution.take() else {
+        let Some((mut req, body)) = ctx.credentials.before_substitution.take() else {
             return AfterResponse::Deliver;
         };
         if !body.replayable() {
             return AfterResponse::Deliver;
         }
-        for name in &ctx.credentials {
+        for name in &ctx.credentials.names {
             self.store.revoke(name).await;
         }
-        tracing::info!(credentials = ?ctx.credentials, "upstream answered 401: refreshed the credentials; retrying once");
+        tracing::info!(credentials = ?ctx.credentials.names, "upstream answered 401: refreshed the credentials; retrying once");
         ctx.body = body;
         match self.substitute(ctx, &mut req).await {
             Action::Continue => AfterResponse::Retry(req),
@@ -281,7 +286,8 @@ impl Filter for CredentialSubstitute {
         _resp: &http::response::Parts,
         _chain: &Chain,
     ) -> Option<Box<dyn BodyTransform>> {
-        Redactor::new(ctx.secrets.clone()).map(|r| Box::new(r) as Box<dyn BodyTransform>)
+        Redactor::new(ctx.credentials.secrets.clone())
+            .map(|r| Box::new(r) as Box<dyn BodyTransform>)
     }
 }
 
@@ -302,7 +308,7 @@ impl CredentialSubstitute {
     async fn substitute(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let mut pairs = Vec::new();
         for cred in self.set.by_placeholder.values() {
-            if !ctx.credentials.contains(&cred.name) {
+            if !ctx.credentials.names.contains(&cred.name) {
                 continue;
             }
             let start = ctx.step_start();
@@ -388,7 +394,7 @@ impl CredentialSubstitute {
                 }
             }
         }
-        ctx.secrets = pairs.into_iter().map(|(_, s)| s).collect();
+        ctx.credentials.secrets = pairs.into_iter().map(|(_, s)| s).collect();
         Action::Continue
     }
 }

@@ -69,7 +69,7 @@ impl Filter for McpFilter {
         match parsed {
             Ok(mcp) => {
                 ctx.kind = ActionKind::Mcp;
-                ctx.mcp = Some(mcp);
+                ctx.mcp.request = Some(mcp);
                 Action::Continue
             }
             Err(e) if mcp_only => Action::Respond(Rejection::new(

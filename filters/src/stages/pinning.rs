@@ -246,7 +246,7 @@ impl Filter for ToolPinning {
     }
 
     async fn request(&self, ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
-        let Some(req) = &ctx.mcp else {
+        let Some(req) = &ctx.mcp.request else {
             return Action::Continue;
         };
         let server = ctx.destination.authority();
@@ -260,7 +260,7 @@ impl Filter for ToolPinning {
         if changed.is_empty() {
             return Action::Continue;
         }
-        ctx.changed_tools = changed.clone();
+        ctx.mcp.changed_tools = changed.clone();
         if self.pins.on_change == OnChange::Log {
             return Action::Continue;
         }
@@ -268,7 +268,7 @@ impl Filter for ToolPinning {
             "tool definition changed since it was pinned ({}); an operator must accept it",
             changed.join(", ")
         );
-        let trace = ctx.trace_id.to_string();
+        let trace = ctx.trace.id.to_string();
         let responses = req
             .messages
             .iter()

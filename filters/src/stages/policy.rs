@@ -95,7 +95,7 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
         },
         request,
         mcp: None,
-        credentials: ctx.credentials.clone(),
+        credentials: ctx.credentials.names.clone(),
         time: TimeInfo::now(),
         gateway: ctx
             .gateway_route
@@ -126,7 +126,7 @@ impl PolicyFilter {
     /// nothing is forwarded: every request id is answered with a JSON-RPC error (the denied
     /// ones with their reason), and denied notifications are dropped.
     fn decide_mcp(&self, ctx: &mut Context, base: Input) -> Action {
-        let Some(mcp) = ctx.mcp.take() else {
+        let Some(mcp) = ctx.mcp.request.take() else {
             return Action::Continue;
         };
         let mut first_deny: Option<Decision> = None;
@@ -154,12 +154,12 @@ impl PolicyFilter {
                     tool: m.tool().map(str::to_owned),
                     tool_changed: m
                         .tool()
-                        .is_some_and(|t| ctx.changed_tools.iter().any(|c| c == t)),
+                        .is_some_and(|t| ctx.mcp.changed_tools.iter().any(|c| c == t)),
                 }),
                 decision: d,
             });
         }
-        let trace = ctx.trace_id.to_string();
+        let trace = ctx.trace.id.to_string();
         let answer = first_deny.map(|deny| {
             let responses = mcp
                 .messages
@@ -185,7 +185,7 @@ impl PolicyFilter {
             });
             rej
         });
-        ctx.mcp = Some(mcp);
+        ctx.mcp.request = Some(mcp);
         match answer {
             Some(rej) => Action::Respond(rej),
             None => Action::Continue,
@@ -201,9 +201,9 @@ impl Filter for PolicyFilter {
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let input = build_input(ctx, req, &self.sensitive_headers);
-        if ctx.mcp.is_some() {
+        if ctx.mcp.request.is_some() {
             if ctx.lists_tools() {
-                ctx.policy_input = Some(input.clone());
+                ctx.mcp.listing_input = Some(input.clone());
             }
             return self.decide_mcp(ctx, input);
         }
@@ -231,7 +231,7 @@ impl Filter for PolicyFilter {
         resp: &http::response::Parts,
         _chain: &Chain,
     ) -> Option<Box<dyn BodyTransform>> {
-        let (Some(base), Some(mcp)) = (&ctx.policy_input, &ctx.mcp) else {
+        let (Some(base), Some(mcp)) = (&ctx.mcp.listing_input, &ctx.mcp.request) else {
             return None;
         };
         let lists: Vec<serde_json::Value> = mcp

@@ -97,7 +97,7 @@ impl Filter for TracePropagation {
                 (tp, state.map(str::to_owned))
             });
         let from_meta = || {
-            ctx.mcp.as_ref()?.messages.iter().find_map(|m| {
+            ctx.mcp.request.as_ref()?.messages.iter().find_map(|m| {
                 let meta = m.params.as_ref()?.get("_meta")?;
                 let tp = TraceParent::parse(meta.get("traceparent")?.as_str()?)?;
                 let state = meta.get("tracestate").and_then(|s| s.as_str());
@@ -106,36 +106,36 @@ impl Filter for TracePropagation {
         };
         let mut tracestate = None;
         if let Some((tp, state)) = header.or_else(from_meta) {
-            ctx.trace_id = TraceId(tp.trace_id);
-            ctx.parent_span_id = Some(tp.span_id);
-            ctx.trace_flags = tp.flags;
+            ctx.trace.id = TraceId(tp.trace_id);
+            ctx.trace.parent_span_id = Some(tp.span_id);
+            ctx.trace.flags = tp.flags;
             tracestate = state;
         }
         if let Some(ratio) = self.sampling {
-            let parent = ctx.parent_span_id.is_some();
-            let sampled = sampled(&ctx.trace_id.0, parent, ctx.trace_flags, ratio);
+            let parent = ctx.trace.parent_span_id.is_some();
+            let sampled = sampled(&ctx.trace.id.0, parent, ctx.trace.flags, ratio);
             if !parent {
-                ctx.trace_flags = u8::from(sampled);
+                ctx.trace.flags = u8::from(sampled);
             }
             if sampled {
-                ctx.steps = Some(Box::new(Steps::new(ctx.span_id, tracestate)));
+                ctx.trace.steps = Some(Box::new(Steps::new(ctx.trace.span_id, tracestate)));
             }
         }
         Action::Continue
     }
 
     fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        let parent = match ctx.steps.as_deref_mut() {
+        let parent = match ctx.trace.steps.as_deref_mut() {
             Some(steps) => {
                 let id = steps.next_id();
                 steps.upstream_span = Some(id);
                 id
             }
-            None => ctx.span_id,
+            None => ctx.trace.span_id,
         };
-        let tp = TraceParent::header(&ctx.trace_id, &parent, ctx.trace_flags);
-        if let Some(steps) = ctx.steps.as_deref() {
-            if let (Some(mcp), RequestBody::Buffered(body)) = (&ctx.mcp, &ctx.body) {
+        let tp = TraceParent::header(&ctx.trace.id, &parent, ctx.trace.flags);
+        if let Some(steps) = ctx.trace.steps.as_deref() {
+            if let (Some(mcp), RequestBody::Buffered(body)) = (&ctx.mcp.request, &ctx.body) {
                 if mcp.messages.iter().any(|m| m.method.is_some()) {
                     if let Some(b) = inject_meta(body, &tp, steps.tracestate.as_deref()) {
                         ctx.body = RequestBody::Buffered(b.into());

@@ -10,13 +10,13 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_filters::parse::destination::{parse_port, split_authority, Destination, Host};
-use portcullis_filters::{Action, ActionKind, Context, ErrorCode, Outcome, Rejection, Via};
+use portcullis_filters::{Action, Context, ErrorCode, Outcome, Rejection, Via};
 use tokio::net::TcpStream;
 
 use crate::http::error::empty;
 use crate::http::forward::forward;
 use crate::http::idle::idle_watch;
-use crate::http::{new_trace_id, refuse, reject_early, Conn, Shared};
+use crate::http::{refuse, reject_early, Conn, Shared};
 use crate::upstream::Body;
 
 pub(crate) async fn handle(
@@ -26,7 +26,6 @@ pub(crate) async fn handle(
 ) -> Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, _body) = req.into_parts();
-    let trace_id = new_trace_id();
     let target = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
     let dest = match Destination::parse_connect_authority(target) {
         Ok(d) if parts.uri.path_and_query().is_none() => d,
@@ -34,21 +33,13 @@ pub(crate) async fn handle(
             return reject_early(
                 &shared,
                 &conn,
-                trace_id,
                 &parts,
                 "CONNECT target must be authority-form host:port".into(),
             )
         }
-        Err(e) => return reject_early(&shared, &conn, trace_id, &parts, e.to_string()),
+        Err(e) => return reject_early(&shared, &conn, &parts, e.to_string()),
     };
-    let mut ctx = Context::new(
-        conn.peer.clone(),
-        dest,
-        ActionKind::Connect,
-        Via::Connect,
-        trace_id,
-        &parts,
-    );
+    let mut ctx = Context::new(conn.peer.clone(), Via::Connect, dest, &parts);
     if let Action::Respond(rej) = shared.chain.request(&mut ctx, &mut parts).await {
         return refuse(&shared, ctx, rej);
     }
@@ -181,14 +172,7 @@ async fn handle_inner(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    let ctx = Context::new(
-        conn.peer.clone(),
-        (*dest).clone(),
-        ActionKind::Http,
-        Via::Mitm,
-        new_trace_id(),
-        &parts,
-    );
+    let ctx = Context::new(conn.peer.clone(), Via::Mitm, (*dest).clone(), &parts);
     if let Err(reason) = check_inner_authority(&parts, &dest) {
         return refuse(&shared, ctx, Rejection::new(ErrorCode::BadRequest, reason));
     }

@@ -10,7 +10,7 @@ use portcullis_filters::parse::destination::{split_authority, Destination, Schem
 
 use http::header::HOST;
 use hyper::body::Incoming;
-use portcullis_filters::{ActionKind, Context, ErrorCode, Rejection, TraceId, Via};
+use portcullis_filters::{Context, ErrorCode, Rejection, Via};
 
 use crate::config::{CredentialConfig, RouteConfig};
 use crate::http::forward::forward;
@@ -145,7 +145,6 @@ impl Route {
 pub(crate) async fn handle(
     shared: &Shared,
     conn: &Conn,
-    trace_id: TraceId,
     mut parts: http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
@@ -156,14 +155,7 @@ pub(crate) async fn handle(
         .map(str::to_owned);
     let Some(route) = shared.routes.find(host.as_deref(), parts.uri.path()) else {
         let reason = format!("no gateway route matches {}", parts.uri.path());
-        let ctx = Context::new(
-            conn.peer.clone(),
-            no_destination(),
-            ActionKind::Http,
-            Via::Gateway,
-            trace_id,
-            &parts,
-        );
+        let ctx = Context::new(conn.peer.clone(), Via::Gateway, no_destination(), &parts);
         return refuse(shared, ctx, Rejection::new(ErrorCode::NoRoute, reason));
     };
     let uri = route.upstream_uri(&parts.uri);
@@ -174,10 +166,8 @@ pub(crate) async fn handle(
     route.inject(&mut parts.headers);
     let mut ctx = Context::new(
         conn.peer.clone(),
-        route.upstream.clone(),
-        ActionKind::Http,
         Via::Gateway,
-        trace_id,
+        route.upstream.clone(),
         &parts,
     );
     ctx.gateway_route = Some(route.name.clone());

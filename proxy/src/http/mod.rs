@@ -19,9 +19,7 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use portcullis_filters::parse::destination::{Destination, Host, Scheme};
 use portcullis_filters::stages::pinning::ToolPins;
-use portcullis_filters::{
-    ActionKind, Chain, Context, ErrorCode, Outcome, Peer, Rejection, TraceId, Via,
-};
+use portcullis_filters::{Chain, Context, ErrorCode, Outcome, Peer, Rejection, Via};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -70,10 +68,6 @@ pub struct Conn {
     pub _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-pub(crate) fn new_trace_id() -> TraceId {
-    TraceId(rand::random())
-}
-
 /// A request on the proxy connection itself.
 pub async fn handle(
     shared: Arc<Shared>,
@@ -84,9 +78,8 @@ pub async fn handle(
         return connect::handle(shared, conn, req).await;
     }
     let (parts, body) = req.into_parts();
-    let trace_id = new_trace_id();
     if parts.uri.scheme().is_none() && !shared.routes.is_empty() {
-        return gateway::handle(&shared, &conn, trace_id, parts, body).await;
+        return gateway::handle(&shared, &conn, parts, body).await;
     }
     let dest = match Destination::from_absolute_uri(&parts.uri) {
         Ok(d) => d,
@@ -96,17 +89,10 @@ pub async fn handle(
             } else {
                 e.to_string()
             };
-            return reject_early(&shared, &conn, trace_id, &parts, reason);
+            return reject_early(&shared, &conn, &parts, reason);
         }
     };
-    let ctx = Context::new(
-        conn.peer.clone(),
-        dest,
-        ActionKind::Http,
-        Via::AbsoluteForm,
-        trace_id,
-        &parts,
-    );
+    let ctx = Context::new(conn.peer.clone(), Via::AbsoluteForm, dest, &parts);
     forward::forward(&shared, ctx, parts, body).await
 }
 
@@ -122,16 +108,13 @@ pub(crate) fn no_destination() -> Destination {
 pub(crate) fn reject_early(
     shared: &Shared,
     conn: &Conn,
-    trace_id: TraceId,
     parts: &http::request::Parts,
     reason: String,
 ) -> Response<Body> {
     let ctx = Context::new(
         conn.peer.clone(),
-        no_destination(),
-        ActionKind::Http,
         Via::AbsoluteForm,
-        trace_id,
+        no_destination(),
         parts,
     );
     refuse(shared, ctx, Rejection::new(ErrorCode::BadRequest, reason))
@@ -140,7 +123,7 @@ pub(crate) fn reject_early(
 /// Answer with the error and run the logging phase.
 pub(crate) fn refuse(shared: &Shared, mut ctx: Context, rej: Rejection) -> Response<Body> {
     ctx.error = Some(rej.code);
-    let resp = error_response(&rej, ctx.trace_id);
+    let resp = error_response(&rej, ctx.trace.id);
     let outcome = Outcome {
         status: resp.status().as_u16(),
         bytes: 0,

@@ -59,7 +59,7 @@ impl LoggedBody {
         e: portcullis_filters::TransformError,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some((ctx, _)) = &self.done {
-            tracing::warn!(trace_id = %ctx.trace_id, error = %e, "response body cut off");
+            tracing::warn!(trace_id = %ctx.trace.id, error = %e, "response body cut off");
         }
         Poll::Ready(Some(Err(Box::new(e))))
     }

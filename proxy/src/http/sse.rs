@@ -17,8 +17,7 @@ use portcullis_filters::parse::destination::Destination;
 use portcullis_filters::parse::jsonrpc::McpRequest;
 use portcullis_filters::parse::mcp_body::{event_json, message_ids, SseEvents};
 use portcullis_filters::{
-    Action, ActionKind, BodyTransform, Chain, Context, Filter, Peer, Rejection, TraceId,
-    TransformError, Via,
+    Action, ActionKind, BodyTransform, Chain, Context, Filter, Peer, Rejection, TransformError, Via,
 };
 use tokio::sync::mpsc;
 
@@ -155,9 +154,11 @@ impl Filter for SseTransport {
         if req.method != Method::POST || !ctx.lists_tools() {
             return Action::Continue;
         }
-        let (Some(input), Some(mcp), Some(endpoint)) =
-            (&ctx.policy_input, &ctx.mcp, req.uri.path_and_query())
-        else {
+        let (Some(input), Some(mcp), Some(endpoint)) = (
+            &ctx.mcp.listing_input,
+            &ctx.mcp.request,
+            req.uri.path_and_query(),
+        ) else {
             return Action::Continue;
         };
         let authority = ctx.destination.authority();
@@ -205,7 +206,7 @@ impl Filter for SseTransport {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
-        if ctx.method != Method::GET || !event_stream || ctx.mcp.is_some() {
+        if ctx.method != Method::GET || !event_stream || ctx.mcp.request.is_some() {
             return None;
         }
         Some(Box::new(SseTap::new(
@@ -330,14 +331,13 @@ impl SseTap {
             parts.method = Method::POST;
             let mut ctx = Context::new(
                 self.peer.clone(),
-                self.destination.clone(),
-                ActionKind::Mcp,
                 Via::Mitm,
-                TraceId([0; 16]),
+                self.destination.clone(),
                 &parts,
             );
-            ctx.policy_input = Some(input);
-            ctx.mcp = Some(mcp);
+            ctx.kind = ActionKind::Mcp;
+            ctx.mcp.listing_input = Some(input);
+            ctx.mcp.request = Some(mcp);
             if let Some(mut t) = self.chain.response_body(&ctx, &event_stream_head()) {
                 let mut out = t.data(event)?.to_vec();
                 out.extend_from_slice(&t.end()?);

@@ -27,8 +27,8 @@ impl Filter for AccessLog {
             error = ctx.error.map(|e| e.as_str()).unwrap_or(""),
             bytes = outcome.bytes,
             duration_ms = outcome.duration.as_secs_f64() * 1000.0,
-            trace_id = %ctx.trace_id,
-            span_id = %span_hex(&ctx.span_id),
+            trace_id = %ctx.trace.id,
+            span_id = %span_hex(&ctx.trace.span_id),
             "access"
         );
     }

@@ -147,8 +147,8 @@ impl Filter for DecisionLog {
         }
         let time = now_rfc3339();
         let mut trace = [0u8; 32];
-        let trace_id = portcullis_filters::pipeline::hex_into(&ctx.trace_id.0, &mut trace);
-        let span_id = span_hex(&ctx.span_id);
+        let trace_id = portcullis_filters::pipeline::hex_into(&ctx.trace.id.0, &mut trace);
+        let span_id = span_hex(&ctx.trace.span_id);
         let destination = ctx.destination.authority();
         let mut text = Vec::with_capacity(512);
         for rec in &ctx.decisions {

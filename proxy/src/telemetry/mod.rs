@@ -542,7 +542,7 @@ fn action_attributes(a: &mut Attributes<'_>, ctx: &Context, outcome: &Outcome, u
         "portcullis.identity.trust_domain",
         ctx.peer.spiffe_id.trust_domain(),
     );
-    match &ctx.credentials[..] {
+    match &ctx.credentials.names[..] {
         [] => a.str("portcullis.credentials", ""),
         [one] => a.str("portcullis.credentials", one),
         many => a.display("portcullis.credentials", Joined(many)),
@@ -568,7 +568,12 @@ fn action_attributes(a: &mut Attributes<'_>, ctx: &Context, outcome: &Outcome, u
         if let Some(id) = &m.id {
             write_id(a, id);
         }
-        if let Some(s) = ctx.mcp.as_ref().and_then(|r| r.session_id.as_deref()) {
+        if let Some(s) = ctx
+            .mcp
+            .request
+            .as_ref()
+            .and_then(|r| r.session_id.as_deref())
+        {
             a.str("mcp.session.id", s);
         }
     }
@@ -613,10 +618,10 @@ impl SpanExport {
         let url = has_url.then_some(s.url.as_str());
         s.enc.span(
             &SpanHead {
-                trace_id: ctx.trace_id.0,
-                span_id: ctx.span_id,
-                parent: ctx.parent_span_id,
-                parent_is_remote: ctx.parent_span_id.is_some(),
+                trace_id: ctx.trace.id.0,
+                span_id: ctx.trace.span_id,
+                parent: ctx.trace.parent_span_id,
+                parent_is_remote: ctx.trace.parent_span_id.is_some(),
                 kind: Kind::Server,
                 name: &s.name,
                 start: clock.nanos(ctx.started),
@@ -625,13 +630,13 @@ impl SpanExport {
             },
             |a| action_attributes(a, ctx, outcome, url),
         );
-        let steps = ctx.steps.as_deref().map_or(&[][..], |s| &s.steps[..]);
+        let steps = ctx.trace.steps.as_deref().map_or(&[][..], |s| &s.steps[..]);
         let mut n = 1;
         for step in steps {
             let head = |kind, name, error| SpanHead {
-                trace_id: ctx.trace_id.0,
+                trace_id: ctx.trace.id.0,
                 span_id: step.span_id,
-                parent: Some(ctx.span_id),
+                parent: Some(ctx.trace.span_id),
                 parent_is_remote: false,
                 kind,
                 name,
@@ -744,19 +749,19 @@ fn summary(ctx: &Context, outcome: &Outcome) {
         if let Some(code) = ctx.error {
             let _ = write!(line, " error={}", code.as_str());
         }
-        if !ctx.credentials.is_empty() {
-            let _ = write!(line, " credentials={}", Joined(&ctx.credentials));
+        if !ctx.credentials.names.is_empty() {
+            let _ = write!(line, " credentials={}", Joined(&ctx.credentials.names));
         }
         let _ = write!(
             line,
             " | trace={} span={}",
-            ctx.trace_id,
-            span_hex(&ctx.span_id)
+            ctx.trace.id,
+            span_hex(&ctx.trace.span_id)
         );
-        if let Some(p) = ctx.parent_span_id {
+        if let Some(p) = ctx.trace.parent_span_id {
             let _ = write!(line, " parent={}", span_hex(&p));
         }
-        let steps = ctx.steps.as_deref().map_or(&[][..], |s| &s.steps[..]);
+        let steps = ctx.trace.steps.as_deref().map_or(&[][..], |s| &s.steps[..]);
         for (i, step) in steps.iter().enumerate() {
             line.push_str(if i == 0 { " | " } else { ", " });
             summary_step(line, ctx, step);
@@ -812,11 +817,11 @@ impl Filter for SpanExport {
     fn logging(&self, ctx: &Context, outcome: &Outcome) {
         // Actions refused before the propagation stage ran have no steps but are sampled the
         // same way (the decision depends only on the ids and flags).
-        if ctx.steps.is_none()
+        if ctx.trace.steps.is_none()
             && !sampled(
-                &ctx.trace_id.0,
-                ctx.parent_span_id.is_some(),
-                ctx.trace_flags,
+                &ctx.trace.id.0,
+                ctx.trace.parent_span_id.is_some(),
+                ctx.trace.flags,
                 self.sampling_ratio,
             )
         {
