@@ -602,18 +602,6 @@ async fn proxy_serves_and_verifies_with_material_from_the_workload_api() {
     assert_eq!(presented_cert(&proxy, &pki, &renewed).await, third.cert_der);
 }
 
-/// Exit status within WAIT.
-fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "the connector did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn connector_bad_inputs_give_clear_errors() {
     let pki = Pki::new();
@@ -645,7 +633,7 @@ async fn connector_bad_inputs_give_clear_errors() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let status = wait_exit(&mut child);
+        let status = wait_exit(&mut child, "the connector").await;
         let mut stderr = String::new();
         std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
         assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
@@ -712,5 +700,8 @@ async fn connector_bad_inputs_give_clear_errors() {
         .unwrap()
         .success();
     assert!(ok);
-    assert_eq!(wait_exit(&mut conn.child).code(), Some(0));
+    assert_eq!(
+        wait_exit(&mut conn.child, "the connector").await.code(),
+        Some(0)
+    );
 }

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use portcullis_tests::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const GITHUB_SECRET: &str = "ghp_realSecretValue123456";
 const FILE_SECRET: &str = "file-secret-abcdef987654";
@@ -23,60 +23,29 @@ decision := {"allow": false, "reason": "interns may not use github"} if {
 }
 "#;
 
-struct Setup {
-    pki: Pki,
-    up: Upstream,
-    proxy: Proxy,
-    agent: ClientCert,
-}
-
-async fn setup() -> Setup {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
-    std::fs::write(pki.path("file-secret"), format!("{FILE_SECRET}\n")).unwrap();
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
-    let mut cfg = pki.base_config();
-    cfg["credentials"] = json!([
-        {"name": "github", "hosts": ["localhost"], "source": {"env": "PCX_TEST_GITHUB"}, "body": true},
-        {"name": "filed", "placeholder": "pcx_filed_key", "hosts": ["localhost"], "source": {"file": "file-secret"}},
-        {"name": "elsewhere", "hosts": ["api.example.com"], "source": {"env": "PCX_TEST_GITHUB"}},
-        {"name": "missing", "hosts": ["localhost"], "source": {"env": "PCX_TEST_NOT_SET"}},
-    ]);
-    let config = pki.write_config(&cfg);
-    let proxy = Proxy::start_with_env(&config, &[("PCX_TEST_GITHUB", GITHUB_SECRET)]);
-    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
-    Setup {
-        pki,
-        up,
-        proxy,
-        agent,
-    }
-}
-
-impl Setup {
-    fn echo(&self, query: &str) -> String {
-        format!("https://localhost:{}/echo{query}", self.up.port())
-    }
-
-    /// Every line the proxy wrote (logs and decision log): the leak check reads these.
-    fn everything_logged(&self) -> String {
-        format!(
-            "{}\n{}",
-            self.proxy.logs.lines().join("\n"),
-            self.proxy.decisions.lines().join("\n")
-        )
-    }
+async fn setup() -> Harness {
+    Harness::builder()
+        .policy(POLICY)
+        .file("file-secret", &format!("{FILE_SECRET}\n"))
+        .env("PCX_TEST_GITHUB", GITHUB_SECRET)
+        .config(|cfg| {
+            cfg["credentials"] = json!([
+                {"name": "github", "hosts": ["localhost"], "source": {"env": "PCX_TEST_GITHUB"}, "body": true},
+                {"name": "filed", "placeholder": "pcx_filed_key", "hosts": ["localhost"], "source": {"file": "file-secret"}},
+                {"name": "elsewhere", "hosts": ["api.example.com"], "source": {"env": "PCX_TEST_GITHUB"}},
+                {"name": "missing", "hosts": ["localhost"], "source": {"env": "PCX_TEST_NOT_SET"}},
+            ]);
+        })
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn placeholders_become_secrets_upstream_and_never_come_back() {
     let s = setup().await;
     let basic = format!("Basic {}", base64_encode("bot:pcx_filed_key"));
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.agent),
-        &[
+    let out = s
+        .curl(&[
             "-H",
             "Authorization: Bearer pcx_github",
             "-H",
@@ -85,10 +54,9 @@ async fn placeholders_become_secrets_upstream_and_never_come_back() {
             "content-type: application/json",
             "--data-binary",
             r#"{"token":"pcx_github","keep":"pcx_filed_key"}"#,
-            &s.echo("?access_token=pcx_github&x=1"),
-        ],
-    )
-    .await;
+            &s.url("/echo?access_token=pcx_github&x=1"),
+        ])
+        .await;
     assert_eq!(out.status, 200, "{out:?}");
     // What the upstream received: the real values.
     let seen = s.up.seen();
@@ -124,13 +92,7 @@ async fn placeholders_become_secrets_upstream_and_never_come_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn basic_auth_and_file_sources() {
     let s = setup().await;
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.agent),
-        &["-u", "bot:pcx_filed_key", &s.echo("")],
-    )
-    .await;
+    let out = s.curl(&["-u", "bot:pcx_filed_key", &s.url("/echo")]).await;
     assert_eq!(out.status, 200, "{out:?}");
     let sent = s.up.seen()[0].headers["authorization"]
         .to_str()
@@ -142,13 +104,7 @@ async fn basic_auth_and_file_sources() {
     );
     // Rotation: a new file content is used without restart.
     std::fs::write(s.pki.path("file-secret"), "rotated-secret-000111\n").unwrap();
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.agent),
-        &["-u", "bot:pcx_filed_key", &s.echo("")],
-    )
-    .await;
+    let out = s.curl(&["-u", "bot:pcx_filed_key", &s.url("/echo")]).await;
     assert_eq!(out.status, 200);
     let sent = s.up.seen()[1].headers["authorization"]
         .to_str()
@@ -182,13 +138,7 @@ async fn misdirected_unknown_and_unavailable_credentials_are_refused() {
         ),
     ];
     for (header, status, code) in cases {
-        let out = curl(
-            &s.pki,
-            s.proxy.addr,
-            Some(&s.agent),
-            &["-H", header, &s.echo("")],
-        )
-        .await;
+        let out = s.curl(&["-H", header, &s.url("/echo")]).await;
         assert_eq!(out.status, status, "{header}: {out:?}");
         assert_eq!(
             out.header("x-portcullis-error").as_deref(),
@@ -210,12 +160,12 @@ async fn policy_decides_who_may_use_which_credential() {
         &s.pki,
         s.proxy.addr,
         Some(&intern),
-        &["-H", "Authorization: Bearer pcx_github", &s.echo("")],
+        &["-H", "Authorization: Bearer pcx_github", &s.url("/echo")],
     )
     .await;
     assert_eq!(out.status, 403, "{out:?}");
     assert_eq!(out.json()["reason"], "interns may not use github");
-    let out = curl(&s.pki, s.proxy.addr, Some(&intern), &[&s.echo("")]).await;
+    let out = s.curl_as(&intern, &[&s.url("/echo")]).await;
     assert_eq!(
         out.status, 200,
         "without the credential the intern may pass"
@@ -246,17 +196,12 @@ const VAULT_SECRET: &str = "ghp_fromVault_0123456789";
 
 /// A proxy brokering one credential from a back end (`edit` adds it to the config), with an
 /// upstream and an agent.
-async fn broker(
-    edit: impl FnOnce(&mut serde_json::Value),
-    env: &[(&str, &str)],
-) -> (Pki, Upstream, Proxy, ClientCert) {
-    let pki = Pki::new();
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
-    let mut cfg = pki.base_config();
-    edit(&mut cfg);
-    let proxy = Proxy::start_with_env(&pki.write_config(&cfg), env);
-    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
-    (pki, up, proxy, agent)
+/// A proxy with the allow-all policy, `edit` applied to its config and `env` set.
+async fn broker(edit: impl FnOnce(&mut Value) + 'static, env: &[(&str, &str)]) -> Harness {
+    env.iter()
+        .fold(Harness::builder().config(edit), |b, (k, v)| b.env(k, v))
+        .start()
+        .await
 }
 
 /// A credential that cannot be fetched: 503 `credential_unavailable` naming the back end, and
@@ -275,10 +220,7 @@ fn assert_unavailable(out: &CurlOut, up: &Upstream, backend: &str) {
     assert!(up.seen().is_empty(), "a placeholder was forwarded");
 }
 
-async fn vault_setup(
-    vault: &VaultServer,
-    auth: serde_json::Value,
-) -> (Pki, Upstream, Proxy, ClientCert) {
+async fn vault_setup(vault: &VaultServer, auth: serde_json::Value) -> Harness {
     let mut v = json!({"address": vault.address(), "cache_ttl": "1h"});
     for (k, val) in auth.as_object().unwrap() {
         v[k] = val.clone();
@@ -289,7 +231,7 @@ async fn vault_setup(
         ("SECRET_ID", "secret-1"),
     ];
     broker(
-        |cfg| {
+        move |cfg| {
             cfg["vault"] = v;
             cfg["credentials"] = json!([{"name": "github", "hosts": ["localhost"],
                 "source": {"vault": {"mount": "secret", "path": "agents/github", "field": "token"}}}]);
@@ -302,8 +244,12 @@ async fn vault_setup(
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_secrets_are_fetched_once_and_served_from_cache_when_vault_is_down() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let (pki, up, proxy, agent) =
-        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
     let url = format!("https://localhost:{}/echo", up.port());
     let args = ["-H", "Authorization: Bearer pcx_github", url.as_str()];
     let runs = (0..6).map(|_| curl(&pki, proxy.addr, Some(&agent), &args));
@@ -342,8 +288,12 @@ async fn vault_secrets_are_fetched_once_and_served_from_cache_when_vault_is_down
 async fn vault_down_without_a_cached_secret_is_a_503_and_nothing_is_forwarded() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
     vault.stop();
-    let (pki, up, proxy, agent) =
-        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
     let url = format!("https://localhost:{}/echo", up.port());
     let out = curl(
         &pki,
@@ -358,7 +308,12 @@ async fn vault_down_without_a_cached_secret_is_a_503_and_nothing_is_forwarded() 
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_approle_login() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let (pki, up, proxy, agent) = vault_setup(
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = vault_setup(
         &vault,
         json!({"approle": {"role_id": "env:ROLE_ID", "secret_id": "env:SECRET_ID"}}),
     )
@@ -379,12 +334,21 @@ async fn vault_approle_login() {
     assert_eq!(vault.logins.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
-async fn oauth_setup(token_url: &str) -> (Pki, Upstream, Proxy, ClientCert) {
+async fn oauth_setup(token_url: &str) -> Harness {
+    oauth_setup_with(token_url, json!({})).await
+}
+
+/// An OAuth client_credentials source; `extra` adds keys to it.
+async fn oauth_setup_with(token_url: &str, extra: Value) -> Harness {
+    let mut source = json!({"token_url": token_url, "client_id": "portcullis",
+        "client_secret": "env:OAUTH_CLIENT_SECRET", "scopes": ["repo", "read:org"]});
+    if let (Some(s), Some(extra)) = (source.as_object_mut(), extra.as_object()) {
+        s.extend(extra.clone());
+    }
     broker(
-        |cfg| {
+        move |cfg| {
             cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
-                "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
-                    "client_secret": "env:OAUTH_CLIENT_SECRET", "scopes": ["repo", "read:org"]}}}]);
+                "source": {"oauth": source}}]);
         },
         &[("OAUTH_CLIENT_SECRET", "oauth-client-secret-xyz")],
     )
@@ -392,10 +356,14 @@ async fn oauth_setup(token_url: &str) -> (Pki, Upstream, Proxy, ClientCert) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn oauth_client_credentials_token_is_fetched_once_refreshed_and_cached() {
-    // Tokens live 31 s; Portcullis refreshes 30 s early, so each is reused for ~1 s.
-    let mut oauth = OAuthServer::start(31);
-    let (pki, up, proxy, agent) = oauth_setup(&oauth.token_url()).await;
+async fn oauth_client_credentials_token_is_fetched_once_and_cached() {
+    let mut oauth = OAuthServer::start(3600);
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = oauth_setup(&oauth.token_url()).await;
     let url = format!("https://localhost:{}/echo", up.port());
     let args = ["-H", "Authorization: Bearer pcx_saas", url.as_str()];
     let runs = (0..5).map(|_| curl(&pki, proxy.addr, Some(&agent), &args));
@@ -417,17 +385,12 @@ async fn oauth_client_credentials_token_is_fetched_once_refreshed_and_cached() {
         .iter()
         .all(|s| s.headers["authorization"] == format!("Bearer {issued}").as_str()));
 
-    // Expiry: after the token's (shortened) lifetime, the next request fetches a new one.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Cached: a later request asks the endpoint nothing.
     assert_eq!(
         curl(&pki, proxy.addr, Some(&agent), &args).await.status,
         200
     );
-    assert_eq!(
-        oauth.tokens_after(2).len(),
-        2,
-        "an expired token must be refreshed"
-    );
+    assert_eq!(oauth.tokens_after(1).len(), 1, "the token is cached");
 
     // The endpoint goes down while a valid token is cached: still served.
     oauth.stop();
@@ -443,10 +406,53 @@ async fn oauth_client_credentials_token_is_fetched_once_refreshed_and_cached() {
     assert!(!logged.contains(&issued) && !logged.contains("oauth-client-secret-xyz"));
 }
 
+/// Expiry without a clock: tokens that live 60 s, refreshed 1 minute before they expire, are
+/// never reused, so each request fetches its own (the margin stands in for waiting).
+#[tokio::test(flavor = "multi_thread")]
+async fn oauth_tokens_within_refresh_before_of_expiry_are_fetched_again() {
+    let oauth = OAuthServer::start(60);
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = oauth_setup_with(&oauth.token_url(), json!({"refresh_before": "1m"})).await;
+    let url = format!("https://localhost:{}/echo", up.port());
+    let args = ["-H", "Authorization: Bearer pcx_saas", url.as_str()];
+    for _ in 0..2 {
+        let out = curl(&pki, proxy.addr, Some(&agent), &args).await;
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    let tokens = oauth.tokens_after(2);
+    assert_eq!(
+        tokens.len(),
+        2,
+        "a dying token must be refreshed: {tokens:?}"
+    );
+    let sent: Vec<String> = up
+        .seen()
+        .iter()
+        .map(|s| s.headers["authorization"].to_str().unwrap().to_owned())
+        .collect();
+    let issued: Vec<String> = tokens
+        .iter()
+        .map(|t| format!("Bearer {}", t["access_token"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        sent, issued,
+        "each request carries the token fetched for it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn oauth_endpoint_down_without_a_token_is_a_503() {
     let dead = free_addr();
-    let (pki, up, proxy, agent) = oauth_setup(&format!("http://{dead}/token")).await;
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = oauth_setup(&format!("http://{dead}/token")).await;
     let url = format!("https://localhost:{}/echo", up.port());
     let out = curl(
         &pki,
@@ -461,8 +467,12 @@ async fn oauth_endpoint_down_without_a_token_is_a_503() {
 #[tokio::test(flavor = "multi_thread")]
 async fn revoking_a_credential_drops_its_cached_value() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let (pki, up, proxy, agent) =
-        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
     let url = format!("https://localhost:{}/echo", up.port());
     let args = ["-H", "Authorization: Bearer pcx_github", url.as_str()];
     assert_eq!(
@@ -520,8 +530,13 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
     std::fs::write(&seed, "seed-refresh-token\n").unwrap();
     let token_url = oauth.token_url();
     let reference = format!("file:{}", seed.display());
-    let (pki, up, proxy, agent) = broker(
-        |cfg| {
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = broker(
+        move |cfg| {
             cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
                 "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
                     "grant": "refresh_token", "refresh_token": reference,
@@ -561,8 +576,12 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
 async fn an_upstream_401_refreshes_the_secret_and_retries_idempotent_requests_once() {
     use std::sync::atomic::Ordering::SeqCst;
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let (pki, up, proxy, agent) =
-        vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let Harness {
+        pki,
+        up,
+        proxy,
+        agent,
+    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
     let base = format!("https://localhost:{}", up.port());
     let auth = ["-H", "Authorization: Bearer pcx_github"];
     let get = format!("{base}/first-auth-fails/get");

@@ -7,37 +7,16 @@ use std::time::{Duration, Instant};
 use portcullis_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Setup {
-    pki: Pki,
-    up: Upstream,
-    proxy: Proxy,
-    agent: ClientCert,
-}
-
-async fn setup(edit: impl FnOnce(&mut serde_json::Value)) -> Setup {
-    let pki = Pki::new();
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
-    let mut cfg = pki.base_config();
-    edit(&mut cfg);
-    let proxy = Proxy::start(&pki.write_config(&cfg));
-    let agent = pki.client("agent", "spiffe://acme.test/agents/research");
-    Setup {
-        pki,
-        up,
-        proxy,
-        agent,
-    }
+async fn setup(edit: impl FnOnce(&mut serde_json::Value) + 'static) -> Harness {
+    Harness::builder().config(edit).start().await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mitm_serves_http1_and_h2_and_uses_the_mitm_leaf() {
     let s = setup(|_| {}).await;
-    let url = format!(
-        "https://localhost:{}/v1/things?q=secret-query-value",
-        s.up.port()
-    );
+    let url = s.url("/v1/things?q=secret-query-value");
     for proto in ["--http1.1", "--http2"] {
-        let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[proto, "-v", &url]).await;
+        let out = s.curl(&[proto, "-v", &url]).await;
         assert_eq!(out.status, 200, "{proto}: {out:?}");
         assert_eq!(out.json()["path"], "/v1/things");
         // The client saw our MITM leaf (it only trusts the MITM CA, not the upstream CA).
@@ -69,7 +48,7 @@ async fn absolute_form_plain_http_is_forwarded() {
     let s = setup(|_| {}).await;
     let plain = Upstream::start("127.0.0.1", None).await;
     let url = format!("http://127.0.0.1:{}/plain", plain.port());
-    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    let out = s.curl(&[&url]).await;
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(out.json()["path"], "/plain");
     let seen = plain.seen();
@@ -102,12 +81,12 @@ async fn hop_by_hop_and_proxy_authorization_never_reach_upstream() {
         "-H",
         "X-Kept: yes",
     ];
-    let https = format!("https://localhost:{}/h", s.up.port());
+    let https = s.url("/h");
     let http = format!("http://127.0.0.1:{}/h", plain.port());
     for (url, up) in [(&https, &s.up), (&http, &plain)] {
         let mut args: Vec<&str> = headers.to_vec();
         args.push(url);
-        let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &args).await;
+        let out = s.curl(&args).await;
         assert_eq!(out.status, 200, "{out:?}");
         let seen = up.seen();
         let h = &seen.last().unwrap().headers;
@@ -199,7 +178,7 @@ async fn blocked_destinations_get_403_and_are_never_dialled() {
         assert_eq!(resp.json()["error"], "destination_blocked");
     }
     let url = format!("http://127.0.0.2:{}/", victim_plain.port());
-    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    let out = s.curl(&[&url]).await;
     assert_eq!(out.status, 403, "{out:?}");
     assert_eq!(
         out.header("x-portcullis-error").as_deref(),
@@ -222,7 +201,7 @@ async fn upstream_with_untrusted_certificate_gets_502() {
     let stranger = portcullis::pki::Authority::generate("stranger CA", None).unwrap();
     let bad = Upstream::start("127.0.0.1", Some(server_tls(&stranger, &["localhost"]))).await;
     let url = format!("https://localhost:{}/", bad.port());
-    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    let out = s.curl(&[&url]).await;
     assert_eq!(out.status, 502, "{out:?}");
     assert_eq!(
         out.header("x-portcullis-error").as_deref(),
@@ -243,8 +222,8 @@ async fn upstream_with_untrusted_certificate_gets_502() {
 async fn oversized_headers_get_431() {
     let s = setup(|c| c["limits"] = serde_json::json!({"max_header_bytes": 4096})).await;
     let big = format!("X-Big: {}", "a".repeat(5000));
-    let url = format!("https://localhost:{}/", s.up.port());
-    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &["-H", &big, &url]).await;
+    let url = s.url("/");
+    let out = s.curl(&["-H", &big, &url]).await;
     assert_eq!(out.status, 431, "{out:?}");
     assert_eq!(
         out.header("x-portcullis-error").as_deref(),
@@ -254,13 +233,7 @@ async fn oversized_headers_get_431() {
     // client may still be writing, so the client sees either the 431 or a reset. Never a
     // forward, never a crash.
     let huge = format!("X-Huge: {}", "b".repeat(100_000));
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.agent),
-        &["--http1.1", "-H", &huge, &url],
-    )
-    .await;
+    let out = s.curl(&["--http1.1", "-H", &huge, &url]).await;
     // (On a reset, the last status curl saw is the CONNECT 200.)
     assert!(
         out.status == 431 || (!out.success && out.status == 200),
@@ -268,12 +241,7 @@ async fn oversized_headers_get_431() {
     );
     assert!(s.up.seen().is_empty());
     // The proxy is still healthy.
-    assert_eq!(
-        curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(s.curl(&[&url]).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -312,14 +280,10 @@ async fn slow_clients_are_cut_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn host_header_must_match_the_connect_target() {
     let s = setup(|_| {}).await;
-    let url = format!("https://localhost:{}/", s.up.port());
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.agent),
-        &["--http1.1", "-H", "Host: evil.example", &url],
-    )
-    .await;
+    let url = s.url("/");
+    let out = s
+        .curl(&["--http1.1", "-H", "Host: evil.example", &url])
+        .await;
     assert_eq!(out.status, 400, "{out:?}");
     assert!(
         out.json()["reason"]
@@ -335,12 +299,9 @@ async fn host_header_must_match_the_connect_target() {
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrade_inside_mitm_gets_501() {
     let s = setup(|_| {}).await;
-    let url = format!("https://localhost:{}/ws", s.up.port());
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.agent),
-        &[
+    let url = s.url("/ws");
+    let out = s
+        .curl(&[
             "--http1.1",
             "-H",
             "Connection: Upgrade",
@@ -351,9 +312,8 @@ async fn websocket_upgrade_inside_mitm_gets_501() {
             "-H",
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
             &url,
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(out.status, 501, "{out:?}");
     assert_eq!(
         out.header("x-portcullis-error").as_deref(),
@@ -365,7 +325,7 @@ async fn websocket_upgrade_inside_mitm_gets_501() {
 #[tokio::test(flavor = "multi_thread")]
 async fn passthrough_hosts_are_tunnelled_without_interception() {
     let s = setup(|c| c["mitm"]["passthrough"] = serde_json::json!(["localhost"])).await;
-    let url = format!("https://localhost:{}/pt", s.up.port());
+    let url = s.url("/pt");
     // Trusting only the upstream's CA works: the client talks TLS to the upstream itself.
     let mut cmd = tokio::process::Command::new("curl");
     cmd.args(["-sS", "--max-time", "20", "-D", "-", "-o", "-", "-v"])
@@ -394,9 +354,9 @@ async fn passthrough_hosts_are_tunnelled_without_interception() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_first_connects_issue_one_leaf() {
     let s = setup(|_| {}).await;
-    let url = format!("https://localhost:{}/c", s.up.port());
+    let url = s.url("/c");
     let args = [url.as_str()];
-    let runs = (0..8).map(|_| curl(&s.pki, s.proxy.addr, Some(&s.agent), &args));
+    let runs = (0..8).map(|_| s.curl(&args));
     for out in futures_util::future::join_all(runs).await {
         assert_eq!(out.status, 200, "{out:?}");
     }
@@ -417,8 +377,8 @@ async fn concurrent_first_connects_issue_one_leaf() {
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_upstream_gets_504() {
     let s = setup(|c| c["upstream"]["response_header_timeout"] = serde_json::json!("1s")).await;
-    let url = format!("https://localhost:{}/slow", s.up.port());
-    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    let url = s.url("/slow");
+    let out = s.curl(&[&url]).await;
     assert_eq!(out.status, 504, "{out:?}");
     assert_eq!(
         out.header("x-portcullis-error").as_deref(),
@@ -467,7 +427,7 @@ async fn idle_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn python_httpx_agent_reaches_upstream_through_the_proxy() {
     let s = setup(|_| {}).await;
-    let url = format!("https://localhost:{}/from-python", s.up.port());
+    let url = s.url("/from-python");
     let out = tokio::process::Command::new(python())
         .arg(python_script("httpx_agent.py"))
         .arg(format!("https://{}", s.proxy.addr))
@@ -495,13 +455,10 @@ async fn python_httpx_agent_reaches_upstream_through_the_proxy() {
 async fn the_callers_trace_is_continued_upstream_and_in_logs() {
     let s = setup(|_| {}).await;
     let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let url = format!("https://localhost:{}/traced", s.up.port());
+    let url = s.url("/traced");
     let tp = format!("traceparent: {caller}");
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.agent),
-        &[
+    let out = s
+        .curl(&[
             "-H",
             &tp,
             "-H",
@@ -509,9 +466,8 @@ async fn the_callers_trace_is_continued_upstream_and_in_logs() {
             "-H",
             "baggage: userId=alice,tenant=acme",
             &url,
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(out.status, 200, "{out:?}");
     let h = &s.up.seen()[0].headers;
     let sent = h["traceparent"].to_str().unwrap();
@@ -532,7 +488,7 @@ async fn the_callers_trace_is_continued_upstream_and_in_logs() {
         access[0]["span_id"].as_str().unwrap()
     );
     // Without a traceparent, a new trace starts and is still sent upstream.
-    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url]).await;
+    let out = s.curl(&[&url]).await;
     assert_eq!(out.status, 200);
     let sent = s.up.seen()[1].headers["traceparent"]
         .to_str()
@@ -544,14 +500,9 @@ async fn the_callers_trace_is_continued_upstream_and_in_logs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_protocol_follows_upstream_http2() {
     for (http2, expected) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
-        let s = setup(|c| c["upstream"]["http2"] = serde_json::json!(http2)).await;
-        let url = format!("https://localhost:{}/v", s.up.port());
-        assert_eq!(
-            curl(&s.pki, s.proxy.addr, Some(&s.agent), &[&url])
-                .await
-                .status,
-            200
-        );
+        let s = setup(move |c| c["upstream"]["http2"] = serde_json::json!(http2)).await;
+        let url = s.url("/v");
+        assert_eq!(s.curl(&[&url]).await.status, 200);
         assert_eq!(s.up.seen()[0].version, expected, "upstream.http2 = {http2}");
     }
 }

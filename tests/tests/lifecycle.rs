@@ -208,7 +208,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     up.release();
     let out = in_flight.await.unwrap();
     assert_eq!(out.status, 200, "in-flight request was cut: {out:?}");
-    let status = proxy.wait_exit();
+    let status = proxy.wait_exit().await;
     assert!(status.success(), "{status:?}");
 }
 

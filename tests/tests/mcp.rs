@@ -160,17 +160,14 @@ struct Setup {
     server: McpServer,
 }
 
-async fn setup(edit: impl FnOnce(&mut Value)) -> Setup {
+async fn setup(edit: impl FnOnce(&mut Value) + 'static) -> Setup {
     setup_with(false, edit).await
 }
 
-async fn setup_with(json_response: bool, edit: impl FnOnce(&mut Value)) -> Setup {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
+/// The harness's proxy and PKI in front of the SDK server instead of its upstream.
+async fn setup_with(json_response: bool, edit: impl FnOnce(&mut Value) + 'static) -> Setup {
+    let Harness { pki, proxy, .. } = Harness::builder().policy(POLICY).config(edit).start().await;
     let server = McpServer::start(&pki, "v1", json_response);
-    let mut cfg = pki.base_config();
-    edit(&mut cfg);
-    let proxy = Proxy::start(&pki.write_config(&cfg));
     Setup { pki, proxy, server }
 }
 

@@ -41,33 +41,11 @@ decision := {"allow": false, "reason": concat(" ", ["saw", input.request.headers
 }
 "#;
 
-struct Setup {
-    pki: Pki,
-    up: Upstream,
-    proxy: Proxy,
-    research: ClientCert,
-    reporter: ClientCert,
+async fn setup(policy: &str, edit: impl FnOnce(&mut serde_json::Value) + 'static) -> Harness {
+    Harness::builder().policy(policy).config(edit).start().await
 }
 
-async fn setup(policy: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Setup {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), policy);
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
-    let mut cfg = pki.base_config();
-    edit(&mut cfg);
-    let proxy = Proxy::start(&pki.write_config(&cfg));
-    let research = pki.client("research", "spiffe://acme.test/agents/research");
-    let reporter = pki.client("reporter", "spiffe://acme.test/agents/reporter");
-    Setup {
-        pki,
-        up,
-        proxy,
-        research,
-        reporter,
-    }
-}
-
-fn proxy_args(s: &Setup, client: &ClientCert) -> Vec<String> {
+fn proxy_args(s: &Harness, client: &ClientCert) -> Vec<String> {
     vec![
         "--proxy".into(),
         format!("https://{}", s.proxy.addr),
@@ -96,7 +74,7 @@ async fn per_request_decisions_inside_one_tunnel() {
         "-w",
         "%{http_code} %{num_connects}\n",
     ])
-    .args(proxy_args(&s, &s.research))
+    .args(proxy_args(&s, &s.agent))
     .arg(format!("{base}/read"))
     .arg("--next")
     .args([
@@ -109,7 +87,7 @@ async fn per_request_decisions_inside_one_tunnel() {
         "-X",
         "POST",
     ])
-    .args(proxy_args(&s, &s.research))
+    .args(proxy_args(&s, &s.agent))
     .arg(format!("{base}/write"));
     let out = cmd.output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -154,14 +132,8 @@ async fn per_request_decisions_inside_one_tunnel() {
 #[tokio::test(flavor = "multi_thread")]
 async fn deny_contract_with_policy_status_and_headers() {
     let s = setup(POLICY, |_| {}).await;
-    let url = format!("https://localhost:{}/write", s.up.port());
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.research),
-        &["-X", "POST", &url],
-    )
-    .await;
+    let url = s.url("/write");
+    let out = s.curl(&["-X", "POST", &url]).await;
     assert_eq!(out.status, 451, "{out:?}");
     assert_eq!(
         out.header("x-portcullis-error").as_deref(),
@@ -177,15 +149,15 @@ async fn deny_contract_with_policy_status_and_headers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn identities_get_different_outcomes() {
     let s = setup(POLICY, |_| {}).await;
-    let url = format!("https://localhost:{}/read", s.up.port());
-    let ok = curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url]).await;
+    let url = s.url("/read");
+    let ok = s.curl(&[&url]).await;
     assert_eq!(ok.status, 200, "{ok:?}");
     // The reporter is refused at CONNECT: 403 on the tunnel, nothing dialled.
     let req = format!(
         "CONNECT localhost:{0} HTTP/1.1\r\nHost: localhost:{0}\r\n\r\n",
         s.up.port()
     );
-    let denied = raw_request(&s.pki, s.proxy.addr, &s.reporter, &req).await;
+    let denied = raw_request(&s.pki, s.proxy.addr, &s.identity("reporter"), &req).await;
     assert_eq!(denied.status, 403, "{denied:?}");
     assert_eq!(
         denied.header("x-portcullis-error").as_deref(),
@@ -203,16 +175,10 @@ async fn identities_get_different_outcomes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn credential_headers_are_redacted_in_the_policy_input() {
     let s = setup(POLICY, |_| {}).await;
-    let url = format!("https://localhost:{}/echo-auth", s.up.port());
+    let url = s.url("/echo-auth");
     let secret = "sk-live-51HzZ";
     let auth = format!("Authorization: Bearer {secret}");
-    let out = curl(
-        &s.pki,
-        s.proxy.addr,
-        Some(&s.research),
-        &["-H", &auth, &url],
-    )
-    .await;
+    let out = s.curl(&["-H", &auth, &url]).await;
     assert_eq!(out.status, 403, "{out:?}");
     assert_eq!(out.json()["reason"], "saw Bearer [REDACTED]");
     s.proxy.wait_access(1, |e| e["path"] == "/echo-auth");
@@ -226,17 +192,16 @@ async fn credential_headers_are_redacted_in_the_policy_input() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_under_load_loses_no_request_and_applies_the_new_rule() {
-    let s = setup(POLICY, |_| {}).await;
-    let read = format!("https://localhost:{}/read", s.up.port());
+    let s = std::sync::Arc::new(setup(POLICY, |_| {}).await);
+    let read = s.url("/read");
     // A bounded loop of requests runs while the policy changes.
-    let pki = std::sync::Arc::new(s.pki);
-    let (p2, addr, research, read2) = (pki.clone(), s.proxy.addr, s.research.clone(), read.clone());
+    let (s2, read2) = (s.clone(), read.clone());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let load = tokio::spawn(async move {
         let mut statuses = Vec::new();
         for _ in 0..200 {
-            statuses.push(curl(&p2, addr, Some(&research), &[&read2]).await.status);
+            statuses.push(s2.curl(&[&read2]).await.status);
             if stop2.load(std::sync::atomic::Ordering::SeqCst) && statuses.len() >= 5 {
                 break;
             }
@@ -248,7 +213,7 @@ async fn reload_under_load_loses_no_request_and_applies_the_new_rule() {
         "input.request.path != \"/echo-auth\"",
         "input.request.path != \"/secret\"",
     );
-    replace_file(&pki.path("policy/allow.rego"), &stricter);
+    replace_file(&s.pki.path("policy/allow.rego"), &stricter);
     s.proxy
         .logs
         .wait_for("the policy reload", |l| l.contains("reloaded policy"));
@@ -258,16 +223,16 @@ async fn reload_under_load_loses_no_request_and_applies_the_new_rule() {
         statuses.iter().all(|&c| c == 200),
         "a request failed during reload: {statuses:?}"
     );
-    let secret = format!("https://localhost:{}/secret", s.up.port());
-    let out = curl(&pki, s.proxy.addr, Some(&s.research), &[&secret]).await;
+    let secret = s.url("/secret");
+    let out = s.curl(&[&secret]).await;
     assert_eq!(out.status, 403, "the new rule did not take effect: {out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_policies_are_rejected_and_the_last_good_one_serves() {
     let s = setup(POLICY, |_| {}).await;
-    let url = format!("https://localhost:{}/read", s.up.port());
-    let write = format!("https://localhost:{}/write", s.up.port());
+    let url = s.url("/read");
+    let write = s.url("/write");
     // A syntax error.
     replace_file(
         &s.pki.path("policy/allow.rego"),
@@ -281,23 +246,8 @@ async fn broken_policies_are_rejected_and_the_last_good_one_serves() {
         err.contains("allow.rego"),
         "the error must name the file: {err}"
     );
-    assert_eq!(
-        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        curl(
-            &s.pki,
-            s.proxy.addr,
-            Some(&s.research),
-            &["-X", "POST", &write]
-        )
-        .await
-        .status,
-        451
-    );
+    assert_eq!(s.curl(&[&url]).await.status, 200);
+    assert_eq!(s.curl(&["-X", "POST", &write]).await.status, 451);
     // A policy whose own tests fail is not served either.
     let failing = format!("{POLICY}\ntest_nothing_is_allowed if {{ not decision.allow with input as {{}} }}\ntest_fails if false\n");
     replace_file(&s.pki.path("policy/allow.rego"), &failing);
@@ -311,12 +261,7 @@ async fn broken_policies_are_rejected_and_the_last_good_one_serves() {
             .await,
         2
     );
-    assert_eq!(
-        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(s.curl(&[&url]).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -335,8 +280,8 @@ decision := {"allow": n > 0, "reason": "heavy"} if {
 }
 "#;
     let s = setup(heavy, |c| c["policy"]["max_instructions"] = json!(100_000)).await;
-    let url = format!("https://localhost:{}/read", s.up.port());
-    let out = curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url]).await;
+    let url = s.url("/read");
+    let out = s.curl(&[&url]).await;
     assert_eq!(out.status, 403, "{out:?}");
     assert_eq!(out.json()["reason"], "policy_eval_limit");
     assert!(s.up.seen().is_empty());
@@ -345,13 +290,8 @@ decision := {"allow": n > 0, "reason": "heavy"} if {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_policy() {
     let s = setup(POLICY, |c| c["reload_interval"] = json!("1h")).await;
-    let url = format!("https://localhost:{}/read", s.up.port());
-    assert_eq!(
-        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
-            .await
-            .status,
-        200
-    );
+    let url = s.url("/read");
+    assert_eq!(s.curl(&[&url]).await.status, 200);
     replace_file(
         &s.pki.path("policy/allow.rego"),
         "package portcullis\n\ndecision := false\n",
@@ -360,12 +300,7 @@ async fn sighup_reloads_the_policy() {
     s.proxy
         .logs
         .wait_for("the policy reload", |l| l.contains("reloaded policy"));
-    assert_eq!(
-        curl(&s.pki, s.proxy.addr, Some(&s.research), &[&url])
-            .await
-            .status,
-        403
-    );
+    assert_eq!(s.curl(&[&url]).await.status, 403);
 }
 
 fn examples() -> std::path::PathBuf {

@@ -304,6 +304,11 @@ pub struct OAuthSourceConfig {
     /// `basic` (HTTP Basic, the default) or `post` (in the form body).
     #[serde(default = "defaults::client_auth")]
     pub client_auth: String,
+    /// A token is used until this long before it expires (its `expires_in`), so no request
+    /// carries a dying token; one that expires sooner is used for the request that fetched it
+    /// only. A token without `expires_in` is taken to live 5 minutes.
+    #[serde(default = "defaults::refresh_before", with = "duration")]
+    pub refresh_before: Duration,
     #[serde(default)]
     pub ca: Option<PathBuf>,
     #[serde(default = "defaults::vault_timeout", with = "duration")]
@@ -503,6 +508,9 @@ mod defaults {
     }
     pub fn reload_interval() -> Duration {
         Duration::from_secs(2)
+    }
+    pub fn refresh_before() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn leaf_ttl() -> Duration {
         Duration::from_secs(24 * 3600)

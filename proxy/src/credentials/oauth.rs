@@ -1,7 +1,7 @@
 //! OAuth 2.0 access tokens as a credential source: the client_credentials grant (RFC 6749
 //! §4.4) and the refresh_token grant (§6), with refresh-token rotation kept (Redis, else the
 //! `file:` it came from, else memory). The token endpoint is asked once, the token is cached
-//! until shortly before `expires_in` runs out (concurrent misses coalesce into one request; with
+//! until `refresh_before` (30 s) before `expires_in` runs out (concurrent misses coalesce into one request; with
 //! Redis, one request across replicas), and a failed fetch with no valid cached token is an
 //! error (the request gets 503, never the placeholder forwarded).
 
@@ -18,9 +18,6 @@ use crate::config::{OAuthGrant, OAuthSourceConfig, SecretRef};
 use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
-
-/// Refresh this long before the token expires, so a request never carries a dying token.
-const EARLY: Duration = Duration::from_secs(30);
 
 pub struct OAuthSource {
     name: String,
@@ -239,10 +236,8 @@ impl OAuthSource {
             .and_then(|t| t.as_str())
             .ok_or("OAuth token response has no access_token")?;
         let expires_in = v.get("expires_in").and_then(|e| e.as_u64()).unwrap_or(300);
-        let lifetime = Duration::from_secs(expires_in)
-            .checked_sub(EARLY)
-            .unwrap_or(Duration::from_secs(expires_in) / 2)
-            .max(Duration::from_secs(1));
+        // Zero (a token that expires within `refresh_before`): not cached, here or in Redis.
+        let lifetime = Duration::from_secs(expires_in).saturating_sub(self.cfg.refresh_before);
         let value = Arc::new(SecretValue::new(token.to_owned()));
         if let (Some((seed_hash, old)), Some(new)) =
             (refresh, v.get("refresh_token").and_then(|t| t.as_str()))

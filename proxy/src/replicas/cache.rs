@@ -152,8 +152,10 @@ impl RedisStore {
         Fut: Future<Output = Result<Fetched, String>>,
     {
         let r = fetch().await;
-        if let Ok(f) = &r {
-            self.write(name, fingerprint, f).await;
+        match &r {
+            // A value with no lifetime left is for the request that fetched it only.
+            Ok(f) if !f.lifetime.is_zero() => self.write(name, fingerprint, f).await,
+            _ => {}
         }
         r
     }

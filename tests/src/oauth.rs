@@ -1,0 +1,67 @@
+//! The real `oauth2-mock-server` (npm) as the token endpoint.
+
+use super::*;
+
+/// oauth2-mock-server (npm), a real third-party OAuth 2.0 server, run with node. Each token it
+/// issues is logged as a JSON line (`{"event":"token",...}`) on its stdout.
+pub struct OAuthServer {
+    child: Child,
+    pub port: u16,
+    pub out: Arc<Logs>,
+}
+
+impl OAuthServer {
+    pub fn start(token_ttl_secs: u64) -> OAuthServer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
+        assert!(
+            dir.join("node_modules/oauth2-mock-server").is_dir(),
+            "run `bash .ci/run` (or `npm ci --prefix tests/node`) to install oauth2-mock-server"
+        );
+        let port = free_addr().port();
+        let (child, out) = spawn_ready(
+            Command::new("node")
+                .arg(dir.join("oauth_server.mjs"))
+                .args([port.to_string(), token_ttl_secs.to_string()]),
+            "the OAuth server",
+        );
+        OAuthServer { child, port, out }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    /// Token responses so far, once there are at least `n` (bounded wait: the log line is
+    /// written before the response, but our reader thread may not have read it yet).
+    pub fn tokens_after(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let tokens = self.tokens();
+            let seen = self.out.lines().len();
+            if tokens.len() >= n || Instant::now() >= deadline {
+                return tokens;
+            }
+            self.out.wait_for_len(seen + 1, deadline);
+        }
+    }
+
+    /// Token responses so far.
+    pub fn tokens(&self) -> Vec<Value> {
+        self.out
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == "token")
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OAuthServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
