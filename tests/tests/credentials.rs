@@ -244,20 +244,16 @@ async fn vault_setup(vault: &VaultServer, auth: serde_json::Value) -> Harness {
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_secrets_are_fetched_once_and_served_from_cache_when_vault_is_down() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
-    let url = format!("https://localhost:{}/echo", up.port());
+    let s = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let url = s.url("/echo");
     let args = ["-H", "Authorization: Bearer pcx_github", url.as_str()];
-    let runs = (0..6).map(|_| curl(&pki, proxy.addr, Some(&agent), &args));
+    let runs = (0..6).map(|_| s.curl(&args));
     for out in futures_util::future::join_all(runs).await {
         assert_eq!(out.status, 200, "{out:?}");
         assert!(!out.body.contains(VAULT_SECRET));
     }
-    assert!(up
+    assert!(s
+        .up
         .seen()
         .iter()
         .all(|s| s.headers["authorization"] == format!("Bearer {VAULT_SECRET}").as_str()));
@@ -268,19 +264,11 @@ async fn vault_secrets_are_fetched_once_and_served_from_cache_when_vault_is_down
     );
     // Vault goes away: the cached value keeps serving.
     vault.stop();
-    let out = curl(
-        &pki,
-        proxy.addr,
-        Some(&agent),
-        &["-H", "Authorization: Bearer pcx_github", &url],
-    )
-    .await;
+    let out = s
+        .curl(&["-H", "Authorization: Bearer pcx_github", &url])
+        .await;
     assert_eq!(out.status, 200, "{out:?}");
-    let logged = format!(
-        "{}\n{}",
-        proxy.logs.lines().join("\n"),
-        proxy.decisions.lines().join("\n")
-    );
+    let logged = s.everything_logged();
     assert!(!logged.contains(VAULT_SECRET) && !logged.contains(VAULT_ROOT_TOKEN));
 }
 
@@ -288,47 +276,29 @@ async fn vault_secrets_are_fetched_once_and_served_from_cache_when_vault_is_down
 async fn vault_down_without_a_cached_secret_is_a_503_and_nothing_is_forwarded() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
     vault.stop();
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
-    let url = format!("https://localhost:{}/echo", up.port());
-    let out = curl(
-        &pki,
-        proxy.addr,
-        Some(&agent),
-        &["-H", "Authorization: Bearer pcx_github", &url],
-    )
-    .await;
-    assert_unavailable(&out, &up, "vault");
+    let s = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let url = s.url("/echo");
+    let out = s
+        .curl(&["-H", "Authorization: Bearer pcx_github", &url])
+        .await;
+    assert_unavailable(&out, &s.up, "vault");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_approle_login() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = vault_setup(
+    let s = vault_setup(
         &vault,
         json!({"approle": {"role_id": "env:ROLE_ID", "secret_id": "env:SECRET_ID"}}),
     )
     .await;
-    let url = format!("https://localhost:{}/echo", up.port());
-    let out = curl(
-        &pki,
-        proxy.addr,
-        Some(&agent),
-        &["-H", "Authorization: Bearer pcx_github", &url],
-    )
-    .await;
+    let url = s.url("/echo");
+    let out = s
+        .curl(&["-H", "Authorization: Bearer pcx_github", &url])
+        .await;
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(
-        up.seen()[0].headers["authorization"],
+        s.up.seen()[0].headers["authorization"],
         format!("Bearer {VAULT_SECRET}").as_str()
     );
     assert_eq!(vault.logins.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -358,15 +328,10 @@ async fn oauth_setup_with(token_url: &str, extra: Value) -> Harness {
 #[tokio::test(flavor = "multi_thread")]
 async fn oauth_client_credentials_token_is_fetched_once_and_cached() {
     let mut oauth = OAuthServer::start(3600);
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = oauth_setup(&oauth.token_url()).await;
-    let url = format!("https://localhost:{}/echo", up.port());
+    let s = oauth_setup(&oauth.token_url()).await;
+    let url = s.url("/echo");
     let args = ["-H", "Authorization: Bearer pcx_saas", url.as_str()];
-    let runs = (0..5).map(|_| curl(&pki, proxy.addr, Some(&agent), &args));
+    let runs = (0..5).map(|_| s.curl(&args));
     for out in futures_util::future::join_all(runs).await {
         assert_eq!(out.status, 200, "{out:?}");
     }
@@ -380,29 +345,20 @@ async fn oauth_client_credentials_token_is_fetched_once_and_cached() {
     assert_eq!(tokens[0]["scope"], "repo read:org");
     assert_eq!(tokens[0]["client_auth"], "basic");
     let issued = tokens[0]["access_token"].as_str().unwrap().to_owned();
-    assert!(up
+    assert!(s
+        .up
         .seen()
         .iter()
         .all(|s| s.headers["authorization"] == format!("Bearer {issued}").as_str()));
 
     // Cached: a later request asks the endpoint nothing.
-    assert_eq!(
-        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
-        200
-    );
+    assert_eq!(s.curl(&args).await.status, 200);
     assert_eq!(oauth.tokens_after(1).len(), 1, "the token is cached");
 
     // The endpoint goes down while a valid token is cached: still served.
     oauth.stop();
-    assert_eq!(
-        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
-        200
-    );
-    let logged = format!(
-        "{}\n{}",
-        proxy.logs.lines().join("\n"),
-        proxy.decisions.lines().join("\n")
-    );
+    assert_eq!(s.curl(&args).await.status, 200);
+    let logged = s.everything_logged();
     assert!(!logged.contains(&issued) && !logged.contains("oauth-client-secret-xyz"));
 }
 
@@ -411,16 +367,11 @@ async fn oauth_client_credentials_token_is_fetched_once_and_cached() {
 #[tokio::test(flavor = "multi_thread")]
 async fn oauth_tokens_within_refresh_before_of_expiry_are_fetched_again() {
     let oauth = OAuthServer::start(60);
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = oauth_setup_with(&oauth.token_url(), json!({"refresh_before": "1m"})).await;
-    let url = format!("https://localhost:{}/echo", up.port());
+    let s = oauth_setup_with(&oauth.token_url(), json!({"refresh_before": "1m"})).await;
+    let url = s.url("/echo");
     let args = ["-H", "Authorization: Bearer pcx_saas", url.as_str()];
     for _ in 0..2 {
-        let out = curl(&pki, proxy.addr, Some(&agent), &args).await;
+        let out = s.curl(&args).await;
         assert_eq!(out.status, 200, "{out:?}");
     }
     let tokens = oauth.tokens_after(2);
@@ -429,11 +380,11 @@ async fn oauth_tokens_within_refresh_before_of_expiry_are_fetched_again() {
         2,
         "a dying token must be refreshed: {tokens:?}"
     );
-    let sent: Vec<String> = up
-        .seen()
-        .iter()
-        .map(|s| s.headers["authorization"].to_str().unwrap().to_owned())
-        .collect();
+    let sent: Vec<String> =
+        s.up.seen()
+            .iter()
+            .map(|s| s.headers["authorization"].to_str().unwrap().to_owned())
+            .collect();
     let issued: Vec<String> = tokens
         .iter()
         .map(|t| format!("Bearer {}", t["access_token"].as_str().unwrap()))
@@ -447,42 +398,22 @@ async fn oauth_tokens_within_refresh_before_of_expiry_are_fetched_again() {
 #[tokio::test(flavor = "multi_thread")]
 async fn oauth_endpoint_down_without_a_token_is_a_503() {
     let dead = free_addr();
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = oauth_setup(&format!("http://{dead}/token")).await;
-    let url = format!("https://localhost:{}/echo", up.port());
-    let out = curl(
-        &pki,
-        proxy.addr,
-        Some(&agent),
-        &["-H", "Authorization: Bearer pcx_saas", &url],
-    )
-    .await;
-    assert_unavailable(&out, &up, "OAuth token endpoint");
+    let s = oauth_setup(&format!("http://{dead}/token")).await;
+    let url = s.url("/echo");
+    let out = s
+        .curl(&["-H", "Authorization: Bearer pcx_saas", &url])
+        .await;
+    assert_unavailable(&out, &s.up, "OAuth token endpoint");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn revoking_a_credential_drops_its_cached_value() {
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
-    let url = format!("https://localhost:{}/echo", up.port());
+    let s = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let url = s.url("/echo");
     let args = ["-H", "Authorization: Bearer pcx_github", url.as_str()];
-    assert_eq!(
-        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
-        200
-    );
-    assert_eq!(
-        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
-        200
-    );
+    assert_eq!(s.curl(&args).await.status, 200);
+    assert_eq!(s.curl(&args).await.status, 200);
     assert_eq!(vault.reads.load(std::sync::atomic::Ordering::SeqCst), 1);
     let out = std::process::Command::new(bin())
         .args([
@@ -490,7 +421,7 @@ async fn revoking_a_credential_drops_its_cached_value() {
             "revoke",
             "github",
             "--admin",
-            &proxy.admin.to_string(),
+            &s.proxy.admin.to_string(),
         ])
         .output()
         .unwrap();
@@ -499,10 +430,7 @@ async fn revoking_a_credential_drops_its_cached_value() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        curl(&pki, proxy.addr, Some(&agent), &args).await.status,
-        200
-    );
+    assert_eq!(s.curl(&args).await.status, 200);
     assert_eq!(
         vault.reads.load(std::sync::atomic::Ordering::SeqCst),
         2,
@@ -515,7 +443,7 @@ async fn revoking_a_credential_drops_its_cached_value() {
             "revoke",
             "nope",
             "--admin",
-            &proxy.admin.to_string(),
+            &s.proxy.admin.to_string(),
         ])
         .output()
         .unwrap();
@@ -530,12 +458,7 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
     std::fs::write(&seed, "seed-refresh-token\n").unwrap();
     let token_url = oauth.token_url();
     let reference = format!("file:{}", seed.display());
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = broker(
+    let s = broker(
         move |cfg| {
             cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
                 "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
@@ -545,14 +468,10 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
         &[("OAUTH_CLIENT_SECRET", "oauth-client-secret-xyz")],
     )
     .await;
-    let url = format!("https://localhost:{}/echo", up.port());
-    let out = curl(
-        &pki,
-        proxy.addr,
-        Some(&agent),
-        &["-H", "Authorization: Bearer pcx_saas", &url],
-    )
-    .await;
+    let url = s.url("/echo");
+    let out = s
+        .curl(&["-H", "Authorization: Bearer pcx_saas", &url])
+        .await;
     assert_eq!(out.status, 200, "{out:?}");
     let tokens = oauth.tokens_after(1);
     assert_eq!(tokens.len(), 1);
@@ -564,11 +483,7 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&seed).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    let logged = format!(
-        "{}\n{}",
-        proxy.logs.lines().join("\n"),
-        proxy.decisions.lines().join("\n")
-    );
+    let logged = s.everything_logged();
     assert!(!logged.contains(rotated) && !logged.contains("seed-refresh-token"));
 }
 
@@ -576,22 +491,17 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
 async fn an_upstream_401_refreshes_the_secret_and_retries_idempotent_requests_once() {
     use std::sync::atomic::Ordering::SeqCst;
     let vault = VaultServer::start(vec![("agents/github", "token", VAULT_SECRET)]).await;
-    let Harness {
-        pki,
-        up,
-        proxy,
-        agent,
-    } = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
-    let base = format!("https://localhost:{}", up.port());
+    let s = vault_setup(&vault, json!({"token": "env:VAULT_TOKEN_FOR_TEST"})).await;
+    let base = format!("https://localhost:{}", s.up.port());
     let auth = ["-H", "Authorization: Bearer pcx_github"];
     let get = format!("{base}/first-auth-fails/get");
-    let out = curl(&pki, proxy.addr, Some(&agent), &[auth[0], auth[1], &get]).await;
+    let out = s.curl(&[auth[0], auth[1], &get]).await;
     assert_eq!(out.status, 200, "the retry must succeed: {out:?}");
-    let tries: Vec<_> = up
-        .seen()
-        .into_iter()
-        .filter(|s| s.path == "/first-auth-fails/get")
-        .collect();
+    let tries: Vec<_> =
+        s.up.seen()
+            .into_iter()
+            .filter(|s| s.path == "/first-auth-fails/get")
+            .collect();
     assert_eq!(tries.len(), 2, "exactly one retry");
     for t in &tries {
         assert_eq!(
@@ -607,19 +517,15 @@ async fn an_upstream_401_refreshes_the_secret_and_retries_idempotent_requests_on
 
     // A POST is not replayed: the agent sees the 401, the upstream one request.
     let post = format!("{base}/first-auth-fails/post");
-    let out = curl(
-        &pki,
-        proxy.addr,
-        Some(&agent),
-        &[auth[0], auth[1], "-X", "POST", "-d", "{}", &post],
-    )
-    .await;
+    let out = s
+        .curl(&[auth[0], auth[1], "-X", "POST", "-d", "{}", &post])
+        .await;
     assert_eq!(out.status, 401, "{out:?}");
-    let posts = up
-        .seen()
-        .iter()
-        .filter(|s| s.path == "/first-auth-fails/post")
-        .count();
+    let posts =
+        s.up.seen()
+            .iter()
+            .filter(|s| s.path == "/first-auth-fails/post")
+            .count();
     assert_eq!(posts, 1);
     assert_eq!(vault.reads.load(SeqCst), 2);
 }
