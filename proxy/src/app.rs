@@ -18,17 +18,18 @@ use portcullis_filters::stages::pinning::{OnChange, ToolPinning, ToolPins};
 use portcullis_filters::stages::policy::PolicyFilter;
 use portcullis_filters::stages::trace::TracePropagation;
 use portcullis_filters::Chain;
-use portcullis_policy::Policy;
+use portcullis_policy::{Policy, PolicyError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ToolChanges};
+use crate::certs::TlsError;
+use crate::config::{Config, Invalid, ToolChanges};
 use crate::credentials::LocalSecrets;
 use crate::edge::admin::{self, Status};
 use crate::edge::listener;
 use crate::edge::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
-use crate::http::mitm::Mitm;
+use crate::http::mitm::{Mitm, MitmError};
 use crate::http::sse::SseTransport;
 use crate::http::{Operations, Shared, Tasks};
 use crate::reload::workload_api;
@@ -55,13 +56,13 @@ pub fn build_chain(
     let creds = cfg
         .credentials
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(i, c)| {
             let placeholder = Placeholder::parse(&c.placeholder()).ok_or_else(|| {
-                StartError::Config(format!(
-                    "credentials {:?}: placeholder {:?} is not a valid placeholder",
-                    c.name,
-                    c.placeholder()
-                ))
+                Invalid::new(
+                    format!("credentials[{i}].placeholder"),
+                    format!("{:?} is not a valid placeholder", c.placeholder()),
+                )
             })?;
             Ok(Credential {
                 name: c.name.clone(),
@@ -118,15 +119,39 @@ pub struct Running {
     telemetry: Option<Arc<Telemetry>>,
 }
 
+/// Why the proxy could not start. Everything but `Bind` is about what the config names (a
+/// file, a certificate, the policy, a back end's settings): exit 2; `Bind` is exit 1.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A config value that parsed but cannot be used, with its key.
     #[error("{0}")]
-    Config(String),
+    Invalid(#[from] Invalid),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Mitm(#[from] MitmError),
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    #[error("telemetry.decision_log {path}: {source}")]
+    DecisionLog {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl StartError {
+    /// Per the CLI contract: 2 for bad config, 1 for a runtime failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Bind { .. } => 1,
+            _ => 2,
+        }
+    }
 }
 
 /// Everything the config names, loaded and checked; nothing bound yet. `check` stops here.
@@ -145,45 +170,41 @@ pub struct Loaded {
 impl Loaded {
     /// A failure here is a config error (exit 2): a file, certificate or policy is bad.
     pub fn load(cfg: &Config) -> Result<Loaded, StartError> {
-        let cfg_err = |e: &dyn std::fmt::Display| StartError::Config(e.to_string());
-        let file_roots = tls::load_bundles(&cfg.trust_domain_bundles()).map_err(|e| cfg_err(&e))?;
+        let file_roots = tls::load_bundles(&cfg.trust_domain_bundles())?;
         // Trust domains whose bundle comes from the Workload API join when it arrives.
-        let store = TrustStore::build(&file_roots).map_err(|e| cfg_err(&e))?;
+        let store = TrustStore::build(&file_roots)?;
         let trust = Arc::new(ArcSwap::from_pointee(store));
         // With the Workload API the certificate arrives after start (see `start`).
         let cert = ServerCert::new(match cfg.tls.files() {
-            Some((cert, key)) => {
-                Some(crate::certs::certified_key(cert, key).map_err(|e| cfg_err(&e))?)
-            }
+            Some((cert, key)) => Some(crate::certs::certified_key(cert, key)?),
             None => None,
         });
-        let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())
-            .map_err(|e| cfg_err(&e))?;
-        let mitm = Mitm::new(&cfg.mitm).map_err(|e| cfg_err(&e))?;
+        let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())?;
+        let mitm = Mitm::new(&cfg.mitm)?;
         let guard = Arc::new(EgressGuard::new(
             cfg.egress.allow.clone(),
             cfg.egress.deny.clone(),
         ));
-        let upstream = Upstream::new(&cfg.upstream, guard).map_err(|e| cfg_err(&e))?;
-        let policy = Arc::new(Policy::new(cfg.policy.load().map_err(|e| cfg_err(&e))?));
-        let decision_log = DecisionLog::open(&cfg.telemetry.decision_log).map_err(|e| {
-            StartError::Config(format!(
-                "telemetry.decision_log {}: {e}",
-                cfg.telemetry.decision_log
-            ))
+        let upstream = Upstream::new(&cfg.upstream, guard)?;
+        let policy = Arc::new(Policy::new(cfg.policy.load()?));
+        let decision_log = DecisionLog::open(&cfg.telemetry.decision_log).map_err(|source| {
+            StartError::DecisionLog {
+                path: cfg.telemetry.decision_log.clone(),
+                source,
+            }
         })?;
         // Credential back ends (Vault, OAuth) are set up here too, so `check` validates them.
         let shared = cfg
             .redis
             .as_ref()
             .map(RedisStore::new)
-            .transpose()
-            .map_err(StartError::Config)?
+            .transpose()?
             .map(Arc::new);
-        let secrets = Arc::new(
-            LocalSecrets::new(&cfg.credentials, cfg.vault.as_ref(), shared)
-                .map_err(StartError::Config)?,
-        );
+        let secrets = Arc::new(LocalSecrets::new(
+            &cfg.credentials,
+            cfg.vault.as_ref(),
+            shared,
+        )?);
         Ok(Loaded {
             trust,
             file_roots,
@@ -262,8 +283,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         );
     }
     let metrics = Arc::new(Metrics::default());
-    let telemetry =
-        Telemetry::init(&cfg.telemetry, metrics.otel.clone()).map_err(StartError::Config)?;
+    let telemetry = Telemetry::init(&cfg.telemetry, metrics.otel.clone())?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
     let chain = build_chain(
         &cfg,
@@ -274,8 +294,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         spans,
         secrets.clone(),
     )?;
-    let routes = crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials)
-        .map_err(StartError::Config)?;
+    let routes = crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials)?;
     let shared = Arc::new(Shared {
         chain,
         routes,
@@ -424,9 +443,9 @@ mod tests {
             "credentials: [{name: demo, placeholder: 'not a placeholder', hosts: [localhost], \
              source: {env: DEMO_TOKEN}}]\n",
         );
-        let Err(StartError::Config(e)) = chain(&cfg, policy, None) else {
+        let Err(StartError::Invalid(e)) = chain(&cfg, policy, None) else {
             panic!("accepted an unparsable placeholder");
         };
-        assert!(e.contains("demo") && e.contains("placeholder"), "{e}");
+        assert_eq!(e.key, "credentials[0].placeholder");
     }
 }

@@ -390,8 +390,7 @@ async fn serve(path: &Path) -> ExitCode {
     };
     let running = match app::start(cfg, path.to_owned()).await {
         Ok(r) => r,
-        Err(e @ app::StartError::Config(_)) => return fail(2, e),
-        Err(e) => return fail(1, e),
+        Err(e) => return fail(e.exit_code(), e),
     };
     signal::shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");

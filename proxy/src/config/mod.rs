@@ -14,6 +14,8 @@ use serde::{Deserialize, Deserializer};
 mod types;
 mod validate;
 
+pub use validate::Invalid;
+
 pub use types::{
     OtlpEndpoint, OtlpProtocol, SecretRef, UpstreamUrl, ValueOrRef, WorkloadApiEndpoint,
 };

@@ -20,11 +20,17 @@ pub struct Invalid {
     pub reason: String,
 }
 
+impl Invalid {
+    pub fn new(key: impl Into<String>, reason: impl ToString) -> Invalid {
+        Invalid {
+            key: key.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 fn invalid<T>(key: impl Into<String>, reason: impl Into<String>) -> Result<T, Invalid> {
-    Err(Invalid {
-        key: key.into(),
-        reason: reason.into(),
-    })
+    Err(Invalid::new(key, reason.into()))
 }
 
 type Checked = Result<(), Invalid>;

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::credentials::SecretStore;
 
-use crate::config::SourceConfig;
+use crate::config::{Invalid, SourceConfig};
 use crate::credentials::fetch::{note_fetch, FetchStats, FETCHED};
 use crate::replicas::RedisStore;
 
@@ -36,16 +36,17 @@ impl LocalSecrets {
         creds: &[crate::config::CredentialConfig],
         vault: Option<&crate::config::VaultConfig>,
         shared: Option<Arc<RedisStore>>,
-    ) -> Result<LocalSecrets, String> {
+    ) -> Result<LocalSecrets, Invalid> {
         let stats = Arc::new(FetchStats::default());
         let vault = vault
             .map(|v| crate::credentials::vault::Vault::new(v, shared.clone(), stats.clone()))
             .transpose()?;
         let mut oauth = HashMap::new();
-        for c in creds {
+        for (i, c) in creds.iter().enumerate() {
             if let SourceConfig::Oauth(o) = &c.source {
                 let source = crate::credentials::oauth::OAuthSource::new(
                     &c.name,
+                    &format!("credentials[{i}].source.oauth"),
                     o,
                     shared.clone(),
                     stats.clone(),

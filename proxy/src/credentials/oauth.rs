@@ -14,7 +14,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
-use crate::config::{OAuthGrant, OAuthSourceConfig, SecretRef};
+use crate::config::{Invalid, OAuthGrant, OAuthSourceConfig, SecretRef};
 use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
@@ -62,12 +62,14 @@ impl std::fmt::Debug for OAuthSource {
 }
 
 impl OAuthSource {
+    /// `key` names the source in the config, for errors.
     pub fn new(
         name: &str,
+        key: &str,
         cfg: &OAuthSourceConfig,
         shared: Option<Arc<RedisStore>>,
         stats: Arc<FetchStats>,
-    ) -> Result<OAuthSource, String> {
+    ) -> Result<OAuthSource, Invalid> {
         if cfg.grant == OAuthGrant::RefreshToken
             && shared.is_none()
             && matches!(cfg.refresh_token, Some(SecretRef::Env(_)))
@@ -80,7 +82,8 @@ impl OAuthSource {
         Ok(OAuthSource {
             name: name.to_owned(),
             cfg: cfg.clone(),
-            backend: Backend::new("OAuth token endpoint", cfg.ca.clone(), cfg.timeout)?,
+            backend: Backend::new("OAuth token endpoint", cfg.ca.clone(), cfg.timeout)
+                .map_err(|e| Invalid::new(format!("{key}.ca"), e))?,
             token: Cache::builder()
                 .max_capacity(1)
                 .expire_after(ByLifetime)

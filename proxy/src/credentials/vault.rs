@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
-use crate::config::{VaultConfig, VaultSecretRef};
+use crate::config::{Invalid, VaultConfig, VaultSecretRef};
 use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
@@ -39,10 +39,11 @@ impl Vault {
         cfg: &VaultConfig,
         shared: Option<Arc<RedisStore>>,
         stats: Arc<FetchStats>,
-    ) -> Result<Vault, String> {
+    ) -> Result<Vault, Invalid> {
         Ok(Vault {
             cfg: cfg.clone(),
-            backend: Backend::new("vault", cfg.ca.clone(), cfg.timeout)?,
+            backend: Backend::new("vault", cfg.ca.clone(), cfg.timeout)
+                .map_err(|e| Invalid::new("vault.ca", e))?,
             values: Cache::builder()
                 .max_capacity(10_000)
                 .expire_after(ByLifetime)

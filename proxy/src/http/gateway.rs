@@ -12,7 +12,7 @@ use http::header::HOST;
 use hyper::body::Incoming;
 use portcullis_filters::{Context, ErrorCode, Rejection, Via};
 
-use crate::config::{CredentialConfig, RouteConfig};
+use crate::config::{CredentialConfig, Invalid, RouteConfig};
 use crate::http::forward::forward;
 use crate::http::{no_destination, refuse, Conn, Shared};
 use crate::upstream::Body;
@@ -38,9 +38,10 @@ pub struct Routes {
 
 impl Routes {
     /// Built from a validated config.
-    pub fn new(routes: &[RouteConfig], creds: &[CredentialConfig]) -> Result<Routes, String> {
+    pub fn new(routes: &[RouteConfig], creds: &[CredentialConfig]) -> Result<Routes, Invalid> {
         let mut out = Vec::with_capacity(routes.len());
-        for r in routes {
+        for (i, r) in routes.iter().enumerate() {
+            let key = || format!("routes[{i}].credential");
             let upstream = r.upstream.destination.clone();
             let base_path = r.upstream.base_path.clone();
             let inject = match &r.credential {
@@ -48,13 +49,13 @@ impl Routes {
                     let c = creds
                         .iter()
                         .find(|c| &c.name == name)
-                        .ok_or_else(|| format!("route {}: no credential {name:?}", r.name))?;
+                        .ok_or_else(|| Invalid::new(key(), format!("no credential {name:?}")))?;
                     let inj = c.inject.clone().unwrap_or_default();
                     let header = HeaderName::from_bytes(inj.header.as_bytes())
-                        .map_err(|e| format!("route {}: {e}", r.name))?;
+                        .map_err(|e| Invalid::new(key(), format!("inject.header: {e}")))?;
                     let value =
                         HeaderValue::from_str(&inj.format.replacen("{}", &c.placeholder(), 1))
-                            .map_err(|e| format!("route {}: {e}", r.name))?;
+                            .map_err(|e| Invalid::new(key(), format!("inject.format: {e}")))?;
                     Some((header, value))
                 }
                 None => None,

@@ -26,7 +26,7 @@ use redis::aio::ConnectionManager;
 use ring::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
 use ring::rand::SystemRandom;
 
-use crate::config::RedisConfig;
+use crate::config::{Invalid, RedisConfig};
 
 /// A secret fetched from a remote source, with how long it may be used: what sources return
 /// and what the shared cache stores.
@@ -67,30 +67,31 @@ pub(super) struct StoreError(pub(super) String);
 
 impl RedisStore {
     /// Connects lazily: a Redis that is down at start delays nothing.
-    pub fn new(cfg: &RedisConfig) -> Result<RedisStore, String> {
+    pub fn new(cfg: &RedisConfig) -> Result<RedisStore, Invalid> {
+        let key_error = |reason: &str| Invalid::new("redis.encryption_key", reason);
         let key = cfg
             .encryption_key
             .resolve()
-            .map_err(|e| format!("redis.encryption_key: {e}"))?;
+            .map_err(|e| key_error(&e.to_string()))?;
         let raw = base64::engine::general_purpose::STANDARD
             .decode(key.expose().trim())
-            .map_err(|_| "redis.encryption_key: not base64".to_owned())?;
+            .map_err(|_| key_error("not base64"))?;
         let key = UnboundKey::new(&AES_256_GCM, &raw)
-            .map_err(|_| "redis.encryption_key: must be 32 bytes (base64)".to_owned())?;
+            .map_err(|_| key_error("must be 32 bytes (base64)"))?;
         let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
-            .map_err(|e| format!("redis.url: {e}"))?;
+            .map_err(|e| Invalid::new("redis.url", e))?;
         let mut settings = info.redis_settings().clone();
         if let Some(u) = &cfg.username {
             settings = settings.set_username(u);
         }
         if let Some(p) = &cfg.password {
-            let p = p.resolve().map_err(|e| format!("redis.password: {e}"))?;
+            let p = p.resolve().map_err(|e| Invalid::new("redis.password", e))?;
             settings = settings.set_password(p.expose());
         }
         info = info.set_redis_settings(settings);
         let client = match &cfg.ca {
             Some(ca) => {
-                let pem = std::fs::read(ca).map_err(|e| format!("redis.ca: {e}"))?;
+                let pem = std::fs::read(ca).map_err(|e| Invalid::new("redis.ca", e))?;
                 redis::Client::build_with_tls(
                     info,
                     redis::TlsCertificates {
@@ -101,7 +102,7 @@ impl RedisStore {
             }
             None => redis::Client::open(info),
         }
-        .map_err(|e| format!("redis.url: {e}"))?;
+        .map_err(|e| Invalid::new("redis.url", e))?;
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
@@ -109,7 +110,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2));
         let conn = client
             .get_connection_manager_lazy(manager)
-            .map_err(|e| format!("redis: {e}"))?;
+            .map_err(|e| Invalid::new("redis", e))?;
         Ok(RedisStore {
             conn,
             client,

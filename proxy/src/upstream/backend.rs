@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::certs::TlsError;
 use crate::config::UpstreamConfig;
 
 pub struct Backend {
@@ -28,13 +29,12 @@ impl Backend {
         name: &'static str,
         ca: Option<PathBuf>,
         timeout: Duration,
-    ) -> Result<Backend, String> {
+    ) -> Result<Backend, TlsError> {
         let roots = UpstreamConfig {
             extra_roots: ca.into_iter().collect(),
             ..UpstreamConfig::default()
         };
-        let tls =
-            crate::upstream::client_tls_config(&roots, Vec::new()).map_err(|e| e.to_string())?;
+        let tls = crate::upstream::client_tls_config(&roots, Vec::new())?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
