@@ -365,7 +365,8 @@ impl Connector {
         let mut child = Command::new(bin())
             .args(["--log-format", "json", "connect", "--listen", "127.0.0.1:0"])
             .args(args)
-            .env("PORTCULLIS_LOG", "info")
+            // The connector's own debug lines say when its connection limit holds.
+            .env("PORTCULLIS_LOG", "info,portcullis::connector=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::WorkloadApiEndpoint;
+use crate::edge::slots::Slots;
 use crate::edge::tls::check_leaf;
 use crate::reload::workload_api::{self, X509Svid};
 use crate::reload::{fingerprint, hangups, next_hangup, settled};
@@ -314,9 +315,15 @@ async fn accept_loop(
     tracker: &TaskTracker,
 ) {
     let upstream = Arc::new(opts.upstream.clone());
-    let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let slots = Slots::new(opts.max_connections);
+    let full = || {
+        tracing::debug!(
+            max_connections = opts.max_connections,
+            "every connection slot is taken: new clients wait"
+        );
+    };
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
+        let Some(permit) = slots.take(full).await else {
             return;
         };
         let (tcp, peer) = match listener.accept().await {

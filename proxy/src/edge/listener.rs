@@ -4,15 +4,17 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use portcullis_filters::Peer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
+use crate::edge::slots::Slots;
 use crate::edge::tls::peer_spiffe_id;
 use crate::http::idle::{idle_watch, Activity, IdleIo};
 use crate::http::{self, Conn, Shared};
@@ -28,12 +30,17 @@ async fn accept_until_shutdown(
     acceptor: TlsAcceptor,
     shared: &Arc<Shared>,
 ) {
-    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let slots = Slots::new(shared.limits.max_connections);
+    let at_limit = &shared.ops.metrics.at_connection_limit;
     loop {
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            p = slots.take(|| at_limit.store(true, Ordering::Relaxed)) => match p {
+                Some(p) => p,
+                None => return,
+            },
             _ = shared.tasks.shutdown.cancelled() => return,
         };
+        at_limit.store(false, Ordering::Relaxed);
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(a) => a,

@@ -3,4 +3,5 @@
 
 pub(crate) mod admin;
 pub(crate) mod listener;
+pub(crate) mod slots;
 pub(crate) mod tls;

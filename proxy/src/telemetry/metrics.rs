@@ -3,7 +3,7 @@
 //! listener's `/metrics`.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use portcullis_filters::{ActionKind, Context, Filter, Outcome};
@@ -54,6 +54,8 @@ pub struct Metrics {
     pub policy_eval: Histogram,
     pub upstream_latency: Histogram,
     pub active_connections: AtomicI64,
+    /// Every `limits.max_connections` slot is taken: the listener waits instead of accepting.
+    pub at_connection_limit: AtomicBool,
     /// The span exporter's counters (zero when spans are not exported).
     pub otel: std::sync::Arc<crate::telemetry::ExportStats>,
 }
@@ -100,6 +102,11 @@ impl Metrics {
             out,
             "# TYPE portcullis_active_connections gauge\nportcullis_active_connections {}",
             self.active_connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP portcullis_connection_limit_reached 1 while every limits.max_connections slot is taken (new clients wait in the backlog).\n# TYPE portcullis_connection_limit_reached gauge\nportcullis_connection_limit_reached {}",
+            u8::from(self.at_connection_limit.load(Ordering::Relaxed))
         );
         for (name, help, v) in [
             (
