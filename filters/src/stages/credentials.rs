@@ -41,15 +41,19 @@ impl Credential {
 }
 
 /// Where real secret values come from (env, file, Vault, OAuth), with its own caching.
+/// Why a store produced no secret. Its message is safe to show the agent: it becomes the reason
+/// of the 503 `credential_unavailable` (stores never put a value or a token in it).
+pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
+
 #[async_trait::async_trait]
 pub trait SecretStore: Send + Sync + std::fmt::Debug {
     /// The current secret of credential `name`. The error is a reason safe to show the agent.
-    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, String>;
+    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, StoreError>;
 
     /// [`SecretStore::get`], also telling whether the value was served from a cache (no source
     /// asked) when the store can tell. Called instead of `get` only when the action's spans are
     /// exported (the `credential.fetch` child span).
-    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, String>, Option<bool>) {
+    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
         (self.get(name).await, None)
     }
 

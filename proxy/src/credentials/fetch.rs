@@ -1,4 +1,4 @@
-//! What every remote credential source shares, and nothing else: the cache expiry by the
+//! What every remote credential source shares, and nothing else: why a fetch failed, the cache expiry by the
 //! fetched value's lifetime, the fetch counters for `/metrics`, the source fingerprint replicas agree on, and
 //! the note a traced read uses to tell a cache hit from a fetch.
 
@@ -10,6 +10,30 @@ use moka::Expiry;
 
 use crate::replicas::Fetched;
 
+/// Why a source produced no secret. Every message is safe to show the agent (it becomes the
+/// reason of a 503 `credential_unavailable`): it names the back end and what went wrong, never
+/// a value, a token, or credentials from a URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("{backend}: invalid request")]
+    BadRequest { backend: &'static str },
+    #[error("{backend} is unreachable")]
+    Unreachable { backend: &'static str },
+    #[error("{backend} response was cut off")]
+    CutOff { backend: &'static str },
+    #[error("{backend} did not answer within {timeout:?}")]
+    Timeout {
+        backend: &'static str,
+        timeout: Duration,
+    },
+    /// It answered, but not with a usable secret (a status, a malformed or partial answer).
+    #[error("{0}")]
+    Answer(String),
+    /// A local source or a secret reference in the config cannot be read.
+    #[error("{0}")]
+    Local(String),
+}
+
 /// Fetches from remote credential sources (Vault, OAuth), for `/metrics`.
 #[derive(Debug, Default)]
 pub struct FetchStats {
@@ -19,7 +43,7 @@ pub struct FetchStats {
 
 impl FetchStats {
     /// Count one fetch from a source and its outcome.
-    pub fn record<T>(&self, r: Result<T, String>) -> Result<T, String> {
+    pub fn record<T>(&self, r: Result<T, SourceError>) -> Result<T, SourceError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         note_fetch();
         if r.is_err() {

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use portcullis_filters::parse::secret::SecretValue;
-use portcullis_filters::stages::credentials::SecretStore;
+use portcullis_filters::stages::credentials::{SecretStore, StoreError};
 
 use crate::config::{Invalid, SourceConfig};
-use crate::credentials::fetch::{note_fetch, FetchStats, FETCHED};
+use crate::credentials::fetch::{note_fetch, FetchStats, SourceError, FETCHED};
 use crate::replicas::RedisStore;
 
 #[derive(Debug)]
@@ -96,8 +96,32 @@ impl LocalSecrets {
         self.shared.as_ref()
     }
 
-    fn read_file(&self, path: &PathBuf) -> Result<Arc<SecretValue>, String> {
-        let unavailable = |e: std::io::Error| format!("cannot read its file: {}", e.kind());
+    /// The current secret of credential `name`, from its source (or that source's cache).
+    async fn fetch(&self, name: &str) -> Result<Arc<SecretValue>, SourceError> {
+        let missing = |what: &str| Err(SourceError::Local(format!("no {what} configured")));
+        match self.sources.get(name) {
+            Some(SourceConfig::Env(var)) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Arc::new(SecretValue::new(v))),
+                _ => Err(SourceError::Local(format!(
+                    "environment variable {var} is not set"
+                ))),
+            },
+            Some(SourceConfig::File(path)) => self.read_file(path),
+            Some(SourceConfig::Oauth(_)) => match self.oauth.get(name) {
+                Some(o) => o.get().await,
+                None => missing("OAuth source"),
+            },
+            Some(SourceConfig::Vault(r)) => match &self.vault {
+                Some(v) => v.get(name, r).await,
+                None => missing("vault"),
+            },
+            None => missing("source"),
+        }
+    }
+
+    fn read_file(&self, path: &PathBuf) -> Result<Arc<SecretValue>, SourceError> {
+        let unavailable =
+            |e: std::io::Error| SourceError::Local(format!("cannot read its file: {}", e.kind()));
         let mtime = std::fs::metadata(path)
             .and_then(|m| m.modified())
             .map_err(unavailable)?;
@@ -112,7 +136,7 @@ impl LocalSecrets {
         let text = std::fs::read_to_string(path).map_err(unavailable)?;
         let value = SecretValue::new(text.trim_end_matches(['\n', '\r']).to_owned());
         if value.is_empty() {
-            return Err("its file is empty".into());
+            return Err(SourceError::Local("its file is empty".into()));
         }
         let value = Arc::new(value);
         if let Ok(mut files) = self.files.lock() {
@@ -124,7 +148,7 @@ impl LocalSecrets {
 
 #[async_trait::async_trait]
 impl SecretStore for LocalSecrets {
-    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, String>, Option<bool>) {
+    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
         // An environment variable has no cache to hit.
         let cached = !matches!(self.sources.get(name), Some(SourceConfig::Env(_)) | None);
         FETCHED
@@ -136,23 +160,8 @@ impl SecretStore for LocalSecrets {
             .await
     }
 
-    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, String> {
-        match self.sources.get(name) {
-            Some(SourceConfig::Env(var)) => match std::env::var(var) {
-                Ok(v) if !v.is_empty() => Ok(Arc::new(SecretValue::new(v))),
-                _ => Err(format!("environment variable {var} is not set")),
-            },
-            Some(SourceConfig::File(path)) => self.read_file(path),
-            Some(SourceConfig::Oauth(_)) => match self.oauth.get(name) {
-                Some(o) => o.get().await,
-                None => Err("no OAuth source".into()),
-            },
-            Some(SourceConfig::Vault(r)) => match &self.vault {
-                Some(v) => v.get(name, r).await,
-                None => Err("no vault configured".into()),
-            },
-            None => Err("no source configured".into()),
-        }
+    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, StoreError> {
+        Ok(self.fetch(name).await?)
     }
 
     async fn revoke(&self, name: &str) -> bool {

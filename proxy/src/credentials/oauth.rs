@@ -15,7 +15,7 @@ use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
 use crate::config::{Invalid, OAuthGrant, OAuthSourceConfig, SecretRef};
-use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
+use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats, SourceError};
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
 
@@ -100,7 +100,7 @@ impl OAuthSource {
         self.token.invalidate(&()).await;
     }
 
-    pub async fn get(&self) -> Result<Arc<SecretValue>, String> {
+    pub async fn get(&self) -> Result<Arc<SecretValue>, SourceError> {
         let fetch = async {
             match &self.shared {
                 Some(s) => {
@@ -120,13 +120,13 @@ impl OAuthSource {
 
     /// The refresh token to use now: the latest rotation descending from the configured one,
     /// or the configured one (a changed configured token starts a new chain).
-    async fn refresh_token(&self) -> Result<(String, SecretValue), String> {
+    async fn refresh_token(&self) -> Result<(String, SecretValue), SourceError> {
         let Some(reference) = &self.cfg.refresh_token else {
-            return Err("no refresh_token configured".into());
+            return Err(SourceError::Local("no refresh_token configured".into()));
         };
         let seed = reference
             .resolve()
-            .map_err(|e| format!("refresh_token: {e}"))?;
+            .map_err(|e| SourceError::Local(format!("refresh_token: {e}")))?;
         let seed_hash = fingerprint([Some(seed.expose())]);
         if let Some(s) = &self.shared {
             if let Some(t) = s
@@ -171,12 +171,12 @@ impl OAuthSource {
     fn token_request(
         &self,
         refresh: Option<&SecretValue>,
-    ) -> Result<(Vec<(HeaderName, HeaderValue)>, Bytes), String> {
+    ) -> Result<(Vec<(HeaderName, HeaderValue)>, Bytes), SourceError> {
         let secret = self
             .cfg
             .client_secret
             .resolve()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SourceError::Local(format!("client_secret: {e}")))?;
         let mut form = form_urlencoded::Serializer::new(String::new());
         match refresh {
             Some(r) => {
@@ -208,18 +208,19 @@ impl OAuthSource {
                 enc(&self.cfg.client_id),
                 enc(secret.expose())
             ));
-            let v = HeaderValue::from_str(&format!("Basic {basic}"))
-                .map_err(|_| "OAuth client credentials are not valid in a header".to_owned())?;
+            let v = HeaderValue::from_str(&format!("Basic {basic}")).map_err(|_| {
+                SourceError::Local("OAuth client credentials are not valid in a header".into())
+            })?;
             headers.push((HeaderName::from_static("authorization"), v));
         }
         Ok((headers, Bytes::from(form.finish())))
     }
 
-    async fn fetch_counted(&self) -> Result<Fetched, String> {
+    async fn fetch_counted(&self) -> Result<Fetched, SourceError> {
         self.stats.record(self.fetch().await)
     }
 
-    async fn fetch(&self) -> Result<Fetched, String> {
+    async fn fetch(&self) -> Result<Fetched, SourceError> {
         let refresh = match self.cfg.grant {
             OAuthGrant::RefreshToken => Some(self.refresh_token().await?),
             OAuthGrant::ClientCredentials => None,
@@ -230,14 +231,19 @@ impl OAuthSource {
             .call(Method::POST, &self.cfg.token_url, &headers, Some(body))
             .await?;
         if status != StatusCode::OK {
-            return Err(format!("OAuth token endpoint answered {status}"));
+            return Err(SourceError::Answer(format!(
+                "OAuth token endpoint answered {status}"
+            )));
         }
-        let v: serde_json::Value = serde_json::from_slice(&resp)
-            .map_err(|_| "OAuth token endpoint answered with invalid JSON".to_owned())?;
+        let v: serde_json::Value = serde_json::from_slice(&resp).map_err(|_| {
+            SourceError::Answer("OAuth token endpoint answered with invalid JSON".into())
+        })?;
         let token = v
             .get("access_token")
             .and_then(|t| t.as_str())
-            .ok_or("OAuth token response has no access_token")?;
+            .ok_or_else(|| {
+                SourceError::Answer("OAuth token response has no access_token".into())
+            })?;
         let expires_in = v.get("expires_in").and_then(|e| e.as_u64()).unwrap_or(300);
         // Zero (a token that expires within `refresh_before`): not cached, here or in Redis.
         let lifetime = Duration::from_secs(expires_in).saturating_sub(self.cfg.refresh_before);

@@ -11,7 +11,7 @@ use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 
 use crate::config::{Invalid, VaultConfig, VaultSecretRef};
-use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats};
+use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats, SourceError};
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
 
@@ -63,7 +63,11 @@ impl Vault {
 
     /// The secret for credential `name`: cached, or fetched once for all concurrent callers
     /// (and, with Redis, once for all replicas).
-    pub async fn get(&self, name: &str, r: &VaultSecretRef) -> Result<Arc<SecretValue>, String> {
+    pub async fn get(
+        &self,
+        name: &str,
+        r: &VaultSecretRef,
+    ) -> Result<Arc<SecretValue>, SourceError> {
         let fetch = async {
             let fetched = match &self.shared {
                 Some(s) => {
@@ -88,11 +92,11 @@ impl Vault {
             .map_err(|e| (*e).clone())
     }
 
-    async fn fetch_counted(&self, r: &VaultSecretRef) -> Result<Fetched, String> {
+    async fn fetch_counted(&self, r: &VaultSecretRef) -> Result<Fetched, SourceError> {
         self.stats.record(self.fetch(r).await)
     }
 
-    async fn fetch(&self, r: &VaultSecretRef) -> Result<Fetched, String> {
+    async fn fetch(&self, r: &VaultSecretRef) -> Result<Fetched, SourceError> {
         let url = format!(
             "{}/v1/{}/data/{}",
             self.cfg.address.trim_end_matches('/'),
@@ -105,17 +109,18 @@ impl Vault {
             let (status, body) = self.call(Method::GET, &url, Some(&token), None).await?;
             match status {
                 StatusCode::OK => {
-                    let v: serde_json::Value = serde_json::from_slice(&body)
-                        .map_err(|_| "vault answered with invalid JSON".to_owned())?;
+                    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+                        SourceError::Answer("vault answered with invalid JSON".into())
+                    })?;
                     let field = v
                         .pointer("/data/data")
                         .and_then(|d| d.get(&r.field))
                         .and_then(|f| f.as_str())
                         .ok_or_else(|| {
-                            format!(
+                            SourceError::Answer(format!(
                                 "vault secret {}/{} has no string field {}",
                                 r.mount, r.path, r.field
-                            )
+                            ))
                         })?;
                     // A lease (KV v1, dynamic secrets) shorter than cache_ttl wins; KV v2
                     // answers lease_duration 0 (no lease).
@@ -135,17 +140,22 @@ impl Vault {
                     self.login.invalidate_all();
                     retried = true;
                 }
-                s => return Err(format!("vault answered {s} for {}/{}", r.mount, r.path)),
+                s => {
+                    return Err(SourceError::Answer(format!(
+                        "vault answered {s} for {}/{}",
+                        r.mount, r.path
+                    )))
+                }
             }
         }
     }
 
-    async fn token(&self) -> Result<Arc<SecretValue>, String> {
+    async fn token(&self) -> Result<Arc<SecretValue>, SourceError> {
         if let Some(t) = &self.cfg.token {
             return t
                 .resolve()
                 .map(Arc::new)
-                .map_err(|e| format!("vault token: {e}"));
+                .map_err(|e| SourceError::Local(format!("vault token: {e}")));
         }
         self.login
             .try_get_with((), self.approle_login())
@@ -153,12 +163,18 @@ impl Vault {
             .map_err(|e| (*e).clone())
     }
 
-    async fn approle_login(&self) -> Result<Arc<SecretValue>, String> {
+    async fn approle_login(&self) -> Result<Arc<SecretValue>, SourceError> {
         let Some(a) = &self.cfg.approle else {
-            return Err("no vault auth configured".into());
+            return Err(SourceError::Local("no vault auth configured".into()));
         };
-        let role_id = a.role_id.resolve().map_err(|e| e.to_string())?;
-        let secret_id = a.secret_id.resolve().map_err(|e| e.to_string())?;
+        let role_id = a
+            .role_id
+            .resolve()
+            .map_err(|e| SourceError::Local(e.to_string()))?;
+        let secret_id = a
+            .secret_id
+            .resolve()
+            .map_err(|e| SourceError::Local(e.to_string()))?;
         let body =
             serde_json::json!({"role_id": role_id.expose(), "secret_id": secret_id.expose()});
         let url = format!(
@@ -175,14 +191,16 @@ impl Vault {
             )
             .await?;
         if status != StatusCode::OK {
-            return Err(format!("vault AppRole login answered {status}"));
+            return Err(SourceError::Answer(format!(
+                "vault AppRole login answered {status}"
+            )));
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&resp).map_err(|_| "vault login: invalid JSON".to_owned())?;
+        let v: serde_json::Value = serde_json::from_slice(&resp)
+            .map_err(|_| SourceError::Answer("vault login: invalid JSON".into()))?;
         let token = v
             .pointer("/auth/client_token")
             .and_then(|t| t.as_str())
-            .ok_or("vault login: no auth.client_token")?;
+            .ok_or_else(|| SourceError::Answer("vault login: no auth.client_token".into()))?;
         Ok(Arc::new(SecretValue::new(token.to_owned())))
     }
 
@@ -192,16 +210,18 @@ impl Vault {
         url: &str,
         token: Option<&SecretValue>,
         body: Option<Bytes>,
-    ) -> Result<(StatusCode, Bytes), String> {
+    ) -> Result<(StatusCode, Bytes), SourceError> {
         let mut headers = Vec::new();
         if let Some(t) = token {
-            let v = HeaderValue::from_str(t.expose())
-                .map_err(|_| "vault token is not a valid header value".to_owned())?;
+            let v = HeaderValue::from_str(t.expose()).map_err(|_| {
+                SourceError::Local("vault token is not a valid header value".into())
+            })?;
             headers.push((HeaderName::from_static("x-vault-token"), v));
         }
         if let Some(ns) = &self.cfg.namespace {
-            let v = HeaderValue::from_str(ns)
-                .map_err(|_| "vault namespace is not a valid header value".to_owned())?;
+            let v = HeaderValue::from_str(ns).map_err(|_| {
+                SourceError::Local("vault namespace is not a valid header value".into())
+            })?;
             headers.push((HeaderName::from_static("x-vault-namespace"), v));
         }
         self.backend.call(method, url, &headers, body).await

@@ -16,15 +16,33 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use portcullis_policy::Policy;
+use portcullis_policy::{Policy, PolicyError};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::certs::{certified_key, provider};
-use crate::config::Config;
+use crate::certs::{certified_key, provider, TlsError};
+use crate::config::{Config, ConfigError};
 use crate::edge::admin::Status;
 use crate::edge::tls::{load_bundles, Roots, ServerCert, TrustStore};
 use crate::reload::workload_api::{Bundles, X509Svid};
+
+/// Why a reload failed; the last good material keeps serving.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    #[error("SVID {spiffe_id}: {source}")]
+    Svid {
+        spiffe_id: String,
+        source: rustls::Error,
+    },
+    #[error("{0} changed (or tls switched between files and the Workload API): restart to apply")]
+    NeedsRestart(&'static str),
+}
 
 /// What the Workload API watchers publish (`tls.workload_api`).
 pub struct WorkloadApiFeeds {
@@ -267,12 +285,12 @@ impl Reloader {
 
     /// Reload one kind of material and count the outcome (before logging it, so whoever sees
     /// the log line sees the count).
-    fn apply(&mut self, what: &str, reload: fn(&mut Self) -> Result<(), String>) {
+    fn apply(&mut self, what: &str, reload: fn(&mut Self) -> Result<(), ReloadError>) {
         let r = reload(self);
         self.record(what, r);
     }
 
-    fn record(&self, what: &str, result: Result<(), String>) {
+    fn record(&self, what: &str, result: Result<(), ReloadError>) {
         let (all, policy_counter) = match result {
             Ok(()) => (&self.status.reloads, &self.status.policy_reloads),
             Err(_) => (
@@ -292,18 +310,15 @@ impl Reloader {
         }
     }
 
-    fn reload_tls(&mut self) -> Result<(), String> {
-        let cfg = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+    fn reload_tls(&mut self) -> Result<(), ReloadError> {
+        let cfg = Config::load(&self.config_path)?;
         if cfg.tls.workload_api != self.config.tls.workload_api {
-            return Err(
-                "tls.workload_api changed (or tls switched between files and the Workload API): restart to apply"
-                    .into(),
-            );
+            return Err(ReloadError::NeedsRestart("tls.workload_api"));
         }
-        let file_roots = load_bundles(&cfg.trust_domain_bundles()).map_err(|e| e.to_string())?;
+        let file_roots = load_bundles(&cfg.trust_domain_bundles())?;
         let store = self.trust_store(&file_roots, &cfg)?;
         let ck = match cfg.tls.files() {
-            Some((cert, key)) => Some(certified_key(cert, key).map_err(|e| e.to_string())?),
+            Some((cert, key)) => Some(certified_key(cert, key)?),
             None => None,
         };
         let domains: Vec<String> = store.trust_domains().map(|t| t.to_string()).collect();
@@ -321,7 +336,7 @@ impl Reloader {
     /// The store for `cfg`: file bundles plus the latest Workload API bundles of the trust
     /// domains that take theirs from there. Such a trust domain the Workload API has sent no
     /// bundle for is left out, so its clients are refused (fail closed).
-    fn trust_store(&self, file_roots: &Roots, cfg: &Config) -> Result<TrustStore, String> {
+    fn trust_store(&self, file_roots: &Roots, cfg: &Config) -> Result<TrustStore, TlsError> {
         let api = self.api_bundles.as_ref();
         let mut roots = file_roots.clone();
         for td in cfg.workload_api_trust_domains() {
@@ -331,10 +346,10 @@ impl Reloader {
                     "the Workload API has no bundle for this trust domain; its clients are refused"),
             }
         }
-        TrustStore::build(&roots).map_err(|e| e.to_string())
+        TrustStore::build(&roots)
     }
 
-    fn rebuild_trust(&mut self) -> Result<(), String> {
+    fn rebuild_trust(&mut self) -> Result<(), ReloadError> {
         let store = self.trust_store(&self.file_roots, &self.config)?;
         let domains: Vec<String> = store.trust_domains().map(|t| t.to_string()).collect();
         self.trust.store(Arc::new(store));
@@ -342,17 +357,20 @@ impl Reloader {
         Ok(())
     }
 
-    fn apply_svid(&self, svid: &X509Svid) -> Result<(), String> {
+    fn apply_svid(&self, svid: &X509Svid) -> Result<(), ReloadError> {
         let ck = rustls::sign::CertifiedKey::from_der(svid.chain.clone(), svid.key(), &provider())
-            .map_err(|e| format!("SVID {}: {e}", svid.spiffe_id))?;
+            .map_err(|source| ReloadError::Svid {
+                spiffe_id: svid.spiffe_id.clone(),
+                source,
+            })?;
         self.cert.replace(Arc::new(ck));
         tracing::info!(spiffe_id = %svid.spiffe_id, expires_unix = svid.expires_unix,
             "server certificate updated from the Workload API");
         Ok(())
     }
 
-    fn reload_policy(&mut self) -> Result<(), String> {
-        let set = self.config.policy.load().map_err(|e| e.to_string())?;
+    fn reload_policy(&mut self) -> Result<(), ReloadError> {
+        let set = self.config.policy.load()?;
         let revision = set.revision().clone();
         let old = self.policy.replace(set);
         tracing::info!(revision = %revision, previous = %old.revision(), "reloaded policy");

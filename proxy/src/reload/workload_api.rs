@@ -52,11 +52,34 @@ impl fmt::Debug for X509Svid {
     }
 }
 
-fn trust_domain(td: &spiffe::TrustDomain) -> Result<TrustDomain, String> {
-    TrustDomain::parse(td.as_str()).map_err(|e| format!("trust domain {td}: {e}"))
+/// Why the Workload API gave nothing usable: a stream that could not be opened or ended, or a
+/// message that cannot be used (the last good material keeps serving either way).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadApiError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("{call}: {reason}")]
+    Call { call: &'static str, reason: String },
+    #[error("{0}")]
+    Stream(String),
+    #[error("the stream ended")]
+    Ended,
+    #[error("the Workload API sent no X.509-SVID")]
+    NoSvid,
+    #[error("trust domain {domain}: {reason}")]
+    TrustDomain { domain: String, reason: String },
 }
 
-fn bundle_set(set: &spiffe::X509BundleSet) -> Result<Bundles, String> {
+fn trust_domain(td: &spiffe::TrustDomain) -> Result<TrustDomain, WorkloadApiError> {
+    TrustDomain::parse(td.as_str()).map_err(|e| WorkloadApiError::TrustDomain {
+        domain: td.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn bundle_set(set: &spiffe::X509BundleSet) -> Result<Bundles, WorkloadApiError> {
     let mut out = Bundles::new();
     for (td, bundle) in set.iter() {
         let certs = bundle
@@ -69,10 +92,8 @@ fn bundle_set(set: &spiffe::X509BundleSet) -> Result<Bundles, String> {
     Ok(out)
 }
 
-fn convert_context(ctx: &spiffe::X509Context) -> Result<X509Svid, String> {
-    let svid = ctx
-        .default_svid()
-        .ok_or("the Workload API sent no X.509-SVID")?;
+fn convert_context(ctx: &spiffe::X509Context) -> Result<X509Svid, WorkloadApiError> {
+    let svid = ctx.default_svid().ok_or(WorkloadApiError::NoSvid)?;
     let chain = svid
         .cert_chain()
         .iter()
@@ -114,7 +135,9 @@ impl Backoff {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn client(endpoint: &WorkloadApiEndpoint) -> Result<spiffe::WorkloadApiClient, String> {
+async fn client(
+    endpoint: &WorkloadApiEndpoint,
+) -> Result<spiffe::WorkloadApiClient, WorkloadApiError> {
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
         spiffe::WorkloadApiClient::connect_to(endpoint.as_str()),
@@ -122,8 +145,8 @@ async fn client(endpoint: &WorkloadApiEndpoint) -> Result<spiffe::WorkloadApiCli
     .await
     {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!("cannot connect: {e}")),
-        Err(_) => Err("connect timed out".into()),
+        Ok(Err(e)) => Err(WorkloadApiError::Connect(e.to_string())),
+        Err(_) => Err(WorkloadApiError::ConnectTimeout),
     }
 }
 
@@ -131,8 +154,8 @@ async fn client(endpoint: &WorkloadApiEndpoint) -> Result<spiffe::WorkloadApiCli
 async fn follow<S, T>(
     stream: S,
     backoff: &mut Backoff,
-    mut publish: impl FnMut(T) -> Result<(), String>,
-) -> String
+    mut publish: impl FnMut(T) -> Result<(), WorkloadApiError>,
+) -> WorkloadApiError
 where
     S: futures_util::Stream<Item = Result<T, spiffe::WorkloadApiError>>,
 {
@@ -145,8 +168,8 @@ where
                 e @ (spiffe::WorkloadApiError::Transport(_)
                 | spiffe::WorkloadApiError::PermissionDenied(_)
                 | spiffe::WorkloadApiError::NoIdentityIssued),
-            ) => return e.to_string(),
-            Err(e) => Err(e.to_string()),
+            ) => return WorkloadApiError::Stream(e.to_string()),
+            Err(e) => Err(WorkloadApiError::Stream(e.to_string())),
         };
         match published {
             Ok(()) => backoff.reset(),
@@ -156,10 +179,11 @@ where
             }
         }
     }
-    "the stream ended".into()
+    WorkloadApiError::Ended
 }
 
-type Attempt<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + 'a>>;
+type Attempt<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = WorkloadApiError> + Send + 'a>>;
 
 /// Run `attempt` (one stream, until it fails) again and again, with backoff, until shutdown.
 fn spawn_retrying<F>(
@@ -209,7 +233,12 @@ pub fn watch_svid(
                 };
                 let stream = match stream {
                     Ok(s) => s,
-                    Err(e) => return format!("FetchX509SVID: {e}"),
+                    Err(e) => {
+                        return WorkloadApiError::Call {
+                            call: "FetchX509SVID",
+                            reason: e.to_string(),
+                        }
+                    }
                 };
                 follow(stream, backoff, |ctx| {
                     let svid = convert_context(&ctx)?;
@@ -254,7 +283,12 @@ pub fn watch_bundles(
                 };
                 let stream = match stream {
                     Ok(s) => s,
-                    Err(e) => return format!("FetchX509Bundles: {e}"),
+                    Err(e) => {
+                        return WorkloadApiError::Call {
+                            call: "FetchX509Bundles",
+                            reason: e.to_string(),
+                        }
+                    }
                 };
                 follow(stream, backoff, |set| {
                     let bundles = bundle_set(&set)?;

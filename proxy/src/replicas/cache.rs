@@ -69,15 +69,15 @@ impl RedisStore {
 
     /// The credential from the shared cache, or fetched with `fetch` by exactly one replica
     /// at a time (the others wait for its result up to `lock_ttl`, then fetch themselves).
-    pub async fn get_or_fetch<F, Fut>(
+    pub async fn get_or_fetch<F, Fut, E>(
         &self,
         name: &str,
         fingerprint: &str,
         fetch: F,
-    ) -> Result<Fetched, String>
+    ) -> Result<Fetched, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Fetched, String>>,
+        Fut: Future<Output = Result<Fetched, E>>,
     {
         if self.is_down() {
             return fetch().await;
@@ -141,15 +141,15 @@ impl RedisStore {
     }
 
     /// Fetch from the source and, on success, store the value for the other replicas.
-    async fn fetch_and_share<F, Fut>(
+    async fn fetch_and_share<F, Fut, E>(
         &self,
         name: &str,
         fingerprint: &str,
         fetch: F,
-    ) -> Result<Fetched, String>
+    ) -> Result<Fetched, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Fetched, String>>,
+        Fut: Future<Output = Result<Fetched, E>>,
     {
         let r = fetch().await;
         match &r {

@@ -61,9 +61,10 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// A Redis call that failed or timed out (Redis is then skipped for a while).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(super) struct StoreError(pub(super) String);
+pub struct StoreError(pub(super) String);
 
 impl RedisStore {
     /// Connects lazily: a Redis that is down at start delays nothing.
@@ -224,7 +225,7 @@ mod tests {
     #[tokio::test]
     async fn a_dead_redis_falls_back_to_the_source() {
         let s = store();
-        let got = s
+        let got: Result<Fetched, ()> = s
             .get_or_fetch("a", "fp", || async {
                 Ok(Fetched {
                     value: Arc::new(SecretValue::new("v".into())),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use portcullis_filters::stages::pinning::{PinEvent, ToolPins};
 
-use super::RedisStore;
+use super::{RedisStore, StoreError};
 
 impl RedisStore {
     pub(super) fn pins_key(&self) -> String {
@@ -18,11 +18,10 @@ impl RedisStore {
     }
 
     /// Every shared tool pin: (server, tool, hash).
-    pub async fn load_pins(&self) -> Result<Vec<(String, String, String)>, String> {
+    pub async fn load_pins(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         let all: Vec<(String, String)> = self
             .query(redis::cmd("HGETALL").arg(self.pins_key()))
-            .await
-            .map_err(|e| e.0)?;
+            .await?;
         Ok(all
             .into_iter()
             .filter_map(|(field, hash)| {

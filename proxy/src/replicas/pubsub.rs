@@ -7,7 +7,7 @@ use std::time::Duration;
 use portcullis_filters::stages::pinning::ToolPins;
 use tokio_util::sync::CancellationToken;
 
-use super::RedisStore;
+use super::{RedisStore, StoreError};
 
 impl RedisStore {
     /// Follow what other replicas publish until shutdown — revocations (dropped here with
@@ -40,20 +40,20 @@ impl RedisStore {
         });
     }
 
-    async fn listen_once<F>(&self, on_revoke: &F, pins: &ToolPins) -> Result<(), String>
+    async fn listen_once<F>(&self, on_revoke: &F, pins: &ToolPins) -> Result<(), StoreError>
     where
         F: Fn(String) -> futures_util::future::BoxFuture<'static, ()>,
     {
         use futures_util::StreamExt;
         let mut pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
             .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| StoreError("connect timed out".into()))?
+            .map_err(|e| StoreError(e.to_string()))?;
         let (revoke, pin) = (self.revoke_channel(), self.pins_channel());
         pubsub
             .subscribe(&[&revoke, &pin])
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StoreError(e.to_string()))?;
         // Pins changed while we were not listening.
         if let Ok(all) = self.load_pins().await {
             for (server, tool, hash) in all {
@@ -77,6 +77,6 @@ impl RedisStore {
                 }
             }
         }
-        Err("subscription closed".into())
+        Err(StoreError("subscription closed".into()))
     }
 }

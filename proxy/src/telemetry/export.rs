@@ -3,6 +3,7 @@
 //! time, each bounded; a failed batch is counted as dropped, never retried.
 
 use super::*;
+use crate::telemetry::otlp::ExportError;
 
 /// What happened to the spans handed to the exporter, for `/metrics`.
 #[derive(Debug, Default)]
@@ -167,7 +168,7 @@ pub(super) async fn export_loop(
             let result =
                 tokio::time::timeout(cfg.timeout, sender.transport.send(&sender.envelope, &spans))
                     .await
-                    .unwrap_or_else(|_| Err(format!("timed out after {:?}", cfg.timeout)));
+                    .unwrap_or_else(|_| Err(ExportError::Timeout(cfg.timeout)));
             count(result, n as u64, &stats, &mut failing);
         }
         if let Some(done) = done {
@@ -179,7 +180,12 @@ pub(super) async fn export_loop(
     }
 }
 
-pub(super) fn count(result: Result<(), String>, n: u64, stats: &ExportStats, failing: &mut bool) {
+pub(super) fn count(
+    result: Result<(), ExportError>,
+    n: u64,
+    stats: &ExportStats,
+    failing: &mut bool,
+) {
     match result {
         Ok(()) => {
             stats.exported.fetch_add(n, Ordering::Relaxed);

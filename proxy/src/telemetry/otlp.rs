@@ -314,13 +314,13 @@ impl Transport {
 
     /// Send one batch of encoded spans; the error says why it was not accepted (never a
     /// header value).
-    pub async fn send(&self, envelope: &Envelope, spans: &[u8]) -> Result<(), String> {
+    pub async fn send(&self, envelope: &Envelope, spans: &[u8]) -> Result<(), ExportError> {
         let (body, content_type) = match self.protocol {
             Protocol::HttpProtobuf => (envelope.request(spans, 0), "application/x-protobuf"),
             Protocol::Grpc => {
                 // Length-prefixed message: compressed flag 0, then the length, big-endian.
                 let mut body = envelope.request(spans, 5);
-                let len = u32::try_from(body.len() - 5).map_err(|_| "batch too large")?;
+                let len = u32::try_from(body.len() - 5).map_err(|_| ExportError::BatchTooLarge)?;
                 body[1..5].copy_from_slice(&len.to_be_bytes());
                 (body, "application/grpc")
             }
@@ -337,12 +337,12 @@ impl Transport {
         }
         let req = req
             .body(Full::new(Bytes::from(body)))
-            .map_err(|_| "invalid export request".to_owned())?;
+            .map_err(|_| ExportError::BadRequest)?;
         let resp = self
             .client
             .request(req)
             .await
-            .map_err(|e| format!("collector unreachable: {}", root_cause(&e)))?;
+            .map_err(|e| ExportError::Unreachable(root_cause(&e)))?;
         let status = resp.status();
         let head_grpc_status = grpc_status(resp.headers());
         // Only the status matters; a collector's answer is small (an empty message, or a
@@ -350,26 +350,43 @@ impl Transport {
         let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|_| "collector response cut off or too large".to_owned())?;
+            .map_err(|_| ExportError::CutOff)?;
         match self.protocol {
             Protocol::HttpProtobuf if status.is_success() => Ok(()),
-            Protocol::HttpProtobuf => Err(format!("collector answered HTTP {status}")),
-            Protocol::Grpc if status != StatusCode::OK => {
-                Err(format!("collector answered HTTP {status}"))
-            }
+            Protocol::HttpProtobuf => Err(ExportError::Http(status)),
+            Protocol::Grpc if status != StatusCode::OK => Err(ExportError::Http(status)),
             Protocol::Grpc => {
                 // The status is in the trailers, or in the headers of a trailers-only answer.
                 let code = body.trailers().and_then(grpc_status).or(head_grpc_status);
                 match code {
                     Some((0, _)) => Ok(()),
-                    Some((code, message)) => {
-                        Err(format!("collector answered gRPC status {code}: {message}"))
-                    }
-                    None => Err("collector answered without a gRPC status".into()),
+                    Some((code, message)) => Err(ExportError::Grpc { code, message }),
+                    None => Err(ExportError::NoGrpcStatus),
                 }
             }
         }
     }
+}
+
+/// Why the collector did not accept a batch (never a header value: they may hold API keys).
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("batch too large")]
+    BatchTooLarge,
+    #[error("invalid export request")]
+    BadRequest,
+    #[error("collector unreachable: {0}")]
+    Unreachable(String),
+    #[error("collector response cut off or too large")]
+    CutOff,
+    #[error("collector answered HTTP {0}")]
+    Http(StatusCode),
+    #[error("collector answered gRPC status {code}: {message}")]
+    Grpc { code: u32, message: String },
+    #[error("collector answered without a gRPC status")]
+    NoGrpcStatus,
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
 }
 
 /// `grpc-status` and `grpc-message` (percent-encoded text, shown as received but bounded).

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::certs::TlsError;
 use crate::config::UpstreamConfig;
+use crate::credentials::fetch::SourceError;
 
 pub struct Backend {
     /// What to call it in errors ("vault", "OAuth token endpoint").
@@ -54,8 +55,8 @@ impl Backend {
         url: &str,
         headers: &[(HeaderName, HeaderValue)],
         body: Option<Bytes>,
-    ) -> Result<(StatusCode, Bytes), String> {
-        let name = self.name;
+    ) -> Result<(StatusCode, Bytes), SourceError> {
+        let backend = self.name;
         let mut req = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             let mut v = v.clone();
@@ -64,25 +65,25 @@ impl Backend {
         }
         let req = req
             .body(Full::new(body.unwrap_or_default()))
-            .map_err(|_| format!("{name}: invalid request"))?;
+            .map_err(|_| SourceError::BadRequest { backend })?;
         let run = async {
             let resp = self
                 .client
                 .request(req)
                 .await
-                .map_err(|_| format!("{name} is unreachable"))?;
+                .map_err(|_| SourceError::Unreachable { backend })?;
             let status = resp.status();
             let body = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|_| format!("{name} response was cut off"))?
+                .map_err(|_| SourceError::CutOff { backend })?
                 .to_bytes();
             Ok((status, body))
         };
         let timeout = self.timeout;
         tokio::time::timeout(timeout, run)
             .await
-            .unwrap_or_else(|_| Err(format!("{name} did not answer within {timeout:?}")))
+            .unwrap_or_else(|_| Err(SourceError::Timeout { backend, timeout }))
     }
 }
