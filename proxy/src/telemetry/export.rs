@@ -168,7 +168,7 @@ pub(super) async fn export_loop(
             let result =
                 tokio::time::timeout(cfg.timeout, sender.transport.send(&sender.envelope, &spans))
                     .await
-                    .unwrap_or_else(|_| Err(ExportError::Timeout(cfg.timeout)));
+                    .unwrap_or(Err(ExportError::Timeout(cfg.timeout)));
             count(result, n as u64, &stats, &mut failing);
         }
         if let Some(done) = done {
