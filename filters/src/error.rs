@@ -22,6 +22,9 @@ pub enum ErrorCode {
     UpgradeNotSupported,
     /// The local connector refuses a client outside its `--allow-clients` networks.
     ClientNotAllowed,
+    /// A request body in an encoding the proxy must inspect but cannot read (a
+    /// `Content-Encoding`, JSON in UTF-16/32).
+    UnsupportedEncoding,
     /// A bug or resource failure inside the proxy; never caused by the peer.
     Internal,
 }
@@ -43,6 +46,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::CredentialUnavailable => 503,
             ErrorCode::UpgradeNotSupported => 501,
+            ErrorCode::UnsupportedEncoding => 415,
             ErrorCode::Internal => 500,
         }
     }
@@ -63,6 +67,7 @@ impl ErrorCode {
             ErrorCode::CredentialUnavailable => "credential_unavailable",
             ErrorCode::UpgradeNotSupported => "upgrade_not_supported",
             ErrorCode::ClientNotAllowed => "client_not_allowed",
+            ErrorCode::UnsupportedEncoding => "unsupported_encoding",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -152,6 +157,7 @@ mod tests {
             ),
             (ErrorCode::UpgradeNotSupported, 501, "upgrade_not_supported"),
             (ErrorCode::ClientNotAllowed, 403, "client_not_allowed"),
+            (ErrorCode::UnsupportedEncoding, 415, "unsupported_encoding"),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status(), status, "{name}");

@@ -394,6 +394,148 @@ async fn mcp_only_hosts_refuse_what_cannot_be_inspected() {
     assert!(s.server.received().is_empty(), "{:?}", s.server.received());
 }
 
+/// POST `body` through the proxy with exactly `headers` (curl's own content type removed).
+async fn post_as(s: &Setup, client: &ClientCert, headers: &[&str], body: &[u8]) -> CurlOut {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = s.pki.path(&format!("body-{n}.bin"));
+    std::fs::write(&file, body).unwrap();
+    let data = format!("@{}", file.display());
+    let mut args = vec![
+        "-X",
+        "POST",
+        "-H",
+        "content-type:",
+        "-H",
+        "accept: application/json, text/event-stream",
+    ];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    let url = s.server.url();
+    args.extend(["--data-binary", &data, &url]);
+    curl(&s.pki, s.proxy.addr, Some(client), &args).await
+}
+
+/// Fail closed where parsing stops: a denied tools/call is decided as MCP whatever its label
+/// says, and a body the proxy cannot read exactly as the server would is refused. On a host
+/// that is not declared MCP-only, which is where these used to pass as plain HTTP.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_call_is_decided_whatever_its_label_and_refused_where_unreadable() {
+    let s = setup(|c| c["limits"] = json!({"inspect_body_bytes": 2048})).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let call = |args: Value| {
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "delete_repo", "arguments": args}})
+        .to_string()
+    };
+
+    // The official SDK server takes a content-type list with application/json in it.
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    let mut direct = tokio::process::Command::new("curl");
+    direct
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-D",
+            "-",
+            "-o",
+            "-",
+            "-X",
+            "POST",
+        ])
+        .args(["-H", "content-type: application/json, text/plain"])
+        .args(["-H", "accept: application/json, text/event-stream"])
+        .arg("--cacert")
+        .arg(s.pki.path("upstream-ca.pem"))
+        .args(["--data-binary", &init.to_string(), &s.server.url()]);
+    clear_proxy_env(direct.as_std_mut());
+    let out = run_curl(direct).await;
+    assert_eq!(out.status, 200, "the SDK server takes the list: {out:?}");
+
+    let body = call(json!({"owner": "acme"}));
+    for (what, headers) in [
+        (
+            "a content-type list",
+            &["content-type: application/json, text/plain"][..],
+        ),
+        ("text/plain", &["content-type: text/plain"][..]),
+        ("no content type", &[][..]),
+        (
+            "a parameterised upper-case type",
+            &["content-type: Application/JSON; charset=utf-8"][..],
+        ),
+    ] {
+        let out = post_as(&s, &research, headers, body.as_bytes()).await;
+        assert_eq!(out.status, 200, "{what}: {out:?}");
+        assert_eq!(
+            out.header("x-portcullis-error").as_deref(),
+            Some("policy_denied"),
+            "{what}: {out:?}"
+        );
+        assert_eq!(
+            out.json()["error"]["data"]["reason"],
+            "no deletes, ever",
+            "{what}"
+        );
+    }
+
+    // Compressed: the bytes are not what the server parses.
+    let mut gz = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(gz.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
+    drop(gz.stdin.take());
+    let gzipped = gz.wait_with_output().unwrap().stdout;
+    let headers = ["content-type: application/json", "content-encoding: gzip"];
+    let out = post_as(&s, &research, &headers, &gzipped).await;
+    assert_eq!(out.status, 415, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("unsupported_encoding")
+    );
+
+    // JSON a server may read but this parser cannot: refused, never plain HTTP.
+    let nested = format!("{}1{}", "[".repeat(150), "]".repeat(150));
+    let deep = call(json!({"a": "NESTED"})).replace("\"NESTED\"", &nested);
+    let lone = call(json!({"a": "LONE"})).replace("LONE", "\\ud800");
+    for (what, bad) in [("nested 150 deep", &deep), ("a lone surrogate", &lone)] {
+        let out = post_as(&s, &research, &["content-type: text/plain"], bad.as_bytes()).await;
+        assert_eq!(out.status, 400, "{what}: {out:?}");
+        assert_eq!(
+            out.header("x-portcullis-error").as_deref(),
+            Some("bad_request"),
+            "{what}"
+        );
+    }
+
+    // Padded past limits.inspect_body_bytes: JSON-RPC shows in its head, so it is refused.
+    let padded = call(json!({"pad": "x".repeat(4096)}));
+    let out = post_as(
+        &s,
+        &research,
+        &["content-type: text/plain"],
+        padded.as_bytes(),
+    )
+    .await;
+    assert_eq!(out.status, 413, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("body_too_large")
+    );
+
+    let tools = s.server.received_tools();
+    assert!(!tools.contains(&"delete_repo".to_owned()), "{tools:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
     let mut s = setup(|c| c["mcp"] = json!({"tool_changes": "deny"})).await;

@@ -94,6 +94,15 @@ pub fn parse(
     protocol_header: Option<&str>,
 ) -> Result<McpRequest, NotJsonRpc> {
     let v: Value = serde_json::from_slice(body).map_err(|e| NotJsonRpc::NotJson(e.to_string()))?;
+    from_value(v, session_id, protocol_header)
+}
+
+/// A parsed JSON value as a JSON-RPC message or batch.
+fn from_value(
+    v: Value,
+    session_id: Option<&str>,
+    protocol_header: Option<&str>,
+) -> Result<McpRequest, NotJsonRpc> {
     let (messages, batch) = match v {
         Value::Array(items) if items.is_empty() => {
             return Err(NotJsonRpc::NotJsonRpc("empty batch"))
@@ -119,6 +128,190 @@ pub fn parse(
         session_id: session_id.map(str::to_owned),
         protocol_version,
     })
+}
+
+/// What a request body is to a JSON-RPC server. The proxy classifies by content, never by the
+/// `Content-Type` label: the official MCP SDK servers accept JSON-RPC under content-type lists
+/// and parameters, and the older HTTP+SSE transport under any content type at all.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyKind {
+    /// JSON-RPC messages: decided per message.
+    JsonRpc(McpRequest),
+    /// JSON that holds no JSON-RPC message, or no JSON object or array at all: plain HTTP.
+    Other,
+}
+
+/// A body the proxy cannot read exactly as a JSON-RPC server would. Never passed on as plain
+/// HTTP: "not understood" must not mean "less restricted".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    /// JSON in UTF-16 or UTF-32 (Python's `json.loads` accepts those; this parser does not).
+    #[error("the body looks like JSON in {0}, which the proxy cannot inspect: send UTF-8")]
+    Encoding(&'static str),
+    /// It starts like JSON but does not parse here (nesting over 128, a lone surrogate escape,
+    /// invalid UTF-8, trailing data...), while a server's parser might accept it.
+    #[error("the body starts like JSON but is not JSON the proxy can read ({0}): refused rather than passed uninspected")]
+    Malformed(String),
+    /// JSON with a `"jsonrpc"` member that is not a valid JSON-RPC 2.0 message or batch.
+    #[error("the body has a \"jsonrpc\" member but is not a valid JSON-RPC 2.0 message: {0}")]
+    NotJsonRpc(String),
+}
+
+/// JSON whitespace (RFC 8259; also what Python's `json` skips).
+fn is_json_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The body without a UTF-8 byte-order mark (servers drop it), or why it cannot be read: UTF-16
+/// or UTF-32, detected as Python's `json.detect_encoding` does (a BOM, or zero bytes among the
+/// first four, which UTF-8 JSON never has there).
+fn utf8_text(body: &[u8]) -> Result<&[u8], Unreadable> {
+    if let Some(rest) = body.strip_prefix(b"\xEF\xBB\xBF") {
+        return Ok(rest);
+    }
+    let head = &body[..body.len().min(4)];
+    if head.starts_with(b"\x00\x00\xFE\xFF") || head.starts_with(b"\xFF\xFE\x00\x00") {
+        return Err(Unreadable::Encoding("UTF-32"));
+    }
+    if head.starts_with(b"\xFE\xFF") || head.starts_with(b"\xFF\xFE") {
+        return Err(Unreadable::Encoding("UTF-16"));
+    }
+    if head.len() >= 2 && head.contains(&0) {
+        return Err(Unreadable::Encoding("UTF-16 or UTF-32"));
+    }
+    Ok(body)
+}
+
+/// Whether a text starts like a JSON object or array (a JSON-RPC message is one of those).
+fn starts_like_json(text: &[u8]) -> bool {
+    matches!(
+        text.iter().copied().find(|b| !is_json_ws(*b)),
+        Some(b'{' | b'[')
+    )
+}
+
+/// Classify a whole request body.
+pub fn classify(
+    body: &[u8],
+    session_id: Option<&str>,
+    protocol_header: Option<&str>,
+) -> Result<BodyKind, Unreadable> {
+    let text = utf8_text(body)?;
+    if !starts_like_json(text) {
+        return Ok(BodyKind::Other);
+    }
+    let v: Value =
+        serde_json::from_slice(text).map_err(|e| Unreadable::Malformed(e.to_string()))?;
+    let names_jsonrpc = |v: &Value| v.as_object().is_some_and(|o| o.contains_key("jsonrpc"));
+    let looks_like_jsonrpc = match &v {
+        Value::Array(items) => items.iter().any(names_jsonrpc),
+        other => names_jsonrpc(other),
+    };
+    match from_value(v, session_id, protocol_header) {
+        Ok(req) => Ok(BodyKind::JsonRpc(req)),
+        Err(e) if looks_like_jsonrpc => Err(Unreadable::NotJsonRpc(e.to_string())),
+        Err(_) => Ok(BodyKind::Other),
+    }
+}
+
+/// The start of a body too large to buffer: could the whole be JSON-RPC? True when it is in
+/// UTF-16/32, or starts like JSON and a `"jsonrpc"` member (escapes decoded) appears in the
+/// top-level object, or in an object directly inside a top-level array, within `head`.
+pub fn head_may_be_jsonrpc(head: &[u8]) -> bool {
+    let Ok(text) = utf8_text(head) else {
+        return true;
+    };
+    starts_like_json(text) && KeyScan::default().finds_jsonrpc(text)
+}
+
+/// A JSON tokenizer that only tracks containers, strings and the member names of the first
+/// two levels; it never fails (the text may be cut anywhere).
+#[derive(Default)]
+struct KeyScan {
+    /// `true` for an object, `false` for an array, per open container (bounded).
+    stack: Vec<bool>,
+    depth: usize,
+    in_string: bool,
+    escape: bool,
+    /// Raw bytes of the string being read, when it is a member name at a watched level.
+    key: Option<Vec<u8>>,
+    /// In an object, a member name is expected next (after `{` or `,`).
+    expect_key: bool,
+}
+
+impl KeyScan {
+    const MAX_KEY: usize = 64;
+
+    fn watched(&self) -> bool {
+        // A member of the top-level object, or of an object right inside a top-level array.
+        match self.depth {
+            1 => self.stack.first() == Some(&true),
+            2 => self.stack.first() == Some(&false) && self.stack.get(1) == Some(&true),
+            _ => false,
+        }
+    }
+
+    fn finds_jsonrpc(mut self, text: &[u8]) -> bool {
+        for &b in text {
+            if self.in_string {
+                if let Some(k) = self.key.as_mut() {
+                    if k.len() <= Self::MAX_KEY {
+                        k.push(b);
+                    }
+                }
+                if self.escape {
+                    self.escape = false;
+                } else if b == b'\\' {
+                    self.escape = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if let Some(mut k) = self.key.take() {
+                        k.pop(); // the closing quote
+                        if unescape_key(&k).as_deref() == Some("jsonrpc") {
+                            return true;
+                        }
+                    }
+                }
+                continue;
+            }
+            match b {
+                b'"' => {
+                    self.in_string = true;
+                    self.key = (self.expect_key && self.watched()).then(Vec::new);
+                    self.expect_key = false;
+                }
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.stack.len() < 2 {
+                        self.stack.push(b == b'{');
+                    }
+                    self.expect_key = b == b'{';
+                }
+                b'}' | b']' => {
+                    if self.depth <= self.stack.len() {
+                        self.stack.pop();
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                    self.expect_key = false;
+                }
+                b',' => {
+                    self.expect_key = self.depth <= self.stack.len()
+                        && self.stack.get(self.depth.wrapping_sub(1)) == Some(&true);
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+}
+
+/// A short member name with its JSON escapes decoded; `None` when it cannot be (or is long).
+fn unescape_key(raw: &[u8]) -> Option<String> {
+    if raw.len() > KeyScan::MAX_KEY {
+        return None;
+    }
+    let quoted = [b"\"".as_slice(), raw, b"\""].concat();
+    serde_json::from_slice::<String>(&quoted).ok()
 }
 
 /// `input.mcp` for one message (DESIGN "Policy input"). `listing: true` marks the synthetic
@@ -234,6 +427,90 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn bodies_are_classified_by_content_never_passed_on_unread() {
+        let rpc = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#;
+        assert!(matches!(
+            classify(rpc, None, None),
+            Ok(BodyKind::JsonRpc(_))
+        ));
+        // Whitespace and a UTF-8 BOM in front, as servers accept them.
+        let padded = [b"\xEF\xBB\xBF \r\n\t".as_slice(), rpc].concat();
+        assert!(matches!(
+            classify(&padded, None, None),
+            Ok(BodyKind::JsonRpc(_))
+        ));
+        for other in [
+            &b"hello"[..],
+            b"",
+            b"  ",
+            br#"{"a":1}"#,
+            br#"[1,2]"#,
+            b"\"str\"",
+            b"[]",
+        ] {
+            assert_eq!(
+                classify(other, None, None),
+                Ok(BodyKind::Other),
+                "{other:?}"
+            );
+        }
+        let deep = format!("{}{}", "[".repeat(150), "]".repeat(150));
+        let lone = br#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"a":"\ud800"}}"#;
+        for bad in [
+            deep.as_bytes(),
+            lone,
+            br#"{"a":1} trailing"#,
+            b"{\"a\":\"\xff\"}",
+            b"[oops",
+        ] {
+            assert!(
+                matches!(classify(bad, None, None), Err(Unreadable::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let utf16: Vec<u8> = "{\"jsonrpc\":\"2.0\"}"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        assert!(matches!(
+            classify(&utf16, None, None),
+            Err(Unreadable::Encoding(_))
+        ));
+        // A "jsonrpc" member makes it JSON-RPC or a refusal, never plain HTTP.
+        for almost in [
+            &br#"{"jsonrpc":"1.0","method":"x"}"#[..],
+            br#"{"json\u0072pc":"2.0","id":{},"method":"x"}"#,
+            br#"[{"jsonrpc":"2.0","method":"ok"},{"jsonrpc":"2.0"}]"#,
+        ] {
+            assert!(
+                matches!(classify(almost, None, None), Err(Unreadable::NotJsonRpc(_))),
+                "{}",
+                String::from_utf8_lossy(almost)
+            );
+        }
+    }
+
+    #[test]
+    fn the_head_of_a_large_body_shows_a_jsonrpc_member_at_the_top_levels_only() {
+        for yes in [
+            &br#"{"params":{"big":"...."},"jsonrpc":"2.0""#[..],
+            br#"  {"json\u0072pc""#,
+            br#"[{"id":1},{"method":"x","jsonrpc""#,
+        ] {
+            assert!(head_may_be_jsonrpc(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &br#"{"data":{"jsonrpc":"2.0"},"x":"jsonrpc","#[..],
+            br#"{"s":"\"jsonrpc\"","#,
+            br#"[[{"jsonrpc":"2.0"}]"#,
+            b"plain text jsonrpc",
+        ] {
+            assert!(!head_may_be_jsonrpc(no), "{}", String::from_utf8_lossy(no));
         }
     }
 

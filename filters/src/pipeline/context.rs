@@ -187,8 +187,9 @@ pub enum RequestBody {
     /// Read completely (within `limits.inspect_body_bytes`). A filter may replace the bytes;
     /// what is here is what goes upstream.
     Buffered(bytes::Bytes),
-    /// Larger than the inspection limit: it streams through uninspected.
-    TooLarge,
+    /// Larger than the inspection limit: it streams through, and filters see only its first
+    /// bytes (at least the limit).
+    TooLarge(bytes::Bytes),
 }
 
 impl fmt::Debug for RequestBody {
@@ -197,7 +198,7 @@ impl fmt::Debug for RequestBody {
             RequestBody::NotBuffered => f.write_str("NotBuffered"),
             RequestBody::Empty => f.write_str("Empty"),
             RequestBody::Buffered(b) => write!(f, "Buffered({} bytes)", b.len()),
-            RequestBody::TooLarge => f.write_str("TooLarge"),
+            RequestBody::TooLarge(head) => write!(f, "TooLarge(head {} bytes)", head.len()),
         }
     }
 }

@@ -1,22 +1,22 @@
-//! The MCP inspection stage: buffers JSON POST bodies, recognises JSON-RPC
-//! ([`crate::parse::jsonrpc`]) and marks the action as `kind: mcp`, so the policy stage decides
-//! per message. Also the response-body transform that edits the JSON-RPC messages of a
-//! response (`tools/list` filtering and pinning use it).
+//! The MCP inspection stage. Every request body is classified by its content
+//! ([`crate::parse::jsonrpc::classify`]), never by its `Content-Type`: JSON-RPC marks the action
+//! `kind: mcp` so the policy stage decides per message; a body the proxy cannot read exactly as
+//! a server would (an encoding, JSON that does not parse here, a large body that shows
+//! JSON-RPC) is refused, never passed on as plain HTTP. Also the response-body transform that
+//! edits the JSON-RPC messages of a response (`tools/list` filtering and pinning use it).
 
 use bytes::Bytes;
 use serde_json::Value;
 
 use crate::error::{ErrorCode, Rejection};
-use crate::parse::jsonrpc::parse;
+use crate::parse::jsonrpc::{classify, head_may_be_jsonrpc, BodyKind, Unreadable};
 use crate::parse::mcp_body::ResponseRewriter;
 use crate::pipeline::{
     Action, ActionKind, BodyTransform, Context, Filter, RequestBody, TransformError,
 };
 
-/// The inspection stage: buffers JSON POST bodies, recognises JSON-RPC, and marks the action
-/// as `kind: mcp` so the policy stage decides per message. Hosts in `mcp.servers` are
-/// MCP-only: a POST there that is not JSON-RPC (400) or too large to inspect (413) is refused,
-/// so no tool call can slip past inspection by padding or mislabelling its body.
+/// The inspection stage. Hosts in `mcp.servers` are MCP-only: a POST there that is not
+/// JSON-RPC is refused too (400), as is one too large to inspect (413).
 #[derive(Debug, Default)]
 pub struct McpFilter {
     /// `mcp.servers`: exact host names or `*.suffix` patterns.
@@ -29,13 +29,22 @@ impl McpFilter {
     }
 }
 
-fn is_json(req: &http::request::Parts) -> bool {
-    req.headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|m| m.trim().to_ascii_lowercase())
-        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
+/// A request `Content-Encoding` other than `identity`: the body's bytes are not what a server
+/// parses, so they cannot be inspected.
+fn content_encoding(req: &http::request::Parts) -> Option<String> {
+    let codings: Vec<String> = req
+        .headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("(not text)").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
+fn refuse(code: ErrorCode, reason: impl Into<String>) -> Action {
+    Action::Respond(Rejection::new(code, reason))
 }
 
 #[async_trait::async_trait]
@@ -44,42 +53,69 @@ impl Filter for McpFilter {
         "mcp_inspect"
     }
 
-    fn wants_body(&self, ctx: &Context, req: &http::request::Parts) -> bool {
+    /// Every body: JSON-RPC is recognised by content, whatever the request says it is.
+    fn wants_body(&self, ctx: &Context, _req: &http::request::Parts) -> bool {
         ctx.kind != ActionKind::Connect
-            && req.method == http::Method::POST
-            && (is_json(req) || self.mcp_only(&ctx.destination.host))
     }
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        if !self.wants_body(ctx, req) {
+        if ctx.kind == ActionKind::Connect {
             return Action::Continue;
         }
-        let mcp_only = self.mcp_only(&ctx.destination.host);
-        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-        let parsed = match &ctx.body {
-            RequestBody::Buffered(b) => parse(b, header("mcp-session-id"), header("mcp-protocol-version")),
-            RequestBody::TooLarge if mcp_only => {
-                return Action::Respond(Rejection::new(
-                    ErrorCode::BodyTooLarge,
-                    "request body is larger than limits.inspect_body_bytes; MCP requests to this host must be inspected",
-                ))
+        let mcp_only = self.mcp_only(&ctx.destination.host) && req.method == http::Method::POST;
+        let body = match &ctx.body {
+            RequestBody::Buffered(b) => b,
+            RequestBody::TooLarge(head) => {
+                if let Some(coding) = content_encoding(req) {
+                    return refuse(ErrorCode::UnsupportedEncoding, encoded(&coding));
+                }
+                if mcp_only || head_may_be_jsonrpc(head) {
+                    return refuse(
+                        ErrorCode::BodyTooLarge,
+                        "the request body is larger than limits.inspect_body_bytes and may be JSON-RPC, which must be inspected",
+                    );
+                }
+                return Action::Continue;
             }
-            _ => return Action::Continue,
+            RequestBody::Empty | RequestBody::NotBuffered if mcp_only => {
+                return refuse(
+                    ErrorCode::BadRequest,
+                    "an empty POST is not JSON-RPC; this host is an MCP server (mcp.servers)",
+                )
+            }
+            RequestBody::Empty | RequestBody::NotBuffered => return Action::Continue,
         };
-        match parsed {
-            Ok(mcp) => {
+        if let Some(coding) = content_encoding(req) {
+            return refuse(ErrorCode::UnsupportedEncoding, encoded(&coding));
+        }
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        match classify(
+            body,
+            header("mcp-session-id"),
+            header("mcp-protocol-version"),
+        ) {
+            Ok(BodyKind::JsonRpc(mcp)) => {
                 ctx.kind = ActionKind::Mcp;
                 ctx.mcp.request = Some(mcp);
                 Action::Continue
             }
-            Err(e) if mcp_only => Action::Respond(Rejection::new(
+            Ok(BodyKind::Other) if mcp_only => refuse(
                 ErrorCode::BadRequest,
-                format!("{e}; this host is an MCP server (mcp.servers)"),
-            )),
-            // JSON that is not JSON-RPC is plain HTTP.
-            Err(_) => Action::Continue,
+                "the body is not JSON-RPC; this host is an MCP server (mcp.servers)",
+            ),
+            Ok(BodyKind::Other) => Action::Continue,
+            Err(e @ Unreadable::Encoding(_)) => {
+                refuse(ErrorCode::UnsupportedEncoding, e.to_string())
+            }
+            Err(e) => refuse(ErrorCode::BadRequest, e.to_string()),
         }
     }
+}
+
+fn encoded(coding: &str) -> String {
+    format!(
+        "request bodies with Content-Encoding {coding} cannot be inspected: send them uncompressed"
+    )
 }
 
 /// A response-body transform that passes every JSON-RPC message of a response (a JSON body

@@ -28,33 +28,22 @@ pub(crate) async fn forward(
     body: Incoming,
 ) -> Response<Body> {
     // Buffer the body only when a filter needs to see it (JSON-RPC, body placeholders).
-    let body = if shared.chain.wants_body(&ctx, &parts) {
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
+    let body = if http_body::Body::is_end_stream(&body) {
+        ctx.body = RequestBody::Empty;
+        None
+    } else if shared.chain.wants_body(&ctx, &parts) {
         let limits = &shared.limits;
-        match read_limited(
-            body,
-            declared,
-            limits.inspect_body_bytes,
-            limits.body_read_timeout,
-        )
-        .await
-        {
+        match read_limited(body, limits.inspect_body_bytes, limits.body_read_timeout).await {
             Ok(Read::Complete(b)) => {
                 ctx.body = RequestBody::Buffered(b);
                 None
             }
-            Ok(Read::TooLarge(rest)) => {
-                ctx.body = RequestBody::TooLarge;
-                Some(rest)
+            Ok(Read::TooLarge { head, body }) => {
+                ctx.body = RequestBody::TooLarge(head);
+                Some(body)
             }
             Err(rej) => return refuse(shared, ctx, rej),
         }
-    } else if http_body::Body::is_end_stream(&body) {
-        ctx.body = RequestBody::Empty;
-        None
     } else {
         Some(crate::http::request_body::stream(body))
     };

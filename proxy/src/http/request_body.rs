@@ -18,20 +18,21 @@ use crate::upstream::{Body, BoxError};
 /// The outcome of [`read_limited`].
 pub enum Read {
     Complete(Bytes),
-    /// Over the limit: the prefix read so far, and the untouched rest.
-    TooLarge(Body),
+    /// Over the limit: the first bytes (for classification), and the whole body to send on
+    /// (the prefix read so far, then the untouched rest).
+    TooLarge {
+        head: Bytes,
+        body: Body,
+    },
 }
 
-/// Read `body` if it fits in `limit` bytes, within `timeout`.
+/// Read `body` if it fits in `limit` bytes, within `timeout`. A larger one (declared or not)
+/// is read up to the limit too, so its head can be classified.
 pub async fn read_limited(
     mut body: Incoming,
-    declared_len: Option<u64>,
     limit: usize,
     timeout: Duration,
 ) -> Result<Read, Rejection> {
-    if declared_len.is_some_and(|n| n > limit as u64) {
-        return Ok(Read::TooLarge(stream(body)));
-    }
     let read = async {
         let mut chunks: VecDeque<Bytes> = VecDeque::new();
         let mut total = 0usize;
@@ -47,13 +48,16 @@ pub async fn read_limited(
                 total += data.len();
                 chunks.push_back(data);
                 if total > limit {
-                    return Ok(Read::TooLarge(
-                        Prefixed {
+                    let mut head = bytes::BytesMut::with_capacity(total);
+                    chunks.iter().for_each(|c| head.extend_from_slice(c));
+                    return Ok(Read::TooLarge {
+                        head: head.freeze(),
+                        body: Prefixed {
                             prefix: chunks,
                             rest: body,
                         }
                         .boxed(),
-                    ));
+                    });
                 }
             }
         }
