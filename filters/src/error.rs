@@ -22,6 +22,8 @@ pub enum ErrorCode {
     UpgradeNotSupported,
     /// The local connector refuses a client outside its `--allow-clients` networks.
     ClientNotAllowed,
+    /// A method the proxy cannot forward where it was sent (`CONNECT` inside a tunnel).
+    MethodNotAllowed,
     /// A request body in an encoding the proxy must inspect but cannot read (a
     /// `Content-Encoding`, JSON in UTF-16/32).
     UnsupportedEncoding,
@@ -47,6 +49,7 @@ impl ErrorCode {
             ErrorCode::CredentialUnavailable => 503,
             ErrorCode::UpgradeNotSupported => 501,
             ErrorCode::UnsupportedEncoding => 415,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Internal => 500,
         }
     }
@@ -68,6 +71,7 @@ impl ErrorCode {
             ErrorCode::UpgradeNotSupported => "upgrade_not_supported",
             ErrorCode::ClientNotAllowed => "client_not_allowed",
             ErrorCode::UnsupportedEncoding => "unsupported_encoding",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -158,6 +162,7 @@ mod tests {
             (ErrorCode::UpgradeNotSupported, 501, "upgrade_not_supported"),
             (ErrorCode::ClientNotAllowed, 403, "client_not_allowed"),
             (ErrorCode::UnsupportedEncoding, 415, "unsupported_encoding"),
+            (ErrorCode::MethodNotAllowed, 405, "method_not_allowed"),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status(), status, "{name}");

@@ -118,6 +118,44 @@ pub async fn raw_request(
     read_response(&mut s).await
 }
 
+/// Send raw bytes inside an intercepted tunnel to `target` (`host:port`): CONNECT, then TLS
+/// to the proxy's MITM leaf (trusting the test MITM CA), then `request` as written.
+pub async fn raw_in_tunnel(
+    pki: &Pki,
+    proxy: SocketAddr,
+    client: &ClientCert,
+    target: &str,
+    request: &str,
+) -> RawResponse {
+    let mut outer = raw_tls(pki, proxy, client).await;
+    let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    outer.write_all(connect.as_bytes()).await.unwrap();
+    let established = read_response(&mut outer).await;
+    assert_eq!(established.status, 200, "{established:?}");
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.path("mitm-ca.pem")).unwrap();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let host = target
+        .rsplit_once(':')
+        .map_or(target, |(h, _)| h)
+        .to_owned();
+    let name = rustls_pki_types::ServerName::try_from(host).unwrap();
+    let mut inner = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, outer)
+        .await
+        .unwrap();
+    inner.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut inner).await
+}
+
 #[derive(Debug)]
 pub struct RawResponse {
     pub status: u16,

@@ -297,6 +297,28 @@ async fn host_header_must_match_the_connect_target() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_second_host_header_or_an_inner_connect_is_refused_inside_a_tunnel() {
+    let s = setup(|_| {}).await;
+    // curl sends one Host only: two go by hand, inside a real intercepted tunnel.
+    let target = format!("localhost:{}", s.up.port());
+    let twice = format!("GET / HTTP/1.1\r\nHost: {target}\r\nHost: {target}\r\n\r\n");
+    let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &twice).await;
+    assert_eq!(out.status, 400, "{out:?}");
+    assert!(out.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("more than one Host"));
+    let inner = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &inner).await;
+    assert_eq!(out.status, 405, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("method_not_allowed")
+    );
+    assert!(s.up.seen().is_empty(), "{:?}", s.up.seen().len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrade_inside_mitm_gets_501() {
     let s = setup(|_| {}).await;
     let url = s.url("/ws");

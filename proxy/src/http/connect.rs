@@ -173,6 +173,14 @@ async fn handle_inner(
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let ctx = Context::new(conn.peer.clone(), Via::Mitm, (*dest).clone(), &parts);
+    // A tunnel inside the tunnel would carry bytes no phase sees: never handed upstream.
+    if parts.method == http::Method::CONNECT {
+        let rej = Rejection::new(
+            ErrorCode::MethodNotAllowed,
+            "CONNECT inside an intercepted tunnel is not forwarded",
+        );
+        return refuse(&shared, ctx, rej);
+    }
     if let Err(reason) = check_inner_authority(&parts, &dest) {
         return refuse(&shared, ctx, Rejection::new(ErrorCode::BadRequest, reason));
     }
@@ -196,6 +204,10 @@ async fn handle_inner(
 
 fn check_inner_authority(parts: &http::request::Parts, dest: &Destination) -> Result<(), String> {
     let from_uri = parts.uri.authority().map(|a| a.as_str());
+    // Two Host fields would reach the upstream, which may read the other one.
+    if parts.headers.get_all(HOST).iter().nth(1).is_some() {
+        return Err("request has more than one Host header".into());
+    }
     let from_host = match parts.headers.get(HOST).map(|h| h.to_str()) {
         Some(Ok(h)) => Some(h),
         Some(Err(_)) => return Err("Host header is not valid text".into()),
@@ -256,6 +268,11 @@ mod tests {
         ] {
             assert_eq!(check_inner_authority(&ok, &target()), Ok(()), "{ok:?}");
         }
+        let mut twice = parts("/x", Some(b"api.example.com"));
+        twice
+            .headers
+            .append(HOST, http::HeaderValue::from_static("api.example.com"));
+        assert!(check_inner_authority(&twice, &target()).is_err());
         for bad in [
             parts("/x", None),
             parts("/x", Some(b"other.example.com")),
