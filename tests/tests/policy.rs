@@ -146,6 +146,46 @@ async fn deny_contract_with_policy_status_and_headers() {
     assert_eq!(body["trace_id"].as_str().unwrap().len(), 32);
 }
 
+/// An MCP request is an HTTP request too: a body that reads as JSON-RPC is decided as
+/// `kind: http` first, so a rule for HTTP requests (no POSTs) cannot be bypassed by adding
+/// `"jsonrpc"` to the body, even under a policy that allows every MCP message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jsonrpc_body_does_not_escape_the_http_rules() {
+    let policy = format!(
+        "{POLICY}\ndecision := {{\"allow\": true, \"reason\": \"any message\"}} if input.kind == \"mcp\"\n"
+    );
+    let s = setup(&policy, |_| {}).await;
+    let url = s.url("/repos/o/r/issues");
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"title":"t"}}"#;
+    let out = s
+        .curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+            &url,
+        ])
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("policy_denied")
+    );
+    let answer = out.json();
+    assert_eq!(answer["id"], 1);
+    assert_eq!(answer["error"]["data"]["reason"], "writes need review");
+    assert!(s.up.seen().is_empty(), "the POST reached the upstream");
+    let line = s
+        .proxy
+        .decisions
+        .wait_for("the http decision", |l| l.contains("writes need review"));
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["kind"], "http");
+    assert_eq!(line["decision"], "deny");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn identities_get_different_outcomes() {
     let s = setup(POLICY, |_| {}).await;

@@ -288,10 +288,16 @@ impl Context {
 
     /// Whether the response carries `tools/list` results to filter.
     pub fn lists_tools(&self) -> bool {
-        self.mcp.request.as_ref().is_some_and(|m| {
-            m.messages
-                .iter()
-                .any(|m| m.method.as_deref() == Some("tools/list"))
-        })
+        self.mcp
+            .request
+            .as_ref()
+            .is_some_and(|m| self.lists_tools_in(m))
+    }
+
+    /// Whether `mcp` (this action's messages) has a `tools/list` request.
+    pub fn lists_tools_in(&self, mcp: &McpRequest) -> bool {
+        mcp.messages
+            .iter()
+            .any(|m| m.method.as_deref() == Some("tools/list"))
     }
 }

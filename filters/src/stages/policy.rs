@@ -8,9 +8,10 @@ use portcullis_policy::{
     redact_headers, Decision, Destination as PDestination, Identity, Input, Kind, Policy,
     RequestInfo, Source, TimeInfo,
 };
+use serde_json::Value;
 
 use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
-use crate::parse::jsonrpc as mcp;
+use crate::parse::jsonrpc::{self as mcp, McpRequest};
 use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
     Action, ActionKind, BodyTransform, Chain, Context, DecisionRecord, Filter, McpSummary,
@@ -122,75 +123,87 @@ fn rejection(d: &Decision) -> Rejection {
 }
 
 impl PolicyFilter {
+    /// Evaluate one input and record the decision (`mcp`: the message it was about).
+    fn decide(&self, ctx: &mut Context, input: &Input, mcp: Option<McpSummary>) -> Decision {
+        let start = ctx.step_start();
+        let decision = self.policy.evaluate(input);
+        let index = ctx.decisions.len();
+        ctx.step_end(start, || StepKind::Policy { decision: index });
+        ctx.decisions.push(DecisionRecord {
+            decision: decision.clone(),
+            mcp,
+        });
+        decision
+    }
+
     /// One decision per JSON-RPC request or notification (`kind: mcp`). If any is denied,
     /// nothing is forwarded: every request id is answered with a JSON-RPC error (the denied
     /// ones with their reason), and denied notifications are dropped.
-    fn decide_mcp(&self, ctx: &mut Context, base: Input) -> Action {
-        let Some(mcp) = ctx.mcp.request.take() else {
-            return Action::Continue;
-        };
+    fn decide_mcp(&self, ctx: &mut Context, mcp: &McpRequest, base: Input) -> Action {
         let mut first_deny: Option<Decision> = None;
-        let mut denied_ids = Vec::new();
+        let mut reasons: Vec<(Value, String)> = Vec::new();
         for m in &mcp.messages {
             // Responses the client sends to server-initiated requests are decided too (with
             // `input.mcp.response: true`): otherwise a body of only responses would carry data
             // upstream with no decision at all.
-            let method = m.method.clone().unwrap_or_else(|| "response".to_owned());
             let mut input = base.clone();
             input.kind = Kind::Mcp;
-            input.mcp = Some(mcp::policy_input(&mcp, m));
-            let start = ctx.step_start();
-            let d = self.policy.evaluate(&input.bounded());
-            let decision = ctx.decisions.len();
-            ctx.step_end(start, || StepKind::Policy { decision });
+            input.mcp = Some(mcp::policy_input(mcp, m));
+            let summary = McpSummary {
+                method: m.method.clone().unwrap_or_else(|| "response".to_owned()),
+                id: m.id.clone(),
+                tool: m.tool().map(str::to_owned),
+                tool_changed: m
+                    .tool()
+                    .is_some_and(|t| ctx.mcp.changed_tools.iter().any(|c| c == t)),
+            };
+            let d = self.decide(ctx, &input.bounded(), Some(summary));
             if !d.allow {
-                denied_ids.push(m.id.clone());
-                first_deny.get_or_insert_with(|| d.clone());
+                if let Some(id) = &m.id {
+                    reasons.push((id.clone(), d.reason.clone()));
+                }
+                first_deny.get_or_insert(d);
             }
-            ctx.decisions.push(DecisionRecord {
-                mcp: Some(McpSummary {
-                    method,
-                    id: m.id.clone(),
-                    tool: m.tool().map(str::to_owned),
-                    tool_changed: m
-                        .tool()
-                        .is_some_and(|t| ctx.mcp.changed_tools.iter().any(|c| c == t)),
-                }),
-                decision: d,
-            });
         }
-        let trace = ctx.trace.id.to_string();
-        let answer = first_deny.map(|deny| {
-            let responses = mcp
-                .messages
-                .iter()
-                .filter(|m| m.method.is_some())
-                .filter_map(|m| {
-                    let id = m.id.as_ref()?;
-                    let reason = if denied_ids.contains(&m.id) {
-                        ctx.decisions
-                            .iter()
-                            .find(|r| r.mcp.as_ref().is_some_and(|s| s.id.as_ref() == Some(id)))
-                            .map_or(deny.reason.as_str(), |r| r.decision.reason.as_str())
-                    } else {
-                        "not forwarded: another message in this batch was denied"
-                    };
-                    Some(mcp::error_response(id, reason, &trace))
-                })
-                .collect();
-            let mut rej = rejection(&deny);
-            rej.jsonrpc = Some(JsonRpcAnswer {
-                responses,
-                batch: mcp.batch,
-            });
-            rej
-        });
-        ctx.mcp.request = Some(mcp);
-        match answer {
-            Some(rej) => Action::Respond(rej),
+        match first_deny {
+            Some(deny) => {
+                let reason_of = |id: &Value| {
+                    reasons.iter().find(|(i, _)| i == id).map_or(
+                        "not forwarded: another message in this batch was denied",
+                        |(_, r)| r.as_str(),
+                    )
+                };
+                Action::Respond(jsonrpc_refusal(ctx, mcp, &deny, reason_of))
+            }
             None => Action::Continue,
         }
     }
+}
+
+/// The refusal of a JSON-RPC request: every request id answered with a JSON-RPC error (with
+/// `reason_of(id)`), notifications dropped; sent as HTTP 200 (202 when nothing is answered).
+fn jsonrpc_refusal<'a>(
+    ctx: &Context,
+    mcp: &McpRequest,
+    deny: &Decision,
+    reason_of: impl Fn(&Value) -> &'a str,
+) -> Rejection {
+    let trace = ctx.trace.id.to_string();
+    let responses = mcp
+        .messages
+        .iter()
+        .filter(|m| m.method.is_some())
+        .filter_map(|m| {
+            let id = m.id.as_ref()?;
+            Some(mcp::error_response(id, reason_of(id), &trace))
+        })
+        .collect();
+    let mut rej = rejection(deny);
+    rej.jsonrpc = Some(JsonRpcAnswer {
+        responses,
+        batch: mcp.batch,
+    });
+    rej
 }
 
 #[async_trait::async_trait]
@@ -201,25 +214,28 @@ impl Filter for PolicyFilter {
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let input = build_input(ctx, req, &self.sensitive_headers);
-        if ctx.mcp.request.is_some() {
-            if ctx.lists_tools() {
+        let Some(mcp) = ctx.mcp.request.take() else {
+            let decision = self.decide(ctx, &input, None);
+            return match decision.allow {
+                true => Action::Continue,
+                false => Action::Respond(rejection(&decision)),
+            };
+        };
+        // An MCP request is an HTTP request too, decided as one first (`kind: http`: method,
+        // path, headers, destination), so no rule written for HTTP requests can be bypassed
+        // by the shape of the body; then each of its messages (`kind: mcp`).
+        let mut as_http = input.clone();
+        as_http.kind = Kind::Http;
+        let http = self.decide(ctx, &as_http, None);
+        let action = if http.allow {
+            if ctx.lists_tools_in(&mcp) {
                 ctx.mcp.listing_input = Some(input.clone());
             }
-            return self.decide_mcp(ctx, input);
-        }
-        let start = ctx.step_start();
-        let decision = self.policy.evaluate(&input);
-        let index = ctx.decisions.len();
-        ctx.step_end(start, || StepKind::Policy { decision: index });
-        let action = if decision.allow {
-            Action::Continue
+            self.decide_mcp(ctx, &mcp, input)
         } else {
-            Action::Respond(rejection(&decision))
+            Action::Respond(jsonrpc_refusal(ctx, &mcp, &http, |_| http.reason.as_str()))
         };
-        ctx.decisions.push(DecisionRecord {
-            decision,
-            mcp: None,
-        });
+        ctx.mcp.request = Some(mcp);
         action
     }
 

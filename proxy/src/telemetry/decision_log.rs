@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use portcullis_filters::pipeline::span_hex;
-use portcullis_filters::{Context, Filter, Outcome};
+use portcullis_filters::{ActionKind, Context, Filter, Outcome};
 use serde::Serialize;
 
 /// How often the writer thread flushes what requests have queued.
@@ -158,10 +158,11 @@ impl Filter for DecisionLog {
                 trace_id,
                 span_id: &span_id,
                 spiffe_id: ctx.peer.spiffe_id.as_str(),
-                kind: if rec.mcp.is_some() {
-                    "mcp"
-                } else {
-                    ctx.kind.as_str()
+                // An MCP request's own decision (without a message) is its `kind: http` one.
+                kind: match (&rec.mcp, ctx.kind) {
+                    (Some(_), _) => "mcp",
+                    (None, ActionKind::Mcp) => "http",
+                    (None, kind) => kind.as_str(),
                 },
                 destination: &destination,
                 method: ctx.method.as_str(),

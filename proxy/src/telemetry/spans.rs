@@ -91,11 +91,17 @@ pub(super) fn mcp(ctx: &Context) -> Option<&McpSummary> {
     ctx.decisions.iter().find_map(|r| r.mcp.as_ref())
 }
 
-/// The action's verdict: the first denial if any, else the first decision.
+/// The action's verdict: the first denial if any, else the first decision about a JSON-RPC
+/// message (an MCP request's HTTP decision comes first but says less), else the first.
 pub(super) fn verdict(ctx: &Context) -> Option<(&'static str, &DecisionRecord)> {
     match ctx.decisions.iter().find(|r| !r.decision.allow) {
         Some(d) => Some(("deny", d)),
-        None => ctx.decisions.first().map(|d| ("allow", d)),
+        None => ctx
+            .decisions
+            .iter()
+            .find(|r| r.mcp.is_some())
+            .or(ctx.decisions.first())
+            .map(|d| ("allow", d)),
     }
 }
 
