@@ -318,6 +318,24 @@ async fn a_second_host_header_or_an_inner_connect_is_refused_inside_a_tunnel() {
     assert!(s.up.seen().is_empty(), "{:?}", s.up.seen().len());
 }
 
+/// A malformed chunked body is the client's fault: 400 with the error contract, not a 502
+/// blamed on the upstream, and nothing forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_chunked_body_is_a_400() {
+    let s = setup(|_| {}).await;
+    let target = format!("localhost:{}", s.up.port());
+    let bad = format!(
+        "POST /x HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    );
+    let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &bad).await;
+    assert_eq!(out.status, 400, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("bad_request")
+    );
+    assert!(s.up.seen().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrade_inside_mitm_gets_501() {
     let s = setup(|_| {}).await;
