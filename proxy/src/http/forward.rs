@@ -27,7 +27,8 @@ pub(crate) async fn forward(
     mut parts: http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
-    // Buffer the body only when a filter needs to see it (JSON-RPC, body placeholders).
+    // A body is buffered (bounded) when a filter must see it: the MCP stage classifies every
+    // non-empty one, so nothing reaches the upstream unread.
     let body = if http_body::Body::is_end_stream(&body) {
         ctx.body = RequestBody::Empty;
         None
