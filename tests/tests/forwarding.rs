@@ -318,6 +318,75 @@ async fn a_second_host_header_or_an_inner_connect_is_refused_inside_a_tunnel() {
     assert!(s.up.seen().is_empty(), "{:?}", s.up.seen().len());
 }
 
+/// Plain HTTP inside a CONNECT tunnel (curl `-p`, Node's undici `ProxyAgent` for `http://`
+/// URLs) is served through the same pipeline, per request, and sent upstream over plain TCP;
+/// bytes that are neither TLS nor HTTP get a 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_inside_a_tunnel_goes_through_the_pipeline() {
+    let policy = "package portcullis\n\nimport rego.v1\n\ndefault decision := true\n\n\
+        decision := {\"allow\": false, \"reason\": \"no secrets\"} if input.request.path == \"/secret\"\n";
+    let s = Harness::builder().policy(policy).start().await;
+    let plain = Upstream::start("127.0.0.1", None).await;
+    let url = |p: &str| format!("http://localhost:{}{p}", plain.port());
+    let out = s.curl(&["-p", &url("/v1/things?q=1")]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.json()["path"], "/v1/things");
+    let out = s.curl(&["-p", &url("/secret")]).await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("policy_denied")
+    );
+    let seen: Vec<String> = plain.seen().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(seen, ["/v1/things"]);
+    // Node's undici ProxyAgent: a real fetch of an http:// URL, tunnelled with CONNECT.
+    let node = |url: String| {
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/fetch_via_proxy.mjs"))
+            .arg(format!("https://localhost:{}", s.proxy.addr.port()))
+            .arg(url)
+            .arg(s.pki.path("acme-ca.pem"))
+            .arg(&s.agent.cert)
+            .arg(&s.agent.key);
+        clear_proxy_env(&mut cmd);
+        let out = cmd.output().unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<serde_json::Value>(line.trim()).unwrap_or_else(|e| {
+            panic!(
+                "node said {line:?} ({e}); stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let fetched = node(url("/from-node"));
+    assert_eq!(fetched["status"], 200, "{fetched}");
+    let fetched = node(url("/secret"));
+    assert_eq!(fetched["status"], 403, "{fetched}");
+    assert_eq!(fetched["error"], "policy_denied");
+    let seen: Vec<String> = plain.seen().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(seen, ["/v1/things", "/from-node"]);
+    let decided = s
+        .proxy
+        .decisions
+        .wait_for("the /secret decision", |l| l.contains("no secrets"));
+    let decided: serde_json::Value = serde_json::from_str(&decided).unwrap();
+    assert_eq!(decided["kind"], "http");
+
+    // Neither TLS nor HTTP.
+    let target = format!("localhost:{}", plain.port());
+    let mut tls = raw_tls(&s.pki, s.proxy.addr, &s.agent).await;
+    let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    tls.write_all(connect.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tls).await.status, 200);
+    tls.write_all(b"\x00\x01 not a protocol").await.unwrap();
+    let out = read_response(&mut tls).await;
+    assert_eq!(out.status, 400, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("bad_request")
+    );
+}
+
 /// A malformed chunked body is the client's fault: 400 with the error contract, not a 502
 /// blamed on the upstream, and nothing forwarded.
 #[tokio::test(flavor = "multi_thread")]

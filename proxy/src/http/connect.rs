@@ -9,8 +9,11 @@ use http::header::HOST;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use portcullis_filters::parse::destination::{parse_port, split_authority, Destination, Host};
+use portcullis_filters::parse::destination::{
+    parse_port, split_authority, Destination, Host, Scheme,
+};
 use portcullis_filters::{Action, Context, ErrorCode, Outcome, Rejection, Via};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::http::error::empty;
@@ -105,13 +108,115 @@ async fn tunnel(
     }
 }
 
-/// Terminate TLS inside the tunnel with a leaf for the CONNECT host and serve HTTP/1.1 or h2.
+/// Intercept the tunnel. Its first byte says what it carries: a TLS handshake (terminated
+/// with a leaf for the CONNECT host, then HTTP/1.1 or h2), or plain HTTP/1.1 (clients such as
+/// Node's undici `ProxyAgent` tunnel `http://` URLs too), served through the same pipeline
+/// and sent upstream over plain TCP. Anything else gets a 400 and the tunnel closes.
 async fn mitm(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
     dest: Destination,
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    mut io: TokioIo<hyper::upgrade::Upgraded>,
 ) {
+    let mut first = [0u8; 1];
+    let read = tokio::time::timeout(shared.limits.header_read_timeout, io.read(&mut first));
+    let io = match read.await {
+        Ok(Ok(1)) => Rewind {
+            first: Some(first[0]),
+            inner: io,
+        },
+        _ => return,
+    };
+    match first[0] {
+        // A TLS record of type handshake (RFC 8446 §5.1).
+        0x16 => intercept_tls(shared, conn, dest, io).await,
+        // The first letter of an HTTP method token.
+        b'A'..=b'Z' => {
+            let dest = Destination {
+                scheme: Scheme::Http,
+                ..dest
+            };
+            serve_inner(shared, conn, dest, io).await;
+        }
+        _ => refuse_tunnel(io).await,
+    }
+}
+
+/// Bytes that are neither TLS nor HTTP: a 400 with the error contract, then the tunnel closes.
+async fn refuse_tunnel(mut io: Rewind) {
+    let rej = Rejection::new(
+        ErrorCode::BadRequest,
+        "the tunnel carries neither TLS nor HTTP/1.1",
+    );
+    let body = serde_json::json!({"error": rej.code.as_str(), "reason": rej.reason}).to_string();
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nx-portcullis-error: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        rej.code.as_str(),
+        body.len()
+    );
+    let _ = io.write_all(head.as_bytes()).await;
+    let _ = io.write_all(body.as_bytes()).await;
+    let _ = io.shutdown().await;
+}
+
+/// The client side of a tunnel with its first byte read back in front.
+struct Rewind {
+    first: Option<u8>,
+    inner: TokioIo<hyper::upgrade::Upgraded>,
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(b) = self.first.take() {
+            buf.put_slice(&[b]);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Terminate TLS with a leaf for the CONNECT host, then serve what is inside.
+async fn intercept_tls(shared: Arc<Shared>, conn: Arc<Conn>, dest: Destination, io: Rewind) {
     let cfg = match shared.mitm.server_config(&dest.host).await {
         Ok(c) => c,
         Err(e) => {
@@ -130,6 +235,15 @@ async fn mitm(
         }
         Err(_) => return,
     };
+    serve_inner(shared, conn, dest, tls).await;
+}
+
+/// Serve HTTP/1.1 or h2 (h2 only over TLS, by ALPN) inside a tunnel to `dest`, every request
+/// through [`handle_inner`].
+async fn serve_inner<I>(shared: Arc<Shared>, conn: Arc<Conn>, dest: Destination, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let dest = Arc::new(dest);
     let svc_shared = shared.clone();
     let svc_conn = conn.clone();
@@ -147,7 +261,7 @@ async fn mitm(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.limits.hyper_buf_size()).unwrap_or(u32::MAX));
-    let served = builder.serve_connection(TokioIo::new(tls), svc);
+    let served = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(served);
     tokio::select! {
         r = served.as_mut() => {
@@ -189,7 +303,12 @@ async fn handle_inner(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    match Uri::try_from(format!("https://{}{}", dest.authority(), path)) {
+    match Uri::try_from(format!(
+        "{}://{}{}",
+        dest.scheme.as_str(),
+        dest.authority(),
+        path
+    )) {
         Ok(uri) => parts.uri = uri,
         Err(e) => {
             return refuse(
