@@ -211,3 +211,24 @@ async fn route_config_errors_are_precise() {
         assert!(err.contains(expect), "{expect:?} not in {err}");
     }
 }
+
+/// A route's base path cannot be escaped: dot segments (raw or percent-encoded) and encoded
+/// separators are refused before anything is sent, so `/keyed/../x` never reaches `/x`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_base_path_cannot_be_escaped() {
+    let g = gateway().await;
+    for path in [
+        "/keyed/../admin",
+        "/keyed/%2e%2e/admin",
+        "/keyed/a%2F..%2Fadmin",
+    ] {
+        let out = g.get(path, &["--path-as-is"]).await;
+        assert_eq!(out.status, 400, "{path}: {out:?}");
+        assert_eq!(
+            out.header("x-portcullis-error").as_deref(),
+            Some("bad_request"),
+            "{path}"
+        );
+    }
+    assert!(g.up.seen().is_empty(), "{:?}", g.up.seen().len());
+}

@@ -98,6 +98,21 @@ impl Routes {
     }
 }
 
+/// A route's base path must never be escaped: a path with a dot segment (`.`, `..`, or
+/// either percent-encoded) or an encoded `/` or `\` could reach the upstream as another path
+/// than the route and the policy saw (an upstream or a framework normalises it). Refused.
+fn escapes_base(path: &str) -> Result<(), String> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Err("the path has an encoded or backslash separator".into());
+    }
+    let dots = lower.replace("%2e", ".");
+    if dots.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("the path has a dot segment".into());
+    }
+    Ok(())
+}
+
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     path.strip_prefix(prefix)
         .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
@@ -107,6 +122,7 @@ impl Route {
     /// The upstream URI for a request's path and query.
     pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, String> {
         let path = uri.path();
+        escapes_base(path)?;
         let rest = match self.strip_prefix {
             true => &path[self.prefix.len().min(path.len())..],
             false => path,
@@ -160,7 +176,7 @@ pub(crate) async fn handle(
         return refuse(shared, ctx, Rejection::new(ErrorCode::NoRoute, reason));
     };
     let uri = route.upstream_uri(&parts.uri);
-    let rewritten = uri.is_ok();
+    let unroutable = uri.as_ref().err().cloned();
     if let Ok(uri) = uri {
         parts.uri = uri;
     }
@@ -172,8 +188,11 @@ pub(crate) async fn handle(
         &parts,
     );
     ctx.gateway_route = Some(route.name.clone());
-    if !rewritten {
-        let rej = Rejection::new(ErrorCode::BadRequest, "the path cannot be routed");
+    if let Some(why) = unroutable {
+        let rej = Rejection::new(
+            ErrorCode::BadRequest,
+            format!("the path cannot be routed: {why}"),
+        );
         return refuse(shared, ctx, rej);
     }
     forward(shared, ctx, parts, body).await
@@ -263,6 +282,21 @@ mod tests {
             Some(("ghv".into(), "https://api.github.com:443/v2".into()))
         );
         assert_eq!(t(None, "/keeper"), None, "prefixes match whole segments");
+        for escape in [
+            "/keep/../admin",
+            "/keep/%2e%2e/admin",
+            "/keep/.%2E/admin",
+            "/keep/a%2F..%2Fadmin",
+            "/keep/a%5c..%5cadmin",
+            "/keep/./a",
+            "/keep/a/..",
+        ] {
+            assert_eq!(t(None, escape), None, "{escape} escapes the base path");
+        }
+        assert!(
+            t(None, "/keep/a..b/.well-known").is_some(),
+            "dots inside a name are fine"
+        );
         assert_eq!(t(None, "/gitlab/x"), None);
         assert_eq!(t(None, "/github"), None, "/github/ needs the slash");
     }
