@@ -14,8 +14,8 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
 /// Most header names kept (the first ones in sorted order).
 pub const MAX_HEADER_NAMES: usize = 128;
-/// Most values kept per header name or query key.
-pub const MAX_VALUES_PER_KEY: usize = 16;
+/// Most values kept per header name or query key (`?id=1&id=2...`: real APIs take long lists).
+pub const MAX_VALUES_PER_KEY: usize = 256;
 /// Most query keys kept (the first ones in sorted order).
 pub const MAX_QUERY_KEYS: usize = 128;
 /// Longest query value, header name, query key, method, host, credential name or
@@ -24,11 +24,13 @@ pub const MAX_STRING_BYTES: usize = 4096;
 /// Most identity path segments and credential names kept.
 pub const MAX_LIST_ITEMS: usize = 64;
 /// Deepest nesting of the `mcp` document kept; deeper values become the marker string.
-pub const MAX_MCP_DEPTH: usize = 32;
-/// Most JSON nodes kept in the `mcp` document; further array items/members are dropped.
-pub const MAX_MCP_NODES: usize = 4096;
-/// Longest string kept inside the `mcp` document, in bytes.
-pub const MAX_MCP_STRING_BYTES: usize = 8192;
+pub const MAX_MCP_DEPTH: usize = 64;
+/// Most JSON nodes kept in the `mcp` document; further array items/members are dropped. The
+/// request body is bounded by `limits.inspect_body_bytes` (1 MiB) anyway: this covers it.
+pub const MAX_MCP_NODES: usize = 1 << 20;
+/// Longest string kept inside the `mcp` document, in bytes (a tool argument may hold a whole
+/// document: the body limit bounds it first).
+pub const MAX_MCP_STRING_BYTES: usize = 1 << 20;
 /// Appended to every truncated string (counted within the byte bound).
 pub const TRUNCATED_MARKER: &str = "…(truncated)";
 /// Replacement for a redacted credential value.
@@ -267,6 +269,114 @@ impl Input {
             truncate_in_place(&mut gateway.route, MAX_STRING_BYTES);
         }
         self
+    }
+}
+
+/// A part of a request the policy input cannot hold whole: deciding on a truncated view
+/// would let what is cut off reach the upstream undecided, so the request is refused instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the policy input cannot hold the request whole: {what} over {limit}")]
+pub struct Exceeded {
+    pub what: &'static str,
+    pub limit: usize,
+    /// Which part of the request: decides the refusal's status.
+    pub part: Part,
+}
+
+/// Where an [`Exceeded`] bound is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Target,
+    Headers,
+    Mcp,
+}
+
+impl Input {
+    /// The first bound a request-controlled field of this input exceeds, if any (identity,
+    /// destination and configured names are checked elsewhere). Call before [`Input::bounded`].
+    pub fn exceeded(&self) -> Option<Exceeded> {
+        let over = |what, limit, part| Some(Exceeded { what, limit, part });
+        if let Some(r) = &self.request {
+            if r.path.len() > MAX_PATH_BYTES {
+                return over("path bytes", MAX_PATH_BYTES, Part::Target);
+            }
+            if let Some(e) = multimap_exceeded(
+                &r.query,
+                ("query keys", MAX_QUERY_KEYS),
+                MAX_STRING_BYTES,
+                Part::Target,
+            ) {
+                return Some(e);
+            }
+            if let Some(e) = multimap_exceeded(
+                &r.headers,
+                ("header names", MAX_HEADER_NAMES),
+                MAX_HEADER_VALUE_BYTES,
+                Part::Headers,
+            ) {
+                return Some(e);
+            }
+        }
+        let mcp = self.mcp.as_ref()?;
+        let mut nodes = 0usize;
+        json_exceeded(mcp, 0, &mut nodes)
+    }
+}
+
+fn multimap_exceeded(
+    map: &BTreeMap<String, Vec<String>>,
+    (keys, max_keys): (&'static str, usize),
+    max_value_bytes: usize,
+    part: Part,
+) -> Option<Exceeded> {
+    let over = |what, limit| Some(Exceeded { what, limit, part });
+    if map.len() > max_keys {
+        return over(keys, max_keys);
+    }
+    for (key, values) in map {
+        if key.len() > MAX_STRING_BYTES {
+            return over("name bytes", MAX_STRING_BYTES);
+        }
+        if values.len() > MAX_VALUES_PER_KEY {
+            return over("values per name", MAX_VALUES_PER_KEY);
+        }
+        if values.iter().any(|v| v.len() > max_value_bytes) {
+            return over("value bytes", max_value_bytes);
+        }
+    }
+    None
+}
+
+fn json_exceeded(value: &serde_json::Value, depth: usize, nodes: &mut usize) -> Option<Exceeded> {
+    use serde_json::Value as J;
+    let over = |what, limit| {
+        Some(Exceeded {
+            what,
+            limit,
+            part: Part::Mcp,
+        })
+    };
+    *nodes += 1;
+    if *nodes > MAX_MCP_NODES {
+        return over("MCP argument nodes", MAX_MCP_NODES);
+    }
+    match value {
+        J::Array(_) | J::Object(_) if depth >= MAX_MCP_DEPTH => {
+            over("MCP argument depth", MAX_MCP_DEPTH)
+        }
+        J::String(s) if s.len() > MAX_MCP_STRING_BYTES => {
+            over("MCP string bytes", MAX_MCP_STRING_BYTES)
+        }
+        J::Array(items) => items
+            .iter()
+            .find_map(|v| json_exceeded(v, depth + 1, nodes)),
+        J::Object(members) => members.iter().find_map(|(k, v)| {
+            if k.len() > MAX_MCP_STRING_BYTES {
+                return over("MCP string bytes", MAX_MCP_STRING_BYTES);
+            }
+            json_exceeded(v, depth + 1, nodes)
+        }),
+        _ => None,
     }
 }
 
@@ -870,6 +980,45 @@ mod tests {
         assert_eq!((bare.path.as_str(), bare.segments.len()), ("", 0));
         assert!(Identity::from_spiffe_id("https://td/x").is_none());
         assert!(Identity::from_spiffe_id("spiffe:///x").is_none());
+    }
+
+    #[test]
+    fn what_a_bound_would_cut_is_reported_not_decided_on() {
+        assert_eq!(sample().exceeded(), None);
+        let mut many = sample();
+        let request = many.request.as_mut().unwrap();
+        for i in 0..=MAX_QUERY_KEYS {
+            request.query.insert(format!("k{i}"), vec!["v".into()]);
+        }
+        assert_eq!(
+            many.exceeded().map(|e| (e.what, e.part)),
+            Some(("query keys", Part::Target))
+        );
+        let mut long = sample();
+        long.request.as_mut().unwrap().headers.insert(
+            "x-long".into(),
+            vec!["x".repeat(MAX_HEADER_VALUE_BYTES + 1)],
+        );
+        assert_eq!(long.exceeded().map(|e| e.part), Some(Part::Headers));
+        let mut deep = sample();
+        let mut v = serde_json::json!(1);
+        for _ in 0..=MAX_MCP_DEPTH {
+            v = serde_json::json!([v]);
+        }
+        deep.mcp = Some(serde_json::json!({"arguments": v}));
+        assert_eq!(
+            deep.exceeded().map(|e| (e.what, e.part)),
+            Some(("MCP argument depth", Part::Mcp))
+        );
+        // A few thousand arguments and a long string are held whole now.
+        let mut wide = sample();
+        let args: serde_json::Map<String, serde_json::Value> = (0..4100)
+            .map(|i| (format!("a{i}"), serde_json::json!(" ".repeat(10))))
+            .collect();
+        wide.mcp = Some(
+            serde_json::json!({"arguments": args, "sql": format!("{}DROP", " ".repeat(9000))}),
+        );
+        assert_eq!(wide.exceeded(), None);
     }
 
     #[test]

@@ -186,6 +186,87 @@ async fn a_jsonrpc_body_does_not_escape_the_http_rules() {
     assert_eq!(line["decision"], "deny");
 }
 
+/// No decision on a truncated view: what the policy input cannot hold whole is refused, and
+/// what it can (thousands of arguments, a long string) is given to the policy whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_decides_on_the_whole_request_or_refuses_it() {
+    let policy = r#"package portcullis
+
+import rego.v1
+
+default decision := true
+
+decision := {"allow": false, "reason": "no DROP"} if {
+	input.kind == "mcp"
+	contains(input.mcp.arguments.sql, "DROP")
+}
+
+decision := {"allow": false, "reason": "not prod"} if {
+	input.kind == "mcp"
+	input.mcp.arguments.target == "prod"
+}
+"#;
+    let s = setup(policy, |_| {}).await;
+    let url = s.url("/rpc");
+    let post = |body: String| {
+        let (s, url) = (&s, url.clone());
+        async move {
+            s.curl(&[
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &body,
+                &url,
+            ])
+            .await
+        }
+    };
+    let call = |args: serde_json::Value| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "query", "arguments": args}})
+        .to_string()
+    };
+    // 9,000 spaces before DROP: the whole string reaches the policy.
+    let out = post(call(
+        json!({"sql": format!("{}DROP TABLE t", " ".repeat(9000))}),
+    ))
+    .await;
+    assert_eq!(out.json()["error"]["data"]["reason"], "no DROP", "{out:?}");
+    // 4,100 arguments before the one a rule checks.
+    let mut args: serde_json::Map<String, serde_json::Value> =
+        (0..4100).map(|i| (format!("a{i:05}"), json!(i))).collect();
+    args.insert("target".into(), json!("prod"));
+    let out = post(call(serde_json::Value::Object(args))).await;
+    assert_eq!(out.json()["error"]["data"]["reason"], "not prod", "{out:?}");
+    // Deeper than the input can hold: refused, not decided on a cut-off document.
+    let mut deep = json!(1);
+    for _ in 0..70 {
+        deep = json!([deep]);
+    }
+    let out = post(call(json!({"x": deep}))).await;
+    assert_eq!(out.status, 413, "{out:?}");
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("body_too_large")
+    );
+    // More query keys than the input holds: 400 naming the bound.
+    let query: Vec<String> = (0..130).map(|i| format!("k{i}=v")).collect();
+    let out = s
+        .curl(&[&format!("{}?{}", s.url("/read"), query.join("&"))])
+        .await;
+    assert_eq!(out.status, 400, "{out:?}");
+    assert!(
+        out.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("query keys"),
+        "{out:?}"
+    );
+    assert!(s.up.seen().is_empty(), "{:?}", s.up.seen().len());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn identities_get_different_outcomes() {
     let s = setup(POLICY, |_| {}).await;

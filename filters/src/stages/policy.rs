@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use portcullis_policy::{
-    redact_headers, Decision, Destination as PDestination, Identity, Input, Kind, Policy,
+    redact_headers, Decision, Destination as PDestination, Identity, Input, Kind, Part, Policy,
     RequestInfo, Source, TimeInfo,
 };
 use serde_json::Value;
@@ -49,7 +49,7 @@ fn kind(k: ActionKind) -> Kind {
     }
 }
 
-/// The policy input for this action, bounded.
+/// The policy input for this action, not yet bounded: check it with `over_bounds` first.
 pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[String]) -> Input {
     let id = &ctx.peer.spiffe_id;
     let request = (ctx.kind != ActionKind::Connect).then(|| RequestInfo {
@@ -105,7 +105,17 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
                 route: r.to_string(),
             }),
     }
-    .bounded()
+}
+
+/// Refuse what the policy input cannot hold whole, instead of deciding on a truncated view.
+fn over_bounds(input: &Input) -> Option<Rejection> {
+    let e = input.exceeded()?;
+    let code = match e.part {
+        Part::Target => ErrorCode::BadRequest,
+        Part::Headers => ErrorCode::HeadersTooLarge,
+        Part::Mcp => ErrorCode::BodyTooLarge,
+    };
+    Some(Rejection::new(code, e.to_string()))
 }
 
 fn rejection(d: &Decision) -> Rejection {
@@ -149,6 +159,9 @@ impl PolicyFilter {
             let mut input = base.clone();
             input.kind = Kind::Mcp;
             input.mcp = Some(mcp::policy_input(mcp, m));
+            if let Some(rej) = over_bounds(&input) {
+                return Action::Respond(rej);
+            }
             let summary = McpSummary {
                 method: m.method.clone().unwrap_or_else(|| "response".to_owned()),
                 id: m.id.clone(),
@@ -214,6 +227,10 @@ impl Filter for PolicyFilter {
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let input = build_input(ctx, req, &self.sensitive_headers);
+        if let Some(rej) = over_bounds(&input) {
+            return Action::Respond(rej);
+        }
+        let input = input.bounded();
         let Some(mcp) = ctx.mcp.request.take() else {
             let decision = self.decide(ctx, &input, None);
             return match decision.allow {
