@@ -52,16 +52,21 @@ async fn placeholders_become_secrets_upstream_and_never_come_back() {
             &format!("X-Other: {basic}"),
             "-H",
             "content-type: application/json",
+            // As httpx, requests and Node ask by default: the echo must still be readable.
+            "-H",
+            "accept-encoding: gzip, deflate, br",
             "--data-binary",
             r#"{"token":"pcx_github","keep":"pcx_filed_key"}"#,
             &s.url("/echo?access_token=pcx_github&x=1"),
         ])
         .await;
     assert_eq!(out.status, 200, "{out:?}");
-    // What the upstream received: the real values.
+    // What the upstream received: the real values, and a request for an uncompressed answer
+    // (a compressed echo could not be searched for them).
     let seen = s.up.seen();
     let h = &seen[0].headers;
     assert_eq!(h["authorization"], format!("Bearer {GITHUB_SECRET}"));
+    assert_eq!(h["accept-encoding"], "identity");
     // Basic credentials are only decoded in Authorization; X-Other carries it verbatim.
     assert_eq!(h["x-other"], basic.as_str());
     // What the agent got back: the echo, with every secret redacted.

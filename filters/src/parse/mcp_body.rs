@@ -15,6 +15,8 @@ pub struct ResponseRewriter {
     buf: Vec<u8>,
     limit: usize,
     overflow: bool,
+    /// A JSON body that did not parse (it is then dropped, not passed on unedited).
+    unparsable: bool,
 }
 
 impl ResponseRewriter {
@@ -30,6 +32,7 @@ impl ResponseRewriter {
             buf: Vec::new(),
             limit,
             overflow: false,
+            unparsable: false,
         })
     }
 
@@ -71,13 +74,21 @@ impl ResponseRewriter {
                 edit_messages(&mut v, edit);
                 v.to_string().into_bytes()
             }
-            Err(_) => rest,
+            Err(_) => {
+                self.unparsable = true;
+                Vec::new()
+            }
         }
     }
 
     /// True when a body (or an event) exceeded the limit and was dropped.
     pub fn overflowed(&self) -> bool {
         self.overflow
+    }
+
+    /// True when a JSON body did not parse and was dropped.
+    pub fn unparsable(&self) -> bool {
+        self.unparsable
     }
 }
 
@@ -233,6 +244,14 @@ mod rewriter_tests {
         assert!(r.push(b"0123456789", &mut drop_b).is_empty());
         assert!(r.overflowed());
         assert!(r.finish(&mut drop_b).is_empty());
+    }
+
+    #[test]
+    fn json_that_does_not_parse_is_dropped_not_passed_unedited() {
+        let mut r = ResponseRewriter::new(Some("application/json"), 1 << 20).unwrap();
+        assert!(r.push(b"{\"tools\": [oops", &mut drop_b).is_empty());
+        assert!(r.finish(&mut drop_b).is_empty());
+        assert!(r.unparsable());
     }
 
     #[test]

@@ -31,6 +31,40 @@ pub trait BodyTransform: Send + Sync + 'static {
     }
 }
 
+/// A filter that must read a response body asks the upstream not to compress it.
+pub fn ask_uncompressed(req: &mut http::request::Parts) {
+    req.headers.insert(
+        http::header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    );
+}
+
+/// A message's `Content-Encoding` other than `identity`, if any: its bytes are not what the
+/// other side will read, so a filter cannot read them either.
+pub fn content_encoding(headers: &http::HeaderMap) -> Option<String> {
+    let codings: Vec<String> = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("(not text)").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
+/// The transform for a body a filter must read but cannot: the response ends with an error
+/// at its first byte, so nothing passes unread. An empty body passes.
+pub struct CannotRead(pub String);
+
+impl BodyTransform for CannotRead {
+    fn data(&mut self, chunk: Bytes) -> Result<Bytes, TransformError> {
+        match chunk.is_empty() {
+            true => Ok(chunk),
+            false => Err(TransformError(self.0.clone())),
+        }
+    }
+}
+
 /// The transforms of one response, in chain order: the output of each is the input of the next.
 #[derive(Default)]
 pub struct Transforms(Vec<Box<dyn BodyTransform>>);
@@ -117,6 +151,19 @@ mod tests {
                 String::from_utf8_lossy(&chunk)
             )))
         }
+    }
+
+    #[test]
+    fn what_cannot_be_read_never_passes_and_encodings_are_seen() {
+        let mut t = CannotRead("compressed".into());
+        assert_eq!(t.data(Bytes::new()).unwrap(), "");
+        assert!(t.data(Bytes::from_static(b"\x1f\x8b")).is_err());
+        let mut h = http::HeaderMap::new();
+        assert_eq!(content_encoding(&h), None);
+        h.insert(http::header::CONTENT_ENCODING, "identity".parse().unwrap());
+        assert_eq!(content_encoding(&h), None);
+        h.append(http::header::CONTENT_ENCODING, "GZIP, br".parse().unwrap());
+        assert_eq!(content_encoding(&h).as_deref(), Some("gzip, br"));
     }
 
     #[test]

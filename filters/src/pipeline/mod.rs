@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use crate::error::Rejection;
 
-pub use body::{BodyTransform, TransformError, Transforms};
+pub use body::{
+    ask_uncompressed, content_encoding, BodyTransform, CannotRead, TransformError, Transforms,
+};
 pub use context::{
     hex, hex_into, span_hex, ActionKind, Context, CredentialUse, DecisionRecord, Mcp, McpSummary,
     Peer, RequestBody, Trace, TraceId, Via,

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use crate::parse::secret::{find_placeholders, Placeholder, SecretValue};
 use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
-    Action, ActionKind, AfterResponse, BodyTransform, Chain, Context, Filter, RequestBody,
-    TransformError,
+    ask_uncompressed, content_encoding, Action, ActionKind, AfterResponse, BodyTransform,
+    CannotRead, Chain, Context, Filter, RequestBody, TransformError,
 };
 
 /// One configured credential.
@@ -284,14 +284,29 @@ impl Filter for CredentialSubstitute {
     }
 
     /// Echoes of the substituted secrets in the response body are redacted.
+    /// A compressed echo cannot be searched: such a response is cut off at its first byte
+    /// (the request asked for an uncompressed one, so only a server ignoring that sends it).
     fn response_body(
         &self,
         ctx: &Context,
-        _resp: &http::response::Parts,
+        resp: &http::response::Parts,
         _chain: &Chain,
     ) -> Option<Box<dyn BodyTransform>> {
-        Redactor::new(ctx.credentials.secrets.clone())
-            .map(|r| Box::new(r) as Box<dyn BodyTransform>)
+        let redactor = Redactor::new(ctx.credentials.secrets.clone())?;
+        Some(match content_encoding(&resp.headers) {
+            Some(coding) => Box::new(CannotRead(format!(
+                "a response in Content-Encoding {coding} cannot be checked for echoed secrets"
+            ))),
+            None => Box::new(redactor),
+        })
+    }
+
+    /// Echoes of the substituted secrets are searched for: the response must come uncompressed.
+    fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        if !ctx.credentials.secrets.is_empty() {
+            ask_uncompressed(req);
+        }
+        Action::Continue
     }
 }
 

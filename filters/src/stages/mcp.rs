@@ -12,7 +12,8 @@ use crate::error::{ErrorCode, Rejection};
 use crate::parse::jsonrpc::{classify, head_may_be_jsonrpc, BodyKind, Unreadable};
 use crate::parse::mcp_body::ResponseRewriter;
 use crate::pipeline::{
-    Action, ActionKind, BodyTransform, Context, Filter, RequestBody, TransformError,
+    ask_uncompressed, content_encoding, Action, ActionKind, BodyTransform, CannotRead, Context,
+    Filter, RequestBody, TransformError,
 };
 
 /// The inspection stage. Hosts in `mcp.servers` are MCP-only: a POST there that is not
@@ -27,20 +28,6 @@ impl McpFilter {
     fn mcp_only(&self, host: &crate::parse::destination::Host) -> bool {
         self.servers.iter().any(|p| host.matches(p))
     }
-}
-
-/// A request `Content-Encoding` other than `identity`: the body's bytes are not what a server
-/// parses, so they cannot be inspected.
-fn content_encoding(req: &http::request::Parts) -> Option<String> {
-    let codings: Vec<String> = req
-        .headers
-        .get_all(http::header::CONTENT_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("(not text)").split(','))
-        .map(|c| c.trim().to_ascii_lowercase())
-        .filter(|c| !c.is_empty() && c != "identity")
-        .collect();
-    (!codings.is_empty()).then(|| codings.join(", "))
 }
 
 fn refuse(code: ErrorCode, reason: impl Into<String>) -> Action {
@@ -66,7 +53,7 @@ impl Filter for McpFilter {
         let body = match &ctx.body {
             RequestBody::Buffered(b) => b,
             RequestBody::TooLarge(head) => {
-                if let Some(coding) = content_encoding(req) {
+                if let Some(coding) = content_encoding(&req.headers) {
                     return refuse(ErrorCode::UnsupportedEncoding, encoded(&coding));
                 }
                 if mcp_only || head_may_be_jsonrpc(head) {
@@ -85,7 +72,7 @@ impl Filter for McpFilter {
             }
             RequestBody::Empty | RequestBody::NotBuffered => return Action::Continue,
         };
-        if let Some(coding) = content_encoding(req) {
+        if let Some(coding) = content_encoding(&req.headers) {
             return refuse(ErrorCode::UnsupportedEncoding, encoded(&coding));
         }
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
@@ -110,6 +97,14 @@ impl Filter for McpFilter {
             Err(e) => refuse(ErrorCode::BadRequest, e.to_string()),
         }
     }
+
+    /// A `tools/list` answer is filtered on its way back: it must come uncompressed.
+    fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        if ctx.lists_tools() {
+            ask_uncompressed(req);
+        }
+        Action::Continue
+    }
 }
 
 fn encoded(coding: &str) -> String {
@@ -130,21 +125,41 @@ impl<F> EditMessages<F>
 where
     F: FnMut(&mut Value) + Send + Sync + 'static,
 {
-    /// `None` when the response is neither JSON nor an event stream.
+    /// A successful response the proxy cannot edit (compressed, or neither JSON nor an event
+    /// stream) gets [`CannotRead`]: it ends at its first byte rather than pass unedited.
+    /// `None` for an unsuccessful one of another type (no messages to edit).
     pub fn for_response(
         resp: &http::response::Parts,
         limit: usize,
         edit: F,
     ) -> Option<Box<dyn BodyTransform>> {
-        let ct = resp.headers.get(http::header::CONTENT_TYPE);
-        let rewriter = ResponseRewriter::new(ct.and_then(|v| v.to_str().ok()), limit)?;
-        Some(Box::new(EditMessages { rewriter, edit }))
+        if let Some(coding) = content_encoding(&resp.headers) {
+            let why = format!("an MCP response in Content-Encoding {coding} cannot be filtered");
+            return Some(Box::new(CannotRead(why)));
+        }
+        let ct = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        match ResponseRewriter::new(ct, limit) {
+            Some(rewriter) => Some(Box::new(EditMessages { rewriter, edit })),
+            None if resp.status.is_success() => Some(Box::new(CannotRead(format!(
+                "an MCP response of type {} cannot be filtered",
+                ct.unwrap_or("(none)")
+            )))),
+            None => None,
+        }
     }
 
     fn checked(&self, out: Vec<u8>) -> Result<Bytes, TransformError> {
         if self.rewriter.overflowed() {
             return Err(TransformError(
                 "an MCP response exceeds limits.inspect_body_bytes and cannot be filtered".into(),
+            ));
+        }
+        if self.rewriter.unparsable() {
+            return Err(TransformError(
+                "an MCP JSON response does not parse and cannot be filtered".into(),
             ));
         }
         Ok(Bytes::from(out))
