@@ -125,15 +125,17 @@ impl<F> EditMessages<F>
 where
     F: FnMut(&mut Value) + Send + Sync + 'static,
 {
-    /// A successful response the proxy cannot edit (compressed, or neither JSON nor an event
-    /// stream) gets [`CannotRead`]: it ends at its first byte rather than pass unedited.
-    /// `None` for an unsuccessful one of another type (no messages to edit).
+    /// A `200 OK` (the status that carries JSON-RPC answers: a `202 Accepted` of the older
+    /// transport or for notifications carries none) that the proxy cannot edit, compressed or
+    /// neither JSON nor an event stream, gets [`CannotRead`]: it ends at its first byte rather
+    /// than pass unedited.
     pub fn for_response(
         resp: &http::response::Parts,
         limit: usize,
         edit: F,
     ) -> Option<Box<dyn BodyTransform>> {
-        if let Some(coding) = content_encoding(&resp.headers) {
+        let answers = resp.status == http::StatusCode::OK;
+        if let (true, Some(coding)) = (answers, content_encoding(&resp.headers)) {
             let why = format!("an MCP response in Content-Encoding {coding} cannot be filtered");
             return Some(Box::new(CannotRead(why)));
         }
@@ -143,7 +145,7 @@ where
             .and_then(|v| v.to_str().ok());
         match ResponseRewriter::new(ct, limit) {
             Some(rewriter) => Some(Box::new(EditMessages { rewriter, edit })),
-            None if resp.status.is_success() => Some(Box::new(CannotRead(format!(
+            None if answers => Some(Box::new(CannotRead(format!(
                 "an MCP response of type {} cannot be filtered",
                 ct.unwrap_or("(none)")
             )))),
