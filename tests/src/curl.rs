@@ -25,6 +25,28 @@ impl CurlOut {
             .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
             .map(|l| l[prefix.len()..].trim().to_owned())
     }
+
+    /// The proxy refused with `status` and `x-portcullis-error: code`.
+    #[track_caller]
+    pub fn assert_refused(&self, status: u16, code: &str) {
+        assert_refused(
+            self.status,
+            self.header("x-portcullis-error"),
+            (status, code),
+            self,
+        );
+    }
+}
+
+#[track_caller]
+fn assert_refused(
+    status: u16,
+    error: Option<String>,
+    (want_status, code): (u16, &str),
+    what: &dyn std::fmt::Debug,
+) {
+    assert_eq!(status, want_status, "{what:?}");
+    assert_eq!(error.as_deref(), Some(code), "{what:?}");
 }
 
 /// curl through `proxy` as `client` (no client cert when `None`), trusting the test CAs.
@@ -174,6 +196,17 @@ impl RawResponse {
 
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// The proxy refused with `status` and `x-portcullis-error: code`.
+    #[track_caller]
+    pub fn assert_refused(&self, status: u16, code: &str) {
+        assert_refused(
+            self.status,
+            self.header("x-portcullis-error"),
+            (status, code),
+            self,
+        );
     }
 }
 

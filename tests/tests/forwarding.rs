@@ -179,11 +179,7 @@ async fn blocked_destinations_get_403_and_are_never_dialled() {
     }
     let url = format!("http://127.0.0.2:{}/", victim_plain.port());
     let out = s.curl(&[&url]).await;
-    assert_eq!(out.status, 403, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("destination_blocked")
-    );
+    out.assert_refused(403, "destination_blocked");
     // A name resolving to a blocked address is blocked too (localhost -> 127.0.0.1 is allowed,
     // but ::1 is not in the allow list, and any blocked address blocks the name).
     assert_eq!(
@@ -202,11 +198,7 @@ async fn upstream_with_untrusted_certificate_gets_502() {
     let bad = Upstream::start("127.0.0.1", Some(server_tls(&stranger, &["localhost"]))).await;
     let url = format!("https://localhost:{}/", bad.port());
     let out = s.curl(&[&url]).await;
-    assert_eq!(out.status, 502, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("upstream_unreachable")
-    );
+    out.assert_refused(502, "upstream_unreachable");
     assert!(
         out.json()["reason"].as_str().unwrap().contains("TLS"),
         "{}",
@@ -224,11 +216,7 @@ async fn oversized_headers_get_431() {
     let big = format!("X-Big: {}", "a".repeat(5000));
     let url = s.url("/");
     let out = s.curl(&["-H", &big, &url]).await;
-    assert_eq!(out.status, 431, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("headers_too_large")
-    );
+    out.assert_refused(431, "headers_too_large");
     // Far beyond even hyper's HTTP/1.1 buffer: hyper answers a bare 431 and closes while the
     // client may still be writing, so the client sees either the 431 or a reset. Never a
     // forward, never a crash.
@@ -310,11 +298,7 @@ async fn a_second_host_header_or_an_inner_connect_is_refused_inside_a_tunnel() {
         .contains("more than one Host"));
     let inner = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &inner).await;
-    assert_eq!(out.status, 405, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("method_not_allowed")
-    );
+    out.assert_refused(405, "method_not_allowed");
     assert!(s.up.seen().is_empty(), "{:?}", s.up.seen().len());
 }
 
@@ -332,11 +316,7 @@ async fn plain_http_inside_a_tunnel_goes_through_the_pipeline() {
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(out.json()["path"], "/v1/things");
     let out = s.curl(&["-p", &url("/secret")]).await;
-    assert_eq!(out.status, 403, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("policy_denied")
-    );
+    out.assert_refused(403, "policy_denied");
     let seen: Vec<String> = plain.seen().iter().map(|r| r.path.clone()).collect();
     assert_eq!(seen, ["/v1/things"]);
     // Node's undici ProxyAgent: a real fetch of an http:// URL, tunnelled with CONNECT.
@@ -380,11 +360,7 @@ async fn plain_http_inside_a_tunnel_goes_through_the_pipeline() {
     assert_eq!(read_response(&mut tls).await.status, 200);
     tls.write_all(b"\x00\x01 not a protocol").await.unwrap();
     let out = read_response(&mut tls).await;
-    assert_eq!(out.status, 400, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("bad_request")
-    );
+    out.assert_refused(400, "bad_request");
 }
 
 /// A malformed chunked body is the client's fault: 400 with the error contract, not a 502
@@ -397,11 +373,7 @@ async fn a_malformed_chunked_body_is_a_400() {
         "POST /x HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
     );
     let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &bad).await;
-    assert_eq!(out.status, 400, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("bad_request")
-    );
+    out.assert_refused(400, "bad_request");
     assert!(s.up.seen().is_empty());
 }
 
@@ -423,11 +395,7 @@ async fn websocket_upgrade_inside_mitm_gets_501() {
             &url,
         ])
         .await;
-    assert_eq!(out.status, 501, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("upgrade_not_supported")
-    );
+    out.assert_refused(501, "upgrade_not_supported");
     assert!(s.up.seen().is_empty());
 }
 
@@ -488,11 +456,7 @@ async fn slow_upstream_gets_504() {
     let s = setup(|c| c["upstream"]["response_header_timeout"] = serde_json::json!("1s")).await;
     let url = s.url("/slow");
     let out = s.curl(&[&url]).await;
-    assert_eq!(out.status, 504, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("upstream_timeout")
-    );
+    out.assert_refused(504, "upstream_timeout");
     s.up.release();
 }
 

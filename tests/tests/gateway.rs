@@ -117,20 +117,12 @@ async fn routes_rewrite_inject_and_go_through_the_policy() {
     // The policy decides on the route.
     let before = g.up.seen().len();
     let out = g.get("/closed/x", &[]).await;
-    assert_eq!(out.status, 403, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("policy_denied")
-    );
+    out.assert_refused(403, "policy_denied");
     assert_eq!(out.json()["reason"], "route closed");
 
     // No route: 404 no_route, nothing forwarded.
     let out = g.get("/gitlab/projects", &[]).await;
-    assert_eq!(out.status, 404, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("no_route")
-    );
+    out.assert_refused(404, "no_route");
     assert_eq!(g.up.seen().len(), before);
 
     // The decision log ties the route to the identity.

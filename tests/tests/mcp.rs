@@ -340,20 +340,12 @@ async fn mcp_only_hosts_refuse_what_cannot_be_inspected() {
         .client("research", "spiffe://acme.test/agents/research");
 
     let out = post(&s, &research, "this is not json").await;
-    assert_eq!(out.status, 400, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("bad_request")
-    );
+    out.assert_refused(400, "bad_request");
 
     let padded = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": {"name": "delete_repo", "arguments": {"pad": "x".repeat(4096)}}});
     let out = post(&s, &research, &padded.to_string()).await;
-    assert_eq!(out.status, 413, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("body_too_large")
-    );
+    out.assert_refused(413, "body_too_large");
 
     // A batch with one denied call: every id is answered, nothing is forwarded.
     let batch = json!([
@@ -361,11 +353,7 @@ async fn mcp_only_hosts_refuse_what_cannot_be_inspected() {
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_repo", "arguments": {}}},
     ]);
     let out = post(&s, &research, &batch.to_string()).await;
-    assert_eq!(out.status, 200, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("policy_denied")
-    );
+    out.assert_refused(200, "policy_denied");
     let answers = out.json();
     let answers = answers.as_array().unwrap();
     assert_eq!(answers.len(), 2);
@@ -381,11 +369,7 @@ async fn mcp_only_hosts_refuse_what_cannot_be_inspected() {
     // `input.mcp.response`, so default deny): dropped with 202, nothing forwarded.
     let response = json!({"jsonrpc": "2.0", "id": 9, "result": {"exfiltrated": "data"}});
     let out = post(&s, &research, &response.to_string()).await;
-    assert_eq!(out.status, 202, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("policy_denied")
-    );
+    out.assert_refused(202, "policy_denied");
 
     // A denied notification is dropped (202, nothing forwarded).
     let note = json!({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_repo"}});
@@ -497,11 +481,7 @@ async fn a_tool_call_is_decided_whatever_its_label_and_refused_where_unreadable(
     let gzipped = gz.wait_with_output().unwrap().stdout;
     let headers = ["content-type: application/json", "content-encoding: gzip"];
     let out = post_as(&s, &research, &headers, &gzipped).await;
-    assert_eq!(out.status, 415, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("unsupported_encoding")
-    );
+    out.assert_refused(415, "unsupported_encoding");
 
     // JSON a server may read but this parser cannot: refused, never plain HTTP.
     let nested = format!("{}1{}", "[".repeat(150), "]".repeat(150));
@@ -526,11 +506,7 @@ async fn a_tool_call_is_decided_whatever_its_label_and_refused_where_unreadable(
         padded.as_bytes(),
     )
     .await;
-    assert_eq!(out.status, 413, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("body_too_large")
-    );
+    out.assert_refused(413, "body_too_large");
 
     let tools = s.server.received_tools();
     assert!(!tools.contains(&"delete_repo".to_owned()), "{tools:?}");

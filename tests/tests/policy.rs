@@ -134,11 +134,7 @@ async fn deny_contract_with_policy_status_and_headers() {
     let s = setup(POLICY, |_| {}).await;
     let url = s.url("/write");
     let out = s.curl(&["-X", "POST", &url]).await;
-    assert_eq!(out.status, 451, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("policy_denied")
-    );
+    out.assert_refused(451, "policy_denied");
     assert_eq!(out.header("x-review").as_deref(), Some("required"));
     let body = out.json();
     assert_eq!(body["error"], "policy_denied");
@@ -168,11 +164,7 @@ async fn a_jsonrpc_body_does_not_escape_the_http_rules() {
             &url,
         ])
         .await;
-    assert_eq!(out.status, 200, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("policy_denied")
-    );
+    out.assert_refused(200, "policy_denied");
     let answer = out.json();
     assert_eq!(answer["id"], 1);
     assert_eq!(answer["error"]["data"]["reason"], "writes need review");
@@ -246,11 +238,7 @@ decision := {"allow": false, "reason": "not prod"} if {
         deep = json!([deep]);
     }
     let out = post(call(json!({"x": deep}))).await;
-    assert_eq!(out.status, 413, "{out:?}");
-    assert_eq!(
-        out.header("x-portcullis-error").as_deref(),
-        Some("body_too_large")
-    );
+    out.assert_refused(413, "body_too_large");
     // More query keys than the input holds: 400 naming the bound.
     let query: Vec<String> = (0..130).map(|i| format!("k{i}=v")).collect();
     let out = s
