@@ -19,11 +19,7 @@ impl CurlOut {
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        let prefix = format!("{}:", name.to_ascii_lowercase());
-        self.headers
-            .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
-            .map(|l| l[prefix.len()..].trim().to_owned())
+        header_in(&self.headers, name)
     }
 
     /// The proxy refused with `status` and `x-portcullis-error: code`.
@@ -36,6 +32,14 @@ impl CurlOut {
             self,
         );
     }
+}
+
+/// The first value of header `name` in a response head (case-insensitive name).
+fn header_in(head: &str, name: &str) -> Option<String> {
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    head.lines()
+        .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+        .map(|l| l[prefix.len()..].trim().to_owned())
 }
 
 #[track_caller]
@@ -187,11 +191,7 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<String> {
-        let prefix = format!("{}:", name.to_ascii_lowercase());
-        self.head
-            .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
-            .map(|l| l[prefix.len()..].trim().to_owned())
+        header_in(&self.head, name)
     }
 
     pub fn json(&self) -> Value {

@@ -150,6 +150,23 @@ async fn client(
     }
 }
 
+/// Connect and open one server stream with `open` (the `call` named in errors).
+async fn open_stream<S, Fut>(
+    endpoint: &WorkloadApiEndpoint,
+    call: &'static str,
+    open: impl FnOnce(spiffe::WorkloadApiClient) -> Fut,
+) -> Result<S, WorkloadApiError>
+where
+    Fut: std::future::Future<Output = Result<S, spiffe::WorkloadApiError>>,
+{
+    open(client(endpoint).await?)
+        .await
+        .map_err(|e| WorkloadApiError::Call {
+            call,
+            reason: e.to_string(),
+        })
+}
+
 /// Keep one stream open, publishing each message through `publish`; returns why it ended.
 async fn follow<S, T>(
     stream: S,
@@ -227,18 +244,11 @@ pub fn watch_svid(
         move |endpoint, backoff| {
             let tx = tx.clone();
             Box::pin(async move {
-                let stream = match client(endpoint).await {
-                    Ok(c) => c.stream_x509_contexts().await,
-                    Err(e) => return e,
-                };
-                let stream = match stream {
+                let open =
+                    |c: spiffe::WorkloadApiClient| async move { c.stream_x509_contexts().await };
+                let stream = match open_stream(endpoint, "FetchX509SVID", open).await {
                     Ok(s) => s,
-                    Err(e) => {
-                        return WorkloadApiError::Call {
-                            call: "FetchX509SVID",
-                            reason: e.to_string(),
-                        }
-                    }
+                    Err(e) => return e,
                 };
                 follow(stream, backoff, |ctx| {
                     let svid = convert_context(&ctx)?;
@@ -277,18 +287,11 @@ pub fn watch_bundles(
         move |endpoint, backoff| {
             let tx = tx.clone();
             Box::pin(async move {
-                let stream = match client(endpoint).await {
-                    Ok(c) => c.stream_x509_bundles().await,
-                    Err(e) => return e,
-                };
-                let stream = match stream {
+                let open =
+                    |c: spiffe::WorkloadApiClient| async move { c.stream_x509_bundles().await };
+                let stream = match open_stream(endpoint, "FetchX509Bundles", open).await {
                     Ok(s) => s,
-                    Err(e) => {
-                        return WorkloadApiError::Call {
-                            call: "FetchX509Bundles",
-                            reason: e.to_string(),
-                        }
-                    }
+                    Err(e) => return e,
                 };
                 follow(stream, backoff, |set| {
                     let bundles = bundle_set(&set)?;
