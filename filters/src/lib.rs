@@ -11,6 +11,6 @@ pub mod stages;
 
 pub use error::{ErrorCode, Rejection};
 pub use pipeline::{
-    Action, ActionKind, AfterResponse, BodyTransform, Chain, Context, Filter, Outcome, Peer,
-    TraceId, TransformError, Transforms, Via,
+    Action, ActionKind, AfterResponse, BodyCheck, BodyTransform, Chain, Context, Filter, Outcome,
+    Peer, TraceId, TransformError, Transforms, Via,
 };

@@ -367,13 +367,19 @@ async fn plain_http_inside_a_tunnel_goes_through_the_pipeline() {
 /// blamed on the upstream, and nothing forwarded.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_chunked_body_is_a_400() {
-    let s = setup(|_| {}).await;
+    let s = setup(|c| c["limits"] = serde_json::json!({"inspect_body_bytes": 64})).await;
     let target = format!("localhost:{}", s.up.port());
-    let bad = format!(
-        "POST /x HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
-    );
-    let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &bad).await;
-    out.assert_refused(400, "bad_request");
+    let head = format!("POST /x HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    // Bad framing in the part read for inspection, and past it (while the body streams on).
+    let big = "a".repeat(100);
+    for chunks in [
+        "zz\r\nhello\r\n0\r\n\r\n".to_owned(),
+        format!("64\r\n{big}\r\nzz\r\nhello\r\n0\r\n\r\n"),
+    ] {
+        let bad = format!("{head}{chunks}");
+        let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &bad).await;
+        out.assert_refused(400, "bad_request");
+    }
     assert!(s.up.seen().is_empty());
 }
 

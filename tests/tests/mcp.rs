@@ -508,6 +508,43 @@ async fn a_tool_call_is_decided_whatever_its_label_and_refused_where_unreadable(
     .await;
     out.assert_refused(413, "body_too_large");
 
+    // JSON-RPC that shows only past the limit: the rest is scanned as it streams, and the body
+    // stops before the "jsonrpc" member reaches the server. (Padded well past what one read of
+    // the body returns, so the member is not in the head.)
+    let pad = "x".repeat(256 * 1024);
+    let late_member = format!(
+        r#"{{"pad":"{pad}","jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"delete_repo","arguments":{{}}}}}}"#
+    );
+    let late_start = format!("{}{}", " ".repeat(256 * 1024), call(json!({})));
+    for (what, body) in [
+        ("a late member", &late_member),
+        ("leading spaces", &late_start),
+    ] {
+        let out = post_as(
+            &s,
+            &research,
+            &["content-type: application/json"],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(out.status, 413, "{what}: {out:?}");
+        assert_eq!(
+            out.header("x-portcullis-error").as_deref(),
+            Some("body_too_large"),
+            "{what}"
+        );
+    }
+    // A large JSON body with no top-level "jsonrpc" member is plain HTTP: it goes on.
+    let plain = format!(r#"{{"pad":"{pad}","nested":{{"jsonrpc":"2.0"}}}}"#);
+    let out = post_as(
+        &s,
+        &research,
+        &["content-type: application/json"],
+        plain.as_bytes(),
+    )
+    .await;
+    assert_eq!(out.header("x-portcullis-error"), None, "{out:?}");
+
     let tools = s.server.received_tools();
     assert!(!tools.contains(&"delete_repo".to_owned()), "{tools:?}");
 }

@@ -214,19 +214,67 @@ pub fn classify(
     }
 }
 
-/// The start of a body too large to buffer: could the whole be JSON-RPC? True when it is in
-/// UTF-16/32, or starts like JSON and a `"jsonrpc"` member (escapes decoded) appears in the
-/// top-level object, or in an object directly inside a top-level array, within `head`.
+/// A body too large to buffer, read as it streams past: could the whole be JSON-RPC? It may
+/// be when it is in UTF-16/32, or starts like JSON (after any amount of whitespace) and a
+/// `"jsonrpc"` member (escapes decoded) appears in the top-level object, or in an object
+/// directly inside a top-level array. Fed chunk by chunk, in constant memory; once it says
+/// yes or "not JSON", that is final.
+#[derive(Debug, Default)]
+pub struct LargeBodyScan {
+    started: bool,
+    /// Set once the first non-whitespace byte opened an object or array.
+    json: Option<KeyScan>,
+    /// `Some(true)`: may be JSON-RPC; `Some(false)`: not JSON, plain HTTP.
+    verdict: Option<bool>,
+}
+
+impl LargeBodyScan {
+    /// The next bytes of the body; `true` once the body may be JSON-RPC.
+    pub fn feed(&mut self, chunk: &[u8]) -> bool {
+        if let Some(v) = self.verdict {
+            return v;
+        }
+        let mut text = chunk;
+        if !self.started {
+            self.started = true;
+            match utf8_text(chunk) {
+                Ok(t) => text = t,
+                Err(_) => return *self.verdict.insert(true),
+            }
+        }
+        if self.json.is_none() {
+            let Some(at) = text.iter().position(|b| !is_json_ws(*b)) else {
+                return false; // whitespace so far: a JSON body may still follow
+            };
+            if !matches!(text[at], b'{' | b'[') {
+                return *self.verdict.insert(false);
+            }
+            text = &text[at..];
+        }
+        if self
+            .json
+            .get_or_insert_with(KeyScan::default)
+            .finds_jsonrpc(text)
+        {
+            self.verdict = Some(true);
+        }
+        self.verdict == Some(true)
+    }
+
+    /// The body is not JSON: nothing later can make it JSON-RPC.
+    pub fn is_plain(&self) -> bool {
+        self.verdict == Some(false)
+    }
+}
+
+/// The start of a large body: could the whole be JSON-RPC, judging by `head` alone?
 pub fn head_may_be_jsonrpc(head: &[u8]) -> bool {
-    let Ok(text) = utf8_text(head) else {
-        return true;
-    };
-    starts_like_json(text) && KeyScan::default().finds_jsonrpc(text)
+    LargeBodyScan::default().feed(head)
 }
 
 /// A JSON tokenizer that only tracks containers, strings and the member names of the first
-/// two levels; it never fails (the text may be cut anywhere).
-#[derive(Default)]
+/// two levels; it never fails (the text may be cut anywhere) and resumes across chunks.
+#[derive(Debug, Default)]
 struct KeyScan {
     /// `true` for an object, `false` for an array, per open container (bounded).
     stack: Vec<bool>,
@@ -251,7 +299,7 @@ impl KeyScan {
         }
     }
 
-    fn finds_jsonrpc(mut self, text: &[u8]) -> bool {
+    fn finds_jsonrpc(&mut self, text: &[u8]) -> bool {
         for &b in text {
             if self.in_string {
                 if let Some(k) = self.key.as_mut() {
@@ -512,6 +560,29 @@ mod tests {
         ] {
             assert!(!head_may_be_jsonrpc(no), "{}", String::from_utf8_lossy(no));
         }
+    }
+
+    #[test]
+    fn a_large_body_is_scanned_as_it_streams_across_chunk_boundaries() {
+        let body = br#"  {"pad":"x\"jsonrpc\"","nested":{"jsonrpc":1},"json\u0072pc":"2.0"}"#;
+        let last_key = body.len() - r#""json\u0072pc":"2.0"}"#.len();
+        assert!(!LargeBodyScan::default().feed(&body[..last_key]));
+        for cut in 1..body.len() {
+            let (a, b) = body.split_at(cut);
+            let mut scan = LargeBodyScan::default();
+            let first = scan.feed(a);
+            assert!(first || scan.feed(b), "cut at {cut}");
+            assert!(!scan.is_plain());
+        }
+        // Whitespace of any length keeps the question open; anything else settles it.
+        let mut scan = LargeBodyScan::default();
+        assert!(!scan.feed(&[b' '; 4096]));
+        assert!(!scan.is_plain());
+        assert!(scan.feed(br#"[{"jsonrpc":"2.0"}]"#));
+        let mut plain = LargeBodyScan::default();
+        assert!(!plain.feed(b"   name=value&jsonrpc=2.0"));
+        assert!(plain.is_plain());
+        assert!(!plain.feed(br#"{"jsonrpc":"2.0"}"#));
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Response-body transforms: what a filter's response-body phase returns when it must see or
-//! change the body on its way to the client (`tools/list` filtering, secret redaction, the
-//! HTTP+SSE tap). A transform is fed the body chunk by chunk and may hold bytes back; the chain
-//! stacks the transforms of all its filters in chain order, each feeding the next.
+//! Body phases. Response-body transforms: what a filter's response-body phase returns when it
+//! must see or change the body on its way to the client (`tools/list` filtering, secret
+//! redaction, the HTTP+SSE tap). A transform is fed the body chunk by chunk and may hold bytes
+//! back; the chain stacks the transforms of all its filters in chain order, each feeding the
+//! next. Request-body checks: what the request-body phase returns for the part of a request
+//! body that streams upstream unbuffered; a check reads each chunk and may stop the body.
 
 use std::task::{Context as TaskContext, Poll};
 
@@ -29,6 +31,13 @@ pub trait BodyTransform: Send + Sync + 'static {
     fn poll_insert(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Option<Bytes>> {
         Poll::Pending
     }
+}
+
+/// One filter's view of the streamed rest of a request body.
+pub trait BodyCheck: Send + Sync + 'static {
+    /// The next chunk, before it goes upstream. A refusal stops the body before this chunk, so
+    /// the upstream never receives the whole request, and the action is refused with it.
+    fn data(&mut self, chunk: &[u8]) -> Result<(), crate::Rejection>;
 }
 
 /// A filter that must read a response body asks the upstream not to compress it.

@@ -162,6 +162,9 @@ pub struct Mcp {
     pub listing_input: Option<portcullis_policy::Input>,
     /// Tools called by this request whose definition changed since it was pinned.
     pub changed_tools: Vec<String>,
+    /// A body over the inspection limit whose head was JSON without a `"jsonrpc"` member: the
+    /// scan goes on over the rest as it streams (the request-body phase).
+    pub large_body: Option<crate::parse::jsonrpc::LargeBodyScan>,
 }
 
 /// The credentials an action carries and what substitution did with them.

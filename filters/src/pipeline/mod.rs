@@ -1,8 +1,9 @@
 //! The filter pipeline: a fixed sequence of phases over a per-request [`Context`], in the style
 //! of Pingora's `ProxyHttp`. A capability is a [`Filter`] plugged into the phases it needs; the
 //! chain order is written once, in the proxy's pipeline builder. The proxy's forwarding code
-//! only runs the phases: request, upstream request, (send), after response, response head,
-//! response body, logging, plus the refusal phase when a request phase refused.
+//! only runs the phases: request, upstream request, request body (the streamed rest of a body
+//! too large to buffer), (send), after response, response head, response body, logging, plus
+//! the refusal phase when a request phase refused.
 
 mod body;
 mod context;
@@ -15,7 +16,8 @@ use std::time::Duration;
 use crate::error::Rejection;
 
 pub use body::{
-    ask_uncompressed, content_encoding, BodyTransform, CannotRead, TransformError, Transforms,
+    ask_uncompressed, content_encoding, BodyCheck, BodyTransform, CannotRead, TransformError,
+    Transforms,
 };
 pub use context::{
     hex, hex_into, span_hex, ActionKind, Context, CredentialUse, DecisionRecord, Mcp, McpSummary,
@@ -58,6 +60,13 @@ pub trait Filter: Send + Sync + 'static {
     /// The request as it will go upstream: last chance to rewrite it.
     fn upstream_request(&self, _ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
         Action::Continue
+    }
+
+    /// The request body streams upstream unbuffered after the request phase saw its head (a
+    /// body over the inspection limit): a filter that must see the rest returns a check, fed
+    /// every later chunk before it goes upstream.
+    fn request_body(&self, _ctx: &mut Context) -> Option<Box<dyn BodyCheck>> {
+        None
     }
 
     /// The upstream answered (headers only). A filter may ask for the request to be sent once
@@ -157,6 +166,14 @@ impl Chain {
             }
         }
         Action::Continue
+    }
+
+    /// The checks of every filter that must see the streamed rest of the request body.
+    pub fn request_body(&self, ctx: &mut Context) -> Vec<Box<dyn BodyCheck>> {
+        self.filters
+            .iter()
+            .filter_map(|f| f.request_body(ctx))
+            .collect()
     }
 
     pub async fn after_response(

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::error::{ErrorCode, Rejection};
-use crate::parse::jsonrpc::{classify, head_may_be_jsonrpc, BodyKind, Unreadable};
+use crate::parse::jsonrpc::{classify, BodyKind, LargeBodyScan, Unreadable};
 use crate::parse::mcp_body::ResponseRewriter;
 use crate::pipeline::{
-    ask_uncompressed, content_encoding, Action, ActionKind, BodyTransform, CannotRead, Context,
-    Filter, RequestBody, TransformError,
+    ask_uncompressed, content_encoding, Action, ActionKind, BodyCheck, BodyTransform, CannotRead,
+    Context, Filter, RequestBody, TransformError,
 };
 
 /// The inspection stage. Hosts in `mcp.servers` are MCP-only: a POST there that is not
@@ -56,11 +56,13 @@ impl Filter for McpFilter {
                 if let Some(coding) = content_encoding(&req.headers) {
                     return refuse(ErrorCode::UnsupportedEncoding, encoded(&coding));
                 }
-                if mcp_only || head_may_be_jsonrpc(head) {
-                    return refuse(
-                        ErrorCode::BodyTooLarge,
-                        "the request body is larger than limits.inspect_body_bytes and may be JSON-RPC, which must be inspected",
-                    );
+                let mut scan = LargeBodyScan::default();
+                if mcp_only || scan.feed(head) {
+                    return refuse(ErrorCode::BodyTooLarge, LARGE_JSONRPC);
+                }
+                // JSON so far without a "jsonrpc" member: the rest is scanned as it streams.
+                if !scan.is_plain() {
+                    ctx.mcp.large_body = Some(scan);
                 }
                 return Action::Continue;
             }
@@ -98,12 +100,33 @@ impl Filter for McpFilter {
         }
     }
 
+    /// The streamed rest of a large JSON body: a `"jsonrpc"` member found there stops the body
+    /// before that chunk goes upstream (the server never gets a whole message to act on).
+    fn request_body(&self, ctx: &mut Context) -> Option<Box<dyn BodyCheck>> {
+        let scan = ctx.mcp.large_body.take()?;
+        Some(Box::new(JsonRpcWatch(scan)))
+    }
+
     /// A `tools/list` answer is filtered on its way back: it must come uncompressed.
     fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         if ctx.lists_tools() {
             ask_uncompressed(req);
         }
         Action::Continue
+    }
+}
+
+const LARGE_JSONRPC: &str = "the request body is larger than limits.inspect_body_bytes and may be JSON-RPC, which must be inspected";
+
+/// The scan of a large body's rest for a top-level `"jsonrpc"` member.
+struct JsonRpcWatch(LargeBodyScan);
+
+impl BodyCheck for JsonRpcWatch {
+    fn data(&mut self, chunk: &[u8]) -> Result<(), Rejection> {
+        match self.0.feed(chunk) {
+            true => Err(Rejection::new(ErrorCode::BodyTooLarge, LARGE_JSONRPC)),
+            false => Ok(()),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use portcullis_filters::pipeline::timing::StepKind;
 use portcullis_filters::pipeline::RequestBody;
 use portcullis_filters::{Action, AfterResponse, Context, ErrorCode, Rejection, Via};
 
-use crate::http::request_body::{read_limited, Read};
+use crate::http::request_body::{read_limited, Fault, Read, Streamed};
 use crate::http::response_body::LoggedBody;
 use crate::http::{refuse, Shared};
 use crate::upstream::Body;
@@ -28,7 +28,9 @@ pub(crate) async fn forward(
     body: Incoming,
 ) -> Response<Body> {
     // A body is buffered (bounded) when a filter must see it: the MCP stage classifies every
-    // non-empty one, so nothing reaches the upstream unread.
+    // non-empty one, so nothing reaches the upstream unread. A larger one streams on, its rest
+    // shown to the request-body checks; why it stopped on the client's side is the `fault`.
+    let fault = Fault::default();
     let body = if http_body::Body::is_end_stream(&body) {
         ctx.body = RequestBody::Empty;
         None
@@ -39,14 +41,14 @@ pub(crate) async fn forward(
                 ctx.body = RequestBody::Buffered(b);
                 None
             }
-            Ok(Read::TooLarge { head, body }) => {
-                ctx.body = RequestBody::TooLarge(head);
-                Some(body)
+            Ok(Read::TooLarge { head, rest }) => {
+                ctx.body = RequestBody::TooLarge(head.clone());
+                Some(Streamed::new(Some(head), rest, fault.clone()))
             }
             Err(rej) => return refuse(shared, ctx, rej),
         }
     } else {
-        Some(crate::http::request_body::stream(body))
+        Some(Streamed::new(None, body, fault.clone()))
     };
     if let Action::Respond(mut rej) = shared.chain.request(&mut ctx, &mut parts).await {
         shared.chain.refused(&ctx, &parts, &mut rej);
@@ -60,7 +62,7 @@ pub(crate) async fn forward(
     let (mut rparts, rbody) = loop {
         let (rparts, rbody) = match send(shared, &mut ctx, req).await {
             Ok(r) => r.into_parts(),
-            Err(rej) => return refuse(shared, ctx, rej),
+            Err(rej) => return refuse(shared, ctx, fault.get().unwrap_or(rej)),
         };
         match shared.chain.after_response(&mut ctx, &rparts).await {
             AfterResponse::Retry(parts) if !retried => {
@@ -91,7 +93,7 @@ fn prepare(
     shared: &Shared,
     mut ctx: Context,
     mut parts: http::request::Parts,
-    mut body: Option<Body>,
+    mut body: Option<Streamed>,
 ) -> Result<(Context, Request<Body>), Response<Body>> {
     if matches!(ctx.via, Via::AbsoluteForm | Via::Gateway) {
         // RFC 9112 §3.2.2: the absolute-form authority replaces any Host header (and a
@@ -112,7 +114,10 @@ fn prepare(
         return Err(refuse_draining(shared, ctx, rej, body));
     }
     let body = match (body.take(), &ctx.body) {
-        (Some(b), _) => b,
+        (Some(mut b), _) => {
+            b.check_with(shared.chain.request_body(&mut ctx));
+            b.boxed()
+        }
         // Buffered: send what the filters left (they may have rewritten it).
         (None, RequestBody::Buffered(b)) => {
             parts.headers.remove(http::header::TRANSFER_ENCODING);
@@ -149,7 +154,7 @@ fn refuse_draining(
     shared: &Shared,
     ctx: Context,
     rej: Rejection,
-    body: Option<Body>,
+    body: Option<Streamed>,
 ) -> Response<Body> {
     if let Some(mut b) = body {
         let limit = shared.limits.inspect_body_bytes;

@@ -1,9 +1,12 @@
 //! Request bodies for inspection: read a body up to a limit (bounded in size and time). A
-//! body that fits is buffered; one that does not is passed on as the already-read prefix
-//! followed by the rest of the stream, so nothing is lost and memory stays bounded.
+//! body that fits is buffered; one that does not goes on as the already-read head followed by
+//! the rest of the stream, so nothing is lost and memory stays bounded. The streamed rest is
+//! shown to the request-body checks of the filters first; a check's refusal, or a client-side
+//! read error (malformed chunked framing), stops the body and is kept as the action's
+//! [`Fault`], so the client gets that refusal and not an upstream error.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -11,18 +14,17 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use portcullis_filters::{ErrorCode, Rejection};
+use portcullis_filters::{BodyCheck, ErrorCode, Rejection};
 
-use crate::upstream::{Body, BoxError};
+use crate::upstream::BoxError;
 
 /// The outcome of [`read_limited`].
 pub enum Read {
     Complete(Bytes),
-    /// Over the limit: the first bytes (for classification), and the whole body to send on
-    /// (the prefix read so far, then the untouched rest).
+    /// Over the limit: the bytes read so far (for classification) and the unread rest.
     TooLarge {
         head: Bytes,
-        body: Body,
+        rest: Incoming,
     },
 }
 
@@ -34,35 +36,21 @@ pub async fn read_limited(
     timeout: Duration,
 ) -> Result<Read, Rejection> {
     let read = async {
-        let mut chunks: VecDeque<Bytes> = VecDeque::new();
-        let mut total = 0usize;
+        let declared = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
+        let mut buf = bytes::BytesMut::with_capacity(declared.min(limit.saturating_add(1)));
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                Rejection::new(
-                    ErrorCode::BadRequest,
-                    format!("reading the request body: {e}"),
-                )
-            })?;
+            let frame = frame.map_err(|e| unreadable(&e))?;
             // Trailers are not inspected; request trailers are rare and dropped here.
             if let Ok(data) = frame.into_data() {
-                total += data.len();
-                chunks.push_back(data);
-                if total > limit {
-                    let mut head = bytes::BytesMut::with_capacity(total);
-                    chunks.iter().for_each(|c| head.extend_from_slice(c));
+                buf.extend_from_slice(&data);
+                if buf.len() > limit {
                     return Ok(Read::TooLarge {
-                        head: head.freeze(),
-                        body: Prefixed {
-                            prefix: chunks,
-                            rest: body,
-                        }
-                        .boxed(),
+                        head: buf.freeze(),
+                        rest: body,
                     });
                 }
             }
         }
-        let mut buf = bytes::BytesMut::with_capacity(total);
-        chunks.iter().for_each(|c| buf.extend_from_slice(c));
         Ok(Read::Complete(buf.freeze()))
     };
     tokio::time::timeout(timeout, read)
@@ -75,17 +63,54 @@ pub async fn read_limited(
         })
 }
 
-pub fn stream(body: Incoming) -> Body {
-    body.map_err(|e| Box::new(e) as BoxError).boxed()
+fn unreadable(e: &hyper::Error) -> Rejection {
+    Rejection::new(
+        ErrorCode::BadRequest,
+        format!("reading the request body: {e}"),
+    )
 }
 
-/// Chunks already read, then the rest of the stream.
-struct Prefixed {
-    prefix: VecDeque<Bytes>,
+/// Why a streamed request body stopped, when the cause is the client's side: set once by the
+/// body, read by the action when sending fails.
+#[derive(Clone, Default)]
+pub struct Fault(Arc<OnceLock<Rejection>>);
+
+impl Fault {
+    pub fn get(&self) -> Option<Rejection> {
+        self.0.get().cloned()
+    }
+}
+
+/// A request body that streams upstream: the head already read (if any), then the rest of
+/// the client's stream, each chunk of the rest shown to the checks first.
+pub struct Streamed {
+    head: Option<Bytes>,
     rest: Incoming,
+    checks: Vec<Box<dyn BodyCheck>>,
+    fault: Fault,
 }
 
-impl HttpBody for Prefixed {
+impl Streamed {
+    pub fn new(head: Option<Bytes>, rest: Incoming, fault: Fault) -> Streamed {
+        Streamed {
+            head,
+            rest,
+            checks: Vec::new(),
+            fault,
+        }
+    }
+
+    pub fn check_with(&mut self, checks: Vec<Box<dyn BodyCheck>>) {
+        self.checks = checks;
+    }
+
+    fn stop(&self, rej: Rejection) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let _ = self.fault.0.set(rej.clone());
+        Poll::Ready(Some(Err(Box::new(rej))))
+    }
+}
+
+impl HttpBody for Streamed {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -93,20 +118,29 @@ impl HttpBody for Prefixed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(chunk) = self.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
         }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BoxError)
+        let frame = match Pin::new(&mut self.rest).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return self.stop(unreadable(&e)),
+            other => return other.map_err(|e| Box::new(e) as BoxError),
+        };
+        if let Some(data) = frame.data_ref() {
+            let this = &mut *self;
+            if let Some(rej) = this.checks.iter_mut().find_map(|c| c.data(data).err()) {
+                return self.stop(rej);
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.rest.is_end_stream()
+        self.head.is_none() && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let buffered: u64 = self.prefix.iter().map(|c| c.len() as u64).sum();
+        let buffered = self.head.as_ref().map_or(0, |h| h.len() as u64);
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + buffered);
