@@ -476,10 +476,13 @@ pub struct LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// hyper's own header buffer limit sits above ours so our 431 (with the error contract)
-    /// answers first; anything beyond it still gets hyper's bare 431.
+    /// The HTTP layer's own header limits (hyper's HTTP/1.1 read buffer, h2's
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` and with it h2's CONTINUATION frame count) sit well above
+    /// ours, so a header block over `max_header_bytes` reaches the hygiene filter and gets our
+    /// 431 with the error contract. Only a block over this (8× the limit, at least 64 KiB)
+    /// is refused by the HTTP layer itself.
     pub fn hyper_buf_size(&self) -> usize {
-        (self.max_header_bytes * 2).max(8192)
+        self.max_header_bytes.saturating_mul(8).max(64 * 1024)
     }
 }
 
