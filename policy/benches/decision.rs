@@ -54,6 +54,7 @@ fn inputs() -> Vec<Input> {
                 request: Some(RequestInfo {
                     method: "POST".into(),
                     path: format!("/repos/acme/widgets/issues/{i}/comments"),
+                    normalized_path: format!("/repos/acme/widgets/issues/{i}/comments"),
                     query: BTreeMap::from([("per_page".into(), vec!["50".into()])]),
                     headers: redact_headers(headers.into_iter(), &[]),
                     body_size: Some(100 + i),

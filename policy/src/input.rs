@@ -118,7 +118,12 @@ pub struct Destination {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestInfo {
     pub method: String,
+    /// The path as the upstream receives it.
     pub path: String,
+    /// The path normalised (RFC 3986 §6.2.2: unreserved escapes decoded, dot segments
+    /// removed): what path rules should match on. Never longer than `path`.
+    #[serde(default)]
+    pub normalized_path: String,
     #[serde(default)]
     pub query: BTreeMap<String, Vec<String>>,
     /// Lowercase header names; credential values already redacted (see [`redact_headers`]).
@@ -247,6 +252,7 @@ impl Input {
         if let Some(request) = &mut self.request {
             truncate_in_place(&mut request.method, MAX_STRING_BYTES);
             truncate_in_place(&mut request.path, MAX_PATH_BYTES);
+            truncate_in_place(&mut request.normalized_path, MAX_PATH_BYTES);
             bound_multimap(
                 &mut request.query,
                 MAX_QUERY_KEYS,
@@ -579,6 +585,7 @@ keys!(
     spiffe_id,
     trust_domain,
     path,
+    normalized_path,
     segments,
     source,
     address,
@@ -660,12 +667,16 @@ impl Converter {
     /// The members of `input.request`.
     fn request_members(&mut self, request: &RequestInfo) -> Vec<(Value, Value)> {
         let k = &self.keys;
-        let mut members: Vec<(Value, Value)> = Vec::with_capacity(5);
+        let mut members: Vec<(Value, Value)> = Vec::with_capacity(6);
         if let Some(size) = request.body_size {
             members.push((k.body_size.clone(), Value::from(size)));
         }
         members.push((k.headers.clone(), self.headers.convert(&request.headers)));
         members.push((k.method.clone(), Value::from(request.method.as_str())));
+        members.push((
+            k.normalized_path.clone(),
+            Value::from(request.normalized_path.as_str()),
+        ));
         members.push((k.path.clone(), Value::from(request.path.as_str())));
         members.push((k.query.clone(), self.query.convert(&request.query)));
         members
@@ -855,7 +866,8 @@ mod tests {
             },
             request: Some(RequestInfo {
                 method: "POST".into(),
-                path: "/repos/o/r/issues".into(),
+                path: "/repos/o/r/./issues".into(),
+                normalized_path: "/repos/o/r/issues".into(),
                 query: BTreeMap::from([("a".into(), vec!["1".into()])]),
                 headers: BTreeMap::from([("content-type".into(), vec!["application/json".into()])]),
                 body_size: Some(123),
@@ -883,6 +895,7 @@ mod tests {
             serde_json::json!(["agents", "research"])
         );
         assert_eq!(json["request"]["query"]["a"][0], "1");
+        assert_eq!(json["request"]["normalized_path"], "/repos/o/r/issues");
         assert_eq!(json["request"]["body_size"], 123);
         assert_eq!(json["time"]["weekday"], "Sun");
         assert_eq!(json["time"]["hour_utc"], 12);

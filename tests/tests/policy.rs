@@ -178,6 +178,41 @@ async fn a_jsonrpc_body_does_not_escape_the_http_rules() {
     assert_eq!(line["decision"], "deny");
 }
 
+/// Path rules match the normalised path: dot segments (also percent-encoded) and encoded
+/// unreserved characters cannot hide `/admin` from a rule; the upstream gets the raw path.
+#[tokio::test(flavor = "multi_thread")]
+async fn path_rules_see_the_normalised_path() {
+    let policy = r#"package portcullis
+
+import rego.v1
+
+default decision := {"allow": true, "reason": "open"}
+
+decision := {"allow": false, "reason": concat(" ", ["admin is off limits:", input.request.path])} if {
+	startswith(input.request.normalized_path, "/admin")
+}
+"#;
+    let s = setup(policy, |_| {}).await;
+    for raw in [
+        "/public/../admin",
+        "/public/%2e%2E/admin/x",
+        "/%61dmin",
+        "/./admin",
+    ] {
+        let out = s.curl(&["--path-as-is", &s.url(raw)]).await;
+        out.assert_refused(403, "policy_denied");
+        assert_eq!(
+            out.json()["reason"],
+            format!("admin is off limits: {raw}"),
+            "the policy sees the raw path too"
+        );
+    }
+    assert!(s.up.seen().is_empty(), "{:?}", s.up.seen());
+    // Not a dot segment, not unreserved: the path is what it says.
+    let out = s.curl(&["--path-as-is", &s.url("/a..dmin/%2Fadmin")]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+}
+
 /// No decision on a truncated view: what the policy input cannot hold whole is refused, and
 /// what it can (thousands of arguments, a long string) is given to the policy whole.
 #[tokio::test(flavor = "multi_thread")]

@@ -6,4 +6,5 @@ pub mod egress;
 pub mod identity;
 pub mod jsonrpc;
 pub mod mcp_body;
+pub mod path;
 pub mod secret;

@@ -55,6 +55,7 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
     let request = (ctx.kind != ActionKind::Connect).then(|| RequestInfo {
         method: req.method.as_str().to_owned(),
         path: req.uri.path().to_owned(),
+        normalized_path: crate::parse::path::normalize(req.uri.path()),
         query: req
             .uri
             .query()
