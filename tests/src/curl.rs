@@ -153,6 +153,18 @@ pub async fn raw_in_tunnel(
     target: &str,
     request: &str,
 ) -> RawResponse {
+    let mut inner = raw_tunnel(pki, proxy, client, target).await;
+    inner.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut inner).await
+}
+
+/// An intercepted tunnel to `target`, TLS to the MITM leaf done, speaking HTTP/1.1.
+pub async fn raw_tunnel(
+    pki: &Pki,
+    proxy: SocketAddr,
+    client: &ClientCert,
+    target: &str,
+) -> tokio_rustls::client::TlsStream<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut outer = raw_tls(pki, proxy, client).await;
     let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     outer.write_all(connect.as_bytes()).await.unwrap();
@@ -174,12 +186,10 @@ pub async fn raw_in_tunnel(
         .map_or(target, |(h, _)| h)
         .to_owned();
     let name = rustls_pki_types::ServerName::try_from(host).unwrap();
-    let mut inner = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, outer)
         .await
-        .unwrap();
-    inner.write_all(request.as_bytes()).await.unwrap();
-    read_response(&mut inner).await
+        .unwrap()
 }
 
 #[derive(Debug)]

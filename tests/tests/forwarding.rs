@@ -217,16 +217,16 @@ async fn oversized_headers_get_431() {
     let url = s.url("/");
     let out = s.curl(&["-H", &big, &url]).await;
     out.assert_refused(431, "headers_too_large");
-    // Far beyond even hyper's HTTP/1.1 buffer (8× the limit, at least 64 KiB): hyper answers
-    // a bare 431 and closes while the client may still be writing, so the client sees either
-    // the 431 or a reset. Never a forward, never a crash.
+    // Past what the proxy reads of a head (8× the limit, at least 64 KiB): the proxy answers
+    // 431 and closes while the client may still be writing, so the client sees either the
+    // 431 (with the contract) or a reset. Never a forward, never a crash.
     let huge = format!("X-Huge: {}", "b".repeat(100_000));
     let out = s.curl(&["--http1.1", "-H", &huge, &url]).await;
     // (On a reset, the last status curl saw is the CONNECT 200.)
-    assert!(
-        out.status == 431 || (!out.success && out.status == 200),
-        "{out:?}"
-    );
+    match out.status {
+        431 => out.assert_refused(431, "headers_too_large"),
+        _ => assert!(!out.success && out.status == 200, "{out:?}"),
+    }
     // On h2 too: a block over the limit reaches the proxy's own check, not an h2 stream
     // error (curl retries those five times, then fails).
     let large = format!("X-Large: {}", "c".repeat(20_000));
@@ -388,6 +388,109 @@ async fn a_malformed_chunked_body_is_a_400() {
         out.assert_refused(400, "bad_request");
     }
     assert!(s.up.seen().is_empty());
+}
+
+/// Request heads the HTTP library would refuse on its own (with a bare 400/431) are refused by
+/// the proxy first, with the error contract and an access-log line, on the proxy connection
+/// and inside a tunnel; nothing reaches the upstream. Framing is followed across keep-alive
+/// requests, so a bad head after good ones (chunked bodies included) is answered in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_heads_get_the_error_contract() {
+    let s = setup(|c| c["limits"] = serde_json::json!({"max_header_bytes": 4096})).await;
+    let target = format!("localhost:{}", s.up.port());
+    let many = "X-Many: y\r\n".repeat(101);
+    let long = format!("X-Long: {}\r\n", "z".repeat(70_000));
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "two lengths",
+            "Content-Length: 1\r\nContent-Length: 2\r\n\r\nab".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "a bad length",
+            "Content-Length: 1x\r\n\r\n".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "length and chunked",
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "gzip coding",
+            "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "obs-fold",
+            "X-Folded: a\r\n b\r\n\r\n".into(),
+            400,
+            "bad_request",
+        ),
+        ("a bare CR", "X-Cr: a\rb\r\n\r\n".into(), 400, "bad_request"),
+        ("a NUL", "X-Nul: a\0b\r\n\r\n".into(), 400, "bad_request"),
+        (
+            "too many fields",
+            format!("{many}\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "a head over the read limit",
+            format!("{long}\r\n"),
+            431,
+            "headers_too_large",
+        ),
+    ];
+    for (what, rest, status, code) in &cases {
+        let host = format!("Host: {target}\r\n");
+        // Inside an intercepted tunnel (origin-form) and on the proxy connection (absolute-form).
+        let inner = format!("POST /x HTTP/1.1\r\n{host}{rest}");
+        let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &inner).await;
+        assert_eq!(
+            (out.status, out.header("x-portcullis-error").as_deref()),
+            (*status, Some(*code)),
+            "{what} in a tunnel: {out:?}"
+        );
+        let trace_id = out.json()["trace_id"].as_str().unwrap().to_owned();
+        assert_eq!(trace_id.len(), 32);
+        s.proxy
+            .logs
+            .wait_for("the refusal's access line", |l| l.contains(&trace_id));
+        let outer = format!("POST http://{target}/x HTTP/1.1\r\n{host}{rest}");
+        let out = raw_request(&s.pki, s.proxy.addr, &s.agent, &outer).await;
+        assert_eq!(
+            (out.status, out.header("x-portcullis-error").as_deref()),
+            (*status, Some(*code)),
+            "{what}: {out:?}"
+        );
+    }
+    let space = format!("GET /a b HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &space).await;
+    out.assert_refused(400, "bad_request");
+    assert!(s.up.seen().is_empty(), "{:?}", s.up.seen());
+
+    // Keep-alive: the gate follows the framing (a chunked body with an extension and a
+    // trailer, a sized one), so the bad head after them is found and refused.
+    let mut tunnel = raw_tunnel(&s.pki, s.proxy.addr, &s.agent, &target).await;
+    for (request, status) in [
+        (format!("POST /one HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"), 200),
+        (format!("POST /two HTTP/1.1\r\nHost: {target}\r\nContent-Length: 3\r\n\r\nabc"), 200),
+        (format!("GET /three HTTP/1.1\r\nHost: {target}\r\nX-Folded: a\r\n b\r\n\r\n"), 400),
+    ] {
+        tunnel.write_all(request.as_bytes()).await.unwrap();
+        let out = read_response(&mut tunnel).await;
+        match status {
+            200 => assert_eq!(out.status, 200, "{request:?}: {out:?}"),
+            _ => out.assert_refused(400, "bad_request"),
+        }
+    }
+    let seen: Vec<String> = s.up.seen().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(seen, ["/one", "/two"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -476,13 +476,19 @@ pub struct LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// The HTTP layer's own header limits (hyper's HTTP/1.1 read buffer, h2's
-    /// `SETTINGS_MAX_HEADER_LIST_SIZE` and with it h2's CONTINUATION frame count) sit well above
-    /// ours, so a header block over `max_header_bytes` reaches the hygiene filter and gets our
-    /// 431 with the error contract. Only a block over this (8× the limit, at least 64 KiB)
-    /// is refused by the HTTP layer itself.
-    pub fn hyper_buf_size(&self) -> usize {
+    /// The most a request head may take before the proxy stops reading it (431): the HTTP/1.1
+    /// head gate's limit and h2's `SETTINGS_MAX_HEADER_LIST_SIZE` (and with it h2's
+    /// CONTINUATION frame count). Well above `max_header_bytes`, so a header block over that
+    /// reaches the hygiene filter, which names the limit; past this (8× the limit, at least
+    /// 64 KiB) the gate refuses on HTTP/1.1, and h2 itself answers a bare 431 or GOAWAY.
+    pub fn head_read_bytes(&self) -> usize {
         self.max_header_bytes.saturating_mul(8).max(64 * 1024)
+    }
+
+    /// hyper's HTTP/1.1 read buffer: room for the largest head the gate passes and what
+    /// follows it, so hyper never refuses a head on its own.
+    pub fn hyper_buf_size(&self) -> usize {
+        self.head_read_bytes().saturating_mul(2)
     }
 }
 

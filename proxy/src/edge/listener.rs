@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use portcullis_filters::Peer;
+use portcullis_filters::{Peer, Via};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
 use crate::edge::slots::Slots;
 use crate::edge::tls::peer_spiffe_id;
+use crate::http::head_gate::{HeadGate, MAX_HEADERS};
 use crate::http::idle::{idle_watch, Activity, IdleIo};
 use crate::http::{self, Conn, Shared};
 
@@ -91,12 +92,13 @@ async fn serve_conn(
         return;
     };
     tracing::debug!(peer = %addr, spiffe_id = %spiffe_id, "client authenticated");
+    let peer = Arc::new(Peer {
+        spiffe_id,
+        source: addr,
+        source_ip: addr.ip().to_string(),
+    });
     let conn = Arc::new(Conn {
-        peer: Arc::new(Peer {
-            spiffe_id,
-            source: addr,
-            source_ip: addr.ip().to_string(),
-        }),
+        peer: peer.clone(),
         activity: activity.clone(),
         _permit: permit,
     });
@@ -105,13 +107,21 @@ async fn serve_conn(
         let (s, c) = (svc_shared.clone(), conn.clone());
         async move { Ok::<_, Infallible>(http::handle(s, c, req).await) }
     });
+    let gate = http::head_refusal(
+        shared.clone(),
+        peer,
+        Via::AbsoluteForm,
+        http::no_destination(),
+    );
+    let io = HeadGate::new(tls, shared.limits.head_read_bytes(), gate);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
+        .max_headers(MAX_HEADERS)
         .max_buf_size(shared.limits.hyper_buf_size());
     let served = builder
-        .serve_connection(TokioIo::new(tls), svc)
+        .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     tokio::pin!(served);
     tokio::select! {

@@ -18,8 +18,9 @@ use tokio::net::TcpStream;
 
 use crate::http::error::empty;
 use crate::http::forward::forward;
+use crate::http::head_gate::{HeadGate, MAX_HEADERS};
 use crate::http::idle::idle_watch;
-use crate::http::{refuse, reject_early, Conn, Shared};
+use crate::http::{head_refusal, refuse, reject_early, Conn, Shared};
 use crate::upstream::Body;
 
 pub(crate) async fn handle(
@@ -138,24 +139,18 @@ async fn mitm(
             };
             serve_inner(shared, conn, dest, io).await;
         }
-        _ => refuse_tunnel(io).await,
+        _ => refuse_tunnel(shared, conn, dest, io).await,
     }
 }
 
 /// Bytes that are neither TLS nor HTTP: a 400 with the error contract, then the tunnel closes.
-async fn refuse_tunnel(mut io: Rewind) {
+async fn refuse_tunnel(shared: Arc<Shared>, conn: Arc<Conn>, dest: Destination, mut io: Rewind) {
     let rej = Rejection::new(
         ErrorCode::BadRequest,
         "the tunnel carries neither TLS nor HTTP/1.1",
     );
-    let body = serde_json::json!({"error": rej.code.as_str(), "reason": rej.reason}).to_string();
-    let head = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nx-portcullis-error: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        rej.code.as_str(),
-        body.len()
-    );
-    let _ = io.write_all(head.as_bytes()).await;
-    let _ = io.write_all(body.as_bytes()).await;
+    let answer = head_refusal(shared, conn.peer.clone(), Via::Mitm, dest)(rej);
+    let _ = io.write_all(&answer).await;
     let _ = io.shutdown().await;
 }
 
@@ -244,6 +239,8 @@ async fn serve_inner<I>(shared: Arc<Shared>, conn: Arc<Conn>, dest: Destination,
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let gate = head_refusal(shared.clone(), conn.peer.clone(), Via::Mitm, dest.clone());
+    let io = HeadGate::new(io, shared.limits.head_read_bytes(), gate);
     let dest = Arc::new(dest);
     let svc_shared = shared.clone();
     let svc_conn = conn.clone();
@@ -256,11 +253,12 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
+        .max_headers(MAX_HEADERS)
         .max_buf_size(shared.limits.hyper_buf_size());
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(shared.limits.hyper_buf_size()).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(shared.limits.head_read_bytes()).unwrap_or(u32::MAX));
     let served = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(served);
     tokio::select! {

@@ -12,16 +12,20 @@ use crate::upstream::Body;
 
 pub const ERROR_HEADER: &str = "x-portcullis-error";
 
+fn error_json(rej: &Rejection, trace_id: TraceId) -> String {
+    serde_json::json!({
+        "error": rej.code.as_str(),
+        "reason": rej.reason,
+        "trace_id": trace_id.to_string(),
+    })
+    .to_string()
+}
+
 pub fn error_response(rej: &Rejection, trace_id: TraceId) -> Response<Body> {
     if let Some(answer) = &rej.jsonrpc {
         return jsonrpc_response(rej, answer);
     }
-    let body = serde_json::json!({
-        "error": rej.code.as_str(),
-        "reason": rej.reason,
-        "trace_id": trace_id.to_string(),
-    });
-    let mut resp = Response::new(full(body.to_string()));
+    let mut resp = Response::new(full(error_json(rej, trace_id)));
     *resp.status_mut() =
         StatusCode::from_u16(rej.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = resp.headers_mut();
@@ -42,6 +46,21 @@ pub fn error_response(rej: &Rejection, trace_id: TraceId) -> Response<Body> {
         HeaderValue::from_static(rej.code.as_str()),
     );
     resp
+}
+
+/// The same answer as raw HTTP/1.1 bytes, for a refusal made below hyper (the head gate),
+/// closing the connection.
+pub fn raw_error_response(rej: &Rejection, trace_id: TraceId) -> Vec<u8> {
+    let body = error_json(rej, trace_id);
+    let status = StatusCode::from_u16(rej.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{ERROR_HEADER}: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        rej.code.as_str(),
+        body.len(),
+    )
+    .into_bytes()
 }
 
 /// A refused MCP request: 200 with the JSON-RPC error(s), or 202 when only notifications were

@@ -7,6 +7,7 @@ pub(crate) mod connect;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod gateway;
+pub(crate) mod head_gate;
 pub(crate) mod idle;
 pub(crate) mod mitm;
 pub(crate) mod request_body;
@@ -118,6 +119,32 @@ pub(crate) fn reject_early(
         parts,
     );
     refuse(shared, ctx, Rejection::new(ErrorCode::BadRequest, reason))
+}
+
+/// What the head gate does with a request head it refuses on a connection from `peer`
+/// (towards `dest`: a tunnel's, or none): log it like any refusal (method and path unknown:
+/// `-`), and answer with the error contract as raw bytes.
+pub(crate) fn head_refusal(
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    via: Via,
+    dest: Destination,
+) -> head_gate::OnRefuse {
+    Box::new(move |rej| {
+        let (parts, ()) = Request::new(()).into_parts();
+        let mut ctx = Context::new(peer, via, dest, &parts);
+        ctx.method = Method::from_bytes(b"-").unwrap_or_default();
+        ctx.path = "-".into();
+        ctx.error = Some(rej.code);
+        let answer = error::raw_error_response(&rej, ctx.trace.id);
+        let outcome = Outcome {
+            status: rej.status(),
+            bytes: 0,
+            duration: ctx.started.elapsed(),
+        };
+        shared.chain.logging(&ctx, &outcome);
+        answer
+    })
 }
 
 /// Answer with the error and run the logging phase.
