@@ -64,7 +64,7 @@ fn inputs() -> Vec<Input> {
                 time: TimeInfo::at(1_763_726_400),
                 gateway: None,
             }
-            .bounded()
+            .bounded(&portcullis_policy::InputLimits::default())
         })
         .collect()
 }

@@ -36,6 +36,48 @@ pub const TRUNCATED_MARKER: &str = "…(truncated)";
 /// Replacement for a redacted credential value.
 pub const REDACTED: &str = "[REDACTED]";
 
+/// The bounds of the request-controlled parts of the input (`policy.input_limits`). A request
+/// over one is refused (see [`Input::exceeded`]), never decided on a truncated view. The
+/// defaults are the `MAX_*` constants of this module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InputLimits {
+    /// Longest request path, in bytes.
+    pub path_bytes: usize,
+    /// Most query keys.
+    pub query_keys: usize,
+    /// Most header names.
+    pub header_names: usize,
+    /// Most values per query key or header name.
+    pub values_per_key: usize,
+    /// Longest query key, query value or header name, in bytes.
+    pub string_bytes: usize,
+    /// Longest header value (after redaction), in bytes.
+    pub header_value_bytes: usize,
+    /// Deepest nesting of an MCP message's values (at most 128, serde_json's own limit).
+    pub mcp_depth: usize,
+    /// Most JSON nodes in an MCP message's values.
+    pub mcp_nodes: usize,
+    /// Longest string (or member name) in an MCP message, in bytes.
+    pub mcp_string_bytes: usize,
+}
+
+impl Default for InputLimits {
+    fn default() -> InputLimits {
+        InputLimits {
+            path_bytes: MAX_PATH_BYTES,
+            query_keys: MAX_QUERY_KEYS,
+            header_names: MAX_HEADER_NAMES,
+            values_per_key: MAX_VALUES_PER_KEY,
+            string_bytes: MAX_STRING_BYTES,
+            header_value_bytes: MAX_HEADER_VALUE_BYTES,
+            mcp_depth: MAX_MCP_DEPTH,
+            mcp_nodes: MAX_MCP_NODES,
+            mcp_string_bytes: MAX_MCP_STRING_BYTES,
+        }
+    }
+}
+
 /// The action being decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -233,12 +275,13 @@ pub struct Input {
 }
 
 impl Input {
-    /// Applies every bound listed in this module's `MAX_*` constants. Cheap when
-    /// nothing exceeds a bound (no reallocation of already-small fields).
-    /// [`crate::PolicySet::evaluate`] relies on callers having bounded the input;
-    /// the proxy builds inputs from peer data and must call this.
+    /// Applies every bound: `limits` to the request-controlled parts, this module's `MAX_*`
+    /// constants to the rest. Cheap when nothing exceeds a bound (no reallocation of
+    /// already-small fields). [`crate::PolicySet::evaluate`] relies on callers having bounded
+    /// the input; the proxy builds inputs from peer data and must call this (after
+    /// [`Input::exceeded`] with the same limits, so nothing it decides on is cut).
     #[must_use]
-    pub fn bounded(mut self) -> Input {
+    pub fn bounded(mut self, limits: &InputLimits) -> Input {
         let id = &mut self.identity;
         truncate_in_place(&mut id.spiffe_id, MAX_STRING_BYTES);
         truncate_in_place(&mut id.trust_domain, MAX_STRING_BYTES);
@@ -251,24 +294,24 @@ impl Input {
         truncate_in_place(&mut self.destination.scheme, MAX_STRING_BYTES);
         if let Some(request) = &mut self.request {
             truncate_in_place(&mut request.method, MAX_STRING_BYTES);
-            truncate_in_place(&mut request.path, MAX_PATH_BYTES);
-            truncate_in_place(&mut request.normalized_path, MAX_PATH_BYTES);
+            truncate_in_place(&mut request.path, limits.path_bytes);
+            truncate_in_place(&mut request.normalized_path, limits.path_bytes);
             bound_multimap(
                 &mut request.query,
-                MAX_QUERY_KEYS,
-                MAX_VALUES_PER_KEY,
-                MAX_STRING_BYTES,
+                (limits.query_keys, limits.string_bytes),
+                limits.values_per_key,
+                limits.string_bytes,
             );
             bound_multimap(
                 &mut request.headers,
-                MAX_HEADER_NAMES,
-                MAX_VALUES_PER_KEY,
-                MAX_HEADER_VALUE_BYTES,
+                (limits.header_names, limits.string_bytes),
+                limits.values_per_key,
+                limits.header_value_bytes,
             );
         }
         if let Some(mcp) = &mut self.mcp {
-            let mut budget = MAX_MCP_NODES;
-            bound_json(mcp, 0, &mut budget);
+            let mut budget = limits.mcp_nodes;
+            bound_json(mcp, 0, &mut budget, limits);
         }
         bound_list(&mut self.credentials, MAX_LIST_ITEMS, MAX_STRING_BYTES);
         if let Some(gateway) = &mut self.gateway {
@@ -298,26 +341,29 @@ pub enum Part {
 }
 
 impl Input {
-    /// The first bound a request-controlled field of this input exceeds, if any (identity,
-    /// destination and configured names are checked elsewhere). Call before [`Input::bounded`].
-    pub fn exceeded(&self) -> Option<Exceeded> {
+    /// The first bound of `limits` a request-controlled field of this input exceeds, if any
+    /// (identity, destination and configured names are checked elsewhere). Call before
+    /// [`Input::bounded`].
+    pub fn exceeded(&self, limits: &InputLimits) -> Option<Exceeded> {
         let over = |what, limit, part| Some(Exceeded { what, limit, part });
         if let Some(r) = &self.request {
-            if r.path.len() > MAX_PATH_BYTES {
-                return over("path bytes", MAX_PATH_BYTES, Part::Target);
+            if r.path.len() > limits.path_bytes {
+                return over("path bytes", limits.path_bytes, Part::Target);
             }
             if let Some(e) = multimap_exceeded(
                 &r.query,
-                ("query keys", MAX_QUERY_KEYS),
-                MAX_STRING_BYTES,
+                ("query keys", limits.query_keys),
+                limits.string_bytes,
+                limits,
                 Part::Target,
             ) {
                 return Some(e);
             }
             if let Some(e) = multimap_exceeded(
                 &r.headers,
-                ("header names", MAX_HEADER_NAMES),
-                MAX_HEADER_VALUE_BYTES,
+                ("header names", limits.header_names),
+                limits.header_value_bytes,
+                limits,
                 Part::Headers,
             ) {
                 return Some(e);
@@ -325,7 +371,7 @@ impl Input {
         }
         let mcp = self.mcp.as_ref()?;
         let mut nodes = 0usize;
-        json_exceeded(mcp, 0, &mut nodes)
+        json_exceeded(mcp, 0, &mut nodes, limits)
     }
 }
 
@@ -333,6 +379,7 @@ fn multimap_exceeded(
     map: &BTreeMap<String, Vec<String>>,
     (keys, max_keys): (&'static str, usize),
     max_value_bytes: usize,
+    limits: &InputLimits,
     part: Part,
 ) -> Option<Exceeded> {
     let over = |what, limit| Some(Exceeded { what, limit, part });
@@ -340,11 +387,11 @@ fn multimap_exceeded(
         return over(keys, max_keys);
     }
     for (key, values) in map {
-        if key.len() > MAX_STRING_BYTES {
-            return over("name bytes", MAX_STRING_BYTES);
+        if key.len() > limits.string_bytes {
+            return over("name bytes", limits.string_bytes);
         }
-        if values.len() > MAX_VALUES_PER_KEY {
-            return over("values per name", MAX_VALUES_PER_KEY);
+        if values.len() > limits.values_per_key {
+            return over("values per name", limits.values_per_key);
         }
         if values.iter().any(|v| v.len() > max_value_bytes) {
             return over("value bytes", max_value_bytes);
@@ -353,7 +400,12 @@ fn multimap_exceeded(
     None
 }
 
-fn json_exceeded(value: &serde_json::Value, depth: usize, nodes: &mut usize) -> Option<Exceeded> {
+fn json_exceeded(
+    value: &serde_json::Value,
+    depth: usize,
+    nodes: &mut usize,
+    limits: &InputLimits,
+) -> Option<Exceeded> {
     use serde_json::Value as J;
     let over = |what, limit| {
         Some(Exceeded {
@@ -363,24 +415,24 @@ fn json_exceeded(value: &serde_json::Value, depth: usize, nodes: &mut usize) -> 
         })
     };
     *nodes += 1;
-    if *nodes > MAX_MCP_NODES {
-        return over("MCP argument nodes", MAX_MCP_NODES);
+    if *nodes > limits.mcp_nodes {
+        return over("MCP argument nodes", limits.mcp_nodes);
     }
     match value {
-        J::Array(_) | J::Object(_) if depth >= MAX_MCP_DEPTH => {
-            over("MCP argument depth", MAX_MCP_DEPTH)
+        J::Array(_) | J::Object(_) if depth >= limits.mcp_depth => {
+            over("MCP argument depth", limits.mcp_depth)
         }
-        J::String(s) if s.len() > MAX_MCP_STRING_BYTES => {
-            over("MCP string bytes", MAX_MCP_STRING_BYTES)
+        J::String(s) if s.len() > limits.mcp_string_bytes => {
+            over("MCP string bytes", limits.mcp_string_bytes)
         }
         J::Array(items) => items
             .iter()
-            .find_map(|v| json_exceeded(v, depth + 1, nodes)),
+            .find_map(|v| json_exceeded(v, depth + 1, nodes, limits)),
         J::Object(members) => members.iter().find_map(|(k, v)| {
-            if k.len() > MAX_MCP_STRING_BYTES {
-                return over("MCP string bytes", MAX_MCP_STRING_BYTES);
+            if k.len() > limits.mcp_string_bytes {
+                return over("MCP string bytes", limits.mcp_string_bytes);
             }
-            json_exceeded(v, depth + 1, nodes)
+            json_exceeded(v, depth + 1, nodes, limits)
         }),
         _ => None,
     }
@@ -408,7 +460,7 @@ fn bound_list(items: &mut Vec<String>, max_items: usize, max_bytes: usize) {
 
 fn bound_multimap(
     map: &mut BTreeMap<String, Vec<String>>,
-    max_keys: usize,
+    (max_keys, max_key_bytes): (usize, usize),
     max_values: usize,
     max_value_bytes: usize,
 ) {
@@ -421,13 +473,13 @@ fn bound_multimap(
     }
     let long_keys: Vec<String> = map
         .keys()
-        .filter(|k| k.len() > MAX_STRING_BYTES)
+        .filter(|k| k.len() > max_key_bytes)
         .cloned()
         .collect();
     for key in long_keys {
         if let Some(values) = map.remove(&key) {
             let mut short = key;
-            truncate_in_place(&mut short, MAX_STRING_BYTES);
+            truncate_in_place(&mut short, max_key_bytes);
             map.entry(short).or_default().extend(values);
         }
     }
@@ -437,15 +489,20 @@ fn bound_multimap(
 }
 
 /// Bounds depth, node count and string length of an MCP document in place.
-fn bound_json(value: &mut serde_json::Value, depth: usize, budget: &mut usize) {
+fn bound_json(
+    value: &mut serde_json::Value,
+    depth: usize,
+    budget: &mut usize,
+    limits: &InputLimits,
+) {
     use serde_json::Value as J;
     *budget = budget.saturating_sub(1);
-    if depth >= MAX_MCP_DEPTH && matches!(value, J::Array(_) | J::Object(_)) {
+    if depth >= limits.mcp_depth && matches!(value, J::Array(_) | J::Object(_)) {
         *value = J::String(TRUNCATED_MARKER.to_owned());
         return;
     }
     match value {
-        J::String(s) => truncate_in_place(s, MAX_MCP_STRING_BYTES),
+        J::String(s) => truncate_in_place(s, limits.mcp_string_bytes),
         J::Array(items) => {
             let mut keep = items.len();
             for (i, item) in items.iter_mut().enumerate() {
@@ -453,18 +510,18 @@ fn bound_json(value: &mut serde_json::Value, depth: usize, budget: &mut usize) {
                     keep = i;
                     break;
                 }
-                bound_json(item, depth + 1, budget);
+                bound_json(item, depth + 1, budget, limits);
             }
             items.truncate(keep);
         }
         J::Object(members) => {
             let mut dropped = Vec::new();
             for (key, member) in members.iter_mut() {
-                if *budget == 0 || key.len() > MAX_MCP_STRING_BYTES {
+                if *budget == 0 || key.len() > limits.mcp_string_bytes {
                     dropped.push(key.clone());
                     continue;
                 }
-                bound_json(member, depth + 1, budget);
+                bound_json(member, depth + 1, budget, limits);
             }
             for key in dropped {
                 members.remove(&key);
@@ -997,14 +1054,15 @@ mod tests {
 
     #[test]
     fn what_a_bound_would_cut_is_reported_not_decided_on() {
-        assert_eq!(sample().exceeded(), None);
+        assert_eq!(sample().exceeded(&InputLimits::default()), None);
         let mut many = sample();
         let request = many.request.as_mut().unwrap();
         for i in 0..=MAX_QUERY_KEYS {
             request.query.insert(format!("k{i}"), vec!["v".into()]);
         }
         assert_eq!(
-            many.exceeded().map(|e| (e.what, e.part)),
+            many.exceeded(&InputLimits::default())
+                .map(|e| (e.what, e.part)),
             Some(("query keys", Part::Target))
         );
         let mut long = sample();
@@ -1012,7 +1070,10 @@ mod tests {
             "x-long".into(),
             vec!["x".repeat(MAX_HEADER_VALUE_BYTES + 1)],
         );
-        assert_eq!(long.exceeded().map(|e| e.part), Some(Part::Headers));
+        assert_eq!(
+            long.exceeded(&InputLimits::default()).map(|e| e.part),
+            Some(Part::Headers)
+        );
         let mut deep = sample();
         let mut v = serde_json::json!(1);
         for _ in 0..=MAX_MCP_DEPTH {
@@ -1020,7 +1081,8 @@ mod tests {
         }
         deep.mcp = Some(serde_json::json!({"arguments": v}));
         assert_eq!(
-            deep.exceeded().map(|e| (e.what, e.part)),
+            deep.exceeded(&InputLimits::default())
+                .map(|e| (e.what, e.part)),
             Some(("MCP argument depth", Part::Mcp))
         );
         // A few thousand arguments and a long string are held whole now.
@@ -1031,7 +1093,7 @@ mod tests {
         wide.mcp = Some(
             serde_json::json!({"arguments": args, "sql": format!("{}DROP", " ".repeat(9000))}),
         );
-        assert_eq!(wide.exceeded(), None);
+        assert_eq!(wide.exceeded(&InputLimits::default()), None);
     }
 
     #[test]
@@ -1054,7 +1116,7 @@ mod tests {
                 .insert(format!("q{i:03}"), vec!["1".into(); 40]);
         }
         request.query.insert("k".repeat(5000), vec!["v".into()]);
-        let input = input.bounded();
+        let input = input.bounded(&InputLimits::default());
         let request = input.request.unwrap();
         assert!(request.path.len() <= MAX_PATH_BYTES);
         assert!(request.path.ends_with(TRUNCATED_MARKER));
@@ -1076,7 +1138,7 @@ mod tests {
 
     #[test]
     fn bounded_keeps_small_inputs_unchanged() {
-        assert_eq!(sample().bounded(), sample());
+        assert_eq!(sample().bounded(&InputLimits::default()), sample());
     }
 
     #[test]
@@ -1101,7 +1163,7 @@ mod tests {
         input.mcp = Some(serde_json::json!({
             "deep": deep, "wide": wide, "long": "x".repeat(100_000)
         }));
-        let mcp = input.bounded().mcp.unwrap();
+        let mcp = input.bounded(&InputLimits::default()).mcp.unwrap();
         let mut depth = 0;
         let mut node = &mcp["deep"];
         while let Some(inner) = node.get(0) {

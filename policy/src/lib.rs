@@ -18,8 +18,8 @@ pub use error::PolicyError;
 pub use eval::Strategy;
 pub use eval::{Limits, TIMER_CHECK_INTERVAL};
 pub use input::{
-    redact_headers, Destination, Exceeded, Gateway, Identity, Input, Kind, Part, RequestInfo,
-    Source, TimeInfo,
+    redact_headers, Destination, Exceeded, Gateway, Identity, Input, InputLimits, Kind, Part,
+    RequestInfo, Source, TimeInfo,
 };
 pub use load::PolicySet;
 pub use policy::Policy;

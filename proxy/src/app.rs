@@ -98,6 +98,7 @@ pub fn build_chain(
             policy,
             cfg.policy.redact_headers.clone(),
             cfg.limits.inspect_body_bytes,
+            cfg.policy.input_limits.clone(),
         ))
         .with(CredentialSubstitute {
             set: creds,

@@ -290,6 +290,60 @@ decision := {"allow": false, "reason": "not prod"} if {
     assert!(s.up.seen().is_empty(), "{:?}", s.up.seen().len());
 }
 
+/// The bounds are configurable (`policy.input_limits`): raised, a request the default refuses
+/// is decided whole; lowered, a smaller one is refused naming the configured bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_input_bounds_are_configurable() {
+    let policy = r#"package portcullis
+
+import rego.v1
+
+default decision := true
+
+decision := {"allow": false, "reason": "k199 is off"} if input.request.query.k199
+"#;
+    let s = setup(policy, |c| {
+        c["policy"]["input_limits"] = json!({"query_keys": 300, "mcp_depth": 4})
+    })
+    .await;
+    let query: Vec<String> = (0..200).map(|i| format!("k{i}=v")).collect();
+    let url = format!("{}?{}", s.url("/read"), query.join("&"));
+    let out = s.curl(&[&url]).await;
+    out.assert_refused(403, "policy_denied");
+    assert_eq!(out.json()["reason"], "k199 is off");
+    let out = s
+        .curl(&[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"q","arguments":{"a":{"b":{"c":{}}}}}}"#,
+            &s.url("/rpc"),
+        ])
+        .await;
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("body_too_large"),
+        "{out:?}"
+    );
+    assert!(out.body.contains("MCP argument depth over 4"), "{out:?}");
+    assert!(s.up.seen().is_empty());
+    // Out of range: the proxy does not start.
+    let pki = Pki::new();
+    let mut cfg = pki.base_config();
+    cfg["policy"]["input_limits"] = json!({"mcp_depth": 500});
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(pki.write_config(&cfg))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("policy.input_limits.mcp_depth"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn identities_get_different_outcomes() {
     let s = setup(POLICY, |_| {}).await;

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use portcullis_policy::{
-    redact_headers, Decision, Destination as PDestination, Identity, Input, Kind, Part, Policy,
-    RequestInfo, Source, TimeInfo,
+    redact_headers, Decision, Destination as PDestination, Identity, Input, InputLimits, Kind,
+    Part, Policy, RequestInfo, Source, TimeInfo,
 };
 use serde_json::Value;
 
@@ -25,6 +25,8 @@ pub struct PolicyFilter {
     sensitive_headers: Vec<String>,
     /// Largest `tools/list` response (or SSE event) filtered (`limits.inspect_body_bytes`).
     list_limit: usize,
+    /// `policy.input_limits`: a request over one is refused, never decided truncated.
+    input_limits: InputLimits,
 }
 
 impl PolicyFilter {
@@ -32,11 +34,13 @@ impl PolicyFilter {
         policy: Arc<Policy>,
         sensitive_headers: Vec<String>,
         list_limit: usize,
+        input_limits: InputLimits,
     ) -> PolicyFilter {
         PolicyFilter {
             policy,
             sensitive_headers,
             list_limit,
+            input_limits,
         }
     }
 }
@@ -109,8 +113,8 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
 }
 
 /// Refuse what the policy input cannot hold whole, instead of deciding on a truncated view.
-fn over_bounds(input: &Input) -> Option<Rejection> {
-    let e = input.exceeded()?;
+fn over_bounds(input: &Input, limits: &InputLimits) -> Option<Rejection> {
+    let e = input.exceeded(limits)?;
     let code = match e.part {
         Part::Target => ErrorCode::BadRequest,
         Part::Headers => ErrorCode::HeadersTooLarge,
@@ -160,7 +164,7 @@ impl PolicyFilter {
             let mut input = base.clone();
             input.kind = Kind::Mcp;
             input.mcp = Some(mcp::policy_input(mcp, m));
-            if let Some(rej) = over_bounds(&input) {
+            if let Some(rej) = over_bounds(&input, &self.input_limits) {
                 return Action::Respond(rej);
             }
             let summary = McpSummary {
@@ -171,7 +175,7 @@ impl PolicyFilter {
                     .tool()
                     .is_some_and(|t| ctx.mcp.changed_tools.iter().any(|c| c == t)),
             };
-            let d = self.decide(ctx, &input.bounded(), Some(summary));
+            let d = self.decide(ctx, &input.bounded(&self.input_limits), Some(summary));
             if !d.allow {
                 if let Some(id) = &m.id {
                     reasons.push((id.clone(), d.reason.clone()));
@@ -228,10 +232,10 @@ impl Filter for PolicyFilter {
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let input = build_input(ctx, req, &self.sensitive_headers);
-        if let Some(rej) = over_bounds(&input) {
+        if let Some(rej) = over_bounds(&input, &self.input_limits) {
             return Action::Respond(rej);
         }
-        let input = input.bounded();
+        let input = input.bounded(&self.input_limits);
         let Some(mcp) = ctx.mcp.request.take() else {
             let decision = self.decide(ctx, &input, None);
             return match decision.allow {
@@ -282,6 +286,7 @@ impl Filter for PolicyFilter {
             base: base.clone(),
             session_id: mcp.session_id.clone(),
             lists,
+            input_limits: self.input_limits.clone(),
         };
         EditMessages::for_response(resp, self.list_limit, move |msg| listing.filter(msg))
     }
@@ -294,6 +299,7 @@ struct Listing {
     session_id: Option<String>,
     /// The JSON-RPC ids of the request's `tools/list` messages.
     lists: Vec<serde_json::Value>,
+    input_limits: InputLimits,
 }
 
 impl Listing {
@@ -321,7 +327,9 @@ impl Listing {
                 m["session_id"] = serde_json::json!(s);
             }
             input.mcp = Some(m);
-            self.policy.evaluate(&input.bounded()).allow
+            self.policy
+                .evaluate(&input.bounded(&self.input_limits))
+                .allow
         });
     }
 }

@@ -178,6 +178,10 @@ pub struct PolicyConfig {
     /// Proxy-Authorization, Cookie, Set-Cookie and X-Api-Key always are).
     #[serde(default)]
     pub redact_headers: Vec<String>,
+    /// Bounds of the request-controlled parts of the policy input; a request over one is
+    /// refused (400/431/413), never decided on a truncated view.
+    #[serde(default)]
+    pub input_limits: portcullis_policy::InputLimits,
 }
 
 impl PolicyConfig {

@@ -150,6 +150,29 @@ impl Config {
                 "max_eval_time and max_instructions must be greater than zero",
             );
         }
+        let l = &policy.input_limits;
+        for (key, value, min) in [
+            ("path_bytes", l.path_bytes, 256),
+            ("query_keys", l.query_keys, 1),
+            ("header_names", l.header_names, 16),
+            ("values_per_key", l.values_per_key, 1),
+            ("string_bytes", l.string_bytes, 64),
+            ("header_value_bytes", l.header_value_bytes, 64),
+            ("mcp_depth", l.mcp_depth, 4),
+            ("mcp_nodes", l.mcp_nodes, 16),
+            ("mcp_string_bytes", l.mcp_string_bytes, 64),
+        ] {
+            if value < min {
+                return invalid(
+                    format!("policy.input_limits.{key}"),
+                    format!("must be at least {min}"),
+                );
+            }
+        }
+        if l.mcp_depth > 128 {
+            // serde_json refuses deeper JSON anyway; the converter recurses that deep.
+            return invalid("policy.input_limits.mcp_depth", "must be at most 128");
+        }
         Ok(())
     }
 
