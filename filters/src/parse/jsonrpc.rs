@@ -586,6 +586,18 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_members_resolve_as_the_sdk_servers_do_last_wins() {
+        // Python's json.loads (the official SDK servers) keeps the last duplicate member.
+        let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"safe","arguments":{"a":1},"name":"delete_repo","arguments":{"a":2}}}"#;
+        let Ok(BodyKind::JsonRpc(r)) = classify(body, None, None) else {
+            panic!("not JSON-RPC")
+        };
+        let input = policy_input(&r, &r.messages[0]);
+        assert_eq!(input["tool"], "delete_repo");
+        assert_eq!(input["arguments"]["a"], 2);
+    }
+
+    #[test]
     fn error_response_shape() {
         let e = error_response(&json!(7), "no deletes", "abc");
         assert_eq!(e["id"], 7);
