@@ -254,7 +254,10 @@ impl Setup {
                 false,
             )?;
             cfg["credentials"] = json!([{
-                "name": "bench", "placeholder": BENCH_PLACEHOLDER, "hosts": [MITM_HOST],
+                // `host:*`: https on the bench upstream's port (binaries before port binding
+                // read the bare host, so one config serves before/after runs).
+                "name": "bench", "placeholder": BENCH_PLACEHOLDER,
+                "hosts": [MITM_HOST, format!("{MITM_HOST}:*")],
                 "source": {"file": "bench-secret"},
             }]);
             cfg["telemetry"] = json!({

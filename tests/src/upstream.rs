@@ -160,6 +160,19 @@ async fn respond(
             .body(Full::new(Bytes::from(echo)))
             .unwrap();
     }
+    if req.uri().path() == "/echo-forms" {
+        // Reflect the Authorization value and the query in the forms APIs and frameworks
+        // reflect values in: base64/base64url, JSON escapes, percent-encoding.
+        return echo_forms(&req);
+    }
+    if req.uri().path() == "/redirect" {
+        let to = req.uri().query().unwrap_or("").to_owned();
+        return Response::builder()
+            .status(302)
+            .header("location", to)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    }
     if req.uri().path().starts_with("/first-auth-fails") {
         // An upstream that rejects the first credential it sees on a path (say, revoked at
         // the provider) and accepts the next request.
@@ -193,6 +206,44 @@ async fn respond(
         .header("content-type", "application/json")
         .header("connection", "x-upstream-hop")
         .header("x-upstream-hop", "must-not-reach-client")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+fn echo_forms(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    use base64::Engine as _;
+    let auth = req
+        .headers()
+        .get("authorization")
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default();
+    let token = auth
+        .strip_prefix(b"Bearer ")
+        .map(<[u8]>::to_vec)
+        .unwrap_or_else(|| auth.clone());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&token);
+    let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&token);
+    let text = String::from_utf8_lossy(&token).into_owned();
+    let json = serde_json::to_string(&text).unwrap().replace('/', "\\/");
+    let all_u: String = text
+        .chars()
+        .map(|c| format!("\\u{:04x}", u32::from(c)))
+        .collect();
+    let pct: String = token.iter().map(|b| format!("%{b:02X}")).collect();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let body = format!(
+        "{{\"auth\":{},\"b64\":\"{b64}\",\"b64url\":\"{b64url}\",\"json\":{json},\"u\":\"{all_u}\",\"pct\":\"{pct}\",\"query\":{}}}",
+        serde_json::to_string(&String::from_utf8_lossy(&auth)).unwrap(),
+        serde_json::to_string(&query).unwrap(),
+    );
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("x-echo-b64", b64)
+        .header("x-echo-pct", pct)
+        .header(
+            "x-echo-raw",
+            http::HeaderValue::from_bytes(&[&b"\xff "[..], &auth].concat()).unwrap(),
+        )
         .body(Full::new(Bytes::from(body)))
         .unwrap()
 }

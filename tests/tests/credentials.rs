@@ -30,10 +30,10 @@ async fn setup() -> Harness {
         .env("PCX_TEST_GITHUB", GITHUB_SECRET)
         .config(|cfg| {
             cfg["credentials"] = json!([
-                {"name": "github", "hosts": ["localhost"], "source": {"env": "PCX_TEST_GITHUB"}, "body": true},
-                {"name": "filed", "placeholder": "pcx_filed_key", "hosts": ["localhost"], "source": {"file": "file-secret"}},
+                {"name": "github", "hosts": ["localhost:*"], "source": {"env": "PCX_TEST_GITHUB"}, "body": true},
+                {"name": "filed", "placeholder": "pcx_filed_key", "hosts": ["localhost:*"], "source": {"file": "file-secret"}},
                 {"name": "elsewhere", "hosts": ["api.example.com"], "source": {"env": "PCX_TEST_GITHUB"}},
-                {"name": "missing", "hosts": ["localhost"], "source": {"env": "PCX_TEST_NOT_SET"}},
+                {"name": "missing", "hosts": ["localhost:*"], "source": {"env": "PCX_TEST_NOT_SET"}},
             ]);
         })
         .start()
@@ -92,6 +92,103 @@ async fn placeholders_become_secrets_upstream_and_never_come_back() {
         .wait_for("the decision", |l| l.contains("/echo"));
     s.proxy.wait_access(1, |e| e["path"] == "/echo");
     assert!(!s.everything_logged().contains(GITHUB_SECRET));
+}
+
+/// Every form a secret can take on the way back is redacted: the Basic token the proxy built,
+/// base64/base64url reflections, JSON escapes, percent-encoding, in body and headers (a
+/// non-UTF-8 header value included). Checked with real curl and httpx (which asks for gzip).
+#[tokio::test(flavor = "multi_thread")]
+async fn echoed_secrets_are_redacted_in_every_encoding() {
+    let s = setup().await;
+    let basic = format!("Basic {}", base64_encode("bot:pcx_filed_key"));
+    for auth in ["Bearer pcx_github", basic.as_str()] {
+        let out = s
+            .curl(&[
+                "-H",
+                &format!("Authorization: {auth}"),
+                "-H",
+                "accept-encoding: gzip, br",
+                &s.url("/echo-forms?access_token=pcx_github"),
+            ])
+            .await;
+        assert_eq!(out.status, 200, "{out:?}");
+        let everything = format!("{}\n{}", out.headers, out.body);
+        assert_no_secret(&everything);
+        assert!(everything.contains("[REDACTED]"), "{everything}");
+        let echo = out.json();
+        for key in ["auth", "b64", "b64url", "json", "u", "pct"] {
+            assert!(
+                echo[key].as_str().unwrap().contains("[REDACTED]"),
+                "{key}: {echo}"
+            );
+        }
+    }
+    let seen = s.up.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0].headers.get("authorization").unwrap(),
+        &format!("Bearer {GITHUB_SECRET}")
+    );
+}
+
+/// Every encoding of both test secrets, as the tests look for them in what the agent got.
+fn assert_no_secret(text: &str) {
+    use base64::Engine as _;
+    for secret in [GITHUB_SECRET, FILE_SECRET] {
+        let forms = [
+            secret.to_owned(),
+            base64::engine::general_purpose::STANDARD.encode(secret),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+            base64::engine::general_purpose::STANDARD.encode(format!("bot:{secret}")),
+            secret.bytes().map(|b| format!("%{b:02X}")).collect(),
+            secret
+                .chars()
+                .map(|c| format!("\\u{:04x}", u32::from(c)))
+                .collect(),
+        ];
+        for form in forms {
+            // A distinctive middle part of the form (an encoding may be cut at its ends).
+            let probe = &form[2..form.len() - 2];
+            assert!(!text.contains(probe), "{form} leaked: {text}");
+        }
+    }
+}
+
+/// A credential bound to a host (https on a port) is never substituted into cleartext HTTP to
+/// it, and the proxy does not follow a redirect to another host with the secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn bindings_hold_scheme_and_port_and_redirects_are_not_followed() {
+    let s = setup().await;
+    let plain = Upstream::start("127.0.0.1", None).await;
+    let url = format!("http://localhost:{}/echo", plain.port());
+    let out = s
+        .curl(&["-H", "Authorization: Bearer pcx_github", &url])
+        .await;
+    out.assert_refused(403, "credential_not_allowed");
+    assert!(
+        out.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("http://localhost:"),
+        "{out:?}"
+    );
+    assert!(plain.seen().is_empty(), "nothing went out in cleartext");
+
+    let elsewhere = Upstream::start("127.0.0.1", None).await;
+    let to = format!("http://127.0.0.1:{}/echo", elsewhere.port());
+    let out = s
+        .curl(&[
+            "-H",
+            "Authorization: Bearer pcx_github",
+            &s.url(&format!("/redirect?{to}")),
+        ])
+        .await;
+    assert_eq!(out.status, 302, "{out:?}");
+    assert_eq!(out.header("location").as_deref(), Some(to.as_str()));
+    assert!(
+        elsewhere.seen().is_empty(),
+        "the proxy followed the redirect"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,7 +335,7 @@ async fn vault_setup(vault: &VaultServer, auth: serde_json::Value) -> Harness {
     broker(
         move |cfg| {
             cfg["vault"] = v;
-            cfg["credentials"] = json!([{"name": "github", "hosts": ["localhost"],
+            cfg["credentials"] = json!([{"name": "github", "hosts": ["localhost:*"],
                 "source": {"vault": {"mount": "secret", "path": "agents/github", "field": "token"}}}]);
         },
         &env,
@@ -322,7 +419,7 @@ async fn oauth_setup_with(token_url: &str, extra: Value) -> Harness {
     }
     broker(
         move |cfg| {
-            cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
+            cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"],
                 "source": {"oauth": source}}]);
         },
         &[("OAUTH_CLIENT_SECRET", "oauth-client-secret-xyz")],
@@ -465,7 +562,7 @@ async fn oauth_refresh_token_rotation_is_written_back_to_its_file() {
     let reference = format!("file:{}", seed.display());
     let s = broker(
         move |cfg| {
-            cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost"],
+            cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"],
                 "source": {"oauth": {"token_url": token_url, "client_id": "portcullis",
                     "grant": "refresh_token", "refresh_token": reference,
                     "client_secret": "env:OAUTH_CLIENT_SECRET", "client_auth": "post"}}}]);

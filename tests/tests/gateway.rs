@@ -32,8 +32,8 @@ async fn gateway() -> Gateway {
     let base = format!("https://localhost:{}", up.port());
     let mut cfg = pki.base_config();
     cfg["credentials"] = json!([
-        {"name": "github", "hosts": ["localhost"], "source": {"env": "GW_SECRET"}},
-        {"name": "keyed", "hosts": ["localhost"], "source": {"env": "GW_SECRET"},
+        {"name": "github", "hosts": ["localhost:*"], "source": {"env": "GW_SECRET"}},
+        {"name": "keyed", "hosts": ["localhost:*"], "source": {"env": "GW_SECRET"},
          "inject": {"header": "x-api-key", "format": "key={}"}},
     ]);
     cfg["routes"] = json!([

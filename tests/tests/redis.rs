@@ -37,7 +37,7 @@ async fn replicas(redis_url: &str, oauth: &serde_json::Value) -> Replicas {
     let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
     let mut cfg = pki.base_config();
     cfg["credentials"] =
-        json!([{"name": "saas", "hosts": ["localhost"], "source": {"oauth": oauth}}]);
+        json!([{"name": "saas", "hosts": ["localhost:*"], "source": {"oauth": oauth}}]);
     cfg["redis"] = json!({"url": redis_url, "encryption_key": "env:PCX_REDIS_KEY",
         "timeout": "300ms", "lock_ttl": "3s"});
     let config = pki.write_config(&cfg);

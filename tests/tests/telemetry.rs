@@ -129,9 +129,9 @@ async fn spans_tie_each_action_to_the_workload_identity() {
     let mut cfg = pki.base_config();
     cfg["telemetry"] = json!({"otlp_endpoint": otlp.endpoint(), "otlp_protocol": "http/protobuf", "service_name": "portcullis-test"});
     cfg["credentials"] = json!([
-        {"name": "gh", "hosts": ["localhost"], "source": {"env": "PCX_TEST_SECRET"}},
-        {"name": "filed", "hosts": ["localhost"], "source": {"file": "filed-token"}},
-        {"name": "missing", "hosts": ["localhost"], "source": {"env": "PCX_UNSET_FOR_TEST"}},
+        {"name": "gh", "hosts": ["localhost:*"], "source": {"env": "PCX_TEST_SECRET"}},
+        {"name": "filed", "hosts": ["localhost:*"], "source": {"file": "filed-token"}},
+        {"name": "missing", "hosts": ["localhost:*"], "source": {"env": "PCX_UNSET_FOR_TEST"}},
     ]);
     let secret = "otel-leak-check-secret-42";
     let file_secret = "otel-leak-check-file-secret-43";

@@ -180,6 +180,90 @@ impl fmt::Display for Scheme {
     }
 }
 
+/// Where a credential may be sent (`credentials[].hosts`): a scheme, a host pattern (an exact
+/// name or IP, or `*.suffix`) and a port. `api.github.com` means `https` on 443 only;
+/// `host:8443` another port; `host:*` any port; cleartext needs an explicit
+/// `http://host[:port]` (port 80 by default). A secret never goes anywhere else: not over
+/// plain HTTP to a host bound for HTTPS, not to another port of the same host.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct Binding {
+    pub scheme: Scheme,
+    pub host: String,
+    /// `None`: any port (`host:*`).
+    pub port: Option<u16>,
+}
+
+impl Binding {
+    pub fn parse(s: &str) -> Result<Binding, String> {
+        let (scheme, rest) = match s.split_once("://") {
+            Some(("http", rest)) => (Scheme::Http, rest),
+            Some(("https", rest)) => (Scheme::Https, rest),
+            Some((other, _)) => return Err(format!("unsupported scheme {other:?} in {s:?}")),
+            None => (Scheme::Https, s),
+        };
+        // `[v6]:port`, `[v6]`, `host:port`, `host`.
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((h, "")) => (h, None),
+                Some((h, p)) => (h, Some(p.strip_prefix(':').ok_or("expected :port")?)),
+                None => return Err(format!("unclosed [ in {s:?}")),
+            },
+            None => match rest.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p)),
+                _ => (rest, None),
+            },
+        };
+        let pattern = host.strip_prefix("*.").unwrap_or(host);
+        if pattern.is_empty()
+            || pattern.contains(['/', '*', ' ', '@', '?', '#'])
+            || (pattern == host && Host::parse(host).is_err())
+        {
+            return Err(format!(
+                "{s:?} is not a host, *.suffix or [ipv6], with an optional :port"
+            ));
+        }
+        let port = match port {
+            None => Some(scheme.default_port()),
+            Some("*") => None,
+            Some(p) => Some(parse_port(p).map_err(|e| format!("{s:?}: {e}"))?),
+        };
+        Ok(Binding {
+            scheme,
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// Whether a secret bound here may be sent to `dest`.
+    pub fn covers(&self, dest: &Destination) -> bool {
+        self.scheme == dest.scheme
+            && self.port.is_none_or(|p| p == dest.port)
+            && dest.host.matches(&self.host)
+    }
+}
+
+impl TryFrom<String> for Binding {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Binding, String> {
+        Binding::parse(&s)
+    }
+}
+
+impl fmt::Display for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = match self.host.contains(':') {
+            true => format!("[{}]", self.host),
+            false => self.host.clone(),
+        };
+        match self.port {
+            Some(p) => write!(f, "{}://{host}:{p}", self.scheme),
+            None => write!(f, "{}://{host}:*", self.scheme),
+        }
+    }
+}
+
 /// Where a request is going: validated host, port (never 0) and scheme.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Destination {
@@ -882,5 +966,45 @@ mod tests {
             Destination::from_absolute_uri(&authority_only),
             Err(E::MissingScheme)
         );
+    }
+
+    #[test]
+    fn credential_bindings_name_scheme_host_and_port() {
+        let dest = |scheme, host: &str, port| Destination {
+            host: Host::parse(host).unwrap(),
+            port,
+            scheme,
+        };
+        let plain = Binding::parse("api.github.com").unwrap();
+        assert!(plain.covers(&dest(Scheme::Https, "api.github.com", 443)));
+        assert!(!plain.covers(&dest(Scheme::Http, "api.github.com", 80)));
+        assert!(!plain.covers(&dest(Scheme::Http, "api.github.com", 443)));
+        assert!(!plain.covers(&dest(Scheme::Https, "api.github.com", 8443)));
+        let port = Binding::parse("*.example.com:8443").unwrap();
+        assert!(port.covers(&dest(Scheme::Https, "a.example.com", 8443)));
+        assert!(!port.covers(&dest(Scheme::Https, "example.com", 8443)));
+        let any = Binding::parse("localhost:*").unwrap();
+        assert!(any.covers(&dest(Scheme::Https, "localhost", 34567)));
+        assert!(!any.covers(&dest(Scheme::Http, "localhost", 34567)));
+        let clear = Binding::parse("http://127.0.0.1").unwrap();
+        assert!(clear.covers(&dest(Scheme::Http, "127.0.0.1", 80)));
+        assert!(!clear.covers(&dest(Scheme::Https, "127.0.0.1", 443)));
+        let v6 = Binding::parse("https://[::1]:*").unwrap();
+        assert!(v6.covers(&dest(Scheme::Https, "::1", 9)));
+        assert_eq!(v6.to_string(), "https://[::1]:*");
+        assert_eq!(plain.to_string(), "https://api.github.com:443");
+        for bad in [
+            "ftp://x",
+            "",
+            "host:0",
+            "host:99999",
+            "a/b",
+            "[::1",
+            "x:y:z",
+            "h@x",
+            "*.",
+        ] {
+            assert!(Binding::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

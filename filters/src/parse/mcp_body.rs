@@ -145,11 +145,29 @@ fn next_event(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     Some(buf.drain(..end).collect())
 }
 
+/// The lines of an SSE text: terminated by CRLF, LF or a lone CR, as the SSE spec allows.
+pub fn sse_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        let line = &rest[..end];
+        let term = match rest.as_bytes().get(end..end + 2) {
+            Some(b"\r\n") => 2,
+            _ if end < rest.len() => 1,
+            _ => 0,
+        };
+        rest = &rest[end + term..];
+        Some(line)
+    })
+}
+
 /// The JSON value of an event's `data:` lines; `None` when it has none or they are not JSON.
 pub fn event_json(event: &[u8]) -> Option<Value> {
     let text = std::str::from_utf8(event).ok()?;
-    let data: Vec<&str> = text
-        .lines()
+    let data: Vec<&str> = sse_lines(text)
         .filter_map(|l| l.strip_prefix("data:"))
         .map(|d| d.strip_prefix(' ').unwrap_or(d))
         .collect();
@@ -167,14 +185,34 @@ pub fn message_ids(v: &Value) -> Vec<&Value> {
     }
 }
 
-/// Index just past the blank line that ends the first complete SSE event.
+/// Index just past the blank line that ends the first complete SSE event. Lines end in CRLF,
+/// LF or a lone CR; a CR at the very end of `buf` that ends a non-empty line may be the start
+/// of a CRLF, so that event waits for the next byte.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    let mut i = 0;
+    // Whether the previous line ended right before `i` and was empty so far.
+    let mut line_start = true;
+    while i < buf.len() {
+        let term = match (buf[i], buf.get(i + 1)) {
+            (b'\r', Some(b'\n')) => 2,
+            // The blank line is complete whatever follows; a line's own CR may be a CRLF.
+            (b'\r', None) if line_start && i > 0 => return Some(i + 1),
+            (b'\r', None) => return None,
+            (b'\r' | b'\n', _) => 1,
+            _ => 0,
+        };
+        if term == 0 {
+            line_start = false;
+            i += 1;
+            continue;
+        }
+        i += term;
+        if line_start && i > term {
+            return Some(i);
+        }
+        line_start = true;
     }
+    None
 }
 
 /// Rewrite the `data:` of one SSE event if it is JSON; keep every other line as it was.
@@ -185,7 +223,7 @@ fn rewrite_event(event: &[u8], edit: &mut dyn FnMut(&mut Value)) -> Vec<u8> {
     edit_messages(&mut v, edit);
     let mut out = String::with_capacity(event.len());
     let mut wrote_data = false;
-    for line in text.lines() {
+    for line in sse_lines(text) {
         if line.starts_with("data:") {
             if !wrote_data {
                 out.push_str("data: ");
@@ -236,6 +274,33 @@ mod rewriter_tests {
         assert!(r.push(body, &mut drop_b).is_empty());
         let v: Value = serde_json::from_slice(&r.finish(&mut drop_b)).unwrap();
         assert_eq!(v["result"]["tools"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn sse_events_end_at_a_blank_line_whatever_the_line_endings() {
+        for (stream, events) in [
+            (&b"data: 1\n\ndata: 2\n\n"[..], 2),
+            (b"data: 1\r\rdata: 2\r\r", 2),
+            (b"data: 1\r\n\r\ndata: 2\r\n\r\n", 2),
+            (b"data: 1\r\n\ndata: 2\n\r", 2),
+            (b"data: 1\r", 0),
+        ] {
+            let mut split = SseEvents::new(1 << 20);
+            let got = split.push(stream).unwrap();
+            assert_eq!(got.len(), events, "{:?}", String::from_utf8_lossy(stream));
+            for e in &got {
+                assert!(event_json(e).is_some(), "{:?}", String::from_utf8_lossy(e));
+            }
+        }
+        // Byte by byte, the same events.
+        let stream = b"data: {\"a\":1}\r\rdata: {\"a\":2}\r\n\r\n";
+        let mut split = SseEvents::new(1 << 20);
+        let got: Vec<_> = stream
+            .iter()
+            .flat_map(|b| split.push(&[*b]).unwrap())
+            .collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(event_json(&got[1]).unwrap()["a"], 2);
     }
 
     #[test]

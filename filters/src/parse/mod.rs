@@ -7,4 +7,5 @@ pub mod identity;
 pub mod jsonrpc;
 pub mod mcp_body;
 pub mod path;
+pub mod redact;
 pub mod secret;

@@ -56,25 +56,28 @@ impl fmt::Display for Placeholder {
 }
 
 /// Every placeholder token in `text` (maximal runs of `pcx_[A-Za-z0-9_]+` not preceded by a
-/// token character).
-pub fn find_placeholders(text: &str) -> Vec<Placeholder> {
-    let bytes = text.as_bytes();
+/// token character). Bytes: a placeholder in a value that is not UTF-8 counts too.
+pub fn find_placeholders(text: impl AsRef<[u8]>) -> Vec<Placeholder> {
+    let bytes = text.as_ref();
+    let prefix = PLACEHOLDER_PREFIX.as_bytes();
+    let is_tok = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
     let mut out = Vec::new();
     let mut i = 0;
-    while let Some(pos) = text[i..].find(PLACEHOLDER_PREFIX) {
+    while let Some(pos) = bytes[i..].windows(prefix.len()).position(|w| w == prefix) {
         let start = i + pos;
-        let glued = start > 0 && {
-            let b = bytes[start - 1];
-            b.is_ascii_alphanumeric() || b == b'_'
-        };
+        let glued = start > 0 && is_tok(&bytes[start - 1]);
         let end = start
-            + PLACEHOLDER_PREFIX.len()
-            + bytes[start + PLACEHOLDER_PREFIX.len()..]
+            + prefix.len()
+            + bytes[start + prefix.len()..]
                 .iter()
-                .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                .take_while(|b| is_tok(b))
                 .count();
         if !glued {
-            if let Some(p) = Placeholder::parse(&text[start..end]) {
+            // ASCII by construction.
+            if let Some(p) = std::str::from_utf8(&bytes[start..end])
+                .ok()
+                .and_then(Placeholder::parse)
+            {
                 out.push(p);
             }
         }

@@ -25,6 +25,9 @@ pub trait BodyTransform: Send + Sync + 'static {
         Ok(Bytes::new())
     }
 
+    /// The response's trailers, after the last chunk: a transform may rewrite their values.
+    fn trailers(&mut self, _trailers: &mut http::HeaderMap) {}
+
     /// Bytes the transform puts into the body on its own, between chunks (an event the proxy
     /// delivers on a stream). Polled before every chunk until the body ends; `Pending` (the
     /// default) registers the waker when there is something to wait for.
@@ -116,6 +119,12 @@ impl BodyTransform for Transforms {
             carry = Bytes::from(out);
         }
         Ok(carry)
+    }
+
+    fn trailers(&mut self, trailers: &mut http::HeaderMap) {
+        for t in &mut self.0 {
+            t.trailers(trailers);
+        }
     }
 
     fn poll_insert(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Bytes>> {

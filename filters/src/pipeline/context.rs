@@ -174,6 +174,8 @@ pub struct CredentialUse {
     pub names: Vec<String>,
     /// The secrets substituted into the request, to redact from its response.
     pub secrets: Vec<Arc<crate::parse::secret::SecretValue>>,
+    /// Encodings the proxy produced that hold a secret (a Basic token), redacted whole.
+    pub produced: Vec<Arc<crate::parse::secret::SecretValue>>,
     /// The request as it was just before its credentials were substituted (idempotent
     /// requests only): replayed once with fresh secrets if the upstream answers 401.
     pub before_substitution: Option<(http::request::Parts, RequestBody)>,

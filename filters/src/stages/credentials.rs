@@ -13,9 +13,10 @@ use base64::Engine as _;
 use http::header::{HeaderValue, AUTHORIZATION};
 
 use crate::error::{ErrorCode, Rejection};
-use crate::parse::destination::Host;
+use crate::parse::destination::{Binding, Destination};
 use bytes::Bytes;
 
+use crate::parse::redact::Needles;
 use crate::parse::secret::{find_placeholders, Placeholder, SecretValue};
 use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
@@ -28,15 +29,15 @@ use crate::pipeline::{
 pub struct Credential {
     pub name: String,
     pub placeholder: Placeholder,
-    /// Destinations it may be substituted for: `host` or `*.suffix`.
-    pub hosts: Vec<String>,
+    /// Destinations it may be substituted for (scheme, host pattern, port).
+    pub hosts: Vec<Binding>,
     /// Also substitute inside JSON request bodies.
     pub body: bool,
 }
 
 impl Credential {
-    pub fn bound_to(&self, host: &Host) -> bool {
-        self.hosts.iter().any(|p| host.matches(p))
+    pub fn bound_to(&self, dest: &Destination) -> bool {
+        self.hosts.iter().any(|b| b.covers(dest))
     }
 }
 
@@ -87,33 +88,35 @@ impl CredentialSet {
     }
 }
 
-/// A header value's text, with `Basic` credentials decoded so placeholders inside count.
-fn scan_texts(req: &http::request::Parts) -> Vec<String> {
+/// Header values (as bytes: a non-UTF-8 value is scanned too), with `Basic` credentials
+/// decoded so placeholders inside count, and the query string.
+fn scan_texts(req: &http::request::Parts) -> Vec<Vec<u8>> {
     let mut texts = Vec::new();
     for (name, value) in &req.headers {
-        let Ok(v) = value.to_str() else { continue };
-        texts.push(v.to_owned());
+        texts.push(value.as_bytes().to_vec());
         if name == AUTHORIZATION {
-            if let Some(decoded) = decode_basic(v) {
+            if let Some(decoded) = decode_basic(value.as_bytes()) {
                 texts.push(decoded);
             }
         }
     }
     if let Some(q) = req.uri.query() {
-        texts.push(q.to_owned());
+        texts.push(q.as_bytes().to_vec());
     }
     texts
 }
 
-fn decode_basic(v: &str) -> Option<String> {
-    let (scheme, rest) = v.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
+/// The decoded credentials of a `Basic` value.
+fn decode_basic(v: &[u8]) -> Option<Vec<u8>> {
+    let v = v.trim_ascii();
+    let at = v.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = v.split_at(at);
+    if !scheme.eq_ignore_ascii_case(b"basic") {
         return None;
     }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(rest.trim())
-        .ok()?;
-    String::from_utf8(bytes).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(rest.trim_ascii())
+        .ok()
 }
 
 fn refuse(reason: String) -> Action {
@@ -145,12 +148,10 @@ impl Filter for CredentialDetect {
         if ctx.kind == ActionKind::Connect {
             return Action::Continue;
         }
-        let mut found: Vec<Placeholder> = scan_texts(req)
-            .iter()
-            .flat_map(|t| find_placeholders(t))
-            .collect();
+        let mut found: Vec<Placeholder> =
+            scan_texts(req).iter().flat_map(find_placeholders).collect();
         let body_found: Vec<Placeholder> = match &ctx.body {
-            RequestBody::Buffered(b) => find_placeholders(&String::from_utf8_lossy(b)),
+            RequestBody::Buffered(b) => find_placeholders(b),
             _ => Vec::new(),
         };
         for p in &body_found {
@@ -165,10 +166,13 @@ impl Filter for CredentialDetect {
             let Some(cred) = self.set.by_placeholder.get(p) else {
                 return refuse(format!("unknown placeholder {p}"));
             };
-            if !cred.bound_to(&ctx.destination.host) {
+            let dest = &ctx.destination;
+            if !cred.bound_to(dest) {
                 return refuse(format!(
-                    "credential {} may not be sent to {}",
-                    cred.name, ctx.destination.host
+                    "credential {} may not be sent to {}://{}",
+                    cred.name,
+                    dest.scheme,
+                    dest.authority()
                 ));
             }
             if !ctx.credentials.names.contains(&cred.name) {
@@ -186,33 +190,79 @@ pub struct CredentialSubstitute {
     pub store: Arc<dyn SecretStore>,
 }
 
-fn replace_all(text: &str, pairs: &[(Placeholder, Arc<SecretValue>)]) -> String {
-    let mut out = text.to_owned();
+/// How a secret is written where its placeholder was: as it is (a header), percent-encoded
+/// (a query string: its bytes keep their meaning there), or JSON-escaped (a JSON body).
+#[derive(Clone, Copy)]
+enum Place {
+    Header,
+    Query,
+    Json,
+}
+
+impl Place {
+    fn encode(self, secret: &str) -> Vec<u8> {
+        match self {
+            Place::Header => secret.as_bytes().to_vec(),
+            Place::Query => {
+                let mut out = Vec::with_capacity(secret.len());
+                for b in secret.bytes() {
+                    match b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                        true => out.push(b),
+                        false => out.extend_from_slice(format!("%{b:02X}").as_bytes()),
+                    }
+                }
+                out
+            }
+            // The quotes of the JSON string literal are dropped: the placeholder sits inside one.
+            Place::Json => {
+                let quoted = serde_json::to_string(secret).unwrap_or_default();
+                quoted.as_bytes()[1..quoted.len().saturating_sub(1).max(1)].to_vec()
+            }
+        }
+    }
+}
+
+/// `text` with every whole placeholder token of `pairs` replaced by its secret, written for
+/// `place`; `None` when it holds none. Bytes in, bytes out: nothing else changes.
+fn replace_all(
+    text: &[u8],
+    pairs: &[(Placeholder, Arc<SecretValue>)],
+    place: Place,
+) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
     for (p, s) in pairs {
-        if out.contains(p.as_str()) {
-            out = replace_token(&out, p.as_str(), s.expose());
+        let current = out.as_deref().unwrap_or(text);
+        if let Some(new) = replace_token(current, p.as_str().as_bytes(), &place.encode(s.expose()))
+        {
+            out = Some(new);
         }
     }
     out
 }
 
-/// Replace whole-token occurrences only (`pcx_ab` must not match inside `pcx_abc`).
-fn replace_token(text: &str, token: &str, with: &str) -> String {
+/// Replace whole-token occurrences only (`pcx_ab` must not match inside `pcx_abc`); `None`
+/// when there is none.
+fn replace_token(text: &[u8], token: &[u8], with: &[u8]) -> Option<Vec<u8>> {
     let is_tok = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    while let Some(pos) = text[i..].find(token) {
+    let mut out = Vec::with_capacity(text.len());
+    let (mut i, mut replaced) = (0, false);
+    while let Some(pos) = text[i..].windows(token.len()).position(|w| w == token) {
         let start = i + pos;
         let end = start + token.len();
-        let before_ok = start == 0 || !is_tok(bytes[start - 1]);
-        let after_ok = end == bytes.len() || !is_tok(bytes[end]);
-        out.push_str(&text[i..start]);
-        out.push_str(if before_ok && after_ok { with } else { token });
+        let before_ok = start == 0 || !is_tok(text[start - 1]);
+        let after_ok = end == text.len() || !is_tok(text[end]);
+        out.extend_from_slice(&text[i..start]);
+        match before_ok && after_ok {
+            true => {
+                out.extend_from_slice(with);
+                replaced = true;
+            }
+            false => out.extend_from_slice(token),
+        }
         i = end;
     }
-    out.push_str(&text[i..]);
-    out
+    out.extend_from_slice(&text[i..]);
+    replaced.then_some(out)
 }
 
 #[async_trait::async_trait]
@@ -231,26 +281,14 @@ impl Filter for CredentialSubstitute {
         self.substitute(ctx, req).await
     }
 
+    /// Echoes of the substituted secrets in response headers (every form, at byte level).
     fn response(&self, ctx: &mut Context, resp: &mut http::response::Parts) {
-        if ctx.credentials.secrets.is_empty() {
+        let needles = needles(ctx);
+        if needles.is_empty() {
             return;
         }
         for value in resp.headers.values_mut() {
-            let Ok(text) = value.to_str() else { continue };
-            if ctx
-                .credentials
-                .secrets
-                .iter()
-                .any(|s| text.contains(s.expose()))
-            {
-                let mut redacted = text.to_owned();
-                for s in &ctx.credentials.secrets {
-                    redacted = redacted.replace(s.expose(), REDACTED);
-                }
-                if let Ok(v) = HeaderValue::from_str(&redacted) {
-                    *value = v;
-                }
-            }
+            redact_header(&needles, value);
         }
     }
 
@@ -292,7 +330,7 @@ impl Filter for CredentialSubstitute {
         resp: &http::response::Parts,
         _chain: &Chain,
     ) -> Option<Box<dyn BodyTransform>> {
-        let redactor = Redactor::new(ctx.credentials.secrets.clone())?;
+        let redactor = Redactor::new(needles(ctx))?;
         Some(match content_encoding(&resp.headers) {
             Some(coding) => Box::new(CannotRead(format!(
                 "a response in Content-Encoding {coding} cannot be checked for echoed secrets"
@@ -350,53 +388,55 @@ impl CredentialSubstitute {
                 }
             }
         }
+        let mut produced = Vec::new();
         for (name, value) in req.headers.iter_mut() {
-            let Ok(text) = value.to_str() else { continue };
-            let mut new = replace_all(text, &pairs);
+            let text = value.as_bytes();
+            let mut new = replace_all(text, &pairs, Place::Header);
             if name == AUTHORIZATION {
-                if let Some(decoded) = decode_basic(text) {
-                    let swapped = replace_all(&decoded, &pairs);
-                    if swapped != decoded {
-                        new = format!(
-                            "Basic {}",
-                            base64::engine::general_purpose::STANDARD.encode(swapped)
-                        );
-                    }
+                if let Some(swapped) = decode_basic(text)
+                    .and_then(|decoded| replace_all(&decoded, &pairs, Place::Header))
+                {
+                    let token = base64::engine::general_purpose::STANDARD.encode(swapped);
+                    new = Some(format!("Basic {token}").into_bytes());
+                    // Redacted whole if it comes back.
+                    produced.push(Arc::new(SecretValue::new(token)));
                 }
             }
-            if new != text {
-                match HeaderValue::from_str(&new) {
-                    Ok(mut v) => {
-                        // Keep it out of HPACK tables.
-                        v.set_sensitive(true);
-                        *value = v;
-                    }
-                    Err(_) => {
-                        return Action::Respond(Rejection::new(
-                            ErrorCode::CredentialUnavailable,
-                            "a secret is not a valid header value",
-                        ))
-                    }
+            let Some(new) = new else { continue };
+            match HeaderValue::from_bytes(&new) {
+                Ok(mut v) => {
+                    // Keep it out of HPACK tables.
+                    v.set_sensitive(true);
+                    *value = v;
+                }
+                Err(_) => {
+                    return Action::Respond(Rejection::new(
+                        ErrorCode::CredentialUnavailable,
+                        "a secret is not a valid header value",
+                    ))
                 }
             }
         }
-        if let Some(q) = req.uri.query() {
-            let new_q = replace_all(q, &pairs);
-            if new_q != q {
-                let path = req.uri.path();
-                let mut parts = req.uri.clone().into_parts();
-                match format!("{path}?{new_q}").parse() {
-                    Ok(pq) => parts.path_and_query = Some(pq),
-                    Err(_) => {
-                        return Action::Respond(Rejection::new(
-                            ErrorCode::CredentialUnavailable,
-                            "a secret is not valid in a query string",
-                        ))
-                    }
+        if let Some(new_q) = req
+            .uri
+            .query()
+            .and_then(|q| replace_all(q.as_bytes(), &pairs, Place::Query))
+        {
+            let mut pq = req.uri.path().as_bytes().to_vec();
+            pq.push(b'?');
+            pq.extend_from_slice(&new_q);
+            let mut parts = req.uri.clone().into_parts();
+            match http::uri::PathAndQuery::try_from(pq) {
+                Ok(pq) => parts.path_and_query = Some(pq),
+                Err(_) => {
+                    return Action::Respond(Rejection::new(
+                        ErrorCode::CredentialUnavailable,
+                        "a secret is not valid in a query string",
+                    ))
                 }
-                if let Ok(uri) = http::Uri::from_parts(parts) {
-                    req.uri = uri;
-                }
+            }
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                req.uri = uri;
             }
         }
         if let RequestBody::Buffered(b) = &ctx.body {
@@ -405,35 +445,50 @@ impl CredentialSubstitute {
                 .filter(|(p, _)| self.set.by_placeholder.get(p).is_some_and(|c| c.body))
                 .cloned()
                 .collect();
-            if !body_pairs.is_empty() {
-                let text = String::from_utf8_lossy(b);
-                let new = replace_all(&text, &body_pairs);
-                if new != text {
-                    ctx.body = RequestBody::Buffered(bytes::Bytes::from(new));
-                }
+            if let Some(new) = replace_all(b, &body_pairs, Place::Json) {
+                ctx.body = RequestBody::Buffered(bytes::Bytes::from(new));
             }
         }
+        ctx.credentials.produced = produced;
         ctx.credentials.secrets = pairs.into_iter().map(|(_, s)| s).collect();
         Action::Continue
     }
 }
 
-pub const REDACTED: &str = "[REDACTED]";
+/// Every form of the secrets this action substituted, and the encodings the proxy produced.
+fn needles(ctx: &Context) -> Needles {
+    let c = &ctx.credentials;
+    Needles::new(
+        c.secrets.iter().map(|s| s.expose().as_bytes()),
+        c.produced.iter().map(|s| s.expose().as_bytes()),
+    )
+}
 
-/// Streaming redaction of secrets in a response body: replaces every occurrence, across chunk
-/// boundaries, while holding back only a suffix that could be the start of a secret (so an SSE
-/// event is not delayed unless its tail really looks like one).
+/// A header value with every echo of a secret replaced (bytes: non-UTF-8 values too).
+fn redact_header(needles: &Needles, value: &mut HeaderValue) {
+    let (out, _) = needles.redact(value.as_bytes(), true);
+    if out != value.as_bytes() {
+        // The redacted value is made of the original's bytes and ASCII: always valid.
+        if let Ok(v) = HeaderValue::from_bytes(&out) {
+            *value = v;
+        }
+    }
+}
+
+/// Streaming redaction of secrets in a response body (every form, see
+/// [`crate::parse::redact`]), across chunk boundaries, holding back only a tail that could
+/// still become a match (so an SSE event is not delayed unless its tail really looks like
+/// one). Trailers are redacted too.
 #[derive(Debug)]
 pub struct Redactor {
-    secrets: Vec<Arc<SecretValue>>,
+    needles: Needles,
     carry: Vec<u8>,
 }
 
 impl Redactor {
-    pub fn new(secrets: Vec<Arc<SecretValue>>) -> Option<Redactor> {
-        let secrets: Vec<_> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
-        (!secrets.is_empty()).then_some(Redactor {
-            secrets,
+    pub fn new(needles: Needles) -> Option<Redactor> {
+        (!needles.is_empty()).then_some(Redactor {
+            needles,
             carry: Vec::new(),
         })
     }
@@ -441,26 +496,14 @@ impl Redactor {
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut buf = std::mem::take(&mut self.carry);
         buf.extend_from_slice(chunk);
-        let mut out = self.redact(&buf);
-        // Hold back the longest tail that is a proper prefix of a secret.
-        let hold = self
-            .secrets
-            .iter()
-            .map(|s| {
-                let s = s.expose().as_bytes();
-                (1..s.len().min(out.len() + 1))
-                    .rev()
-                    .find(|&n| out.ends_with(&s[..n]))
-                    .unwrap_or(0)
-            })
-            .max()
-            .unwrap_or(0);
-        self.carry = out.split_off(out.len() - hold);
+        let (mut out, held) = self.needles.redact(&buf, false);
+        self.carry = out.split_off(out.len() - held);
         out
     }
 
     pub fn finish(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.carry)
+        let carry = std::mem::take(&mut self.carry);
+        self.needles.redact(&carry, true).0
     }
 }
 
@@ -472,27 +515,11 @@ impl BodyTransform for Redactor {
     fn end(&mut self) -> Result<Bytes, TransformError> {
         Ok(Bytes::from(self.finish()))
     }
-}
 
-impl Redactor {
-    fn redact(&self, data: &[u8]) -> Vec<u8> {
-        let mut out = data.to_vec();
-        for s in &self.secrets {
-            let needle = s.expose().as_bytes();
-            let mut result = Vec::with_capacity(out.len());
-            let mut i = 0;
-            while i < out.len() {
-                if out[i..].starts_with(needle) {
-                    result.extend_from_slice(REDACTED.as_bytes());
-                    i += needle.len();
-                } else {
-                    result.push(out[i]);
-                    i += 1;
-                }
-            }
-            out = result;
+    fn trailers(&mut self, trailers: &mut http::HeaderMap) {
+        for value in trailers.values_mut() {
+            redact_header(&self.needles, value);
         }
-        out
     }
 }
 
@@ -507,11 +534,22 @@ mod tests {
 
     #[test]
     fn whole_tokens_only() {
-        assert_eq!(
-            replace_token("a pcx_ab pcx_abc", "pcx_ab", "S"),
-            "a S pcx_abc"
-        );
-        assert_eq!(replace_token("pcx_ab", "pcx_ab", "S"), "S");
+        let swap =
+            |t: &[u8]| replace_token(t, b"pcx_ab", b"S").map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(swap(b"a pcx_ab pcx_abc").as_deref(), Some("a S pcx_abc"));
+        assert_eq!(swap(b"pcx_ab").as_deref(), Some("S"));
+        assert_eq!(swap(b"pcx_abc"), None);
+    }
+
+    #[test]
+    fn substitution_keeps_every_other_byte_and_encodes_for_its_place() {
+        let pairs = vec![(Placeholder::parse("pcx_k").unwrap(), secret("a\"b&c d"))];
+        let body = b"\xff\xfe{\"t\":\"pcx_k\"}\x80";
+        let out = replace_all(body, &pairs, Place::Json).unwrap();
+        assert_eq!(out, b"\xff\xfe{\"t\":\"a\\\"b&c d\"}\x80");
+        let q = replace_all(b"x=1&key=pcx_k", &pairs, Place::Query).unwrap();
+        assert_eq!(q, b"x=1&key=a%22b%26c%20d");
+        assert_eq!(replace_all(b"no placeholder", &pairs, Place::Header), None);
     }
 
     #[test]
@@ -520,13 +558,17 @@ mod tests {
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode("user:pcx_gh")
         );
-        assert_eq!(decode_basic(&v).as_deref(), Some("user:pcx_gh"));
-        assert_eq!(decode_basic("Bearer x"), None);
+        assert_eq!(
+            decode_basic(v.as_bytes()).as_deref(),
+            Some(&b"user:pcx_gh"[..])
+        );
+        assert_eq!(decode_basic(b"Bearer x"), None);
     }
 
     #[test]
     fn redactor_works_across_chunks_and_holds_back_only_possible_prefixes() {
-        let mut r = Redactor::new(vec![secret("s3cr3t-value")]).unwrap();
+        let needles = Needles::new([&b"s3cr3t-value"[..]], []);
+        let mut r = Redactor::new(needles).unwrap();
         let mut out = r.push(b"echo: s3cr");
         assert_eq!(
             out, b"echo: ",
@@ -547,12 +589,26 @@ mod tests {
         let c = Credential {
             name: "gh".into(),
             placeholder: Placeholder::parse("pcx_gh").unwrap(),
-            hosts: vec!["api.github.com".into(), "*.githubusercontent.com".into()],
+            hosts: ["api.github.com", "*.githubusercontent.com"]
+                .iter()
+                .map(|b| Binding::parse(b).unwrap())
+                .collect(),
             body: false,
         };
-        assert!(c.bound_to(&Host::parse("api.github.com").unwrap()));
-        assert!(c.bound_to(&Host::parse("raw.githubusercontent.com").unwrap()));
-        assert!(!c.bound_to(&Host::parse("githubusercontent.com").unwrap()));
-        assert!(!c.bound_to(&Host::parse("evil.com").unwrap()));
+        let https = |h: &str| Destination {
+            host: crate::parse::destination::Host::parse(h).unwrap(),
+            port: 443,
+            scheme: crate::parse::destination::Scheme::Https,
+        };
+        assert!(c.bound_to(&https("api.github.com")));
+        assert!(c.bound_to(&https("raw.githubusercontent.com")));
+        assert!(!c.bound_to(&https("githubusercontent.com")));
+        assert!(!c.bound_to(&https("evil.com")));
+        let clear = Destination {
+            scheme: crate::parse::destination::Scheme::Http,
+            port: 80,
+            ..https("api.github.com")
+        };
+        assert!(!c.bound_to(&clear), "never in cleartext unless bound so");
     }
 }

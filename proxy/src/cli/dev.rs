@@ -165,7 +165,7 @@ impl DevFiles {
              egress: {{allow: [\"127.0.0.0/8\", \"::1/128\"]}}\n\
              policy: {{paths: [policy/]}}\n\
              credentials:\n  \
-               - {{name: demo, hosts: [localhost, 127.0.0.1], source: {{file: demo-token}}}}\n"
+               - {{name: demo, hosts: [\"localhost:*\", \"127.0.0.1:*\"], source: {{file: demo-token}}}}\n"
         );
         // Spans go to the collector when one is given, else one summary line per action.
         match otlp {

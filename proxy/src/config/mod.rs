@@ -207,8 +207,10 @@ pub struct CredentialConfig {
     /// Default `pcx_<name>`.
     #[serde(default)]
     pub placeholder: Option<String>,
-    /// The only destinations it may be substituted for (`host` or `*.suffix`). Required.
-    pub hosts: Vec<String>,
+    /// The only destinations it may be substituted for. Required. `host` or `*.suffix` means
+    /// `https` on 443; `host:port`, `host:*` (any port) and `http://host[:port]` (cleartext,
+    /// only where written so) widen it explicitly.
+    pub hosts: Vec<portcullis_filters::parse::destination::Binding>,
     /// `{env: VAR}` or `{file: path}`.
     #[serde(with = "serde_yaml_ng::with::singleton_map")]
     pub source: SourceConfig,

@@ -293,13 +293,15 @@ impl Config {
                     format!("no credential named {name:?}"),
                 );
             };
-            let host = &r.upstream.destination.host;
-            if !c.hosts.iter().any(|h| host.matches(h)) {
+            let dest = &r.upstream.destination;
+            if !c.hosts.iter().any(|b| b.covers(dest)) {
+                let hosts: Vec<String> = c.hosts.iter().map(ToString::to_string).collect();
                 return invalid(
                     format!("{key}.credential"),
                     format!(
-                        "credential {name:?} is not bound to {host} (its hosts: {:?})",
-                        c.hosts
+                        "credential {name:?} is not bound to {}://{} (its hosts: {hosts:?})",
+                        dest.scheme,
+                        dest.authority()
                     ),
                 );
             }

@@ -308,7 +308,9 @@ mod tests {
         let cred = CredentialConfig {
             name: "github".into(),
             placeholder: None,
-            hosts: vec!["api.github.com".into()],
+            hosts: vec![
+                portcullis_filters::parse::destination::Binding::parse("api.github.com").unwrap(),
+            ],
             source: SourceConfig::Env("X".into()),
             body: false,
             inject: None,

@@ -22,6 +22,8 @@ pub struct LoggedBody {
     transforms: Option<Transforms>,
     /// The upstream body ended and the transforms' held-back bytes were sent.
     flushed: bool,
+    /// Trailers that arrived while held-back bytes still had to go out first.
+    trailers: Option<http::HeaderMap>,
     done: Option<(Context, Chain)>,
 }
 
@@ -39,6 +41,7 @@ impl LoggedBody {
             status,
             transforms,
             flushed: false,
+            trailers: None,
             done: Some((ctx, chain)),
         }
     }
@@ -85,6 +88,9 @@ impl HttpBody for LoggedBody {
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         loop {
             if let (Some(t), false) = (this.transforms.as_mut(), this.flushed) {
                 if let Poll::Ready(Some(inserted)) = t.poll_insert(cx) {
@@ -112,7 +118,27 @@ impl HttpBody for LoggedBody {
             };
             let data = match frame.into_data() {
                 Ok(data) => data,
-                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                Err(frame) => match (frame.into_trailers(), this.transforms.as_mut()) {
+                    (Ok(trailers), None) => {
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    }
+                    // The held-back bytes go first, then the trailers, transformed.
+                    (Ok(mut trailers), Some(t)) => {
+                        t.trailers(&mut trailers);
+                        this.flushed = true;
+                        match t.end() {
+                            Ok(rest) if rest.is_empty() => {
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                            }
+                            Ok(rest) => {
+                                this.trailers = Some(trailers);
+                                return this.send(rest);
+                            }
+                            Err(e) => return this.cut_off(e),
+                        }
+                    }
+                    (Err(_), _) => continue, // neither data nor trailers: nothing to send
+                },
             };
             let data = match this.transforms.as_mut() {
                 None => data,
@@ -127,7 +153,9 @@ impl HttpBody for LoggedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream() && (self.transforms.is_none() || self.flushed)
+        self.inner.is_end_stream()
+            && (self.transforms.is_none() || self.flushed)
+            && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

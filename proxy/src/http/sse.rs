@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::Method;
 use portcullis_filters::parse::destination::Destination;
 use portcullis_filters::parse::jsonrpc::McpRequest;
-use portcullis_filters::parse::mcp_body::{event_json, message_ids, SseEvents};
+use portcullis_filters::parse::mcp_body::{event_json, message_ids, sse_lines, SseEvents};
 use portcullis_filters::{
     Action, ActionKind, BodyTransform, Chain, Context, Filter, Peer, Rejection, TransformError, Via,
 };
@@ -368,11 +368,12 @@ impl Drop for SseTap {
 
 /// The path and query announced by an `event: endpoint` among complete events in `head`.
 fn endpoint_event(head: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(head).ok()?.replace("\r\n", "\n");
-    for event in text.split("\n\n") {
+    let events = SseEvents::new(usize::MAX).push(head).ok()?;
+    for event in events {
+        let event = std::str::from_utf8(&event).ok()?;
         let mut is_endpoint = false;
         let mut data = None;
-        for line in event.lines() {
+        for line in sse_lines(event) {
             if let Some(v) = line.strip_prefix("event:") {
                 is_endpoint = v.trim() == "endpoint";
             } else if let Some(v) = line.strip_prefix("data:") {
@@ -400,11 +401,14 @@ impl BodyTransform for SseTap {
         Ok(Bytes::from(out))
     }
 
-    /// A half event held back at the end of the stream goes out as it is.
+    /// An event the stream ended in without its blank line is an event too (a client may take
+    /// it): filtered like any other.
     fn end(&mut self) -> Result<Bytes, TransformError> {
-        Ok(Bytes::from(
-            self.events.take().map(|mut e| e.rest()).unwrap_or_default(),
-        ))
+        let rest = self.events.take().map(|mut e| e.rest()).unwrap_or_default();
+        if rest.is_empty() || !self.filtering() {
+            return Ok(Bytes::from(rest));
+        }
+        self.answer(rest)
     }
 
     fn poll_insert(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Bytes>> {

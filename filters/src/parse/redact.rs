@@ -1,0 +1,326 @@
+//! Finding a secret in what an upstream sends back, in every form it can take there: its raw
+//! bytes; the encodings the proxy itself produced when it substituted it (the whole Basic
+//! `base64(user:secret)` token); and the common reflections of it: base64 and base64url (at
+//! any alignment inside a longer encoding), JSON string escapes (`\/`, `\"`, `\uXXXX` for any
+//! character, in any mix), percent-encoding (any case, any mix) and `+` for a space. Pure:
+//! bytes in, spans out. Used streaming (a chunk may end inside a match: the caller holds back
+//! only a tail that could still become one, so an SSE event is not delayed otherwise).
+
+use base64::Engine as _;
+
+pub const REDACTED: &[u8] = b"[REDACTED]";
+
+/// Shortest base64 core searched for: shorter ones would match ordinary text.
+const MIN_CORE: usize = 8;
+
+/// What to look for: per secret, its bytes (matched through escapes) and its exact encodings.
+#[derive(Default)]
+pub struct Needles {
+    /// Secrets, matched char by char where each char may also appear escaped.
+    escaped: Vec<Vec<u8>>,
+    /// Exact byte strings: base64 cores and the encodings the proxy produced.
+    exact: Vec<Vec<u8>>,
+    /// The longest any match can be (bounds how far back a partial match can start).
+    longest: usize,
+}
+
+impl std::fmt::Debug for Needles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Needles({} secrets, [REDACTED])", self.escaped.len())
+    }
+}
+
+/// The result of matching at one position.
+enum Match {
+    /// The match ends this many bytes further.
+    Full(usize),
+    /// The data ended while it still matched.
+    Partial,
+    No,
+}
+
+impl Needles {
+    /// `secrets`: the values substituted; `produced`: encodings the proxy wrote that contain
+    /// them (a Basic token), looked for in every form too, and replaced whole.
+    pub fn new<'a>(
+        secrets: impl IntoIterator<Item = &'a [u8]>,
+        produced: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Needles {
+        let mut n = Needles::default();
+        for s in secrets
+            .into_iter()
+            .chain(produced)
+            .filter(|s| !s.is_empty())
+        {
+            n.escaped.push(s.to_vec());
+            n.exact.extend(base64_cores(s));
+            n.longest = n.longest.max(s.len() * 6);
+        }
+        n.exact.sort();
+        n.exact.dedup();
+        n.longest = n.exact.iter().map(Vec::len).fold(n.longest, usize::max);
+        n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.escaped.is_empty() && self.exact.is_empty()
+    }
+
+    /// The longest match at `i` (the whole Basic token wins over a core inside it).
+    fn at(&self, data: &[u8], i: usize) -> Match {
+        let rest = &data[i..];
+        let mut partial = false;
+        let mut best = 0;
+        for e in &self.exact {
+            if rest.starts_with(e) {
+                best = best.max(e.len());
+            }
+            partial |= rest.len() < e.len() && e.starts_with(rest);
+        }
+        for s in &self.escaped {
+            match escaped_match(s, rest) {
+                Match::Full(n) => best = best.max(n),
+                Match::Partial => partial = true,
+                Match::No => {}
+            }
+        }
+        match (best, partial) {
+            (0, true) => Match::Partial,
+            (0, false) => Match::No,
+            (n, _) => Match::Full(n),
+        }
+    }
+
+    /// `data` with every match replaced by [`REDACTED`], and how many bytes at its end must be
+    /// held back (they may be the start of a match that the next bytes complete). With
+    /// `at_end`, nothing is held back.
+    pub fn redact(&self, data: &[u8], at_end: bool) -> (Vec<u8>, usize) {
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        let window = data.len().saturating_sub(self.longest);
+        while i < data.len() {
+            if !self.may_start(data[i]) {
+                out.push(data[i]);
+                i += 1;
+                continue;
+            }
+            match self.at(data, i) {
+                Match::Full(n) => {
+                    out.extend_from_slice(REDACTED);
+                    i += n;
+                }
+                Match::Partial if !at_end && i >= window => {
+                    let held = data.len() - i;
+                    out.extend_from_slice(&data[i..]);
+                    return (out, held);
+                }
+                _ => {
+                    out.push(data[i]);
+                    i += 1;
+                }
+            }
+        }
+        (out, 0)
+    }
+
+    fn may_start(&self, b: u8) -> bool {
+        matches!(b, b'\\' | b'%' | b'+')
+            || self.escaped.iter().any(|s| s[0] == b)
+            || self.exact.iter().any(|e| e[0] == b)
+    }
+}
+
+/// The parts of a secret's base64 and base64url encodings that appear whatever precedes it in
+/// the encoded data (three alignments), without the partial groups at either end.
+fn base64_cores(secret: &[u8]) -> Vec<Vec<u8>> {
+    let mut cores = Vec::new();
+    for engine in [
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        for offset in 0..3usize {
+            let mut padded = vec![0u8; offset];
+            padded.extend_from_slice(secret);
+            let encoded = engine.encode(&padded);
+            // Skip the groups that mix in the unknown prefix, and the last partial group.
+            let skip = (offset * 4).div_ceil(3);
+            let whole = (padded.len() / 3) * 4;
+            if whole > skip && whole - skip >= MIN_CORE {
+                cores.push(encoded.as_bytes()[skip..whole].to_vec());
+            }
+        }
+    }
+    cores
+}
+
+fn hex(b: u8) -> Option<u32> {
+    char::from(b).to_digit(16)
+}
+
+/// Match `secret` at the start of `data`, each character as itself or escaped.
+fn escaped_match(secret: &[u8], data: &[u8]) -> Match {
+    let (mut j, mut p) = (0, 0);
+    while j < secret.len() {
+        let Some(&b) = data.get(p) else {
+            return Match::Partial;
+        };
+        let want = secret[j];
+        let step = match b {
+            _ if b == want => Some((1, 1)),
+            b'+' if want == b' ' => Some((1, 1)),
+            b'%' => match (data.get(p + 1), data.get(p + 2)) {
+                (Some(&h), Some(&l)) => match (hex(h), hex(l)) {
+                    (Some(h), Some(l)) if h * 16 + l == u32::from(want) => Some((1, 3)),
+                    _ => None,
+                },
+                (Some(&h), None) if hex(h).is_some() => return Match::Partial,
+                (None, _) => return Match::Partial,
+                _ => None,
+            },
+            b'\\' => match json_escape(secret, j, &data[p..]) {
+                Ok(step) => step,
+                Err(m) => return m,
+            },
+            _ => None,
+        };
+        match step {
+            Some((used, read)) => {
+                j += used;
+                p += read;
+            }
+            None => return Match::No,
+        }
+    }
+    Match::Full(p)
+}
+
+/// A JSON escape at the start of `data` standing for the secret's character at `j`:
+/// `(secret bytes it stands for, data bytes it takes)`; `Err(Partial)` if `data` ends inside it.
+fn json_escape(secret: &[u8], j: usize, data: &[u8]) -> Result<Option<(usize, usize)>, Match> {
+    let want = secret[j];
+    let Some(&e) = data.get(1) else {
+        return Err(Match::Partial);
+    };
+    let simple = match e {
+        b'"' | b'\\' | b'/' => Some(e),
+        b'n' => Some(b'\n'),
+        b't' => Some(b'\t'),
+        b'r' => Some(b'\r'),
+        b'b' => Some(0x08),
+        b'f' => Some(0x0c),
+        _ => None,
+    };
+    if let Some(c) = simple {
+        return Ok((c == want).then_some((1, 2)));
+    }
+    if e != b'u' {
+        return Ok(None);
+    }
+    if data.len() < 6 {
+        let digits = &data[2..];
+        return match digits.iter().all(|&d| hex(d).is_some()) {
+            true => Err(Match::Partial),
+            false => Ok(None),
+        };
+    }
+    let Some(code) = data[2..6]
+        .iter()
+        .try_fold(0u32, |acc, &d| Some(acc * 16 + hex(d)?))
+    else {
+        return Ok(None);
+    };
+    // The secret's character at `j`, compared as a code point (BMP only; `None` mid-char).
+    let text = std::str::from_utf8(&secret[j..]).ok();
+    let Some(c) = text.and_then(|t| t.chars().next()) else {
+        return Ok(None);
+    };
+    Ok((u32::from(c) == code).then_some((c.len_utf8(), 6)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "s3cr/et+\"key é";
+
+    fn needles() -> Needles {
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{SECRET}"));
+        Needles::new(
+            [SECRET.as_bytes()],
+            [basic.as_bytes()].into_iter().map(|b| &b[..]),
+        )
+    }
+
+    fn redacted(text: &[u8]) -> String {
+        String::from_utf8_lossy(&needles().redact(text, true).0).into_owned()
+    }
+
+    #[test]
+    fn every_form_of_the_secret_is_redacted() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(SECRET);
+        let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{SECRET}"));
+        let inside = base64::engine::general_purpose::STANDARD.encode(format!("xy{SECRET}z"));
+        let json = serde_json::to_string(SECRET).unwrap();
+        let slash = json.replace('/', "\\/");
+        let all_u: String = SECRET
+            .chars()
+            .map(|c| format!("\\u{:04X}", u32::from(c)))
+            .collect();
+        let pct: String = SECRET.bytes().map(|b| format!("%{b:02x}")).collect();
+        let form = SECRET.replace(' ', "+");
+        for form in [
+            SECRET.to_owned(),
+            b64,
+            b64url,
+            format!("Basic {basic}"),
+            inside,
+            json,
+            slash,
+            all_u,
+            pct,
+            form,
+        ] {
+            let text = format!("before {form} after");
+            let out = redacted(text.as_bytes());
+            assert!(
+                out.starts_with("before ") && out.ends_with(" after"),
+                "{out}"
+            );
+            assert!(out.contains("[REDACTED]"), "{form} -> {out}");
+            for leftover in ["s3cr", "czNjc", "key"] {
+                assert!(!out.contains(leftover), "{form} -> {out}");
+            }
+        }
+        // The whole Basic token the proxy produced goes, not just the part that is the secret.
+        assert_eq!(
+            redacted(
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("bot:{SECRET}"))
+                )
+                .as_bytes()
+            ),
+            "Basic [REDACTED]"
+        );
+        assert_eq!(
+            redacted(b"nothing to see: s3cr/e, %41, \\u0041"),
+            "nothing to see: s3cr/e, %41, \\u0041"
+        );
+    }
+
+    #[test]
+    fn only_a_possible_start_is_held_back() {
+        let n = needles();
+        assert_eq!(
+            n.redact(b"data: ok\n\n", false),
+            (b"data: ok\n\n".to_vec(), 0)
+        );
+        for tail in ["s3c", "s3cr%2", "s3cr\\u00", "s3cr\\"] {
+            let text = format!("data: {tail}");
+            let (_, held) = n.redact(text.as_bytes(), false);
+            assert_eq!(held, tail.len(), "{tail}");
+        }
+    }
+}
