@@ -165,6 +165,14 @@ async fn respond(
         // reflect values in: base64/base64url, JSON escapes, percent-encoding.
         return echo_forms(&req);
     }
+    if req.uri().path() == "/always-401" {
+        return Response::builder()
+            .status(401)
+            .body(Full::new(Bytes::from_static(
+                b"{\"error\":\"invalid_token\"}",
+            )))
+            .unwrap();
+    }
     if req.uri().path() == "/redirect" {
         let to = req.uri().query().unwrap_or("").to_owned();
         return Response::builder()

@@ -154,6 +154,66 @@ fn assert_no_secret(text: &str) {
     }
 }
 
+/// No secret in any log line, in any encoding, with our crates at TRACE (dependencies that see
+/// request data stay at info whatever the log setting asks): substitution over HTTP/1.1 and
+/// h2, Basic and bearer, query and body, an echo and a 401 refresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_a_log_line_even_at_trace() {
+    let s = Harness::builder()
+        .policy(POLICY)
+        .file("file-secret", &format!("{FILE_SECRET}\n"))
+        .env("PCX_TEST_GITHUB", GITHUB_SECRET)
+        .env("PORTCULLIS_LOG", "trace")
+        .config(|cfg| {
+            cfg["credentials"] = json!([
+                {"name": "github", "hosts": ["localhost:*"], "source": {"env": "PCX_TEST_GITHUB"}, "body": true},
+                {"name": "filed", "placeholder": "pcx_filed_key", "hosts": ["localhost:*"], "source": {"file": "file-secret"}},
+            ]);
+        })
+        .start()
+        .await;
+    let basic = format!(
+        "Authorization: Basic {}",
+        base64_encode("bot:pcx_filed_key")
+    );
+    for proto in ["--http1.1", "--http2"] {
+        for (path, header) in [
+            (
+                "/echo-forms?token=pcx_github",
+                "Authorization: Bearer pcx_github",
+            ),
+            ("/echo?k=pcx_filed_key", basic.as_str()),
+            (
+                "/first-auth-fails/trace",
+                "Authorization: Bearer pcx_github",
+            ),
+        ] {
+            let out = s
+                .curl(&[
+                    proto,
+                    "-H",
+                    header,
+                    "-H",
+                    "content-type: application/json",
+                    "-X",
+                    "PUT",
+                    "--data-binary",
+                    r#"{"t":"pcx_github"}"#,
+                    &s.url(path),
+                ])
+                .await;
+            assert!(out.status == 200, "{proto} {path}: {out:?}");
+        }
+    }
+    assert!(s.up.seen().len() >= 6);
+    let logs = s.proxy.logs.lines().join("\n");
+    assert!(
+        logs.contains("\"level\":\"DEBUG\""),
+        "the proxy logged below info"
+    );
+    assert_no_secret(&logs);
+}
+
 /// A credential bound to a host (https on a port) is never substituted into cleartext HTTP to
 /// it, and the proxy does not follow a redirect to another host with the secret.
 #[tokio::test(flavor = "multi_thread")]
@@ -630,4 +690,23 @@ async fn an_upstream_401_refreshes_the_secret_and_retries_idempotent_requests_on
             .count();
     assert_eq!(posts, 1);
     assert_eq!(vault.reads.load(SeqCst), 2);
+
+    // An upstream that rejects every credential: one refresh per interval, however many
+    // requests an agent sends (no fetch storm against Vault); each agent gets the 401.
+    let always = format!("{base}/always-401");
+    for _ in 0..5 {
+        let out = s.curl(&[auth[0], auth[1], &always]).await;
+        assert_eq!(out.status, 401, "{out:?}");
+    }
+    assert_eq!(
+        vault.reads.load(SeqCst),
+        2,
+        "refreshed within the interval already (by the first test request)"
+    );
+    let hits =
+        s.up.seen()
+            .iter()
+            .filter(|s| s.path == "/always-401")
+            .count();
+    assert_eq!(hits, 5, "no retries without a refresh");
 }

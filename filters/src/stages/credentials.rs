@@ -61,6 +61,12 @@ pub trait SecretStore: Send + Sync + std::fmt::Debug {
     /// Forget any cached value of credential `name`, so the next use fetches it again.
     /// Returns false for an unknown name.
     async fn revoke(&self, name: &str) -> bool;
+
+    /// Whether credential `name` may be refreshed now because an upstream rejected it (at
+    /// most once per its refresh interval). Taking the answer `true` claims the refresh.
+    async fn claim_refresh(&self, _name: &str) -> bool {
+        true
+    }
 }
 
 /// The configured credentials, by placeholder.
@@ -309,6 +315,13 @@ impl Filter for CredentialSubstitute {
         };
         if !body.replayable() {
             return AfterResponse::Deliver;
+        }
+        // One refresh per credential per interval, however many requests come back 401.
+        for name in &ctx.credentials.names {
+            if !self.store.claim_refresh(name).await {
+                tracing::info!(credential = %name, "upstream answered 401; refreshed recently: not refreshing again yet");
+                return AfterResponse::Deliver;
+            }
         }
         for name in &ctx.credentials.names {
             self.store.revoke(name).await;

@@ -225,6 +225,19 @@ pub fn main() -> ExitCode {
     rt.block_on(run(cli.command))
 }
 
+/// Dependency log targets that can carry request data at debug or trace.
+const QUIET_DEPENDENCIES: [&str; 9] = [
+    "h2",
+    "hyper",
+    "hyper_util",
+    "hyper_rustls",
+    "rustls",
+    "tokio_rustls",
+    "redis",
+    "tonic",
+    "tower",
+];
+
 /// Logs go to stderr through a writer thread, so a log line costs the request path no write
 /// syscall; the queue is not lossy (a full queue waits). The guard flushes at exit.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
@@ -232,8 +245,16 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::stderr());
-    let filter =
+    let mut filter =
         EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Dependencies that see request data (header values, frames, Redis commands) log it at
+    // debug/trace: they stay at info whatever PORTCULLIS_LOG asks, so no secret reaches a log
+    // line through them. Our own crates log no secret at any level.
+    for target in QUIET_DEPENDENCIES {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

@@ -217,6 +217,11 @@ pub struct CredentialConfig {
     /// Also substitute placeholders inside request bodies (buffered up to the inspection limit).
     #[serde(default)]
     pub body: bool,
+    /// At most one refresh (drop the cached value, fetch it again) per this interval when an
+    /// upstream answers 401, across replicas when `redis` is configured: an agent cannot
+    /// cause a fetch storm against Vault or the OAuth server.
+    #[serde(default = "defaults::refresh_interval", with = "duration")]
+    pub refresh_interval: Duration,
     /// For gateway routes that name this credential: the header to add (with the placeholder,
     /// substituted like any other) when the request has none.
     #[serde(default)]
@@ -515,6 +520,10 @@ impl Default for LimitsConfig {
 
 mod defaults {
     use std::net::SocketAddr;
+
+    pub fn refresh_interval() -> std::time::Duration {
+        std::time::Duration::from_secs(30)
+    }
     use std::time::Duration;
 
     pub fn listen() -> SocketAddr {

@@ -12,7 +12,7 @@ pub(crate) mod vault;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::credentials::{SecretStore, StoreError};
@@ -29,6 +29,9 @@ pub struct LocalSecrets {
     oauth: HashMap<String, crate::credentials::oauth::OAuthSource>,
     shared: Option<Arc<RedisStore>>,
     pub stats: Arc<FetchStats>,
+    /// `credentials[].refresh_interval`, and when each was last refreshed here.
+    refresh: HashMap<String, Duration>,
+    refreshed: Mutex<HashMap<String, Instant>>,
 }
 
 impl LocalSecrets {
@@ -64,6 +67,11 @@ impl LocalSecrets {
             oauth,
             shared,
             stats,
+            refresh: creds
+                .iter()
+                .map(|c| (c.name.clone(), c.refresh_interval))
+                .collect(),
+            refreshed: Mutex::default(),
         })
     }
 
@@ -162,6 +170,31 @@ impl SecretStore for LocalSecrets {
 
     async fn get(&self, name: &str) -> Result<Arc<SecretValue>, StoreError> {
         Ok(self.fetch(name).await?)
+    }
+
+    /// Claimed in Redis (`SET NX PX`, shared by the replicas) when it is configured and up,
+    /// else in this replica's memory.
+    async fn claim_refresh(&self, name: &str) -> bool {
+        let Some(&every) = self.refresh.get(name) else {
+            return false;
+        };
+        if let Some(claimed) = match &self.shared {
+            Some(shared) => shared.claim(&format!("refresh:{name}"), every).await,
+            None => None,
+        } {
+            return claimed;
+        }
+        let Ok(mut refreshed) = self.refreshed.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        match refreshed.get(name) {
+            Some(at) if now.duration_since(*at) < every => false,
+            _ => {
+                refreshed.insert(name.to_owned(), now);
+                true
+            }
+        }
     }
 
     async fn revoke(&self, name: &str) -> bool {

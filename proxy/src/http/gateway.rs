@@ -313,6 +313,7 @@ mod tests {
             ],
             source: SourceConfig::Env("X".into()),
             body: false,
+            refresh_interval: std::time::Duration::from_secs(30),
             inject: None,
         };
         let r = Routes::new(&[cfg], &[cred]).unwrap_or_default();

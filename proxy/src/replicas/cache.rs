@@ -161,6 +161,27 @@ impl RedisStore {
     }
 
     /// Drop the shared value and tell every replica to drop its own copy.
+    /// Claim `what` for `every` across the replicas (`SET NX PX`): `Some(true)` for the first
+    /// claimer in the window, `Some(false)` for the others, `None` when Redis cannot say.
+    pub async fn claim(&self, what: &str, every: std::time::Duration) -> Option<bool> {
+        if self.is_down() {
+            return None;
+        }
+        let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+        let key = format!("{}:claim:{what}", self.prefix);
+        let cmd = redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms)
+            .clone();
+        self.query::<Option<String>>(&cmd)
+            .await
+            .ok()
+            .map(|r| r.is_some())
+    }
+
     pub async fn revoke(&self, name: &str) {
         let _ = self
             .query::<i64>(redis::cmd("DEL").arg(self.secret_key(name)))
