@@ -172,6 +172,49 @@ async fn clients_outside_allow_clients_are_refused() {
     assert_eq!(out.status, 200, "{out:?}");
 }
 
+/// The connector takes proxy requests only: an origin-form request (what a browser sends to a
+/// name it resolved to the loopback listener: DNS rebinding) is refused there with a 400, so
+/// it never reaches a gateway route as the connector's workload; absolute-form still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connector_refuses_origin_form_requests() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let plain = Upstream::start("127.0.0.1", None).await;
+    let mut cfg = pki.base_config();
+    let base = format!("https://localhost:{}", up.port());
+    cfg["routes"] = json!([{"name": "open", "match": {"path_prefix": "/"}, "upstream": base}]);
+    let proxy = Proxy::start(&pki.write_config(&cfg));
+    let agent = pki.client("connector", CONNECTOR_ID);
+    let conn = start_connector(&file_args(&pki, &proxy, &agent));
+    let host = format!("rebound.example:{}", conn.addr.port());
+    for request in [
+        format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        format!("POST /y HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\n{{}}"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(conn.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
+            .await
+            .unwrap();
+        let out = read_response(&mut tcp).await;
+        out.assert_refused(400, "bad_request");
+        assert!(
+            out.json()["reason"]
+                .as_str()
+                .unwrap()
+                .contains("only proxy requests"),
+            "{out:?}"
+        );
+    }
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+    let out = conn
+        .curl(
+            &pki,
+            &[&format!("http://127.0.0.1:{}/absolute", plain.port())],
+        )
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+}
+
 /// `--max-connections 1`: a second client waits (in the accept queue) until the first is done.
 #[tokio::test(flavor = "multi_thread")]
 async fn max_connections_queues_the_excess() {

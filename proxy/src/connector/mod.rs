@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::WorkloadApiEndpoint;
 use crate::edge::slots::Slots;
 use crate::edge::tls::check_leaf;
+use crate::http::head_gate::{HeadGate, OnRefuse, Targets};
 use crate::reload::workload_api::{self, X509Svid};
 use crate::reload::{fingerprint, hangups, next_hangup, settled};
 
@@ -418,6 +419,10 @@ async fn tunnel(
             .await;
         }
     };
+    // Proxy requests only: an origin-form request (a browser that reached the loopback
+    // listener by DNS rebinding) is answered 400 here, never carried to a gateway route.
+    let answer: OnRefuse = Box::new(|rej| answer(&rej).into_bytes());
+    let client = HeadGate::with_targets(client, Targets::ProxyOnly, HEAD_BYTES, answer);
     let mut client = Counted {
         inner: client,
         written: 0,
@@ -486,23 +491,31 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, read_head: bool, re
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
     }
+    let _ = s.write_all(answer(&rej).as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// A refusal as a complete HTTP/1.1 answer (no trace id: nothing reached the proxy).
+fn answer(rej: &Rejection) -> String {
     let (status, code) = (rej.status(), rej.code.as_str());
     let body = serde_json::json!({"error": code, "reason": rej.reason}).to_string();
     let phrase = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error");
-    let response = format!(
+    format!(
         "HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\nx-portcullis-error: {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
-    );
-    let _ = s.write_all(response.as_bytes()).await;
-    let _ = s.shutdown().await;
+    )
 }
+
+/// The most of a request head the connector reads (the central proxy's default limit is
+/// below this; larger heads are refused there or here).
+const HEAD_BYTES: usize = 512 * 1024;
 
 /// A stream that counts the bytes written to it: whether the client got anything yet.
 struct Counted {
-    inner: TcpStream,
+    inner: HeadGate<TcpStream>,
     written: u64,
 }
 

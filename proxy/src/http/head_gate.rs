@@ -31,8 +31,20 @@ pub const MAX_HEADERS: usize = 100;
 /// Logs a refusal and renders the bytes of its answer.
 pub type OnRefuse = Box<dyn FnOnce(Rejection) -> Vec<u8> + Send + Sync>;
 
+/// Which request targets a gate passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Targets {
+    /// Any valid target (the proxy's own listeners: gateway routes take origin-form).
+    Any,
+    /// Proxy requests only: `CONNECT host:port` or an absolute-form URI. The connector takes
+    /// nothing else, so a browser that reaches it by DNS rebinding (origin-form requests)
+    /// cannot act as the workload.
+    ProxyOnly,
+}
+
 pub struct HeadGate<IO> {
     io: IO,
+    targets: Targets,
     /// Bytes read from `io`, not yet given to hyper.
     buf: BytesMut,
     /// The first `cleared` bytes of `buf` are examined and go to hyper as they are.
@@ -150,8 +162,18 @@ impl Chunk {
 
 impl<IO> HeadGate<IO> {
     pub fn new(io: IO, max_head_bytes: usize, on_refuse: OnRefuse) -> HeadGate<IO> {
+        Self::with_targets(io, Targets::Any, max_head_bytes, on_refuse)
+    }
+
+    pub fn with_targets(
+        io: IO,
+        targets: Targets,
+        max_head_bytes: usize,
+        on_refuse: OnRefuse,
+    ) -> HeadGate<IO> {
         HeadGate {
             io,
+            targets,
             buf: BytesMut::new(),
             cleared: 0,
             searched: 0,
@@ -218,7 +240,7 @@ impl<IO> HeadGate<IO> {
                         self.refuse(too_large(self.max_head_bytes));
                         return;
                     }
-                    match read_head(&avail[..end]) {
+                    match read_head(&avail[..end], self.targets) {
                         Ok(next) => {
                             self.cleared += end;
                             self.searched = 0;
@@ -291,7 +313,7 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 }
 
 /// Validate a complete head; the state after it.
-fn read_head(head: &[u8]) -> Result<State, Rejection> {
+fn read_head(head: &[u8], targets: Targets) -> Result<State, Rejection> {
     let bad = |reason: String| Rejection::new(ErrorCode::BadRequest, reason);
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
@@ -311,6 +333,16 @@ fn read_head(head: &[u8]) -> Result<State, Rejection> {
         return Err(bad("the request target is not a valid URI".into()));
     }
     let method = req.method.unwrap_or_default();
+    let absolute = target.split_once("://").is_some_and(|(scheme, _)| {
+        ["http", "https"]
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(scheme))
+    });
+    if targets == Targets::ProxyOnly && method != "CONNECT" && !absolute {
+        return Err(bad(
+            "only proxy requests are taken here: CONNECT host:port or an absolute-form URI (http://host/path)".into(),
+        ));
+    }
     let http11 = req.version == Some(1);
     let mut chunked = false;
     let mut length: Option<u64> = None;
@@ -452,7 +484,7 @@ mod tests {
     use super::*;
 
     fn state(head: &str) -> Result<State, ErrorCode> {
-        read_head(head.as_bytes()).map_err(|r| r.code)
+        read_head(head.as_bytes(), Targets::Any).map_err(|r| r.code)
     }
 
     #[test]
@@ -496,6 +528,20 @@ mod tests {
             "X: y\r\n".repeat(MAX_HEADERS + 1)
         );
         assert_eq!(state(&many), Err(ErrorCode::HeadersTooLarge));
+    }
+
+    #[test]
+    fn a_proxy_only_gate_takes_connect_and_absolute_form() {
+        let only = |h: &str| read_head(h.as_bytes(), Targets::ProxyOnly).map_err(|r| r.code);
+        assert_eq!(only("CONNECT a:443 HTTP/1.1\r\n\r\n"), Ok(State::Opaque));
+        assert_eq!(only("GET http://a/x HTTP/1.1\r\n\r\n"), Ok(State::Head));
+        assert_eq!(only("GET HTTPS://a/x HTTP/1.1\r\n\r\n"), Ok(State::Head));
+        for origin in [
+            "GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(only(origin), Err(ErrorCode::BadRequest), "{origin}");
+        }
     }
 
     #[test]
