@@ -48,9 +48,12 @@ leaf upstream upstream-ca "spiffe://upstream.demo/tools" 720h --san mcp-server -
 
 # The AES-256-GCM key for credentials cached in Redis: created once, like the CAs.
 [ -s "$CA/cache.key" ] || head -c 32 /dev/urandom | base64 > "$CA/cache.key"
+# The admin API's bearer token (the admin port is on the compose networks): created once.
+[ -s "$CA/admin-token.key" ] || head -c 32 /dev/urandom | base64 | tr -d '+/=' > "$CA/admin-token.key"
 
 put "$CA/leaves/server.pem" "$PROXY/server.pem"
 put "$CA/cache.key" "$PROXY/cache.key"
+put "$CA/admin-token.key" "$PROXY/admin-token.key"
 put "$CA/leaves/server.key" "$PROXY/server.key"
 put "$CA/trust-ca.pem" "$PROXY/trust-bundle.pem"
 put "$CA/mitm-ca.pem" "$PROXY/mitm-ca.pem"

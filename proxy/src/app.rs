@@ -242,6 +242,13 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             .await
             .map_err(|source| StartError::Bind { addr, source })
     };
+    let admin_token = match &cfg.admin_token {
+        Some(r) => Some(Arc::new(
+            r.resolve()
+                .map_err(|e| Invalid::new("admin_token", e.to_string()))?,
+        )),
+        None => None,
+    };
     let listener = bind(cfg.listen).await?;
     let admin_listener = bind(cfg.admin_listen).await?;
     let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -315,6 +322,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     let status = Arc::new(Status::default());
     tokio::spawn(admin::serve(
         admin_listener,
+        admin_token,
         status.clone(),
         shared.clone(),
         shutdown.clone(),

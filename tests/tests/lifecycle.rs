@@ -230,3 +230,55 @@ fn bad_usage_exits_2() {
         .join("\n");
     assert!(stderr.contains("/nonexistent.yaml"), "{stderr}");
 }
+
+/// The admin API with a token: probes stay open, everything else needs `Bearer <token>`; off
+/// loopback a token is required by the config check.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_requires_its_token_except_for_probes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Harness::builder()
+        .env("PCX_ADMIN_TOKEN", "admin-token-for-test")
+        .config(|c| c["admin_token"] = serde_json::json!("env:PCX_ADMIN_TOKEN"))
+        .start()
+        .await;
+    let admin = |method: &'static str, path: &'static str, auth: Option<&'static str>| {
+        let addr = s.proxy.admin;
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let auth = auth
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            let req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+            tcp.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            tcp.read_to_string(&mut out).await.unwrap();
+            out[9..12].parse::<u16>().unwrap()
+        }
+    };
+    assert_eq!(admin("GET", "/healthz", None).await, 200);
+    assert_eq!(admin("GET", "/readyz", None).await, 200);
+    assert_eq!(admin("GET", "/metrics", None).await, 401);
+    assert_eq!(
+        admin("GET", "/metrics", Some("Bearer wrong-token-for-tes")).await,
+        401
+    );
+    assert_eq!(admin("POST", "/credentials/revoke?name=x", None).await, 401);
+    assert_eq!(admin("GET", "/mcp/pins", None).await, 401);
+    let good = Some("Bearer admin-token-for-test");
+    assert_eq!(admin("GET", "/metrics", good).await, 200);
+
+    let pki = Pki::new();
+    let mut cfg = pki.base_config();
+    cfg["admin_listen"] = serde_json::json!("0.0.0.0:9901");
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(pki.write_config(&cfg))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin_token") && err.contains("not a loopback"),
+        "{err}"
+    );
+}

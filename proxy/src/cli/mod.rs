@@ -161,6 +161,9 @@ pub enum CredentialsCommand {
         /// The proxy's admin listener.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// The admin token (`env:NAME` or `file:PATH`), when the proxy has `admin_token`.
+        #[arg(long)]
+        admin_token: Option<String>,
     },
 }
 
@@ -300,8 +303,13 @@ async fn run(cmd: Command) -> ExitCode {
             command: PolicyCommand::Test { paths },
         } => policy_test(&paths),
         Command::Credentials {
-            command: CredentialsCommand::Revoke { name, admin },
-        } => revoke(&name, admin).await,
+            command:
+                CredentialsCommand::Revoke {
+                    name,
+                    admin,
+                    admin_token,
+                },
+        } => revoke(&name, admin, admin_token.as_deref()).await,
         Command::Connect(args) => connect(args).await,
         Command::Ca {
             command:
@@ -372,15 +380,23 @@ async fn connect(args: ConnectArgs) -> ExitCode {
 }
 
 /// `POST /credentials/revoke` on the admin listener.
-async fn revoke(name: &str, admin: SocketAddr) -> ExitCode {
+async fn revoke(name: &str, admin: SocketAddr, token: Option<&str>) -> ExitCode {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("name", name)
         .finish();
+    let auth = match token.map(|t| crate::config::SecretRef::try_from(t.to_owned())) {
+        None => String::new(),
+        Some(Err(e)) => return fail(2, format!("--admin-token {e}")),
+        Some(Ok(r)) => match r.resolve() {
+            Ok(t) => format!("Authorization: Bearer {}\r\n", t.expose()),
+            Err(e) => return fail(2, format!("--admin-token: {e}")),
+        },
+    };
     let run = async {
         let mut s = tokio::net::TcpStream::connect(admin).await?;
         let req = format!(
-            "POST /credentials/revoke?{query} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "POST /credentials/revoke?{query} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await?;
         let mut out = String::new();

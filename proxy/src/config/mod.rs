@@ -36,6 +36,10 @@ pub struct Config {
     pub listen: SocketAddr,
     #[serde(default = "defaults::admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Bearer token the admin listener requires on every endpoint but `/healthz` and
+    /// `/readyz` (`env:NAME` or `file:PATH`). Required when `admin_listen` is not loopback.
+    #[serde(default)]
+    pub admin_token: Option<SecretRef>,
     pub tls: TlsConfig,
     pub trust_domains: BTreeMap<String, TrustDomainConfig>,
     pub mitm: MitmConfig,

@@ -52,7 +52,23 @@ impl Config {
             })?;
         }
         self.validate_telemetry()?;
+        self.validate_admin()?;
         self.validate_limits()
+    }
+
+    /// The admin API revokes credentials and accepts tool pins: off loopback it needs a token.
+    fn validate_admin(&self) -> Checked {
+        if self.admin_token.is_none() && !self.admin_listen.ip().is_loopback() {
+            return invalid(
+                "admin_token",
+                format!(
+                    "admin_listen {} is not a loopback address: set admin_token (env:NAME or file:PATH), \
+                     the admin API revokes credentials and accepts tool pins",
+                    self.admin_listen
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// `tls` and `trust_domains`: where the proxy's certificate and the bundles come from.

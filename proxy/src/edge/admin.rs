@@ -17,6 +17,7 @@ use crate::http::error::full;
 use crate::http::mitm::LeafStats;
 use crate::http::Shared;
 use crate::upstream::Body;
+use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::credentials::SecretStore as _;
 
 /// Process-wide state the admin endpoints report.
@@ -30,8 +31,11 @@ pub struct Status {
     pub policy_reload_errors: AtomicU64,
 }
 
+/// The admin API. With a token (`admin_token`), every endpoint but the probes requires
+/// `Authorization: Bearer <token>` (401 otherwise).
 pub async fn serve(
     listener: TcpListener,
+    token: Option<Arc<SecretValue>>,
     status: Arc<Status>,
     shared: Arc<crate::http::Shared>,
     shutdown: CancellationToken,
@@ -41,11 +45,23 @@ pub async fn serve(
             r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
             _ = shutdown.cancelled() => return,
         };
-        let (status, shared) = (status.clone(), shared.clone());
+        let (status, shared, token) = (status.clone(), shared.clone(), token.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (status, shared) = (status.clone(), shared.clone());
+                let (status, shared, token) = (status.clone(), shared.clone(), token.clone());
                 async move {
+                    let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
+                    if let (Some(token), false) = (&token, probe) {
+                        if !authorized(&req, token) {
+                            let mut r =
+                                text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
+                            r.headers_mut().insert(
+                                http::header::WWW_AUTHENTICATE,
+                                http::HeaderValue::from_static("Bearer"),
+                            );
+                            return Ok::<_, Infallible>(r);
+                        }
+                    }
                     if req.method() == http::Method::POST
                         && req.uri().path() == "/credentials/revoke"
                     {
@@ -59,6 +75,19 @@ pub async fn serve(
                 .await;
         });
     }
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time.
+fn authorized(req: &Request<Incoming>, token: &SecretValue) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    let want = token.expose().as_bytes();
+    given.len() == want.len() && given.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
 fn query(req: &Request<Incoming>) -> std::collections::HashMap<String, String> {
