@@ -165,6 +165,8 @@ pub struct Loaded {
     upstream: Upstream,
     policy: Arc<Policy>,
     decision_log: Option<DecisionLog>,
+    /// Decision-log lines dropped (the metrics read it).
+    decision_log_dropped: Arc<std::sync::atomic::AtomicU64>,
     secrets: Arc<LocalSecrets>,
 }
 
@@ -188,11 +190,15 @@ impl Loaded {
         ));
         let upstream = Upstream::new(&cfg.upstream, guard)?;
         let policy = Arc::new(Policy::new(cfg.policy.load()?));
-        let decision_log = DecisionLog::open(&cfg.telemetry.decision_log).map_err(|source| {
-            StartError::DecisionLog {
-                path: cfg.telemetry.decision_log.clone(),
-                source,
-            }
+        let decision_log_dropped = Arc::default();
+        let decision_log = DecisionLog::open(
+            &cfg.telemetry.decision_log,
+            cfg.telemetry.decision_log_buffer,
+            Arc::clone(&decision_log_dropped),
+        )
+        .map_err(|source| StartError::DecisionLog {
+            path: cfg.telemetry.decision_log.clone(),
+            source,
         })?;
         // Credential back ends (Vault, OAuth) are set up here too, so `check` validates them.
         let shared = cfg
@@ -215,6 +221,7 @@ impl Loaded {
             upstream,
             policy,
             decision_log,
+            decision_log_dropped,
             secrets,
         })
     }
@@ -235,6 +242,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         upstream,
         policy,
         decision_log,
+        decision_log_dropped,
         secrets,
     } = Loaded::load(&cfg)?;
     let bind = |addr: SocketAddr| async move {
@@ -290,7 +298,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             shutdown.clone(),
         );
     }
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::with_decision_log(decision_log_dropped));
     let telemetry = Telemetry::init(&cfg.telemetry, metrics.otel.clone())?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
     let chain = build_chain(
@@ -426,7 +434,7 @@ mod tests {
     #[test]
     fn the_chain_runs_its_filters_in_this_order() {
         let (_dir, cfg, policy) = config("");
-        let log = DecisionLog::open("stderr").unwrap();
+        let log = DecisionLog::open("stderr", 1 << 20, Arc::default()).unwrap();
         let names: Vec<_> = chain(&cfg, policy, log).unwrap().names().collect();
         assert_eq!(
             names,

@@ -647,3 +647,53 @@ async fn dev_without_a_collector_logs_a_span_summary_per_action() {
     let secret = std::fs::read_to_string(dev.dir.path().join("dev/demo-token")).unwrap();
     assert!(!dev.stderr.lines().iter().any(|l| l.contains(secret.trim())));
 }
+
+/// A decision-log output that stops taking lines (a reader that never reads: a stalled pipe,
+/// like a full disk) never holds up a request: lines beyond `telemetry.decision_log_buffer`
+/// are dropped and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_decision_log_drops_and_counts_instead_of_blocking() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("decisions.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Opened for reading (non-blocking, so the proxy's open for writing succeeds), never read.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0o4000) // O_NONBLOCK
+        .open(&fifo)
+        .unwrap();
+    let path = fifo.display().to_string();
+    let s = Harness::builder()
+        .config(move |c| {
+            c["telemetry"] = serde_json::json!({"decision_log": path, "decision_log_buffer": 16384})
+        })
+        .start()
+        .await;
+    let target = format!("localhost:{}", s.up.port());
+    let mut tunnel = raw_tunnel(&s.pki, s.proxy.addr, &s.agent, &target).await;
+    let started = std::time::Instant::now();
+    for i in 0..600 {
+        let req = format!("GET /n{i} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        tunnel.write_all(req.as_bytes()).await.unwrap();
+        let out = read_response(&mut tunnel).await;
+        assert_eq!(out.status, 200, "request {i}: {out:?}");
+    }
+    let dropped = s
+        .proxy
+        .metric("portcullis_decision_log_dropped_total")
+        .await;
+    assert!(
+        dropped > 0,
+        "lines beyond the pipe and the buffer are dropped"
+    );
+    eprintln!(
+        "600 requests in {:?}; {dropped} decision lines dropped",
+        started.elapsed()
+    );
+}

@@ -437,6 +437,9 @@ pub enum ToolChanges {
 pub struct TelemetryConfig {
     /// Where decision log lines go: `stdout`, `stderr`, `off`, or a file path (appended).
     pub decision_log: String,
+    /// Bytes of decision-log lines that may wait for the output; beyond, lines are dropped
+    /// and counted (a request never waits for the log).
+    pub decision_log_buffer: usize,
     /// OTLP collector endpoint (default: `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`; none: no export).
     pub otlp_endpoint: Option<OtlpEndpoint>,
     /// `grpc` (default) or `http/protobuf` (default: `OTEL_EXPORTER_OTLP_PROTOCOL`).
@@ -460,6 +463,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             decision_log: "stdout".into(),
+            decision_log_buffer: 4 << 20,
             otlp_endpoint: None,
             otlp_protocol: None,
             otlp_headers: BTreeMap::new(),

@@ -4,7 +4,8 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use portcullis_filters::pipeline::span_hex;
@@ -13,26 +14,32 @@ use serde::Serialize;
 
 /// How often the writer thread flushes what requests have queued.
 const FLUSH_EVERY: Duration = Duration::from_millis(10);
-/// Queued bytes beyond which a request waits for the writer (the log is never lossy).
-const MAX_QUEUED: usize = 4 << 20;
 
 /// Lines are appended to an in-memory buffer (no syscall, no thread wake-up on the request
-/// path) that a writer thread flushes every 10 ms. Nothing is dropped: past 4 MiB queued a
-/// request waits for the writer, and dropping the log (shutdown) flushes the rest.
+/// path) that a writer thread flushes every 10 ms. Nothing on the request path ever waits for
+/// the output: past `telemetry.decision_log_buffer` bytes queued (a stalled pipe, a full
+/// disk), lines are dropped and counted (`portcullis_decision_log_dropped_total`). Dropping
+/// the log (shutdown) flushes the rest.
 pub struct DecisionLog {
     queue: Arc<Queue>,
+    max_queued: usize,
+    dropped: Arc<AtomicU64>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Default)]
 struct Queue {
     state: Mutex<(Vec<u8>, bool)>, // (queued bytes, closed)
-    drained: Condvar,
 }
 
 impl DecisionLog {
-    /// `stdout`, `stderr`, `off` (returns `None`), or a file path opened for appending.
-    pub fn open(target: &str) -> std::io::Result<Option<DecisionLog>> {
+    /// `stdout`, `stderr`, `off` (returns `None`), or a file path opened for appending. At most
+    /// `max_queued` bytes wait for the writer; lines beyond are counted in `dropped`.
+    pub fn open(
+        target: &str,
+        max_queued: usize,
+        dropped: Arc<AtomicU64>,
+    ) -> std::io::Result<Option<DecisionLog>> {
         let out: Box<dyn Write + Send> = match target {
             "off" => return Ok(None),
             "stdout" => Box::new(std::io::stdout()),
@@ -46,6 +53,8 @@ impl DecisionLog {
             .spawn(move || write_loop(&q, out))?;
         Ok(Some(DecisionLog {
             queue,
+            max_queued,
+            dropped,
             writer: Some(writer),
         }))
     }
@@ -54,11 +63,12 @@ impl DecisionLog {
         let Ok(mut state) = self.queue.state.lock() else {
             return;
         };
-        while state.0.len() > MAX_QUEUED && !state.1 {
-            state = match self.queue.drained.wait(state) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+        if state.0.len() + line.len() > self.max_queued {
+            drop(state);
+            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!("decision log output is not keeping up: dropping lines (portcullis_decision_log_dropped_total)");
+            }
+            return;
         }
         state.0.extend_from_slice(line);
     }
@@ -75,7 +85,6 @@ fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
             }
             Err(_) => return,
         };
-        queue.drained.notify_all();
         if !batch.is_empty() {
             // A failed log write must not fail requests; say so once per batch.
             if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {

@@ -58,12 +58,22 @@ pub struct Metrics {
     pub at_connection_limit: AtomicBool,
     /// The span exporter's counters (zero when spans are not exported).
     pub otel: std::sync::Arc<crate::telemetry::ExportStats>,
+    /// Decision-log lines dropped because the output did not keep up.
+    pub decision_log_dropped: std::sync::Arc<AtomicU64>,
 }
 
 /// Keeps `active_connections` right however a connection ends.
 pub struct ConnectionGuard<'a>(&'a Metrics);
 
 impl Metrics {
+    /// Metrics that report the decision log's dropped lines from `dropped`.
+    pub fn with_decision_log(dropped: std::sync::Arc<AtomicU64>) -> Metrics {
+        Metrics {
+            decision_log_dropped: dropped,
+            ..Metrics::default()
+        }
+    }
+
     pub fn connection(&self) -> ConnectionGuard<'_> {
         self.active_connections.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard(self)
@@ -123,6 +133,11 @@ impl Metrics {
                 "portcullis_otel_export_errors_total",
                 "OTLP export calls (batches) that failed or timed out.",
                 &self.otel.export_errors,
+            ),
+            (
+                "portcullis_decision_log_dropped_total",
+                "Decision-log lines dropped: the output did not keep up (telemetry.decision_log_buffer full).",
+                &*self.decision_log_dropped,
             ),
         ] {
             let _ = writeln!(
