@@ -59,6 +59,15 @@ async fn invalid_svids_fail_the_handshake_and_never_reach_upstream() {
         .push(rcgen::KeyUsagePurpose::KeyCertSign);
     let mut bad_id = svid("spiffe://acme.test/a");
     bad_id.uris = vec!["spiffe://ACME.test/a".into()];
+    let mut soft_key_usage = svid("spiffe://acme.test/a");
+    soft_key_usage.key_usages.clear();
+    soft_key_usage.extensions = vec![key_usage_extension(0x80, false)];
+    let mut subjectless = svid("spiffe://acme.test/a");
+    subjectless.common_name.clear();
+    subjectless.uris.clear();
+    subjectless.extensions = vec![uri_san_extension("spiffe://acme.test/a", false)];
+    let mut client_auth_only = svid("spiffe://acme.test/a");
+    client_auth_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
 
     // (name, signer, certificate, logged reason, TLS alert the client receives)
     let unknown = "certificate unknown";
@@ -72,6 +81,10 @@ async fn invalid_svids_fail_the_handshake_and_never_reach_upstream() {
         ("not-yet-valid", &pki.acme, not_yet, "NotValidYet", "certificate expired"),
         ("key-cert-sign", &pki.acme, key_cert_sign, "keyCertSign", unknown),
         ("bad-spiffe-id", &pki.acme, bad_id, "invalid character", unknown),
+        ("trust-domain-id", &pki.acme, svid("spiffe://acme.test"), "has no path", unknown),
+        ("soft-key-usage", &pki.acme, soft_key_usage, "keyUsage extension is not marked critical", unknown),
+        ("subjectless", &pki.acme, subjectless, "subjectAltName extension is not critical", unknown),
+        ("client-auth-only", &pki.acme, client_auth_only, "without id-kp-serverAuth", unknown),
         // Signed by a trusted CA, but the wrong trust domain's: acme.test IDs need acme.test's CA.
         ("cross-td", &pki.other, svid("spiffe://acme.test/a"), "UnknownIssuer", "unknown ca"),
     ];
@@ -127,6 +140,76 @@ async fn intermediate_chain_is_verified() {
     let url = format!("https://localhost:{}/i", up.port());
     let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
     assert_eq!(out.status, 200, "{out:?}");
+}
+
+fn signing_cert(uri: &str) -> LeafSpec {
+    let mut spec = svid(uri);
+    spec.is_ca = true;
+    spec.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    spec
+}
+
+/// Every intermediate the client sends must be an X.509-SVID signing certificate (spec 3.2,
+/// 4.1, 4.3), checked before the chain is verified: refused in the handshake, logged with the
+/// reason, never reaching the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn intermediates_must_be_signing_certificates() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let url = format!("https://localhost:{}/", up.port());
+
+    let mut no_cert_sign = signing_cert("spiffe://acme.test");
+    no_cert_sign.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let mut not_ca = signing_cert("spiffe://acme.test");
+    not_ca.is_ca = false;
+    let mut soft_key_usage = signing_cert("spiffe://acme.test");
+    soft_key_usage.key_usages.clear();
+    soft_key_usage.extensions = vec![key_usage_extension(0x06, false)];
+    #[rustfmt::skip]
+    let cases = [
+        ("no-key-cert-sign", no_cert_sign, "intermediate certificate 1: signing certificate lacks the keyCertSign key usage"),
+        ("not-ca", not_ca, "intermediate certificate 1: signing certificate is not a CA"),
+        ("id-with-path", signing_cert("spiffe://acme.test/ca"), "has a path"),
+        ("soft-key-usage", soft_key_usage, "intermediate certificate 1: SVID keyUsage extension is not marked critical"),
+    ];
+    for (name, spec, reason) in &cases {
+        let inter = pki.acme.intermediate_from(spec).unwrap();
+        let client = pki.client_with(name, &inter, &svid("spiffe://acme.test/a"));
+        let chain = std::fs::read_to_string(&client.cert).unwrap() + inter.cert_pem();
+        std::fs::write(&client.cert, chain).unwrap();
+        let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+        assert!(!out.success, "{name}: curl succeeded: {out:?}");
+        assert!(
+            out.stderr.contains("certificate unknown"),
+            "{name}: {}",
+            out.stderr
+        );
+        proxy.logs.wait_for(name, |l| {
+            l.contains("client TLS handshake failed") && l.contains(reason)
+        });
+    }
+    // The same construction with a proper signing certificate is accepted.
+    let inter = pki
+        .acme
+        .intermediate_from(&signing_cert("spiffe://acme.test"))
+        .unwrap();
+    let client = pki.client_with("good", &inter, &svid("spiffe://acme.test/a"));
+    let chain = std::fs::read_to_string(&client.cert).unwrap() + inter.cert_pem();
+    std::fs::write(&client.cert, chain).unwrap();
+    let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        up.connection_count(),
+        1,
+        "only the good chain reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -192,6 +192,19 @@ pub fn check_leaf(der: &[u8], now: SystemTime) -> Result<SpiffeId, SvidError> {
     Ok(id)
 }
 
+/// The signing-certificate rules on every intermediate the client sends (numbered from 1,
+/// the one after the leaf): webpki requires CA=true but not keyCertSign, nor the SPIFFE
+/// rules on the intermediate's own ID.
+fn check_intermediates(intermediates: &[CertificateDer<'_>]) -> Result<(), SvidError> {
+    for (i, c) in intermediates.iter().enumerate() {
+        identity::check_signing_cert(c).map_err(|reason| SvidError::Intermediate {
+            index: i + 1,
+            reason: Box::new(reason),
+        })?;
+    }
+    Ok(())
+}
+
 impl ClientCertVerifier for SpiffeVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Several trust domains: hinting one CA list would be misleading; clients send their SVID.
@@ -214,6 +227,7 @@ impl ClientCertVerifier for SpiffeVerifier {
         }
         let now_sys = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
         let id = check_leaf(end_entity, now_sys).map_err(|e| reject(e.into()))?;
+        check_intermediates(intermediates).map_err(|e| reject(e.into()))?;
         let verifier = store.domains.get(id.trust_domain()).ok_or_else(|| {
             reject(SvidRejected::UnknownTrustDomain(
                 id.trust_domain().to_owned(),
@@ -307,12 +321,88 @@ pub fn peer_spiffe_id(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::pki::{Authority, LeafSpec};
+    use crate::pki::{rcgen, Authority, LeafSpec};
 
     fn store_for(ca: &Authority) -> TrustStore {
         let td = TrustDomain::parse("acme.test").unwrap();
         let roots = [(td, vec![CertificateDer::from(ca.cert_der().to_vec())])];
         TrustStore::build(roots.iter()).unwrap()
+    }
+
+    fn signing_spec(uri: &str) -> LeafSpec {
+        let mut spec = LeafSpec::svid(uri, Duration::from_secs(3600));
+        spec.is_ca = true;
+        spec.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        spec
+    }
+
+    fn verify_via(store: &Arc<ArcSwap<TrustStore>>, inter: &LeafSpec) -> Result<(), String> {
+        let ca = Authority::generate("acme", Some("spiffe://acme.test")).unwrap();
+        store.store(Arc::new(store_for(&ca)));
+        let inter_ca = ca.intermediate_from(inter).unwrap();
+        let leaf = inter_ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test/agents/research",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let v = SpiffeVerifier::new(store.clone());
+        let chain = [CertificateDer::from(inter_ca.cert_der().to_vec())];
+        v.verify_client_cert(
+            &CertificateDer::from(leaf.cert_der),
+            &chain,
+            UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            let io = std::io::Error::other(e);
+            handshake_error(&io)
+        })
+    }
+
+    #[test]
+    fn intermediates_must_be_signing_certificates() {
+        let store = Arc::new(ArcSwap::from_pointee(TrustStore::default()));
+        assert_eq!(
+            verify_via(&store, &signing_spec("spiffe://acme.test")),
+            Ok(())
+        );
+        let mut no_cert_sign = signing_spec("spiffe://acme.test");
+        no_cert_sign.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let err = verify_via(&store, &no_cert_sign).unwrap_err();
+        assert!(
+            err.contains("intermediate certificate 1: signing certificate lacks the keyCertSign"),
+            "{err}"
+        );
+        let mut not_ca = signing_spec("spiffe://acme.test");
+        not_ca.is_ca = false;
+        let err = verify_via(&store, &not_ca).unwrap_err();
+        assert!(err.contains("is not a CA"), "{err}");
+        let err = verify_via(&store, &signing_spec("spiffe://acme.test/ca")).unwrap_err();
+        assert!(err.contains("has a path"), "{err}");
+    }
+
+    #[test]
+    fn a_trust_domain_id_is_not_a_workload_identity() {
+        let ca = Authority::generate("acme", Some("spiffe://acme.test")).unwrap();
+        let store = Arc::new(ArcSwap::from_pointee(store_for(&ca)));
+        let leaf = ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let v = SpiffeVerifier::new(store);
+        let err = v
+            .verify_client_cert(&CertificateDer::from(leaf.cert_der), &[], UnixTime::now())
+            .unwrap_err();
+        assert!(err.to_string().contains("NoPath"), "{err}");
     }
 
     #[test]
