@@ -378,7 +378,7 @@ async fn assert_closed<S: tokio::io::AsyncRead + Unpin>(what: &str, s: &mut S) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_svid_ends_its_connections() {
     let h = over_time(|_| {}).await;
-    let spec = LeafSpec::svid("spiffe://acme.test/agents/brief", Duration::from_secs(5));
+    let spec = LeafSpec::svid("spiffe://acme.test/agents/brief", Duration::from_secs(8));
     let client = h.pki.client_with("brief", &h.pki.acme, &spec);
     let mut intercepted = intercepted_tunnel(&h, &client).await;
     let mut passthrough = passthrough_tunnel(&h, &client).await;
@@ -524,4 +524,24 @@ async fn connections_are_closed_gracefully_at_their_max_age() {
     assert_closed("the intercepted tunnel", &mut intercepted).await;
     // A new connection is served as usual.
     assert_eq!(h.curl(&[&h.url("/fresh")]).await.status, 200);
+}
+
+/// At `limits.max_connection_age` an intercepted h2 connection is shut down gracefully
+/// (GOAWAY): the request in flight still completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_intercepted_h2_connection_finishes_its_request_at_max_age() {
+    let h = over_time(|c| c["limits"] = serde_json::json!({"max_connection_age": "2s"})).await;
+    let h = std::sync::Arc::new(h);
+    let h2 = h.clone();
+    let slow = tokio::spawn(async move { h2.curl(&["--http2", &h2.url("/slow")]).await });
+    h.up.slow_arrived().await;
+    h.proxy.logs.wait_for("the age limit", |l| {
+        l.contains("closing intercepted tunnel") && l.contains("max_connection_age")
+    });
+    h.up.release();
+    let out = slow.await.unwrap();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(out.headers.starts_with("HTTP/2"), "{out:?}");
+    let seen = h.up.seen();
+    assert!(seen.iter().any(|s| s.path == "/slow"), "{seen:?}");
 }
