@@ -8,6 +8,11 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     IdentityRequired,
+    /// A request on a connection whose client SVID has passed its notAfter.
+    IdentityExpired,
+    /// A request on a connection whose client chain no longer verifies against the trust
+    /// bundles served now (its trust domain removed, or its bundle replaced, by a reload).
+    IdentityRevoked,
     PolicyDenied,
     CredentialNotAllowed,
     DestinationBlocked,
@@ -37,6 +42,8 @@ impl ErrorCode {
         match self {
             ErrorCode::IdentityRequired => 407,
             ErrorCode::PolicyDenied
+            | ErrorCode::IdentityExpired
+            | ErrorCode::IdentityRevoked
             | ErrorCode::CredentialNotAllowed
             | ErrorCode::DestinationBlocked
             | ErrorCode::ClientNotAllowed => 403,
@@ -58,6 +65,8 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::IdentityRequired => "identity_required",
+            ErrorCode::IdentityExpired => "identity_expired",
+            ErrorCode::IdentityRevoked => "identity_revoked",
             ErrorCode::PolicyDenied => "policy_denied",
             ErrorCode::CredentialNotAllowed => "credential_not_allowed",
             ErrorCode::DestinationBlocked => "destination_blocked",
@@ -141,6 +150,8 @@ mod tests {
     fn codes_match_the_design_table() {
         let table = [
             (ErrorCode::IdentityRequired, 407, "identity_required"),
+            (ErrorCode::IdentityExpired, 403, "identity_expired"),
+            (ErrorCode::IdentityRevoked, 403, "identity_revoked"),
             (ErrorCode::PolicyDenied, 403, "policy_denied"),
             (
                 ErrorCode::CredentialNotAllowed,

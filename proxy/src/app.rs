@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use portcullis_filters::parse::egress::EgressGuard;
 use portcullis_filters::parse::secret::Placeholder;
 use portcullis_filters::stages::credentials::{
@@ -28,7 +27,7 @@ use crate::config::{Config, Invalid, ToolChanges};
 use crate::credentials::LocalSecrets;
 use crate::edge::admin::{self, Status};
 use crate::edge::listener;
-use crate::edge::tls::{self, ServerCert, SpiffeVerifier, TrustStore};
+use crate::edge::tls::{self, ServerCert, SpiffeVerifier, Trust, TrustStore};
 use crate::http::mitm::{Mitm, MitmError};
 use crate::http::sse::SseTransport;
 use crate::http::{Operations, Shared, Tasks};
@@ -157,7 +156,8 @@ impl StartError {
 
 /// Everything the config names, loaded and checked; nothing bound yet. `check` stops here.
 pub struct Loaded {
-    trust: Arc<ArcSwap<TrustStore>>,
+    trust: Arc<Trust>,
+    verifier: Arc<SpiffeVerifier>,
     file_roots: tls::Roots,
     cert: Arc<ServerCert>,
     server_tls: rustls::ServerConfig,
@@ -176,13 +176,14 @@ impl Loaded {
         let file_roots = tls::load_bundles(&cfg.trust_domain_bundles())?;
         // Trust domains whose bundle comes from the Workload API join when it arrives.
         let store = TrustStore::build(&file_roots)?;
-        let trust = Arc::new(ArcSwap::from_pointee(store));
+        let trust = Trust::new(store);
+        let verifier = SpiffeVerifier::new(trust.clone());
         // With the Workload API the certificate arrives after start (see `start`).
         let cert = ServerCert::new(match cfg.tls.files() {
             Some((cert, key)) => Some(crate::certs::certified_key(cert, key)?),
             None => None,
         });
-        let server_tls = tls::server_config(SpiffeVerifier::new(trust.clone()), cert.clone())?;
+        let server_tls = tls::server_config(verifier.clone(), cert.clone())?;
         let mitm = Mitm::new(&cfg.mitm)?;
         let guard = Arc::new(EgressGuard::new(
             cfg.egress.allow.clone(),
@@ -214,6 +215,7 @@ impl Loaded {
         )?);
         Ok(Loaded {
             trust,
+            verifier,
             file_roots,
             cert,
             server_tls,
@@ -235,6 +237,7 @@ impl Loaded {
 pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartError> {
     let Loaded {
         trust,
+        verifier,
         file_roots,
         cert,
         server_tls,
@@ -316,6 +319,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         routes,
         upstream,
         mitm,
+        verifier,
         limits: cfg.limits.clone(),
         tasks: Tasks {
             shutdown: shutdown.clone(),

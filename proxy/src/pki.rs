@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
 
@@ -56,6 +56,8 @@ pub struct LeafSpec {
     pub is_ca: bool,
     pub key_usages: Vec<KeyUsagePurpose>,
     pub extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+    /// Extensions written as given (tests: a non-critical keyUsage or subjectAltName).
+    pub extensions: Vec<CustomExtension>,
 }
 
 impl LeafSpec {
@@ -79,6 +81,7 @@ impl LeafSpec {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
+            extensions: Vec::new(),
         }
     }
 
@@ -99,8 +102,11 @@ impl LeafSpec {
 
     fn params(&self) -> Result<CertificateParams, PkiError> {
         let mut p = CertificateParams::default();
+        // An empty common name leaves the subject empty.
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, self.common_name.as_str());
+        if !self.common_name.is_empty() {
+            dn.push(DnType::CommonName, self.common_name.as_str());
+        }
         p.distinguished_name = dn;
         p.not_before = self.not_before;
         p.not_after = self.not_after;
@@ -121,6 +127,7 @@ impl LeafSpec {
         };
         p.key_usages = self.key_usages.clone();
         p.extended_key_usages = self.extended_key_usages.clone();
+        p.custom_extensions = self.extensions.clone();
         p.use_authority_key_identifier_extension = true;
         Ok(p)
     }
@@ -175,6 +182,13 @@ impl Authority {
             cert_der: cert.der().to_vec(),
             issuer: Issuer::new(params, key),
         })
+    }
+
+    /// A signing certificate issued by `self` exactly as `spec` says (tests build bad
+    /// intermediates with it: no keyCertSign, not a CA, an ID with a path).
+    pub fn intermediate_from(&self, spec: &LeafSpec) -> Result<Authority, PkiError> {
+        let issued = self.issue(spec)?;
+        Authority::from_pem(&issued.cert_pem, &issued.key_pem)
     }
 
     /// Load a CA from its PEM certificate and PEM (PKCS#8) key.

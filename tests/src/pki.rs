@@ -107,6 +107,29 @@ impl Default for Pki {
     }
 }
 
+/// A DER TLV with a short-form length (small values only).
+fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag, u8::try_from(content.len()).unwrap()];
+    v.extend_from_slice(content);
+    v
+}
+
+/// A keyUsage extension written by hand, so its criticality can be wrong: `bits` is the first
+/// byte of the BIT STRING (digitalSignature 0x80, keyCertSign 0x04, cRLSign 0x02).
+pub fn key_usage_extension(bits: u8, critical: bool) -> rcgen::CustomExtension {
+    let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 15], tlv(0x03, &[0, bits]));
+    ext.set_criticality(critical);
+    ext
+}
+
+/// A subjectAltName extension holding one URI, with the given criticality.
+pub fn uri_san_extension(uri: &str, critical: bool) -> rcgen::CustomExtension {
+    let san = tlv(0x30, &tlv(0x86, uri.as_bytes()));
+    let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 17], san);
+    ext.set_criticality(critical);
+    ext
+}
+
 /// A TLS server config for `names`, signed by `ca`.
 pub fn server_tls(ca: &Authority, names: &[&str]) -> Arc<rustls::ServerConfig> {
     let issued = ca

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use portcullis::pki::rcgen;
 use portcullis::pki::{Authority, LeafSpec};
 use portcullis_tests::*;
@@ -59,6 +61,15 @@ async fn invalid_svids_fail_the_handshake_and_never_reach_upstream() {
         .push(rcgen::KeyUsagePurpose::KeyCertSign);
     let mut bad_id = svid("spiffe://acme.test/a");
     bad_id.uris = vec!["spiffe://ACME.test/a".into()];
+    let mut soft_key_usage = svid("spiffe://acme.test/a");
+    soft_key_usage.key_usages.clear();
+    soft_key_usage.extensions = vec![key_usage_extension(0x80, false)];
+    let mut subjectless = svid("spiffe://acme.test/a");
+    subjectless.common_name.clear();
+    subjectless.uris.clear();
+    subjectless.extensions = vec![uri_san_extension("spiffe://acme.test/a", false)];
+    let mut client_auth_only = svid("spiffe://acme.test/a");
+    client_auth_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
 
     // (name, signer, certificate, logged reason, TLS alert the client receives)
     let unknown = "certificate unknown";
@@ -72,6 +83,10 @@ async fn invalid_svids_fail_the_handshake_and_never_reach_upstream() {
         ("not-yet-valid", &pki.acme, not_yet, "NotValidYet", "certificate expired"),
         ("key-cert-sign", &pki.acme, key_cert_sign, "keyCertSign", unknown),
         ("bad-spiffe-id", &pki.acme, bad_id, "invalid character", unknown),
+        ("trust-domain-id", &pki.acme, svid("spiffe://acme.test"), "has no path", unknown),
+        ("soft-key-usage", &pki.acme, soft_key_usage, "keyUsage extension is not marked critical", unknown),
+        ("subjectless", &pki.acme, subjectless, "subjectAltName extension is not critical", unknown),
+        ("client-auth-only", &pki.acme, client_auth_only, "without id-kp-serverAuth", unknown),
         // Signed by a trusted CA, but the wrong trust domain's: acme.test IDs need acme.test's CA.
         ("cross-td", &pki.other, svid("spiffe://acme.test/a"), "UnknownIssuer", "unknown ca"),
     ];
@@ -127,6 +142,76 @@ async fn intermediate_chain_is_verified() {
     let url = format!("https://localhost:{}/i", up.port());
     let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
     assert_eq!(out.status, 200, "{out:?}");
+}
+
+fn signing_cert(uri: &str) -> LeafSpec {
+    let mut spec = svid(uri);
+    spec.is_ca = true;
+    spec.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    spec
+}
+
+/// Every intermediate the client sends must be an X.509-SVID signing certificate (spec 3.2,
+/// 4.1, 4.3), checked before the chain is verified: refused in the handshake, logged with the
+/// reason, never reaching the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn intermediates_must_be_signing_certificates() {
+    let pki = Pki::new();
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let proxy = Proxy::start(&pki.write_config(&pki.base_config()));
+    let url = format!("https://localhost:{}/", up.port());
+
+    let mut no_cert_sign = signing_cert("spiffe://acme.test");
+    no_cert_sign.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let mut not_ca = signing_cert("spiffe://acme.test");
+    not_ca.is_ca = false;
+    let mut soft_key_usage = signing_cert("spiffe://acme.test");
+    soft_key_usage.key_usages.clear();
+    soft_key_usage.extensions = vec![key_usage_extension(0x06, false)];
+    #[rustfmt::skip]
+    let cases = [
+        ("no-key-cert-sign", no_cert_sign, "intermediate certificate 1: signing certificate lacks the keyCertSign key usage"),
+        ("not-ca", not_ca, "intermediate certificate 1: signing certificate is not a CA"),
+        ("id-with-path", signing_cert("spiffe://acme.test/ca"), "has a path"),
+        ("soft-key-usage", soft_key_usage, "intermediate certificate 1: SVID keyUsage extension is not marked critical"),
+    ];
+    for (name, spec, reason) in &cases {
+        let inter = pki.acme.intermediate_from(spec).unwrap();
+        let client = pki.client_with(name, &inter, &svid("spiffe://acme.test/a"));
+        let chain = std::fs::read_to_string(&client.cert).unwrap() + inter.cert_pem();
+        std::fs::write(&client.cert, chain).unwrap();
+        let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+        assert!(!out.success, "{name}: curl succeeded: {out:?}");
+        assert!(
+            out.stderr.contains("certificate unknown"),
+            "{name}: {}",
+            out.stderr
+        );
+        proxy.logs.wait_for(name, |l| {
+            l.contains("client TLS handshake failed") && l.contains(reason)
+        });
+    }
+    // The same construction with a proper signing certificate is accepted.
+    let inter = pki
+        .acme
+        .intermediate_from(&signing_cert("spiffe://acme.test"))
+        .unwrap();
+    let client = pki.client_with("good", &inter, &svid("spiffe://acme.test/a"));
+    let chain = std::fs::read_to_string(&client.cert).unwrap() + inter.cert_pem();
+    std::fs::write(&client.cert, chain).unwrap();
+    let out = curl(&pki, proxy.addr, Some(&client), &[&url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        up.connection_count(),
+        1,
+        "only the good chain reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -213,4 +298,250 @@ async fn rotated_server_certificate_is_served_without_restart() {
         "{}",
         after.stderr
     );
+}
+
+// === Identity over time ===
+
+/// Proxy config for the tests below: `127.0.0.1` is a passthrough host, `localhost` (the same
+/// upstream) is intercepted.
+async fn over_time(edit: impl FnOnce(&mut serde_json::Value) + 'static) -> Harness {
+    Harness::builder()
+        .config(|c| c["mitm"]["passthrough"] = serde_json::json!(["127.0.0.1"]))
+        .config(edit)
+        .start()
+        .await
+}
+
+/// A keep-alive request on the proxy connection itself (absolute-form).
+fn absolute_get(h: &Harness, path: &str) -> String {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: localhost:{}\r\n\r\n",
+        h.url(path),
+        h.up.port()
+    )
+}
+
+type Tls<S> = tokio_rustls::client::TlsStream<S>;
+
+/// A passthrough tunnel to the upstream's `127.0.0.1`, TLS to the upstream itself done over it,
+/// and one request answered through it.
+async fn passthrough_tunnel(h: &Harness, client: &ClientCert) -> Tls<Tls<tokio::net::TcpStream>> {
+    let target = format!("127.0.0.1:{}", h.up.port());
+    let mut outer = raw_tls(&h.pki, h.proxy.addr, client).await;
+    let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    outer.write_all(connect.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut outer).await.status, 200);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(
+            h.pki.upstream_ca.cert_der().to_vec(),
+        ))
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, outer)
+        .await
+        .unwrap();
+    let req = format!("GET /passthrough HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tls).await.status, 200);
+    tls
+}
+
+/// An intercepted tunnel to `localhost`, with one request answered through it.
+async fn intercepted_tunnel(h: &Harness, client: &ClientCert) -> Tls<Tls<tokio::net::TcpStream>> {
+    let target = format!("localhost:{}", h.up.port());
+    let mut tls = raw_tunnel(&h.pki, h.proxy.addr, client, &target).await;
+    let req = format!("GET /intercepted HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tls).await.status, 200);
+    tls
+}
+
+/// The proxy closes `s` (EOF or a reset) within [`WAIT`], sending nothing more.
+async fn assert_closed<S: tokio::io::AsyncRead + Unpin>(what: &str, s: &mut S) {
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still open"));
+    assert!(matches!(n, Ok(0) | Err(_)), "{what}: read {n:?}");
+}
+
+/// An SVID that expires while its connections are open: the next request on the proxy
+/// connection is refused (403 identity_expired, `Connection: close`) and never forwarded;
+/// intercepted and passthrough tunnels are closed at notAfter.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_svid_ends_its_connections() {
+    let h = over_time(|_| {}).await;
+    let spec = LeafSpec::svid("spiffe://acme.test/agents/brief", Duration::from_secs(8));
+    let client = h.pki.client_with("brief", &h.pki.acme, &spec);
+    let mut intercepted = intercepted_tunnel(&h, &client).await;
+    let mut passthrough = passthrough_tunnel(&h, &client).await;
+    let mut conn = raw_tls(&h.pki, h.proxy.addr, &client).await;
+    let get = absolute_get(&h, "/keepalive");
+    // Poll the open connection until the proxy refuses (bounded by WAIT).
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut answered = 0;
+    let refused = loop {
+        conn.write_all(get.as_bytes()).await.unwrap();
+        let resp = read_response(&mut conn).await;
+        if resp.status != 200 {
+            break resp;
+        }
+        answered += 1;
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    refused.assert_refused(403, "identity_expired");
+    assert_eq!(refused.header("connection").as_deref(), Some("close"));
+    assert!(refused.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("expired at"));
+    assert!(answered >= 1, "the SVID expired before its first request");
+    assert_closed("the proxy connection", &mut conn).await;
+    assert_closed("the intercepted tunnel", &mut intercepted).await;
+    assert_closed("the passthrough tunnel", &mut passthrough).await;
+    for tunnel in ["closing intercepted tunnel", "closing passthrough tunnel"] {
+        h.proxy
+            .logs
+            .wait_for(tunnel, |l| l.contains(tunnel) && l.contains("expired at"));
+    }
+    let keepalive =
+        h.up.seen()
+            .iter()
+            .filter(|s| s.path == "/keepalive")
+            .count();
+    assert_eq!(
+        keepalive, answered,
+        "the refused request reached the upstream"
+    );
+    h.proxy.logs.wait_for("the refusal's access line", |l| {
+        l.contains("identity_expired") && l.contains("spiffe://acme.test/agents/brief")
+    });
+}
+
+/// Replacing a trust domain's bundle so an open connection's chain no longer verifies: its
+/// next request is refused (403 identity_revoked) and its tunnels are closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_bundle_revokes_open_connections() {
+    let h = over_time(|_| {}).await;
+    let client = h
+        .pki
+        .client_with("o", &h.pki.other, &svid("spiffe://other.test/agents/o"));
+    let mut intercepted = intercepted_tunnel(&h, &client).await;
+    let mut passthrough = passthrough_tunnel(&h, &client).await;
+    let mut conn = raw_tls(&h.pki, h.proxy.addr, &client).await;
+    let get = absolute_get(&h, "/before");
+    conn.write_all(get.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut conn).await.status, 200);
+
+    let rotated = Authority::generate("other.test CA 2", Some("spiffe://other.test")).unwrap();
+    rotated
+        .write(&h.pki.path("other-ca.pem"), &h.pki.path("other-ca.key"))
+        .unwrap();
+    h.proxy.logs.wait_for("the reload", |l| {
+        l.contains("reloaded server certificate and trust bundles")
+    });
+    conn.write_all(absolute_get(&h, "/after").as_bytes())
+        .await
+        .unwrap();
+    let refused = read_response(&mut conn).await;
+    refused.assert_refused(403, "identity_revoked");
+    assert_eq!(refused.header("connection").as_deref(), Some("close"));
+    assert_closed("the proxy connection", &mut conn).await;
+    assert_closed("the intercepted tunnel", &mut intercepted).await;
+    assert_closed("the passthrough tunnel", &mut passthrough).await;
+    assert!(h.up.seen().iter().all(|s| s.path != "/after"));
+    // Another trust domain's connections are unaffected.
+    assert_eq!(h.curl(&[&h.url("/acme")]).await.status, 200);
+}
+
+/// Removing a trust domain from the config: an open connection's next request is refused and
+/// the reason names the trust domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_trust_domain_revokes_open_connections() {
+    let h = over_time(|_| {}).await;
+    let client = h
+        .pki
+        .client_with("o", &h.pki.other, &svid("spiffe://other.test/agents/o"));
+    let mut intercepted = intercepted_tunnel(&h, &client).await;
+    let mut conn = raw_tls(&h.pki, h.proxy.addr, &client).await;
+    conn.write_all(absolute_get(&h, "/before").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut conn).await.status, 200);
+
+    let mut cfg = h.pki.base_config();
+    cfg["mitm"]["passthrough"] = serde_json::json!(["127.0.0.1"]);
+    cfg["trust_domains"]
+        .as_object_mut()
+        .unwrap()
+        .remove("other.test");
+    h.pki.write_config(&cfg);
+    h.proxy.logs.wait_for("the reload", |l| {
+        l.contains("reloaded server certificate and trust bundles")
+    });
+    conn.write_all(absolute_get(&h, "/after").as_bytes())
+        .await
+        .unwrap();
+    let refused = read_response(&mut conn).await;
+    refused.assert_refused(403, "identity_revoked");
+    let reason = refused.json()["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("trust domain other.test is no longer trusted"),
+        "{reason}"
+    );
+    assert_closed("the proxy connection", &mut conn).await;
+    assert_closed("the intercepted tunnel", &mut intercepted).await;
+    assert!(h.up.seen().iter().all(|s| s.path != "/after"));
+}
+
+/// `limits.max_connection_age`: a request in flight when the age is reached completes with
+/// `Connection: close`, then the connection closes; an idle tunnel is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_are_closed_gracefully_at_their_max_age() {
+    let h = over_time(|c| c["limits"] = serde_json::json!({"max_connection_age": "2s"})).await;
+    let mut intercepted = intercepted_tunnel(&h, &h.agent).await;
+    let mut conn = raw_tls(&h.pki, h.proxy.addr, &h.agent).await;
+    conn.write_all(absolute_get(&h, "/slow").as_bytes())
+        .await
+        .unwrap();
+    h.up.slow_arrived().await;
+    h.proxy.logs.wait_for("the age limit", |l| {
+        l.contains("closing the client connection") && l.contains("max_connection_age")
+    });
+    h.up.release();
+    let resp = read_response(&mut conn).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+    assert_closed("the proxy connection", &mut conn).await;
+    assert_closed("the intercepted tunnel", &mut intercepted).await;
+    // A new connection is served as usual.
+    assert_eq!(h.curl(&[&h.url("/fresh")]).await.status, 200);
+}
+
+/// At `limits.max_connection_age` an intercepted h2 connection is shut down gracefully
+/// (GOAWAY): the request in flight still completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_intercepted_h2_connection_finishes_its_request_at_max_age() {
+    let h = over_time(|c| c["limits"] = serde_json::json!({"max_connection_age": "2s"})).await;
+    let h = std::sync::Arc::new(h);
+    let h2 = h.clone();
+    let slow = tokio::spawn(async move { h2.curl(&["--http2", &h2.url("/slow")]).await });
+    h.up.slow_arrived().await;
+    h.proxy.logs.wait_for("the age limit", |l| {
+        l.contains("closing intercepted tunnel") && l.contains("max_connection_age")
+    });
+    h.up.release();
+    let out = slow.await.unwrap();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(out.headers.starts_with("HTTP/2"), "{out:?}");
+    let seen = h.up.seen();
+    assert!(seen.iter().any(|s| s.path == "/slow"), "{seen:?}");
 }

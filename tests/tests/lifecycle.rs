@@ -68,6 +68,11 @@ fn check_accepts_a_good_config_and_names_the_bad_key() {
             "idle_timeout",
         ),
         (
+            "zero connection age",
+            serde_json::json!({"limits": {"max_connection_age": "0s"}}),
+            "limits.max_connection_age: must be greater than zero",
+        ),
+        (
             "bad cidr",
             serde_json::json!({"egress": {"allow": ["10.0.0.0/33"]}}),
             "egress",

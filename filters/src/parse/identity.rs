@@ -8,9 +8,10 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::extensions::{GeneralName, KeyUsage, ParsedExtension, X509Extension};
 use x509_parser::oid_registry::{
-    Oid, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
+    Oid, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE,
+    OID_X509_EXT_SUBJECT_ALT_NAME,
 };
 use x509_parser::time::ASN1Time;
 
@@ -214,7 +215,7 @@ fn validate_path(path: &str) -> Result<(), SpiffeIdError> {
     Ok(())
 }
 
-/// Why a certificate is not an acceptable X.509-SVID leaf.
+/// Why a certificate is not an acceptable X.509-SVID leaf or signing certificate.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum SvidError {
     #[error("SVID is not a valid DER X.509 certificate: {0}")]
@@ -233,36 +234,117 @@ pub enum SvidError {
     UnreadableUriSan,
     #[error("SVID URI SAN {uri:?} is not a valid SPIFFE ID: {reason}")]
     InvalidSpiffeId { uri: String, reason: SpiffeIdError },
+    #[error("SVID leaf SPIFFE ID {0:?} has no path: a trust domain's ID names no workload")]
+    NoPath(String),
+    #[error("SVID has an empty subject but its subjectAltName extension is not critical")]
+    NonCriticalSan,
     #[error("SVID leaf is a CA certificate (basicConstraints CA=true)")]
     CaCertificate,
-    #[error("SVID leaf has no keyUsage extension; digitalSignature is required")]
+    #[error("SVID has no keyUsage extension; it is required on every SVID")]
     MissingKeyUsage,
+    #[error("SVID keyUsage extension is not marked critical")]
+    NonCriticalKeyUsage,
     #[error("SVID leaf lacks the digitalSignature key usage")]
     MissingDigitalSignature,
     #[error("SVID leaf has the keyCertSign key usage")]
     KeyCertSign,
     #[error("SVID leaf has the cRLSign key usage")]
     CrlSign,
+    #[error("SVID leaf has an extendedKeyUsage extension without {0}")]
+    MissingExtendedKeyUsage(&'static str),
+    #[error("signing certificate is not a CA (basicConstraints CA=true is required)")]
+    NotCa,
+    #[error("signing certificate lacks the keyCertSign key usage")]
+    MissingKeyCertSign,
+    #[error("signing certificate SPIFFE ID {0:?} has a path")]
+    SigningIdWithPath(String),
+    #[error("intermediate certificate {index}: {reason}")]
+    Intermediate {
+        index: usize,
+        reason: Box<SvidError>,
+    },
     #[error("certificate not valid until {not_before}")]
     NotYetValid { not_before: String },
     #[error("certificate expired at {not_after}")]
     Expired { not_after: String },
 }
 
-/// Structural checks on an X.509-SVID leaf certificate (DER), returning its SPIFFE ID.
+/// Structural checks on an X.509-SVID leaf certificate (DER), returning its SPIFFE ID
+/// (X509-SVID spec 2, 3.1, 4.1, 4.3, 4.4, 5.2).
 ///
-/// Enforces: exactly one URI SAN which is a valid SPIFFE ID (other SAN types are allowed),
-/// basicConstraints CA not true, keyUsage present with digitalSignature and without
-/// keyCertSign / cRLSign. Does not verify the chain, signature or validity window.
+/// Enforces: exactly one URI SAN which is a valid SPIFFE ID with a path (other SAN types are
+/// allowed), a critical subjectAltName when the subject is empty, basicConstraints CA not true,
+/// a critical keyUsage with digitalSignature and without keyCertSign / cRLSign, and, when an
+/// extendedKeyUsage is present, both serverAuth and clientAuth in it. Does not verify the
+/// chain, signature or validity window.
 pub fn check_svid_leaf(der: &[u8]) -> Result<SpiffeId, SvidError> {
     let cert = parse_cert(der)?;
+    let id = spiffe_id(&cert)?.ok_or(SvidError::NoUriSan)?;
+    if id.path().is_empty() {
+        return Err(SvidError::NoPath(id.to_string()));
+    }
+    if is_ca(&cert)? {
+        return Err(SvidError::CaCertificate);
+    }
+    let ku = key_usage(&cert)?;
+    if !ku.digital_signature() {
+        return Err(SvidError::MissingDigitalSignature);
+    }
+    if ku.key_cert_sign() {
+        return Err(SvidError::KeyCertSign);
+    }
+    if ku.crl_sign() {
+        return Err(SvidError::CrlSign);
+    }
+    match unique_extension(&cert, &OID_X509_EXT_EXTENDED_KEY_USAGE, "extendedKeyUsage")? {
+        None => {}
+        Some(ext) => match ext.parsed_extension() {
+            ParsedExtension::ExtendedKeyUsage(eku) if !eku.server_auth => {
+                return Err(SvidError::MissingExtendedKeyUsage("id-kp-serverAuth"))
+            }
+            ParsedExtension::ExtendedKeyUsage(eku) if !eku.client_auth => {
+                return Err(SvidError::MissingExtendedKeyUsage("id-kp-clientAuth"))
+            }
+            ParsedExtension::ExtendedKeyUsage(_) => {}
+            _ => return Err(SvidError::MalformedExtension("extendedKeyUsage")),
+        },
+    }
+    Ok(id)
+}
 
+/// Structural checks on an X.509-SVID signing certificate (an intermediate the client sends):
+/// basicConstraints CA=true, a critical keyUsage with keyCertSign, and, when it carries a URI
+/// SAN (it SHOULD be an SVID), exactly one, a SPIFFE ID without a path (X509-SVID spec 3.2,
+/// 4.1, 4.3). digitalSignature is not refused on signing certificates: the spec's MUSTs do
+/// not forbid it and SPIRE's CAs set it.
+pub fn check_signing_cert(der: &[u8]) -> Result<(), SvidError> {
+    let cert = parse_cert(der)?;
+    if let Some(id) = spiffe_id(&cert)? {
+        if !id.path().is_empty() {
+            return Err(SvidError::SigningIdWithPath(id.to_string()));
+        }
+    }
+    if !is_ca(&cert)? {
+        return Err(SvidError::NotCa);
+    }
+    if !key_usage(&cert)?.key_cert_sign() {
+        return Err(SvidError::MissingKeyCertSign);
+    }
+    Ok(())
+}
+
+/// The SPIFFE ID of the certificate's only URI SAN; `None` without URI SANs. A subject-less
+/// certificate needs a critical subjectAltName (RFC 5280 4.1.2.6, X509-SVID spec 3.1).
+fn spiffe_id(cert: &X509Certificate<'_>) -> Result<Option<SpiffeId>, SvidError> {
     let mut uris = 0usize;
     let mut uri: Option<Result<&str, ()>> = None;
-    if let Some(ext) = unique_extension(&cert, &OID_X509_EXT_SUBJECT_ALT_NAME, "subjectAltName")? {
-        let ParsedExtension::SubjectAlternativeName(san) = ext else {
+    if let Some(ext) = unique_extension(cert, &OID_X509_EXT_SUBJECT_ALT_NAME, "subjectAltName")? {
+        let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() else {
             return Err(SvidError::MalformedExtension("subjectAltName"));
         };
+        if !ext.critical && cert.subject().iter().next().is_none() {
+            return Err(SvidError::NonCriticalSan);
+        }
         for name in &san.general_names {
             match name {
                 GeneralName::URI(u) => uri = Some(Ok(u)),
@@ -273,42 +355,43 @@ pub fn check_svid_leaf(der: &[u8]) -> Result<SpiffeId, SvidError> {
             uris += 1;
         }
     }
-    let id = match (uris, uri) {
-        (1, Some(Ok(u))) => SpiffeId::parse(u).map_err(|reason| SvidError::InvalidSpiffeId {
-            uri: u.to_owned(),
-            reason,
-        })?,
-        (1, _) => return Err(SvidError::UnreadableUriSan),
-        (0, _) => return Err(SvidError::NoUriSan),
-        (n, _) => return Err(SvidError::MultipleUriSans(n)),
+    match (uris, uri) {
+        (0, _) => Ok(None),
+        (1, Some(Ok(u))) => {
+            SpiffeId::parse(u)
+                .map(Some)
+                .map_err(|reason| SvidError::InvalidSpiffeId {
+                    uri: u.to_owned(),
+                    reason,
+                })
+        }
+        (1, _) => Err(SvidError::UnreadableUriSan),
+        (n, _) => Err(SvidError::MultipleUriSans(n)),
+    }
+}
+
+/// basicConstraints CA; absent means not a CA.
+fn is_ca(cert: &X509Certificate<'_>) -> Result<bool, SvidError> {
+    match unique_extension(cert, &OID_X509_EXT_BASIC_CONSTRAINTS, "basicConstraints")? {
+        None => Ok(false),
+        Some(ext) => match ext.parsed_extension() {
+            ParsedExtension::BasicConstraints(bc) => Ok(bc.ca),
+            _ => Err(SvidError::MalformedExtension("basicConstraints")),
+        },
+    }
+}
+
+/// The keyUsage extension, which every SVID must carry, marked critical (X509-SVID spec 4.3).
+fn key_usage<'c>(cert: &'c X509Certificate<'_>) -> Result<&'c KeyUsage, SvidError> {
+    let ext = unique_extension(cert, &OID_X509_EXT_KEY_USAGE, "keyUsage")?
+        .ok_or(SvidError::MissingKeyUsage)?;
+    let ParsedExtension::KeyUsage(ku) = ext.parsed_extension() else {
+        return Err(SvidError::MalformedExtension("keyUsage"));
     };
-
-    if let Some(ext) = unique_extension(&cert, &OID_X509_EXT_BASIC_CONSTRAINTS, "basicConstraints")?
-    {
-        match ext {
-            ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(SvidError::CaCertificate),
-            ParsedExtension::BasicConstraints(_) => {}
-            _ => return Err(SvidError::MalformedExtension("basicConstraints")),
-        }
+    if !ext.critical {
+        return Err(SvidError::NonCriticalKeyUsage);
     }
-
-    match unique_extension(&cert, &OID_X509_EXT_KEY_USAGE, "keyUsage")? {
-        None => return Err(SvidError::MissingKeyUsage),
-        Some(ParsedExtension::KeyUsage(ku)) => {
-            if !ku.digital_signature() {
-                return Err(SvidError::MissingDigitalSignature);
-            }
-            if ku.key_cert_sign() {
-                return Err(SvidError::KeyCertSign);
-            }
-            if ku.crl_sign() {
-                return Err(SvidError::CrlSign);
-            }
-        }
-        Some(_) => return Err(SvidError::MalformedExtension("keyUsage")),
-    }
-
-    Ok(id)
+    Ok(ku)
 }
 
 /// Validity window check (separate so callers pass "now"; webpki also checks it but we want a
@@ -349,12 +432,12 @@ fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     Ok(cert)
 }
 
-/// The parsed extension with this OID, if present; errors if duplicated or unparseable.
+/// The extension with this OID, if present and parseable; errors if duplicated or unparseable.
 fn unique_extension<'a, 'c>(
     cert: &'c X509Certificate<'a>,
     oid: &Oid<'_>,
     name: &'static str,
-) -> Result<Option<&'c ParsedExtension<'a>>, SvidError> {
+) -> Result<Option<&'c X509Extension<'a>>, SvidError> {
     let mut found = cert.extensions().iter().filter(|e| e.oid == *oid);
     let Some(ext) = found.next() else {
         return Ok(None);
@@ -366,7 +449,7 @@ fn unique_extension<'a, 'c>(
         ParsedExtension::ParseError { .. } | ParsedExtension::UnsupportedExtension { .. } => {
             Err(SvidError::MalformedExtension(name))
         }
-        parsed => Ok(Some(parsed)),
+        _ => Ok(Some(ext)),
     }
 }
 
@@ -574,8 +657,8 @@ mod tests {
     // ---- X.509-SVID ----
 
     use rcgen::{
-        string::Ia5String, BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose,
-        SanType,
+        string::Ia5String, BasicConstraints, CertificateParams, CustomExtension,
+        ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
     };
     use time::OffsetDateTime;
 
@@ -692,6 +775,150 @@ mod tests {
         let err = check_svid_leaf(&der(&p)).unwrap_err();
         assert_eq!(err, SvidError::CrlSign);
         assert_eq!(err.to_string(), "SVID leaf has the cRLSign key usage");
+    }
+
+    /// A DER TLV with a short-form length (tests only build small values).
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag, u8::try_from(content.len()).unwrap()];
+        v.extend_from_slice(content);
+        v
+    }
+
+    /// A keyUsage extension with `bits` (first byte of the BIT STRING) and this criticality.
+    fn key_usage_ext(bits: u8, critical: bool) -> CustomExtension {
+        let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 15], tlv(0x03, &[0, bits]));
+        ext.set_criticality(critical);
+        ext
+    }
+
+    #[test]
+    fn leaf_id_must_have_a_path() {
+        let err = check_svid_leaf(&der(&params(&["spiffe://acme.test"]))).unwrap_err();
+        assert_eq!(err, SvidError::NoPath("spiffe://acme.test".into()));
+        assert!(err.to_string().contains("has no path"), "{err}");
+    }
+
+    #[test]
+    fn key_usage_must_be_critical() {
+        let mut p = params(&[GOOD]);
+        p.key_usages = vec![];
+        // digitalSignature is bit 0 (0x80); rcgen would mark its own keyUsage critical.
+        p.custom_extensions = vec![key_usage_ext(0x80, false)];
+        assert_eq!(
+            check_svid_leaf(&der(&p)),
+            Err(SvidError::NonCriticalKeyUsage)
+        );
+        p.custom_extensions = vec![key_usage_ext(0x80, true)];
+        assert!(check_svid_leaf(&der(&p)).is_ok());
+    }
+
+    #[test]
+    fn subjectless_svid_needs_a_critical_san() {
+        let mut p = params(&[]);
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        let san = tlv(0x30, &tlv(0x86, GOOD.as_bytes()));
+        let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 17], san);
+        ext.set_criticality(false);
+        p.custom_extensions = vec![ext.clone()];
+        let err = check_svid_leaf(&der(&p)).unwrap_err();
+        assert_eq!(err, SvidError::NonCriticalSan);
+        ext.set_criticality(true);
+        p.custom_extensions = vec![ext];
+        assert_eq!(check_svid_leaf(&der(&p)).unwrap().as_str(), GOOD);
+        // With a subject, a non-critical SAN is fine (what rcgen writes).
+        assert!(check_svid_leaf(&der(&params(&[GOOD]))).is_ok());
+    }
+
+    #[test]
+    fn extended_key_usage_when_present_has_both_tls_purposes() {
+        let mut p = params(&[GOOD]);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let err = check_svid_leaf(&der(&p)).unwrap_err();
+        assert_eq!(err, SvidError::MissingExtendedKeyUsage("id-kp-serverAuth"));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let err = check_svid_leaf(&der(&p)).unwrap_err();
+        assert_eq!(err, SvidError::MissingExtendedKeyUsage("id-kp-clientAuth"));
+        assert_eq!(
+            err.to_string(),
+            "SVID leaf has an extendedKeyUsage extension without id-kp-clientAuth"
+        );
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        assert!(check_svid_leaf(&der(&p)).is_ok());
+    }
+
+    fn signing(uris: &[&str]) -> CertificateParams {
+        let mut p = params(uris);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    }
+
+    #[test]
+    fn signing_certificate_rules() {
+        assert_eq!(
+            check_signing_cert(&der(&signing(&["spiffe://acme.test"]))),
+            Ok(())
+        );
+        // Not an SVID itself: allowed (SHOULD, not MUST).
+        assert_eq!(check_signing_cert(&der(&signing(&[]))), Ok(()));
+        // SPIRE's CAs also set digitalSignature.
+        let mut p = signing(&["spiffe://acme.test"]);
+        p.key_usages.push(KeyUsagePurpose::DigitalSignature);
+        assert_eq!(check_signing_cert(&der(&p)), Ok(()));
+
+        let mut p = signing(&["spiffe://acme.test"]);
+        p.key_usages = vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let err = check_signing_cert(&der(&p)).unwrap_err();
+        assert_eq!(err, SvidError::MissingKeyCertSign);
+        assert_eq!(
+            err.to_string(),
+            "signing certificate lacks the keyCertSign key usage"
+        );
+        p.key_usages = vec![];
+        assert_eq!(
+            check_signing_cert(&der(&p)),
+            Err(SvidError::MissingKeyUsage)
+        );
+        // keyCertSign is bit 5 (0x04), cRLSign bit 6 (0x02).
+        p.custom_extensions = vec![key_usage_ext(0x06, false)];
+        assert_eq!(
+            check_signing_cert(&der(&p)),
+            Err(SvidError::NonCriticalKeyUsage)
+        );
+
+        let mut p = signing(&["spiffe://acme.test"]);
+        p.is_ca = IsCa::ExplicitNoCa;
+        assert_eq!(check_signing_cert(&der(&p)), Err(SvidError::NotCa));
+        p.is_ca = IsCa::NoCa;
+        assert_eq!(check_signing_cert(&der(&p)), Err(SvidError::NotCa));
+
+        let p = signing(&["spiffe://acme.test/ca"]);
+        let err = check_signing_cert(&der(&p)).unwrap_err();
+        assert_eq!(
+            err,
+            SvidError::SigningIdWithPath("spiffe://acme.test/ca".into())
+        );
+        let p = signing(&["spiffe://acme.test", "spiffe://other.test"]);
+        assert_eq!(
+            check_signing_cert(&der(&p)),
+            Err(SvidError::MultipleUriSans(2))
+        );
+        let p = signing(&["spiffe://ACME.test"]);
+        assert!(matches!(
+            check_signing_cert(&der(&p)),
+            Err(SvidError::InvalidSpiffeId { .. })
+        ));
+        let wrapped = SvidError::Intermediate {
+            index: 1,
+            reason: Box::new(SvidError::MissingKeyCertSign),
+        };
+        assert_eq!(
+            wrapped.to_string(),
+            "intermediate certificate 1: signing certificate lacks the keyCertSign key usage"
+        );
     }
 
     #[test]

@@ -485,6 +485,10 @@ pub struct LimitsConfig {
     pub tls_handshake_timeout: Duration,
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// A client connection (and its tunnels) is closed gracefully after this long, so every
+    /// connection's identity is re-established by a handshake at least this often.
+    #[serde(with = "duration")]
+    pub max_connection_age: Duration,
     pub max_connections: usize,
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -518,6 +522,7 @@ impl Default for LimitsConfig {
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            max_connection_age: Duration::from_secs(3600),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(10),
             inspect_body_bytes: 1024 * 1024,

@@ -367,6 +367,7 @@ impl Config {
                 self.limits.tls_handshake_timeout,
             ),
             ("limits.idle_timeout", self.limits.idle_timeout),
+            ("limits.max_connection_age", self.limits.max_connection_age),
             ("limits.body_read_timeout", self.limits.body_read_timeout),
             ("reload_interval", self.reload_interval),
         ];

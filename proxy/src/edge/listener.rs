@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use portcullis_filters::{Peer, Via};
@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
+use crate::edge::lifetime::Lifetime;
 use crate::edge::slots::Slots;
 use crate::edge::tls::peer_spiffe_id;
 use crate::http::head_gate::{HeadGate, MAX_HEADERS};
@@ -86,8 +87,14 @@ async fn serve_conn(
             return;
         }
     };
-    // The verifier already required a valid SVID; this re-reads the ID it checked.
-    let Some(spiffe_id) = peer_spiffe_id(tls.get_ref().1) else {
+    // The verifier already required a valid SVID; this re-reads the ID and chain it checked.
+    let session = tls.get_ref().1;
+    let chain = session.peer_certificates().map(<[_]>::to_vec);
+    let lifetime = chain.and_then(|chain| {
+        let max_age = shared.limits.max_connection_age;
+        Lifetime::new(shared.verifier.clone(), chain, max_age, SystemTime::now())
+    });
+    let (Some(spiffe_id), Some(lifetime)) = (peer_spiffe_id(session), lifetime) else {
         tracing::error!(peer = %addr, "authenticated connection without a SPIFFE ID; closing");
         return;
     };
@@ -100,11 +107,13 @@ async fn serve_conn(
     let conn = Arc::new(Conn {
         peer: peer.clone(),
         activity: activity.clone(),
+        lifetime,
         _permit: permit,
     });
+    let svc_conn = conn.clone();
     let svc_shared = shared.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let (s, c) = (svc_shared.clone(), conn.clone());
+        let (s, c) = (svc_shared.clone(), svc_conn.clone());
         async move { Ok::<_, Infallible>(http::handle(s, c, req).await) }
     });
     let gate = http::head_refusal(
@@ -136,6 +145,13 @@ async fn serve_conn(
         _ = shared.tasks.shutdown.cancelled() => {
             served.as_mut().graceful_shutdown();
             let _ = served.await;
+        }
+        // Requests check the identity themselves; this is the age limit, or a refused
+        // request's close (its response already says `Connection: close`).
+        end = conn.lifetime.closing() => {
+            tracing::info!(peer = %addr, reason = %end, "closing the client connection");
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(shared.limits.shutdown_grace, served).await;
         }
     }
 }

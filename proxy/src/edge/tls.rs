@@ -21,6 +21,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
 use rustls::{OtherError, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::sync::watch;
 
 /// The proxy's own server certificate, swapped in place when its files change or the Workload
 /// API rotates it. Empty until the first SVID arrives from the Workload API: a handshake then
@@ -71,6 +72,39 @@ pub struct TrustStore {
 
 static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// The trust store being served, swapped whole by reloads, and a signal carrying the new
+/// store's generation: open connections and tunnels re-check their chain when it moves.
+pub struct Trust {
+    store: ArcSwap<TrustStore>,
+    changed: watch::Sender<u64>,
+}
+
+impl Trust {
+    pub fn new(store: TrustStore) -> Arc<Trust> {
+        let generation = store.generation;
+        Arc::new(Trust {
+            store: ArcSwap::from_pointee(store),
+            changed: watch::Sender::new(generation),
+        })
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<TrustStore>> {
+        self.store.load()
+    }
+
+    /// Serve `store` from now on, and tell whoever watches.
+    pub fn replace(&self, store: TrustStore) {
+        let generation = store.generation;
+        self.store.store(Arc::new(store));
+        self.changed.send_replace(generation);
+    }
+
+    /// Notified on every [`Trust::replace`] (the value is the new generation).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
 impl TrustStore {
     /// Build from each trust domain's CA certificates; a bundle rustls cannot use fails the
     /// whole build (the caller keeps the previous store).
@@ -101,6 +135,15 @@ impl TrustStore {
     pub fn trust_domains(&self) -> impl Iterator<Item = &TrustDomain> {
         self.domains.keys()
     }
+
+    pub fn trusts(&self, trust_domain: &str) -> bool {
+        self.domains.contains_key(trust_domain)
+    }
+
+    /// Distinguishes this store from every other one built in the process.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
 }
 
 /// Why a client certificate was refused; carried inside the rustls error (and so in the
@@ -125,7 +168,7 @@ fn reject(e: SvidRejected) -> rustls::Error {
 
 /// The rustls client verifier: SVID rules, then the chain against the SVID's own trust domain.
 pub struct SpiffeVerifier {
-    store: Arc<ArcSwap<TrustStore>>,
+    trust: Arc<Trust>,
     provider: Arc<CryptoProvider>,
     /// Chains verified recently, by SHA-256 of the presented certificates: an agent opening
     /// many connections with the same SVID pays the chain verification once per trust store,
@@ -164,9 +207,9 @@ fn chain_window(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Opti
 }
 
 impl SpiffeVerifier {
-    pub fn new(store: Arc<ArcSwap<TrustStore>>) -> Arc<SpiffeVerifier> {
+    pub fn new(trust: Arc<Trust>) -> Arc<SpiffeVerifier> {
         Arc::new(SpiffeVerifier {
-            store,
+            trust,
             provider: provider(),
             verified: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -176,9 +219,55 @@ impl SpiffeVerifier {
     }
 }
 
+impl SpiffeVerifier {
+    /// The trust store this verifier verifies against.
+    pub fn trust(&self) -> &Arc<Trust> {
+        &self.trust
+    }
+
+    /// Every check on a client's chain against the store served now, whose generation is
+    /// returned: at the handshake, and again on an open connection after a reload.
+    pub fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<u64, rustls::Error> {
+        let store = self.trust.load();
+        let generation = store.generation;
+        let key = chain_key(end_entity, intermediates);
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if let Some(v) = self.verified.get(&key) {
+            if v.generation == generation && (v.not_before..=v.not_after).contains(&secs) {
+                return Ok(generation);
+            }
+        }
+        let now_sys = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        let id = check_leaf(end_entity, now_sys).map_err(|e| reject(e.into()))?;
+        check_intermediates(intermediates).map_err(|e| reject(e.into()))?;
+        let verifier = store.domains.get(id.trust_domain()).ok_or_else(|| {
+            reject(SvidRejected::UnknownTrustDomain(
+                id.trust_domain().to_owned(),
+            ))
+        })?;
+        verifier.verify_client_cert(end_entity, intermediates, now)?;
+        if let Some((not_before, not_after)) = chain_window(end_entity, intermediates) {
+            self.verified.insert(
+                key,
+                VerifiedChain {
+                    generation,
+                    not_before,
+                    not_after,
+                },
+            );
+        }
+        Ok(generation)
+    }
+}
+
 impl fmt::Debug for SpiffeVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let store = self.store.load();
+        let store = self.trust.load();
         f.debug_struct("SpiffeVerifier")
             .field("trust_domains", &store.domains.keys().collect::<Vec<_>>())
             .finish()
@@ -190,6 +279,19 @@ pub fn check_leaf(der: &[u8], now: SystemTime) -> Result<SpiffeId, SvidError> {
     let id = identity::check_svid_leaf(der)?;
     identity::check_validity(der, now)?;
     Ok(id)
+}
+
+/// The signing-certificate rules on every intermediate the client sends (numbered from 1,
+/// the one after the leaf): webpki requires CA=true but not keyCertSign, nor the SPIFFE
+/// rules on the intermediate's own ID.
+fn check_intermediates(intermediates: &[CertificateDer<'_>]) -> Result<(), SvidError> {
+    for (i, c) in intermediates.iter().enumerate() {
+        identity::check_signing_cert(c).map_err(|reason| SvidError::Intermediate {
+            index: i + 1,
+            reason: Box::new(reason),
+        })?;
+    }
+    Ok(())
 }
 
 impl ClientCertVerifier for SpiffeVerifier {
@@ -204,34 +306,8 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let store = self.store.load();
-        let key = chain_key(end_entity, intermediates);
-        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        if let Some(v) = self.verified.get(&key) {
-            if v.generation == store.generation && (v.not_before..=v.not_after).contains(&secs) {
-                return Ok(ClientCertVerified::assertion());
-            }
-        }
-        let now_sys = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
-        let id = check_leaf(end_entity, now_sys).map_err(|e| reject(e.into()))?;
-        let verifier = store.domains.get(id.trust_domain()).ok_or_else(|| {
-            reject(SvidRejected::UnknownTrustDomain(
-                id.trust_domain().to_owned(),
-            ))
-        })?;
-        let verified = verifier.verify_client_cert(end_entity, intermediates, now)?;
-        if let Some((not_before, not_after)) = chain_window(end_entity, intermediates) {
-            let generation = store.generation;
-            self.verified.insert(
-                key,
-                VerifiedChain {
-                    generation,
-                    not_before,
-                    not_after,
-                },
-            );
-        }
-        Ok(verified)
+        self.verify_chain(end_entity, intermediates, now)?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -286,15 +362,27 @@ pub fn server_config(
 /// A readable reason for a failed client handshake: rustls prints our SVID rejections with
 /// `Debug`, so unwrap them to their messages.
 pub fn handshake_error(e: &std::io::Error) -> String {
-    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-    match tls {
-        Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))) => {
-            format!("invalid client certificate: {inner}")
-        }
-        Some(rustls::Error::InvalidCertificate(c)) => format!("invalid client certificate: {c:?}"),
-        Some(other) => other.to_string(),
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => rejection_reason(tls),
         None => e.to_string(),
     }
+}
+
+/// Why [`SpiffeVerifier`] refused a chain, readable.
+pub fn rejection_reason(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            format!("invalid client certificate: {inner}")
+        }
+        rustls::Error::InvalidCertificate(c) => format!("invalid client certificate: {c:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// The validity window (Unix seconds, notAfter inclusive) of a chain the verifier accepted.
+pub fn verified_window(chain: &[CertificateDer<'_>]) -> Option<(i64, i64)> {
+    let (leaf, intermediates) = chain.split_first()?;
+    chain_window(leaf, intermediates)
 }
 
 /// The SPIFFE ID of an authenticated connection (already verified by [`SpiffeVerifier`]).
@@ -307,12 +395,88 @@ pub fn peer_spiffe_id(conn: &rustls::ServerConnection) -> Option<SpiffeId> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::pki::{Authority, LeafSpec};
+    use crate::pki::{rcgen, Authority, LeafSpec};
 
     fn store_for(ca: &Authority) -> TrustStore {
         let td = TrustDomain::parse("acme.test").unwrap();
         let roots = [(td, vec![CertificateDer::from(ca.cert_der().to_vec())])];
         TrustStore::build(roots.iter()).unwrap()
+    }
+
+    fn signing_spec(uri: &str) -> LeafSpec {
+        let mut spec = LeafSpec::svid(uri, Duration::from_secs(3600));
+        spec.is_ca = true;
+        spec.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        spec
+    }
+
+    fn verify_via(store: &Arc<Trust>, inter: &LeafSpec) -> Result<(), String> {
+        let ca = Authority::generate("acme", Some("spiffe://acme.test")).unwrap();
+        store.replace(store_for(&ca));
+        let inter_ca = ca.intermediate_from(inter).unwrap();
+        let leaf = inter_ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test/agents/research",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let v = SpiffeVerifier::new(store.clone());
+        let chain = [CertificateDer::from(inter_ca.cert_der().to_vec())];
+        v.verify_client_cert(
+            &CertificateDer::from(leaf.cert_der),
+            &chain,
+            UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            let io = std::io::Error::other(e);
+            handshake_error(&io)
+        })
+    }
+
+    #[test]
+    fn intermediates_must_be_signing_certificates() {
+        let store = Trust::new(TrustStore::default());
+        assert_eq!(
+            verify_via(&store, &signing_spec("spiffe://acme.test")),
+            Ok(())
+        );
+        let mut no_cert_sign = signing_spec("spiffe://acme.test");
+        no_cert_sign.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let err = verify_via(&store, &no_cert_sign).unwrap_err();
+        assert!(
+            err.contains("intermediate certificate 1: signing certificate lacks the keyCertSign"),
+            "{err}"
+        );
+        let mut not_ca = signing_spec("spiffe://acme.test");
+        not_ca.is_ca = false;
+        let err = verify_via(&store, &not_ca).unwrap_err();
+        assert!(err.contains("is not a CA"), "{err}");
+        let err = verify_via(&store, &signing_spec("spiffe://acme.test/ca")).unwrap_err();
+        assert!(err.contains("has a path"), "{err}");
+    }
+
+    #[test]
+    fn a_trust_domain_id_is_not_a_workload_identity() {
+        let ca = Authority::generate("acme", Some("spiffe://acme.test")).unwrap();
+        let store = Trust::new(store_for(&ca));
+        let leaf = ca
+            .issue(&LeafSpec::svid(
+                "spiffe://acme.test",
+                Duration::from_secs(3600),
+            ))
+            .unwrap();
+        let v = SpiffeVerifier::new(store);
+        let err = v
+            .verify_client_cert(&CertificateDer::from(leaf.cert_der), &[], UnixTime::now())
+            .unwrap_err();
+        assert!(err.to_string().contains("NoPath"), "{err}");
     }
 
     #[test]
@@ -325,7 +489,7 @@ mod tests {
             ))
             .unwrap();
         let der = CertificateDer::from(leaf.cert_der.clone());
-        let store = Arc::new(ArcSwap::from_pointee(store_for(&ca)));
+        let store = Trust::new(store_for(&ca));
         let v = SpiffeVerifier::new(store.clone());
         let now = UnixTime::now();
         assert!(v.verify_client_cert(&der, &[], now).is_ok());
@@ -338,7 +502,7 @@ mod tests {
         assert!(v.verify_client_cert(&der, &[], later).is_err());
         // A new trust store (another CA for the domain) is not served from the old entries.
         let other = Authority::generate("other", Some("spiffe://acme.test")).unwrap();
-        store.store(Arc::new(store_for(&other)));
+        store.replace(store_for(&other));
         assert!(v.verify_client_cert(&der, &[], now).is_err());
     }
 }

@@ -106,6 +106,10 @@ async fn tunnel(
         }
         // No shutdown branch: a draining proxy lets tunnels run until the grace period ends.
         _ = idle_watch(&conn.activity, shared.limits.idle_timeout) => {}
+        // Nothing to end gracefully between: the bytes stop when the identity does.
+        end = conn.lifetime.tunnel_ends() => {
+            tracing::info!(spiffe_id = %conn.peer.spiffe_id, reason = %end, "closing passthrough tunnel");
+        }
     }
 }
 
@@ -241,6 +245,7 @@ where
 {
     let gate = head_refusal(shared.clone(), conn.peer.clone(), Via::Mitm, dest.clone());
     let io = HeadGate::new(io, shared.limits.head_read_bytes(), gate);
+    let dest_host = dest.host.to_string();
     let dest = Arc::new(dest);
     let svc_shared = shared.clone();
     let svc_conn = conn.clone();
@@ -272,6 +277,13 @@ where
             served.as_mut().graceful_shutdown();
             let _ = served.await;
         }
+        // GOAWAY on h2, close after the response in flight on HTTP/1.1; then a bound.
+        end = conn.lifetime.tunnel_ends() => {
+            tracing::info!(spiffe_id = %conn.peer.spiffe_id, host = %dest_host, reason = %end,
+                "closing intercepted tunnel");
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(shared.limits.shutdown_grace, served).await;
+        }
     }
 }
 
@@ -284,6 +296,9 @@ async fn handle_inner(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
+    if let Some(refused) = conn.identity_refusal(&shared, Via::Mitm, &dest, &parts) {
+        return refused;
+    }
     let ctx = Context::new(conn.peer.clone(), Via::Mitm, (*dest).clone(), &parts);
     // A tunnel inside the tunnel would carry bytes no phase sees: never handed upstream.
     if parts.method == http::Method::CONNECT {

@@ -26,6 +26,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::LimitsConfig;
 use crate::credentials::LocalSecrets;
+use crate::edge::lifetime::Lifetime;
+use crate::edge::tls::SpiffeVerifier;
 use crate::http::error::error_response;
 use crate::http::gateway::Routes;
 use crate::http::idle::Activity;
@@ -42,6 +44,8 @@ pub struct Shared {
     pub routes: Routes,
     pub upstream: Upstream,
     pub mitm: Mitm,
+    /// Verifies client chains: at the handshake, and on open connections after a reload.
+    pub verifier: Arc<SpiffeVerifier>,
     pub limits: LimitsConfig,
     pub tasks: Tasks,
     pub ops: Operations,
@@ -66,7 +70,36 @@ pub struct Operations {
 pub struct Conn {
     pub peer: Arc<Peer>,
     pub activity: Arc<Activity>,
+    /// How long the peer's identity holds; every request checks it first.
+    pub lifetime: Lifetime,
     pub _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// The refusal for a request when the connection's identity no longer holds (expired,
+    /// or no longer verifying after a reload): logged towards `dest`, answered with
+    /// `Connection: close` on HTTP/1.1; the connection and its tunnels close.
+    pub(crate) fn identity_refusal(
+        &self,
+        shared: &Shared,
+        via: Via,
+        dest: &Destination,
+        parts: &http::request::Parts,
+    ) -> Option<Response<Body>> {
+        let end = self.lifetime.check(std::time::SystemTime::now()).err()?;
+        let rej = end.rejection()?;
+        tracing::info!(peer = %self.peer.source, spiffe_id = %self.peer.spiffe_id, reason = %end,
+            "refusing the request and closing the connection");
+        let ctx = Context::new(self.peer.clone(), via, dest.clone(), parts);
+        let mut resp = refuse(shared, ctx, rej);
+        if parts.version <= http::Version::HTTP_11 {
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        Some(resp)
+    }
 }
 
 /// A request on the proxy connection itself.
@@ -75,6 +108,13 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    if let Some(refused) =
+        conn.identity_refusal(&shared, Via::AbsoluteForm, &no_destination(), &parts)
+    {
+        return refused;
+    }
+    let req = Request::from_parts(parts, body);
     if req.method() == Method::CONNECT {
         return connect::handle(shared, conn, req).await;
     }

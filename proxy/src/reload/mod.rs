@@ -3,9 +3,10 @@
 //! key, trust bundles, including trust domains added to or removed from the config file) and
 //! the policy (`policy.paths`). With `tls.workload_api`, the server SVID and the bundles of
 //! `workload_api` trust domains arrive from the Workload API instead and are swapped in at the
-//! same two points (`ServerCert::replace`, the `TrustStore`). A change is applied atomically; a
+//! same two points (`ServerCert::replace`, `Trust::replace`). A change is applied atomically; a
 //! bad change is logged and counted while the last good material keeps serving. In-flight
-//! requests keep what they had.
+//! requests keep what they had; open connections re-check their client's chain against new
+//! trust bundles at their next request, and tunnels at once (`edge::lifetime`).
 
 pub(crate) mod workload_api;
 
@@ -15,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use portcullis_policy::{Policy, PolicyError};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::certs::{certified_key, provider, TlsError};
 use crate::config::{Config, ConfigError};
 use crate::edge::admin::Status;
-use crate::edge::tls::{load_bundles, Roots, ServerCert, TrustStore};
+use crate::edge::tls::{load_bundles, Roots, ServerCert, Trust, TrustStore};
 use crate::reload::workload_api::{Bundles, X509Svid};
 
 /// Why a reload failed; the last good material keeps serving.
@@ -54,7 +54,7 @@ pub struct WorkloadApiFeeds {
 pub struct Reloader {
     config_path: PathBuf,
     config: Config,
-    trust: Arc<ArcSwap<TrustStore>>,
+    trust: Arc<Trust>,
     /// The bundle files' certificates as last loaded, so a Workload API bundle update can
     /// rebuild the store without re-reading (possibly mid-change) files.
     file_roots: Roots,
@@ -150,7 +150,7 @@ pub(crate) async fn next_hangup(sig: &mut Option<tokio::signal::unix::Signal>) {
 
 /// Everything the reloader swaps, as loaded at start.
 pub struct Served {
-    pub trust: Arc<ArcSwap<TrustStore>>,
+    pub trust: Arc<Trust>,
     pub file_roots: Roots,
     pub cert: Arc<ServerCert>,
     pub policy: Arc<Policy>,
@@ -322,7 +322,7 @@ impl Reloader {
             None => None,
         };
         let domains: Vec<String> = store.trust_domains().map(|t| t.to_string()).collect();
-        self.trust.store(Arc::new(store));
+        self.trust.replace(store);
         if let Some(ck) = ck {
             self.cert.replace(ck);
         }
@@ -352,7 +352,7 @@ impl Reloader {
     fn rebuild_trust(&mut self) -> Result<(), ReloadError> {
         let store = self.trust_store(&self.file_roots, &self.config)?;
         let domains: Vec<String> = store.trust_domains().map(|t| t.to_string()).collect();
-        self.trust.store(Arc::new(store));
+        self.trust.replace(store);
         tracing::info!(trust_domains = ?domains, "trust bundles updated from the Workload API");
         Ok(())
     }
