@@ -32,6 +32,9 @@ pub enum ErrorCode {
     /// A request body in an encoding the proxy must inspect but cannot read (a
     /// `Content-Encoding`, JSON in UTF-16/32).
     UnsupportedEncoding,
+    /// A bounded queue or budget of the proxy is full (an HTTP+SSE stream its client does not
+    /// read): the request is refused rather than queued without bound.
+    Overloaded,
     /// A bug or resource failure inside the proxy; never caused by the peer.
     Internal,
 }
@@ -53,7 +56,7 @@ impl ErrorCode {
             ErrorCode::NoRoute => 404,
             ErrorCode::UpstreamUnreachable => 502,
             ErrorCode::UpstreamTimeout => 504,
-            ErrorCode::CredentialUnavailable => 503,
+            ErrorCode::CredentialUnavailable | ErrorCode::Overloaded => 503,
             ErrorCode::UpgradeNotSupported => 501,
             ErrorCode::UnsupportedEncoding => 415,
             ErrorCode::MethodNotAllowed => 405,
@@ -81,6 +84,7 @@ impl ErrorCode {
             ErrorCode::ClientNotAllowed => "client_not_allowed",
             ErrorCode::UnsupportedEncoding => "unsupported_encoding",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -174,6 +178,7 @@ mod tests {
             (ErrorCode::ClientNotAllowed, 403, "client_not_allowed"),
             (ErrorCode::UnsupportedEncoding, 415, "unsupported_encoding"),
             (ErrorCode::MethodNotAllowed, 405, "method_not_allowed"),
+            (ErrorCode::Overloaded, 503, "overloaded"),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status(), status, "{name}");

@@ -84,6 +84,7 @@ pub fn build_chain(
                 .iter()
                 .map(|s| s.to_ascii_lowercase())
                 .collect(),
+            max_batch: cfg.mcp.max_batch,
         })
         .with(TracePropagation {
             sampling: spans.as_ref().map(|s| s.sampling_ratio()),
@@ -103,7 +104,11 @@ pub fn build_chain(
             set: creds,
             store: secrets,
         })
-        .with(SseTransport::new(cfg.limits.inspect_body_bytes))
+        .with(SseTransport::new(
+            cfg.limits.inspect_body_bytes,
+            cfg.mcp.sse_queue,
+            metrics.clone(),
+        ))
         .with(AccessLog)
         .with(MetricsFilter(metrics))
         .with_optional(decision_log)

@@ -549,6 +549,36 @@ async fn a_tool_call_is_decided_whatever_its_label_and_refused_where_unreadable(
     assert!(!tools.contains(&"delete_repo".to_owned()), "{tools:?}");
 }
 
+/// A JSON-RPC batch over `mcp.max_batch` messages is refused whole (413), never decided
+/// message by message without bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_over_the_limit_are_refused() {
+    let s = setup(|c| c["mcp"] = json!({"max_batch": 3})).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let batch = |n: usize| {
+        Value::from(
+            (0..n)
+                .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "tools/list"}))
+                .collect::<Vec<_>>(),
+        )
+        .to_string()
+    };
+    let out = post(&s, &research, &batch(4)).await;
+    out.assert_refused(413, "body_too_large");
+    assert!(
+        out.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("mcp.max_batch"),
+        "{out:?}"
+    );
+    // Within the limit the batch is decided per message and goes on.
+    let out = post(&s, &research, &batch(3)).await;
+    assert_eq!(out.header("x-portcullis-error"), None, "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
     let mut s = setup(|c| c["mcp"] = json!({"tool_changes": "deny"})).await;

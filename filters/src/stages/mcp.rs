@@ -22,6 +22,8 @@ use crate::pipeline::{
 pub struct McpFilter {
     /// `mcp.servers`: exact host names or `*.suffix` patterns.
     pub servers: Vec<String>,
+    /// `mcp.max_batch`: most JSON-RPC messages in one request (a batch over it: 413).
+    pub max_batch: usize,
 }
 
 impl McpFilter {
@@ -83,6 +85,14 @@ impl Filter for McpFilter {
             header("mcp-session-id"),
             header("mcp-protocol-version"),
         ) {
+            Ok(BodyKind::JsonRpc(mcp)) if mcp.messages.len() > self.max_batch => refuse(
+                ErrorCode::BodyTooLarge,
+                format!(
+                    "a JSON-RPC batch of {} messages is over mcp.max_batch ({})",
+                    mcp.messages.len(),
+                    self.max_batch
+                ),
+            ),
             Ok(BodyKind::JsonRpc(mcp)) => {
                 ctx.kind = ActionKind::Mcp;
                 ctx.mcp.request = Some(mcp);

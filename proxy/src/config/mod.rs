@@ -414,7 +414,7 @@ pub struct AppRoleConfig {
     pub mount: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct McpConfig {
     /// MCP-only hosts (`host` or `*.suffix`): every POST there must be inspectable JSON-RPC.
@@ -422,6 +422,22 @@ pub struct McpConfig {
     /// When a pinned tool definition changes: `log` (default) or `deny` (hide the tool and
     /// refuse its calls until accepted on the admin API).
     pub tool_changes: ToolChanges,
+    /// Most JSON-RPC messages in one request: a larger batch is refused (413).
+    pub max_batch: usize,
+    /// Most JSON-RPC messages (denials) queued for one HTTP+SSE event stream that its client
+    /// is not reading: a denied POST beyond that is refused with 503 `overloaded`.
+    pub sse_queue: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> McpConfig {
+        McpConfig {
+            servers: Vec::new(),
+            tool_changes: ToolChanges::default(),
+            max_batch: 256,
+            sse_queue: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

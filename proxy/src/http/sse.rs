@@ -8,6 +8,7 @@
 //! like a Streamable HTTP one.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 
@@ -17,9 +18,12 @@ use portcullis_filters::parse::destination::Destination;
 use portcullis_filters::parse::jsonrpc::McpRequest;
 use portcullis_filters::parse::mcp_body::{event_json, message_ids, sse_lines, SseEvents};
 use portcullis_filters::{
-    Action, ActionKind, BodyTransform, Chain, Context, Filter, Peer, Rejection, TransformError, Via,
+    Action, ActionKind, BodyTransform, Chain, Context, ErrorCode, Filter, Peer, Rejection,
+    TransformError, Via,
 };
 use tokio::sync::mpsc;
+
+use crate::telemetry::metrics::Metrics;
 
 /// Only the first bytes of a stream are read for the endpoint event.
 const HEAD_LIMIT: usize = 4096;
@@ -32,26 +36,49 @@ type Key = (String, String, String);
 /// carry.
 #[derive(Debug)]
 struct Session {
-    tx: mpsc::UnboundedSender<Bytes>,
-    /// (JSON-RPC id, the listing request's policy input and messages).
-    lists: Mutex<Vec<(serde_json::Value, portcullis_policy::Input, McpRequest)>>,
+    /// Bounded (`mcp.sse_queue` batches): a client that stops reading cannot make the proxy
+    /// queue denials without end.
+    tx: mpsc::Sender<Bytes>,
+    /// The `tools/list` requests awaiting their answer on this stream, by JSON-RPC id.
+    lists: Mutex<HashMap<IdKey, Listing>>,
+}
+
+/// A JSON-RPC id as a map key (its JSON text: `1` and `"1"` differ, as they do in JSON-RPC).
+type IdKey = String;
+
+/// One awaited `tools/list` answer: the listing request's policy input (shared by all its
+/// messages) and the one message, so a batch of n listings costs O(n), not a copy of the
+/// whole batch per id.
+#[derive(Debug)]
+struct Listing {
+    input: Arc<portcullis_policy::Input>,
+    mcp: McpRequest,
 }
 
 impl Session {
     /// The listing request awaiting the answer with this JSON-RPC id, if any (taken: an id is
     /// answered once).
-    fn take_list(&self, id: &serde_json::Value) -> Option<(portcullis_policy::Input, McpRequest)> {
-        let mut lists = self.lists.lock().ok()?;
-        let i = lists.iter().position(|(want, _, _)| want == id)?;
-        let (_, input, mcp) = lists.remove(i);
-        Some((input, mcp))
+    fn take_list(&self, id: &serde_json::Value) -> Option<Listing> {
+        self.lists.lock().ok()?.remove(&id.to_string())
     }
 }
 
+/// How a denial was (or was not) put on an event stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    NoStream,
+    /// The stream's queue is full: its client is not reading.
+    Full,
+}
+
 /// Open HTTP+SSE streams by [`Key`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseSessions {
     streams: Mutex<HashMap<Key, Arc<Session>>>,
+    /// Capacity of each stream's queue (`mcp.sse_queue`).
+    queue: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl SseSessions {
@@ -63,9 +90,9 @@ impl SseSessions {
         authority: &str,
         endpoint: &str,
         messages: &[serde_json::Value],
-    ) -> bool {
+    ) -> Delivery {
         let Ok(streams) = self.streams.lock() else {
-            return false;
+            return Delivery::NoStream;
         };
         let key = (
             identity.to_owned(),
@@ -73,7 +100,7 @@ impl SseSessions {
             endpoint.to_owned(),
         );
         let Some(session) = streams.get(&key) else {
-            return false;
+            return Delivery::NoStream;
         };
         let mut events = String::new();
         for m in messages {
@@ -81,7 +108,14 @@ impl SseSessions {
             events.push_str(&m.to_string());
             events.push_str("\r\n\r\n");
         }
-        session.tx.send(Bytes::from(events)).is_ok()
+        match session.tx.try_send(Bytes::from(events)) {
+            Ok(()) => Delivery::Delivered,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.sse_queue_full.fetch_add(1, Ordering::Relaxed);
+                Delivery::Full
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NoStream,
+        }
     }
 
     /// An allowed `tools/list` POST to a registered endpoint: its answer, on the stream, is
@@ -102,9 +136,20 @@ impl SseSessions {
         let Ok(mut lists) = session.lists.lock() else {
             return false;
         };
+        let input = Arc::new(input.clone());
         for m in &mcp.messages {
             if let (Some("tools/list"), Some(id)) = (m.method.as_deref(), &m.id) {
-                lists.push((id.clone(), input.clone(), mcp.clone()));
+                let one = McpRequest {
+                    messages: vec![m.clone()],
+                    batch: false,
+                    session_id: mcp.session_id.clone(),
+                    protocol_version: mcp.protocol_version.clone(),
+                };
+                let listing = Listing {
+                    input: input.clone(),
+                    mcp: one,
+                };
+                lists.insert(id.to_string(), listing);
             }
         }
         true
@@ -134,9 +179,13 @@ pub struct SseTransport {
 }
 
 impl SseTransport {
-    pub fn new(event_limit: usize) -> SseTransport {
+    pub fn new(event_limit: usize, queue: usize, metrics: Arc<Metrics>) -> SseTransport {
         SseTransport {
-            sessions: Arc::default(),
+            sessions: Arc::new(SseSessions {
+                streams: Mutex::default(),
+                queue: queue.max(1),
+                metrics,
+            }),
             event_limit,
         }
     }
@@ -186,11 +235,19 @@ impl Filter for SseTransport {
         }
         let authority = ctx.destination.authority();
         let identity = ctx.peer.spiffe_id.as_str();
-        if self
-            .sessions
-            .deliver(identity, &authority, endpoint.as_str(), &answer.responses)
-        {
-            answer.responses.clear();
+        let delivery =
+            self.sessions
+                .deliver(identity, &authority, endpoint.as_str(), &answer.responses);
+        match delivery {
+            Delivery::Delivered => answer.responses.clear(),
+            Delivery::NoStream => {}
+            // The client is not reading its stream: the POST itself says so.
+            Delivery::Full => {
+                *rej = Rejection::new(
+                    ErrorCode::Overloaded,
+                    "the event stream of this session is not being read: its queue (mcp.sse_queue) is full",
+                );
+            }
         }
     }
 
@@ -226,7 +283,7 @@ struct SseTap {
     authority: String,
     head: Vec<u8>,
     key: Option<Key>,
-    rx: Option<mpsc::UnboundedReceiver<Bytes>>,
+    rx: Option<mpsc::Receiver<Bytes>>,
     session: Option<Arc<Session>>,
     /// For `tools/list` answers: the chain whose response-body phase filters them, and the
     /// stream's caller and server.
@@ -267,6 +324,7 @@ impl SseTap {
             self.tail = [self.tail[1], self.tail[2], self.tail[3], b];
         }
         self.at_boundary = self.tail[2..] == *b"\n\n"
+            || self.tail[2..] == *b"\r\r"
             || self.tail == *b"\r\n\r\n"
             || data.is_empty() && self.at_boundary;
         if self.key.is_some() || self.head.len() >= HEAD_LIMIT {
@@ -276,7 +334,7 @@ impl SseTap {
             .extend_from_slice(&data[..data.len().min(HEAD_LIMIT - self.head.len())]);
         if let Some(endpoint) = endpoint_event(&self.head) {
             let key = (self.identity.clone(), self.authority.clone(), endpoint);
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(self.sessions.queue);
             let session = Arc::new(Session {
                 tx,
                 lists: Mutex::default(),
@@ -324,7 +382,7 @@ impl SseTap {
             return Ok(event);
         };
         for id in message_ids(&json) {
-            let Some((input, mcp)) = session.take_list(id) else {
+            let Some(Listing { input, mcp }) = session.take_list(id) else {
                 continue;
             };
             let (mut parts, ()) = http::Request::new(()).into_parts();
@@ -336,7 +394,7 @@ impl SseTap {
                 &parts,
             );
             ctx.kind = ActionKind::Mcp;
-            ctx.mcp.listing_input = Some(input);
+            ctx.mcp.listing_input = Some((*input).clone());
             ctx.mcp.request = Some(mcp);
             if let Some(mut t) = self.chain.response_body(&ctx, &event_stream_head()) {
                 let mut out = t.data(event)?.to_vec();
@@ -427,6 +485,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stream_nobody_reads_queues_a_bounded_number_of_denials() {
+        let metrics = Arc::new(Metrics::default());
+        let transport = SseTransport::new(1 << 20, 2, metrics.clone());
+        let sessions = &transport.sessions;
+        let (tx, _rx) = mpsc::channel(sessions.queue);
+        let key: Key = (
+            "spiffe://a/b".into(),
+            "mcp:443".into(),
+            "/messages/?s=1".into(),
+        );
+        sessions.register(
+            key.clone(),
+            Arc::new(Session {
+                tx,
+                lists: Mutex::default(),
+            }),
+        );
+        let deny = [serde_json::json!({"jsonrpc": "2.0", "id": 1, "error": {}})];
+        let send = || sessions.deliver(&key.0, &key.1, &key.2, &deny);
+        assert_eq!(send(), Delivery::Delivered);
+        assert_eq!(send(), Delivery::Delivered);
+        assert_eq!(send(), Delivery::Full);
+        assert_eq!(metrics.sse_queue_full.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            sessions.deliver("spiffe://other/x", &key.1, &key.2, &deny),
+            Delivery::NoStream,
+            "a denial only reaches a stream of the same identity"
+        );
+    }
+
+    #[test]
     fn the_endpoint_event_is_found_relative_or_absolute() {
         let rel = b"event: endpoint\r\ndata: /messages/?session_id=abc\r\n\r\n";
         assert_eq!(
@@ -435,6 +524,9 @@ mod tests {
         );
         let abs = b": ping\n\nevent: endpoint\ndata: https://h:1/m?s=1\n\n";
         assert_eq!(endpoint_event(abs).as_deref(), Some("/m?s=1"));
+        // CR-only line endings, as the SSE spec allows.
+        let cr = b"event: endpoint\rdata: /m?s=2\r\r";
+        assert_eq!(endpoint_event(cr).as_deref(), Some("/m?s=2"));
         assert_eq!(endpoint_event(b"event: message\ndata: {}\n\n"), None);
     }
 }

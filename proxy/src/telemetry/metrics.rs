@@ -60,6 +60,8 @@ pub struct Metrics {
     pub otel: std::sync::Arc<crate::telemetry::ExportStats>,
     /// Decision-log lines dropped because the output did not keep up.
     pub decision_log_dropped: std::sync::Arc<AtomicU64>,
+    /// Denied POSTs refused because their HTTP+SSE stream's queue was full.
+    pub sse_queue_full: AtomicU64,
 }
 
 /// Keeps `active_connections` right however a connection ends.
@@ -133,6 +135,11 @@ impl Metrics {
                 "portcullis_otel_export_errors_total",
                 "OTLP export calls (batches) that failed or timed out.",
                 &self.otel.export_errors,
+            ),
+            (
+                "portcullis_mcp_sse_queue_full_total",
+                "Denied HTTP+SSE POSTs refused (503 overloaded): their event stream was not being read (mcp.sse_queue full).",
+                &self.sse_queue_full,
             ),
             (
                 "portcullis_decision_log_dropped_total",
