@@ -325,6 +325,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         upstream,
         mitm,
         verifier,
+        body_budget: crate::http::budget::Budget::new(cfg.limits.buffered_body_bytes),
         limits: cfg.limits.clone(),
         tasks: Tasks {
             shutdown: shutdown.clone(),

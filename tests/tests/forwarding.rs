@@ -693,3 +693,49 @@ async fn upstream_protocol_follows_upstream_http2() {
         assert_eq!(s.up.seen()[0].version, expected, "upstream.http2 = {http2}");
     }
 }
+
+/// Bodies buffered for inspection are bounded process-wide: while one client's upload holds
+/// most of `limits.buffered_body_bytes`, another's is refused at once (503 `overloaded`,
+/// counted), and served again once the first is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn buffered_bodies_are_bounded_by_a_process_budget() {
+    let s = setup(|c| {
+        c["limits"] = serde_json::json!({"inspect_body_bytes": 2048,
+            "buffered_body_bytes": 3072, "buffered_body_bytes_per_connection": 4096})
+    })
+    .await;
+    let target = format!("localhost:{}", s.up.port());
+    let post =
+        |n: usize| format!("POST /up HTTP/1.1\r\nHost: {target}\r\nContent-Length: {n}\r\n\r\n");
+    // A: declares 2040 bytes, sends 1500 of them and waits.
+    let mut a = raw_tunnel(&s.pki, s.proxy.addr, &s.agent, &target).await;
+    a.write_all(post(2040).as_bytes()).await.unwrap();
+    a.write_all(&[b'a'; 1500]).await.unwrap();
+    a.flush().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while s.proxy.metric("portcullis_buffered_body_bytes").await == 0 {
+        assert!(Instant::now() < deadline, "A's body was never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B: 2040 bytes do not fit beside A's.
+    let b_req = format!("{}{}", post(2040), "b".repeat(2040));
+    let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &b_req).await;
+    out.assert_refused(503, "overloaded");
+    assert!(
+        out.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("limits.buffered_body_bytes"),
+        "{out:?}"
+    );
+    assert_eq!(
+        s.proxy.metric("portcullis_body_budget_refused_total").await,
+        1
+    );
+    // A finishes and is served; its bytes are given back, and B fits now.
+    a.write_all(&[b'a'; 540]).await.unwrap();
+    assert_eq!(read_response(&mut a).await.status, 200);
+    let out = raw_in_tunnel(&s.pki, s.proxy.addr, &s.agent, &target, &b_req).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(s.proxy.metric("portcullis_buffered_body_bytes").await, 0);
+}

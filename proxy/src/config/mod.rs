@@ -505,6 +505,10 @@ pub struct LimitsConfig {
     /// connection's identity is re-established by a handshake at least this often.
     #[serde(with = "duration")]
     pub max_connection_age: Duration,
+    /// Request-body bytes buffered for inspection at once, process-wide (over: 503).
+    pub buffered_body_bytes: usize,
+    /// The same, per client connection (over: 429).
+    pub buffered_body_bytes_per_connection: usize,
     pub max_connections: usize,
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -539,6 +543,8 @@ impl Default for LimitsConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             max_connection_age: Duration::from_secs(3600),
+            buffered_body_bytes: 256 << 20,
+            buffered_body_bytes_per_connection: 32 << 20,
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(10),
             inspect_body_bytes: 1024 * 1024,

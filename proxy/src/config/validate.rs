@@ -345,6 +345,21 @@ impl Config {
 
     /// `limits`, and every timeout anywhere: zero would mean "never" or "at once".
     fn validate_limits(&self) -> Checked {
+        let l = &self.limits;
+        for (key, bytes) in [
+            ("limits.buffered_body_bytes", l.buffered_body_bytes),
+            (
+                "limits.buffered_body_bytes_per_connection",
+                l.buffered_body_bytes_per_connection,
+            ),
+        ] {
+            if bytes <= l.inspect_body_bytes {
+                return invalid(
+                    key,
+                    "must be larger than limits.inspect_body_bytes (one body must fit)",
+                );
+            }
+        }
         if self.limits.max_header_bytes < 1024 {
             return invalid("limits.max_header_bytes", "must be at least 1024");
         }

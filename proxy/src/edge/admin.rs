@@ -126,6 +126,11 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
         "/metrics" => {
             let mut out = metrics(status, leaf, &shared.ops.secrets);
             shared.ops.metrics.render(&mut out);
+            let _ = writeln!(
+                out,
+                "# HELP portcullis_buffered_body_bytes Request-body bytes held for inspection now (of limits.buffered_body_bytes).\n# TYPE portcullis_buffered_body_bytes gauge\nportcullis_buffered_body_bytes {}",
+                shared.body_budget.held_bytes()
+            );
             text(StatusCode::OK, out)
         }
         "/mcp/pins" if req.method() == http::Method::GET => {

@@ -108,6 +108,9 @@ async fn serve_conn(
         peer: peer.clone(),
         activity: activity.clone(),
         lifetime,
+        body_budget: crate::http::budget::Budget::new(
+            shared.limits.buffered_body_bytes_per_connection,
+        ),
         _permit: permit,
     });
     let svc_conn = conn.clone();

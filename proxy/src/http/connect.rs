@@ -331,7 +331,7 @@ async fn handle_inner(
             )
         }
     }
-    forward(&shared, ctx, parts, body).await
+    forward(&shared, &conn.body_budget, ctx, parts, body).await
 }
 
 fn check_inner_authority(parts: &http::request::Parts, dest: &Destination) -> Result<(), String> {

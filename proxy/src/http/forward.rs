@@ -3,6 +3,7 @@
 //! after-response phase (at most one retry), response phase, response-body phase; the body
 //! runs the logging phase when it ends. A capability is a filter, never an `if` here.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::header::HOST;
@@ -13,6 +14,7 @@ use portcullis_filters::pipeline::timing::StepKind;
 use portcullis_filters::pipeline::RequestBody;
 use portcullis_filters::{Action, AfterResponse, Context, ErrorCode, Rejection, Via};
 
+use crate::http::budget::{Budget, Held};
 use crate::http::request_body::{read_limited, Fault, Read, Streamed};
 use crate::http::response_body::LoggedBody;
 use crate::http::{refuse, Shared};
@@ -23,6 +25,7 @@ use crate::upstream::Body;
 /// body that runs the logging phase when it ends. Features live in the filters, not here.
 pub(crate) async fn forward(
     shared: &Shared,
+    conn_budget: &Budget,
     mut ctx: Context,
     mut parts: http::request::Parts,
     body: Incoming,
@@ -31,12 +34,23 @@ pub(crate) async fn forward(
     // non-empty one, so nothing reaches the upstream unread. A larger one streams on, its rest
     // shown to the request-body checks; why it stopped on the client's side is the `fault`.
     let fault = Fault::default();
+    // The buffered body's share of the process and connection budgets, given back when this
+    // action has its answer.
+    let mut held = Held::default();
     let body = if http_body::Body::is_end_stream(&body) {
         ctx.body = RequestBody::Empty;
         None
     } else if shared.chain.wants_body(&ctx, &parts) {
         let limits = &shared.limits;
-        match read_limited(body, limits.inspect_body_bytes, limits.body_read_timeout).await {
+        let reserve = |bytes| held.cover(bytes, &shared.body_budget, conn_budget);
+        match read_limited(
+            body,
+            limits.inspect_body_bytes,
+            limits.body_read_timeout,
+            reserve,
+        )
+        .await
+        {
             Ok(Read::Complete(b)) => {
                 ctx.body = RequestBody::Buffered(b);
                 None
@@ -45,7 +59,16 @@ pub(crate) async fn forward(
                 ctx.body = RequestBody::TooLarge(head.clone());
                 Some(Streamed::new(Some(head), rest, fault.clone()))
             }
-            Err(rej) => return refuse(shared, ctx, rej),
+            Err(rej) => {
+                if rej.code == ErrorCode::Overloaded {
+                    shared
+                        .ops
+                        .metrics
+                        .body_budget_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return refuse(shared, ctx, rej);
+            }
         }
     } else {
         Some(Streamed::new(None, body, fault.clone()))

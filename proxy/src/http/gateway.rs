@@ -195,7 +195,7 @@ pub(crate) async fn handle(
         );
         return refuse(shared, ctx, rej);
     }
-    forward(shared, ctx, parts, body).await
+    forward(shared, &conn.body_budget, ctx, parts, body).await
 }
 
 #[cfg(test)]

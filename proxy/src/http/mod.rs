@@ -3,6 +3,7 @@
 //! the same filter chain ([`forward`]) and ends in the same logging phase; refusals become
 //! responses in [`error`].
 
+pub(crate) mod budget;
 pub(crate) mod connect;
 pub(crate) mod error;
 pub(crate) mod forward;
@@ -46,6 +47,8 @@ pub struct Shared {
     pub mitm: Mitm,
     /// Verifies client chains: at the handshake, and on open connections after a reload.
     pub verifier: Arc<SpiffeVerifier>,
+    /// Request-body bytes buffered for inspection, process-wide.
+    pub body_budget: budget::Budget,
     pub limits: LimitsConfig,
     pub tasks: Tasks,
     pub ops: Operations,
@@ -72,6 +75,8 @@ pub struct Conn {
     pub activity: Arc<Activity>,
     /// How long the peer's identity holds; every request checks it first.
     pub lifetime: Lifetime,
+    /// Request-body bytes this connection (and its tunnels) may have buffered at once.
+    pub body_budget: budget::Budget,
     pub _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -134,7 +139,7 @@ pub async fn handle(
         }
     };
     let ctx = Context::new(conn.peer.clone(), Via::AbsoluteForm, dest, &parts);
-    forward::forward(&shared, ctx, parts, body).await
+    forward::forward(&shared, &conn.body_budget, ctx, parts, body).await
 }
 
 pub(crate) fn no_destination() -> Destination {

@@ -29,11 +29,13 @@ pub enum Read {
 }
 
 /// Read `body` if it fits in `limit` bytes, within `timeout`. A larger one (declared or not)
-/// is read up to the limit too, so its head can be classified.
+/// is read up to the limit too, so its head can be classified. `reserve` is asked for the
+/// bytes about to be held (in total) before they are.
 pub async fn read_limited(
     mut body: Incoming,
     limit: usize,
     timeout: Duration,
+    mut reserve: impl FnMut(usize) -> Result<(), Rejection>,
 ) -> Result<Read, Rejection> {
     let read = async {
         let declared = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
@@ -42,6 +44,8 @@ pub async fn read_limited(
             let frame = frame.map_err(|e| unreadable(&e))?;
             // Trailers are not inspected; request trailers are rare and dropped here.
             if let Ok(data) = frame.into_data() {
+                // Reserved before it is held: over a budget, the request is refused.
+                reserve((buf.len() + data.len()).min(limit + 1))?;
                 buf.extend_from_slice(&data);
                 if buf.len() > limit {
                     return Ok(Read::TooLarge {

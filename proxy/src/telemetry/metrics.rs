@@ -62,6 +62,8 @@ pub struct Metrics {
     pub decision_log_dropped: std::sync::Arc<AtomicU64>,
     /// Denied POSTs refused because their HTTP+SSE stream's queue was full.
     pub sse_queue_full: AtomicU64,
+    /// Requests refused because buffering their body would exceed a body budget.
+    pub body_budget_refused: AtomicU64,
 }
 
 /// Keeps `active_connections` right however a connection ends.
@@ -135,6 +137,11 @@ impl Metrics {
                 "portcullis_otel_export_errors_total",
                 "OTLP export calls (batches) that failed or timed out.",
                 &self.otel.export_errors,
+            ),
+            (
+                "portcullis_body_budget_refused_total",
+                "Requests refused (503/429 overloaded): their body would exceed limits.buffered_body_bytes or its per-connection share.",
+                &self.body_budget_refused,
             ),
             (
                 "portcullis_mcp_sse_queue_full_total",
