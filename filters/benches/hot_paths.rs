@@ -82,7 +82,9 @@ fn benches(c: &mut Criterion) {
     let set = Arc::new(CredentialSet::new(vec![Credential {
         name: "github".into(),
         placeholder: Placeholder::parse("pcx_github").unwrap(),
-        hosts: vec!["api.github.com".into()],
+        hosts: vec![
+            portcullis_filters::parse::destination::Binding::parse("api.github.com").unwrap(),
+        ],
         body: false,
     }]));
     let detect = CredentialDetect { set: set.clone() };

@@ -246,10 +246,7 @@ mod tests {
 
     fn needles() -> Needles {
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{SECRET}"));
-        Needles::new(
-            [SECRET.as_bytes()],
-            [basic.as_bytes()].into_iter().map(|b| &b[..]),
-        )
+        Needles::new([SECRET.as_bytes()], [basic.as_bytes()])
     }
 
     fn redacted(text: &[u8]) -> String {
