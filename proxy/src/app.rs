@@ -13,7 +13,7 @@ use portcullis_filters::stages::credentials::{
 };
 use portcullis_filters::stages::hygiene::HeaderHygiene;
 use portcullis_filters::stages::mcp::McpFilter;
-use portcullis_filters::stages::pinning::{OnChange, ToolPinning, ToolPins};
+use portcullis_filters::stages::pinning::{OnChange, PinLimits, ToolPinning, ToolPins};
 use portcullis_filters::stages::policy::PolicyFilter;
 use portcullis_filters::stages::trace::TracePropagation;
 use portcullis_filters::Chain;
@@ -279,10 +279,15 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         })?;
 
     let shutdown = CancellationToken::new();
-    let pins = Arc::new(ToolPins::new(match cfg.mcp.tool_changes {
+    let on_change = match cfg.mcp.tool_changes {
         ToolChanges::Log => OnChange::Log,
         ToolChanges::Deny => OnChange::Deny,
-    }));
+    };
+    let pin_limits = PinLimits {
+        per_server: cfg.mcp.max_pins_per_server,
+        total: cfg.mcp.max_pins,
+    };
+    let pins = Arc::new(ToolPins::with_limits(on_change, pin_limits));
     if let Some(store) = secrets.shared() {
         // Pins other replicas already agreed on, before the first request is served.
         match store.load_pins().await {

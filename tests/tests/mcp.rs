@@ -579,6 +579,21 @@ async fn batches_over_the_limit_are_refused() {
     assert_eq!(out.header("x-portcullis-error"), None, "{out:?}");
 }
 
+/// Tool pins are bounded per server: a server that lists more tools than its share gets the
+/// rest treated as changed (hidden with `tool_changes: deny`), not an unbounded pin map.
+#[tokio::test(flavor = "multi_thread")]
+async fn pins_are_bounded_and_tools_without_room_count_as_changed() {
+    let s = setup(|c| c["mcp"] = json!({"tool_changes": "deny", "max_pins_per_server": 2})).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let r = mcp_client(&s, &research, json!([{"op": "list_tools"}])).await;
+    let tools = listed_tools(&r[0]);
+    assert!(tools.len() <= 2, "only pinned tools are shown: {tools:?}");
+    assert_eq!(s.proxy.metric("portcullis_mcp_pins").await, 2);
+    assert!(s.proxy.metric("portcullis_mcp_pins_refused_total").await >= 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changed_tool_definitions_are_pinned_and_denied_until_accepted() {
     let mut s = setup(|c| c["mcp"] = json!({"tool_changes": "deny"})).await;

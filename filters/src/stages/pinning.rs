@@ -49,9 +49,55 @@ pub enum PinEvent {
 /// Where pin events go (called on the request path: must not block).
 pub type PinHook = std::sync::Arc<dyn Fn(PinEvent) + Send + Sync>;
 
+/// How many pins are kept: per server (so one server listing endless tools cannot crowd the
+/// others out) and in all (`mcp.max_pins_per_server`, `mcp.max_pins`). A tool first seen when
+/// there is no room is not pinned and counts as changed: hidden and refused with
+/// `tool_changes: deny`, logged otherwise (fail closed: it cannot be checked for a rug pull).
+#[derive(Debug, Clone, Copy)]
+pub struct PinLimits {
+    pub per_server: usize,
+    pub total: usize,
+}
+
+impl Default for PinLimits {
+    fn default() -> PinLimits {
+        PinLimits {
+            per_server: 1000,
+            total: 100_000,
+        }
+    }
+}
+
+/// The pins and how many each server has.
+#[derive(Default)]
+struct Pins {
+    map: HashMap<(String, String), Pin>,
+    per_server: HashMap<String, usize>,
+}
+
+impl Pins {
+    fn has_room(&self, server: &str, limits: PinLimits) -> bool {
+        self.map.len() < limits.total
+            && self.per_server.get(server).copied().unwrap_or(0) < limits.per_server
+    }
+
+    /// Pin a new (server, tool); false when there is no room.
+    fn insert(&mut self, server: &str, tool: &str, pin: Pin, limits: PinLimits) -> bool {
+        if !self.has_room(server, limits) {
+            return false;
+        }
+        *self.per_server.entry(server.to_owned()).or_default() += 1;
+        self.map.insert((server.to_owned(), tool.to_owned()), pin);
+        true
+    }
+}
+
 /// Pins, in memory, keyed by (server authority, tool name).
 pub struct ToolPins {
-    pins: Mutex<HashMap<(String, String), Pin>>,
+    pins: Mutex<Pins>,
+    limits: PinLimits,
+    /// First sights not pinned for want of room.
+    pub refused: std::sync::atomic::AtomicU64,
     pub on_change: OnChange,
     hook: std::sync::OnceLock<PinHook>,
 }
@@ -77,11 +123,26 @@ pub fn definition_hash(tool: &Value) -> String {
 
 impl ToolPins {
     pub fn new(on_change: OnChange) -> ToolPins {
+        Self::with_limits(on_change, PinLimits::default())
+    }
+
+    pub fn with_limits(on_change: OnChange, limits: PinLimits) -> ToolPins {
         ToolPins {
             pins: Mutex::default(),
+            limits,
+            refused: std::sync::atomic::AtomicU64::new(0),
             on_change,
             hook: std::sync::OnceLock::new(),
         }
+    }
+
+    /// How many pins are kept now.
+    pub fn len(&self) -> usize {
+        self.pins.lock().map_or(0, |p| p.map.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Report first sights and acceptances to `hook` (set once).
@@ -102,15 +163,13 @@ impl ToolPins {
             return;
         };
         let key = (server.to_owned(), tool.to_owned());
-        match pins.get_mut(&key) {
+        match pins.map.get_mut(&key) {
             None => {
-                pins.insert(
-                    key,
-                    Pin {
-                        pinned: hash.to_owned(),
-                        changed_to: None,
-                    },
-                );
+                let pin = Pin {
+                    pinned: hash.to_owned(),
+                    changed_to: None,
+                };
+                pins.insert(server, tool, pin, self.limits);
             }
             Some(pin) if pin.pinned != hash => {
                 let seen = pin.changed_to.take().unwrap_or_else(|| pin.pinned.clone());
@@ -140,14 +199,22 @@ impl ToolPins {
             return true; // a poisoned map is treated as "changed": fail closed
         };
         let key = (server.to_owned(), name.to_owned());
-        let Some(pin) = pins.get_mut(&key) else {
-            pins.insert(
-                key,
-                Pin {
-                    pinned: hash.clone(),
-                    changed_to: None,
-                },
-            );
+        let Some(pin) = pins.map.get_mut(&key) else {
+            let pin = Pin {
+                pinned: hash.clone(),
+                changed_to: None,
+            };
+            if !pins.insert(server, name, pin, self.limits) {
+                drop(pins);
+                if self
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    == 0
+                {
+                    tracing::warn!(server, tool = name, "MCP tool pins are full (mcp.max_pins_per_server / mcp.max_pins): new tools count as changed");
+                }
+                return true;
+            }
             drop(pins);
             self.emit(PinEvent::FirstSight {
                 server: server.to_owned(),
@@ -175,10 +242,13 @@ impl ToolPins {
     }
 
     /// Whether the tool's current definition differs from its pin.
+    /// A tool that is not pinned because there is no room counts as changed.
     pub fn is_changed(&self, server: &str, tool: &str) -> bool {
         self.pins.lock().map_or(true, |p| {
-            p.get(&(server.to_owned(), tool.to_owned()))
-                .is_some_and(|pin| pin.changed_to.is_some())
+            match p.map.get(&(server.to_owned(), tool.to_owned())) {
+                Some(pin) => pin.changed_to.is_some(),
+                None => !p.has_room(server, self.limits),
+            }
         })
     }
 
@@ -188,7 +258,7 @@ impl ToolPins {
         let Ok(mut pins) = self.pins.lock() else {
             return false;
         };
-        let accepted = match pins.get_mut(&(server.to_owned(), tool.to_owned())) {
+        let accepted = match pins.map.get_mut(&(server.to_owned(), tool.to_owned())) {
             Some(pin) => match pin.changed_to.take() {
                 Some(new) => {
                     pin.pinned = new.clone();
@@ -215,7 +285,8 @@ impl ToolPins {
     /// `(server, tool, pinned hash, changed-to hash)` for every pin, sorted.
     pub fn list(&self) -> Vec<(String, String, String, Option<String>)> {
         let mut out: Vec<_> = self.pins.lock().map_or(Vec::new(), |p| {
-            p.iter()
+            p.map
+                .iter()
                 .map(|((s, t), pin)| {
                     (
                         s.clone(),
@@ -332,6 +403,27 @@ mod tests {
         assert!(!pins.is_changed("s:443", "search"));
         assert!(!pins.observe("s:443", &v2));
         assert!(!pins.accept("s:443", "search"), "nothing left to accept");
+    }
+
+    #[test]
+    fn pins_are_bounded_per_server_and_in_all_and_the_rest_count_as_changed() {
+        let limits = PinLimits {
+            per_server: 2,
+            total: 3,
+        };
+        let pins = ToolPins::with_limits(OnChange::Deny, limits);
+        let tool = |n: &str| json!({"name": n, "description": "d"});
+        assert!(!pins.observe("flood:443", &tool("a")));
+        assert!(!pins.observe("flood:443", &tool("b")));
+        // The flooding server is at its share: its next tool is not pinned and counts as changed.
+        assert!(pins.observe("flood:443", &tool("c")));
+        assert!(pins.is_changed("flood:443", "c"));
+        assert!(!pins.is_changed("flood:443", "a"));
+        // Another server still gets its pins, up to the total.
+        assert!(!pins.observe("ok:443", &tool("x")));
+        assert!(pins.observe("ok:443", &tool("y")), "the total is reached");
+        assert_eq!(pins.len(), 3);
+        assert_eq!(pins.refused.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -424,6 +424,10 @@ pub struct McpConfig {
     pub tool_changes: ToolChanges,
     /// Most JSON-RPC messages in one request: a larger batch is refused (413).
     pub max_batch: usize,
+    /// Most tool pins kept per MCP server and in all; a tool first seen without room is not
+    /// pinned and counts as changed.
+    pub max_pins_per_server: usize,
+    pub max_pins: usize,
     /// Most JSON-RPC messages (denials) queued for one HTTP+SSE event stream that its client
     /// is not reading: a denied POST beyond that is refused with 503 `overloaded`.
     pub sse_queue: usize,
@@ -435,6 +439,8 @@ impl Default for McpConfig {
             servers: Vec::new(),
             tool_changes: ToolChanges::default(),
             max_batch: 256,
+            max_pins_per_server: 1000,
+            max_pins: 100_000,
             sse_queue: 1024,
         }
     }

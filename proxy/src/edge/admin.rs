@@ -131,6 +131,13 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
                 "# HELP portcullis_buffered_body_bytes Request-body bytes held for inspection now (of limits.buffered_body_bytes).\n# TYPE portcullis_buffered_body_bytes gauge\nportcullis_buffered_body_bytes {}",
                 shared.body_budget.held_bytes()
             );
+            let pins = &shared.ops.pins;
+            let _ = writeln!(
+                out,
+                "# HELP portcullis_mcp_pins MCP tool pins kept (of mcp.max_pins).\n# TYPE portcullis_mcp_pins gauge\nportcullis_mcp_pins {}\n# HELP portcullis_mcp_pins_refused_total Tools first seen without room for a pin (they count as changed).\n# TYPE portcullis_mcp_pins_refused_total counter\nportcullis_mcp_pins_refused_total {}",
+                pins.len(),
+                pins.refused.load(std::sync::atomic::Ordering::Relaxed)
+            );
             text(StatusCode::OK, out)
         }
         "/mcp/pins" if req.method() == http::Method::GET => {
