@@ -4,6 +4,20 @@
 use super::*;
 
 /// The `portcullis` binary, built once if the workspace build has not produced it yet.
+/// `portcullis check` on `cfg` (written into `pki`'s directory), which must refuse it as a
+/// config error (exit 2): its stderr, naming the bad key.
+#[track_caller]
+pub fn check_refuses(pki: &crate::Pki, cfg: &serde_json::Value) -> String {
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(pki.write_config(cfg))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
 pub fn bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

@@ -193,13 +193,7 @@ async fn route_config_errors_are_precise() {
         cfg["credentials"] =
             json!([{"name": "github", "hosts": ["api.example.com"], "source": {"env": "X"}}]);
         cfg["routes"] = routes;
-        let out = std::process::Command::new(bin())
-            .args(["check", "--config"])
-            .arg(pki.write_config(&cfg))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let err = check_refuses(&pki, &cfg);
         assert!(err.contains(expect), "{expect:?} not in {err}");
     }
 }

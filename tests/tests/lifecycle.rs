@@ -275,13 +275,7 @@ async fn the_admin_api_requires_its_token_except_for_probes() {
     let pki = Pki::new();
     let mut cfg = pki.base_config();
     cfg["admin_listen"] = serde_json::json!("0.0.0.0:9901");
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(pki.write_config(&cfg))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = check_refuses(&pki, &cfg);
     assert!(
         err.contains("admin_token") && err.contains("not a loopback"),
         "{err}"

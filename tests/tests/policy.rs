@@ -331,17 +331,8 @@ decision := {"allow": false, "reason": "k199 is off"} if input.request.query.k19
     let pki = Pki::new();
     let mut cfg = pki.base_config();
     cfg["policy"]["input_limits"] = json!({"mcp_depth": 500});
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(pki.write_config(&cfg))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("policy.input_limits.mcp_depth"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = check_refuses(&pki, &cfg);
+    assert!(err.contains("policy.input_limits.mcp_depth"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
