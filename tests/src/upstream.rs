@@ -165,6 +165,14 @@ async fn respond(
         // reflect values in: base64/base64url, JSON escapes, percent-encoding.
         return echo_forms(&req);
     }
+    if req.uri().path() == "/early-401" {
+        // Answers before reading the upload, and closes (an API rejecting a token at once).
+        return Response::builder()
+            .status(401)
+            .header("connection", "close")
+            .body(Full::new(Bytes::from_static(b"{\"error\":\"early\"}")))
+            .unwrap();
+    }
     if req.uri().path() == "/always-401" {
         return Response::builder()
             .status(401)

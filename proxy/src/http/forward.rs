@@ -4,7 +4,6 @@
 //! runs the logging phase when it ends. A capability is a filter, never an `if` here.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Version};
@@ -170,29 +169,15 @@ async fn send(
     resp
 }
 
-/// Refuse, but keep reading the unread request body in the background (bounded in size and
-/// time), so the client gets the answer instead of a reset (an h2 `RST_STREAM` or an HTTP/1.1
-/// close in the middle of its upload).
+/// Refuse; the unread request body is dropped, which drains it in the background (bounded,
+/// see `request_body::drain`), so the client gets the answer instead of a reset (an h2
+/// `RST_STREAM` or an HTTP/1.1 close in the middle of its upload).
 fn refuse_draining(
     shared: &Shared,
     ctx: Context,
     rej: Rejection,
     body: Option<Streamed>,
 ) -> Response<Body> {
-    if let Some(mut b) = body {
-        let limit = shared.limits.inspect_body_bytes;
-        shared.tasks.tracker.spawn(async move {
-            let drain = async {
-                let mut seen = 0usize;
-                while let Some(Ok(frame)) = b.frame().await {
-                    seen += frame.data_ref().map_or(0, |d| d.len());
-                    if seen > limit {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
-        });
-    }
+    drop(body);
     refuse(shared, ctx, rej)
 }

@@ -89,7 +89,8 @@ impl Fault {
 /// the client's stream, each chunk of the rest shown to the checks first.
 pub struct Streamed {
     head: Option<Bytes>,
-    rest: Incoming,
+    /// `None` only once dropped.
+    rest: Option<Incoming>,
     checks: Vec<Box<dyn BodyCheck>>,
     fault: Fault,
 }
@@ -98,7 +99,7 @@ impl Streamed {
     pub fn new(head: Option<Bytes>, rest: Incoming, fault: Fault) -> Streamed {
         Streamed {
             head,
-            rest,
+            rest: Some(rest),
             checks: Vec::new(),
             fault,
         }
@@ -114,6 +115,45 @@ impl Streamed {
     }
 }
 
+/// How much of an upload is still read after the upstream stopped taking it (an early
+/// answer), so the client gets that answer instead of a reset.
+const DRAIN_BYTES: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Read and discard what is left of a client's upload, bounded in bytes and time, in the
+/// background: the client's connection (h1) or stream (h2) then ends cleanly after the answer.
+pub fn drain<B>(mut body: B, limit: usize, within: Duration)
+where
+    B: HttpBody + Send + Unpin + 'static,
+    B::Data: Send,
+{
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let drain = async {
+            let mut seen = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, bytes::Buf::remaining);
+                if seen > limit {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, drain).await;
+    });
+}
+
+impl Drop for Streamed {
+    /// The upstream answered before taking the whole body (or the action was refused): the
+    /// rest of the client's upload is drained, not left to reset the client.
+    fn drop(&mut self) {
+        if let Some(rest) = self.rest.take().filter(|r| !r.is_end_stream()) {
+            drain(rest, DRAIN_BYTES, DRAIN_TIME);
+        }
+    }
+}
+
 impl HttpBody for Streamed {
     type Data = Bytes;
     type Error = BoxError;
@@ -125,7 +165,10 @@ impl HttpBody for Streamed {
         if let Some(head) = self.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(head))));
         }
-        let frame = match Pin::new(&mut self.rest).poll_frame(cx) {
+        let Some(rest) = self.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match Pin::new(rest).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(e))) => return self.stop(unreadable(&e)),
             other => return other.map_err(|e| Box::new(e) as BoxError),
@@ -140,12 +183,16 @@ impl HttpBody for Streamed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_none() && self.rest.is_end_stream()
+        self.head.is_none() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         let buffered = self.head.as_ref().map_or(0, |h| h.len() as u64);
-        let rest = self.rest.size_hint();
+        let rest = self
+            .rest
+            .as_ref()
+            .map(HttpBody::size_hint)
+            .unwrap_or_default();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + buffered);
         if let Some(u) = rest.upper() {

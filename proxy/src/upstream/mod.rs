@@ -120,8 +120,100 @@ pub struct GuardedConnector {
     connect_timeout: Duration,
 }
 
+/// An upstream connection whose write side may die before its answer is read: an upstream
+/// that answers before reading the whole request body (a 401 to a large upload) and closes.
+/// The first broken-pipe or reset error on a write is taken as "the upstream stopped
+/// reading": the rest of the request is discarded instead of failing the exchange, so the
+/// client keeps reading and the upstream's answer reaches the agent (hyper would otherwise
+/// report the write error and lose the answer already on the wire). Reads are untouched: if
+/// no answer comes, the read side fails or ends and the request fails as before.
+pub struct UpstreamIo {
+    inner: TcpStream,
+    write_closed: bool,
+}
+
+impl UpstreamIo {
+    fn swallow(&mut self, r: io::Result<usize>, len: usize) -> io::Result<usize> {
+        match r {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                tracing::debug!(error = %e, "upstream stopped reading the request: the rest is discarded, its answer is still read");
+                self.write_closed = true;
+                Ok(len)
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Ok(data.len()));
+        }
+        let r = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, data));
+        Poll::Ready(self.swallow(r, data.len()))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if self.write_closed {
+            return Poll::Ready(Ok(len));
+        }
+        let r = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        Poll::Ready(self.swallow(r, len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        let r = std::task::ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        Poll::Ready(self.swallow(r.map(|()| 0), 0).map(|_| ()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for UpstreamIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
+}
+
 impl tower_service::Service<Uri> for GuardedConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamIo>;
     type Error = DialError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
 
@@ -141,7 +233,10 @@ impl tower_service::Service<Uri> for GuardedConnector {
                 _ => 443,
             });
             let s = dial(&this.guard, &host, port, this.connect_timeout).await?;
-            Ok(TokioIo::new(s))
+            Ok(TokioIo::new(UpstreamIo {
+                inner: s,
+                write_closed: false,
+            }))
         })
     }
 }
@@ -290,7 +385,18 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Rejection {
     } else {
         "upstream connection failed"
     };
-    Rejection::new(ErrorCode::UpstreamUnreachable, format!("{what}: {e}"))
+    // The innermost cause says what happened (hyper's own error reads "client error (...)").
+    let mut cause = std::error::Error::source(e);
+    let mut root = None;
+    while let Some(c) = cause {
+        root = Some(c);
+        cause = c.source();
+    }
+    let reason = match root {
+        Some(root) => format!("{what}: {e}: {root}"),
+        None => format!("{what}: {e}"),
+    };
+    Rejection::new(ErrorCode::UpstreamUnreachable, reason)
 }
 
 /// A rustls error, possibly nested in `io::Error`s (which hide their payload from `source()`:
