@@ -176,6 +176,9 @@ pub struct CredentialUse {
     pub secrets: Vec<Arc<crate::parse::secret::SecretValue>>,
     /// Encodings the proxy produced that hold a secret (a Basic token), redacted whole.
     pub produced: Vec<Arc<crate::parse::secret::SecretValue>>,
+    /// What the response is searched for: every form of `secrets` and `produced`, built once
+    /// when they were substituted.
+    pub needles: Option<Arc<crate::parse::redact::Needles>>,
     /// The request as it was just before its credentials were substituted (idempotent
     /// requests only): replayed once with fresh secrets if the upstream answers 401.
     pub before_substitution: Option<(http::request::Parts, RequestBody)>,

@@ -289,12 +289,14 @@ impl Filter for CredentialSubstitute {
 
     /// Echoes of the substituted secrets in response headers (every form, at byte level).
     fn response(&self, ctx: &mut Context, resp: &mut http::response::Parts) {
-        let needles = needles(ctx);
+        let Some(needles) = ctx.credentials.needles.as_deref() else {
+            return;
+        };
         if needles.is_empty() {
             return;
         }
         for value in resp.headers.values_mut() {
-            redact_header(&needles, value);
+            redact_header(needles, value);
         }
     }
 
@@ -343,7 +345,7 @@ impl Filter for CredentialSubstitute {
         resp: &http::response::Parts,
         _chain: &Chain,
     ) -> Option<Box<dyn BodyTransform>> {
-        let redactor = Redactor::new(needles(ctx))?;
+        let redactor = Redactor::new(ctx.credentials.needles.clone()?)?;
         Some(match content_encoding(&resp.headers) {
             Some(coding) => Box::new(CannotRead(format!(
                 "a response in Content-Encoding {coding} cannot be checked for echoed secrets"
@@ -464,13 +466,14 @@ impl CredentialSubstitute {
         }
         ctx.credentials.produced = produced;
         ctx.credentials.secrets = pairs.into_iter().map(|(_, s)| s).collect();
+        // Every form to look for on the way back, built once per substitution.
+        ctx.credentials.needles = Some(Arc::new(needles(&ctx.credentials)));
         Action::Continue
     }
 }
 
 /// Every form of the secrets this action substituted, and the encodings the proxy produced.
-fn needles(ctx: &Context) -> Needles {
-    let c = &ctx.credentials;
+fn needles(c: &crate::pipeline::CredentialUse) -> Needles {
     Needles::new(
         c.secrets.iter().map(|s| s.expose().as_bytes()),
         c.produced.iter().map(|s| s.expose().as_bytes()),
@@ -494,12 +497,12 @@ fn redact_header(needles: &Needles, value: &mut HeaderValue) {
 /// one). Trailers are redacted too.
 #[derive(Debug)]
 pub struct Redactor {
-    needles: Needles,
+    needles: Arc<Needles>,
     carry: Vec<u8>,
 }
 
 impl Redactor {
-    pub fn new(needles: Needles) -> Option<Redactor> {
+    pub fn new(needles: Arc<Needles>) -> Option<Redactor> {
         (!needles.is_empty()).then_some(Redactor {
             needles,
             carry: Vec::new(),
@@ -581,7 +584,7 @@ mod tests {
     #[test]
     fn redactor_works_across_chunks_and_holds_back_only_possible_prefixes() {
         let needles = Needles::new([&b"s3cr3t-value"[..]], []);
-        let mut r = Redactor::new(needles).unwrap();
+        let mut r = Redactor::new(Arc::new(needles)).unwrap();
         let mut out = r.push(b"echo: s3cr");
         assert_eq!(
             out, b"echo: ",
