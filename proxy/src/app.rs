@@ -297,17 +297,22 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             Err(e) => tracing::warn!(error = %e, "redis: cannot load the shared MCP tool pins"),
         }
         crate::replicas::share_pins(store, &pins);
+        // Identity revocations in force before the first handshake is accepted.
+        store.follow_revocations(verifier.trust()).await;
         let local = secrets.clone();
         store.spawn_listener(
-            move |name| {
-                let local = local.clone();
-                Box::pin(async move {
-                    if local.revoke_local(&name).await {
-                        tracing::info!(credential = %name, "revoked by a replica: cached value dropped");
-                    }
-                })
+            crate::replicas::Followers {
+                on_revoke: move |name: String| {
+                    let local = local.clone();
+                    Box::pin(async move {
+                        if local.revoke_local(&name).await {
+                            tracing::info!(credential = %name, "revoked by a replica: cached value dropped");
+                        }
+                    }) as futures_util::future::BoxFuture<'static, ()>
+                },
+                pins: pins.clone(),
+                trust: verifier.trust().clone(),
             },
-            pins.clone(),
             shutdown.clone(),
         );
     }

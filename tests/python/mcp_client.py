@@ -158,7 +158,11 @@ async def run(args, ops: list) -> None:
             for op in ops:
                 kind = op.get("op")
                 if kind == "list_tools":
-                    result = await session.list_tools()
+                    try:
+                        result = await session.list_tools()
+                    except Exception as e:  # noqa: BLE001 - reported to the test as is
+                        emit({"op": "list_tools", "error": f"{type(e).__name__}: {e}"})
+                        continue
                     emit({
                         "op": "list_tools",
                         "tools": [t.name for t in result.tools],

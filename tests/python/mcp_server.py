@@ -24,6 +24,7 @@ Elements of a JSON array body (batch) are recorded one per line with "batch": tr
 A body that is not JSON (or not a JSON object/array) is recorded as {"raw": "<text>"}.
 """
 import argparse
+import gzip
 import asyncio
 import json
 import sys
@@ -202,10 +203,53 @@ class RecordMiddleware:
             self.recorder.write({"raw": text, **extra})
 
 
+class ForceGzip:
+    """Compresses every JSON response whatever the request's Accept-Encoding says: a server that
+    ignores the proxy's request for an uncompressed answer (use with --json-response)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = None
+        streaming = False
+        body = bytearray()
+
+        async def compress(message):
+            nonlocal start, streaming
+            if message["type"] == "http.response.start":
+                types = [v for k, v in message["headers"] if k.lower() == b"content-type"]
+                streaming = any(b"text/event-stream" in v for v in types)
+                if streaming:  # an event stream is never complete: sent as is
+                    await send(message)
+                else:
+                    start = message
+                return
+            if streaming or message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            data = gzip.compress(bytes(body))
+            skip = (b"content-length", b"content-encoding")
+            headers = [(k, v) for k, v in start["headers"] if k.lower() not in skip]
+            headers += [(b"content-encoding", b"gzip"), (b"content-length", str(len(data)).encode())]
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+
+        await self.app(scope, receive, compress)
+
+
 async def serve(args) -> int:
     mcp = build_mcp(args.variant, args.json_response, args.event_store)
     inner = mcp.sse_app() if args.transport == "sse" else mcp.streamable_http_app()
     app = RecordMiddleware(inner, Recorder(args.record))
+    if args.gzip:
+        app = ForceGzip(app)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -245,6 +289,7 @@ def main() -> None:
     parser.add_argument("--json-response", action="store_true")
     parser.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
     parser.add_argument("--event-store", action="store_true")
+    parser.add_argument("--gzip", action="store_true", help="compress every response, whatever was asked")
     args = parser.parse_args()
     sys.exit(asyncio.run(serve(args)))
 

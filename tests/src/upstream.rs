@@ -134,9 +134,11 @@ async fn respond(
         path: req.uri().path().to_owned(),
         headers: req.headers().clone(),
     });
-    if req.uri().path() == "/echo" {
+    if matches!(req.uri().path(), "/echo" | "/gzip-echo") {
         // Echo what arrived (headers, query, body), in the body and in a header: lets tests
-        // check substitution upstream and redaction on the way back.
+        // check substitution upstream and redaction on the way back. `/gzip-echo` compresses
+        // it whatever the request's Accept-Encoding says (a server that ignores it).
+        let gzip = req.uri().path() == "/gzip-echo";
         let auth = req
             .headers()
             .get("authorization")
@@ -154,11 +156,16 @@ async fn respond(
             .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
             .unwrap_or_default();
         let echo = json!({"headers": headers, "query": query, "body": body}).to_string();
-        return Response::builder()
+        let resp = Response::builder()
             .header("content-type", "application/json")
-            .header("x-echo-authorization", auth)
-            .body(Full::new(Bytes::from(echo)))
-            .unwrap();
+            .header("x-echo-authorization", auth);
+        return match gzip {
+            true => resp
+                .header("content-encoding", "gzip")
+                .body(Full::new(Bytes::from(gzip_bytes(echo.as_bytes()))))
+                .unwrap(),
+            false => resp.body(Full::new(Bytes::from(echo))).unwrap(),
+        };
     }
     if req.uri().path() == "/echo-forms" {
         // Reflect the Authorization value and the query in the forms APIs and frameworks
@@ -224,6 +231,19 @@ async fn respond(
         .header("x-upstream-hop", "must-not-reach-client")
         .body(Full::new(Bytes::from(body)))
         .unwrap()
+}
+
+/// `gzip -c` (the system's gzip, as the MCP tests use it).
+pub fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = Command::new("gzip")
+        .arg("-c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    gz.stdin.take().unwrap().write_all(data).unwrap();
+    gz.wait_with_output().unwrap().stdout
 }
 
 fn echo_forms(req: &Request<Incoming>) -> Response<Full<Bytes>> {

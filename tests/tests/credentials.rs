@@ -710,3 +710,69 @@ async fn an_upstream_401_refreshes_the_secret_and_retries_idempotent_requests_on
             .count();
     assert_eq!(hits, 5, "no retries without a refresh");
 }
+
+/// A server that compresses whatever the request asks for (the proxy asks for `identity`
+/// wherever it must read the answer): an answer that must be searched for echoed secrets but
+/// arrives compressed is refused at its head (502 `unsupported_encoding`), never delivered
+/// unread and never cut off mid-body. Real curl and httpx (which asks for gzip by default);
+/// without a substituted credential the compressed answer passes as the server sent it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compressed_answer_that_must_be_inspected_is_refused() {
+    let s = setup().await;
+    let url = s.url("/gzip-echo?access_token=pcx_github");
+    let out = s
+        .curl(&[
+            "-H",
+            "Authorization: Bearer pcx_github",
+            "-H",
+            "accept-encoding: gzip",
+            &url,
+        ])
+        .await;
+    out.assert_refused(502, "unsupported_encoding");
+    let reason = out.json()["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("Content-Encoding gzip cannot be checked for echoed secrets"),
+        "{reason}"
+    );
+    assert_no_secret(&format!("{}\n{}", out.headers, out.body));
+    let seen = s.up.seen();
+    let sent = seen.last().unwrap();
+    assert_eq!(sent.headers["accept-encoding"], "identity");
+    assert_eq!(
+        sent.headers["authorization"],
+        format!("Bearer {GITHUB_SECRET}").as_str()
+    );
+
+    // httpx, with its default Accept-Encoding.
+    let run = tokio::process::Command::new(python())
+        .arg(python_script("httpx_agent.py"))
+        .arg(format!("https://{}", s.proxy.addr))
+        .arg(s.pki.path("acme-ca.pem"))
+        .arg(&s.agent.cert)
+        .arg(&s.agent.key)
+        .arg(s.pki.path("mitm-ca.pem"))
+        .arg(&url)
+        .arg(json!({"authorization": "Bearer pcx_github"}).to_string())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(run.status.success(), "{run:?}");
+    assert_no_secret(&stdout);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["status"], 502, "{v}");
+    assert_eq!(v["body"]["error"], "unsupported_encoding", "{v}");
+
+    // Nothing to search (no credential used): delivered compressed, as sent.
+    let plain = s.url("/gzip-echo");
+    let out = s.curl(&["--compressed", &plain]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.header("content-encoding").as_deref(), Some("gzip"));
+    assert!(out.json()["headers"].is_object(), "{out:?}");
+    // No body to read: a HEAD with a credential passes.
+    let out = s
+        .curl(&["-I", "-H", "Authorization: Bearer pcx_github", &url])
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+}

@@ -545,3 +545,144 @@ async fn an_intercepted_h2_connection_finishes_its_request_at_max_age() {
     let seen = h.up.seen();
     assert!(seen.iter().any(|s| s.path == "/slow"), "{seen:?}");
 }
+
+// === Identity revocation ===
+
+/// `openssl x509 -noout FLAGS -in cert`, the value after `=`.
+fn openssl_x509(cert: &std::path::Path, flags: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout"])
+        .args(flags)
+        .arg("-in")
+        .arg(cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.trim().rsplit_once('=').unwrap().1.to_owned()
+}
+
+/// `portcullis identity ARGS --admin ADDR`: (success, stdout, stderr).
+fn identity_cli(h: &Harness, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin())
+        .arg("identity")
+        .args(args)
+        .args(["--admin", &h.proxy.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+/// A SPIFFE ID revoked by path prefix with the CLI: the open connection's next request is
+/// refused (403 identity_revoked naming the revocation) and never forwarded, its tunnels
+/// close, new handshakes fail with the `certificate_revoked` alert; IDs outside the prefix are
+/// untouched; restoring lets the identity in again. Counted in `/metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_spiffe_id_is_refused_on_open_and_new_connections() {
+    let h = over_time(|_| {}).await;
+    let client = h.pki.client("r", "spiffe://acme.test/agents/r/1");
+    let mut intercepted = intercepted_tunnel(&h, &client).await;
+    let mut passthrough = passthrough_tunnel(&h, &client).await;
+    let mut conn = raw_tls(&h.pki, h.proxy.addr, &client).await;
+    conn.write_all(absolute_get(&h, "/before").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut conn).await.status, 200);
+
+    for bad in [
+        vec!["revoke", "--id", "spiffe://acme.test"],
+        vec!["revoke", "--prefix", "https://acme.test/agents"],
+        vec!["revoke", "--serial", "not-hex"],
+    ] {
+        let (ok, _, err) = identity_cli(&h, &bad);
+        assert!(!ok && !err.is_empty(), "{bad:?} was accepted");
+    }
+    let (ok, out, err) = identity_cli(
+        &h,
+        &[
+            "revoke",
+            "--prefix",
+            "spiffe://acme.test/agents/r/",
+            "--reason",
+            "key leaked",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("prefix:spiffe://acme.test/agents/r"), "{out}");
+
+    conn.write_all(absolute_get(&h, "/after").as_bytes())
+        .await
+        .unwrap();
+    let refused = read_response(&mut conn).await;
+    refused.assert_refused(403, "identity_revoked");
+    let reason = refused.json()["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("revoked by an operator: prefix:spiffe://acme.test/agents/r (key leaked)"),
+        "{reason}"
+    );
+    assert_closed("the proxy connection", &mut conn).await;
+    assert_closed("the intercepted tunnel", &mut intercepted).await;
+    assert_closed("the passthrough tunnel", &mut passthrough).await;
+    assert!(h.up.seen().iter().all(|s| s.path != "/after"));
+
+    let out = h.curl_as(&client, &[&h.url("/new")]).await;
+    assert!(!out.success && out.status != 200, "{out:?}");
+    assert!(out.stderr.contains("revoked"), "{}", out.stderr);
+    // A sibling outside the prefix, on a segment boundary.
+    let sibling = h.pki.client("r2", "spiffe://acme.test/agents/r2");
+    assert_eq!(h.curl_as(&sibling, &[&h.url("/sibling")]).await.status, 200);
+    assert!(
+        h.proxy
+            .metric("portcullis_identity_revoked_handshakes_total")
+            .await
+            >= 1
+    );
+    assert!(
+        h.proxy
+            .metric("portcullis_identity_revoked_connections_total")
+            .await
+            >= 1
+    );
+    assert_eq!(h.proxy.metric("portcullis_identity_revocations").await, 1);
+
+    let (ok, listed, _) = identity_cli(&h, &["list"]);
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["selector"], "prefix:spiffe://acme.test/agents/r");
+    assert_eq!(listed[0]["reason"], "key leaked");
+
+    let (ok, _, err) = identity_cli(&h, &["restore", "--prefix", "spiffe://acme.test/agents/r"]);
+    assert!(ok, "{err}");
+    assert_eq!(h.curl_as(&client, &[&h.url("/restored")]).await.status, 200);
+    let (ok, _, err) = identity_cli(&h, &["restore", "--prefix", "spiffe://acme.test/agents/r"]);
+    assert!(!ok && err.contains("is not revoked"), "{err}");
+}
+
+/// One certificate revoked by its serial or its SHA-256 fingerprint, as `openssl x509` prints
+/// them: that certificate is refused, another SVID for the same SPIFFE ID is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_certificate_is_refused_by_serial_or_fingerprint() {
+    let h = over_time(|_| {}).await;
+    let flags: [(&[&str], &str); 2] = [
+        (&["-serial"], "--serial"),
+        (&["-fingerprint", "-sha256"], "--sha256"),
+    ];
+    for (flags, kind) in flags {
+        let old = h.pki.client("old", "spiffe://acme.test/agents/c");
+        let value = openssl_x509(&old.cert, flags);
+        let (ok, _, err) = identity_cli(&h, &["revoke", kind, &value]);
+        assert!(ok, "{kind} {value}: {err}");
+        let out = h.curl_as(&old, &[&h.url("/old")]).await;
+        assert!(!out.success, "{kind}: {out:?}");
+        assert!(out.stderr.contains("revoked"), "{kind}: {}", out.stderr);
+        let new = h.pki.client("new", "spiffe://acme.test/agents/c");
+        assert_eq!(
+            h.curl_as(&new, &[&h.url("/new")]).await.status,
+            200,
+            "{kind}"
+        );
+        let (ok, _, err) = identity_cli(&h, &["restore", kind, &value]);
+        assert!(ok, "{kind}: {err}");
+    }
+}

@@ -285,6 +285,41 @@ async fn tools_list_is_filtered_in_json_responses_too() {
     assert_eq!(tools, ["search_issues", "slow_progress"], "{r:?}");
 }
 
+/// An SDK server that compresses its answers although the proxy asked for `identity`: a
+/// `tools/list` answer the proxy must filter cannot be read, so the client gets it as the
+/// JSON-RPC error of its request (the session goes on), never the unfiltered list; what needs
+/// no filtering (initialize) passes compressed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compressed_tools_list_is_refused_not_passed_unfiltered() {
+    let Harness { pki, proxy, .. } = Harness::builder().policy(POLICY).start().await;
+    let port = free_addr().port();
+    let server = McpServer::start_with(&pki, port, "v1", &["--json-response", "--gzip"]);
+    let intern = pki.client("intern", "spiffe://acme.test/agents/intern");
+    let ops = json!([
+        {"op": "list_tools"},
+        {"op": "call", "tool": "search_issues", "args": {"query": "x"}},
+    ]);
+    let r = mcp_client_via(&pki, &server, &proxy, &intern, ops).await;
+    assert!(r[0]["tools"].is_null(), "an unfiltered list passed: {r:?}");
+    let error = r[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("McpError") && error.contains("Content-Encoding gzip cannot be filtered"),
+        "{r:?}"
+    );
+    // The SDK lists the tools itself after a call (to validate its result): refused alike.
+    assert_eq!(r[1]["is_error"], true, "{r:?}");
+    assert!(
+        r[1]["error"]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be filtered"),
+        "{r:?}"
+    );
+    // Both lists, logged as refusals (answered as JSON-RPC errors in an HTTP 200).
+    let refused = proxy.wait_access(2, |e| e["error"] == "unsupported_encoding");
+    assert!(refused.iter().all(|e| e["status"] == 200), "{refused:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_progress_is_streamed_not_buffered() {
     let s = setup(|_| {}).await;
@@ -470,15 +505,7 @@ async fn a_tool_call_is_decided_whatever_its_label_and_refused_where_unreadable(
     }
 
     // Compressed: the bytes are not what the server parses.
-    let mut gz = std::process::Command::new("gzip")
-        .arg("-c")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(gz.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
-    drop(gz.stdin.take());
-    let gzipped = gz.wait_with_output().unwrap().stdout;
+    let gzipped = gzip_bytes(body.as_bytes());
     let headers = ["content-type: application/json", "content-encoding: gzip"];
     let out = post_as(&s, &research, &headers, &gzipped).await;
     out.assert_refused(415, "unsupported_encoding");

@@ -245,3 +245,87 @@ async fn redis_config_errors_are_precise() {
         assert!(!err.contains("hunter2"), "the password leaked: {err}");
     }
 }
+
+/// An identity revoked on one replica is refused by the other (announced through Redis) and by
+/// a replica started later (persisted in Redis); restoring it on either lifts it everywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_revocations_reach_every_replica_and_outlive_them() {
+    let redis = RedisServer::start();
+    let oauth = OAuthServer::start(3600);
+    let r = replicas(&redis.url(), &client_credentials(&oauth)).await;
+    let url = format!("https://localhost:{}/ok", r.up.port());
+    let args = [url.as_str()];
+    let get = |proxy: &Proxy| curl(&r.pki, proxy.addr, Some(&r.agent), &args);
+    assert_eq!(get(&r.b).await.status, 200);
+
+    let cli = |proxy: &Proxy, args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .arg("identity")
+            .args(args)
+            .args(["--admin", &proxy.admin.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    cli(
+        &r.a,
+        &["revoke", "--id", "spiffe://acme.test/agents/research"],
+    );
+    r.b.logs.wait_for("B follows A's revocation", |l| {
+        l.contains("identity revocations updated from redis")
+    });
+    let out = get(&r.b).await;
+    assert!(!out.success && out.stderr.contains("revoked"), "{out:?}");
+    assert_eq!(r.b.metric("portcullis_identity_revocations").await, 1);
+
+    let config = r.pki.path("config.yaml");
+    let c = Proxy::start_with_env(&config, &env());
+    let out = get(&c).await;
+    assert!(!out.success && out.stderr.contains("revoked"), "{out:?}");
+
+    cli(
+        &r.b,
+        &["restore", "--id", "spiffe://acme.test/agents/research"],
+    );
+    assert_eq!(
+        r.a.wait_metric("portcullis_identity_revocations", |n| n == 0)
+            .await,
+        0
+    );
+    assert_eq!(
+        c.wait_metric("portcullis_identity_revocations", |n| n == 0)
+            .await,
+        0
+    );
+    for p in [&r.a, &r.b, &c] {
+        assert_eq!(get(p).await.status, 200);
+    }
+}
+
+/// An upstream that answers 401 to every credential, called through both replicas: the
+/// refresh on a 401 is claimed in Redis, so the replicas together ask the token endpoint for one
+/// new token per `refresh_interval`, however many 401s they see (no fetch storm).
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_401s_on_both_replicas_cause_one_refresh_between_them() {
+    let redis = RedisServer::start();
+    let oauth = OAuthServer::start(3600);
+    let r = replicas(&redis.url(), &client_credentials(&oauth)).await;
+    let url = format!("https://localhost:{}/always-401", r.up.port());
+    let args = ["-H", "Authorization: Bearer pcx_saas", url.as_str()];
+    for i in 0..8 {
+        let proxy = if i % 2 == 0 { &r.a } else { &r.b };
+        let out = curl(&r.pki, proxy.addr, Some(&r.agent), &args).await;
+        assert_eq!(out.status, 401, "{out:?}");
+    }
+    assert_eq!(
+        oauth.tokens().len(),
+        2,
+        "the first token and one refresh, for both replicas and 8 rejections"
+    );
+    let hits =
+        r.up.seen()
+            .iter()
+            .filter(|s| s.path == "/always-401")
+            .count();
+    assert_eq!(hits, 9, "8 requests and the one retry after the refresh");
+}

@@ -423,6 +423,23 @@ pub fn validity_window(der: &[u8]) -> Result<(i64, i64), SvidError> {
     ))
 }
 
+/// The certificate's serial number in lowercase hex without leading zeros (as
+/// `openssl x509 -serial` prints it, case aside).
+pub fn serial_hex(der: &[u8]) -> Result<String, SvidError> {
+    let cert = parse_cert(der)?;
+    let hex: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let trimmed = hex.trim_start_matches('0');
+    Ok(if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
+    })
+}
+
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     let (rest, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| SvidError::Malformed(e.to_string()))?;

@@ -49,6 +49,30 @@ pub struct McpRequest {
     pub protocol_version: Option<String>,
 }
 
+impl McpRequest {
+    /// The JSON-RPC answer refusing this request: every request id answered with an error
+    /// (`reason_of(id)`), notifications dropped.
+    pub fn refusal<'a>(
+        &self,
+        reason_of: impl Fn(&Value) -> &'a str,
+        trace_id: &str,
+    ) -> crate::error::JsonRpcAnswer {
+        let responses = self
+            .messages
+            .iter()
+            .filter(|m| m.method.is_some())
+            .filter_map(|m| {
+                let id = m.id.as_ref()?;
+                Some(error_response(id, reason_of(id), trace_id))
+            })
+            .collect();
+        crate::error::JsonRpcAnswer {
+            responses,
+            batch: self.batch,
+        }
+    }
+}
+
 /// Why a body is not JSON-RPC.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotJsonRpc {

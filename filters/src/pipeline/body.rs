@@ -34,6 +34,13 @@ pub trait BodyTransform: Send + Sync + 'static {
     fn poll_insert(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Option<Bytes>> {
         Poll::Pending
     }
+
+    /// Why this transform cannot read any non-empty body ([`CannotRead`]): known at the
+    /// response head, so the proxy refuses there with a clear error instead of starting a
+    /// response it would have to cut off.
+    fn refuses(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// One filter's view of the streamed rest of a request body.
@@ -64,8 +71,10 @@ pub fn content_encoding(headers: &http::HeaderMap) -> Option<String> {
     (!codings.is_empty()).then(|| codings.join(", "))
 }
 
-/// The transform for a body a filter must read but cannot: the response ends with an error
-/// at its first byte, so nothing passes unread. An empty body passes.
+/// The transform for a body a filter must read but cannot. At a response head the proxy
+/// refuses the response (see [`BodyTransform::refuses`]); where a body is already under way
+/// (an event on a stream) it ends with an error at its first byte, so nothing passes unread.
+/// An empty body passes.
 pub struct CannotRead(pub String);
 
 impl BodyTransform for CannotRead {
@@ -74,6 +83,10 @@ impl BodyTransform for CannotRead {
             true => Ok(chunk),
             false => Err(TransformError(self.0.clone())),
         }
+    }
+
+    fn refuses(&self) -> Option<&str> {
+        Some(&self.0)
     }
 }
 
@@ -88,6 +101,11 @@ impl Transforms {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The first transform's reason not to read any body, if one has such a reason.
+    pub fn refusal(&self) -> Option<&str> {
+        self.0.iter().find_map(|t| t.refuses())
     }
 
     /// Run `bytes` through the transforms from index `from` on.

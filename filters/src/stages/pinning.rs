@@ -12,8 +12,7 @@ use std::sync::Mutex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
-use crate::parse::jsonrpc as mcp;
+use crate::error::{ErrorCode, Rejection};
 use crate::pipeline::{Action, BodyTransform, Chain, Context, Filter};
 use crate::stages::mcp::EditMessages;
 
@@ -339,18 +338,9 @@ impl Filter for ToolPinning {
             "tool definition changed since it was pinned ({}); an operator must accept it",
             changed.join(", ")
         );
-        let trace = ctx.trace.id.to_string();
-        let responses = req
-            .messages
-            .iter()
-            .filter(|m| m.method.is_some())
-            .filter_map(|m| Some(mcp::error_response(m.id.as_ref()?, &reason, &trace)))
-            .collect();
-        let mut rej = Rejection::new(ErrorCode::PolicyDenied, reason);
-        rej.jsonrpc = Some(JsonRpcAnswer {
-            responses,
-            batch: req.batch,
-        });
+        let answer = req.refusal(|_| &reason, &ctx.trace.id.to_string());
+        let mut rej = Rejection::new(ErrorCode::PolicyDenied, reason.clone());
+        rej.jsonrpc = Some(answer);
         Action::Respond(rej)
     }
 

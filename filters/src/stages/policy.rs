@@ -10,7 +10,7 @@ use portcullis_policy::{
 };
 use serde_json::Value;
 
-use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
+use crate::error::{ErrorCode, Rejection};
 use crate::parse::jsonrpc::{self as mcp, McpRequest};
 use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
@@ -206,21 +206,8 @@ fn jsonrpc_refusal<'a>(
     deny: &Decision,
     reason_of: impl Fn(&Value) -> &'a str,
 ) -> Rejection {
-    let trace = ctx.trace.id.to_string();
-    let responses = mcp
-        .messages
-        .iter()
-        .filter(|m| m.method.is_some())
-        .filter_map(|m| {
-            let id = m.id.as_ref()?;
-            Some(mcp::error_response(id, reason_of(id), &trace))
-        })
-        .collect();
     let mut rej = rejection(deny);
-    rej.jsonrpc = Some(JsonRpcAnswer {
-        responses,
-        batch: mcp.batch,
-    });
+    rej.jsonrpc = Some(mcp.refusal(reason_of, &ctx.trace.id.to_string()));
     rej
 }
 

@@ -71,6 +71,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CredentialsCommand,
     },
+    /// Identity revocation on a running proxy (through its admin listener): a revoked SPIFFE
+    /// ID or certificate fails new handshakes and the next request of open connections.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Local connector: a plain HTTP proxy on loopback (HTTPS_PROXY=http://127.0.0.1:15001)
     /// that carries each client connection to the central Portcullis over mTLS with this
     /// workload's SVID.
@@ -158,12 +164,78 @@ pub enum CredentialsCommand {
     /// Drop the cached value of a credential, so the next use fetches it again.
     Revoke {
         name: String,
-        /// The proxy's admin listener.
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        admin: SocketAddr,
-        /// The admin token (`env:NAME` or `file:PATH`), when the proxy has `admin_token`.
-        #[arg(long)]
-        admin_token: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Where the admin listener is, and how to authenticate to it.
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    /// The proxy's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    /// The admin token (`env:NAME` or `file:PATH`), when the proxy has `admin_token`.
+    #[arg(long)]
+    pub admin_token: Option<String>,
+}
+
+/// One revocation selector.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("selector").required(true).args(["id", "prefix", "serial", "sha256"])))]
+pub struct SelectorArgs {
+    /// Exactly this SPIFFE ID.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// This SPIFFE ID and every ID under it (path-segment boundaries; a trust-domain ID
+    /// covers the whole trust domain).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// A certificate's serial number, hex (leaf or intermediate).
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// A certificate's SHA-256 fingerprint, hex (colons allowed).
+    #[arg(long)]
+    pub sha256: Option<String>,
+}
+
+impl SelectorArgs {
+    fn pair(&self) -> (&'static str, &str) {
+        let all = [
+            ("id", &self.id),
+            ("prefix", &self.prefix),
+            ("serial", &self.serial),
+            ("sha256", &self.sha256),
+        ];
+        all.into_iter()
+            .find_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+            .unwrap_or(("id", ""))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IdentityCommand {
+    /// Revoke an identity on every replica (with Redis) until restored.
+    Revoke {
+        #[command(flatten)]
+        selector: SelectorArgs,
+        /// Why (kept with the revocation, shown in refusals).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lift a revocation.
+    Restore {
+        #[command(flatten)]
+        selector: SelectorArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the revocations in force (JSON).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -303,13 +375,14 @@ async fn run(cmd: Command) -> ExitCode {
             command: PolicyCommand::Test { paths },
         } => policy_test(&paths),
         Command::Credentials {
-            command:
-                CredentialsCommand::Revoke {
-                    name,
-                    admin,
-                    admin_token,
-                },
-        } => revoke(&name, admin, admin_token.as_deref()).await,
+            command: CredentialsCommand::Revoke { name, admin },
+        } => {
+            let query = form_urlencoded::Serializer::new(String::new())
+                .append_pair("name", &name)
+                .finish();
+            admin_call(&admin, "POST", &format!("/credentials/revoke?{query}")).await
+        }
+        Command::Identity { command } => identity(command).await,
         Command::Connect(args) => connect(args).await,
         Command::Ca {
             command:
@@ -379,13 +452,42 @@ async fn connect(args: ConnectArgs) -> ExitCode {
     }
 }
 
-/// `POST /credentials/revoke` on the admin listener.
-async fn revoke(name: &str, admin: SocketAddr, token: Option<&str>) -> ExitCode {
+/// `portcullis identity …`: the admin API's `/identity/…` endpoints.
+async fn identity(cmd: IdentityCommand) -> ExitCode {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    let (path, admin) = match &cmd {
+        IdentityCommand::Revoke {
+            selector,
+            reason,
+            admin,
+        } => {
+            let (kind, value) = selector.pair();
+            query.append_pair(kind, value).append_pair("reason", reason);
+            ("/identity/revoke", admin)
+        }
+        IdentityCommand::Restore { selector, admin } => {
+            let (kind, value) = selector.pair();
+            query.append_pair(kind, value);
+            ("/identity/restore", admin)
+        }
+        IdentityCommand::List { admin } => {
+            return admin_call(admin, "GET", "/identity/revocations").await;
+        }
+    };
+    admin_call(admin, "POST", &format!("{path}?{}", query.finish())).await
+}
+
+/// One request to the admin listener; its answer's body goes to stdout on success (exit 0)
+/// and to the log otherwise (exit 1).
+#[allow(clippy::print_stdout)] // the answer is this command's output
+async fn admin_call(to: &AdminArgs, method: &str, path_and_query: &str) -> ExitCode {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let query: String = form_urlencoded::Serializer::new(String::new())
-        .append_pair("name", name)
-        .finish();
-    let auth = match token.map(|t| crate::config::SecretRef::try_from(t.to_owned())) {
+    let admin = to.admin;
+    let auth = match to
+        .admin_token
+        .as_ref()
+        .map(|t| crate::config::SecretRef::try_from(t.clone()))
+    {
         None => String::new(),
         Some(Err(e)) => return fail(2, format!("--admin-token {e}")),
         Some(Ok(r)) => match r.resolve() {
@@ -396,27 +498,26 @@ async fn revoke(name: &str, admin: SocketAddr, token: Option<&str>) -> ExitCode 
     let run = async {
         let mut s = tokio::net::TcpStream::connect(admin).await?;
         let req = format!(
-            "POST /credentials/revoke?{query} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path_and_query} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await?;
         let mut out = String::new();
         s.read_to_string(&mut out).await?;
         Ok::<_, std::io::Error>(out)
     };
-    match tokio::time::timeout(Duration::from_secs(10), run).await {
-        Ok(Ok(out)) if out.starts_with("HTTP/1.1 200") => {
-            tracing::info!(credential = name, "revoked");
-            ExitCode::SUCCESS
-        }
-        Ok(Ok(out)) => fail(
-            1,
-            out.split("\r\n\r\n")
-                .nth(1)
-                .unwrap_or("revoke failed")
-                .trim(),
-        ),
-        Ok(Err(e)) => fail(1, format!("admin listener {admin}: {e}")),
-        Err(_) => fail(1, format!("admin listener {admin} did not answer")),
+    let out = match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return fail(1, format!("admin listener {admin}: {e}")),
+        Err(_) => return fail(1, format!("admin listener {admin} did not answer")),
+    };
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    if out.starts_with("HTTP/1.1 200") {
+        println!("{body}");
+        ExitCode::SUCCESS
+    } else if body.is_empty() {
+        fail(1, out.lines().next().unwrap_or("no answer"))
+    } else {
+        fail(1, body)
     }
 }
 

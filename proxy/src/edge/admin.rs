@@ -1,5 +1,6 @@
-//! The admin listener (plain HTTP, bind it to loopback): `/healthz` (process up), `/readyz`
-//! (listeners, certificates and bundles loaded), `/metrics` (Prometheus text).
+//! The admin listener (plain HTTP, bind it to loopback or set `admin_token`): `/healthz`
+//! (process up), `/readyz` (listeners, certificates and bundles loaded), `/metrics`
+//! (Prometheus text), credential and identity revocation, MCP tool pins.
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -13,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::credentials::LocalSecrets;
+use crate::edge::revocation::{Record, Selector, KINDS};
+use crate::edge::tls::Trust;
 use crate::http::error::full;
 use crate::http::mitm::LeafStats;
 use crate::http::Shared;
@@ -67,6 +70,9 @@ pub async fn serve(
                     {
                         return Ok::<_, Infallible>(revoke(&req, &shared).await);
                     }
+                    if req.uri().path().starts_with("/identity/") {
+                        return Ok::<_, Infallible>(identity(&req, &shared).await);
+                    }
                     Ok::<_, Infallible>(route(&req, &status, &shared))
                 }
             });
@@ -117,6 +123,84 @@ async fn revoke(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
     }
 }
 
+/// Identity revocations: `GET /identity/revocations`, and `POST /identity/revoke` or
+/// `/identity/restore` with one selector (`?id=`, `?prefix=`, `?serial=` or `?sha256=`; revoke
+/// also takes `&reason=`). Applied here at once; with Redis, stored and announced to the other
+/// replicas (a failure to share answers 502: in force on this replica only).
+async fn identity(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+    let trust = shared.verifier.trust();
+    let post = req.method() == http::Method::POST;
+    let path = req.uri().path();
+    if path == "/identity/revocations" && req.method() == http::Method::GET {
+        let all: Vec<_> = trust.revocations().records().cloned().collect();
+        return json(StatusCode::OK, &serde_json::json!(all));
+    }
+    if !post || !matches!(path, "/identity/revoke" | "/identity/restore") {
+        return text(StatusCode::NOT_FOUND, "not found\n".into());
+    }
+    let q = query(req);
+    let given: Vec<_> = KINDS
+        .iter()
+        .filter_map(|k| q.get(*k).map(|v| (*k, v)))
+        .collect();
+    let selector = match given.as_slice() {
+        [(kind, value)] => Selector::parse(kind, value),
+        _ => Err(format!("give exactly one of ?{}=", KINDS.join("=, ?"))),
+    };
+    let selector = match selector {
+        Ok(s) => s,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let store = shared.ops.secrets.shared();
+    if path == "/identity/revoke" {
+        let reason = q.get("reason").map_or("", String::as_str);
+        let record = Record::new(&selector, reason, std::time::SystemTime::now());
+        trust.revoke(selector, record.clone());
+        tracing::info!(revocation = %record.selector, reason = %record.reason,
+            "operator revoked an identity");
+        let shared_err = match store {
+            Some(store) => store.share_revocation(&record).await.err(),
+            None => None,
+        };
+        return match shared_err {
+            None => json(StatusCode::OK, &record),
+            Some(e) => text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "revoked {} on this replica only: redis: {e}\n",
+                    record.selector
+                ),
+            ),
+        };
+    }
+    if !trust.restore(&selector) && store.is_none() {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("{selector} is not revoked\n"),
+        );
+    }
+    tracing::info!(revocation = %selector, "operator restored an identity");
+    match store {
+        Some(store) => match store.share_restore(&selector).await {
+            Ok(()) => text(StatusCode::OK, format!("restored {selector}\n")),
+            Err(e) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("restored {selector} on this replica only: redis: {e}\n"),
+            ),
+        },
+        None => text(StatusCode::OK, format!("restored {selector}\n")),
+    }
+}
+
+fn json(code: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let mut r = text(code, serde_json::to_string(value).unwrap_or_default());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<Body> {
     let leaf = &shared.mitm.stats;
     match req.uri().path() {
@@ -124,7 +208,7 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         "/metrics" => {
-            let mut out = metrics(status, leaf, &shared.ops.secrets);
+            let mut out = metrics(status, leaf, &shared.ops.secrets, shared.verifier.trust());
             shared.ops.metrics.render(&mut out);
             let _ = writeln!(
                 out,
@@ -173,12 +257,27 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
     }
 }
 
-fn metrics(status: &Status, leaf: &LeafStats, secrets: &LocalSecrets) -> String {
+fn metrics(status: &Status, leaf: &LeafStats, secrets: &LocalSecrets, trust: &Trust) -> String {
     let mut out = String::new();
     let redis_errors = secrets
         .shared()
         .map_or(0, |s| s.errors.load(Ordering::Relaxed));
     let rows = [
+        (
+            "portcullis_identity_revocations",
+            "gauge",
+            trust.revocations().len() as u64,
+        ),
+        (
+            "portcullis_identity_revoked_handshakes_total",
+            "counter",
+            trust.refused_handshakes.load(Ordering::Relaxed),
+        ),
+        (
+            "portcullis_identity_revoked_connections_total",
+            "counter",
+            trust.closed_connections.load(Ordering::Relaxed),
+        ),
         (
             "portcullis_credential_fetches_total",
             "counter",

@@ -15,15 +15,17 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::edge::tls::{rejection_reason, verified_window, SpiffeVerifier};
+use crate::edge::tls::{rejection_reason, verified_window, Refusal, SpiffeVerifier};
 
 /// Why a connection's identity stopped holding, or its time is up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum End {
     /// Past the notAfter of the SVID (or of an intermediate the client sent).
     Expired { not_after: i64 },
-    /// The chain no longer verifies against the trust bundles served now.
+    /// An operator revoked the identity (the revocation's selector and reason).
     Revoked(String),
+    /// The chain no longer verifies against the trust bundles served now.
+    Untrusted(String),
     /// `limits.max_connection_age` reached.
     MaxAge,
 }
@@ -42,6 +44,10 @@ impl End {
             ),
             End::Revoked(why) => (
                 ErrorCode::IdentityRevoked,
+                format!("the client identity was revoked by an operator: {why}"),
+            ),
+            End::Untrusted(why) => (
+                ErrorCode::IdentityRevoked,
                 format!("the client SVID no longer verifies against the trust bundles: {why}"),
             ),
             End::MaxAge => return None,
@@ -56,7 +62,8 @@ impl fmt::Display for End {
             End::Expired { not_after } => {
                 write!(f, "client SVID expired at {}", rfc3339(*not_after))
             }
-            End::Revoked(why) => write!(f, "client SVID no longer verifies: {why}"),
+            End::Revoked(why) => write!(f, "client identity revoked: {why}"),
+            End::Untrusted(why) => write!(f, "client SVID no longer verifies: {why}"),
             End::MaxAge => f.write_str("limits.max_connection_age reached"),
         }
     }
@@ -76,8 +83,8 @@ pub struct Lifetime {
     expires_at: Instant,
     /// When `limits.max_connection_age` is reached.
     max_age_at: Instant,
-    /// The trust store generation the chain last verified against; 0: not yet on this
-    /// connection (the first request re-verifies, from the verifier's cache).
+    /// The trust epoch (store and revocations) the chain last verified against; 0: not yet
+    /// on this connection (the first request re-verifies, from the verifier's cache).
     verified: AtomicU64,
     /// Cancelled when a request finds the identity gone (`ended` says why): the connection
     /// and its tunnels close.
@@ -117,7 +124,12 @@ impl Lifetime {
     pub fn check(&self, now: SystemTime) -> Result<(), End> {
         let r = self.holds(now);
         if let Err(end) = &r {
-            let _ = self.ended.set(end.clone());
+            if self.ended.set(end.clone()).is_ok() && matches!(end, End::Revoked(_)) {
+                self.verifier
+                    .trust()
+                    .closed_connections
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             self.closing.cancel();
         }
         r
@@ -130,25 +142,28 @@ impl Lifetime {
                 not_after: self.not_after,
             });
         }
-        let store = self.verifier.trust().load();
-        if self.verified.load(Ordering::Acquire) == store.generation() {
+        let trust = self.verifier.trust();
+        if self.verified.load(Ordering::Acquire) == trust.epoch() {
             return Ok(());
         }
         let (leaf, intermediates) = self
             .chain
             .split_first()
-            .ok_or_else(|| End::Revoked("no client certificate".into()))?;
+            .ok_or_else(|| End::Untrusted("no client certificate".into()))?;
         let at = UnixTime::since_unix_epoch(Duration::from_secs(secs));
         match self.verifier.verify_chain(leaf, intermediates, at) {
-            Ok(generation) => {
-                self.verified.store(generation, Ordering::Release);
+            Ok(epoch) => {
+                self.verified.store(epoch, Ordering::Release);
                 Ok(())
             }
-            Err(_) if !store.trusts(&self.trust_domain) => Err(End::Revoked(format!(
-                "trust domain {} is no longer trusted",
-                self.trust_domain
-            ))),
-            Err(e) => Err(End::Revoked(format!(
+            Err(Refusal::Revoked(r)) => Err(End::Revoked(format!("{} ({})", r.selector, r.reason))),
+            Err(Refusal::Chain(_)) if !trust.load().trusts(&self.trust_domain) => {
+                Err(End::Untrusted(format!(
+                    "trust domain {} is no longer trusted",
+                    self.trust_domain
+                )))
+            }
+            Err(Refusal::Chain(e)) => Err(End::Untrusted(format!(
                 "its chain does not verify to the current bundle of {} ({})",
                 self.trust_domain,
                 rejection_reason(&e)
@@ -190,7 +205,7 @@ impl Lifetime {
     }
 }
 
-fn rfc3339(unix: i64) -> String {
+pub(crate) fn rfc3339(unix: i64) -> String {
     match time::OffsetDateTime::from_unix_timestamp(unix) {
         Ok(t) => format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -285,7 +300,7 @@ mod tests {
         s.trust.replace(store(&[("acme.test", &other)]));
         let end = s.lifetime.check(now).unwrap_err();
         assert!(
-            matches!(&end, End::Revoked(why) if why.contains("UnknownIssuer")),
+            matches!(&end, End::Untrusted(why) if why.contains("UnknownIssuer")),
             "{end:?}"
         );
         assert_eq!(end.rejection().unwrap().code, ErrorCode::IdentityRevoked);
@@ -293,7 +308,7 @@ mod tests {
         s.trust.replace(store(&[("other.test", &other)]));
         let end = s.lifetime.check(now).unwrap_err();
         assert!(
-            matches!(&end, End::Revoked(why) if why.contains("acme.test is no longer trusted")),
+            matches!(&end, End::Untrusted(why) if why.contains("acme.test is no longer trusted")),
             "{end:?}"
         );
     }
@@ -339,7 +354,7 @@ mod tests {
             .unwrap();
         swap.await.unwrap();
         assert!(
-            matches!(&end, End::Revoked(why) if why.contains("acme.test is no longer trusted")),
+            matches!(&end, End::Untrusted(why) if why.contains("acme.test is no longer trusted")),
             "{end:?}"
         );
     }

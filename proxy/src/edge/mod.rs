@@ -4,5 +4,6 @@
 pub(crate) mod admin;
 pub(crate) mod lifetime;
 pub(crate) mod listener;
+pub(crate) mod revocation;
 pub(crate) mod slots;
 pub(crate) mod tls;

@@ -8,7 +8,8 @@ use crate::certs::{load_certs, provider};
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -22,6 +23,8 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCer
 use rustls::{OtherError, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::sync::watch;
+
+use super::revocation::{Record, Revocations, Selector, Subject};
 
 /// The proxy's own server certificate, swapped in place when its files change or the Workload
 /// API rotates it. Empty until the first SVID arrives from the Workload API: a handshake then
@@ -70,21 +73,33 @@ pub struct TrustStore {
     generation: u64,
 }
 
-static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
-/// The trust store being served, swapped whole by reloads, and a signal carrying the new
-/// store's generation: open connections and tunnels re-check their chain when it moves.
+/// The trust store being served, swapped whole by reloads, the identity revocations in force,
+/// and a signal carrying the epoch that moves on every change of either: open connections and
+/// tunnels re-check their chain when it moves.
 pub struct Trust {
     store: ArcSwap<TrustStore>,
+    revoked: ArcSwap<Revocations>,
+    /// Serializes revocation changes (each is a copy-and-swap of the whole set).
+    revoking: Mutex<()>,
+    epoch: AtomicU64,
     changed: watch::Sender<u64>,
+    /// Refusals because of a revocation.
+    pub refused_handshakes: AtomicU64,
+    pub closed_connections: AtomicU64,
 }
 
 impl Trust {
     pub fn new(store: TrustStore) -> Arc<Trust> {
-        let generation = store.generation;
         Arc::new(Trust {
             store: ArcSwap::from_pointee(store),
-            changed: watch::Sender::new(generation),
+            revoked: ArcSwap::from_pointee(Revocations::default()),
+            revoking: Mutex::new(()),
+            epoch: AtomicU64::new(1),
+            changed: watch::Sender::new(1),
+            refused_handshakes: AtomicU64::new(0),
+            closed_connections: AtomicU64::new(0),
         })
     }
 
@@ -92,16 +107,60 @@ impl Trust {
         self.store.load()
     }
 
-    /// Serve `store` from now on, and tell whoever watches.
-    pub fn replace(&self, store: TrustStore) {
-        let generation = store.generation;
-        self.store.store(Arc::new(store));
-        self.changed.send_replace(generation);
+    /// Moves on every change of the store or of the revocations (never 0).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
-    /// Notified on every [`Trust::replace`] (the value is the new generation).
+    fn changed(&self) {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changed.send_replace(epoch);
+    }
+
+    /// Serve `store` from now on, and tell whoever watches.
+    pub fn replace(&self, store: TrustStore) {
+        self.store.store(Arc::new(store));
+        self.changed();
+    }
+
+    /// Notified on every change (the value is the new epoch).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    pub fn revocations(&self) -> arc_swap::Guard<Arc<Revocations>> {
+        self.revoked.load()
+    }
+
+    /// Revoke (or update the record of) `selector`.
+    pub fn revoke(&self, selector: Selector, record: Record) {
+        let _one = self.revoking.lock().unwrap_or_else(|p| p.into_inner());
+        let next = self.revoked.load().with(selector, record);
+        self.revoked.store(Arc::new(next));
+        self.changed();
+    }
+
+    /// Lift `selector`'s revocation; false if there was none.
+    pub fn restore(&self, selector: &Selector) -> bool {
+        let _one = self.revoking.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(next) = self.revoked.load().without(selector) else {
+            return false;
+        };
+        self.revoked.store(Arc::new(next));
+        self.changed();
+        true
+    }
+
+    /// Replace every revocation (the shared set, as loaded from Redis); false if that
+    /// changes nothing.
+    pub fn set_revocations(&self, all: Revocations) -> bool {
+        let _one = self.revoking.lock().unwrap_or_else(|p| p.into_inner());
+        if self.revoked.load().records().eq(all.records()) {
+            return false;
+        }
+        self.revoked.store(Arc::new(all));
+        self.changed();
+        true
     }
 }
 
@@ -125,7 +184,7 @@ impl TrustStore {
                     .map_err(|e| bad(&e))?;
             domains.insert(td.clone(), verifier);
         }
-        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         Ok(TrustStore {
             domains,
             generation,
@@ -138,11 +197,6 @@ impl TrustStore {
 
     pub fn trusts(&self, trust_domain: &str) -> bool {
         self.domains.contains_key(trust_domain)
-    }
-
-    /// Distinguishes this store from every other one built in the process.
-    pub fn generation(&self) -> u64 {
-        self.generation
     }
 }
 
@@ -225,21 +279,29 @@ impl SpiffeVerifier {
         &self.trust
     }
 
-    /// Every check on a client's chain against the store served now, whose generation is
-    /// returned: at the handshake, and again on an open connection after a reload.
+    /// Every check on a client's chain against the store and revocations served now, whose
+    /// epoch is returned: at the handshake, and again on an open connection after a change.
     pub fn verify_chain(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<u64, rustls::Error> {
+    ) -> Result<u64, Refusal> {
+        let epoch = self.trust.epoch();
+        let revoked = self.trust.revocations();
+        if !revoked.is_empty() {
+            let subject = Subject::of(end_entity, intermediates);
+            if let Some(r) = subject.as_ref().and_then(|s| revoked.matching(s)) {
+                return Err(Refusal::Revoked(r.clone()));
+            }
+        }
         let store = self.trust.load();
         let generation = store.generation;
         let key = chain_key(end_entity, intermediates);
         let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         if let Some(v) = self.verified.get(&key) {
             if v.generation == generation && (v.not_before..=v.not_after).contains(&secs) {
-                return Ok(generation);
+                return Ok(epoch);
             }
         }
         let now_sys = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
@@ -261,7 +323,22 @@ impl SpiffeVerifier {
                 },
             );
         }
-        Ok(generation)
+        Ok(epoch)
+    }
+}
+
+/// Why [`SpiffeVerifier::verify_chain`] refused a chain.
+#[derive(Debug)]
+pub enum Refusal {
+    /// An operator revoked the identity or one of the chain's certificates.
+    Revoked(Record),
+    /// The chain is not a valid SVID of a trusted trust domain.
+    Chain(rustls::Error),
+}
+
+impl From<rustls::Error> for Refusal {
+    fn from(e: rustls::Error) -> Refusal {
+        Refusal::Chain(e)
     }
 }
 
@@ -306,8 +383,18 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify_chain(end_entity, intermediates, now)?;
-        Ok(ClientCertVerified::assertion())
+        match self.verify_chain(end_entity, intermediates, now) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(Refusal::Chain(e)) => Err(e),
+            Err(Refusal::Revoked(r)) => {
+                self.trust
+                    .refused_handshakes
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(revocation = %r.selector, reason = %r.reason,
+                    "handshake refused: the client identity is revoked");
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            }
+        }
     }
 
     fn verify_tls12_signature(

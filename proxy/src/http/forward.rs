@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use portcullis_filters::pipeline::timing::StepKind;
-use portcullis_filters::pipeline::RequestBody;
+use portcullis_filters::pipeline::{RequestBody, Transforms};
 use portcullis_filters::{Action, AfterResponse, Context, ErrorCode, Rejection, Via};
 
 use crate::http::budget::{Budget, Held};
@@ -100,6 +101,24 @@ pub(crate) async fn forward(
     };
     shared.chain.response(&mut ctx, &mut rparts);
     let transforms = shared.chain.response_body(&ctx, &rparts);
+    let unreadable = transforms.as_ref().and_then(Transforms::refusal);
+    if let (Some(why), false) = (unreadable, rbody.is_end_stream()) {
+        // Refused at the head, before anything of it reaches the client.
+        let mut rej = Rejection::new(
+            ErrorCode::UnsupportedEncoding,
+            format!(
+                "{why}: the upstream's answer (status {}) was not delivered",
+                rparts.status.as_u16()
+            ),
+        );
+        rej.status = Some(502);
+        // An MCP client gets it as the JSON-RPC error of its request, not a broken session.
+        if let Some(mcp) = &ctx.mcp.request {
+            let reason = rej.reason.clone();
+            rej.jsonrpc = Some(mcp.refusal(|_| &reason, &ctx.trace.id.to_string()));
+        }
+        return refuse(shared, ctx, rej);
+    }
     if transforms.is_some() {
         // A transformed body has another length.
         rparts.headers.remove(http::header::CONTENT_LENGTH);

@@ -9,11 +9,13 @@
 //! outage costs extra fetches, never a forwarded placeholder.
 
 mod cache;
+mod identity;
 mod pins;
 mod pubsub;
 mod sealed;
 
 pub use pins::share_pins;
+pub use pubsub::Followers;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
