@@ -12,12 +12,16 @@ pub struct OAuthServer {
 
 impl OAuthServer {
     pub fn start(token_ttl_secs: u64) -> OAuthServer {
+        OAuthServer::start_on(free_addr().port(), token_ttl_secs)
+    }
+
+    /// On `port` (to restart a stopped server where its clients look for it).
+    pub fn start_on(port: u16, token_ttl_secs: u64) -> OAuthServer {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
         assert!(
             dir.join("node_modules/oauth2-mock-server").is_dir(),
             "run `bash .ci/run` (or `npm ci --prefix tests/node`) to install oauth2-mock-server"
         );
-        let port = free_addr().port();
         let (child, out) = spawn_ready(
             Command::new("node")
                 .arg(dir.join("oauth_server.mjs"))

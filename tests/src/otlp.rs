@@ -33,6 +33,53 @@ fn receive(
     into.1.send_replace(r.spans.len());
 }
 
+/// Serve `listener` until aborted; connections live inside the returned task.
+fn accept(
+    listener: TcpListener,
+    grpc: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    into: Receiving,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let addr = listener.local_addr().unwrap();
+    let grpc_svc = TraceServiceServer::new(GrpcSink { into: into.clone() });
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (tls, into, grpc_svc) = (tls.clone(), into.clone(), grpc_svc.clone());
+            connections.spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let http_svc = hyper::service::service_fn(move |req| {
+                    let into = into.clone();
+                    async move { Ok::<_, Infallible>(otlp_http(&into, req).await) }
+                });
+                let grpc_svc = hyper_util::service::TowerToHyperService::new(grpc_svc);
+                match (tls, grpc) {
+                    (None, false) => {
+                        let _ = builder.serve_connection(TokioIo::new(tcp), http_svc).await;
+                    }
+                    (None, true) => {
+                        let _ = builder.serve_connection(TokioIo::new(tcp), grpc_svc).await;
+                    }
+                    (Some(tls), grpc) => {
+                        let Ok(io) = tls.accept(tcp).await else {
+                            return;
+                        };
+                        let io = TokioIo::new(io);
+                        let _ = if grpc {
+                            builder.serve_connection(io, grpc_svc).await
+                        } else {
+                            builder.serve_connection(io, http_svc).await
+                        };
+                    }
+                }
+            });
+            while connections.try_join_next().is_some() {}
+        }
+    });
+    (addr, task)
+}
+
 /// An in-process OTLP collector (no collector binary can be installed here): OTLP/HTTP
 /// (`POST /v1/traces`, protobuf `ExportTraceServiceRequest`) or OTLP/gRPC (tonic's generated
 /// `TraceService` server over HTTP/2), plain or over TLS. It keeps every span, resource and
@@ -40,7 +87,10 @@ fn receive(
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
     received: Receiving,
-    tls: bool,
+    grpc: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The accept loop, which owns every connection: aborting it ends them all.
+    task: Mutex<tokio::task::JoinHandle<()>>,
 }
 
 impl OtlpReceiver {
@@ -60,54 +110,33 @@ impl OtlpReceiver {
     }
 
     async fn serve(grpc: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> OtlpReceiver {
-        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let r = OtlpReceiver {
-            addr: listener.local_addr().unwrap(),
-            received: (Arc::default(), tokio::sync::watch::channel(0).0),
-            tls: tls.is_some(),
-        };
-        let into = r.received.clone();
-        let grpc_svc = TraceServiceServer::new(GrpcSink { into: into.clone() });
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (tls, into, grpc_svc) = (tls.clone(), into.clone(), grpc_svc.clone());
-                tokio::spawn(async move {
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let http_svc = hyper::service::service_fn(move |req| {
-                        let into = into.clone();
-                        async move { Ok::<_, Infallible>(otlp_http(&into, req).await) }
-                    });
-                    let grpc_svc = hyper_util::service::TowerToHyperService::new(grpc_svc);
-                    match (tls, grpc) {
-                        (None, false) => {
-                            let _ = builder.serve_connection(TokioIo::new(tcp), http_svc).await;
-                        }
-                        (None, true) => {
-                            let _ = builder.serve_connection(TokioIo::new(tcp), grpc_svc).await;
-                        }
-                        (Some(tls), grpc) => {
-                            let Ok(io) = tls.accept(tcp).await else {
-                                return;
-                            };
-                            let io = TokioIo::new(io);
-                            let _ = if grpc {
-                                builder.serve_connection(io, grpc_svc).await
-                            } else {
-                                builder.serve_connection(io, http_svc).await
-                            };
-                        }
-                    }
-                });
-            }
-        });
-        r
+        let received: Receiving = (Arc::default(), tokio::sync::watch::channel(0).0);
+        let task = accept(listener, grpc, tls.clone(), received.clone());
+        OtlpReceiver {
+            addr: task.0,
+            received,
+            grpc,
+            tls,
+            task: Mutex::new(task.1),
+        }
+    }
+
+    /// A collector that is down: its port refuses connections, open ones are dropped.
+    pub fn stop(&self) {
+        self.task.lock().unwrap().abort();
+    }
+
+    /// Up again on the same port (after [`OtlpReceiver::stop`]), keeping what it received.
+    pub async fn restart(&self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        let (_, task) = accept(listener, self.grpc, self.tls.clone(), self.received.clone());
+        *self.task.lock().unwrap() = task;
     }
 
     /// `http://127.0.0.1:port`, or `https://localhost:port` over TLS.
     pub fn endpoint(&self) -> String {
-        if self.tls {
+        if self.tls.is_some() {
             format!("https://localhost:{}", self.addr.port())
         } else {
             format!("http://{}", self.addr)

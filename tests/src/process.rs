@@ -166,7 +166,21 @@ impl Proxy {
     /// Start and wait for the log line whose message is `message` and which carries the
     /// bound `proxy` and `admin` addresses (`listening`, or the Workload API's `waiting ...`).
     pub fn start_until(config: &Path, env: &[(&str, &str)], message: &str) -> Proxy {
-        let mut child = Command::new(bin())
+        Proxy::start_as(Command::new(bin()), config, env, message)
+    }
+
+    /// Started by `sh -c "PRELUDE; exec portcullis ..."`, e.g. with `ulimit -f 8` (a file
+    /// size limit standing in for a full disk).
+    pub fn start_after_shell(config: &Path, env: &[(&str, &str)], prelude: &str) -> Proxy {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("{prelude} && exec \"$0\" \"$@\""))
+            .arg(bin());
+        Proxy::start_as(sh, config, env, "listening")
+    }
+
+    fn start_as(mut cmd: Command, config: &Path, env: &[(&str, &str)], message: &str) -> Proxy {
+        let mut child = cmd
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
             .env("PORTCULLIS_LOG", "info")

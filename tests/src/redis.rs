@@ -10,7 +10,11 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = free_addr().port();
+        RedisServer::start_on(free_addr().port())
+    }
+
+    /// On `port` (to restart a stopped server where its clients look for it).
+    pub fn start_on(port: u16) -> RedisServer {
         let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])

@@ -10,7 +10,9 @@ pub struct VaultServer {
     pub addr: SocketAddr,
     pub reads: Arc<AtomicUsize>,
     pub logins: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+    secrets: Arc<Vec<(&'static str, &'static str, &'static str)>>,
+    /// The accept loop, which owns every connection: aborting it ends them all.
+    task: Mutex<tokio::task::JoinHandle<()>>,
 }
 
 pub const VAULT_ROOT_TOKEN: &str = "hvs.root-token-for-tests";
@@ -22,12 +24,29 @@ impl VaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (reads, logins) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (r2, l2) = (reads.clone(), logins.clone());
         let secrets = Arc::new(secrets);
-        let task = tokio::spawn(async move {
+        let task = Mutex::new(Self::serve(listener, &reads, &logins, &secrets));
+        VaultServer {
+            addr,
+            reads,
+            logins,
+            secrets,
+            task,
+        }
+    }
+
+    fn serve(
+        listener: TcpListener,
+        reads: &Arc<AtomicUsize>,
+        logins: &Arc<AtomicUsize>,
+        secrets: &Arc<Vec<(&'static str, &'static str, &'static str)>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (r2, l2, secrets) = (reads.clone(), logins.clone(), secrets.clone());
+        tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((tcp, _)) = listener.accept().await {
                 let (reads, logins, secrets) = (r2.clone(), l2.clone(), secrets.clone());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (reads, logins, secrets) =
                             (reads.clone(), logins.clone(), secrets.clone());
@@ -39,23 +58,26 @@ impl VaultServer {
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
                 });
+                while connections.try_join_next().is_some() {}
             }
-        });
-        VaultServer {
-            addr,
-            reads,
-            logins,
-            task,
-        }
+        })
     }
 
     pub fn address(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    /// Stop answering: the listener closes, so new connections are refused.
+    /// Stop answering: the listener closes (new connections are refused) and open
+    /// connections are dropped.
     pub fn stop(&self) {
-        self.task.abort();
+        self.task.lock().unwrap().abort();
+    }
+
+    /// Answer again on the same address, with the same secrets (after [`VaultServer::stop`]).
+    pub async fn restart(&self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        *self.task.lock().unwrap() =
+            Self::serve(listener, &self.reads, &self.logins, &self.secrets);
     }
 }
 

@@ -526,6 +526,7 @@ async fn serve(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    signal::survive_file_size_limit();
     let running = match app::start(cfg, path.to_owned()).await {
         Ok(r) => r,
         Err(e) => return fail(e.exit_code(), e),

@@ -17,9 +17,9 @@ const FLUSH_EVERY: Duration = Duration::from_millis(10);
 
 /// Lines are appended to an in-memory buffer (no syscall, no thread wake-up on the request
 /// path) that a writer thread flushes every 10 ms. Nothing on the request path ever waits for
-/// the output: past `telemetry.decision_log_buffer` bytes queued (a stalled pipe, a full
-/// disk), lines are dropped and counted (`portcullis_decision_log_dropped_total`). Dropping
-/// the log (shutdown) flushes the rest.
+/// the output: past `telemetry.decision_log_buffer` bytes queued (a stalled pipe), or when a
+/// write fails (a full disk, a file size limit), lines are dropped and counted
+/// (`portcullis_decision_log_dropped_total`). Dropping the log (shutdown) flushes the rest.
 pub struct DecisionLog {
     queue: Arc<Queue>,
     max_queued: usize,
@@ -47,10 +47,10 @@ impl DecisionLog {
             path => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
         let queue = Arc::new(Queue::default());
-        let q = queue.clone();
+        let (q, lost) = (queue.clone(), dropped.clone());
         let writer = std::thread::Builder::new()
             .name("decision-log".into())
-            .spawn(move || write_loop(&q, out))?;
+            .spawn(move || write_loop(&q, out, &lost))?;
         Ok(Some(DecisionLog {
             queue,
             max_queued,
@@ -74,8 +74,11 @@ impl DecisionLog {
     }
 }
 
-fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
+fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>, dropped: &AtomicU64) {
     let mut batch = Vec::new();
+    // Lines lost since the output last failed (a full disk, a file size limit): counted in
+    // `dropped`, said once when it starts failing and once when it recovers.
+    let mut failing: Option<u64> = None;
     loop {
         std::thread::sleep(FLUSH_EVERY);
         let closed = match queue.state.lock() {
@@ -86,9 +89,22 @@ fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
             Err(_) => return,
         };
         if !batch.is_empty() {
-            // A failed log write must not fail requests; say so once per batch.
-            if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
-                tracing::warn!(error = %e, "cannot write the decision log");
+            // A failed log write must not fail requests: the batch is lost and counted (a
+            // line cut by a short write may remain in the file, torn).
+            match out.write_all(&batch).and_then(|()| out.flush()) {
+                Ok(()) => {
+                    if let Some(lost) = failing.take() {
+                        tracing::warn!(lost, "decision log writable again");
+                    }
+                }
+                Err(e) => {
+                    let lines = batch.iter().filter(|b| **b == b'\n').count() as u64;
+                    dropped.fetch_add(lines, Ordering::Relaxed);
+                    if failing.is_none() {
+                        tracing::warn!(error = %e, "cannot write the decision log: dropping lines (portcullis_decision_log_dropped_total)");
+                    }
+                    *failing.get_or_insert(0) += lines;
+                }
             }
             batch.clear();
         }
