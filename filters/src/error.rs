@@ -32,6 +32,9 @@ pub enum ErrorCode {
     /// A request body in an encoding the proxy must inspect but cannot read (a
     /// `Content-Encoding`, JSON in UTF-16/32).
     UnsupportedEncoding,
+    /// An MCP request whose mirrored headers (`Mcp-Method`, `Mcp-Name`,
+    /// `MCP-Protocol-Version`) disagree with its body, or lack ones its revision requires.
+    HeaderMismatch,
     /// A bounded queue or budget of the proxy is full (an HTTP+SSE stream its client does not
     /// read): the request is refused rather than queued without bound.
     Overloaded,
@@ -50,7 +53,7 @@ impl ErrorCode {
             | ErrorCode::CredentialNotAllowed
             | ErrorCode::DestinationBlocked
             | ErrorCode::ClientNotAllowed => 403,
-            ErrorCode::BadRequest => 400,
+            ErrorCode::BadRequest | ErrorCode::HeaderMismatch => 400,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::HeadersTooLarge => 431,
             ErrorCode::NoRoute => 404,
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::CredentialNotAllowed => "credential_not_allowed",
             ErrorCode::DestinationBlocked => "destination_blocked",
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::HeaderMismatch => "header_mismatch",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::HeadersTooLarge => "headers_too_large",
             ErrorCode::NoRoute => "no_route",
@@ -114,6 +118,9 @@ pub struct Rejection {
 pub struct JsonRpcAnswer {
     pub responses: Vec<serde_json::Value>,
     pub batch: bool,
+    /// The HTTP status, when the protocol prescribes one other than 200/202 (400 for a
+    /// `HeaderMismatch`).
+    pub status: Option<u16>,
 }
 
 impl Eq for JsonRpcAnswer {}

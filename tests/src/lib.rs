@@ -55,3 +55,9 @@ pub const PEER_START: Duration = Duration::from_secs(90);
 
 /// A policy that allows every action.
 pub const ALLOW_ALL: &str = "package portcullis\n\ndecision := true\n";
+
+/// Standard Base64 (with padding) of `s`'s UTF-8.
+pub fn base64_encode(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}

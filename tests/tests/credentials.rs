@@ -335,25 +335,6 @@ async fn policy_decides_who_may_use_which_credential() {
     assert_eq!(s.up.seen().len(), 1);
 }
 
-fn base64_encode(s: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = s.as_bytes();
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 const VAULT_SECRET: &str = "ghp_fromVault_0123456789";
 
 /// A proxy brokering one credential from a back end (`edit` adds it to the config), with an

@@ -320,6 +320,82 @@ async fn a_compressed_tools_list_is_refused_not_passed_unfiltered() {
     assert!(refused.iter().all(|e| e["status"] == 200), "{refused:?}");
 }
 
+/// MCP 2026-07-28 mirrors the method and the tool name into `Mcp-Method` and `Mcp-Name` and
+/// requires whoever processes the body to refuse a request whose headers disagree with it:
+/// refused with 400 and a JSON-RPC `HeaderMismatch` (-32020), never forwarded; headers that
+/// match (the name Base64-encoded too) pass to the server, and policy decides on the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_headers_that_disagree_with_the_body_are_refused() {
+    let s = setup(|_| {}).await;
+    let research = s
+        .pki
+        .client("research", "spiffe://acme.test/agents/research");
+    let call = |tool: &str| {
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+            "name": tool, "arguments": {"query": "x", "owner": "acme", "repo": "web"},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}})
+        .to_string()
+    };
+    let modern = [
+        "content-type: application/json",
+        "mcp-protocol-version: 2026-07-28",
+        "mcp-method: tools/call",
+    ];
+    let with = |extra: &'static str| {
+        let mut h = modern.to_vec();
+        h.push(extra);
+        h
+    };
+    // A gateway routing on the header would see an allowed tool; the body deletes a repo.
+    let cases = [
+        (
+            with("mcp-name: search_issues"),
+            call("delete_repo"),
+            "does not match",
+        ),
+        (
+            modern.to_vec(),
+            call("search_issues"),
+            "Mcp-Name header is missing",
+        ),
+        (
+            vec!["content-type: application/json", "mcp-name: search_issues"],
+            call("delete_repo"),
+            "MCP-Protocol-Version header is missing",
+        ),
+    ];
+    for (headers, body, why) in &cases {
+        let out = post_as(&s, &research, headers, body.as_bytes()).await;
+        out.assert_refused(400, "header_mismatch");
+        let answer = out.json();
+        assert_eq!(answer["id"], 7, "{answer}");
+        assert_eq!(answer["error"]["code"], -32020, "{answer}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(why),
+            "{why}: {answer}"
+        );
+    }
+    let b64 = format!("mcp-name: =?base64?{}?=", base64_encode("search_issues"));
+    let mut matching = modern.to_vec();
+    matching.push(&b64);
+    let out = post_as(&s, &research, &matching, call("search_issues").as_bytes()).await;
+    assert_eq!(out.header("x-portcullis-error"), None, "{out:?}");
+    assert_eq!(s.server.received_tools(), ["search_issues"]);
+    // Matching headers do not make the body's decision: a denied tool stays denied.
+    let out = post_as(
+        &s,
+        &research,
+        &with("mcp-name: delete_repo"),
+        call("delete_repo").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        out.header("x-portcullis-error").as_deref(),
+        Some("policy_denied")
+    );
+    assert_eq!(s.server.received_tools(), ["search_issues"]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_progress_is_streamed_not_buffered() {
     let s = setup(|_| {}).await;

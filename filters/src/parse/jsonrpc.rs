@@ -69,6 +69,7 @@ impl McpRequest {
         crate::error::JsonRpcAnswer {
             responses,
             batch: self.batch,
+            status: None,
         }
     }
 }

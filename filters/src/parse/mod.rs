@@ -6,6 +6,7 @@ pub mod egress;
 pub mod identity;
 pub mod jsonrpc;
 pub mod mcp_body;
+pub mod mcp_headers;
 pub mod path;
 pub mod redact;
 pub mod secret;

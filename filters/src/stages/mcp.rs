@@ -2,15 +2,17 @@
 //! ([`crate::parse::jsonrpc::classify`]), never by its `Content-Type`: JSON-RPC marks the action
 //! `kind: mcp` so the policy stage decides per message; a body the proxy cannot read exactly as
 //! a server would (an encoding, JSON that does not parse here, a large body that shows
-//! JSON-RPC) is refused, never passed on as plain HTTP. Also the response-body transform that
+//! JSON-RPC) is refused, never passed on as plain HTTP, and so is one whose mirrored MCP headers
+//! disagree with it ([`crate::parse::mcp_headers`]). Also the response-body transform that
 //! edits the JSON-RPC messages of a response (`tools/list` filtering and pinning use it).
 
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::error::{ErrorCode, Rejection};
+use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
 use crate::parse::jsonrpc::{classify, BodyKind, LargeBodyScan, Unreadable};
 use crate::parse::mcp_body::ResponseRewriter;
+use crate::parse::mcp_headers;
 use crate::pipeline::{
     ask_uncompressed, content_encoding, Action, ActionKind, BodyCheck, BodyTransform, CannotRead,
     Context, Filter, RequestBody, TransformError,
@@ -95,8 +97,12 @@ impl Filter for McpFilter {
             ),
             Ok(BodyKind::JsonRpc(mcp)) => {
                 ctx.kind = ActionKind::Mcp;
+                let checked = mcp_headers::check(&req.headers, &mcp);
                 ctx.mcp.request = Some(mcp);
-                Action::Continue
+                match checked {
+                    Ok(()) => Action::Continue,
+                    Err(why) => Action::Respond(header_mismatch(ctx, why)),
+                }
             }
             Ok(BodyKind::Other) if mcp_only => refuse(
                 ErrorCode::BadRequest,
@@ -124,6 +130,33 @@ impl Filter for McpFilter {
         }
         Action::Continue
     }
+}
+
+/// The transport's answer to headers that disagree with the body: HTTP 400 with a JSON-RPC
+/// `HeaderMismatch` error (for the request's id; `null` for a notification).
+fn header_mismatch(ctx: &Context, why: String) -> Rejection {
+    let id = ctx
+        .mcp
+        .request
+        .as_ref()
+        .and_then(|m| m.messages.first()?.id.clone())
+        .unwrap_or(serde_json::Value::Null);
+    let error = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {
+            "code": mcp_headers::HEADER_MISMATCH_CODE,
+            "message": format!("Header mismatch: {why}"),
+            "data": {"reason": why, "trace_id": ctx.trace.id.to_string()},
+        },
+    });
+    let mut rej = Rejection::new(ErrorCode::HeaderMismatch, why);
+    rej.jsonrpc = Some(JsonRpcAnswer {
+        responses: vec![error],
+        batch: false,
+        status: Some(400),
+    });
+    rej
 }
 
 const LARGE_JSONRPC: &str = "the request body is larger than limits.inspect_body_bytes and may be JSON-RPC, which must be inspected";

@@ -74,10 +74,12 @@ fn jsonrpc_response(rej: &Rejection, answer: &JsonRpcAnswer) -> Response<Body> {
             full(serde_json::Value::from(all.to_vec()).to_string()),
         ),
     };
+    let prescribed = answer.status.and_then(|s| StatusCode::from_u16(s).ok());
+    let status = prescribed.unwrap_or(status);
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    if status == StatusCode::OK {
+    if !answer.responses.is_empty() {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     h.insert(
