@@ -163,10 +163,13 @@ async def run(args, ops: list) -> None:
                     except Exception as e:  # noqa: BLE001 - reported to the test as is
                         emit({"op": "list_tools", "error": f"{type(e).__name__}: {e}"})
                         continue
+                    extra = result.model_extra or {}
                     emit({
                         "op": "list_tools",
                         "tools": [t.name for t in result.tools],
                         "descriptions": {t.name: t.description for t in result.tools},
+                        "cache_scope": extra.get("cacheScope"),
+                        "ttl_ms": extra.get("ttlMs"),
                     })
                 elif kind == "call":
                     emit(await run_call(session, op, with_progress=False))

@@ -268,6 +268,7 @@ async fn identities_get_different_tool_rights() {
         ["search_issues", "slow_progress"],
         "the intern sees fewer tools: {r:?}"
     );
+    assert_eq!(r[0]["cache_scope"], "private", "{r:?}");
     assert_eq!(r[1]["is_error"], false, "{r:?}");
     assert_eq!(r[2]["is_error"], true, "{r:?}");
     assert!(!s
@@ -283,6 +284,8 @@ async fn tools_list_is_filtered_in_json_responses_too() {
     let r = mcp_client(&s, &intern, json!([{"op": "list_tools"}])).await;
     let tools = listed_tools(&r[0]);
     assert_eq!(tools, ["search_issues", "slow_progress"], "{r:?}");
+    // Filtered for this identity: never to be cached for another (MCP 2026-07-28).
+    assert_eq!(r[0]["cache_scope"], "private", "{r:?}");
 }
 
 /// An SDK server that compresses its answers although the proxy asked for `identity`: a

@@ -318,5 +318,59 @@ impl Listing {
                 .evaluate(&input.bounded(&self.input_limits))
                 .allow
         });
+        if let Some(result) = msg.get_mut("result").and_then(|r| r.as_object_mut()) {
+            private_cache(result);
+        }
+    }
+}
+
+/// Longest freshness (`ttlMs`) a filtered listing keeps: the filter follows the policy, which
+/// a reload can change.
+pub const LISTING_MAX_TTL_MS: u64 = 300_000;
+
+/// A result filtered for one identity may be cached only in that identity's authorization
+/// context (MCP 2026-07-28 `CacheableResult`): `cacheScope: "private"`, and a server's `ttlMs`
+/// capped at [`LISTING_MAX_TTL_MS`] (one that is not a non-negative number becomes 0: stale
+/// at once). A result without `ttlMs` (an older revision's) gets none.
+fn private_cache(result: &mut serde_json::Map<String, serde_json::Value>) {
+    result.insert("cacheScope".into(), "private".into());
+    if let Some(ttl) = result.get_mut("ttlMs") {
+        let ms = ttl.as_u64().or_else(|| {
+            ttl.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        });
+        *ttl = ms.unwrap_or(0).min(LISTING_MAX_TTL_MS).into();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filtered_listings_are_private_and_fresh_for_at_most_five_minutes() {
+        for (ttl, want) in [
+            (
+                serde_json::json!(3_600_000),
+                serde_json::json!(LISTING_MAX_TTL_MS),
+            ),
+            (serde_json::json!(1000), serde_json::json!(1000)),
+            (serde_json::json!(1000.7), serde_json::json!(1000)),
+            (serde_json::json!(-5), serde_json::json!(0)),
+            (serde_json::json!("soon"), serde_json::json!(0)),
+        ] {
+            let mut r = serde_json::json!({"tools": [], "ttlMs": ttl, "cacheScope": "public"});
+            private_cache(r.as_object_mut().unwrap());
+            assert_eq!(r["cacheScope"], "private");
+            assert_eq!(r["ttlMs"], want, "{ttl}");
+        }
+        let mut older = serde_json::json!({"tools": []});
+        private_cache(older.as_object_mut().unwrap());
+        assert_eq!(
+            older,
+            serde_json::json!({"tools": [], "cacheScope": "private"})
+        );
     }
 }
