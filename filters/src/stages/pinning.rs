@@ -1,6 +1,7 @@
 //! Tool-definition pinning, the rug-pull defence: the first time a `tools/list` result shows a
-//! tool, a SHA-256 of its name, description and input schema is pinned per (server, tool). A
-//! later different definition is logged; with `mcp.tool_changes: deny` the changed tool is
+//! tool, a SHA-256 of its canonical definition (name, title, description, annotations, input
+//! and output schema: [`definition_hash`]) is pinned per (server, tool). A later different
+//! definition is logged, and so is a known definition that reappears under a new name; with `mcp.tool_changes: deny` the changed tool is
 //! also hidden from listings and its calls are refused until an operator accepts the change
 //! (admin `POST /mcp/pins/accept`). Replicas share pins through a [`PinHook`] (the proxy wires
 //! it to Redis): first sights and acceptances are reported, and pins learned from elsewhere
@@ -72,6 +73,8 @@ impl Default for PinLimits {
 struct Pins {
     map: HashMap<(String, String), Pin>,
     per_server: HashMap<String, usize>,
+    /// (server, definition without its name) -> the name it was first pinned under.
+    shapes: HashMap<(String, String), String>,
 }
 
 impl Pins {
@@ -109,15 +112,86 @@ impl std::fmt::Debug for ToolPins {
     }
 }
 
-/// SHA-256 (hex) over the canonical JSON of name, description and input schema.
+/// What a tool's pin covers: every field that tells a model what the tool is and does.
+const PINNED_FIELDS: [&str; 6] = [
+    "name",
+    "title",
+    "description",
+    "annotations",
+    "inputSchema",
+    "outputSchema",
+];
+
+/// The pin of a definition: `v2:` and the SHA-256 (hex) of the canonical JSON (keys sorted at
+/// every level, no whitespace, integral numbers without a fraction) of its name, title,
+/// description, annotations, input and output schema; an absent field counts as `null`, so
+/// adding one is a change. Anything else in the definition (icons, `_meta`) is not pinned.
 pub fn definition_hash(tool: &Value) -> String {
+    format!("v2:{}", digest_of(tool, &PINNED_FIELDS))
+}
+
+/// The pin format before `v2` (name, description and input schema), still recognised so pins
+/// stored by an older version are upgraded, not reported as changes.
+fn legacy_hash(tool: &Value) -> String {
     let canonical = serde_json::json!({
         "name": tool.get("name"),
         "description": tool.get("description"),
         "inputSchema": tool.get("inputSchema"),
     });
-    let digest = Sha256::digest(canonical.to_string().as_bytes());
-    crate::pipeline::hex(&digest)
+    crate::pipeline::hex(&Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+/// The definition without its name: the same tool listed under another name has the same one.
+fn shape_hash(tool: &Value) -> String {
+    digest_of(tool, &PINNED_FIELDS[1..])
+}
+
+fn digest_of(tool: &Value, fields: &[&str]) -> String {
+    let mut canonical = String::new();
+    let picked: serde_json::Map<String, Value> = fields
+        .iter()
+        .map(|f| ((*f).to_owned(), tool.get(f).cloned().unwrap_or(Value::Null)))
+        .collect();
+    write_canonical(&Value::Object(picked), &mut canonical);
+    crate::pipeline::hex(&Sha256::digest(canonical.as_bytes()))
+}
+
+/// JSON with object keys sorted at every level (whatever order the map type keeps), no
+/// whitespace, and integral numbers written without a fraction (`1.0` as `1`).
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                out.push_str(&format!("{}", f as i64));
+            }
+            _ => out.push_str(&n.to_string()),
+        },
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 impl ToolPins {
@@ -188,20 +262,49 @@ impl ToolPins {
         }
     }
 
-    /// Record a definition seen in a listing; returns true if it differs from the pin.
+    /// Record the definitions of one listing; for each, whether it is flagged: it differs from
+    /// its pin, or it is new but a pinned definition whose name this listing no longer shows
+    /// (the same tool renamed: flagged like a change).
+    pub fn observe_listing(&self, server: &str, tools: &[Value]) -> Vec<bool> {
+        let listed: Vec<&str> = tools
+            .iter()
+            .filter_map(|t| t.get("name").and_then(Value::as_str))
+            .collect();
+        tools
+            .iter()
+            .map(|t| self.observe_in(server, t, &listed))
+            .collect()
+    }
+
+    /// [`ToolPins::observe_listing`] of a listing of this one tool.
     pub fn observe(&self, server: &str, tool: &Value) -> bool {
+        self.observe_listing(server, std::slice::from_ref(tool))[0]
+    }
+
+    fn observe_in(&self, server: &str, tool: &Value, listed: &[&str]) -> bool {
         let Some(name) = tool.get("name").and_then(Value::as_str) else {
             return false;
         };
         let hash = definition_hash(tool);
+        let shape = (server.to_owned(), shape_hash(tool));
         let Ok(mut pins) = self.pins.lock() else {
             return true; // a poisoned map is treated as "changed": fail closed
         };
         let key = (server.to_owned(), name.to_owned());
         let Some(pin) = pins.map.get_mut(&key) else {
+            let renamed = pins
+                .shapes
+                .get(&shape)
+                .filter(|known| !listed.contains(&known.as_str()))
+                .filter(|known| {
+                    pins.map
+                        .contains_key(&(server.to_owned(), (*known).clone()))
+                })
+                .cloned();
             let pin = Pin {
                 pinned: hash.clone(),
-                changed_to: None,
+                // A known definition under a new name waits for an operator like a change.
+                changed_to: renamed.is_some().then(|| hash.clone()),
             };
             if !pins.insert(server, name, pin, self.limits) {
                 drop(pins);
@@ -214,7 +317,17 @@ impl ToolPins {
                 }
                 return true;
             }
+            pins.shapes.entry(shape).or_insert_with(|| name.to_owned());
             drop(pins);
+            if let Some(known) = renamed {
+                tracing::warn!(
+                    server,
+                    tool = name,
+                    known_as = %known,
+                    "MCP tool definition reappears under a new name"
+                );
+                return true;
+            }
             self.emit(PinEvent::FirstSight {
                 server: server.to_owned(),
                 tool: name.to_owned(),
@@ -222,17 +335,30 @@ impl ToolPins {
             });
             return false;
         };
-        if pin.pinned == hash {
+        if pin.pinned == hash && pin.changed_to.as_deref() != Some(hash.as_str()) {
             // What the server shows now is the pin again (or became it elsewhere).
             pin.changed_to = None;
+            return false;
+        }
+        if pin.pinned == legacy_hash(tool) {
+            // Pinned by an older version over fewer fields, and those are unchanged: the pin
+            // moves to the current form (and is shared as such).
+            pin.pinned = hash.clone();
+            pin.changed_to = None;
+            drop(pins);
+            self.emit(PinEvent::Accepted {
+                server: server.to_owned(),
+                tool: name.to_owned(),
+                hash,
+            });
             return false;
         }
         if pin.changed_to.as_deref() != Some(hash.as_str()) {
             tracing::warn!(
                 server,
                 tool = name,
-                pinned = &pin.pinned[..12],
-                seen = &hash[..12],
+                pinned = &pin.pinned[..pin.pinned.len().min(15)],
+                seen = &hash[..hash.len().min(15)],
                 "MCP tool definition changed since it was pinned"
             );
         }
@@ -365,7 +491,9 @@ impl Filter for ToolPinning {
                 return;
             };
             let deny = pins.on_change == OnChange::Deny;
-            tools.retain(|t| !(pins.observe(&server, t) && deny));
+            let flagged = pins.observe_listing(&server, tools);
+            let mut flags = flagged.into_iter();
+            tools.retain(|_| !(flags.next().unwrap_or(true) && deny));
         })
     }
 }
@@ -402,7 +530,7 @@ mod tests {
             total: 3,
         };
         let pins = ToolPins::with_limits(OnChange::Deny, limits);
-        let tool = |n: &str| json!({"name": n, "description": "d"});
+        let tool = |n: &str| json!({"name": n, "description": format!("does {n}")});
         assert!(!pins.observe("flood:443", &tool("a")));
         assert!(!pins.observe("flood:443", &tool("b")));
         // The flooding server is at its share: its next tool is not pinned and counts as changed.
@@ -454,9 +582,64 @@ mod tests {
     }
 
     #[test]
-    fn hash_ignores_key_order_and_other_fields() {
-        let a = json!({"name": "x", "description": "d", "inputSchema": {"a": 1, "b": 2}, "title": "t1"});
-        let b = json!({"inputSchema": {"b": 2, "a": 1}, "description": "d", "name": "x", "title": "t2"});
+    fn the_pin_covers_what_a_model_reads_in_canonical_form() {
+        let a = json!({"name": "x", "title": "X", "description": "d", "inputSchema": {"a": 1, "b": [1.0, {"d": 1, "c": 2}]},
+            "icons": [{"src": "a.png"}], "_meta": {"k": 1}});
+        let b = json!({"inputSchema": {"b": [1, {"c": 2, "d": 1}], "a": 1.0}, "description": "d", "name": "x", "title": "X",
+            "icons": [], "_meta": {"k": 2}});
         assert_eq!(definition_hash(&a), definition_hash(&b));
+        assert!(definition_hash(&a).starts_with("v2:"));
+        for (field, value) in [
+            ("title", json!("Delete everything")),
+            ("annotations", json!({"destructiveHint": true})),
+            ("outputSchema", json!({"type": "object"})),
+            ("description", json!("d2")),
+            ("inputSchema", json!({"a": 2})),
+        ] {
+            let mut changed = a.clone();
+            changed[field] = value;
+            assert_ne!(definition_hash(&a), definition_hash(&changed), "{field}");
+        }
+    }
+
+    #[test]
+    fn pins_of_the_older_form_are_upgraded_not_reported() {
+        let pins = ToolPins::new(OnChange::Deny);
+        let tool =
+            json!({"name": "search", "description": "Search", "inputSchema": {"type": "object"}});
+        pins.set_pinned("s:443", "search", &legacy_hash(&tool));
+        assert!(!pins.observe("s:443", &tool));
+        assert!(!pins.is_changed("s:443", "search"));
+        assert_eq!(pins.list()[0].2, definition_hash(&tool));
+        // A change of a field the older form covered is still a change.
+        pins.set_pinned("s:443", "search", &legacy_hash(&tool));
+        let evil = json!({"name": "search", "description": "Exfiltrate", "inputSchema": {"type": "object"}});
+        assert!(pins.observe("s:443", &evil));
+    }
+
+    #[test]
+    fn a_known_definition_under_a_new_name_is_flagged_until_accepted() {
+        let pins = ToolPins::new(OnChange::Deny);
+        let read = json!({"name": "read_file", "description": "Read a file", "inputSchema": {"type": "object"}});
+        let mut alias = read.clone();
+        alias["name"] = json!("read_file_v2");
+        assert!(!pins.observe("s:443", &read));
+        assert!(pins.observe("s:443", &alias), "a known definition renamed");
+        assert!(pins.is_changed("s:443", "read_file_v2"));
+        assert!(
+            pins.observe("s:443", &alias),
+            "still flagged on the next listing"
+        );
+        assert!(pins.accept("s:443", "read_file_v2"));
+        assert!(!pins.observe("s:443", &alias));
+        // Two tools alike in all but the name, listed together from the start: not a rename.
+        let both = [
+            json!({"name": "start", "description": "Control the service"}),
+            json!({"name": "stop", "description": "Control the service"}),
+        ];
+        assert_eq!(pins.observe_listing("u:443", &both), [false, false]);
+        assert_eq!(pins.observe_listing("u:443", &both), [false, false]);
+        // The same definition on another server is that server's own first sight.
+        assert!(!pins.observe("t:443", &alias));
     }
 }
