@@ -416,6 +416,34 @@ async fn mcp_servers_continue_the_trace_from_meta() {
         .await;
     assert_eq!(hex(&call.trace_id), caller_trace);
     assert_eq!(hex(&call.parent_span_id), caller_span);
+    // The OTel MCP conventions.
+    for (key, want) in [
+        ("mcp.method.name", "tools/call"),
+        ("gen_ai.operation.name", "execute_tool"),
+        ("gen_ai.tool.name", "search_issues"),
+        ("network.transport", "tcp"),
+    ] {
+        assert_eq!(span_attr(&call, key).as_deref(), Some(want), "{key}");
+    }
+    assert!(span_attr(&call, "jsonrpc.request.id").is_some());
+    assert!(span_attr(&call, "mcp.protocol.version").is_some());
+    assert!(span_attr(&call, "mcp.session.id").is_some());
+    // Recorded in the logging phase, like the span: wait for it.
+    proxy
+        .wait_metric(
+            "mcp_server_operation_duration_seconds_count{mcp_method_name=\"tools/call\"}",
+            |n| n == 1,
+        )
+        .await;
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    for series in [
+        "mcp_server_operation_duration_seconds_count{mcp_method_name=\"tools/call\"} 1",
+        "mcp_client_operation_duration_seconds_count{mcp_method_name=\"tools/call\"} 1",
+        "mcp_server_operation_duration_seconds_count{mcp_method_name=\"initialize\"} 1",
+        "mcp_server_operation_duration_seconds_bucket{mcp_method_name=\"tools/call\",le=\"300\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} not in:\n{metrics}");
+    }
     let client = child(&otlp, &call, "the upstream client span", |s| {
         s.kind == CLIENT
     })

@@ -31,6 +31,25 @@ impl Message {
             .flatten()
     }
 
+    /// `params.name` of `prompts/get`.
+    pub fn prompt(&self) -> Option<&str> {
+        self.param_str("prompts/get", "name")
+    }
+
+    /// `params.uri` of `resources/read`.
+    pub fn resource_uri(&self) -> Option<&str> {
+        self.param_str("resources/read", "uri")
+    }
+
+    /// The revision a 2026-07-28-style request names in `params._meta`.
+    pub fn meta_protocol_version(&self) -> Option<&str> {
+        self.params
+            .as_ref()?
+            .get("_meta")?
+            .get("io.modelcontextprotocol/protocolVersion")?
+            .as_str()
+    }
+
     fn param_str(&self, method: &str, key: &str) -> Option<&str> {
         (self.method.as_deref() == Some(method))
             .then(|| self.params.as_ref()?.get(key)?.as_str())
@@ -144,7 +163,10 @@ fn from_value(
     let protocol_version = protocol_header.map(str::to_owned).or_else(|| {
         messages
             .iter()
-            .find_map(|m| m.param_str("initialize", "protocolVersion"))
+            .find_map(|m| {
+                m.param_str("initialize", "protocolVersion")
+                    .or_else(|| m.meta_protocol_version())
+            })
             .map(str::to_owned)
     });
     Ok(McpRequest {
@@ -408,10 +430,10 @@ pub fn policy_input(req: &McpRequest, m: &Message) -> Value {
         let args = m.params.as_ref().and_then(|p| p.get("arguments")).cloned();
         o.insert("arguments".into(), args.unwrap_or(Value::Null));
     }
-    if let Some(uri) = m.param_str("resources/read", "uri") {
+    if let Some(uri) = m.resource_uri() {
         o.insert("uri".into(), json!(uri));
     }
-    if let Some(prompt) = m.param_str("prompts/get", "name") {
+    if let Some(prompt) = m.prompt() {
         o.insert("prompt".into(), json!(prompt));
     }
     if let Some(s) = &req.session_id {

@@ -231,6 +231,10 @@ pub struct McpSummary {
     pub method: String,
     pub id: Option<serde_json::Value>,
     pub tool: Option<String>,
+    /// `prompts/get`'s prompt name.
+    pub prompt: Option<String>,
+    /// `resources/read`'s URI.
+    pub resource: Option<String>,
     /// The tool's definition changed since it was pinned (logged, or denied).
     pub tool_changed: bool,
 }

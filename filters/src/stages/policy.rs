@@ -171,6 +171,8 @@ impl PolicyFilter {
                 method: m.method.clone().unwrap_or_else(|| "response".to_owned()),
                 id: m.id.clone(),
                 tool: m.tool().map(str::to_owned),
+                prompt: m.prompt().map(str::to_owned),
+                resource: m.resource_uri().map(str::to_owned),
                 tool_changed: m
                     .tool()
                     .is_some_and(|t| ctx.mcp.changed_tools.iter().any(|c| c == t)),

@@ -179,7 +179,11 @@ async fn send(
 ) -> Result<Response<Incoming>, Rejection> {
     let sent = std::time::Instant::now();
     let resp = shared.upstream.send(req).await;
-    shared.ops.metrics.upstream_latency.observe(sent.elapsed());
+    let took = sent.elapsed();
+    shared.ops.metrics.upstream_latency.observe(took);
+    if let Some(method) = crate::telemetry::metrics::mcp_method(ctx) {
+        shared.ops.metrics.mcp_client.observe(method, took);
+    }
     // The upstream client span (telemetry on only): until the response headers.
     ctx.step_end(Some(sent), || StepKind::Upstream {
         status: resp.as_ref().ok().map(|r| r.status().as_u16()),

@@ -15,18 +15,53 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const BUCKETS_US: [u64; 12] = [
     5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 25_000, 100_000, 1_000_000,
 ];
+/// The bucket bounds the OTel MCP conventions advise for operation durations (0.01 s to
+/// 300 s), in microseconds.
+const MCP_BUCKETS_US: [u64; 14] = [
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
+    300_000_000,
+];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS_US.len()],
+    bounds: &'static [u64],
+    buckets: Box<[AtomicU64]>,
     count: AtomicU64,
     sum_us: AtomicU64,
 }
 
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram::with_bounds(&BUCKETS_US)
+    }
+}
+
 impl Histogram {
+    /// Bucket upper bounds in microseconds, ascending.
+    fn with_bounds(bounds: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
+        if let Some(i) = self.bounds.iter().position(|b| us <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -35,16 +70,80 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The series of one label set (`labels`: `key="value",` pairs, or empty).
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
-        for (b, n) in BUCKETS_US.iter().zip(&self.buckets) {
+        for (b, n) in self.bounds.iter().zip(self.buckets.iter()) {
             cumulative += n.load(Ordering::Relaxed);
             let le = *b as f64 / 1e6;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        let series = labels.trim_end_matches(',');
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{series}}} {sum}\n{name}_count{{{series}}} {count}"
+        );
+    }
+}
+
+/// The MCP methods the duration metrics are labelled with; any other method (a client may send
+/// anything) is counted as `other`, so the label set stays bounded.
+const MCP_METHODS: [&str; 18] = [
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "subscriptions/listen",
+    "notifications/initialized",
+    "response",
+    "other",
+];
+
+/// `mcp.server.operation.duration` (the proxy's side: a message received until its answer
+/// was sent) or `mcp.client.operation.duration` (its upstream call), per MCP method.
+#[derive(Debug)]
+pub struct McpDurations([Histogram; MCP_METHODS.len()]);
+
+impl Default for McpDurations {
+    fn default() -> McpDurations {
+        McpDurations(std::array::from_fn(|_| {
+            Histogram::with_bounds(&MCP_BUCKETS_US)
+        }))
+    }
+}
+
+impl McpDurations {
+    pub fn observe(&self, method: &str, d: Duration) {
+        let i = MCP_METHODS
+            .iter()
+            .position(|m| *m == method)
+            .unwrap_or(MCP_METHODS.len() - 1);
+        self.0[i].observe(d);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (method, h) in MCP_METHODS.iter().zip(&self.0) {
+            if h.count.load(Ordering::Relaxed) > 0 {
+                h.render_series(out, name, &format!("mcp_method_name=\"{method}\","));
+            }
+        }
     }
 }
 
@@ -53,6 +152,9 @@ pub struct Metrics {
     requests: [[[AtomicU64; 5]; 3]; 3],
     pub policy_eval: Histogram,
     pub upstream_latency: Histogram,
+    /// OTel `mcp.server.operation.duration` and `mcp.client.operation.duration`.
+    pub mcp_server: McpDurations,
+    pub mcp_client: McpDurations,
     pub active_connections: AtomicI64,
     /// Every `limits.max_connections` slot is taken: the listener waits instead of accepting.
     pub at_connection_limit: AtomicBool,
@@ -111,6 +213,16 @@ impl Metrics {
             out,
             "portcullis_upstream_response_seconds",
             "Request sent upstream to response headers.",
+        );
+        self.mcp_server.render(
+            out,
+            "mcp_server_operation_duration_seconds",
+            "OTel mcp.server.operation.duration: an MCP request received by the proxy until its answer was sent, by its (first) method.",
+        );
+        self.mcp_client.render(
+            out,
+            "mcp_client_operation_duration_seconds",
+            "OTel mcp.client.operation.duration: an MCP request sent upstream until the response headers, by its (first) method.",
         );
         let _ = writeln!(
             out,
@@ -197,5 +309,17 @@ impl Filter for MetricsFilter {
         for r in &ctx.decisions {
             self.0.policy_eval.observe(r.decision.eval_time);
         }
+        if let Some(method) = mcp_method(ctx) {
+            self.0.mcp_server.observe(method, outcome.duration);
+        }
     }
+}
+
+/// The method of an MCP action's first message (`response` for a client's response).
+pub fn mcp_method(ctx: &Context) -> Option<&str> {
+    if ctx.kind != ActionKind::Mcp {
+        return None;
+    }
+    let m = ctx.mcp.request.as_ref()?.messages.first()?;
+    Some(m.method.as_deref().unwrap_or("response"))
 }

@@ -58,13 +58,15 @@ impl Clock {
     }
 }
 
-/// The action's span name: `CONNECT {host}:{port}`, `{METHOD}`, or `{method} {tool}` (MCP).
+/// The action's span name: `CONNECT {host}:{port}`, `{METHOD}`, or for MCP
+/// `{mcp.method.name} {target}` with the tool or prompt name as the target (OTel MCP
+/// conventions; a resource URI is not a low-cardinality target, so it is left out).
 pub(super) fn span_name(ctx: &Context, out: &mut String) {
     out.clear();
     let _ = match ctx.kind {
         ActionKind::Connect => write!(out, "CONNECT {}", ctx.destination),
         ActionKind::Mcp => match mcp(ctx) {
-            Some(m) => match &m.tool {
+            Some(m) => match m.tool.as_ref().or(m.prompt.as_ref()) {
                 Some(t) => write!(out, "{} {t}", m.method),
                 None => write!(out, "{}", m.method),
             },
@@ -120,6 +122,33 @@ impl std::fmt::Display for Joined<'_> {
     }
 }
 
+/// The OTel MCP attributes of one message: `mcp.method.name`, and by method
+/// `gen_ai.operation.name` + `gen_ai.tool.name` (`tools/call`), `gen_ai.prompt.name`,
+/// `mcp.resource.uri`.
+pub(super) fn mcp_attributes(a: &mut Attributes<'_>, m: &McpSummary) {
+    a.str("mcp.method.name", &m.method);
+    if let Some(t) = &m.tool {
+        a.str("gen_ai.operation.name", "execute_tool");
+        a.str("gen_ai.tool.name", t);
+    }
+    if let Some(p) = &m.prompt {
+        a.str("gen_ai.prompt.name", p);
+    }
+    if let Some(uri) = &m.resource {
+        a.str("mcp.resource.uri", uri);
+    }
+}
+
+/// The JSON-RPC error code of an MCP refusal the proxy answers as JSON-RPC.
+fn jsonrpc_error_code(code: portcullis_filters::ErrorCode) -> Option<&'static str> {
+    use portcullis_filters::ErrorCode;
+    match code {
+        ErrorCode::PolicyDenied => Some("-32001"),
+        ErrorCode::HeaderMismatch => Some("-32020"),
+        _ => None,
+    }
+}
+
 /// `jsonrpc.request.id`: a string id as it is, a number as written.
 pub(super) fn write_id(a: &mut Attributes<'_>, id: &serde_json::Value) {
     match id {
@@ -165,20 +194,23 @@ pub(super) fn action_attributes(
         a.str("portcullis.policy.revision", &rec.decision.revision);
     }
     if let Some(m) = mcp(ctx) {
-        a.str("mcp.method.name", &m.method);
-        if let Some(t) = &m.tool {
-            a.str("gen_ai.tool.name", t);
-        }
+        mcp_attributes(a, m);
         if let Some(id) = &m.id {
             write_id(a, id);
         }
-        if let Some(s) = ctx
-            .mcp
-            .request
-            .as_ref()
-            .and_then(|r| r.session_id.as_deref())
-        {
-            a.str("mcp.session.id", s);
+        a.str("network.transport", "tcp");
+        a.str("network.protocol.name", "http");
+        if let Some(r) = &ctx.mcp.request {
+            if let Some(s) = &r.session_id {
+                a.str("mcp.session.id", s);
+            }
+            if let Some(v) = &r.protocol_version {
+                a.str("mcp.protocol.version", v);
+            }
+        }
+        // A message the proxy answered itself carries the JSON-RPC error code it sent.
+        if let Some(code) = ctx.error.and_then(jsonrpc_error_code) {
+            a.str("rpc.response.status_code", code);
         }
     }
     if let Some(code) = ctx.error {
@@ -267,10 +299,7 @@ impl SpanExport {
                                 i64::try_from(d.eval_time.as_micros()).unwrap_or(i64::MAX),
                             );
                             if let Some(m) = &rec.mcp {
-                                a.str("mcp.method.name", &m.method);
-                                if let Some(t) = &m.tool {
-                                    a.str("gen_ai.tool.name", t);
-                                }
+                                mcp_attributes(a, m);
                             }
                         });
                 }
