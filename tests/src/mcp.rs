@@ -23,6 +23,30 @@ pub fn python_script(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// tests/python/httpx_agent.py through `h`'s proxy as its agent: GET `url` with `headers`;
+/// the script's JSON (`status`, `body`, `headers`) and everything it printed.
+pub async fn httpx_get(h: &Harness, url: &str, headers: &Value) -> (Value, String) {
+    let out = tokio::process::Command::new(python())
+        .arg(python_script("httpx_agent.py"))
+        .arg(format!("https://{}", h.proxy.addr))
+        .arg(h.pki.path("acme-ca.pem"))
+        .arg(&h.agent.cert)
+        .arg(&h.agent.key)
+        .arg(h.pki.path("mitm-ca.pem"))
+        .arg(url)
+        .arg(headers.to_string())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "httpx agent failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (serde_json::from_str(&stdout).unwrap(), stdout)
+}
+
 /// The official MCP Python SDK's server (tests/python/mcp_server.py) over TLS on loopback,
 /// recording every JSON-RPC message it receives.
 pub struct McpSdkServer {

@@ -726,22 +726,8 @@ async fn a_compressed_answer_that_must_be_inspected_is_refused() {
     );
 
     // httpx, with its default Accept-Encoding.
-    let run = tokio::process::Command::new(python())
-        .arg(python_script("httpx_agent.py"))
-        .arg(format!("https://{}", s.proxy.addr))
-        .arg(s.pki.path("acme-ca.pem"))
-        .arg(&s.agent.cert)
-        .arg(&s.agent.key)
-        .arg(s.pki.path("mitm-ca.pem"))
-        .arg(&url)
-        .arg(json!({"authorization": "Bearer pcx_github"}).to_string())
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    assert!(run.status.success(), "{run:?}");
+    let (v, stdout) = httpx_get(&s, &url, &json!({"authorization": "Bearer pcx_github"})).await;
     assert_no_secret(&stdout);
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["status"], 502, "{v}");
     assert_eq!(v["body"]["error"], "unsupported_encoding", "{v}");
 

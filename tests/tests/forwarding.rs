@@ -615,23 +615,7 @@ async fn idle_connections_are_closed() {
 async fn python_httpx_agent_reaches_upstream_through_the_proxy() {
     let s = setup(|_| {}).await;
     let url = s.url("/from-python");
-    let out = tokio::process::Command::new(python())
-        .arg(python_script("httpx_agent.py"))
-        .arg(format!("https://{}", s.proxy.addr))
-        .arg(s.pki.path("acme-ca.pem"))
-        .arg(&s.agent.cert)
-        .arg(&s.agent.key)
-        .arg(s.pki.path("mitm-ca.pem"))
-        .arg(&url)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, _) = httpx_get(&s, &url, &serde_json::json!({})).await;
     assert_eq!(v["status"], 200);
     assert_eq!(v["body"]["path"], "/from-python");
     let e = s.proxy.wait_access(1, |e| e["path"] == "/from-python");

@@ -372,6 +372,25 @@ async fn assert_closed<S: tokio::io::AsyncRead + Unpin>(what: &str, s: &mut S) {
     assert!(matches!(n, Ok(0) | Err(_)), "{what}: read {n:?}");
 }
 
+/// The open connection's next request (`/after`) is refused as `identity_revoked` with a
+/// reason containing `why`, `Connection: close`, and the connection closes; nothing reached
+/// the upstream.
+async fn assert_revoked_on_open<S>(h: &Harness, conn: &mut S, why: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    conn.write_all(absolute_get(h, "/after").as_bytes())
+        .await
+        .unwrap();
+    let refused = read_response(conn).await;
+    refused.assert_refused(403, "identity_revoked");
+    assert_eq!(refused.header("connection").as_deref(), Some("close"));
+    let reason = refused.json()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.contains(why), "{reason}");
+    assert_closed("the proxy connection", conn).await;
+    assert!(h.up.seen().iter().all(|s| s.path != "/after"));
+}
+
 /// An SVID that expires while its connections are open: the next request on the proxy
 /// connection is refused (403 identity_expired, `Connection: close`) and never forwarded;
 /// intercepted and passthrough tunnels are closed at notAfter.
@@ -448,16 +467,14 @@ async fn a_replaced_bundle_revokes_open_connections() {
     h.proxy.logs.wait_for("the reload", |l| {
         l.contains("reloaded server certificate and trust bundles")
     });
-    conn.write_all(absolute_get(&h, "/after").as_bytes())
-        .await
-        .unwrap();
-    let refused = read_response(&mut conn).await;
-    refused.assert_refused(403, "identity_revoked");
-    assert_eq!(refused.header("connection").as_deref(), Some("close"));
-    assert_closed("the proxy connection", &mut conn).await;
+    assert_revoked_on_open(
+        &h,
+        &mut conn,
+        "no longer verifies against the trust bundles",
+    )
+    .await;
     assert_closed("the intercepted tunnel", &mut intercepted).await;
     assert_closed("the passthrough tunnel", &mut passthrough).await;
-    assert!(h.up.seen().iter().all(|s| s.path != "/after"));
     // Another trust domain's connections are unaffected.
     assert_eq!(h.curl(&[&h.url("/acme")]).await.status, 200);
 }
@@ -487,19 +504,9 @@ async fn a_removed_trust_domain_revokes_open_connections() {
     h.proxy.logs.wait_for("the reload", |l| {
         l.contains("reloaded server certificate and trust bundles")
     });
-    conn.write_all(absolute_get(&h, "/after").as_bytes())
-        .await
-        .unwrap();
-    let refused = read_response(&mut conn).await;
-    refused.assert_refused(403, "identity_revoked");
-    let reason = refused.json()["reason"].as_str().unwrap().to_owned();
-    assert!(
-        reason.contains("trust domain other.test is no longer trusted"),
-        "{reason}"
-    );
-    assert_closed("the proxy connection", &mut conn).await;
+    let why = "trust domain other.test is no longer trusted";
+    assert_revoked_on_open(&h, &mut conn, why).await;
     assert_closed("the intercepted tunnel", &mut intercepted).await;
-    assert!(h.up.seen().iter().all(|s| s.path != "/after"));
 }
 
 /// `limits.max_connection_age`: a request in flight when the age is reached completes with
@@ -611,20 +618,10 @@ async fn a_revoked_spiffe_id_is_refused_on_open_and_new_connections() {
     assert!(ok, "{err}");
     assert!(out.contains("prefix:spiffe://acme.test/agents/r"), "{out}");
 
-    conn.write_all(absolute_get(&h, "/after").as_bytes())
-        .await
-        .unwrap();
-    let refused = read_response(&mut conn).await;
-    refused.assert_refused(403, "identity_revoked");
-    let reason = refused.json()["reason"].as_str().unwrap().to_owned();
-    assert!(
-        reason.contains("revoked by an operator: prefix:spiffe://acme.test/agents/r (key leaked)"),
-        "{reason}"
-    );
-    assert_closed("the proxy connection", &mut conn).await;
+    let why = "revoked by an operator: prefix:spiffe://acme.test/agents/r (key leaked)";
+    assert_revoked_on_open(&h, &mut conn, why).await;
     assert_closed("the intercepted tunnel", &mut intercepted).await;
     assert_closed("the passthrough tunnel", &mut passthrough).await;
-    assert!(h.up.seen().iter().all(|s| s.path != "/after"));
 
     let out = h.curl_as(&client, &[&h.url("/new")]).await;
     assert!(!out.success && out.status != 200, "{out:?}");
