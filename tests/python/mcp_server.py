@@ -65,7 +65,7 @@ class MemoryEventStore(EventStore):
         return stream
 
 
-def build_mcp(variant: str, json_response: bool, event_store: bool = False) -> FastMCP:
+def build_mcp(variant: str, json_response: bool, event_store: bool = False, list_changed: bool = False) -> FastMCP:
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
         allowed_hosts=["127.0.0.1", "localhost", "127.0.0.1:*", "localhost:*"],
@@ -105,6 +105,13 @@ def build_mcp(variant: str, json_response: bool, event_store: bool = False) -> F
             await ctx.report_progress(i + 1, steps, f"step {i + 1}/{steps}")
             await asyncio.sleep(0.3)
         return "done"
+
+    if list_changed:
+
+        @mcp.tool(description="Announce a changed tool list (notifications/tools/list_changed), then return 'announced'")
+        async def change_tools(ctx: Context) -> str:
+            await ctx.session.send_tool_list_changed()
+            return "announced"
 
     return mcp
 
@@ -245,7 +252,7 @@ class ForceGzip:
 
 
 async def serve(args) -> int:
-    mcp = build_mcp(args.variant, args.json_response, args.event_store)
+    mcp = build_mcp(args.variant, args.json_response, args.event_store, args.list_changed)
     inner = mcp.sse_app() if args.transport == "sse" else mcp.streamable_http_app()
     app = RecordMiddleware(inner, Recorder(args.record))
     if args.gzip:
@@ -290,6 +297,7 @@ def main() -> None:
     parser.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
     parser.add_argument("--event-store", action="store_true")
     parser.add_argument("--gzip", action="store_true", help="compress every response, whatever was asked")
+    parser.add_argument("--list-changed", action="store_true", help="add the change_tools tool")
     args = parser.parse_args()
     sys.exit(asyncio.run(serve(args)))
 

@@ -399,6 +399,51 @@ async fn mcp_headers_that_disagree_with_the_body_are_refused() {
     assert_eq!(s.server.received_tools(), ["search_issues"]);
 }
 
+/// A server that announces a changed tool list (`notifications/tools/list_changed`, here on the
+/// session's GET stream) with `tool_changes: deny`: calls wait for a fresh listing (whose
+/// definitions are checked against their pins) before they go through again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_list_changed_announcement_makes_calls_wait_for_a_fresh_listing() {
+    let Harness { pki, proxy, .. } = Harness::builder()
+        .config(|c| c["mcp"] = json!({"tool_changes": "deny"}))
+        .start()
+        .await;
+    let server = McpServer::start_with(&pki, free_addr().port(), "v1", &["--list-changed"]);
+    let research = pki.client("research", "spiffe://acme.test/agents/research");
+    let ops = json!([
+        {"op": "list_tools"},
+        {"op": "call", "tool": "change_tools", "args": {}},
+    ]);
+    let r = mcp_client_via(&pki, &server, &proxy, &research, ops).await;
+    assert!(
+        listed_tools(&r[0]).contains(&"change_tools".to_owned()),
+        "{r:?}"
+    );
+    assert_eq!(r[1]["text"], "announced", "{r:?}");
+    // The announcement travels on the session's GET stream: wait until the proxy saw it.
+    proxy.logs.wait_for("the announcement", |l| {
+        l.contains("announced a changed tool list")
+    });
+    let ops = json!([
+        {"op": "call", "tool": "search_issues", "args": {"query": "a"}},
+        {"op": "list_tools"},
+        {"op": "call", "tool": "search_issues", "args": {"query": "b"}},
+    ]);
+    let r = mcp_client_via(&pki, &server, &proxy, &research, ops).await;
+    assert_eq!(r[0]["is_error"], true, "{r:?}");
+    let reason = r[0]["error"]["data"]["reason"].as_str().unwrap();
+    assert!(reason.contains("list the tools again"), "{reason}");
+    assert_eq!(r[2]["is_error"], false, "{r:?}");
+    assert_eq!(r[2]["text"], "found 3 issues for b", "{r:?}");
+    let calls: Vec<_> = server
+        .received()
+        .into_iter()
+        .filter(|m| m["tool"] == "search_issues")
+        .map(|m| m["arguments"]["query"].clone())
+        .collect();
+    assert_eq!(calls, [json!("b")], "the refused call was forwarded");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_progress_is_streamed_not_buffered() {
     let s = setup(|_| {}).await;

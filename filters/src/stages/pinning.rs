@@ -75,6 +75,9 @@ struct Pins {
     per_server: HashMap<String, usize>,
     /// (server, definition without its name) -> the name it was first pinned under.
     shapes: HashMap<(String, String), String>,
+    /// Servers that announced a changed tool list (`notifications/tools/list_changed`) since
+    /// the proxy last saw their listing: their pins are not known to be current.
+    stale: std::collections::HashSet<String>,
 }
 
 impl Pins {
@@ -266,6 +269,9 @@ impl ToolPins {
     /// its pin, or it is new but a pinned definition whose name this listing no longer shows
     /// (the same tool renamed: flagged like a change).
     pub fn observe_listing(&self, server: &str, tools: &[Value]) -> Vec<bool> {
+        if let Ok(mut pins) = self.pins.lock() {
+            pins.stale.remove(server);
+        }
         let listed: Vec<&str> = tools
             .iter()
             .filter_map(|t| t.get("name").and_then(Value::as_str))
@@ -274,6 +280,27 @@ impl ToolPins {
             .iter()
             .map(|t| self.observe_in(server, t, &listed))
             .collect()
+    }
+
+    /// `server` announced that its tool list changed: until a listing of it is seen again,
+    /// its pins are not known to hold ([`ToolPins::is_stale`]). Only a server with pins is
+    /// remembered (the set stays bounded by the pins).
+    pub fn mark_stale(&self, server: &str) {
+        let Ok(mut pins) = self.pins.lock() else {
+            return;
+        };
+        if pins.per_server.contains_key(server) && pins.stale.insert(server.to_owned()) {
+            tracing::info!(
+                server,
+                "MCP server announced a changed tool list: its tools are checked again at the next listing"
+            );
+        }
+    }
+
+    /// Whether `server` announced a changed tool list not listed since (fail closed: a
+    /// poisoned map counts as stale).
+    pub fn is_stale(&self, server: &str) -> bool {
+        self.pins.lock().map_or(true, |p| p.stale.contains(server))
     }
 
     /// [`ToolPins::observe_listing`] of a listing of this one tool.
@@ -453,17 +480,22 @@ impl Filter for ToolPinning {
             .filter(|t| self.pins.is_changed(&server, t))
             .map(str::to_owned)
             .collect();
-        if changed.is_empty() {
+        let calls = req.messages.iter().any(|m| m.tool().is_some());
+        let stale = calls && self.pins.is_stale(&server);
+        if changed.is_empty() && !stale {
             return Action::Continue;
         }
         ctx.mcp.changed_tools = changed.clone();
         if self.pins.on_change == OnChange::Log {
             return Action::Continue;
         }
-        let reason = format!(
-            "tool definition changed since it was pinned ({}); an operator must accept it",
-            changed.join(", ")
-        );
+        let reason = match changed.is_empty() {
+            true => "the server announced a changed tool list (notifications/tools/list_changed): list the tools again before calling one".to_owned(),
+            false => format!(
+                "tool definition changed since it was pinned ({}); an operator must accept it",
+                changed.join(", ")
+            ),
+        };
         let answer = req.refusal(|_| &reason, &ctx.trace.id.to_string());
         let mut rej = Rejection::new(ErrorCode::PolicyDenied, reason.clone());
         rej.jsonrpc = Some(answer);
@@ -478,11 +510,25 @@ impl Filter for ToolPinning {
         resp: &http::response::Parts,
         _chain: &Chain,
     ) -> Option<Box<dyn BodyTransform>> {
+        let server = ctx.destination.authority();
         if !ctx.lists_tools() {
-            return None;
+            // Any event stream may announce a changed tool list (the standalone GET stream
+            // opens before the first listing): watched always, remembered for servers with
+            // pins.
+            let stream = resp
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+            return stream.then(|| {
+                Box::new(ListChangedWatch {
+                    pins: self.pins.clone(),
+                    server,
+                    tail: Vec::new(),
+                }) as Box<dyn BodyTransform>
+            });
         }
         let pins = self.pins.clone();
-        let server = ctx.destination.authority();
         EditMessages::for_response(resp, self.list_limit, move |msg: &mut Value| {
             let Some(tools) = msg
                 .pointer_mut("/result/tools")
@@ -498,11 +544,73 @@ impl Filter for ToolPinning {
     }
 }
 
+const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
+
+/// Watches an event stream, passing every byte on as it comes, for the method name of
+/// `notifications/tools/list_changed` (across chunk boundaries): seen, the server's pins are
+/// marked stale. The name anywhere in the stream counts (a tool result quoting it too: the
+/// cost is one more listing, never a pass).
+struct ListChangedWatch {
+    pins: std::sync::Arc<ToolPins>,
+    server: String,
+    /// The last bytes of the previous chunk (fewer than the name's length).
+    tail: Vec<u8>,
+}
+
+impl BodyTransform for ListChangedWatch {
+    fn data(
+        &mut self,
+        chunk: bytes::Bytes,
+    ) -> Result<bytes::Bytes, crate::pipeline::TransformError> {
+        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(LIST_CHANGED));
+        let keep = LIST_CHANGED.len() - 1;
+        // The previous chunk's tail and this chunk's head: a name cut by the boundary.
+        let mut seam = std::mem::take(&mut self.tail);
+        seam.extend_from_slice(&chunk[..chunk.len().min(keep)]);
+        if FINDER.find(&seam).is_some() || FINDER.find(&chunk).is_some() {
+            self.pins.mark_stale(&self.server);
+        }
+        // The last `keep` bytes seen so far.
+        self.tail = match chunk.len().checked_sub(keep) {
+            Some(from) => chunk[from..].to_vec(),
+            None => seam[seam.len().saturating_sub(keep)..].to_vec(),
+        };
+        Ok(chunk)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_list_changed_announcement_makes_calls_wait_for_a_fresh_listing() {
+        let pins = std::sync::Arc::new(ToolPins::new(OnChange::Deny));
+        let tool = json!({"name": "search", "description": "Search"});
+        assert!(!pins.observe("s:443", &tool));
+        let event = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n";
+        // Split at every point: the name is found across any chunk boundary.
+        for cut in 0..event.len() {
+            let mut watch = ListChangedWatch {
+                pins: pins.clone(),
+                server: "s:443".into(),
+                tail: Vec::new(),
+            };
+            for part in [&event[..cut], &event[cut..]] {
+                let out = watch.data(bytes::Bytes::copy_from_slice(part)).unwrap();
+                assert_eq!(&out[..], part, "passed on unchanged");
+            }
+            assert!(pins.is_stale("s:443"), "cut at {cut}");
+            pins.observe_listing("s:443", std::slice::from_ref(&tool));
+            assert!(!pins.is_stale("s:443"), "a listing clears it");
+        }
+        // A server without pins is not remembered.
+        pins.mark_stale("unknown:443");
+        assert!(!pins.is_stale("unknown:443"));
+    }
 
     #[test]
     fn first_sight_pins_then_changes_are_detected_until_accepted() {
