@@ -214,25 +214,23 @@ impl Binding {
                 _ => (rest, None),
             },
         };
-        let pattern = host.strip_prefix("*.").unwrap_or(host);
-        if pattern.is_empty()
-            || pattern.contains(['/', '*', ' ', '@', '?', '#'])
-            || (pattern == host && Host::parse(host).is_err())
-        {
-            return Err(format!(
-                "{s:?} is not a host, *.suffix or [ipv6], with an optional :port"
-            ));
-        }
+        // Stored normalized (a DNS name lowercase, an IP canonical): a `*.suffix` must be a
+        // DNS name too, so every binding is a host the proxy could connect to.
+        let not_a_host =
+            || format!("{s:?} is not a host, *.suffix or [ipv6], with an optional :port");
+        let host = match host.strip_prefix("*.") {
+            Some(suffix) => match Host::parse(suffix) {
+                Ok(Host::Dns(name)) => format!("*.{name}"),
+                _ => return Err(not_a_host()),
+            },
+            None => Host::parse(host).map_err(|_| not_a_host())?.to_string(),
+        };
         let port = match port {
             None => Some(scheme.default_port()),
             Some("*") => None,
             Some(p) => Some(parse_port(p).map_err(|e| format!("{s:?}: {e}"))?),
         };
-        Ok(Binding {
-            scheme,
-            host: host.to_owned(),
-            port,
-        })
+        Ok(Binding { scheme, host, port })
     }
 
     /// Whether a secret bound here may be sent to `dest`.
@@ -1003,8 +1001,22 @@ mod tests {
             "x:y:z",
             "h@x",
             "*.",
+            // Found by fuzzing (tests/fuzz connect_authority): a `*.suffix` that is no name.
+            "*.]::",
+            "*.github\u{0}\u{1c}:x",
+            "*.10.0.0.1",
+            "*.*.example.com",
         ] {
             assert!(Binding::parse(bad).is_err(), "{bad:?}");
         }
+        // Stored normalized, so a binding renders as what it matches.
+        assert_eq!(
+            Binding::parse("*.GitHub.COM.").unwrap().to_string(),
+            "https://*.github.com:443"
+        );
+        assert_eq!(
+            Binding::parse("API.example.com:8443").unwrap().host,
+            "api.example.com"
+        );
     }
 }
