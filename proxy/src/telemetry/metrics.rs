@@ -84,10 +84,13 @@ impl Histogram {
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let series = labels.trim_end_matches(',');
+        let series = match labels.trim_end_matches(',') {
+            "" => String::new(),
+            set => format!("{{{set}}}"),
+        };
         let _ = writeln!(
             out,
-            "{name}_sum{{{series}}} {sum}\n{name}_count{{{series}}} {count}"
+            "{name}_sum{series} {sum}\n{name}_count{series} {count}"
         );
     }
 }
