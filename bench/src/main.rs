@@ -2,6 +2,8 @@
 //! generated PKI and config, runs the selected scenarios back to back in one invocation (so
 //! ratios are fair), and reports throughput, latency and the proxy's own CPU and memory.
 //! Every run is bounded: warm-up + duration per scenario, a timeout on every request.
+//! `--soak DURATION` instead drives one full-pipeline proxy at a fixed rate and watches its
+//! RSS, fds and tasks for growth (see `soak`).
 #![forbid(unsafe_code)]
 
 mod client;
@@ -14,6 +16,7 @@ mod proxy_proc;
 mod report;
 mod scenario;
 mod setup;
+mod soak;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -119,7 +122,37 @@ struct Args {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Soak instead of scenarios: the full pipeline (policy, credentials through Redis, MCP,
+    /// decision log, span export) at `--rate` (default 200/s) open loop for this long (e.g.
+    /// 20s, 10m, 1h), sampling the proxy's RSS, fds, threads and tokio tasks; fails on any
+    /// error or on growth after the warm-up.
+    #[arg(long, value_parser = parse_duration)]
+    soak: Option<Duration>,
+    /// Soak: time between samples.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    soak_interval: Duration,
+    /// Soak: most requests in flight; a request due while all are busy starts late.
+    #[arg(long, default_value_t = 64)]
+    soak_inflight: usize,
+    /// Soak: idle keep-alive connections kept for reuse.
+    #[arg(long, default_value_t = 8)]
+    soak_connections: usize,
+    /// Soak: requests per connection before it is closed and a new one opened.
+    #[arg(long, default_value_t = 100)]
+    soak_requests_per_connection: u32,
+    /// Soak: the samples as CSV [default: OUT_DIR/soak.csv].
+    #[arg(long)]
+    soak_csv: Option<PathBuf>,
+    /// Soak: the chart as PNG [default: OUT_DIR/soak.png].
+    #[arg(long)]
+    soak_png: Option<PathBuf>,
+    /// Where the soak writes its CSV and PNG unless given their own paths.
+    #[arg(long, default_value = ".")]
+    out_dir: PathBuf,
 }
+
+/// The soak's default request rate (requests per second).
+const SOAK_RATE: f64 = 200.0;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -127,6 +160,13 @@ async fn main() -> ExitCode {
     if args.list {
         list_scenarios();
         return ExitCode::SUCCESS;
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        eprintln!("portcullis-bench: --rate must be a positive number of requests per second");
+        return ExitCode::from(2);
+    }
+    if let Some(duration) = args.soak {
+        return soak(&args, duration).await;
     }
     if args.smoke {
         args.connections = 2;
@@ -144,10 +184,6 @@ async fn main() -> ExitCode {
     {
         // The CONNECT targets are 127.0.0.1 (intercepted) and localhost (passthrough).
         eprintln!("portcullis-bench: --upstream {u}: must be 127.0.0.1:PORT");
-        return ExitCode::from(2);
-    }
-    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        eprintln!("portcullis-bench: --rate must be a positive number of requests per second");
         return ExitCode::from(2);
     }
     let list = match args.peers {
@@ -234,6 +270,59 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// `--soak`: check the flags, run, and exit 0 only when the soak passed.
+async fn soak(args: &Args, duration: Duration) -> ExitCode {
+    if args.soak_interval.is_zero()
+        || duration < args.soak_interval
+        || args.soak_inflight == 0
+        || args.soak_connections == 0
+        || args.soak_requests_per_connection == 0
+    {
+        eprintln!(
+            "portcullis-bench: --soak must be at least --soak-interval (> 0), and --soak-inflight, \
+             --soak-connections and --soak-requests-per-connection positive"
+        );
+        return ExitCode::from(2);
+    }
+    let bin = match proxy_proc::resolve_bin(args.proxy_bin.as_deref()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("portcullis-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = soak::Options {
+        duration,
+        interval: args.soak_interval,
+        plan: soak::Plan {
+            rate: args.rate.unwrap_or(SOAK_RATE),
+            inflight: args.soak_inflight,
+            connections: args.soak_connections,
+            requests_per_connection: args.soak_requests_per_connection,
+            request_timeout: args.request_timeout,
+        },
+        bin,
+        csv: args
+            .soak_csv
+            .clone()
+            .unwrap_or_else(|| args.out_dir.join("soak.csv")),
+        png: args
+            .soak_png
+            .clone()
+            .unwrap_or_else(|| args.out_dir.join("soak.png")),
+        json: args.json.clone(),
+        keep_dir: args.keep_dir,
+    };
+    match soak::run(&options).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("portcullis-bench: soak: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Set up, run every selected scenario, tear down. Rows measured before an error are still put
@@ -566,7 +655,7 @@ fn list_scenarios() {
     }
 }
 
-/// `250ms`, `5s`, `1.5s`, `2m`.
+/// `250ms`, `5s`, `1.5s`, `2m`, `1h`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -579,7 +668,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -616,7 +706,8 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("5d").is_err());
         assert!(parse_duration("fast").is_err());
     }
 

@@ -59,11 +59,13 @@ fn parse_system_busy(stat: &str) -> Option<u64> {
     Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
 }
 
-/// Memory figures in KiB: current resident set and its peak.
+/// Memory figures in KiB: current resident set and its peak; and the thread count (from the
+/// same file).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Mem {
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    pub threads: u64,
 }
 
 pub fn mem(pid: u32) -> Result<Mem> {
@@ -84,7 +86,15 @@ fn parse_status(status: &str) -> Mem {
     Mem {
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
+        threads: kib("Threads:"),
     }
+}
+
+/// Open file descriptors of a process: the entries of `/proc/<pid>/fd`.
+pub fn fds(pid: u32) -> Result<u64> {
+    let path = proc_path(pid, "fd");
+    let dir = std::fs::read_dir(&path).with_context(|| format!("reading {path}"))?;
+    Ok(dir.count() as u64)
 }
 
 fn proc_path(pid: u32, file: &str) -> String {
@@ -115,13 +125,15 @@ mod tests {
 
     #[test]
     fn status_memory_lines() {
-        let m = parse_status("Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n");
-        assert_eq!((m.rss_kib, m.hwm_kib), (1024, 2048));
+        let m = parse_status("Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nThreads:\t3\n");
+        assert_eq!((m.rss_kib, m.hwm_kib, m.threads), (1024, 2048, 3));
     }
 
     #[test]
     fn own_process_is_readable() {
         cpu_us(0).unwrap();
         assert!(mem(0).unwrap().rss_kib > 0);
+        assert!(mem(0).unwrap().threads > 0);
+        assert!(fds(0).unwrap() >= 3);
     }
 }

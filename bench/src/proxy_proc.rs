@@ -44,10 +44,22 @@ impl ProxyProcess {
     /// Start the proxy and wait for its JSON `listening` line. `log_filter` becomes
     /// `PORTCULLIS_LOG`.
     pub fn start(bin: &Path, config: &Path, log_filter: &str) -> Result<ProxyProcess> {
+        ProxyProcess::start_with_env(bin, config, log_filter, &[])
+    }
+
+    /// As [`ProxyProcess::start`], with extra environment variables (secrets the config
+    /// references as `env:NAME`).
+    pub fn start_with_env(
+        bin: &Path,
+        config: &Path,
+        log_filter: &str,
+        env: &[(&str, &str)],
+    ) -> Result<ProxyProcess> {
         let mut child = Command::new(bin)
             .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
             .env("PORTCULLIS_LOG", log_filter)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -148,6 +160,11 @@ impl Drop for ProxyProcess {
 
 /// A counter from the proxy's `/metrics` (admin listener), if it answers and has it.
 pub async fn admin_metric(admin: SocketAddr, name: &str) -> Option<u64> {
+    metric(&admin_metrics(admin).await?, name)
+}
+
+/// The proxy's whole `/metrics` text, if it answers within 5 s.
+pub async fn admin_metrics(admin: SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
@@ -156,13 +173,18 @@ pub async fn admin_metric(admin: SocketAddr, name: &str) -> Option<u64> {
             .ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).await.ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        Some(text)
     };
     tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
         .ok()
         .flatten()
+}
+
+/// The value of an unlabelled metric in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The `proxy` and `admin` addresses of the JSON `listening` event, if `line` is it.
@@ -195,5 +217,13 @@ mod tests {
         assert!(listening(nested).is_some());
         assert!(listening(r#"{"message":"reloaded"}"#).is_none());
         assert!(listening("not json").is_none());
+    }
+
+    #[test]
+    fn metrics_are_found_by_exact_name() {
+        let text = "# TYPE a_total counter\na_total_x 9\na_total 3\nb{kind=\"x\"} 4\n";
+        assert_eq!(metric(text, "a_total"), Some(3));
+        assert_eq!(metric(text, "b"), None);
+        assert_eq!(metric(text, "c"), None);
     }
 }

@@ -198,6 +198,8 @@ const EXAMPLE_POLICY: &[(&str, &str)] = &[
 
 /// The placeholder the `full` profile's requests carry; substituted with a file secret.
 pub const BENCH_PLACEHOLDER: &str = "pcx_bench";
+/// Its real value (in the `bench-secret` file), which the upstream's `/cred` checks for.
+pub const BENCH_SECRET: &str = "bench-real-secret-value";
 
 impl Setup {
     /// The config of a non-bare profile, with its policy directory; `otlp` is where `full`
@@ -221,36 +223,12 @@ impl Setup {
             write_file(&path, format!("{cfg:#}\n").as_bytes(), false)?;
             return Ok(path);
         }
-        let dir = self.dir.join(format!("policy-{name}"));
-        std::fs::create_dir_all(dir.join("portcullis")).context("creating the policy dir")?;
-        for (file, text) in EXAMPLE_POLICY {
-            write_file(&dir.join(file), text.as_bytes(), false)?;
-        }
-        // The load client's identity may reach the built-in upstream (the example policy's
-        // data shape); policy-heavy adds thousands of other identities and hosts around it.
-        let mut agents = serde_json::Map::new();
-        if profile == Profile::PolicyHeavy {
-            for i in 0..5000 {
-                let hosts: Vec<String> = (0..20)
-                    .map(|h| format!("api-{h}.tenant-{i}.example.com"))
-                    .collect();
-                agents.insert(
-                    format!("spiffe://bench.test/tenant-{i}/agent"),
-                    json!({"hosts": hosts}),
-                );
-            }
-        }
-        agents.insert(CLIENT_ID.into(), json!({"hosts": [MITM_HOST]}));
-        write_file(
-            &dir.join("bench.json"),
-            json!({"agents": agents}).to_string().as_bytes(),
-            false,
-        )?;
+        self.write_example_policy(name, profile == Profile::PolicyHeavy)?;
         let mut cfg = base_config(&format!("policy-{name}/"));
         if profile == Profile::Full {
             write_file(
                 &self.dir.join("bench-secret"),
-                b"bench-real-secret-value\n",
+                format!("{BENCH_SECRET}\n").as_bytes(),
                 false,
             )?;
             cfg["credentials"] = json!([{
@@ -272,7 +250,110 @@ impl Setup {
         write_file(&path, format!("{cfg:#}\n").as_bytes(), false)?;
         Ok(path)
     }
+
+    /// `policy-NAME/`: the example policy with the load client's identity allowed to reach
+    /// the built-in upstream (the example's data shape); `heavy` adds thousands of other
+    /// identities and hosts around it.
+    fn write_example_policy(&self, name: &str, heavy: bool) -> Result<PathBuf> {
+        let dir = self.dir.join(format!("policy-{name}"));
+        std::fs::create_dir_all(dir.join("portcullis")).context("creating the policy dir")?;
+        for (file, text) in EXAMPLE_POLICY {
+            write_file(&dir.join(file), text.as_bytes(), false)?;
+        }
+        let mut agents = serde_json::Map::new();
+        if heavy {
+            for i in 0..5000 {
+                let hosts: Vec<String> = (0..20)
+                    .map(|h| format!("api-{h}.tenant-{i}.example.com"))
+                    .collect();
+                agents.insert(
+                    format!("spiffe://bench.test/tenant-{i}/agent"),
+                    json!({"hosts": hosts}),
+                );
+            }
+        }
+        agents.insert(CLIENT_ID.into(), json!({"hosts": [MITM_HOST]}));
+        write_file(
+            &dir.join("bench.json"),
+            json!({"agents": agents}).to_string().as_bytes(),
+            false,
+        )?;
+        Ok(dir)
+    }
+
+    /// The soak's proxy config: the `full` profile (example policy, the file credential, the
+    /// decision log, span export to `otlp`) plus an OAuth credential whose token endpoint is the
+    /// built-in upstream (`upstream`), cached in the Redis at `redis_url`, and a policy rule that
+    /// hides one of the upstream's MCP tools (so `tools/list` results are filtered). The two
+    /// secrets the config names come from the environment ([`SOAK_ENV`]).
+    pub fn write_soak(
+        &self,
+        otlp: SocketAddr,
+        upstream: SocketAddr,
+        redis_url: &str,
+    ) -> Result<PathBuf> {
+        let dir = self.write_example_policy("soak", false)?;
+        write_file(
+            &dir.join("portcullis/soak.rego"),
+            SOAK_RULE.as_bytes(),
+            false,
+        )?;
+        write_file(
+            &self.dir.join("bench-secret"),
+            format!("{BENCH_SECRET}\n").as_bytes(),
+            false,
+        )?;
+        let hosts = json!([MITM_HOST, format!("{MITM_HOST}:*")]);
+        let mut cfg = base_config("policy-soak/");
+        cfg["credentials"] = json!([
+            {
+                "name": "bench", "placeholder": BENCH_PLACEHOLDER, "hosts": hosts,
+                "source": {"file": "bench-secret"},
+            },
+            {
+                "name": "oauth", "placeholder": OAUTH_PLACEHOLDER, "hosts": hosts,
+                "source": {"oauth": {
+                    "token_url": format!("https://{upstream}/oauth/token"),
+                    "client_id": "portcullis-soak",
+                    "client_secret": format!("env:{}", SOAK_ENV[0]),
+                    "ca": "upstream-ca.pem",
+                }},
+            },
+        ]);
+        cfg["telemetry"] = json!({
+            "decision_log": "stdout",
+            "otlp_endpoint": format!("http://{otlp}"),
+            "otlp_protocol": "http/protobuf",
+        });
+        cfg["redis"] = json!({
+            "url": redis_url,
+            "encryption_key": format!("env:{}", SOAK_ENV[1]),
+            "prefix": "portcullis-soak",
+        });
+        let path = self.dir.join("config-soak.yaml");
+        write_file(&path, format!("{cfg:#}\n").as_bytes(), false)?;
+        Ok(path)
+    }
 }
+
+/// The placeholder of the soak's OAuth credential.
+pub const OAUTH_PLACEHOLDER: &str = "pcx_soak_oauth";
+
+/// The environment variables the soak config's secret references name: the OAuth client
+/// secret and the Redis cache's encryption key.
+pub const SOAK_ENV: [&str; 2] = ["PORTCULLIS_SOAK_OAUTH_SECRET", "PORTCULLIS_SOAK_REDIS_KEY"];
+
+/// Added to the example policy for the soak: one of the upstream's tools is never allowed, so
+/// every `tools/list` result is filtered.
+const SOAK_RULE: &str = r#"package portcullis
+
+import rego.v1
+
+deny contains "soak: delete_all is never allowed" if {
+	input.kind == "mcp"
+	input.mcp.tool == "delete_all"
+}
+"#;
 
 /// The built-in upstream offers h2 (as most HTTPS APIs do) unless told not to; the proxy's
 /// upstream client then multiplexes every tunnel's requests onto shared h2 connections.

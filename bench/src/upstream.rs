@@ -1,11 +1,14 @@
 //! The built-in upstream: an HTTPS server on loopback that does as little as possible per
 //! request, so the numbers measure the proxy. `/small` is a fixed ~100-byte JSON body,
 //! `/bytes/N` streams N bytes from a static buffer (no allocation per chunk), and `/mcp`
-//! answers a JSON-RPC request with a small result.
+//! answers a JSON-RPC request with a small result (a tool list for `tools/list`). For the soak:
+//! `/cred` answers `/small`'s body only when the proxy substituted a credential, and
+//! `/oauth/token` issues short-lived OAuth access tokens.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -25,6 +28,15 @@ pub const SMALL_BODY: &[u8] =
 
 const CHUNK_LEN: usize = 64 * 1024;
 static CHUNK: [u8; CHUNK_LEN] = [b'x'; CHUNK_LEN];
+
+/// The tools `/mcp` lists; the soak's policy denies `delete_all`, so the proxy must filter it out.
+pub const MCP_TOOLS: &[&str] = &["echo", "search", "delete_all"];
+
+/// Prefix of the access tokens `/oauth/token` issues.
+pub const OAUTH_TOKEN_PREFIX: &str = "soak-oauth-";
+/// Their `expires_in`: with the proxy's default `refresh_before` (30 s) a token is used for
+/// 10 s, so the soak's OAuth credential goes through the Redis cache every 10 s.
+const OAUTH_EXPIRES_IN: u64 = 40;
 
 /// Largest `/bytes/N` served, so a typo cannot make the server stream for hours.
 const MAX_BYTES: u64 = 1 << 30;
@@ -91,26 +103,77 @@ async fn respond(req: Request<Incoming>) -> Response<UpBody> {
     if path == "/mcp" && req.method() == Method::POST {
         return mcp(req).await;
     }
+    if path == "/cred" {
+        return cred(&req);
+    }
+    if path == "/oauth/token" && req.method() == Method::POST {
+        return oauth_token();
+    }
     json(
         StatusCode::NOT_FOUND,
         Bytes::from_static(br#"{"error":"not found"}"#),
     )
 }
 
-/// A JSON-RPC answer with the request's `id`: a `tools/call` result for any request method.
+/// A JSON-RPC answer with the request's `id`: the tool list for `tools/list`, a `tools/call`
+/// result for any other method.
 async fn mcp(req: Request<Incoming>) -> Response<UpBody> {
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return json(StatusCode::BAD_REQUEST, Bytes::new()),
     };
-    let id = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("id").cloned())
-        .unwrap_or(serde_json::Value::Null);
+    let msg = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+    let id = msg.get("id").cloned().unwrap_or_default();
+    let listing = msg.get("method").and_then(|m| m.as_str()) == Some("tools/list");
+    let result = if listing {
+        let tools: Vec<serde_json::Value> = MCP_TOOLS
+            .iter()
+            .map(|name| {
+                serde_json::json!({
+                    "name": name,
+                    "description": format!("the bench's {name} tool"),
+                    "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}},
+                })
+            })
+            .collect();
+        serde_json::json!({ "tools": tools })
+    } else {
+        serde_json::json!({"content": [{"type": "text", "text": "ok"}], "isError": false})
+    };
+    let answer = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result});
+    json(StatusCode::OK, Bytes::from(answer.to_string()))
+}
+
+/// `/small`'s body when `Authorization` carries a real secret (the file credential's value or
+/// an issued OAuth token), 403 when it still carries a placeholder or nothing: the soak checks
+/// every substitution end to end.
+fn cred(req: &Request<Incoming>) -> Response<UpBody> {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let real = auth.strip_prefix(b"Bearer ").is_some_and(|t| {
+        t == crate::setup::BENCH_SECRET.as_bytes() || t.starts_with(OAUTH_TOKEN_PREFIX.as_bytes())
+    });
+    if real {
+        json(StatusCode::OK, Bytes::from_static(SMALL_BODY))
+    } else {
+        json(
+            StatusCode::FORBIDDEN,
+            Bytes::from_static(br#"{"error":"no substituted credential"}"#),
+        )
+    }
+}
+
+/// A `client_credentials` token response; every token is new.
+fn oauth_token() -> Response<UpBody> {
+    static ISSUED: AtomicU64 = AtomicU64::new(0);
+    let n = ISSUED.fetch_add(1, Ordering::Relaxed);
     let answer = serde_json::json!({
-        "jsonrpc": "2.0",
-        "id": id,
-        "result": {"content": [{"type": "text", "text": "ok"}], "isError": false},
+        "access_token": format!("{OAUTH_TOKEN_PREFIX}{n}"),
+        "token_type": "Bearer",
+        "expires_in": OAUTH_EXPIRES_IN,
     });
     json(StatusCode::OK, Bytes::from(answer.to_string()))
 }

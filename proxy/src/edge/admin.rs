@@ -222,6 +222,11 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
                 pins.len(),
                 pins.refused.load(std::sync::atomic::Ordering::Relaxed)
             );
+            let _ = writeln!(
+                out,
+                "# HELP portcullis_runtime_alive_tasks Tokio tasks alive now (spawned, not yet finished).\n# TYPE portcullis_runtime_alive_tasks gauge\nportcullis_runtime_alive_tasks {}",
+                tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_alive_tasks())
+            );
             text(StatusCode::OK, out)
         }
         "/mcp/pins" if req.method() == http::Method::GET => {
