@@ -32,3 +32,9 @@ pub mod tls {
     pub use crate::certs::{load_certs, load_key, provider};
     pub use crate::edge::tls::check_leaf;
 }
+
+/// The direct OTLP span encoder, re-exported for the fuzz targets (`tests/fuzz`). Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::telemetry::otlp::{Attributes, Encoder, Envelope, Kind, SpanHead};
+}
