@@ -26,6 +26,7 @@ use portcullis_filters::stages::policy::build_input;
 use portcullis_filters::{Context, Peer, Via};
 use portcullis_policy::input::{REDACTED, TRUNCATED_MARKER};
 use portcullis_policy::{redact_headers, Input, InputLimits};
+use serde_json::Value;
 
 fn lines<'a>(data: &mut &'a [u8]) -> Option<&'a [u8]> {
     if data.is_empty() {
@@ -69,6 +70,38 @@ fn stray_percent(path: &str) -> bool {
             && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
                 && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
     })
+}
+
+/// Equal, except that a float in the `mcp` document may come back one unit in the last place
+/// off: serde_json (without its `float_roundtrip` feature) does not always read the shortest
+/// representation it writes back to the same `f64` (README.md, note).
+fn assert_same(back: &Input, input: &Input) {
+    let (mut a, mut b) = (back.clone(), input.clone());
+    let (ma, mb) = (a.mcp.take(), b.mcp.take());
+    assert_eq!(a, b);
+    match (&ma, &mb) {
+        (Some(x), Some(y)) => assert!(close(x, y), "{x} != {y}"),
+        _ => assert_eq!(ma, mb),
+    }
+}
+
+fn close(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            x == y || (x - y).abs() <= 4.0 * f64::EPSILON * x.abs().max(y.abs())
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| close(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w)))
+        }
+        _ => a == b,
+    }
 }
 
 const SENSITIVE: [&str; 5] = [
@@ -202,7 +235,7 @@ fuzz_target!(|data: &[u8]| {
     // JSON, both ways.
     let json = serde_json::to_string(&input).expect("the input serializes");
     let back: Input = serde_json::from_str(&json).expect("the input deserializes");
-    assert_eq!(back, input);
+    assert_same(&back, &input);
 
     for limits in [InputLimits::default(), limits(ctl)] {
         let exceeded = input.exceeded(&limits);
@@ -223,6 +256,6 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(bounded.clone().bounded(&limits), bounded);
         let json = serde_json::to_string(&bounded).expect("the bounded input serializes");
         let back: Input = serde_json::from_str(&json).expect("the bounded input deserializes");
-        assert_eq!(back, bounded);
+        assert_same(&back, &bounded);
     }
 });
