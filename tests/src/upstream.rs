@@ -167,6 +167,26 @@ async fn respond(
             false => resp.body(Full::new(Bytes::from(echo))).unwrap(),
         };
     }
+    if req.uri().path() == "/sse-tools" {
+        // An MCP server answering every POST with a tools/list result on an event stream,
+        // after a progress notification. `?surrogate`: the listing holds a lone surrogate
+        // escape, which JavaScript's JSON.parse and Python's json read and serde_json refuses.
+        let extra = match req.uri().query() {
+            Some("surrogate") => r#","x":"\ud800""#,
+            _ => "",
+        };
+        let body = format!(
+            "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\
+             \"params\":{{\"progressToken\":1,\"progress\":1}}}}\n\n\
+             id: 2\ndata: {{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{{\"tools\":[\
+             {{\"name\":\"search_issues\",\"inputSchema\":{{\"type\":\"object\"}}}},\
+             {{\"name\":\"delete_repo\",\"inputSchema\":{{\"type\":\"object\"}}{extra}}}]}}}}\n\n"
+        );
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+    }
     if req.uri().path() == "/echo-forms" {
         // Reflect the Authorization value and the query in the forms APIs and frameworks
         // reflect values in: base64/base64url, JSON escapes, percent-encoding.

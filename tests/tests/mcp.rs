@@ -323,6 +323,48 @@ async fn a_compressed_tools_list_is_refused_not_passed_unfiltered() {
     assert!(refused.iter().all(|e| e["status"] == 200), "{refused:?}");
 }
 
+/// An event-stream answer whose data a client reads as JSON but the proxy cannot (here a lone
+/// surrogate escape, which JavaScript and Python accept and serde_json refuses) cannot be
+/// filtered: the stream ends before it, after the events before it went out edited. The same
+/// listing without it arrives filtered, so the test tells the two apart.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_the_proxy_cannot_read_ends_the_stream() {
+    let h = Harness::builder().policy(POLICY).start().await;
+    let intern = h.identity("intern");
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string();
+    let post = |query: &'static str| {
+        let url = format!("https://localhost:{}/sse-tools{query}", h.up.port());
+        let (h, intern, list) = (&h, &intern, list.clone());
+        async move {
+            let args = [
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "accept: application/json, text/event-stream",
+                "--data-binary",
+                &list,
+                &url,
+            ];
+            h.curl_as(intern, &args).await
+        }
+    };
+    let clean = post("").await;
+    assert!(clean.success, "{clean:?}");
+    assert!(clean.body.contains("notifications/progress"), "{clean:?}");
+    assert!(clean.body.contains("search_issues"), "{clean:?}");
+    assert!(!clean.body.contains("delete_repo"), "{clean:?}");
+
+    let unreadable = post("?surrogate").await;
+    assert!(
+        !unreadable.success,
+        "the stream ended normally: {unreadable:?}"
+    );
+    assert!(!unreadable.body.contains("delete_repo"), "{unreadable:?}");
+    assert!(!unreadable.body.contains("search_issues"), "{unreadable:?}");
+}
+
 /// MCP 2026-07-28 mirrors the method and the tool name into `Mcp-Method` and `Mcp-Name` and
 /// requires whoever processes the body to refuse a request whose headers disagree with it:
 /// refused with 400 and a JSON-RPC `HeaderMismatch` (-32020), never forwarded; headers that

@@ -6,18 +6,23 @@ use serde_json::Value;
 /// Rewrites the JSON-RPC messages of an MCP response body as it streams: an SSE body
 /// (`text/event-stream`) event by event, with no buffering beyond the current event; a JSON
 /// body whole, up to `limit` bytes. Each JSON-RPC message (and each element of a batch) is
-/// passed to the edit function; events without JSON data pass through byte for byte. A body
-/// (or one event) over the limit cannot be edited: it is dropped and `overflowed()` turns
-/// true, so the caller can end the response with an error instead of passing it unedited.
+/// passed to the edit function; events without data pass through byte for byte. What cannot
+/// be edited is never passed on unedited: a body (or one event) over the limit is dropped and
+/// `overflowed()` turns true; a JSON body that does not parse, or an event whose data is not
+/// JSON the proxy reads (see [`EventData`]), is dropped with everything after it and
+/// `unparsable()` turns true. The caller then ends the response with an error.
 #[derive(Debug)]
 pub struct ResponseRewriter {
     sse: bool,
     buf: Vec<u8>,
     limit: usize,
     overflow: bool,
-    /// A JSON body that did not parse (it is then dropped, not passed on unedited).
     unparsable: bool,
+    /// Whether the start of the stream (where a client drops one byte-order mark) is behind.
+    started: bool,
 }
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl ResponseRewriter {
     pub fn new(content_type: Option<&str>, limit: usize) -> Option<ResponseRewriter> {
@@ -33,12 +38,13 @@ impl ResponseRewriter {
             limit,
             overflow: false,
             unparsable: false,
+            started: false,
         })
     }
 
     /// Feed a chunk; returns the bytes ready to send now.
     pub fn push(&mut self, chunk: &[u8], edit: &mut dyn FnMut(&mut Value)) -> Vec<u8> {
-        if self.overflow {
+        if self.overflow || self.unparsable {
             return Vec::new();
         }
         self.buf.extend_from_slice(chunk);
@@ -49,9 +55,15 @@ impl ResponseRewriter {
             }
             return Vec::new();
         }
+        if !self.start_stream() {
+            return Vec::new();
+        }
         let mut out = Vec::new();
         while let Some(event) = next_event(&mut self.buf) {
-            out.extend_from_slice(&rewrite_event(&event, edit));
+            match rewrite_event(&event, edit) {
+                Some(edited) => out.extend_from_slice(&edited),
+                None => return self.refuse(out),
+            }
         }
         if self.buf.len() > self.limit {
             self.overflow = true;
@@ -62,23 +74,51 @@ impl ResponseRewriter {
 
     /// The end of the body: flush what is left.
     pub fn finish(&mut self, edit: &mut dyn FnMut(&mut Value)) -> Vec<u8> {
+        if self.overflow || self.unparsable {
+            return Vec::new();
+        }
+        if self.sse {
+            // A stream of one to two bytes of a byte-order mark is left as it is: not UTF-8.
+            let _ = self.start_stream();
+        }
         let rest = std::mem::take(&mut self.buf);
-        if self.overflow || rest.is_empty() {
+        if rest.is_empty() {
             return rest;
         }
         if self.sse {
-            return rewrite_event(&rest, edit);
+            return rewrite_event(&rest, edit).unwrap_or_else(|| self.refuse(Vec::new()));
         }
         match serde_json::from_slice::<Value>(&rest) {
             Ok(mut v) => {
                 edit_messages(&mut v, edit);
                 v.to_string().into_bytes()
             }
-            Err(_) => {
-                self.unparsable = true;
-                Vec::new()
-            }
+            Err(_) => self.refuse(Vec::new()),
         }
+    }
+
+    /// A client drops one byte-order mark at the start of an event stream (the SSE spec's
+    /// decoding): so does the rewriter, once it has the bytes to tell. False while the bytes
+    /// so far may still be the start of one.
+    fn start_stream(&mut self) -> bool {
+        if self.started {
+            return true;
+        }
+        if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) {
+            return false;
+        }
+        if self.buf.starts_with(BOM) {
+            self.buf.drain(..BOM.len());
+        }
+        self.started = true;
+        true
+    }
+
+    /// Unreadable data: what was edited before it goes out, it and the rest never do.
+    fn refuse(&mut self, out: Vec<u8>) -> Vec<u8> {
+        self.unparsable = true;
+        self.buf = Vec::new();
+        out
     }
 
     /// True when a body (or an event) exceeded the limit and was dropped.
@@ -86,7 +126,8 @@ impl ResponseRewriter {
         self.overflow
     }
 
-    /// True when a JSON body did not parse and was dropped.
+    /// True when a JSON body, or an event's data, was not JSON the proxy reads: it was
+    /// dropped, and so is the rest of the body.
     pub fn unparsable(&self) -> bool {
         self.unparsable
     }
@@ -164,18 +205,83 @@ pub fn sse_lines(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// The JSON value of an event's `data:` lines; `None` when it has none or they are not JSON.
-pub fn event_json(event: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(event).ok()?;
-    let data: Vec<&str> = sse_lines(text)
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d))
-        .collect();
-    if data.is_empty() {
+/// One SSE event as a client interprets it (WHATWG HTML, "interpreting an event stream"):
+/// its type (`message` unless an `event:` line says otherwise) and its data (the `data`
+/// lines' values joined by LF; `None` when it has no data line, and then a client dispatches
+/// nothing). A line is `field: value` (one space after the colon dropped), a lone `field`,
+/// or a `:` comment.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SseEvent<'a> {
+    pub kind: &'a str,
+    pub data: Option<String>,
+}
+
+impl<'a> SseEvent<'a> {
+    pub fn parse(text: &'a str) -> SseEvent<'a> {
+        let mut kind = "";
+        let mut data: Option<String> = None;
+        for (name, value) in sse_lines(text).filter_map(sse_field) {
+            match name {
+                "data" => {
+                    let d = data.get_or_insert_with(String::new);
+                    d.push_str(value);
+                    d.push('\n');
+                }
+                "event" => kind = value,
+                _ => {}
+            }
+        }
+        if let Some(d) = &mut data {
+            d.pop();
+        }
+        SseEvent {
+            kind: if kind.is_empty() { "message" } else { kind },
+            data,
+        }
+    }
+}
+
+/// A line's field name and value; `None` for a comment or an empty line.
+fn sse_field(line: &str) -> Option<(&str, &str)> {
+    if line.is_empty() || line.starts_with(':') {
         return None;
     }
-    serde_json::from_str(&data.join("\n")).ok()
+    Some(match line.split_once(':') {
+        Some((name, value)) => (name, value.strip_prefix(' ').unwrap_or(value)),
+        None => (line, ""),
+    })
 }
+
+/// What an event's data is to the proxy. MCP sends one JSON-RPC message (or batch) per event;
+/// a server may send events with empty data (to prime a reconnection). Data a client might
+/// read as JSON but the proxy does not (invalid UTF-8 that a client replaces, a lone surrogate
+/// escape that JavaScript accepts, nesting beyond serde_json's limit) is `Unreadable`, and so
+/// is any other non-JSON data: the proxy cannot tell what a client will do with it.
+#[derive(Debug, PartialEq)]
+pub enum EventData {
+    /// No data, or only JSON whitespace: no message.
+    Empty,
+    Json(Value),
+    Unreadable,
+}
+
+impl EventData {
+    pub fn of(event: &[u8]) -> EventData {
+        let Ok(text) = std::str::from_utf8(event) else {
+            return EventData::Unreadable;
+        };
+        match SseEvent::parse(text).data {
+            None => EventData::Empty,
+            Some(d) if d.trim_matches(JSON_WHITESPACE).is_empty() => EventData::Empty,
+            Some(d) => match serde_json::from_str(&d) {
+                Ok(v) => EventData::Json(v),
+                Err(_) => EventData::Unreadable,
+            },
+        }
+    }
+}
+
+const JSON_WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
 
 /// The ids of the JSON-RPC messages in `v` (a message or a batch).
 pub fn message_ids(v: &Value) -> Vec<&Value> {
@@ -215,16 +321,20 @@ fn event_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// Rewrite the `data:` of one SSE event if it is JSON; keep every other line as it was.
-fn rewrite_event(event: &[u8], edit: &mut dyn FnMut(&mut Value)) -> Vec<u8> {
-    let (Ok(text), Some(mut v)) = (std::str::from_utf8(event), event_json(event)) else {
-        return event.to_vec();
+/// Rewrite the data of one SSE event if it is JSON; keep every other line as it was. `None`
+/// when its data is [`EventData::Unreadable`].
+fn rewrite_event(event: &[u8], edit: &mut dyn FnMut(&mut Value)) -> Option<Vec<u8>> {
+    let mut v = match EventData::of(event) {
+        EventData::Empty => return Some(event.to_vec()),
+        EventData::Unreadable => return None,
+        EventData::Json(v) => v,
     };
+    let text = std::str::from_utf8(event).ok()?;
     edit_messages(&mut v, edit);
     let mut out = String::with_capacity(event.len());
     let mut wrote_data = false;
     for line in sse_lines(text) {
-        if line.starts_with("data:") {
+        if sse_field(line).is_some_and(|(name, _)| name == "data") {
             if !wrote_data {
                 out.push_str("data: ");
                 out.push_str(&v.to_string());
@@ -237,7 +347,7 @@ fn rewrite_event(event: &[u8], edit: &mut dyn FnMut(&mut Value)) -> Vec<u8> {
         }
     }
     out.push('\n');
-    out.into_bytes()
+    Some(out.into_bytes())
 }
 
 #[cfg(test)]
@@ -289,7 +399,11 @@ mod rewriter_tests {
             let got = split.push(stream).unwrap();
             assert_eq!(got.len(), events, "{:?}", String::from_utf8_lossy(stream));
             for e in &got {
-                assert!(event_json(e).is_some(), "{:?}", String::from_utf8_lossy(e));
+                assert!(
+                    matches!(EventData::of(e), EventData::Json(_)),
+                    "{:?}",
+                    String::from_utf8_lossy(e)
+                );
             }
         }
         // Byte by byte, the same events.
@@ -300,7 +414,10 @@ mod rewriter_tests {
             .flat_map(|b| split.push(&[*b]).unwrap())
             .collect();
         assert_eq!(got.len(), 2);
-        assert_eq!(event_json(&got[1]).unwrap()["a"], 2);
+        assert_eq!(
+            EventData::of(&got[1]),
+            EventData::Json(serde_json::json!({"a": 2}))
+        );
     }
 
     #[test]
@@ -317,6 +434,95 @@ mod rewriter_tests {
         assert!(r.push(b"{\"tools\": [oops", &mut drop_b).is_empty());
         assert!(r.finish(&mut drop_b).is_empty());
         assert!(r.unparsable());
+    }
+
+    const LIST: &str = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"},{"name":"b"}]}}"#;
+
+    /// Rewrites `stream` fed byte by byte and whole; both must agree.
+    fn rewrite(stream: &[u8]) -> (String, bool) {
+        let mut whole = ResponseRewriter::new(Some("text/event-stream"), 1 << 20).unwrap();
+        let mut out = whole.push(stream, &mut drop_b);
+        out.extend(whole.finish(&mut drop_b));
+        let mut split = ResponseRewriter::new(Some("text/event-stream"), 1 << 20).unwrap();
+        let mut out_split: Vec<u8> = stream
+            .iter()
+            .flat_map(|b| split.push(&[*b], &mut drop_b))
+            .collect();
+        out_split.extend(split.finish(&mut drop_b));
+        assert_eq!(out, out_split);
+        assert_eq!(whole.unparsable(), split.unparsable());
+        (
+            String::from_utf8_lossy(&out).into_owned(),
+            whole.unparsable(),
+        )
+    }
+
+    #[test]
+    fn data_a_client_may_read_but_the_proxy_cannot_ends_the_stream() {
+        let lone_surrogate = LIST.replace(r#""name":"b""#, r#""name":"b","x":"\ud800""#);
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let unreadable: [&[u8]; 5] = [
+            lone_surrogate.as_bytes(),
+            deep.as_bytes(),
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\xFF\"}]}}",
+            b"not json",
+            b"{\"jsonrpc\":\"2.0\"} {\"jsonrpc\":\"2.0\"}",
+        ];
+        for data in unreadable {
+            let stream = [
+                b"data: ",
+                LIST.as_bytes(),
+                b"\n\ndata: ",
+                data,
+                b"\n\nid: 3\ndata: ",
+                LIST.as_bytes(),
+                b"\n\n",
+            ]
+            .concat();
+            let (out, refused) = rewrite(&stream);
+            assert!(refused, "{data:?}");
+            // The event before goes out edited; the unreadable one and all after it never do.
+            assert_eq!(out.matches("data: ").count(), 1, "{out}");
+            assert!(!out.contains(r#""b""#) && !out.contains("id: 3"), "{out}");
+        }
+        // Invalid UTF-8 in a comment: the event is not read either.
+        let (out, refused) = rewrite(&[b": \xFF\ndata: ", LIST.as_bytes(), b"\n\n"].concat());
+        assert!(refused && out.is_empty(), "{out}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_dropped_as_a_client_drops_it() {
+        let (out, refused) = rewrite(&[b"\xEF\xBB\xBFdata: ", LIST.as_bytes(), b"\n\n"].concat());
+        assert!(!refused);
+        assert!(
+            out.starts_with("data: {") && !out.contains(r#""b""#),
+            "{out}"
+        );
+        // Anywhere else it is part of a field name: that line is no data line to a client.
+        let (out, refused) =
+            rewrite(&[b": x\n\n\xEF\xBB\xBFdata: ", LIST.as_bytes(), b"\n\n"].concat());
+        assert!(!refused);
+        assert!(out.contains(r#""b""#), "passed as no data: {out}");
+    }
+
+    #[test]
+    fn fields_are_read_as_a_client_reads_them() {
+        let e = SseEvent::parse("event:endpoint\ndata\ndata:x\ndata: y\n:c\nid\n\n");
+        assert_eq!(e.kind, "endpoint");
+        assert_eq!(e.data.as_deref(), Some("\nx\ny"));
+        assert_eq!(SseEvent::parse(": ping\n\n").data, None);
+        assert_eq!(
+            SseEvent::parse("id: 1\ndata:\n\n").data.as_deref(),
+            Some("")
+        );
+        assert_eq!(SseEvent::parse("data: 1\n\n").kind, "message");
+        // Priming events (an id, empty data) pass byte for byte.
+        let (out, refused) = rewrite(b"id: 7\ndata:\n\nid: 8\ndata: \r\n\r\n");
+        assert!(!refused);
+        assert_eq!(out, "id: 7\ndata:\n\nid: 8\ndata: \r\n\r\n");
+        // A data line without a colon is a data line: rewritten with the rest.
+        let (out, _) = rewrite(&[b"data: ", LIST.as_bytes(), b"\ndata\n\n"].concat());
+        assert_eq!(out.matches("data").count(), 1, "{out}");
     }
 
     #[test]

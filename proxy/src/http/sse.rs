@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::Method;
 use portcullis_filters::parse::destination::Destination;
 use portcullis_filters::parse::jsonrpc::McpRequest;
-use portcullis_filters::parse::mcp_body::{event_json, message_ids, sse_lines, SseEvents};
+use portcullis_filters::parse::mcp_body::{message_ids, EventData, SseEvent, SseEvents};
 use portcullis_filters::{
     Action, ActionKind, BodyTransform, Chain, Context, ErrorCode, Filter, Peer, Rejection,
     TransformError, Via,
@@ -375,11 +375,25 @@ impl SseTap {
     }
 
     /// An event that answers an awaited `tools/list` goes through the chain's response-body
-    /// phase for the listing request's context, exactly as a Streamable HTTP answer would.
+    /// phase for the listing request's context, exactly as a Streamable HTTP answer would. A
+    /// message event whose data the proxy cannot read (see [`EventData`]) might be that
+    /// answer: it ends the stream.
     fn answer(&self, event: Vec<u8>) -> Result<Bytes, TransformError> {
         let mut event = Bytes::from(event);
-        let (Some(session), Some(json)) = (&self.session, event_json(&event)) else {
+        let Some(session) = &self.session else {
             return Ok(event);
+        };
+        let json = match EventData::of(&event) {
+            EventData::Json(json) => json,
+            EventData::Empty => return Ok(event),
+            EventData::Unreadable if is_endpoint(&event) => return Ok(event),
+            EventData::Unreadable => {
+                return Err(TransformError(
+                    "an event whose data is not JSON the proxy reads, while a tools/list \
+                     answer is awaited"
+                        .into(),
+                ))
+            }
         };
         for id in message_ids(&json) {
             let Some(Listing { input, mcp }) = session.take_list(id) else {
@@ -424,23 +438,19 @@ impl Drop for SseTap {
     }
 }
 
+/// Whether an event is the older transport's `event: endpoint` (its data is a URL).
+fn is_endpoint(event: &[u8]) -> bool {
+    std::str::from_utf8(event).is_ok_and(|text| SseEvent::parse(text).kind == "endpoint")
+}
+
 /// The path and query announced by an `event: endpoint` among complete events in `head`.
 fn endpoint_event(head: &[u8]) -> Option<String> {
     let events = SseEvents::new(usize::MAX).push(head).ok()?;
     for event in events {
-        let event = std::str::from_utf8(&event).ok()?;
-        let mut is_endpoint = false;
-        let mut data = None;
-        for line in sse_lines(event) {
-            if let Some(v) = line.strip_prefix("event:") {
-                is_endpoint = v.trim() == "endpoint";
-            } else if let Some(v) = line.strip_prefix("data:") {
-                data = Some(v.trim().to_owned());
-            }
-        }
-        if let (true, Some(d)) = (is_endpoint, data) {
+        let event = SseEvent::parse(std::str::from_utf8(&event).ok()?);
+        if let ("endpoint", Some(d)) = (event.kind, event.data) {
             // Relative (the usual) or absolute; the proxy sees POSTs with path and query.
-            let uri: http::Uri = d.parse().ok()?;
+            let uri: http::Uri = d.trim().parse().ok()?;
             return uri.path_and_query().map(|pq| pq.as_str().to_owned());
         }
     }

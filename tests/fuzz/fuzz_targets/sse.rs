@@ -1,5 +1,5 @@
 //! Server-sent event streams (`filters/src/parse/mcp_body.rs`): the event splitter
-//! `SseEvents` (its `event_end`), `sse_lines`, `event_json`, `message_ids`, and the
+//! `SseEvents` (its `event_end`), `sse_lines`, `SseEvent`, `EventData`, `message_ids`, and the
 //! `ResponseRewriter` that edits the JSON-RPC messages of an MCP response stream (tool-list
 //! filtering and tool pinning run through it).
 //!
@@ -14,22 +14,16 @@
 //! - the events the rewriter emits are, to a client parsing the stream per the SSE spec
 //!   (WHATWG HTML §9.2.6), the same whether the stream comes whole or in chunks;
 //! - every event whose data a spec-compliant client reads as JSON reaches the client edited
-//!   (here the edit wraps each message in `{"edited": ...}`): the rewriter never lets an
-//!   event through unedited that the client would act on.
-//!
-//! Known findings are skipped unless `PORTCULLIS_FUZZ_STRICT=1` (see README.md).
+//!   (here the edit wraps each message in `{"edited": ...}`), or the stream ends before it
+//!   (`unparsable()`): the rewriter never lets an event through unedited that the client
+//!   would act on, and no event with data that is not JSON passes at all.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use portcullis_filters::parse::mcp_body::{
-    event_json, message_ids, sse_lines, ResponseRewriter, SseEvents,
+    message_ids, sse_lines, EventData, ResponseRewriter, SseEvent, SseEvents,
 };
 use serde_json::{json, Value};
-
-fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("PORTCULLIS_FUZZ_STRICT").is_some_and(|v| v == "1"))
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&ctl, stream)) = data.split_first() else {
@@ -60,8 +54,10 @@ fuzz_target!(|data: &[u8]| {
     for e in &whole_events {
         // Every event ends with a blank line.
         assert!(e.ends_with(b"\n") || e.ends_with(b"\r"), "{e:?}");
-        let _ = sse_lines(&String::from_utf8_lossy(e)).count();
-        if let Some(v) = event_json(e) {
+        let text = String::from_utf8_lossy(e);
+        let _ = sse_lines(&text).count();
+        let _ = SseEvent::parse(&text);
+        if let EventData::Json(v) = EventData::of(e) {
             let _ = message_ids(&v);
         }
     }
@@ -70,59 +66,62 @@ fuzz_target!(|data: &[u8]| {
     let mut rw = ResponseRewriter::new(Some("text/event-stream"), 1 << 24).expect("SSE");
     let out_whole = rw.push(stream, &mut edit);
     assert!(!rw.overflowed());
+    let refused = rw.unparsable();
     let _ = rw.finish(&mut edit);
     let mut rw = ResponseRewriter::new(Some("text/event-stream"), 1 << 24).expect("SSE");
     let mut out_split = Vec::new();
     for c in &chunks {
         out_split.extend(rw.push(c, &mut edit));
     }
-    let _ = rw.finish(&mut edit);
-    let got_whole = client_view(&out_whole, true);
     assert_eq!(
-        got_whole,
+        refused,
+        rw.unparsable(),
+        "refusal depends on the cut ({size}-byte chunks)"
+    );
+    let _ = rw.finish(&mut edit);
+    let got = client_view(&out_whole, true);
+    assert_eq!(
+        got,
         client_view(&out_split, true),
         "the rewritten stream depends on where it is cut ({size}-byte chunks)"
     );
 
-    // What a client reads in the input, edited, is what it reads in the output. The events
-    // the input completes are those the splitter emitted whole.
+    // What a client reads in the input, edited, is what it reads in the output, or the
+    // output's events are a prefix of it and the stream was refused. The events the input
+    // completes are those the splitter emitted whole.
     let complete = whole_events.concat();
     let mut want = client_view(&complete, true);
-    if strict() {
-        // Known finding (README.md): data that looks like JSON but that serde_json refuses
-        // (a lone surrogate escape, nesting over 128) passes unedited, while JavaScript's
-        // JSON.parse and Python's json accept it.
-        for (_, d) in &want {
-            if let Data::Text(t) = d {
-                let t = t.trim_start_matches([' ', '\t', '\n', '\r']);
-                assert!(
-                    !t.starts_with(['{', '[']),
-                    "JSON-like data passes unedited: {t:?}"
-                );
-            }
+    for ev in &mut want {
+        if let Data::Json(v) = &mut ev.1 {
+            edit_messages(v);
+            *v = canonical(v.take());
         }
     }
-    let known = !strict() && known_finding(&complete);
-    if !known {
-        for ev in &mut want {
-            if let Data::Json(v) = &mut ev.1 {
-                edit_messages(v);
-                *v = canonical(v.take());
-            }
+    for (_, d) in &got {
+        if let Data::Text(t) = d {
+            assert!(
+                t.trim_matches([' ', '\t', '\n', '\r']).is_empty(),
+                "data that is not JSON to the proxy passes: {t:?}"
+            );
         }
+    }
+    if refused {
+        assert!(
+            got.len() <= want.len(),
+            "refused, yet more events than the input's"
+        );
         assert_eq!(
-            got_whole, want,
+            got,
+            want[..got.len()],
+            "refused, yet not a prefix of the edited input"
+        );
+    } else {
+        assert_eq!(
+            got, want,
             "a client reads an event the rewriter did not edit (or edited differently)"
         );
     }
 });
-
-/// Known finding (README.md): the rewriter reads an event's data only when the whole event is
-/// UTF-8 and the stream has no byte-order mark, while a spec-compliant client decodes with
-/// replacement characters and drops a leading BOM.
-fn known_finding(stream: &[u8]) -> bool {
-    std::str::from_utf8(stream).is_err() || stream.starts_with(b"\xEF\xBB\xBF")
-}
 
 fn chunk(stream: &[u8], size: usize, one_byte_first: bool) -> Vec<&[u8]> {
     let mut out = Vec::new();
