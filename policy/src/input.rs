@@ -347,7 +347,8 @@ impl Input {
     pub fn exceeded(&self, limits: &InputLimits) -> Option<Exceeded> {
         let over = |what, limit, part| Some(Exceeded { what, limit, part });
         if let Some(r) = &self.request {
-            if r.path.len() > limits.path_bytes {
+            // The normalised form is longer than the path by two bytes per stray `%`.
+            if r.path.len().max(r.normalized_path.len()) > limits.path_bytes {
                 return over("path bytes", limits.path_bytes, Part::Target);
             }
             if let Some(e) = multimap_exceeded(

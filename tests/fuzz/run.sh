@@ -9,7 +9,6 @@
 # project has no `unsafe`), which needs no `-Z` flag; RUSTC_BOOTSTRAP=1 is set anyway so the
 # same command works if a newer cargo-fuzz passes one. Needs only rustup's stable toolchain
 # and a C++ compiler (libFuzzer is C++), installed here with apt-get when missing.
-# PORTCULLIS_FUZZ_STRICT=1 also checks the known findings of README.md (they fail).
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -268,6 +268,9 @@ pub fn classify(
 /// yes or "not JSON", that is final.
 #[derive(Debug, Default)]
 pub struct LargeBodyScan {
+    /// The first bytes, until there are enough to tell the encoding (a byte-order mark, UTF-16
+    /// or UTF-32) whatever the chunks.
+    start: Vec<u8>,
     started: bool,
     /// Set once the first non-whitespace byte opened an object or array.
     json: Option<KeyScan>,
@@ -275,19 +278,42 @@ pub struct LargeBodyScan {
     verdict: Option<bool>,
 }
 
+/// Bytes that tell the encoding of a JSON text (RFC 8259 §8.1, RFC 4627 §3).
+const ENCODING_BYTES: usize = 4;
+
 impl LargeBodyScan {
     /// The next bytes of the body; `true` once the body may be JSON-RPC.
     pub fn feed(&mut self, chunk: &[u8]) -> bool {
+        if self.verdict.is_some() || self.started {
+            return self.scan(chunk);
+        }
+        self.start.extend_from_slice(chunk);
+        if self.start.len() < ENCODING_BYTES {
+            return false;
+        }
+        self.begin()
+    }
+
+    /// The end of the body: a body shorter than the encoding bytes is judged as it is.
+    pub fn end(&mut self) -> bool {
+        if !self.started && self.verdict.is_none() {
+            return self.begin();
+        }
+        self.verdict == Some(true)
+    }
+
+    fn begin(&mut self) -> bool {
+        self.started = true;
+        let start = std::mem::take(&mut self.start);
+        match utf8_text(&start) {
+            Ok(text) => self.scan(text),
+            Err(_) => *self.verdict.insert(true),
+        }
+    }
+
+    fn scan(&mut self, mut text: &[u8]) -> bool {
         if let Some(v) = self.verdict {
             return v;
-        }
-        let mut text = chunk;
-        if !self.started {
-            self.started = true;
-            match utf8_text(chunk) {
-                Ok(t) => text = t,
-                Err(_) => return *self.verdict.insert(true),
-            }
         }
         if self.json.is_none() {
             let Some(at) = text.iter().position(|b| !is_json_ws(*b)) else {
@@ -316,7 +342,8 @@ impl LargeBodyScan {
 
 /// The start of a large body: could the whole be JSON-RPC, judging by `head` alone?
 pub fn head_may_be_jsonrpc(head: &[u8]) -> bool {
-    LargeBodyScan::default().feed(head)
+    let mut scan = LargeBodyScan::default();
+    scan.feed(head) || scan.end()
 }
 
 /// A JSON tokenizer that only tracks containers, strings and the member names of the first

@@ -2,7 +2,11 @@
 //! characters decoded, the hex digits of the other percent-encodings upper-cased, and dot
 //! segments removed (§5.2.4), after decoding, so `%2e%2e` counts as `..`. Encoded slashes
 //! (`%2F`) and backslashes stay as they are: they are data, not separators, to RFC 3986.
-//! Policies match on this form; the raw path is what the upstream receives.
+//! A `%` not followed by two hex digits (invalid to RFC 3986, a literal `%` to WHATWG URL
+//! parsers and most servers) becomes `%25`, so that decoding what follows it cannot complete
+//! it into a new escape (`/%%611` is `/%25a1`, not `/%a1`): the form is a fixed point, a
+//! second normalization leaves it as it is. Policies match on this form; the raw path is what
+//! the upstream receives.
 
 /// The normalised form of `path` (the path component only, no query).
 pub fn normalize(path: &str) -> String {
@@ -41,7 +45,12 @@ fn decode_unreserved(path: &str) -> String {
                 continue;
             }
         }
-        // A '%' without two hex digits, or any other character, stays as it is.
+        if bytes[i] == b'%' {
+            // Without two hex digits: a literal '%'.
+            out.push_str("%25");
+            i += 1;
+            continue;
+        }
         let ch_len = path[i..].chars().next().map_or(1, char::len_utf8);
         out.push_str(&path[i..i + ch_len]);
         i += ch_len;
@@ -97,13 +106,16 @@ mod tests {
             ("/%7euser/%41-%5a", "/~user/A-Z"),
             ("/a%2fb/%2F..", "/a%2Fb/%2F.."),
             ("/x%3ay%2F", "/x%3Ay%2F"),
-            ("/100%", "/100%"),
-            ("/%zz/%4", "/%zz/%4"),
+            ("/100%", "/100%25"),
+            ("/%zz/%4", "/%25zz/%254"),
+            ("/%%611", "/%25a1"),
+            ("/%%2e%2e/x", "/%25../x"),
             ("/é/%C3%A9", "/é/%C3%A9"),
             ("/a//b/../c", "/a//c"),
             ("/a..b/...", "/a..b/..."),
         ] {
             assert_eq!(normalize(raw), want, "{raw}");
+            assert_eq!(normalize(want), want, "not a fixed point: {raw}");
         }
     }
 }

@@ -20,8 +20,6 @@ pub struct Needles {
     escaped: Vec<Vec<u8>>,
     /// Exact byte strings: base64 cores and the encodings the proxy produced.
     exact: Vec<Vec<u8>>,
-    /// The longest any match can be (bounds how far back a partial match can start).
-    longest: usize,
 }
 
 impl std::fmt::Debug for Needles {
@@ -30,13 +28,22 @@ impl std::fmt::Debug for Needles {
     }
 }
 
-/// The result of matching at one position.
-enum Match {
-    /// The match ends this many bytes further.
-    Full(usize),
-    /// The data ended while it still matched.
-    Partial,
-    No,
+/// The result of matching at one position: the longest match that ends within the data
+/// (0: none), and whether a longer one may still end beyond it (the data ended while some
+/// form still matched).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Match {
+    full: usize,
+    partial: bool,
+}
+
+impl Match {
+    fn or(self, other: Match) -> Match {
+        Match {
+            full: self.full.max(other.full),
+            partial: self.partial || other.partial,
+        }
+    }
 }
 
 impl Needles {
@@ -54,11 +61,9 @@ impl Needles {
         {
             n.escaped.push(s.to_vec());
             n.exact.extend(base64_cores(s));
-            n.longest = n.longest.max(s.len() * 6);
         }
         n.exact.sort();
         n.exact.dedup();
-        n.longest = n.exact.iter().map(Vec::len).fold(n.longest, usize::max);
         n
     }
 
@@ -66,38 +71,28 @@ impl Needles {
         self.escaped.is_empty() && self.exact.is_empty()
     }
 
-    /// The longest match at `i` (the whole Basic token wins over a core inside it).
+    /// The matches at `i` (the whole Basic token wins over a core inside it).
     fn at(&self, data: &[u8], i: usize) -> Match {
         let rest = &data[i..];
-        let mut partial = false;
-        let mut best = 0;
+        let mut m = Match::default();
         for e in &self.exact {
             if rest.starts_with(e) {
-                best = best.max(e.len());
+                m.full = m.full.max(e.len());
             }
-            partial |= rest.len() < e.len() && e.starts_with(rest);
+            m.partial |= rest.len() < e.len() && e.starts_with(rest);
         }
-        for s in &self.escaped {
-            match escaped_match(s, rest) {
-                Match::Full(n) => best = best.max(n),
-                Match::Partial => partial = true,
-                Match::No => {}
-            }
-        }
-        match (best, partial) {
-            (0, true) => Match::Partial,
-            (0, false) => Match::No,
-            (n, _) => Match::Full(n),
-        }
+        self.escaped
+            .iter()
+            .fold(m, |m, s| m.or(escaped_match(s, rest)))
     }
 
     /// `data` with every match replaced by [`REDACTED`], and how many bytes at its end must be
-    /// held back (they may be the start of a match that the next bytes complete). With
-    /// `at_end`, nothing is held back.
+    /// held back (they may be the start of a match that the next bytes complete, or complete
+    /// into a longer one than the data holds now: the same spans are redacted whether the
+    /// data comes whole or in pieces). With `at_end`, nothing is held back.
     pub fn redact(&self, data: &[u8], at_end: bool) -> (Vec<u8>, usize) {
         let mut out = Vec::with_capacity(data.len());
         let mut i = 0;
-        let window = data.len().saturating_sub(self.longest);
         while i < data.len() {
             if !self.may_start(data[i]) {
                 out.push(data[i]);
@@ -105,18 +100,18 @@ impl Needles {
                 continue;
             }
             match self.at(data, i) {
-                Match::Full(n) => {
-                    out.extend_from_slice(REDACTED);
-                    i += n;
-                }
-                Match::Partial if !at_end && i >= window => {
+                Match { partial: true, .. } if !at_end => {
                     let held = data.len() - i;
                     out.extend_from_slice(&data[i..]);
                     return (out, held);
                 }
-                _ => {
+                Match { full: 0, .. } => {
                     out.push(data[i]);
                     i += 1;
+                }
+                Match { full, .. } => {
+                    out.extend_from_slice(REDACTED);
+                    i += full;
                 }
             }
         }
@@ -157,49 +152,72 @@ fn hex(b: u8) -> Option<u32> {
     char::from(b).to_digit(16)
 }
 
-/// Match `secret` at the start of `data`, each character as itself or escaped.
+/// Match `secret` at the start of `data`, each character as itself or escaped. A data `%`,
+/// `\\` or `+` may be the secret's own character or an escape of it: every reading is tried
+/// (a search over (secret, data) positions, each visited once).
 fn escaped_match(secret: &[u8], data: &[u8]) -> Match {
-    let (mut j, mut p) = (0, 0);
-    while j < secret.len() {
+    let mut m = Match::default();
+    let mut stack = vec![(0usize, 0usize)];
+    // Positions already queued; only needed once a position had two readings.
+    let mut seen: Option<std::collections::HashSet<(usize, usize)>> = None;
+    while let Some((j, p)) = stack.pop() {
+        if j == secret.len() {
+            m.full = m.full.max(p);
+            continue;
+        }
         let Some(&b) = data.get(p) else {
-            return Match::Partial;
+            m.partial = true;
+            continue;
         };
         let want = secret[j];
-        let step = match b {
-            _ if b == want => Some((1, 1)),
-            b'+' if want == b' ' => Some((1, 1)),
-            b'%' => match (data.get(p + 1), data.get(p + 2)) {
-                (Some(&h), Some(&l)) => match (hex(h), hex(l)) {
-                    (Some(h), Some(l)) if h * 16 + l == u32::from(want) => Some((1, 3)),
-                    _ => None,
-                },
-                (Some(&h), None) if hex(h).is_some() => return Match::Partial,
-                (None, _) => return Match::Partial,
-                _ => None,
-            },
-            b'\\' => match json_escape(secret, j, &data[p..]) {
-                Ok(step) => step,
-                Err(m) => return m,
-            },
-            _ => None,
+        let literal = (b == want || b == b'+' && want == b' ').then_some((1, 1));
+        let escape = match b {
+            b'%' => percent_escape(want, &data[p..]),
+            b'\\' => json_escape(secret, j, &data[p..]),
+            _ => Ok(None),
         };
-        match step {
-            Some((used, read)) => {
-                j += used;
-                p += read;
+        let escape = escape.unwrap_or_else(|Partial| {
+            m.partial = true;
+            None
+        });
+        let next: Vec<(usize, usize)> = [literal, escape]
+            .into_iter()
+            .flatten()
+            .map(|(used, read)| (j + used, p + read))
+            .collect();
+        if next.len() > 1 && seen.is_none() {
+            seen = Some(std::collections::HashSet::new());
+        }
+        for n in next {
+            if seen.as_mut().is_none_or(|seen| seen.insert(n)) {
+                stack.push(n);
             }
-            None => return Match::No,
         }
     }
-    Match::Full(p)
+    m
+}
+
+/// The data ended inside an escape.
+struct Partial;
+
+/// A percent escape at the start of `data` standing for `want`: `(1, 3)`.
+fn percent_escape(want: u8, data: &[u8]) -> Result<Option<(usize, usize)>, Partial> {
+    match (data.get(1), data.get(2)) {
+        (Some(&h), Some(&l)) => Ok(match (hex(h), hex(l)) {
+            (Some(h), Some(l)) if h * 16 + l == u32::from(want) => Some((1, 3)),
+            _ => None,
+        }),
+        (Some(&h), None) if hex(h).is_none() => Ok(None),
+        _ => Err(Partial),
+    }
 }
 
 /// A JSON escape at the start of `data` standing for the secret's character at `j`:
-/// `(secret bytes it stands for, data bytes it takes)`; `Err(Partial)` if `data` ends inside it.
-fn json_escape(secret: &[u8], j: usize, data: &[u8]) -> Result<Option<(usize, usize)>, Match> {
+/// `(secret bytes it stands for, data bytes it takes)`.
+fn json_escape(secret: &[u8], j: usize, data: &[u8]) -> Result<Option<(usize, usize)>, Partial> {
     let want = secret[j];
     let Some(&e) = data.get(1) else {
-        return Err(Match::Partial);
+        return Err(Partial);
     };
     let simple = match e {
         b'"' | b'\\' | b'/' => Some(e),
@@ -219,7 +237,7 @@ fn json_escape(secret: &[u8], j: usize, data: &[u8]) -> Result<Option<(usize, us
     if data.len() < 6 {
         let digits = &data[2..];
         return match digits.iter().all(|&d| hex(d).is_some()) {
-            true => Err(Match::Partial),
+            true => Err(Partial),
             false => Ok(None),
         };
     }
@@ -305,6 +323,42 @@ mod tests {
             redacted(b"nothing to see: s3cr/e, %41, \\u0041"),
             "nothing to see: s3cr/e, %41, \\u0041"
         );
+    }
+
+    #[test]
+    fn a_secret_holding_an_escape_character_is_found_escaped() {
+        for (secret, echoed) in [
+            ("a%b", "%61%25%62"),
+            ("a%b", "a%25b"),
+            ("a%25b", "a%25b"),
+            ("a%25b", "a%2525b"),
+            ("a\\b", "a\\\\b"),
+            ("a\\b", "a\\u005cb"),
+            ("a\\b", "a\\b"),
+            ("a\\nb", "a\\\\nb"),
+        ] {
+            let n = Needles::new([secret.as_bytes()], []);
+            let text = format!("<{echoed}>");
+            let (out, _) = n.redact(text.as_bytes(), true);
+            assert_eq!(out, b"<[REDACTED]>", "{secret} as {echoed}");
+        }
+    }
+
+    /// One form a prefix of a longer one at the same place: where the data is cut changes
+    /// nothing (the longer one is waited for, not cut short).
+    #[test]
+    fn streamed_and_whole_redact_the_same_spans() {
+        let n = Needles::new([&b"abc"[..], b"abcdef"], []);
+        let text = b"x abcdef y abc z abcde";
+        let whole = n.redact(text, true).0;
+        assert_eq!(whole, b"x [REDACTED] y [REDACTED] z [REDACTED]de");
+        for cut in 0..text.len() {
+            let (mut out, held) = n.redact(&text[..cut], false);
+            out.truncate(out.len() - held);
+            let rest = [&text[cut - held..]].concat();
+            out.extend(n.redact(&rest, true).0);
+            assert_eq!(out, whole, "cut at {cut}");
+        }
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub trait BodyCheck: Send + Sync + 'static {
     /// The next chunk, before it goes upstream. A refusal stops the body before this chunk, so
     /// the upstream never receives the whole request, and the action is refused with it.
     fn data(&mut self, chunk: &[u8]) -> Result<(), crate::Rejection>;
+
+    /// The body ends (called before its last chunk goes upstream when the end is known with
+    /// it, else after): a refusal stops the body before its end.
+    fn end(&mut self) -> Result<(), crate::Rejection> {
+        Ok(())
+    }
 }
 
 /// A filter that must read a response body asks the upstream not to compress it.

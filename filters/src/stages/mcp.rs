@@ -171,6 +171,13 @@ impl BodyCheck for JsonRpcWatch {
             false => Ok(()),
         }
     }
+
+    fn end(&mut self) -> Result<(), Rejection> {
+        match self.0.end() {
+            true => Err(Rejection::new(ErrorCode::BodyTooLarge, LARGE_JSONRPC)),
+            false => Ok(()),
+        }
+    }
 }
 
 fn encoded(coding: &str) -> String {

@@ -168,18 +168,29 @@ impl HttpBody for Streamed {
         let Some(rest) = self.rest.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = match Pin::new(rest).poll_frame(cx) {
+        let frame = match Pin::new(&mut *rest).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(e))) => return self.stop(unreadable(&e)),
-            other => return other.map_err(|e| Box::new(e) as BoxError),
-        };
-        if let Some(data) = frame.data_ref() {
-            let this = &mut *self;
-            if let Some(rej) = this.checks.iter_mut().find_map(|c| c.data(data).err()) {
-                return self.stop(rej);
+            Poll::Ready(None) => {
+                return match self.checks.iter_mut().find_map(|c| c.end().err()) {
+                    Some(rej) => self.stop(rej),
+                    None => Poll::Ready(None),
+                }
             }
+            Poll::Pending => return Poll::Pending,
+        };
+        let ends = rest.is_end_stream();
+        let this = &mut *self;
+        let data = frame.data_ref().map_or(&[][..], |d| &d[..]);
+        let refused = this.checks.iter_mut().find_map(|c| {
+            c.data(data)
+                .and_then(|()| if ends { c.end() } else { Ok(()) })
+                .err()
+        });
+        match refused {
+            Some(rej) => self.stop(rej),
+            None => Poll::Ready(Some(Ok(frame))),
         }
-        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {

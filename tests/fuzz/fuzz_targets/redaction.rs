@@ -16,9 +16,7 @@
 //! form the module claims to redact (the raw secret, the Basic token, every inserted escaped
 //! or percent-encoded form, the base64 cores of at least 8 characters that any base64 or
 //! base64url encoding containing the secret carries); streaming gives the same output as
-//! redacting the whole body at once (strict mode only, see below).
-//!
-//! Known findings are skipped unless `PORTCULLIS_FUZZ_STRICT=1` (see README.md).
+//! redacting the whole body at once.
 #![no_main]
 
 use std::sync::Arc;
@@ -28,11 +26,6 @@ use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use portcullis_filters::parse::redact::{Needles, REDACTED};
 use portcullis_filters::stages::credentials::Redactor;
-
-fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("PORTCULLIS_FUZZ_STRICT").is_some_and(|v| v == "1"))
-}
 
 /// Shortest base64 core the module claims to find (`MIN_CORE`).
 const MIN_CORE: usize = 8;
@@ -244,9 +237,7 @@ fuzz_target!(|data: &[u8]| {
             let f = data.get(i + 1).copied().unwrap_or(0);
             let (text, claims) = form(&secret, &token, f);
             body.extend_from_slice(&text);
-            if strict() || !known_unredacted(&secret, f) {
-                forbidden.extend(claims);
-            }
+            forbidden.extend(claims);
             i += 2;
         } else {
             body.push(data[i]);
@@ -276,29 +267,9 @@ fuzz_target!(|data: &[u8]| {
 
     let (whole, held) = needles.redact(&body, true);
     assert_eq!(held, 0);
-    // Known finding (README.md): when one form is a prefix of a longer one at the same place
-    // (two base64 cores of the secret; or two secrets, one a prefix of the other) and a chunk
-    // ends between their ends, the streamed redaction takes the shorter, complete match and
-    // lets the rest of the longer one through. Checked only with PORTCULLIS_FUZZ_STRICT=1.
-    if strict() {
-        assert_eq!(
-            String::from_utf8_lossy(&streamed),
-            String::from_utf8_lossy(&whole),
-            "streaming ({size}-byte chunks) redacts differently from the whole body"
-        );
-    }
+    assert_eq!(
+        String::from_utf8_lossy(&streamed),
+        String::from_utf8_lossy(&whole),
+        "streaming ({size}-byte chunks) redacts differently from the whole body"
+    );
 });
-
-/// Known finding (README.md): the escaped matcher reads a `%` or `\` of the data as the
-/// secret's own `%` or `\` before trying it as an escape, and does not go back, so a secret
-/// holding `%` is not found percent-encoded (`%25`), nor one holding `\` JSON-escaped
-/// (`\\`, `\u005c`). Form `f`'s claims are not checked then.
-fn known_unredacted(secret: &str, f: u8) -> bool {
-    let (pct, json) = (secret.contains('%'), secret.contains('\\'));
-    match f & 15 {
-        9 | 10 => pct,
-        6 | 7 | 8 => json,
-        12 => pct || json,
-        _ => false,
-    }
-}
