@@ -85,6 +85,8 @@ pub fn build_chain(
                 .map(|s| s.to_ascii_lowercase())
                 .collect(),
             max_batch: cfg.mcp.max_batch,
+            list_limit: cfg.limits.inspect_body_bytes,
+            param_headers: Default::default(),
         })
         .with(TracePropagation {
             sampling: spans.as_ref().map(|s| s.sampling_ratio()),

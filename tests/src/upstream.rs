@@ -167,6 +167,36 @@ async fn respond(
             false => resp.body(Full::new(Bytes::from(echo))).unwrap(),
         };
     }
+    if req.uri().path() == "/mcp-params" {
+        // A stateless MCP server (revision 2026-07-28) whose `query` tool mirrors its `region`
+        // argument into `Mcp-Param-Region` (`x-mcp-header`): answers `tools/list` with that
+        // definition and any other request with the Mcp-Param headers it received.
+        let params: serde_json::Map<String, Value> = req
+            .headers()
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with("mcp-param-"))
+            .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+            .collect();
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let msg: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let result = match msg["method"].as_str() {
+            Some("tools/list") => json!({"tools": [{"name": "query", "inputSchema": {
+                "type": "object",
+                "properties": {
+                    "region": {"type": "string", "x-mcp-header": "Region"},
+                    "sql": {"type": "string"}},
+                "required": ["sql"]}}]}),
+            _ => json!({"content": [{"type": "text", "text": "ok"}], "params": params}),
+        };
+        let answer = json!({"jsonrpc": "2.0", "id": msg["id"], "result": result});
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(answer.to_string())))
+            .unwrap();
+    }
     if req.uri().path() == "/sse-tools" {
         // An MCP server answering every POST with a tools/list result on an event stream,
         // after a progress notification. `?surrogate`: the listing holds a lone surrogate

@@ -365,6 +365,97 @@ async fn an_event_the_proxy_cannot_read_ends_the_stream() {
     assert!(!unreadable.body.contains("search_issues"), "{unreadable:?}");
 }
 
+/// `Mcp-Param-*` headers (MCP 2026-07-28): once the proxy has seen a server list a tool whose
+/// schema mirrors a parameter into a header (`x-mcp-header`), a call whose header disagrees
+/// with its arguments, or omits it while the arguments have the value, is refused with 400
+/// `HeaderMismatch` and never reaches the server; a matching one (Base64 sentinel form too)
+/// passes with its header. Before the listing the header is not recognised: forwarded as is.
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_param_headers_must_mirror_the_arguments_of_a_listed_tool() {
+    let policy = r#"package portcullis
+import rego.v1
+decision := {"allow": true, "reason": "all"}
+"#;
+    let h = Harness::builder().policy(policy).start().await;
+    let agent = h.identity("research");
+    let url = format!("https://localhost:{}/mcp-params", h.up.port());
+    let post = |method: &str, region: Option<&str>, header: Option<&str>| {
+        let mut body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": {
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        let mut headers = vec![
+            "content-type: application/json".to_owned(),
+            "accept: application/json, text/event-stream".to_owned(),
+            "mcp-protocol-version: 2026-07-28".to_owned(),
+            format!("mcp-method: {method}"),
+        ];
+        if method == "tools/call" {
+            body["params"]["name"] = json!("query");
+            body["params"]["arguments"] = json!({"sql": "select 1"});
+            if let Some(r) = region {
+                body["params"]["arguments"]["region"] = json!(r);
+            }
+            headers.push("mcp-name: query".into());
+        }
+        if let Some(v) = header {
+            headers.push(format!("mcp-param-region: {v}"));
+        }
+        let (h, agent, url) = (&h, &agent, url.clone());
+        async move {
+            let mut args = vec!["-X".to_owned(), "POST".to_owned()];
+            for x in headers {
+                args.extend(["-H".to_owned(), x]);
+            }
+            args.extend(["--data-binary".to_owned(), body.to_string(), url]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            h.curl_as(agent, &args).await
+        }
+    };
+    // Not recognised yet: forwarded untouched, even when it disagrees.
+    let out = post("tools/call", Some("us-west1"), Some("eu-north1")).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        out.json()["result"]["params"]["mcp-param-region"],
+        "eu-north1"
+    );
+
+    let out = post("tools/list", None, None).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let forwarded = h.up.seen().len();
+    for (region, header, why) in [
+        (Some("us-west1"), Some("eu-north1"), "does not match"),
+        (Some("us-west1"), None, "is missing"),
+        (None, Some("us-west1"), "arguments have no region"),
+        (
+            Some("us-west1"),
+            Some("=?base64?bm9wZQ==?="),
+            "does not match",
+        ),
+    ] {
+        let out = post("tools/call", region, header).await;
+        out.assert_refused(400, "header_mismatch");
+        let error = &out.json()["error"];
+        assert_eq!(error["code"], -32020, "{out:?}");
+        assert!(
+            error["message"].as_str().unwrap().contains(why),
+            "{why}: {out:?}"
+        );
+    }
+    assert_eq!(
+        h.up.seen().len(),
+        forwarded,
+        "a mismatched call was forwarded"
+    );
+
+    for header in ["us-west1", "=?base64?dXMtd2VzdDE=?="] {
+        let out = post("tools/call", Some("us-west1"), Some(header)).await;
+        assert_eq!(out.status, 200, "{out:?}");
+        assert_eq!(out.json()["result"]["params"]["mcp-param-region"], header);
+    }
+    // No value, no header: nothing to mirror.
+    let out = post("tools/call", None, None).await;
+    assert_eq!(out.status, 200, "{out:?}");
+}
+
 /// MCP 2026-07-28 mirrors the method and the tool name into `Mcp-Method` and `Mcp-Name` and
 /// requires whoever processes the body to refuse a request whose headers disagree with it:
 /// refused with 400 and a JSON-RPC `HeaderMismatch` (-32020), never forwarded; headers that

@@ -13,9 +13,8 @@
 //! - `Mcp-Name` may be in the Base64 sentinel form `=?base64?...?=` and is compared decoded;
 //! - the revision carries one message per POST: mirrored headers on a batch cannot match.
 //!
-//! `Mcp-Param-*` headers mirror tool arguments by the tool's schema; the proxy does not know
-//! which it would recognise and forwards them untouched, as the transport says an intermediary
-//! that does not recognise them must.
+//! `Mcp-Param-*` headers mirror tool arguments by the tool's schema: checked where the proxy
+//! has seen that schema ([`super::mcp_params`]), forwarded untouched where it has not.
 
 use base64::Engine as _;
 use http::HeaderMap;
@@ -99,6 +98,16 @@ fn named(m: &Message) -> Option<&str> {
         _ => return None,
     };
     m.params.as_ref()?.get(key).and_then(Value::as_str)
+}
+
+/// Whether a request says (by its `MCP-Protocol-Version` header) that it is of revision
+/// 2026-07-28 or later. After [`check`] passed, that is also what its body says.
+pub fn declares_modern(headers: &HeaderMap) -> bool {
+    is_modern(
+        headers
+            .get("mcp-protocol-version")
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 fn is_modern(version: Option<&str>) -> bool {

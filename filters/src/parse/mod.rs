@@ -7,6 +7,7 @@ pub mod identity;
 pub mod jsonrpc;
 pub mod mcp_body;
 pub mod mcp_headers;
+pub mod mcp_params;
 pub mod path;
 pub mod redact;
 pub mod secret;

@@ -6,6 +6,8 @@
 //! disagree with it ([`crate::parse::mcp_headers`]). Also the response-body transform that
 //! edits the JSON-RPC messages of a response (`tools/list` filtering and pinning use it).
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -13,6 +15,7 @@ use crate::error::{ErrorCode, JsonRpcAnswer, Rejection};
 use crate::parse::jsonrpc::{classify, BodyKind, LargeBodyScan, Unreadable};
 use crate::parse::mcp_body::ResponseRewriter;
 use crate::parse::mcp_headers;
+use crate::parse::mcp_params::{self, Declared};
 use crate::pipeline::{
     ask_uncompressed, content_encoding, Action, ActionKind, BodyCheck, BodyTransform, CannotRead,
     Context, Filter, RequestBody, TransformError,
@@ -26,11 +29,90 @@ pub struct McpFilter {
     pub servers: Vec<String>,
     /// `mcp.max_batch`: most JSON-RPC messages in one request (a batch over it: 413).
     pub max_batch: usize,
+    /// Largest `tools/list` answer read (`limits.inspect_body_bytes`).
+    pub list_limit: usize,
+    /// The `x-mcp-header` parameters of the tools seen listed, per server.
+    pub param_headers: std::sync::Arc<ParamHeaders>,
+}
+
+/// The `x-mcp-header` declarations of the tools the proxy has seen in `tools/list` answers,
+/// per server (`host:port`) and tool name: what makes an `Mcp-Param-*` header "recognised".
+/// Learnt from every listing (the latest one wins); bounded: when full, the map is emptied and
+/// learnt again from the next listings (a header not recognised is forwarded, as before).
+#[derive(Debug, Default)]
+pub struct ParamHeaders {
+    tools: std::sync::Mutex<HashMap<ServerTool, std::sync::Arc<[Declared]>>>,
+}
+
+/// A server's `host:port` and a tool name.
+type ServerTool = (String, String);
+
+/// Most tools whose declarations are remembered.
+const MAX_PARAM_TOOLS: usize = 16_384;
+
+impl ParamHeaders {
+    fn get(&self, server: &str, tool: &str) -> Option<std::sync::Arc<[Declared]>> {
+        let tools = self.tools.lock().ok()?;
+        tools.get(&(server.to_owned(), tool.to_owned())).cloned()
+    }
+
+    /// Learn from one JSON-RPC message of a `tools/list` answer.
+    fn observe(&self, server: &str, msg: &Value) {
+        let Some(listed) = msg.pointer("/result/tools").and_then(Value::as_array) else {
+            return;
+        };
+        let Ok(mut tools) = self.tools.lock() else {
+            return;
+        };
+        for tool in listed {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            let key = (server.to_owned(), name.to_owned());
+            let declared = tool.get("inputSchema").and_then(mcp_params::declarations);
+            match declared {
+                Some(d) => {
+                    if tools.len() >= MAX_PARAM_TOOLS && !tools.contains_key(&key) {
+                        tools.clear();
+                    }
+                    tools.insert(key, d.into());
+                }
+                None => {
+                    tools.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 impl McpFilter {
     fn mcp_only(&self, host: &crate::parse::destination::Host) -> bool {
         self.servers.iter().any(|p| host.matches(p))
+    }
+
+    /// A `tools/call` of a tool whose listing declared `x-mcp-header` parameters: its
+    /// `Mcp-Param-*` headers must mirror its arguments ([`mcp_params::check`]).
+    fn check_params(
+        &self,
+        ctx: &Context,
+        headers: &http::HeaderMap,
+        mcp: &crate::parse::jsonrpc::McpRequest,
+    ) -> Result<(), String> {
+        let [m] = mcp.messages.as_slice() else {
+            return Ok(());
+        };
+        let (Some("tools/call"), Some(params)) = (m.method.as_deref(), m.params.as_ref()) else {
+            return Ok(());
+        };
+        let Some(tool) = params.get("name").and_then(Value::as_str) else {
+            return Ok(());
+        };
+        let server = ctx.destination.authority();
+        let Some(declared) = self.param_headers.get(&server, tool) else {
+            return Ok(());
+        };
+        let modern = mcp_headers::declares_modern(headers);
+        mcp_params::check(headers, &declared, params.get("arguments"), modern)
     }
 }
 
@@ -97,7 +179,8 @@ impl Filter for McpFilter {
             ),
             Ok(BodyKind::JsonRpc(mcp)) => {
                 ctx.kind = ActionKind::Mcp;
-                let checked = mcp_headers::check(&req.headers, &mcp);
+                let checked = mcp_headers::check(&req.headers, &mcp)
+                    .and_then(|()| self.check_params(ctx, &req.headers, &mcp));
                 ctx.mcp.request = Some(mcp);
                 match checked {
                     Ok(()) => Action::Continue,
@@ -129,6 +212,22 @@ impl Filter for McpFilter {
             ask_uncompressed(req);
         }
         Action::Continue
+    }
+
+    /// `tools/list` answers teach which `Mcp-Param-*` headers the server's tools declare.
+    fn response_body(
+        &self,
+        ctx: &Context,
+        resp: &http::response::Parts,
+        _chain: &crate::pipeline::Chain,
+    ) -> Option<Box<dyn BodyTransform>> {
+        if !ctx.lists_tools() {
+            return None;
+        }
+        let (registry, server) = (self.param_headers.clone(), ctx.destination.authority());
+        EditMessages::for_response(resp, self.list_limit, move |msg| {
+            registry.observe(&server, msg)
+        })
     }
 }
 
