@@ -118,6 +118,18 @@ impl Needles {
         (out, 0)
     }
 
+    /// Whether `data` holds a whole match anywhere (what is cut off at its end does not count).
+    pub fn found_in(&self, data: &[u8]) -> bool {
+        (0..data.len()).any(|i| self.may_start(data[i]) && self.at(data, i).full > 0)
+    }
+
+    /// The longest any match can be: each byte of a secret written as a `\uXXXX` escape.
+    pub fn longest(&self) -> usize {
+        let escaped = self.escaped.iter().map(|s| s.len() * 6);
+        let exact = self.exact.iter().map(Vec::len);
+        escaped.chain(exact).max().unwrap_or(0)
+    }
+
     fn may_start(&self, b: u8) -> bool {
         matches!(b, b'\\' | b'%' | b'+')
             || self.escaped.iter().any(|s| s[0] == b)

@@ -547,14 +547,30 @@ impl Filter for ToolPinning {
 const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
 
 /// Watches an event stream, passing every byte on as it comes, for the method name of
-/// `notifications/tools/list_changed` (across chunk boundaries): seen, the server's pins are
-/// marked stale. The name anywhere in the stream counts (a tool result quoting it too: the
-/// cost is one more listing, never a pass).
+/// `notifications/tools/list_changed` (across chunk boundaries), raw or JSON-escaped in any mix
+/// (`notifications\/tools\/list_changed`, `\u006c...`: the escaped matcher of the redactor):
+/// seen, the server's pins are marked stale. The name anywhere in the stream counts (a tool
+/// result quoting it too: the cost is one more listing, never a pass).
 struct ListChangedWatch {
     pins: std::sync::Arc<ToolPins>,
     server: String,
-    /// The last bytes of the previous chunk (fewer than the name's length).
+    /// The last bytes of the previous chunk (fewer than the longest form of the name).
     tail: Vec<u8>,
+}
+
+fn list_changed() -> &'static crate::parse::redact::Needles {
+    static NAME: std::sync::LazyLock<crate::parse::redact::Needles> =
+        std::sync::LazyLock::new(|| crate::parse::redact::Needles::new([LIST_CHANGED], []));
+    &NAME
+}
+
+/// Whether `data` names the method: raw (memmem, the common case), or escaped where the data
+/// has an escape character at all.
+fn names_list_changed(data: &[u8]) -> bool {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(LIST_CHANGED));
+    FINDER.find(data).is_some()
+        || memchr::memchr2(b'\\', b'%', data).is_some() && list_changed().found_in(data)
 }
 
 impl BodyTransform for ListChangedWatch {
@@ -562,13 +578,11 @@ impl BodyTransform for ListChangedWatch {
         &mut self,
         chunk: bytes::Bytes,
     ) -> Result<bytes::Bytes, crate::pipeline::TransformError> {
-        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(LIST_CHANGED));
-        let keep = LIST_CHANGED.len() - 1;
+        let keep = list_changed().longest() - 1;
         // The previous chunk's tail and this chunk's head: a name cut by the boundary.
         let mut seam = std::mem::take(&mut self.tail);
         seam.extend_from_slice(&chunk[..chunk.len().min(keep)]);
-        if FINDER.find(&seam).is_some() || FINDER.find(&chunk).is_some() {
+        if names_list_changed(&seam) || names_list_changed(&chunk) {
             self.pins.mark_stale(&self.server);
         }
         // The last `keep` bytes seen so far.
@@ -591,9 +605,13 @@ mod tests {
         let pins = std::sync::Arc::new(ToolPins::new(OnChange::Deny));
         let tool = json!({"name": "search", "description": "Search"});
         assert!(!pins.observe("s:443", &tool));
-        let event = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n";
-        // Split at every point: the name is found across any chunk boundary.
-        for cut in 0..event.len() {
+        let raw = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n";
+        let escaped = br#"data: {"method":"notifications\/tools\/list\u005fchanged"}"#;
+        // Split at every point: the name is found across any chunk boundary, in any form.
+        for (event, cut) in [&raw[..], escaped]
+            .into_iter()
+            .flat_map(|e| (0..e.len()).map(move |cut| (e, cut)))
+        {
             let mut watch = ListChangedWatch {
                 pins: pins.clone(),
                 server: "s:443".into(),
@@ -606,6 +624,13 @@ mod tests {
             assert!(pins.is_stale("s:443"), "cut at {cut}");
             pins.observe_listing("s:443", std::slice::from_ref(&tool));
             assert!(!pins.is_stale("s:443"), "a listing clears it");
+        }
+        for other in [
+            &b"notifications/tools/list_change"[..],
+            br"notifications\/tools\/list-changed",
+            b"notifications/resources/list_changed",
+        ] {
+            assert!(!names_list_changed(other), "{}", String::from_utf8_lossy(other));
         }
         // A server without pins is not remembered.
         pins.mark_stale("unknown:443");
