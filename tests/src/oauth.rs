@@ -23,7 +23,7 @@ impl OAuthServer {
             "run `bash .ci/run` (or `npm ci --prefix tests/node`) to install oauth2-mock-server"
         );
         let (child, out) = spawn_ready(
-            Command::new("node")
+            Command::new(crate::mcp::node())
                 .arg(dir.join("oauth_server.mjs"))
                 .args([port.to_string(), token_ttl_secs.to_string()]),
             "the OAuth server",

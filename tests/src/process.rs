@@ -88,6 +88,25 @@ impl Logs {
         }
     }
 
+    /// Block until `n` lines satisfy `pred`, up to [`WAIT`]; those lines.
+    pub fn wait_count(&self, what: &str, n: usize, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            let found: Vec<String> = lines.iter().filter(|l| pred(l)).cloned().collect();
+            if found.len() >= n {
+                return found;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {n} x {what}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
     /// Wait until at least `n` lines exist or `deadline` passes.
     pub fn wait_for_len(&self, n: usize, deadline: Instant) {
         let mut lines = self.lines.lock().unwrap();

@@ -328,7 +328,7 @@ async fn plain_http_inside_a_tunnel_goes_through_the_pipeline() {
     assert_eq!(seen, ["/v1/things"]);
     // Node's undici ProxyAgent: a real fetch of an http:// URL, tunnelled with CONNECT.
     let node = |url: String| {
-        let mut cmd = std::process::Command::new("node");
+        let mut cmd = std::process::Command::new(node());
         cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/fetch_via_proxy.mjs"))
             .arg(format!("https://localhost:{}", s.proxy.addr.port()))
             .arg(url)
