@@ -630,7 +630,11 @@ mod tests {
             br"notifications\/tools\/list-changed",
             b"notifications/resources/list_changed",
         ] {
-            assert!(!names_list_changed(other), "{}", String::from_utf8_lossy(other));
+            assert!(
+                !names_list_changed(other),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
         }
         // A server without pins is not remembered.
         pins.mark_stale("unknown:443");
