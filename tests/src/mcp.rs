@@ -6,27 +6,26 @@ use super::*;
 
 /// The Python interpreter with the test requirements installed (`.ci/run` creates it).
 pub fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "no Python venv at {}: run `bash .ci/run` (it creates it) or set PORTCULLIS_PYTHON",
-        venv.display()
-    );
-    venv
+    venv_python("PORTCULLIS_PYTHON", ".venv")
 }
 
 /// The Python interpreter of the second venv, with the MCP SDK 2.x (`.ci/run` creates it).
 pub fn python_mcp2() -> PathBuf {
-    if let Ok(p) = std::env::var("PORTCULLIS_PYTHON_MCP2") {
+    venv_python("PORTCULLIS_PYTHON_MCP2", ".venv-mcp2")
+}
+
+/// `$var`, else the project-local venv `dir`.
+fn venv_python(var: &str, dir: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
         return PathBuf::from(p);
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-mcp2/bin/python");
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(dir)
+        .join("bin/python");
     assert!(
         venv.is_file(),
-        "no MCP 2.x venv at {}: run `bash .ci/run` (it creates it) or set PORTCULLIS_PYTHON_MCP2",
+        "no Python venv at {}: run `bash .ci/run` (it creates it) or set {var}",
         venv.display()
     );
     venv

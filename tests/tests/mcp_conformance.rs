@@ -60,7 +60,10 @@ async fn the_conformance_suite_passes_through_the_proxy() {
     let h = Harness::builder().policy(POLICY).start().await;
     for mode in ["server", "client"] {
         let (ok, out) = run_suite(&h, mode).await;
-        assert!(ok, "conformance {mode} mode through the proxy failed:\n{out}");
+        assert!(
+            ok,
+            "conformance {mode} mode through the proxy failed:\n{out}"
+        );
     }
     // It really went through the proxy: MCP messages decided, from this identity.
     let decisions = h.proxy.decisions.events();

@@ -16,7 +16,6 @@
 //! `Mcp-Param-*` headers mirror tool arguments by the tool's schema: checked where the proxy
 //! has seen that schema ([`super::mcp_params`]), forwarded untouched where it has not.
 
-use base64::Engine as _;
 use http::HeaderMap;
 use serde_json::Value;
 
@@ -132,16 +131,7 @@ fn single<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Str
 
 /// A header value, decoded from the `=?base64?...?=` sentinel form when it has it.
 fn decode(v: &str) -> Result<String, String> {
-    let Some(b64) = v
-        .strip_prefix("=?base64?")
-        .and_then(|r| r.strip_suffix("?="))
-    else {
-        return Ok(v.to_owned());
-    };
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .ok()
-        .and_then(|raw| String::from_utf8(raw).ok())
+    super::mcp_params::decode(v)
         .ok_or_else(|| format!("Mcp-Name {v:?} is not valid Base64 of UTF-8"))
 }
 
@@ -149,6 +139,7 @@ fn decode(v: &str) -> Result<String, String> {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use crate::parse::jsonrpc::parse;
 
     fn req(body: &str) -> McpRequest {
