@@ -139,8 +139,8 @@ fn decode(v: &str) -> Result<String, String> {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
-    use base64::Engine as _;
     use crate::parse::jsonrpc::parse;
+    use base64::Engine as _;
 
     fn req(body: &str) -> McpRequest {
         parse(body.as_bytes(), None, None).unwrap()
