@@ -984,6 +984,90 @@ async fn the_older_http_sse_transport_streams_through_and_denies_arrive_on_its_s
     });
 }
 
+/// The older transport's denials travel on the client's GET stream, through a bounded queue
+/// (`mcp.sse_queue`): a client that opens the stream and stops reading it cannot make the
+/// proxy hold denials without bound. Once the stream's socket buffers and the queue are full, a
+/// denied POST is answered 503 `overloaded` itself, counted in /metrics, and nothing is
+/// forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn denials_for_a_stream_nobody_reads_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Harness { pki, proxy, .. } = Harness::builder()
+        .policy(POLICY)
+        .config(|c| c["mcp"] = json!({"sse_queue": 2}))
+        .start()
+        .await;
+    let port = free_addr().port();
+    let server = McpServer::start_with(&pki, port, "v1", &["--transport", "sse"]);
+    let research = pki.client("research", "spiffe://acme.test/agents/research");
+    let target = format!("localhost:{port}");
+
+    // Open the stream, read up to the endpoint event, then never read again.
+    let mut stream = raw_tunnel(&pki, proxy.addr, &research, &target).await;
+    let get = format!("GET /sse HTTP/1.1\r\nHost: {target}\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(get.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let endpoint = loop {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("the endpoint event")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the stream ended: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(at) = text.find("data: /messages/") {
+            let rest = &text[at + "data: ".len()..];
+            if let Some(end) = rest.find(['\r', '\n']) {
+                break rest[..end].to_owned();
+            }
+        }
+    };
+
+    // Denied calls with large ids (each denial event carries its id): the unread stream's
+    // socket buffers fill, then the queue of two, then the POST itself says so.
+    let id = "x".repeat(256 * 1024);
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": "delete_repo", "arguments": {}}})
+    .to_string();
+    let post = format!(
+        "POST {endpoint} HTTP/1.1\r\nHost: {target}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..200 {
+        let r = raw_in_tunnel(&pki, proxy.addr, &research, &target, &post).await;
+        statuses.push(r.status);
+        if r.status == 503 {
+            assert!(
+                r.head.contains("x-portcullis-error: overloaded"),
+                "{}",
+                r.head
+            );
+            assert!(r.body.contains("mcp.sse_queue"), "{}", r.body);
+            break;
+        }
+        assert_eq!(r.status, 202, "a delivered denial: {}", r.head);
+    }
+    assert_eq!(statuses.last(), Some(&503), "never bounded: {statuses:?}");
+    assert!(
+        statuses.len() > 2,
+        "bounded before the queue could fill: {statuses:?}"
+    );
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("portcullis_mcp_sse_queue_full_total 1"),
+        "{metrics}"
+    );
+    assert!(!server.received_tools().contains(&"delete_repo".to_owned()));
+    drop(stream);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_stream_resumes_with_last_event_id() {
     let pki = Pki::new();
