@@ -1,23 +1,54 @@
-// `node --import` preload: route this process's HTTP(S) client traffic through Portcullis.
+// `node --import` preload: route this process's HTTP(S) client traffic through Portcullis, in one of
+// three ways (PORTCULLIS_PROXY_MODE), or fix up TLS for direct runs.
 //
-// When PORTCULLIS_PROXY is set (e.g. https://127.0.0.1:PORT) it installs, for this process:
-//  1. an undici ProxyAgent as the global dispatcher. That one slot
-//     (globalThis[Symbol.for('undici.globalDispatcher.1')]) is what Node's built-in fetch uses (the
-//     MCP SDKs' transports call fetch) and what the `undici` package's own request/fetch use (the
-//     conformance runner's undici 7 too). undici tunnels every origin, http:// ones too, with CONNECT.
-//  2. a CONNECT-tunnelling http.globalAgent / https.globalAgent, for code that calls node:http
-//     directly without its own agent: the conformance runner does, for the SEP-2243 header
-//     scenarios (http-header-validation, http-custom-header-server-validation), which send headers
-//     fetch would refuse or normalise.
-// Both tunnel with the same TLS settings. Without PORTCULLIS_PROXY this file does nothing.
+// What it replaces, for this process:
+//  - the undici global dispatcher. That one slot (globalThis[Symbol.for('undici.globalDispatcher.1')])
+//    is what Node's built-in fetch uses (the MCP SDKs' transports call fetch) and what the `undici`
+//    package's own request/fetch use (the conformance runner's undici 7 too).
+//  - http.globalAgent / https.globalAgent, for code that calls node:http directly without its own
+//    agent: the conformance runner does, for the SEP-2243 header scenarios (http-header-validation,
+//    http-custom-header-server-validation), which send headers fetch would refuse or normalise.
+//
+// Modes (PORTCULLIS_PROXY_MODE; default `connect` when PORTCULLIS_PROXY is set, else none):
+//   connect   every origin, http:// too, goes through a CONNECT tunnel on PORTCULLIS_PROXY. Inside it:
+//             plain HTTP for http:// origins; for https:// origins TLS that the proxy terminates
+//             (MITM), the origin certificate checked against PORTCULLIS_ORIGIN_CA.
+//   absolute  http:// origins: absolute-form requests (`POST http://host:port/mcp HTTP/1.1`, Host =
+//             the target's authority unless the caller set one) sent to PORTCULLIS_PROXY itself, over
+//             TLS with the client certificate when the proxy URL is https://; no CONNECT. https://
+//             origins: CONNECT as in `connect` mode.
+//   direct    no proxy protocol: connections go straight to the URL's host (e.g. Portcullis's gateway
+//             listener), TLS with the client certificate and PORTCULLIS_PROXY_CA as the only trust
+//             anchor. PORTCULLIS_PROXY is ignored.
+// Without a mode (PORTCULLIS_PROXY unset and no PORTCULLIS_PROXY_MODE) this file does nothing, unless
+// CONFORMANCE_TLS_ORIGINS is set (below): then it installs the two TLS fix-ups and nothing else.
+//
+// TLS fix-ups, so that an https:// server under test sees the same requests as an http:// one:
+//  - SNI and certificate name are the URL's host, never the Host header. undici derives the TLS
+//    server name from a caller-set Host header, so the dns-rebinding scenario (Host:
+//    evil.example.com) would fail the handshake instead of reaching the server's Host check.
+//    Node's https.Agent does the same; both are pinned here in every mode.
+//  - node:http requests to CONFORMANCE_TLS_ORIGINS go over TLS (see there).
 //
 //   PORTCULLIS_PROXY        proxy URL (https:// for Portcullis; http:// works for a plain proxy)
-//   PORTCULLIS_PROXY_CA     PEM that the proxy's own certificate must chain to (required for https://)
-//   PORTCULLIS_CLIENT_CERT  PEM client certificate presented to the proxy (mTLS)
+//   PORTCULLIS_PROXY_MODE   connect | absolute | direct (see above)
+//   PORTCULLIS_PROXY_CA     PEM that the proxy's own certificate must chain to (required for an
+//                           https:// proxy, and in direct mode, where it anchors the server we reach)
+//   PORTCULLIS_CLIENT_CERT  PEM client certificate presented to the proxy (mTLS); in direct mode to
+//                           the server reached
 //   PORTCULLIS_CLIENT_KEY   its PEM private key
-//   PORTCULLIS_ORIGIN_CA    PEM the origin certificates seen inside the tunnel must chain to
+//   PORTCULLIS_ORIGIN_CA    PEM the origin certificates seen inside a CONNECT tunnel must chain to
 //                           (the proxy's MITM CA); only matters for https:// origins
-//   PORTCULLIS_PROXY_DEBUG  set: one stderr line per process saying the dispatcher is on
+//   CONFORMANCE_TLS_ORIGINS comma-separated host:port list of the https:// servers under test:
+//                           node:http requests to these authorities are sent over TLS, as the
+//                           https:// URL they came from says. The runner's SEP-2243 helper builds
+//                           a node:http request from the URL's hostname/port/path and drops its
+//                           scheme, so against an https:// server it would speak plain HTTP to a
+//                           TLS port. run.sh sets this from CONFORMANCE_URL when that is https://.
+//                           The TLS is the mode's own (through the tunnel with PORTCULLIS_ORIGIN_CA;
+//                           direct with PORTCULLIS_PROXY_CA; without a mode, Node's default trust,
+//                           i.e. NODE_EXTRA_CA_CERTS).
+//   PORTCULLIS_PROXY_DEBUG  set: one stderr line per process saying what is installed
 //
 // undici is pinned to the version Node 22.23.5 bundles (6.29.1), so the dispatcher speaks the
 // handler API that the built-in fetch calls it with. Compare ../fetch_via_proxy.mjs, which passes
@@ -27,107 +58,258 @@ import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
 import tls from 'node:tls';
-import { ProxyAgent, setGlobalDispatcher } from 'undici';
+import { Agent, buildConnector, Dispatcher, Pool, ProxyAgent, setGlobalDispatcher } from 'undici';
 
-const proxy = process.env.PORTCULLIS_PROXY;
-if (proxy) {
-  const pem = (name) => {
-    const path = process.env[name];
-    return path ? readFileSync(path) : undefined;
+const env = process.env;
+const proxy = env.PORTCULLIS_PROXY || '';
+const mode = env.PORTCULLIS_PROXY_MODE || (proxy ? 'connect' : '');
+if (!['', 'connect', 'absolute', 'direct'].includes(mode)) {
+  throw new Error(`proxy_dispatcher: unknown PORTCULLIS_PROXY_MODE ${JSON.stringify(mode)} (connect, absolute or direct)`);
+}
+if ((mode === 'connect' || mode === 'absolute') && !proxy) {
+  // Never run a "through the proxy" leg directly by accident: it would pass every comparison.
+  throw new Error(`proxy_dispatcher: PORTCULLIS_PROXY_MODE=${mode} needs PORTCULLIS_PROXY`);
+}
+
+const pem = (name) => {
+  const path = env[name];
+  return path ? readFileSync(path) : undefined;
+};
+const unbracket = (host) => String(host).replace(/^\[|\]$/g, '').toLowerCase();
+const authorityOf = (host, port) => `${net.isIPv6(host) ? `[${host}]` : host}:${port}`;
+const sni = (host) => (net.isIP(host) ? undefined : host);
+
+// host:port list whose node:http requests get TLS (see CONFORMANCE_TLS_ORIGINS above).
+const httpTls = new Set(
+  (env.CONFORMANCE_TLS_ORIGINS || '').split(',').map((s) => s.trim()).filter(Boolean).map((entry) => {
+    const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(entry);
+    if (!m) throw new Error(`proxy_dispatcher: CONFORMANCE_TLS_ORIGINS entry ${JSON.stringify(entry)} is not host:port`);
+    return authorityOf(unbracket(m[1] || m[2]), Number(m[3]));
+  }),
+);
+const isHttpTls = (host, port) => httpTls.has(authorityOf(host, Number(port)));
+
+const ca = pem('PORTCULLIS_PROXY_CA');
+const clientTls = {};
+const cert = pem('PORTCULLIS_CLIENT_CERT');
+const key = pem('PORTCULLIS_CLIENT_KEY');
+if (cert) clientTls.cert = cert;
+if (key) clientTls.key = key;
+const originCa = pem('PORTCULLIS_ORIGIN_CA');
+const requestTls = originCa ? { ca: originCa } : {}; // TLS to origins inside a CONNECT tunnel
+
+// --- proxy connections (connect / absolute) ---------------------------------------------------
+const proxyUrl = proxy ? new URL(proxy) : undefined;
+const proxyIsTls = proxyUrl?.protocol === 'https:';
+const proxyHost = proxyUrl ? unbracket(proxyUrl.hostname) : '';
+const proxyPort = proxyUrl ? Number(proxyUrl.port) || (proxyIsTls ? 443 : 80) : 0;
+const proxyTls = { ...(ca ? { ca } : {}), ...clientTls };
+if ((mode === 'connect' || mode === 'absolute') && proxyIsTls && !ca) {
+  // Never fall back to the public roots for the proxy's own certificate.
+  throw new Error('proxy_dispatcher: PORTCULLIS_PROXY is https:// but PORTCULLIS_PROXY_CA is unset');
+}
+if (mode === 'direct' && !ca) {
+  throw new Error('proxy_dispatcher: PORTCULLIS_PROXY_MODE=direct needs PORTCULLIS_PROXY_CA');
+}
+const directTls = mode === 'direct' ? { ca, ...clientTls } : {};
+
+// undici connector whose TLS server name is the origin's host (none for an IP), whatever the
+// request's Host header says (undici would take it from there).
+const pinnedConnector = (tlsOpts) => {
+  const connect = buildConnector({ ...tlsOpts });
+  return (opts, cb) => connect({ ...opts, servername: undefined }, cb);
+};
+
+// Callback once `sock` is connected ('connect' / 'secureConnect'), or with its error.
+const whenConnected = (sock, event, cb) => {
+  const onError = (err) => {
+    sock.off(event, onConnect);
+    sock.destroy();
+    cb(err);
   };
-  const proxyUrl = new URL(proxy);
-  const proxyIsTls = proxyUrl.protocol === 'https:';
-  const proxyTls = {};
-  const ca = pem('PORTCULLIS_PROXY_CA');
-  const cert = pem('PORTCULLIS_CLIENT_CERT');
-  const key = pem('PORTCULLIS_CLIENT_KEY');
-  if (ca) proxyTls.ca = ca;
-  if (cert) proxyTls.cert = cert;
-  if (key) proxyTls.key = key;
-  const requestTls = {};
-  const originCa = pem('PORTCULLIS_ORIGIN_CA');
-  if (originCa) requestTls.ca = originCa;
-  if (proxyIsTls && !ca) {
-    // Never fall back to the public roots for the proxy's own certificate.
-    throw new Error('proxy_dispatcher: PORTCULLIS_PROXY is https:// but PORTCULLIS_PROXY_CA is unset');
-  }
+  const onConnect = () => {
+    sock.off('error', onError);
+    cb(null, sock);
+  };
+  sock.once('error', onError);
+  sock.once(event, onConnect);
+};
 
-  // 1. fetch / undici
-  setGlobalDispatcher(new ProxyAgent({ uri: proxy, proxyTls, requestTls }));
+// A connection to the proxy itself (TLS + client certificate for an https:// proxy).
+const connectProxy = () =>
+  proxyIsTls
+    ? tls.connect({ host: proxyHost, port: proxyPort, ...proxyTls, ALPNProtocols: ['http/1.1'],
+        ...(sni(proxyHost) ? { servername: proxyHost } : {}) })
+    : net.connect({ host: proxyHost, port: proxyPort });
 
-  // 2. node:http / node:https without an explicit agent
-  const proxyHost = proxyUrl.hostname.replace(/^\[|\]$/g, '');
-  const proxyPort = Number(proxyUrl.port) || (proxyIsTls ? 443 : 80);
-  const tunnel = (host, port, cb) => {
-    const authority = `${net.isIPv6(host) ? `[${host}]` : host}:${port}`;
-    const sock = proxyIsTls
-      ? tls.connect({ host: proxyHost, port: proxyPort, ...proxyTls, ALPNProtocols: ['http/1.1'],
-          ...(net.isIP(proxyHost) ? {} : { servername: proxyHost }) })
-      : net.connect({ host: proxyHost, port: proxyPort });
-    // Read the CONNECT response in paused mode ('readable'): once that listener is removed the
-    // socket's flow state is back to "no consumer yet", so node:http's own 'data' listener starts it.
-    let head = Buffer.alloc(0);
-    const done = (err) => {
-      sock.off('readable', onReadable);
-      sock.off('error', done);
-      sock.off('close', onClose);
-      if (err) {
-        sock.destroy();
-        cb(err);
-      } else {
-        cb(null, sock);
+// A CONNECT tunnel to host:port through the proxy.
+const tunnel = (host, port, cb) => {
+  const authority = authorityOf(host, port);
+  const sock = connectProxy();
+  // Read the CONNECT response in paused mode ('readable'): once that listener is removed the
+  // socket's flow state is back to "no consumer yet", so node:http's own 'data' listener starts it.
+  let head = Buffer.alloc(0);
+  const done = (err) => {
+    sock.off('readable', onReadable);
+    sock.off('error', done);
+    sock.off('close', onClose);
+    if (err) {
+      sock.destroy();
+      cb(err);
+    } else {
+      cb(null, sock);
+    }
+  };
+  const onClose = () => done(new Error(`proxy closed the connection during CONNECT ${authority}`));
+  const onReadable = () => {
+    let chunk;
+    while ((chunk = sock.read()) !== null) {
+      head = Buffer.concat([head, chunk]);
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) {
+        if (head.length > 65536) return done(new Error(`proxy CONNECT ${authority}: response head too long`));
+        continue;
       }
-    };
-    const onClose = () => done(new Error(`proxy closed the connection during CONNECT ${authority}`));
-    const onReadable = () => {
-      let chunk;
-      while ((chunk = sock.read()) !== null) {
-        head = Buffer.concat([head, chunk]);
-        const end = head.indexOf('\r\n\r\n');
-        if (end < 0) {
-          if (head.length > 65536) return done(new Error(`proxy CONNECT ${authority}: response head too long`));
-          continue;
-        }
-        const statusLine = head.subarray(0, end).toString('latin1').split('\r\n')[0];
-        if (!/^HTTP\/1\.[01] 2\d\d( |$)/.test(statusLine)) {
-          return done(new Error(`proxy CONNECT ${authority}: ${statusLine}`));
-        }
-        if (head.length > end + 4) sock.unshift(head.subarray(end + 4));
-        return done(null);
+      const statusLine = head.subarray(0, end).toString('latin1').split('\r\n')[0];
+      if (!/^HTTP\/1\.[01] 2\d\d( |$)/.test(statusLine)) {
+        return done(new Error(`proxy CONNECT ${authority}: ${statusLine}`));
       }
-    };
-    sock.on('readable', onReadable);
-    sock.on('error', done);
-    sock.on('close', onClose);
-    sock.once(proxyIsTls ? 'secureConnect' : 'connect', () => {
-      sock.write(`CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n\r\n`);
+      if (head.length > end + 4) sock.unshift(head.subarray(end + 4));
+      return done(null);
+    }
+  };
+  sock.on('readable', onReadable);
+  sock.on('error', done);
+  sock.on('close', onClose);
+  sock.once(proxyIsTls ? 'secureConnect' : 'connect', () => {
+    sock.write(`CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n\r\n`);
+  });
+};
+
+// TLS to an origin, the way this mode reaches https:// origins; server name = host (see the TLS
+// fix-ups above). `extra`: per-request TLS options from node:https, used inside a tunnel only
+// (where the socket is given, so host/port/path in them are inert).
+const originTls = (host, port, extra, cb) => {
+  const name = sni(host) ? { servername: host } : {};
+  if (mode === 'connect' || mode === 'absolute') {
+    tunnel(host, port, (err, raw) => {
+      if (err) return cb(err);
+      const { servername: _ignored, ...rest } = extra;
+      const sock = tls.connect({ ...rest, socket: raw, ...requestTls, ALPNProtocols: ['http/1.1'], ...name });
+      whenConnected(sock, 'secureConnect', cb);
     });
-  };
-  class TunnelHttpAgent extends http.Agent {
-    createConnection(options, cb) {
-      tunnel(options.host || 'localhost', options.port || 80, cb);
-    }
+  } else {
+    const sock = tls.connect({ host, port, ...directTls, ALPNProtocols: ['http/1.1'], ...name });
+    whenConnected(sock, 'secureConnect', cb);
   }
-  class TunnelHttpsAgent extends https.Agent {
-    createConnection(options, cb) {
-      const host = options.host || 'localhost';
-      tunnel(host, options.port || 443, (err, sock) => {
-        if (err) return cb(err);
-        const servername = options.servername || (net.isIP(host) ? undefined : host);
-        const tlsSock = tls.connect({ ...options, socket: sock, ...requestTls, ...(servername ? { servername } : {}) });
-        const onError = (e) => cb(e);
-        tlsSock.once('error', onError);
-        tlsSock.once('secureConnect', () => {
-          tlsSock.off('error', onError);
-          cb(null, tlsSock);
-        });
-      });
-    }
-  }
-  http.globalAgent = new TunnelHttpAgent({ keepAlive: true });
-  https.globalAgent = new TunnelHttpsAgent({ keepAlive: true });
+};
 
-  if (process.env.PORTCULLIS_PROXY_DEBUG) {
-    process.stderr.write(`[proxy_dispatcher] pid ${process.pid}: fetch, undici and node:http(s) -> ${proxy}\n`);
+// --- node:http / node:https without an explicit agent -------------------------------------------
+const targetOf = (options, defaultPort) => ({
+  host: unbracket(options.host || options.hostname || 'localhost'),
+  port: Number(options.port) || defaultPort,
+});
+
+class PortcullisHttpAgent extends http.Agent {
+  addRequest(req, options) {
+    const { host, port } = targetOf(options, 80);
+    if (mode === 'absolute' && !isHttpTls(host, port) && req.path.startsWith('/')) {
+      // Absolute-form request target. node:http renders the request line from req.path when the
+      // headers go out (first write/end), after this; unless an Expect header made it render it in
+      // the constructor already, so patch that too.
+      const target = `http://${port === 80 ? (net.isIPv6(host) ? `[${host}]` : host) : authorityOf(host, port)}`;
+      if (req._header) req._header = req._header.replace(/^(\S+ )\//, `$1${target}/`);
+      req.path = target + req.path;
+    }
+    return super.addRequest(req, options);
   }
+
+  createConnection(options, cb) {
+    const { host, port } = targetOf(options, 80);
+    if (isHttpTls(host, port)) return void originTls(host, port, {}, cb);
+    if (mode === 'connect') return void tunnel(host, port, cb);
+    if (mode === 'absolute') return void whenConnected(connectProxy(), proxyIsTls ? 'secureConnect' : 'connect', cb);
+    return super.createConnection(options, cb); // none / direct: plain TCP to the target
+  }
+}
+
+class PortcullisHttpsAgent extends https.Agent {
+  createConnection(options, cb) {
+    const { host, port } = targetOf(options, 443);
+    originTls(host, port, options, cb);
+  }
+}
+
+// --- fetch / undici: absolute form ----------------------------------------------------------------
+// undici 6's ProxyAgent only sends absolute-form requests (proxyTunnel: false) to an http:// proxy;
+// this does the same over a Pool to the proxy's origin whatever its scheme.
+const headerPairs = (headers) => {
+  if (headers == null) return [];
+  if (Array.isArray(headers)) {
+    if (headers.length && Array.isArray(headers[0])) return headers.map(([k, v]) => [k, v]);
+    const out = [];
+    for (let i = 0; i < headers.length; i += 2) out.push([headers[i], headers[i + 1]]);
+    return out;
+  }
+  if (typeof headers[Symbol.iterator] === 'function') return [...headers].map(([k, v]) => [k, v]);
+  return Object.entries(headers);
+};
+
+class AbsoluteFormDispatcher extends Dispatcher {
+  #pool;
+  #tunnel;
+
+  constructor() {
+    super();
+    this.#pool = new Pool(proxyUrl.origin, { connect: pinnedConnector(proxyIsTls ? proxyTls : {}) });
+    this.#tunnel = new ProxyAgent({ uri: proxy, proxyTls, requestTls });
+  }
+
+  dispatch(opts, handler) {
+    const origin = new URL(opts.origin);
+    if (origin.protocol !== 'http:') return this.#tunnel.dispatch(opts, handler);
+    const pairs = headerPairs(opts.headers);
+    if (!pairs.some(([k]) => String(k).toLowerCase() === 'host')) pairs.push(['host', origin.host]);
+    const headers = [];
+    for (const [k, v] of pairs) {
+      if (Array.isArray(v)) for (const one of v) headers.push(k, one);
+      else if (v !== undefined) headers.push(k, v);
+    }
+    return this.#pool.dispatch({ ...opts, origin: proxyUrl.origin, path: origin.origin + (opts.path || '/'), headers }, handler);
+  }
+
+  async close() {
+    await Promise.all([this.#pool.close(), this.#tunnel.close()]);
+  }
+
+  async destroy(err) {
+    await Promise.all([this.#pool.destroy(err), this.#tunnel.destroy(err)]);
+  }
+}
+
+// --- install ------------------------------------------------------------------------------------
+if (mode === 'connect') {
+  setGlobalDispatcher(new ProxyAgent({ uri: proxy, proxyTls, requestTls }));
+  http.globalAgent = new PortcullisHttpAgent({ keepAlive: true });
+  https.globalAgent = new PortcullisHttpsAgent({ keepAlive: true });
+} else if (mode === 'absolute') {
+  setGlobalDispatcher(new AbsoluteFormDispatcher());
+  http.globalAgent = new PortcullisHttpAgent({ keepAlive: true });
+  https.globalAgent = new PortcullisHttpsAgent({ keepAlive: true });
+} else if (mode === 'direct') {
+  setGlobalDispatcher(new Agent({ connect: pinnedConnector(directTls) }));
+  http.globalAgent = new PortcullisHttpAgent({ keepAlive: true });
+  https.globalAgent = new PortcullisHttpsAgent({ keepAlive: true });
+} else if (httpTls.size) {
+  // No proxy: only the TLS fix-ups; trust is Node's default (NODE_EXTRA_CA_CERTS for a test CA).
+  setGlobalDispatcher(new Agent({ connect: pinnedConnector({}) }));
+  http.globalAgent = new PortcullisHttpAgent({ keepAlive: true });
+  https.globalAgent = new PortcullisHttpsAgent({ keepAlive: true });
+}
+
+if (env.PORTCULLIS_PROXY_DEBUG && (mode || httpTls.size)) {
+  const what = mode === 'direct' ? 'direct (TLS: PORTCULLIS_PROXY_CA + client certificate)'
+    : mode ? `${mode} via ${proxy}` : 'no proxy';
+  const tlsNote = httpTls.size ? `; node:http over TLS to ${[...httpTls].join(', ')}` : '';
+  process.stderr.write(`[proxy_dispatcher] pid ${process.pid}: fetch, undici and node:http(s): ${what}${tlsNote}\n`);
 }

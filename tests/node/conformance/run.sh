@@ -15,15 +15,35 @@
 #
 # Environment:
 #   PORT               server mode: port for everythingServer on 127.0.0.1 (default: a free port)
-#   CONFORMANCE_URL    server mode: URL the runner tests (default http://127.0.0.1:$PORT/mcp);
-#                      keep it a loopback URL: the dns-rebinding scenario fails on any other host
+#   CONFORMANCE_SERVER_CERT, CONFORMANCE_SERVER_KEY  server mode: PEM certificate (chain) and key;
+#                      when both are set everythingServer serves HTTPS instead of HTTP. The
+#                      certificate should name localhost (and 127.0.0.1 if you test that URL).
+#   CONFORMANCE_SERVER_CA  server mode: PEM the runner trusts for everythingServer's certificate,
+#                      handed to the runner as NODE_EXTRA_CA_CERTS only when no proxy mode is on
+#                      (through the proxy, PORTCULLIS_ORIGIN_CA / PORTCULLIS_PROXY_CA decide)
+#   CONFORMANCE_URL    server mode: URL the runner tests (default http://127.0.0.1:$PORT/mcp, or
+#                      https://localhost:$PORT/mcp with CONFORMANCE_SERVER_CERT); keep it a loopback
+#                      URL: the dns-rebinding scenario fails on any other host. Through the gateway
+#                      it is the gateway's URL (e.g. https://127.0.0.1:GW/conformance/mcp).
+#   CONFORMANCE_TLS_ORIGINS  server mode: host:port list the dispatcher treats as the https://
+#                      servers under test (see proxy_dispatcher.mjs); default: CONFORMANCE_URL's
+#                      host:port when it is https://, else empty. Set "" to disable.
 #   CONFORMANCE_LEGS   legs to run, default "2025 2026"
 #   CONFORMANCE_RESULTS  results dir (default ./results, git-ignored); one subdir per leg
 #   CONFORMANCE_RETRY_ALONE  scenarios re-run alone once if they are a leg's only unexpected
 #                      failures (default "sse-retry", a timing check; "" disables)
-#   PORTCULLIS_PROXY (+ _PROXY_CA, _CLIENT_CERT, _CLIENT_KEY, _ORIGIN_CA): see proxy_dispatcher.mjs.
-#     Applied to the process that is the MCP *client*: the runner in server mode, the spawned
-#     everythingClient in client mode. Never to everythingServer or to the runner in client mode.
+#   PORTCULLIS_PROXY, PORTCULLIS_PROXY_MODE (connect | absolute | direct; default connect when
+#     PORTCULLIS_PROXY is set), PORTCULLIS_PROXY_CA, _CLIENT_CERT, _CLIENT_KEY, _ORIGIN_CA: see
+#     proxy_dispatcher.mjs. Applied to the process that is the MCP *client*: the runner in server
+#     mode, the spawned everythingClient in client mode. Never to everythingServer or to the runner
+#     in client mode. The four server-mode setups the proxy is tested in:
+#       MITM          CONFORMANCE_SERVER_CERT/_KEY set, PORTCULLIS_PROXY_MODE=connect (https:// URL)
+#       HTTP tunnel   PORTCULLIS_PROXY_MODE=connect, plain server (http:// URL)
+#       absolute form PORTCULLIS_PROXY_MODE=absolute, plain server (http:// URL)
+#       gateway       PORTCULLIS_PROXY_MODE=direct, CONFORMANCE_URL = the gateway route's URL
+#
+# Results of two runs compare check by check with compare.mjs (see its header):
+#   node compare.mjs BASE_RESULTS OTHER_RESULTS [--allowed FILE]
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -91,8 +111,26 @@ if [[ "$mode" == server ]]; then
     sleep 0.2
   done
   [[ -n "$ready" ]] || { echo "everythingServer not listening on 127.0.0.1:$PORT after 30 s" >&2; cat "$RESULTS/everythingServer.log" >&2; exit 1; }
-  URL="${CONFORMANCE_URL:-http://127.0.0.1:$PORT/mcp}"
-  echo "everythingServer pid $SERVER_PID listening on 127.0.0.1:$PORT; testing $URL"
+  if [[ -n "${CONFORMANCE_SERVER_CERT:-}" ]]; then scheme=https; host=localhost; else scheme=http; host=127.0.0.1; fi
+  URL="${CONFORMANCE_URL:-$scheme://$host:$PORT/mcp}"
+  # The https:// server under test, for the dispatcher's TLS fix-ups (see proxy_dispatcher.mjs).
+  if [[ -z "${CONFORMANCE_TLS_ORIGINS+set}" && "$URL" == https://* ]]; then
+    authority="${URL#https://}"; authority="${authority%%[/?#]*}"; authority="${authority##*@}"
+    [[ "$authority" =~ :[0-9]+$ ]] || authority="$authority:443"
+    CONFORMANCE_TLS_ORIGINS="$authority"
+  fi
+  export CONFORMANCE_TLS_ORIGINS="${CONFORMANCE_TLS_ORIGINS:-}"
+  # Exported after everythingServer started, so only the runner sees these.
+  if [[ -n "${CONFORMANCE_SERVER_CA:-}" && -z "${PORTCULLIS_PROXY:-}${PORTCULLIS_PROXY_MODE:-}" ]]; then
+    export NODE_EXTRA_CA_CERTS="$CONFORMANCE_SERVER_CA"
+  fi
+  proxy_note="no proxy"
+  if [[ "${PORTCULLIS_PROXY_MODE:-}" == direct ]]; then
+    proxy_note="proxy mode direct (no proxy protocol; TLS with the client certificate)"
+  elif [[ -n "${PORTCULLIS_PROXY:-}${PORTCULLIS_PROXY_MODE:-}" ]]; then
+    proxy_note="proxy mode ${PORTCULLIS_PROXY_MODE:-connect} via ${PORTCULLIS_PROXY:-(unset)}"
+  fi
+  echo "everythingServer pid $SERVER_PID listening on 127.0.0.1:$PORT ($scheme); testing $URL, $proxy_note"
 fi
 
 status=0

@@ -7,8 +7,9 @@
 // Protocol a Series of LF Projects, LLC), with new contributions there under Apache-2.0 during
 // its licensing transition; the full text of that LICENSE is in LICENSE.typescript-sdk beside
 // this project's package.json.
-// Portcullis changes: listens on HOST (default 127.0.0.1) instead of all interfaces; marked
-// "Portcullis:" at the app.listen call near the end.
+// Portcullis changes: listens on HOST (default 127.0.0.1) instead of all interfaces, and serves
+// HTTPS when CONFORMANCE_SERVER_CERT and CONFORMANCE_SERVER_KEY (PEM files) are set; marked
+// "Portcullis:" at the imports and at the listen call near the end.
 
 /**
  * MCP Conformance Test Server
@@ -18,6 +19,9 @@
  */
 
 import { randomUUID } from 'node:crypto';
+// Portcullis: for the optional HTTPS listener.
+import { readFileSync } from 'node:fs';
+import { createServer as createHttpsServer } from 'node:https';
 
 import { localhostHostValidation } from '@modelcontextprotocol/express';
 import { NodeStreamableHTTPServerTransport, toNodeHandler } from '@modelcontextprotocol/node';
@@ -1571,12 +1575,23 @@ app.delete('/mcp', async (req: Request, res: Response) => {
 
 // Start server
 const PORT = process.env.PORT || 3000;
-// Portcullis: bind loopback only (upstream listens on all interfaces).
+// Portcullis: bind loopback only (upstream listens on all interfaces); HTTPS (HTTP/1.1) instead of
+// HTTP when CONFORMANCE_SERVER_CERT and CONFORMANCE_SERVER_KEY name PEM files.
 const HOST = process.env.HOST || '127.0.0.1';
-const httpServer = app.listen(Number(PORT), HOST, () => {
-    console.log(`MCP Conformance Test Server running on http://localhost:${PORT}`);
-    console.log(`  - MCP endpoint: http://localhost:${PORT}/mcp`);
-});
+const TLS_CERT = process.env.CONFORMANCE_SERVER_CERT;
+const TLS_KEY = process.env.CONFORMANCE_SERVER_KEY;
+if (!TLS_CERT !== !TLS_KEY) {
+    throw new Error('set both CONFORMANCE_SERVER_CERT and CONFORMANCE_SERVER_KEY, or neither');
+}
+const SCHEME = TLS_CERT ? 'https' : 'http';
+const onListening = () => {
+    console.log(`MCP Conformance Test Server running on ${SCHEME}://localhost:${PORT}`);
+    console.log(`  - MCP endpoint: ${SCHEME}://localhost:${PORT}/mcp`);
+};
+const httpServer =
+    TLS_CERT && TLS_KEY
+        ? createHttpsServer({ cert: readFileSync(TLS_CERT), key: readFileSync(TLS_KEY) }, app).listen(Number(PORT), HOST, onListening)
+        : app.listen(Number(PORT), HOST, onListening);
 httpServer.on('error', (error: NodeJS.ErrnoException) => {
     if (error.code !== 'EADDRINUSE') {
         throw error;
