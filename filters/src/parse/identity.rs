@@ -478,16 +478,7 @@ fn unix_nanos(t: SystemTime) -> i128 {
 }
 
 fn rfc3339(t: ASN1Time) -> String {
-    let dt = t.to_datetime();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        dt.year(),
-        u8::from(dt.month()),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second()
-    )
+    portcullis_policy::TimeInfo::at(t.timestamp()).rfc3339
 }
 
 #[cfg(test)]

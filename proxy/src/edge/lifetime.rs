@@ -206,18 +206,7 @@ impl Lifetime {
 }
 
 pub(crate) fn rfc3339(unix: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(unix) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => unix.to_string(),
-    }
+    portcullis_policy::TimeInfo::at(unix).rfc3339
 }
 
 #[cfg(test)]

@@ -50,6 +50,19 @@
 //                           i.e. NODE_EXTRA_CA_CERTS).
 //   PORTCULLIS_PROXY_DEBUG  set: one stderr line per process saying what is installed
 //
+// Which certificate goes where, in every mode:
+//   hop to the proxy (connect, absolute): presents PORTCULLIS_CLIENT_CERT/_KEY, trusts only
+//     PORTCULLIS_PROXY_CA; no SNI when the proxy is addressed by IP (RFC 6066).
+//   hop to an https:// origin inside a CONNECT tunnel: trusts only PORTCULLIS_ORIGIN_CA (the proxy's
+//     MITM CA) and presents no certificate: the proxy terminates that TLS, our identity is the one
+//     shown on the proxy hop. Per-request TLS options of callers (node:https) are not used.
+//   direct: presents PORTCULLIS_CLIENT_CERT/_KEY, trusts only PORTCULLIS_PROXY_CA.
+// A connection that fails (refused, TLS rejected, CONNECT refused, no answer within 10 s) fails the
+// requests waiting for it, once: the error never carries undici's UND_ERR_SOCKET code, which would
+// make undici keep the request queued and reconnect at once, in a loop, for as long as the proxy
+// refuses (undici's own ProxyAgent does that when the proxy rejects the client certificate after a
+// TLS 1.3 handshake; this file therefore tunnels with its own CONNECT code instead).
+//
 // undici is pinned to the version Node 22.23.5 bundles (6.29.1), so the dispatcher speaks the
 // handler API that the built-in fetch calls it with. Compare ../fetch_via_proxy.mjs, which passes
 // a ProxyAgent per request instead of globally.
@@ -58,7 +71,7 @@ import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
 import tls from 'node:tls';
-import { Agent, buildConnector, Dispatcher, Pool, ProxyAgent, setGlobalDispatcher } from 'undici';
+import { Agent, buildConnector, Dispatcher, Pool, setGlobalDispatcher } from 'undici';
 
 const env = process.env;
 const proxy = env.PORTCULLIS_PROXY || '';
@@ -95,8 +108,7 @@ const cert = pem('PORTCULLIS_CLIENT_CERT');
 const key = pem('PORTCULLIS_CLIENT_KEY');
 if (cert) clientTls.cert = cert;
 if (key) clientTls.key = key;
-const originCa = pem('PORTCULLIS_ORIGIN_CA');
-const requestTls = originCa ? { ca: originCa } : {}; // TLS to origins inside a CONNECT tunnel
+const originCa = pem('PORTCULLIS_ORIGIN_CA'); // TLS to https:// origins inside a CONNECT tunnel
 
 // --- proxy connections (connect / absolute) ---------------------------------------------------
 const proxyUrl = proxy ? new URL(proxy) : undefined;
@@ -113,36 +125,59 @@ if (mode === 'direct' && !ca) {
 }
 const directTls = mode === 'direct' ? { ca, ...clientTls } : {};
 
-// undici connector whose TLS server name is the origin's host (none for an IP), whatever the
-// request's Host header says (undici would take it from there).
-const pinnedConnector = (tlsOpts) => {
-  const connect = buildConnector({ ...tlsOpts });
-  return (opts, cb) => connect({ ...opts, servername: undefined }, cb);
+// How long a connection (TCP, TLS, CONNECT and the TLS inside it) may take: undici's default.
+const CONNECT_TIMEOUT_MS = 10_000;
+
+// The error a failed connection ends in. Never UND_ERR_SOCKET / UND_ERR_INFO: undici treats those
+// as "retry on a new connection" and keeps the request queued (see the header).
+const connectFailed = (err, authority) => {
+  const via = mode === 'connect' || mode === 'absolute' ? ` via proxy ${proxyUrl.host}` : '';
+  const e = new Error(`proxy_dispatcher: connection to ${authority}${via} failed: ${err?.message ?? err}`, { cause: err });
+  e.code = 'PORTCULLIS_CONNECT_FAILED';
+  return e;
 };
 
-// Callback once `sock` is connected ('connect' / 'secureConnect'), or with its error.
-const whenConnected = (sock, event, cb) => {
-  const onError = (err) => {
+// undici connector for TLS straight to the URL's host, server name = that host (none for an IP),
+// whatever the request's Host header says (undici would take it from there).
+const pinnedConnector = (tlsOpts) => {
+  const connect = buildConnector({ ...tlsOpts, timeout: CONNECT_TIMEOUT_MS });
+  return (opts, cb) => connect({ ...opts, servername: undefined }, (err, sock) =>
+    err ? cb(connectFailed(err, opts.host)) : cb(null, sock));
+};
+
+// Callback once `sock` is connected ('connect' / 'secureConnect'), or with its error, or with a
+// timeout error after CONNECT_TIMEOUT_MS; on error `sock` is destroyed.
+const whenConnected = (sock, event, what, cb) => {
+  const finish = (err) => {
+    clearTimeout(timer);
+    sock.off('error', finish);
+    sock.off('close', onClose);
     sock.off(event, onConnect);
-    sock.destroy();
-    cb(err);
+    if (err) {
+      sock.destroy();
+      cb(err);
+    } else {
+      cb(null, sock);
+    }
   };
-  const onConnect = () => {
-    sock.off('error', onError);
-    cb(null, sock);
-  };
-  sock.once('error', onError);
+  const onConnect = () => finish(null);
+  const onClose = () => finish(new Error(`${what}: connection closed before the handshake completed`));
+  const timer = setTimeout(() => finish(new Error(`${what}: no connection after ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
+  sock.on('error', finish);
+  sock.on('close', onClose);
   sock.once(event, onConnect);
 };
 
-// A connection to the proxy itself (TLS + client certificate for an https:// proxy).
+// A connection to the proxy itself: TLS with the client certificate, the proxy's certificate checked
+// against PORTCULLIS_PROXY_CA only, for an https:// proxy (plain TCP for an http:// one).
 const connectProxy = () =>
   proxyIsTls
     ? tls.connect({ host: proxyHost, port: proxyPort, ...proxyTls, ALPNProtocols: ['http/1.1'],
         ...(sni(proxyHost) ? { servername: proxyHost } : {}) })
     : net.connect({ host: proxyHost, port: proxyPort });
 
-// A CONNECT tunnel to host:port through the proxy.
+// A CONNECT tunnel to host:port through the proxy: cb(err) or cb(null, socket to the proxy, the
+// tunnel open on it).
 const tunnel = (host, port, cb) => {
   const authority = authorityOf(host, port);
   const sock = connectProxy();
@@ -150,6 +185,7 @@ const tunnel = (host, port, cb) => {
   // socket's flow state is back to "no consumer yet", so node:http's own 'data' listener starts it.
   let head = Buffer.alloc(0);
   const done = (err) => {
+    clearTimeout(timer);
     sock.off('readable', onReadable);
     sock.off('error', done);
     sock.off('close', onClose);
@@ -178,6 +214,7 @@ const tunnel = (host, port, cb) => {
       return done(null);
     }
   };
+  const timer = setTimeout(() => done(new Error(`proxy CONNECT ${authority}: no answer after ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
   sock.on('readable', onReadable);
   sock.on('error', done);
   sock.on('close', onClose);
@@ -186,22 +223,39 @@ const tunnel = (host, port, cb) => {
   });
 };
 
-// TLS to an origin, the way this mode reaches https:// origins; server name = host (see the TLS
-// fix-ups above). `extra`: per-request TLS options from node:https, used inside a tunnel only
-// (where the socket is given, so host/port/path in them are inert).
-const originTls = (host, port, extra, cb) => {
+// TLS to an https:// origin, the way this mode reaches it; server name = the origin's host, none for
+// an IP (see the TLS fix-ups above). Through the proxy: inside a CONNECT tunnel, trusting
+// PORTCULLIS_ORIGIN_CA only, no client certificate. Direct: PORTCULLIS_PROXY_CA and the client
+// certificate. Without a mode: Node's default trust, no client certificate.
+const originTls = (host, port, cb) => {
+  const authority = authorityOf(host, port);
   const name = sni(host) ? { servername: host } : {};
+  const fail = (err) => cb(connectFailed(err, authority));
+  const done = (err, sock) => (err ? fail(err) : cb(null, sock));
   if (mode === 'connect' || mode === 'absolute') {
+    if (!originCa) {
+      // Never fall back to the public roots (or NODE_EXTRA_CA_CERTS) for the proxy's MITM certificates.
+      return void process.nextTick(fail, new Error('an https:// origin through the proxy needs PORTCULLIS_ORIGIN_CA'));
+    }
     tunnel(host, port, (err, raw) => {
-      if (err) return cb(err);
-      const { servername: _ignored, ...rest } = extra;
-      const sock = tls.connect({ ...rest, socket: raw, ...requestTls, ALPNProtocols: ['http/1.1'], ...name });
-      whenConnected(sock, 'secureConnect', cb);
+      if (err) return fail(err);
+      const sock = tls.connect({ socket: raw, ca: originCa, ALPNProtocols: ['http/1.1'], ...name });
+      whenConnected(sock, 'secureConnect', `TLS to ${authority} in the tunnel`, done);
     });
   } else {
     const sock = tls.connect({ host, port, ...directTls, ALPNProtocols: ['http/1.1'], ...name });
-    whenConnected(sock, 'secureConnect', cb);
+    whenConnected(sock, 'secureConnect', `TLS to ${authority}`, done);
   }
+};
+
+// undici connector through a CONNECT tunnel (connect mode; absolute mode's https:// origins):
+// plain HTTP inside it for http:// origins, originTls for https:// ones.
+const tunnelConnector = (opts, cb) => {
+  const https_ = opts.protocol === 'https:';
+  const host = unbracket(opts.hostname);
+  const port = Number(opts.port) || (https_ ? 443 : 80);
+  if (https_) return void originTls(host, port, cb);
+  tunnel(host, port, (err, sock) => (err ? cb(connectFailed(err, authorityOf(host, port))) : cb(null, sock)));
 };
 
 // --- node:http / node:https without an explicit agent -------------------------------------------
@@ -226,23 +280,32 @@ class PortcullisHttpAgent extends http.Agent {
 
   createConnection(options, cb) {
     const { host, port } = targetOf(options, 80);
-    if (isHttpTls(host, port)) return void originTls(host, port, {}, cb);
-    if (mode === 'connect') return void tunnel(host, port, cb);
-    if (mode === 'absolute') return void whenConnected(connectProxy(), proxyIsTls ? 'secureConnect' : 'connect', cb);
+    const authority = authorityOf(host, port);
+    if (isHttpTls(host, port)) return void originTls(host, port, cb);
+    if (mode === 'connect') {
+      return void tunnel(host, port, (err, sock) => (err ? cb(connectFailed(err, authority)) : cb(null, sock)));
+    }
+    if (mode === 'absolute') {
+      return void whenConnected(connectProxy(), proxyIsTls ? 'secureConnect' : 'connect', `proxy ${proxyUrl.host}`,
+        (err, sock) => (err ? cb(connectFailed(err, authority)) : cb(null, sock)));
+    }
     return super.createConnection(options, cb); // none / direct: plain TCP to the target
   }
 }
 
+// TLS options a caller passes to node:https (ca, cert, rejectUnauthorized...) are not used: the
+// trust and identity of each hop are this file's (see the header).
 class PortcullisHttpsAgent extends https.Agent {
   createConnection(options, cb) {
     const { host, port } = targetOf(options, 443);
-    originTls(host, port, options, cb);
+    originTls(host, port, cb);
   }
 }
 
 // --- fetch / undici: absolute form ----------------------------------------------------------------
 // undici 6's ProxyAgent only sends absolute-form requests (proxyTunnel: false) to an http:// proxy;
-// this does the same over a Pool to the proxy's origin whatever its scheme.
+// this does the same over a Pool to the proxy's origin whatever its scheme; https:// origins go
+// through a CONNECT tunnel as in connect mode.
 const headerPairs = (headers) => {
   if (headers == null) return [];
   if (Array.isArray(headers)) {
@@ -262,7 +325,7 @@ class AbsoluteFormDispatcher extends Dispatcher {
   constructor() {
     super();
     this.#pool = new Pool(proxyUrl.origin, { connect: pinnedConnector(proxyIsTls ? proxyTls : {}) });
-    this.#tunnel = new ProxyAgent({ uri: proxy, proxyTls, requestTls });
+    this.#tunnel = new Agent({ connect: tunnelConnector });
   }
 
   dispatch(opts, handler) {
@@ -289,7 +352,7 @@ class AbsoluteFormDispatcher extends Dispatcher {
 
 // --- install ------------------------------------------------------------------------------------
 if (mode === 'connect') {
-  setGlobalDispatcher(new ProxyAgent({ uri: proxy, proxyTls, requestTls }));
+  setGlobalDispatcher(new Agent({ connect: tunnelConnector }));
   http.globalAgent = new PortcullisHttpAgent({ keepAlive: true });
   https.globalAgent = new PortcullisHttpsAgent({ keepAlive: true });
 } else if (mode === 'absolute') {

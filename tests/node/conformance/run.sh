@@ -91,6 +91,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+if [[ "$mode" == server && -n "${CONFORMANCE_SERVER_CERT:-}" && -n "${PORTCULLIS_CLIENT_CERT:-}" ]] &&
+  cmp -s "$CONFORMANCE_SERVER_CERT" "$PORTCULLIS_CLIENT_CERT"; then
+  # The agent's SVID and the server's certificate are different things; when one file was written
+  # over the other, the proxy would refuse every connection (no SPIFFE URI SAN). Say so instead.
+  echo "PORTCULLIS_CLIENT_CERT ($PORTCULLIS_CLIENT_CERT) is the same certificate as CONFORMANCE_SERVER_CERT" \
+    "($CONFORMANCE_SERVER_CERT): the client's SVID was overwritten by the server's certificate" >&2
+  exit 2
+fi
+
 if [[ "$mode" == server ]]; then
   PORT="${PORT:-$("$NODE" -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')}"
   if (: >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
