@@ -38,7 +38,8 @@
 //                           the server reached
 //   PORTCULLIS_CLIENT_KEY   its PEM private key
 //   PORTCULLIS_ORIGIN_CA    PEM the origin certificates seen inside a CONNECT tunnel must chain to
-//                           (the proxy's MITM CA); only matters for https:// origins
+//                           (the proxy's MITM CA); required for https:// origins through the proxy
+//                           (no fallback to Node's roots), unused for http:// ones
 //   CONFORMANCE_TLS_ORIGINS comma-separated host:port list of the https:// servers under test:
 //                           node:http requests to these authorities are sent over TLS, as the
 //                           https:// URL they came from says. The runner's SEP-2243 helper builds
@@ -130,19 +131,20 @@ const CONNECT_TIMEOUT_MS = 10_000;
 
 // The error a failed connection ends in. Never UND_ERR_SOCKET / UND_ERR_INFO: undici treats those
 // as "retry on a new connection" and keeps the request queued (see the header).
-const connectFailed = (err, authority) => {
-  const via = mode === 'connect' || mode === 'absolute' ? ` via proxy ${proxyUrl.host}` : '';
+const connectFailed = (err, authority, throughProxy = mode === 'connect' || mode === 'absolute') => {
+  const via = throughProxy ? ` via proxy ${proxyUrl.host}` : '';
   const e = new Error(`proxy_dispatcher: connection to ${authority}${via} failed: ${err?.message ?? err}`, { cause: err });
   e.code = 'PORTCULLIS_CONNECT_FAILED';
   return e;
 };
 
-// undici connector for TLS straight to the URL's host, server name = that host (none for an IP),
-// whatever the request's Host header says (undici would take it from there).
+// undici connector straight to the origin it is asked for (the server, or in absolute mode the
+// proxy itself), TLS server name = that host (none for an IP), whatever the request's Host header
+// says (undici would take it from there).
 const pinnedConnector = (tlsOpts) => {
   const connect = buildConnector({ ...tlsOpts, timeout: CONNECT_TIMEOUT_MS });
   return (opts, cb) => connect({ ...opts, servername: undefined }, (err, sock) =>
-    err ? cb(connectFailed(err, opts.host)) : cb(null, sock));
+    err ? cb(connectFailed(err, opts.host, false)) : cb(null, sock));
 };
 
 // Callback once `sock` is connected ('connect' / 'secureConnect'), or with its error, or with a
@@ -287,7 +289,7 @@ class PortcullisHttpAgent extends http.Agent {
     }
     if (mode === 'absolute') {
       return void whenConnected(connectProxy(), proxyIsTls ? 'secureConnect' : 'connect', `proxy ${proxyUrl.host}`,
-        (err, sock) => (err ? cb(connectFailed(err, authority)) : cb(null, sock)));
+        (err, sock) => (err ? cb(connectFailed(err, proxyUrl.host, false)) : cb(null, sock)));
     }
     return super.createConnection(options, cb); // none / direct: plain TCP to the target
   }

@@ -18,6 +18,8 @@
 #   CONFORMANCE_SERVER_CERT, CONFORMANCE_SERVER_KEY  server mode: PEM certificate (chain) and key;
 #                      when both are set everythingServer serves HTTPS instead of HTTP. The
 #                      certificate should name localhost (and 127.0.0.1 if you test that URL).
+#                      Never the same certificate as PORTCULLIS_CLIENT_CERT (run.sh refuses: the
+#                      proxy would reject every connection, the server's certificate being no SVID).
 #   CONFORMANCE_SERVER_CA  server mode: PEM the runner trusts for everythingServer's certificate,
 #                      handed to the runner as NODE_EXTRA_CA_CERTS only when no proxy mode is on
 #                      (through the proxy, PORTCULLIS_ORIGIN_CA / PORTCULLIS_PROXY_CA decide)
@@ -32,6 +34,10 @@
 #   CONFORMANCE_RESULTS  results dir (default ./results, git-ignored); one subdir per leg
 #   CONFORMANCE_RETRY_ALONE  scenarios re-run alone once if they are a leg's only unexpected
 #                      failures (default "sse-retry", a timing check; "" disables)
+#   CONFORMANCE_PROXY_DIFFERENCES  allow-list of the differences the proxy makes on purpose
+#                      (default proxy-differences.json, "" disables): through the proxy, its entries
+#                      for this way are added to each leg's expected failures (compare.mjs
+#                      --expected-failures writes the merged file into the results dir)
 #   PORTCULLIS_PROXY, PORTCULLIS_PROXY_MODE (connect | absolute | direct; default connect when
 #     PORTCULLIS_PROXY is set), PORTCULLIS_PROXY_CA, _CLIENT_CERT, _CLIENT_KEY, _ORIGIN_CA: see
 #     proxy_dispatcher.mjs. Applied to the process that is the MCP *client*: the runner in server
@@ -44,6 +50,8 @@
 #
 # Results of two runs compare check by check with compare.mjs (see its header):
 #   node compare.mjs BASE_RESULTS OTHER_RESULTS [--allowed FILE]
+# The results dir also gets run.json: {way, mode, proxy_mode, url}, way being Direct, Mitm, Tunnel,
+# Absolute or Gateway as above; compare.mjs reads it for allow-list entries limited to some ways.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -70,6 +78,7 @@ RESULTS="${CONFORMANCE_RESULTS:-$HERE/results}"
 LEGS="${CONFORMANCE_LEGS:-2025 2026}"
 # Scenarios whose only failing checks are timing checks; see the re-run below. Empty disables it.
 RETRY_ALONE="${CONFORMANCE_RETRY_ALONE-sse-retry}"
+DIFFERENCES="${CONFORMANCE_PROXY_DIFFERENCES-$HERE/proxy-differences.json}"
 
 leg_args() { # $1 = leg -> conformance args for this mode/leg
   case "$mode:$1" in
@@ -142,10 +151,32 @@ if [[ "$mode" == server ]]; then
   echo "everythingServer pid $SERVER_PID listening on 127.0.0.1:$PORT ($scheme); testing $URL, $proxy_note"
 fi
 
+# How the MCP client reaches its peer, for compare.mjs (allow-list entries limited to some ways):
+# Direct (no proxy), Mitm (CONNECT, TLS inside), Tunnel (CONNECT, plain HTTP inside), Absolute,
+# Gateway (proxy mode direct).
+case "${PORTCULLIS_PROXY_MODE:-${PORTCULLIS_PROXY:+connect}}" in
+  "") way=Direct ;;
+  connect) if [[ "${URL:-}" == https://* ]]; then way=Mitm; else way=Tunnel; fi ;;
+  absolute) way=Absolute ;;
+  direct) way=Gateway ;;
+  *) way=unknown ;;
+esac
+mkdir -p "$RESULTS"
+WAY="$way" MODE="$mode" URL="${URL:-}" "$NODE" -e \
+  'const e=process.env; console.log(JSON.stringify({way: e.WAY, mode: e.MODE, proxy_mode: e.PORTCULLIS_PROXY_MODE || (e.PORTCULLIS_PROXY ? "connect" : ""), url: e.URL || undefined}))' \
+  >"$RESULTS/run.json"
+
 status=0
 summary=()
 for leg in $LEGS; do
   args=$(leg_args "$leg") || exit 2
+  if [[ "$way" != Direct && -n "$DIFFERENCES" ]]; then
+    # Through the proxy: what it changes on purpose in this way is an expected failure too.
+    baseline=$(sed -E 's/.*--expected-failures ([^ ]+).*/\1/' <<<"$args")
+    merged="$RESULTS/expected-failures-$mode-$leg.yaml"
+    "$NODE" "$HERE/compare.mjs" --expected-failures "$baseline" --allowed "$DIFFERENCES" --way "$way" --mode "$mode" >"$merged" || exit 2
+    args=${args/"--expected-failures $baseline"/"--expected-failures $merged"}
+  fi
   out="$RESULTS/$mode-$leg"
   rm -rf "$out"; mkdir -p "$out"
   echo "=== conformance $mode, leg $leg: $args $*"
