@@ -169,10 +169,12 @@ fn hex(b: u8) -> Option<u32> {
 /// (a search over (secret, data) positions, each visited once).
 fn escaped_match(secret: &[u8], data: &[u8]) -> Match {
     let mut m = Match::default();
-    let mut stack = vec![(0usize, 0usize)];
-    // Positions already queued; only needed once a position had two readings.
-    let mut seen: Option<std::collections::HashSet<(usize, usize)>> = None;
-    while let Some((j, p)) = stack.pop() {
+    // The reading being followed, and the others still to follow (no allocation until a
+    // data byte has two readings, which takes a `%` or `\\` in the secret).
+    let mut current = Some((0usize, 0usize));
+    let mut others: Vec<(usize, usize)> = Vec::new();
+    let mut seen: std::collections::HashSet<(usize, usize)> = std::collections::HashSet::new();
+    while let Some((j, p)) = current.take().or_else(|| others.pop()) {
         if j == secret.len() {
             m.full = m.full.max(p);
             continue;
@@ -182,28 +184,32 @@ fn escaped_match(secret: &[u8], data: &[u8]) -> Match {
             continue;
         };
         let want = secret[j];
-        let literal = (b == want || b == b'+' && want == b' ').then_some((1, 1));
+        let literal = (b == want || b == b'+' && want == b' ').then_some((j + 1, p + 1));
         let escape = match b {
             b'%' => percent_escape(want, &data[p..]),
             b'\\' => json_escape(secret, j, &data[p..]),
             _ => Ok(None),
         };
-        let escape = escape.unwrap_or_else(|Partial| {
-            m.partial = true;
-            None
-        });
-        let next: Vec<(usize, usize)> = [literal, escape]
-            .into_iter()
-            .flatten()
-            .map(|(used, read)| (j + used, p + read))
-            .collect();
-        if next.len() > 1 && seen.is_none() {
-            seen = Some(std::collections::HashSet::new());
-        }
-        for n in next {
-            if seen.as_mut().is_none_or(|seen| seen.insert(n)) {
-                stack.push(n);
+        let escape = escape
+            .unwrap_or_else(|Partial| {
+                m.partial = true;
+                None
+            })
+            .map(|(used, read)| (j + used, p + read));
+        match (literal, escape) {
+            (Some(a), Some(b)) => {
+                // Two readings: follow one, keep the other; from here on, a position may be
+                // reached twice, and is followed once.
+                for n in [a, b] {
+                    if seen.insert(n) {
+                        others.push(n);
+                    }
+                }
             }
+            (Some(n), None) | (None, Some(n)) if seen.is_empty() || seen.insert(n) => {
+                current = Some(n);
+            }
+            _ => {}
         }
     }
     m
