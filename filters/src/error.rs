@@ -38,6 +38,12 @@ pub enum ErrorCode {
     /// A bounded queue or budget of the proxy is full (an HTTP+SSE stream its client does not
     /// read): the request is refused rather than queued without bound.
     Overloaded,
+    /// A policy asked for a human's approval of this call, and none is granted (yet).
+    ApprovalRequired,
+    /// A rate limit or an in-flight limit is exceeded.
+    RateLimited,
+    /// The approval store cannot be read or written (Redis down, too many pending).
+    ApprovalUnavailable,
     /// A bug or resource failure inside the proxy; never caused by the peer.
     Internal,
 }
@@ -52,14 +58,18 @@ impl ErrorCode {
             | ErrorCode::IdentityRevoked
             | ErrorCode::CredentialNotAllowed
             | ErrorCode::DestinationBlocked
-            | ErrorCode::ClientNotAllowed => 403,
+            | ErrorCode::ClientNotAllowed
+            | ErrorCode::ApprovalRequired => 403,
+            ErrorCode::RateLimited => 429,
             ErrorCode::BadRequest | ErrorCode::HeaderMismatch => 400,
             ErrorCode::BodyTooLarge => 413,
             ErrorCode::HeadersTooLarge => 431,
             ErrorCode::NoRoute => 404,
             ErrorCode::UpstreamUnreachable => 502,
             ErrorCode::UpstreamTimeout => 504,
-            ErrorCode::CredentialUnavailable | ErrorCode::Overloaded => 503,
+            ErrorCode::CredentialUnavailable
+            | ErrorCode::Overloaded
+            | ErrorCode::ApprovalUnavailable => 503,
             ErrorCode::UpgradeNotSupported => 501,
             ErrorCode::UnsupportedEncoding => 415,
             ErrorCode::MethodNotAllowed => 405,
@@ -89,6 +99,9 @@ impl ErrorCode {
             ErrorCode::UnsupportedEncoding => "unsupported_encoding",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::ApprovalRequired => "approval_required",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ApprovalUnavailable => "approval_unavailable",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -112,6 +125,30 @@ pub struct Rejection {
     /// HTTP 200 `application/json` (202 with no body when only notifications were refused),
     /// because MCP clients surface that as a tool error where an HTTP 403 breaks the session.
     pub jsonrpc: Option<JsonRpcAnswer>,
+    /// Members added to the JSON error body and to each JSON-RPC error's `data` (an approval
+    /// id, a retry delay).
+    pub details: Details,
+}
+
+/// Extra members of an error body: fixed names, values the proxy made (never a secret).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Details(pub Vec<(&'static str, serde_json::Value)>);
+
+impl Eq for Details {}
+
+impl<const N: usize> From<[(&'static str, serde_json::Value); N]> for Details {
+    fn from(all: [(&'static str, serde_json::Value); N]) -> Details {
+        Details(all.into())
+    }
+}
+
+impl Details {
+    /// Add every member to `object` (members already there are kept).
+    pub fn merge_into(&self, object: &mut serde_json::Map<String, serde_json::Value>) {
+        for (k, v) in &self.0 {
+            object.entry(*k).or_insert_with(|| v.clone());
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -125,6 +162,30 @@ pub struct JsonRpcAnswer {
 
 impl Eq for JsonRpcAnswer {}
 
+impl JsonRpcAnswer {
+    /// Add `code` (as `data.error`) and `details` to the `data` of the error answering `id`,
+    /// or of every error when `id` is `None`.
+    pub fn add_details(
+        &mut self,
+        id: Option<&serde_json::Value>,
+        code: ErrorCode,
+        details: &Details,
+    ) {
+        for r in &mut self.responses {
+            if id.is_some_and(|id| r.get("id") != Some(id)) {
+                continue;
+            }
+            if let Some(data) = r
+                .pointer_mut("/error/data")
+                .and_then(serde_json::Value::as_object_mut)
+            {
+                data.insert("error".into(), code.as_str().into());
+                details.merge_into(data);
+            }
+        }
+    }
+}
+
 impl Rejection {
     pub fn new(code: ErrorCode, reason: impl Into<String>) -> Rejection {
         Rejection {
@@ -133,6 +194,7 @@ impl Rejection {
             status: None,
             headers: Vec::new(),
             jsonrpc: None,
+            details: Details::default(),
         }
     }
 
@@ -186,6 +248,9 @@ mod tests {
             (ErrorCode::UnsupportedEncoding, 415, "unsupported_encoding"),
             (ErrorCode::MethodNotAllowed, 405, "method_not_allowed"),
             (ErrorCode::Overloaded, 503, "overloaded"),
+            (ErrorCode::ApprovalRequired, 403, "approval_required"),
+            (ErrorCode::RateLimited, 429, "rate_limited"),
+            (ErrorCode::ApprovalUnavailable, 503, "approval_unavailable"),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status(), status, "{name}");

@@ -63,6 +63,7 @@ fn inputs() -> Vec<Input> {
                 credentials: vec!["github".into()],
                 time: TimeInfo::at(1_763_726_400),
                 gateway: None,
+                approval: None,
             }
             .bounded(&portcullis_policy::InputLimits::default())
         })

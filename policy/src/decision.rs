@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use regorus::Value;
 
+use crate::units::{parse_duration, Rate};
+
 /// The outcome of one evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -22,6 +24,67 @@ pub struct Decision {
     pub revision: Arc<str>,
     /// Wall-clock time spent evaluating.
     pub eval_time: Duration,
+    /// A deny a human may lift (`approval`): only on a deny.
+    pub approval: Option<ApprovalAsk>,
+    /// Rate limits an allow is subject to (`limit`: one object or a list).
+    pub limits: Vec<LimitAsk>,
+}
+
+/// The decision's `approval` member: this deny is lifted for the same call when a human
+/// approves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalAsk {
+    /// What the approver is shown (default: the decision's reason).
+    pub reason: String,
+    /// How long a grant (or a denial) holds once decided.
+    pub ttl: Duration,
+    pub scope: ApprovalScope,
+    /// Calls a grant allows; `None`: any number within its TTL.
+    pub uses: Option<u32>,
+}
+
+impl ApprovalAsk {
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
+    pub const MAX_TTL: Duration = Duration::from_secs(30 * 86_400);
+}
+
+/// What one grant covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApprovalScope {
+    /// This exact call: identity, method, destination, path (query keys, not values) and, for
+    /// MCP, the tool and its canonical arguments. Single use unless `uses` says otherwise.
+    Call,
+    /// The same action in the same MCP session (any arguments) or, for plain HTTP, the same
+    /// method and destination, for the TTL.
+    Session,
+}
+
+impl ApprovalScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalScope::Call => "call",
+            ApprovalScope::Session => "session",
+        }
+    }
+}
+
+/// One member of the decision's `limit`: a rate limit on `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitAsk {
+    /// The metrics label (`[a-z0-9_.-]`, default `policy`).
+    pub name: String,
+    /// The bucket: any string the policy computes (identity, tool, tenant, …).
+    pub key: String,
+    pub rate: Rate,
+    /// Calls allowed at once before the rate applies (default: the rate's count).
+    pub burst: u32,
+}
+
+impl LimitAsk {
+    /// Longest key; a longer one is a policy error (keys are stored in Redis).
+    pub const MAX_KEY_BYTES: usize = 1024;
+    /// Most limits one decision may carry.
+    pub const MAX_PER_DECISION: usize = 8;
 }
 
 impl Decision {
@@ -45,6 +108,8 @@ impl Decision {
             headers: BTreeMap::new(),
             revision,
             eval_time,
+            approval: None,
+            limits: Vec::new(),
         }
     }
 
@@ -72,6 +137,8 @@ impl Decision {
                 headers: parsed.headers,
                 revision,
                 eval_time,
+                approval: parsed.approval,
+                limits: parsed.limits,
             },
             Err(Failure::Undefined) => Decision::deny(Decision::UNDEFINED, revision, eval_time),
             Err(Failure::Invalid(what)) => Decision::error(what, revision, eval_time),
@@ -84,6 +151,8 @@ struct Parsed {
     reason: String,
     status: Option<u16>,
     headers: BTreeMap<String, String>,
+    approval: Option<ApprovalAsk>,
+    limits: Vec<LimitAsk>,
 }
 
 enum Failure {
@@ -100,6 +169,8 @@ fn parse(value: &Value) -> Result<Parsed, Failure> {
                 reason: default_reason(*allow).to_owned(),
                 status: None,
                 headers: BTreeMap::new(),
+                approval: None,
+                limits: Vec::new(),
             })
         }
         Value::Object(object) => object,
@@ -112,12 +183,15 @@ fn parse(value: &Value) -> Result<Parsed, Failure> {
     };
     // One pass over the members: looking keys up would allocate a key per lookup.
     let (mut allow, mut reason, mut status, mut headers) = (None, None, None, None);
+    let (mut approval, mut limit) = (None, None);
     for (key, value) in object.iter() {
         match key {
             Value::String(k) if k.as_ref() == "allow" => allow = Some(value),
             Value::String(k) if k.as_ref() == "reason" => reason = Some(value),
             Value::String(k) if k.as_ref() == "status" => status = Some(value),
             Value::String(k) if k.as_ref() == "headers" => headers = Some(value),
+            Value::String(k) if k.as_ref() == "approval" => approval = Some(value),
+            Value::String(k) if k.as_ref() == "limit" => limit = Some(value),
             _ => {}
         }
     }
@@ -191,11 +265,182 @@ fn parse(value: &Value) -> Result<Parsed, Failure> {
             )))
         }
     };
+    let approval = match approval {
+        None => None,
+        Some(_) if allow => {
+            return Err(Failure::Invalid(
+                "decision.approval is only valid on a deny (allow: false)".to_owned(),
+            ))
+        }
+        Some(value) => Some(approval_ask(value, &reason)?),
+    };
+    let limits = match limit {
+        None => Vec::new(),
+        Some(Value::Array(all)) => {
+            if all.len() > LimitAsk::MAX_PER_DECISION {
+                return Err(Failure::Invalid(format!(
+                    "decision.limit has more than {} limits",
+                    LimitAsk::MAX_PER_DECISION
+                )));
+            }
+            all.iter().map(limit_ask).collect::<Result<_, _>>()?
+        }
+        Some(one) => vec![limit_ask(one)?],
+    };
     Ok(Parsed {
         allow,
         reason,
         status,
         headers,
+        approval,
+        limits,
+    })
+}
+
+/// The members of an object, by name (unknown members are errors: a misspelt `ttl` must not
+/// silently mean the default).
+fn members<'a>(
+    value: &'a Value,
+    what: &str,
+    known: &[&str],
+) -> Result<BTreeMap<&'a str, &'a Value>, Failure> {
+    let Value::Object(object) = value else {
+        return Err(Failure::Invalid(format!(
+            "decision.{what} must be an object, got {}",
+            type_name(value)
+        )));
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in object.iter() {
+        let Value::String(k) = k else {
+            return Err(Failure::Invalid(format!(
+                "decision.{what} has a non-string key"
+            )));
+        };
+        if !known.contains(&k.as_ref()) {
+            return Err(Failure::Invalid(format!(
+                "decision.{what} has an unknown member {k:?} (known: {})",
+                known.join(", ")
+            )));
+        }
+        out.insert(k.as_ref(), v);
+    }
+    Ok(out)
+}
+
+fn string<'a>(value: &'a Value, what: &str) -> Result<&'a str, Failure> {
+    match value {
+        Value::String(s) => Ok(s.as_ref()),
+        other => Err(Failure::Invalid(format!(
+            "decision.{what} must be a string, got {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn positive_u32(value: &Value, what: &str) -> Result<u32, Failure> {
+    match value {
+        Value::Number(n) if n.is_integer() => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| Failure::Invalid(format!("decision.{what} must be an integer ≥ 1"))),
+        other => Err(Failure::Invalid(format!(
+            "decision.{what} must be an integer ≥ 1, got {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn approval_ask(value: &Value, reason: &str) -> Result<ApprovalAsk, Failure> {
+    let m = members(value, "approval", &["reason", "ttl", "scope", "uses"])?;
+    let ttl = match m.get("ttl") {
+        None => ApprovalAsk::DEFAULT_TTL,
+        Some(Value::Number(n)) if n.is_integer() => n
+            .as_u64()
+            .map(Duration::from_secs)
+            .ok_or_else(|| Failure::Invalid("decision.approval.ttl must be ≥ 1s".to_owned()))?,
+        Some(v) => parse_duration(string(v, "approval.ttl")?)
+            .map_err(|e| Failure::Invalid(format!("decision.approval.ttl: {e}")))?,
+    };
+    if ttl < Duration::from_secs(1) || ttl > ApprovalAsk::MAX_TTL {
+        return Err(Failure::Invalid(
+            "decision.approval.ttl must be between 1s and 30d".to_owned(),
+        ));
+    }
+    let scope = match m.get("scope") {
+        None => ApprovalScope::Call,
+        Some(v) => match string(v, "approval.scope")? {
+            "call" => ApprovalScope::Call,
+            "session" => ApprovalScope::Session,
+            other => {
+                return Err(Failure::Invalid(format!(
+                    "decision.approval.scope must be \"call\" or \"session\", got {other:?}"
+                )))
+            }
+        },
+    };
+    let uses = match (m.get("uses"), scope) {
+        (Some(v), _) => Some(positive_u32(v, "approval.uses")?),
+        (None, ApprovalScope::Call) => Some(1),
+        (None, ApprovalScope::Session) => None,
+    };
+    let reason = match m.get("reason") {
+        Some(v) => string(v, "approval.reason")?.to_owned(),
+        None => reason.to_owned(),
+    };
+    Ok(ApprovalAsk {
+        reason,
+        ttl,
+        scope,
+        uses,
+    })
+}
+
+fn limit_ask(value: &Value) -> Result<LimitAsk, Failure> {
+    let m = members(value, "limit", &["name", "key", "rate", "burst"])?;
+    let key = match m.get("key") {
+        Some(v) => string(v, "limit.key")?,
+        None => return Err(Failure::Invalid("decision.limit.key is missing".to_owned())),
+    };
+    if key.is_empty() || key.len() > LimitAsk::MAX_KEY_BYTES {
+        return Err(Failure::Invalid(format!(
+            "decision.limit.key must be 1..={} bytes",
+            LimitAsk::MAX_KEY_BYTES
+        )));
+    }
+    let rate = match m.get("rate") {
+        Some(v) => Rate::parse(string(v, "limit.rate")?)
+            .map_err(|e| Failure::Invalid(format!("decision.limit.rate: {e}")))?,
+        None => {
+            return Err(Failure::Invalid(
+                "decision.limit.rate is missing".to_owned(),
+            ))
+        }
+    };
+    let burst = match m.get("burst") {
+        Some(v) => positive_u32(v, "limit.burst")?,
+        None => rate.count,
+    };
+    let name = match m.get("name") {
+        Some(v) => string(v, "limit.name")?,
+        None => "policy",
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+    {
+        return Err(Failure::Invalid(
+            "decision.limit.name must be 1..=64 of [a-z0-9_.-]".to_owned(),
+        ));
+    }
+    Ok(LimitAsk {
+        name: name.to_owned(),
+        key: key.to_owned(),
+        rate,
+        burst,
     })
 }
 
@@ -295,6 +540,57 @@ mod tests {
     }
 
     #[test]
+    fn approvals_and_limits() {
+        let d = decide(r#"{"allow": false, "reason": "pay", "approval": {}}"#);
+        let a = d.approval.unwrap();
+        assert_eq!(
+            (a.reason.as_str(), a.ttl, a.scope, a.uses),
+            (
+                "pay",
+                ApprovalAsk::DEFAULT_TTL,
+                ApprovalScope::Call,
+                Some(1)
+            )
+        );
+        let d = decide(
+            r#"{"allow": false, "approval": {"reason": "r", "ttl": "1h", "scope": "session"}}"#,
+        );
+        let a = d.approval.unwrap();
+        assert_eq!(
+            (a.reason.as_str(), a.ttl, a.scope, a.uses),
+            ("r", Duration::from_secs(3600), ApprovalScope::Session, None)
+        );
+        assert_eq!(
+            decide(r#"{"allow": false, "approval": {"ttl": 60, "uses": 3}}"#).approval,
+            Some(ApprovalAsk {
+                reason: Decision::DENIED.into(),
+                ttl: Duration::from_secs(60),
+                scope: ApprovalScope::Call,
+                uses: Some(3)
+            })
+        );
+        let d = decide(r#"{"allow": true, "limit": {"key": "k", "rate": "10/m"}}"#);
+        assert!(d.allow);
+        assert_eq!(
+            d.limits,
+            vec![LimitAsk {
+                name: "policy".into(),
+                key: "k".into(),
+                rate: Rate::parse("10/m").unwrap(),
+                burst: 10
+            }]
+        );
+        let d = decide(
+            r#"{"allow": true, "limit": [{"key": "a", "rate": "1/s", "burst": 2, "name": "per-tool"}, {"key": "b", "rate": "5/h"}]}"#,
+        );
+        assert_eq!(d.limits.len(), 2);
+        assert_eq!(
+            (d.limits[0].burst, d.limits[0].name.as_str()),
+            (2, "per-tool")
+        );
+    }
+
+    #[test]
     fn type_errors_deny_with_a_policy_error() {
         for (json, what) in [
             (r#""yes""#, "must be a boolean or an object, got string"),
@@ -333,6 +629,53 @@ mod tests {
             (
                 r#"{"allow": true, "headers": {"bad name": "v"}}"#,
                 "invalid header",
+            ),
+            (r#"{"allow": true, "approval": {}}"#, "only valid on a deny"),
+            (r#"{"allow": false, "approval": true}"#, "must be an object"),
+            (
+                r#"{"allow": false, "approval": {"tll": "1m"}}"#,
+                "unknown member",
+            ),
+            (
+                r#"{"allow": false, "approval": {"ttl": "0s"}}"#,
+                "between 1s",
+            ),
+            (
+                r#"{"allow": false, "approval": {"ttl": "31d"}}"#,
+                "between 1s",
+            ),
+            (
+                r#"{"allow": false, "approval": {"scope": "x"}}"#,
+                "scope must be",
+            ),
+            (
+                r#"{"allow": false, "approval": {"uses": 0}}"#,
+                "uses must be",
+            ),
+            (
+                r#"{"allow": true, "limit": {"rate": "1/s"}}"#,
+                "key is missing",
+            ),
+            (r#"{"allow": true, "limit": {"key": ""}}"#, "key must be"),
+            (
+                r#"{"allow": true, "limit": {"key": "k"}}"#,
+                "rate is missing",
+            ),
+            (
+                r#"{"allow": true, "limit": {"key": "k", "rate": "1/y"}}"#,
+                "limit.rate",
+            ),
+            (
+                r#"{"allow": true, "limit": {"key": "k", "rate": "1/s", "burst": 0}}"#,
+                "burst must be",
+            ),
+            (
+                r#"{"allow": true, "limit": {"key": "k", "rate": "1/s", "name": "Bad Name"}}"#,
+                "name must be",
+            ),
+            (
+                r#"{"allow": true, "limit": [1,2,3,4,5,6,7,8,9]}"#,
+                "more than 8",
             ),
         ] {
             let d = decide(json);

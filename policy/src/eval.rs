@@ -497,6 +497,7 @@ mod tests {
             credentials: vec![],
             time: TimeInfo::at(unix),
             gateway: None,
+            approval: None,
         }
     }
 

@@ -272,6 +272,10 @@ pub struct Input {
     pub time: TimeInfo,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Gateway>,
+    /// The approval matching this action (`{state, id, decided_by, …}`): absent on the first
+    /// evaluation, set when the proxy decides again after a decision asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<serde_json::Value>,
 }
 
 impl Input {
@@ -665,6 +669,7 @@ keys!(
     hour_utc,
     gateway,
     route,
+    approval,
     connect,
     http,
 );
@@ -781,6 +786,9 @@ impl Converter {
         root.push((k.kind.clone(), kind.clone()));
         if let Some(mcp) = &input.mcp {
             root.push((k.mcp.clone(), json_to_value(mcp)));
+        }
+        if let Some(approval) = &input.approval {
+            root.push((k.approval.clone(), json_to_value(approval)));
         }
         if let Some(source) = &input.source {
             let value = memo(&mut self.source, source, || {
@@ -939,6 +947,7 @@ mod tests {
             gateway: Some(Gateway {
                 route: "github".into(),
             }),
+            approval: None,
         }
     }
 
@@ -966,6 +975,7 @@ mod tests {
             mcp: None,
             credentials: vec![],
             gateway: None,
+            approval: None,
             ..sample()
         };
         let json = serde_json::to_value(connect).unwrap();

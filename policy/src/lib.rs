@@ -11,8 +11,9 @@ pub mod input;
 mod load;
 mod policy;
 mod testing;
+mod units;
 
-pub use decision::Decision;
+pub use decision::{ApprovalAsk, ApprovalScope, Decision, LimitAsk};
 pub use error::PolicyError;
 #[doc(hidden)]
 pub use eval::Strategy;
@@ -24,3 +25,4 @@ pub use input::{
 pub use load::PolicySet;
 pub use policy::Policy;
 pub use testing::{TestOutcome, TestReport, TestResult, TEST_TIME_LIMIT};
+pub use units::{parse_duration, Rate};

@@ -191,6 +191,7 @@ impl PolicySet {
             credentials: vec![],
             time: TimeInfo::at(0),
             gateway: None,
+            approval: None,
         };
         let decision = self.evaluate_value(input::to_value(&input));
         let error = decision

@@ -98,6 +98,7 @@ mod tests {
             credentials: vec![],
             time: TimeInfo::at(0),
             gateway: None,
+            approval: None,
         }
     }
 

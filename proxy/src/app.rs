@@ -28,6 +28,7 @@ use crate::credentials::LocalSecrets;
 use crate::edge::admin::{self, Status};
 use crate::edge::listener;
 use crate::edge::tls::{self, ServerCert, SpiffeVerifier, Trust, TrustStore};
+use crate::gates::Gates;
 use crate::http::mitm::{Mitm, MitmError};
 use crate::http::sse::SseTransport;
 use crate::http::{Operations, Shared, Tasks};
@@ -46,12 +47,16 @@ use crate::upstream::Upstream;
 pub fn build_chain(
     cfg: &Config,
     policy: Arc<Policy>,
-    pins: Arc<ToolPins>,
-    metrics: Arc<Metrics>,
+    ops: &Operations,
     decision_log: Option<DecisionLog>,
     spans: Option<SpanExport>,
-    secrets: Arc<LocalSecrets>,
 ) -> Result<Chain, StartError> {
+    let (pins, metrics, secrets, gates) = (
+        ops.pins.clone(),
+        ops.metrics.clone(),
+        ops.secrets.clone(),
+        &ops.gates,
+    );
     let creds = cfg
         .credentials
         .iter()
@@ -96,12 +101,17 @@ pub fn build_chain(
             list_limit: cfg.limits.inspect_body_bytes,
         })
         .with(CredentialDetect { set: creds.clone() })
-        .with(PolicyFilter::new(
-            policy,
-            cfg.policy.redact_headers.clone(),
-            cfg.limits.inspect_body_bytes,
-            cfg.policy.input_limits.clone(),
-        ))
+        .with(
+            PolicyFilter::new(
+                policy,
+                cfg.policy.redact_headers.clone(),
+                cfg.limits.inspect_body_bytes,
+                cfg.policy.input_limits.clone(),
+            )
+            .with_approvals(Some(gates.approvals.clone())),
+        )
+        // Limits are charged only for what the policy allowed, before credentials are fetched.
+        .with(gates.quota_filter(cfg))
         .with(CredentialSubstitute {
             set: creds,
             store: secrets,
@@ -290,6 +300,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         total: cfg.mcp.max_pins,
     };
     let pins = Arc::new(ToolPins::with_limits(on_change, pin_limits));
+    let gates = Arc::new(Gates::build(&cfg, secrets.shared())?);
     if let Some(store) = secrets.shared() {
         // Pins other replicas already agreed on, before the first request is served.
         match store.load_pins().await {
@@ -314,6 +325,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
                 },
                 pins: pins.clone(),
                 trust: verifier.trust().clone(),
+                approvals: gates.redis_changes.clone(),
             },
             shutdown.clone(),
         );
@@ -321,15 +333,13 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     let metrics = Arc::new(Metrics::with_decision_log(decision_log_dropped));
     let telemetry = Telemetry::init(&cfg.telemetry, metrics.otel.clone())?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
-    let chain = build_chain(
-        &cfg,
-        policy.clone(),
-        pins.clone(),
-        metrics.clone(),
-        decision_log,
-        spans,
-        secrets.clone(),
-    )?;
+    let ops = Operations {
+        metrics,
+        secrets,
+        pins,
+        gates,
+    };
+    let chain = build_chain(&cfg, policy.clone(), &ops, decision_log, spans)?;
     let routes = crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials)?;
     let shared = Arc::new(Shared {
         chain,
@@ -343,11 +353,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             shutdown: shutdown.clone(),
             tracker: TaskTracker::new(),
         },
-        ops: Operations {
-            metrics,
-            secrets,
-            pins,
-        },
+        ops,
     });
     let status = Arc::new(Status::default());
     tokio::spawn(admin::serve(
@@ -446,8 +452,13 @@ mod tests {
         log: Option<DecisionLog>,
     ) -> Result<Chain, StartError> {
         let secrets = Arc::new(LocalSecrets::new(&cfg.credentials, None, None).unwrap());
-        let pins = Arc::new(ToolPins::new(OnChange::Log));
-        build_chain(cfg, policy, pins, Arc::default(), log, None, secrets)
+        let ops = Operations {
+            metrics: Arc::default(),
+            secrets,
+            pins: Arc::new(ToolPins::new(OnChange::Log)),
+            gates: Arc::new(Gates::build(cfg, None).unwrap()),
+        };
+        build_chain(cfg, policy, &ops, log, None)
     }
 
     /// The order is the security argument: hygiene and inspection before anything reads the
@@ -467,6 +478,7 @@ mod tests {
                 "tool_pinning",
                 "credential_detect",
                 "policy",
+                "quota",
                 "credential_substitute",
                 "mcp_sse_transport",
                 "access_log",

@@ -6,7 +6,7 @@
 //! tunnels and runs the filter chain's phases (built in [`app::build_chain`]) → [`upstream`]
 //! dials (the egress guard sits at its only dial) → the response body streams back through
 //! the chain's transforms → the logging phase feeds [`telemetry`]. Around it: [`credentials`]
-//! (secret sources), [`replicas`] (Redis shared by replicas), [`reload`] (files and the
+//! (secret sources), [`gates`] (approvals and rate limits), [`replicas`] (Redis shared by replicas), [`reload`] (files and the
 //! Workload API), [`connector`] (`portcullis connect`), [`cli`] and [`config`].
 #![forbid(unsafe_code)]
 
@@ -17,6 +17,7 @@ mod config;
 mod connector;
 mod credentials;
 mod edge;
+mod gates;
 mod http;
 pub mod pki;
 mod reload;

@@ -134,6 +134,27 @@ pub struct Context {
     pub trace: Trace,
     pub mcp: Mcp,
     pub credentials: CredentialUse,
+    pub gates: Gates,
+}
+
+/// What the approval and quota stages did, for telemetry, and what they hold until the action
+/// ends.
+#[derive(Debug, Default)]
+pub struct Gates {
+    /// Approvals this action consulted.
+    pub approvals: Vec<ApprovalNote>,
+    /// The limit that refused the action.
+    pub limited: Option<String>,
+    /// This action's in-flight slot (`rate_limits.in_flight_per_identity`), freed with it.
+    pub slot: Option<crate::stages::quota::Slot>,
+}
+
+/// An approval an action consulted: its id, state then, and who decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalNote {
+    pub id: String,
+    pub state: &'static str,
+    pub decided_by: Option<String>,
 }
 
 /// The action's place in a distributed trace.
@@ -279,6 +300,7 @@ impl Context {
             },
             mcp: Mcp::default(),
             credentials: CredentialUse::default(),
+            gates: Gates::default(),
         }
     }
 

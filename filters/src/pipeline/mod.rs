@@ -20,8 +20,8 @@ pub use body::{
     Transforms,
 };
 pub use context::{
-    hex, hex_into, span_hex, ActionKind, Context, CredentialUse, DecisionRecord, Mcp, McpSummary,
-    Peer, RequestBody, Trace, TraceId, Via,
+    hex, hex_into, span_hex, ActionKind, ApprovalNote, Context, CredentialUse, DecisionRecord,
+    Gates, Mcp, McpSummary, Peer, RequestBody, Trace, TraceId, Via,
 };
 
 /// What a phase decided.

@@ -1,9 +1,11 @@
 //! The filters that run in the chain, one capability each. Their order is written once, in the
 //! proxy's pipeline builder (`build_chain`).
 
+pub mod approval;
 pub mod credentials;
 pub mod hygiene;
 pub mod mcp;
 pub mod pinning;
 pub mod policy;
+pub mod quota;
 pub mod trace;

@@ -2,6 +2,7 @@
 //! request context, evaluates the current policy revision, records the decision in the
 //! context, and refuses denied actions. Credential-bearing header values never enter the input.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use portcullis_policy::{
@@ -16,6 +17,7 @@ use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
     Action, ActionKind, BodyTransform, Chain, Context, DecisionRecord, Filter, McpSummary,
 };
+use crate::stages::approval::{ApprovalState, Approvals};
 use crate::stages::mcp::EditMessages;
 
 #[derive(Debug)]
@@ -27,6 +29,8 @@ pub struct PolicyFilter {
     list_limit: usize,
     /// `policy.input_limits`: a request over one is refused, never decided truncated.
     input_limits: InputLimits,
+    /// `approvals:`; without it a decision asking for approval is a plain deny.
+    approvals: Option<Arc<Approvals>>,
 }
 
 impl PolicyFilter {
@@ -41,7 +45,14 @@ impl PolicyFilter {
             sensitive_headers,
             list_limit,
             input_limits,
+            approvals: None,
         }
+    }
+
+    #[must_use]
+    pub fn with_approvals(mut self, approvals: Option<Arc<Approvals>>) -> PolicyFilter {
+        self.approvals = approvals;
+        self
     }
 }
 
@@ -109,6 +120,7 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
             .map(|r| portcullis_policy::input::Gateway {
                 route: r.to_string(),
             }),
+        approval: None,
     }
 }
 
@@ -134,7 +146,19 @@ fn rejection(d: &Decision) -> Rejection {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         jsonrpc: None,
+        details: Default::default(),
     }
+}
+
+/// A refusal as the action's client reads it: for an MCP request, the JSON-RPC error of each
+/// of its requests (with `rej`'s code and details in `data`); otherwise `rej` as it is.
+pub fn refusal_for(ctx: &Context, mut rej: Rejection) -> Rejection {
+    if let Some(mcp) = &ctx.mcp.request {
+        let mut answer = mcp.refusal(|_| rej.reason.as_str(), &ctx.trace.id.to_string());
+        answer.add_details(None, rej.code, &rej.details);
+        rej.jsonrpc = Some(answer);
+    }
+    rej
 }
 
 impl PolicyFilter {
@@ -154,9 +178,9 @@ impl PolicyFilter {
     /// One decision per JSON-RPC request or notification (`kind: mcp`). If any is denied,
     /// nothing is forwarded: every request id is answered with a JSON-RPC error (the denied
     /// ones with their reason), and denied notifications are dropped.
-    fn decide_mcp(&self, ctx: &mut Context, mcp: &McpRequest, base: Input) -> Action {
-        let mut first_deny: Option<Decision> = None;
-        let mut reasons: Vec<(Value, String)> = Vec::new();
+    async fn decide_mcp(&self, ctx: &mut Context, mcp: &McpRequest, base: Input) -> Action {
+        let mut first_deny: Option<Rejection> = None;
+        let mut refused: Vec<(Value, Rejection)> = Vec::new();
         for m in &mcp.messages {
             // Responses the client sends to server-initiated requests are decided too (with
             // `input.mcp.response: true`): otherwise a body of only responses would carry data
@@ -177,40 +201,150 @@ impl PolicyFilter {
                     .tool()
                     .is_some_and(|t| ctx.mcp.changed_tools.iter().any(|c| c == t)),
             };
-            let d = self.decide(ctx, &input.bounded(&self.input_limits), Some(summary));
-            if !d.allow {
+            let input = input.bounded(&self.input_limits);
+            let d = self.decide(ctx, &input, Some(summary));
+            if let Err(rej) = self.gate(ctx, &input, d).await {
                 if let Some(id) = &m.id {
-                    reasons.push((id.clone(), d.reason.clone()));
+                    refused.push((id.clone(), rej.clone()));
                 }
-                first_deny.get_or_insert(d);
+                first_deny.get_or_insert(rej);
             }
         }
-        match first_deny {
-            Some(deny) => {
-                let reason_of = |id: &Value| {
-                    reasons.iter().find(|(i, _)| i == id).map_or(
-                        "not forwarded: another message in this batch was denied",
-                        |(_, r)| r.as_str(),
-                    )
-                };
-                Action::Respond(jsonrpc_refusal(ctx, mcp, &deny, reason_of))
-            }
-            None => Action::Continue,
+        let Some(mut deny) = first_deny else {
+            return Action::Continue;
+        };
+        let reason_of = |id: &Value| {
+            refused.iter().find(|(i, _)| i == id).map_or(
+                "not forwarded: another message in this batch was denied",
+                |(_, r)| r.reason.as_str(),
+            )
+        };
+        let mut answer = mcp.refusal(reason_of, &ctx.trace.id.to_string());
+        for (id, rej) in &refused {
+            answer.add_details(Some(id), rej.code, &rej.details);
         }
+        deny.jsonrpc = Some(answer);
+        Action::Respond(deny)
     }
-}
 
-/// The refusal of a JSON-RPC request: every request id answered with a JSON-RPC error (with
-/// `reason_of(id)`), notifications dropped; sent as HTTP 200 (202 when nothing is answered).
-fn jsonrpc_refusal<'a>(
-    ctx: &Context,
-    mcp: &McpRequest,
-    deny: &Decision,
-    reason_of: impl Fn(&Value) -> &'a str,
-) -> Rejection {
-    let mut rej = rejection(deny);
-    rej.jsonrpc = Some(mcp.refusal(reason_of, &ctx.trace.id.to_string()));
-    rej
+    /// A deny stands, unless it asks for approval and the approval lets it through: the
+    /// matching record is found or opened (and waited for, with `approvals.hold`); once it is
+    /// decided, the policy decides again with `input.approval`, and an allow takes one use of
+    /// the grant. `first` is the last decision recorded in `ctx`.
+    async fn gate(
+        &self,
+        ctx: &mut Context,
+        input: &Input,
+        first: Decision,
+    ) -> Result<(), Rejection> {
+        if first.allow {
+            return Ok(());
+        }
+        let (Some(ask), Some(approvals)) = (&first.approval, &self.approvals) else {
+            return Err(rejection(&first));
+        };
+        let now = crate::stages::approval::unix_millis();
+        let new = approvals.record(input, ask, &first.revision, ctx.trace.id.to_string(), now);
+        let unavailable = |e: crate::stages::approval::StoreError| {
+            approvals.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            Rejection::new(
+                ErrorCode::ApprovalUnavailable,
+                format!("approval required, and approvals cannot be recorded: {e}"),
+            )
+        };
+        let (mut rec, created) = approvals
+            .store
+            .find_or_open(new)
+            .await
+            .map_err(unavailable)?;
+        if created {
+            approvals.stats.opened.fetch_add(1, Ordering::Relaxed);
+            if let Some(announce) = &approvals.on_open {
+                announce(&rec);
+            }
+        }
+        if rec.state == ApprovalState::Pending {
+            rec = approvals.hold(rec).await.map_err(unavailable)?;
+        }
+        let note = |rec: &crate::stages::approval::ApprovalRecord| crate::pipeline::ApprovalNote {
+            id: rec.id.clone(),
+            state: rec.state.as_str(),
+            decided_by: rec.decided_by.clone(),
+        };
+        ctx.gates.approvals.push(note(&rec));
+        let details = |rec: &crate::stages::approval::ApprovalRecord| {
+            crate::error::Details::from([
+                ("approval_id", rec.id.clone().into()),
+                ("approval_state", rec.state.as_str().into()),
+            ])
+        };
+        if matches!(rec.state, ApprovalState::Pending | ApprovalState::Expired) {
+            approvals
+                .stats
+                .refused_pending
+                .fetch_add(1, Ordering::Relaxed);
+            let wait = approvals.retry_after;
+            let mut rej = Rejection::new(
+                ErrorCode::ApprovalRequired,
+                format!(
+                    "approval required ({}): {}; ask an approver, then retry",
+                    rec.id, rec.reason
+                ),
+            );
+            rej.headers
+                .push(("retry-after".into(), wait.as_secs().max(1).to_string()));
+            rej.details = details(&rec);
+            rej.details.0.push((
+                "retry_after_ms",
+                u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into(),
+            ));
+            return Err(rej);
+        }
+        // Decided: the policy says what the decision allows.
+        let mut again = input.clone();
+        again.approval = Some(rec.policy_input());
+        let second = self.policy.evaluate(&again);
+        if let Some(last) = ctx.decisions.last_mut() {
+            last.decision = second.clone();
+        }
+        if !second.allow {
+            approvals
+                .stats
+                .refused_denied
+                .fetch_add(1, Ordering::Relaxed);
+            let mut rej = rejection(&second);
+            if second.approval.is_some() {
+                rej.reason = format!(
+                    "approval {} is {} (by {}) and the policy does not accept it",
+                    rec.id,
+                    rec.state.as_str(),
+                    rec.decided_by.as_deref().unwrap_or("?")
+                );
+            }
+            rej.details = details(&rec);
+            return Err(rej);
+        }
+        if rec.state == ApprovalState::Granted {
+            if !approvals
+                .store
+                .consume(&rec.id)
+                .await
+                .map_err(unavailable)?
+            {
+                let mut rej = Rejection::new(
+                    ErrorCode::ApprovalRequired,
+                    format!(
+                        "approval {} is used up or expired; retry to ask again",
+                        rec.id
+                    ),
+                );
+                rej.details = details(&rec);
+                return Err(rej);
+            }
+            approvals.stats.used.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -227,9 +361,9 @@ impl Filter for PolicyFilter {
         let input = input.bounded(&self.input_limits);
         let Some(mcp) = ctx.mcp.request.take() else {
             let decision = self.decide(ctx, &input, None);
-            return match decision.allow {
-                true => Action::Continue,
-                false => Action::Respond(rejection(&decision)),
+            return match self.gate(ctx, &input, decision).await {
+                Ok(()) => Action::Continue,
+                Err(rej) => Action::Respond(rej),
             };
         };
         // An MCP request is an HTTP request too, decided as one first (`kind: http`: method,
@@ -238,13 +372,17 @@ impl Filter for PolicyFilter {
         let mut as_http = input.clone();
         as_http.kind = Kind::Http;
         let http = self.decide(ctx, &as_http, None);
-        let action = if http.allow {
-            if ctx.lists_tools_in(&mcp) {
-                ctx.mcp.listing_input = Some(input.clone());
+        let action = match self.gate(ctx, &as_http, http).await {
+            Ok(()) => {
+                if ctx.lists_tools_in(&mcp) {
+                    ctx.mcp.listing_input = Some(input.clone());
+                }
+                self.decide_mcp(ctx, &mcp, input).await
             }
-            self.decide_mcp(ctx, &mcp, input)
-        } else {
-            Action::Respond(jsonrpc_refusal(ctx, &mcp, &http, |_| http.reason.as_str()))
+            Err(rej) => {
+                ctx.mcp.request = Some(mcp);
+                return Action::Respond(refusal_for(ctx, rej));
+            }
         };
         ctx.mcp.request = Some(mcp);
         action
@@ -316,9 +454,9 @@ impl Listing {
                 m["session_id"] = serde_json::json!(s);
             }
             input.mcp = Some(m);
-            self.policy
-                .evaluate(&input.bounded(&self.input_limits))
-                .allow
+            // A tool that needs an approval is listed: the call asks for it.
+            let d = self.policy.evaluate(&input.bounded(&self.input_limits));
+            d.allow || d.approval.is_some()
         });
         if let Some(result) = msg.get_mut("result").and_then(|r| r.as_object_mut()) {
             private_cache(result);

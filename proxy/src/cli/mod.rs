@@ -77,6 +77,12 @@ pub enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Approvals on a running proxy (through its admin listener): list, approve, deny. The
+    /// token is an approver's (`approvals.approvers`) or, without approvers, the admin token.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// Local connector: a plain HTTP proxy on loopback (HTTPS_PROXY=http://127.0.0.1:15001)
     /// that carries each client connection to the central Portcullis over mTLS with this
     /// workload's SVID.
@@ -211,6 +217,30 @@ impl SelectorArgs {
             .find_map(|(k, v)| v.as_deref().map(|v| (k, v)))
             .unwrap_or(("id", ""))
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCommand {
+    /// Print approvals (JSON), newest first.
+    List {
+        /// pending, granted, denied, expired or all.
+        #[arg(long, default_value = "pending")]
+        state: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Grant a pending approval (recorded with the approver's name).
+    Approve {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Deny a pending approval.
+    Deny {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -383,6 +413,7 @@ async fn run(cmd: Command) -> ExitCode {
             admin_call(&admin, "POST", &format!("/credentials/revoke?{query}")).await
         }
         Command::Identity { command } => identity(command).await,
+        Command::Approvals { command } => approvals(command).await,
         Command::Connect(args) => connect(args).await,
         Command::Ca {
             command:
@@ -475,6 +506,24 @@ async fn identity(cmd: IdentityCommand) -> ExitCode {
         }
     };
     admin_call(admin, "POST", &format!("{path}?{}", query.finish())).await
+}
+
+async fn approvals(cmd: ApprovalsCommand) -> ExitCode {
+    let (id, verb, admin) = match &cmd {
+        ApprovalsCommand::List { state, admin } => {
+            let query = form_urlencoded::Serializer::new(String::new())
+                .append_pair("state", state)
+                .finish();
+            return admin_call(admin, "GET", &format!("/approvals?{query}")).await;
+        }
+        ApprovalsCommand::Approve { id, admin } => (id, "approve", admin),
+        ApprovalsCommand::Deny { id, admin } => (id, "deny", admin),
+    };
+    let valid = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !valid {
+        return fail(2, format!("{id:?} is not an approval id (apr_…)"));
+    }
+    admin_call(admin, "POST", &format!("/approvals/{id}/{verb}")).await
 }
 
 /// One request to the admin listener; its answer's body goes to stdout on success (exit 0)

@@ -55,6 +55,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub mcp: McpConfig,
+    /// Human approval of calls a decision marks (`approval: {...}`).
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+    /// Rate limits declared here (besides those decisions ask for) and in-flight limits.
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
     #[serde(default)]
     pub credentials: Vec<CredentialConfig>,
     #[serde(default)]
@@ -446,6 +452,105 @@ impl Default for McpConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// How long a call that needs an approval waits for it (`0s`: refused at once with
+    /// `approval_required`, to be retried).
+    #[serde(with = "duration")]
+    pub hold: Duration,
+    /// Most calls waiting at once; more are refused at once.
+    pub max_held: usize,
+    /// `Retry-After` of an `approval_required` refusal.
+    #[serde(with = "duration")]
+    pub retry_after: Duration,
+    /// How long a pending approval waits for an approver before it expires.
+    #[serde(with = "duration")]
+    pub pending_ttl: Duration,
+    /// Most approvals pending at once (in memory, or in Redis as seen by this replica); a new
+    /// one beyond is refused with 503 `approval_unavailable`.
+    pub max_pending: usize,
+    /// Who may decide (admin API, CLI, console), each with a bearer token; the decision
+    /// records the name. Without approvers, `admin_token` (recorded as `admin`) decides.
+    pub approvers: Vec<ApproverConfig>,
+    /// POSTed a JSON announcement of each new pending approval.
+    pub webhook: Option<WebhookConfig>,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> ApprovalsConfig {
+        ApprovalsConfig {
+            hold: Duration::ZERO,
+            max_held: 256,
+            retry_after: Duration::from_secs(30),
+            pending_ttl: Duration::from_secs(3600),
+            max_pending: 10_000,
+            approvers: Vec::new(),
+            webhook: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    pub name: String,
+    /// `env:NAME` or `file:PATH`.
+    pub token: SecretRef,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL, called directly like Vault (the operator configured it,
+    /// so not through the egress guard), TLS verified with the system roots and `ca`.
+    pub url: String,
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Extra request headers (values may be `env:`/`file:` references).
+    #[serde(default)]
+    pub headers: BTreeMap<String, ValueOrRef>,
+    #[serde(default = "defaults::webhook_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    pub limits: Vec<RateLimitConfig>,
+    /// Most HTTP/MCP requests in flight per identity on this replica (tunnels not counted).
+    pub in_flight_per_identity: Option<u32>,
+    /// Most buckets a replica keeps in memory (the local limiter, and the fallback when Redis
+    /// is down); beyond, new keys are refused with 503 `overloaded`.
+    pub max_keys: usize,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> RateLimitsConfig {
+        RateLimitsConfig {
+            limits: Vec::new(),
+            in_flight_per_identity: None,
+            max_keys: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The metrics label (`[a-z0-9_.-]`).
+    pub name: String,
+    /// What the bucket is keyed by: any of `identity`, `destination`, `route`, `method`,
+    /// `tool` (one bucket per value; `[]`: one bucket for everything).
+    #[serde(default)]
+    pub by: Vec<String>,
+    /// `N/s`, `N/m`, `N/h`, `N/d` or `N/<duration>`.
+    pub rate: String,
+    /// Calls allowed at once (default: the rate's count).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ToolChanges {
@@ -627,36 +732,16 @@ mod defaults {
     pub fn vault_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn webhook_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
 }
 
-/// Durations are written as `250ms`, `10s`, `5m`, `24h`.
+/// Durations are written as `250ms`, `10s`, `5m`, `24h`, `7d`.
 pub mod duration {
     use super::*;
 
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
-        let (n, unit) = s.split_at(split);
-        let n: u64 = n
-            .parse()
-            .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
-        let secs = |k: u64| {
-            n.checked_mul(k)
-                .map(Duration::from_secs)
-                .ok_or_else(|| format!("duration {s:?} is too large"))
-        };
-        match unit {
-            "ms" => Ok(Duration::from_millis(n)),
-            "s" => secs(1),
-            "m" => secs(60),
-            "h" => secs(3600),
-            _ => Err(format!(
-                "duration {s:?} has unknown unit {unit:?} (ms, s, m, h)"
-            )),
-        }
-    }
+    pub use portcullis_policy::parse_duration as parse;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
@@ -738,6 +823,9 @@ impl Config {
             fix(ca);
         }
         if let Some(ca) = self.redis.as_mut().and_then(|r| r.ca.as_mut()) {
+            fix(ca);
+        }
+        if let Some(ca) = self.approvals.webhook.as_mut().and_then(|w| w.ca.as_mut()) {
             fix(ca);
         }
         self.telemetry.otlp_ca.iter_mut().for_each(fix);

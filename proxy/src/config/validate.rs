@@ -53,7 +53,101 @@ impl Config {
         }
         self.validate_telemetry()?;
         self.validate_admin()?;
+        self.validate_approvals()?;
+        self.validate_rate_limits()?;
         self.validate_limits()
+    }
+
+    fn validate_approvals(&self) -> Checked {
+        let a = &self.approvals;
+        if a.max_pending == 0 {
+            return invalid("approvals.max_pending", "must be at least 1");
+        }
+        if a.pending_ttl.is_zero() {
+            return invalid("approvals.pending_ttl", "must be longer than 0s");
+        }
+        if a.hold > Duration::from_secs(3600) {
+            return invalid(
+                "approvals.hold",
+                "at most 1h: a held request keeps its connection",
+            );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, ap) in a.approvers.iter().enumerate() {
+            let ok = !ap.name.is_empty()
+                && ap.name.len() <= 64
+                && ap
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b));
+            if !ok {
+                return invalid(
+                    format!("approvals.approvers[{i}].name"),
+                    "1..=64 of [A-Za-z0-9_.-@]: it is recorded as who decided",
+                );
+            }
+            if !names.insert(ap.name.as_str()) {
+                return invalid(
+                    format!("approvals.approvers[{i}].name"),
+                    format!("{:?} is named twice", ap.name),
+                );
+            }
+        }
+        if let Some(w) = &a.webhook {
+            let ok = w.url.parse::<http::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return invalid(
+                    "approvals.webhook.url",
+                    "must be an http:// or https:// URL",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_rate_limits(&self) -> Checked {
+        let r = &self.rate_limits;
+        if r.max_keys == 0 {
+            return invalid("rate_limits.max_keys", "must be at least 1");
+        }
+        if r.in_flight_per_identity == Some(0) {
+            return invalid("rate_limits.in_flight_per_identity", "must be at least 1");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, l) in r.limits.iter().enumerate() {
+            let key = |k: &str| format!("rate_limits.limits[{i}].{k}");
+            let ok = !l.name.is_empty()
+                && l.name.len() <= 64
+                && l.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+            if !ok || l.name == "in_flight" {
+                return invalid(
+                    key("name"),
+                    "1..=64 of [a-z0-9_.-], not in_flight (reserved)",
+                );
+            }
+            if !names.insert(l.name.as_str()) {
+                return invalid(key("name"), format!("{:?} is named twice", l.name));
+            }
+            for b in &l.by {
+                if portcullis_filters::stages::quota::KeyPart::parse(b).is_none() {
+                    return invalid(
+                        key("by"),
+                        format!("unknown {b:?} (identity, destination, route, method, tool)"),
+                    );
+                }
+            }
+            if let Err(e) = portcullis_policy::Rate::parse(&l.rate) {
+                return invalid(key("rate"), e);
+            }
+            if l.burst == Some(0) {
+                return invalid(key("burst"), "must be at least 1");
+            }
+        }
+        Ok(())
     }
 
     /// The admin API revokes credentials and accepts tool pins: off loopback it needs a token.

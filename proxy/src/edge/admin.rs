@@ -1,6 +1,6 @@
 //! The admin listener (plain HTTP, bind it to loopback or set `admin_token`): `/healthz`
 //! (process up), `/readyz` (listeners, certificates and bundles loaded), `/metrics`
-//! (Prometheus text), credential and identity revocation, MCP tool pins.
+//! (Prometheus text), credential and identity revocation, MCP tool pins, approvals.
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -53,6 +53,13 @@ pub async fn serve(
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (status, shared, token) = (status.clone(), shared.clone(), token.clone());
                 async move {
+                    // Approvers have their own tokens (see `approvals`).
+                    if super::approvals::handles(req.uri().path()) {
+                        let gates = &shared.ops.gates;
+                        return Ok::<_, Infallible>(
+                            super::approvals::handle(req, gates, token.as_deref()).await,
+                        );
+                    }
                     let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
                     if let (Some(token), false) = (&token, probe) {
                         if !authorized(&req, token) {
@@ -73,7 +80,11 @@ pub async fn serve(
                     if req.uri().path().starts_with("/identity/") {
                         return Ok::<_, Infallible>(identity(&req, &shared).await);
                     }
-                    Ok::<_, Infallible>(route(&req, &status, &shared))
+                    let pending = match req.uri().path() {
+                        "/metrics" => pending_approvals(&shared).await,
+                        _ => None,
+                    };
+                    Ok::<_, Infallible>(route(&req, &status, &shared, pending))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -201,7 +212,22 @@ fn json(code: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     r
 }
 
-fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<Body> {
+/// Approvals pending now (`None` when the store cannot be read).
+async fn pending_approvals(shared: &Shared) -> Option<usize> {
+    let all = shared.ops.gates.approvals.store.list(10_000).await.ok()?;
+    Some(
+        all.iter()
+            .filter(|r| r.state == portcullis_filters::stages::approval::ApprovalState::Pending)
+            .count(),
+    )
+}
+
+fn route(
+    req: &Request<Incoming>,
+    status: &Status,
+    shared: &Shared,
+    pending: Option<usize>,
+) -> Response<Body> {
     let leaf = &shared.mitm.stats;
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -210,6 +236,7 @@ fn route(req: &Request<Incoming>, status: &Status, shared: &Shared) -> Response<
         "/metrics" => {
             let mut out = metrics(status, leaf, &shared.ops.secrets, shared.verifier.trust());
             shared.ops.metrics.render(&mut out);
+            shared.ops.gates.render_metrics(&mut out, pending);
             let _ = writeln!(
                 out,
                 "# HELP portcullis_buffered_body_bytes Request-body bytes held for inspection now (of limits.buffered_body_bytes).\n# TYPE portcullis_buffered_body_bytes gauge\nportcullis_buffered_body_bytes {}",

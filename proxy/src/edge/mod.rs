@@ -2,6 +2,7 @@
 //! verification), the proxy's own TLS material, and the admin listener.
 
 pub(crate) mod admin;
+mod approvals;
 pub(crate) mod lifetime;
 pub(crate) mod listener;
 pub(crate) mod revocation;

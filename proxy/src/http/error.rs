@@ -13,12 +13,15 @@ use crate::upstream::Body;
 pub const ERROR_HEADER: &str = "x-portcullis-error";
 
 fn error_json(rej: &Rejection, trace_id: TraceId) -> String {
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "error": rej.code.as_str(),
         "reason": rej.reason,
         "trace_id": trace_id.to_string(),
-    })
-    .to_string()
+    });
+    if let Some(object) = body.as_object_mut() {
+        rej.details.merge_into(object);
+    }
+    body.to_string()
 }
 
 pub fn error_response(rej: &Rejection, trace_id: TraceId) -> Response<Body> {

@@ -66,6 +66,7 @@ pub struct Operations {
     pub metrics: Arc<Metrics>,
     pub secrets: Arc<LocalSecrets>,
     pub pins: Arc<ToolPins>,
+    pub gates: Arc<crate::gates::Gates>,
 }
 
 /// One authenticated client connection. Tunnels hold it too, so the connection-limit permit is

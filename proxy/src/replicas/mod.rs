@@ -9,11 +9,13 @@
 //! outage costs extra fetches, never a forwarded placeholder.
 
 mod cache;
+mod gates;
 mod identity;
 mod pins;
 mod pubsub;
 mod sealed;
 
+pub use gates::{RedisApprovals, RedisLimiter};
 pub use pins::share_pins;
 pub use pubsub::Followers;
 

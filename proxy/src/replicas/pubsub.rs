@@ -18,6 +18,9 @@ pub struct Followers<F> {
     pub pins: Arc<ToolPins>,
     /// Identity revocations are reloaded into it.
     pub trust: Arc<Trust>,
+    /// Approval changes are announced on it (held requests and consoles wait on it).
+    pub approvals:
+        Option<tokio::sync::broadcast::Sender<portcullis_filters::stages::approval::Change>>,
 }
 
 impl RedisStore {
@@ -55,13 +58,14 @@ impl RedisStore {
             .await
             .map_err(|_| StoreError("connect timed out".into()))?
             .map_err(|e| StoreError(e.to_string()))?;
-        let (revoke, pin, identity) = (
+        let (revoke, pin, identity, approvals) = (
             self.revoke_channel(),
             self.pins_channel(),
             self.identity_channel(),
+            self.approvals_channel(),
         );
         pubsub
-            .subscribe(&[&revoke, &pin, &identity])
+            .subscribe(&[&revoke, &pin, &identity, &approvals])
             .await
             .map_err(|e| StoreError(e.to_string()))?;
         // Pins and revocations changed while we were not listening.
@@ -82,6 +86,12 @@ impl RedisStore {
                 (to.on_revoke)(payload).await;
             } else if channel == identity {
                 self.follow_revocations(&to.trust).await;
+            } else if channel == approvals {
+                if let (Some(tx), Some(change)) =
+                    (&to.approvals, super::gates::parse_change(&payload))
+                {
+                    let _ = tx.send(change);
+                }
             } else if let Ok((server, tool)) = serde_json::from_str::<(String, String)>(&payload) {
                 let hash: Result<Option<String>, _> = self
                     .query(redis::cmd("HGET").arg(self.pins_key()).arg(&payload))

@@ -150,6 +150,20 @@ struct Line<'a> {
     route: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mcp: Option<McpLine<'a>>,
+    /// Approvals the action consulted (id, state, who decided).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    approvals: &'a [ApprovalLine<'a>],
+    /// The limit that refused the action.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limited: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ApprovalLine<'a> {
+    id: &'a str,
+    state: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decided_by: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -176,6 +190,16 @@ impl Filter for DecisionLog {
         let span_id = span_hex(&ctx.trace.span_id);
         let destination = ctx.destination.authority();
         let mut text = Vec::with_capacity(512);
+        let approvals: Vec<ApprovalLine<'_>> = ctx
+            .gates
+            .approvals
+            .iter()
+            .map(|a| ApprovalLine {
+                id: &a.id,
+                state: a.state,
+                decided_by: a.decided_by.as_deref(),
+            })
+            .collect();
         for rec in &ctx.decisions {
             let d = &rec.decision;
             let line = Line {
@@ -204,6 +228,8 @@ impl Filter for DecisionLog {
                     tool: &m.tool,
                     tool_changed: m.tool_changed,
                 }),
+                approvals: &approvals,
+                rate_limited: ctx.gates.limited.as_deref(),
             };
             if serde_json::to_writer(&mut text, &line).is_ok() {
                 text.push(b'\n');

@@ -193,6 +193,16 @@ pub(super) fn action_attributes(
         a.str("portcullis.policy.reason", &rec.decision.reason);
         a.str("portcullis.policy.revision", &rec.decision.revision);
     }
+    if let Some(ap) = ctx.gates.approvals.last() {
+        a.str("portcullis.approval.id", &ap.id);
+        a.str("portcullis.approval.state", ap.state);
+        if let Some(by) = &ap.decided_by {
+            a.str("portcullis.approval.approver", by);
+        }
+    }
+    if let Some(limit) = &ctx.gates.limited {
+        a.str("portcullis.rate_limit.name", limit);
+    }
     if let Some(m) = mcp(ctx) {
         mcp_attributes(a, m);
         if let Some(id) = &m.id {
