@@ -110,11 +110,15 @@ impl ApprovalRecord {
         })
     }
 
-    /// Whether the record is over at `now_ms` (its expiry, or a grant with no use left).
+    /// Whether the record no longer covers its call at `now_ms`: past its expiry, or a grant
+    /// with no use left (which stays `granted`, with `uses: 0`, until it expires).
     pub fn is_over(&self, now_ms: u64) -> bool {
-        now_ms >= self.expires_ms
-            || (self.state == ApprovalState::Granted && self.uses == Some(0))
-            || self.state == ApprovalState::Expired
+        self.is_expired(now_ms) || (self.state == ApprovalState::Granted && self.uses == Some(0))
+    }
+
+    /// Whether its time is up (or it was already marked expired).
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_ms || self.state == ApprovalState::Expired
     }
 }
 
@@ -238,7 +242,7 @@ impl MemoryApprovals {
     fn sweep(&self, r: &mut Records, now: u64) {
         let mut expired = Vec::new();
         for rec in r.by_id.values_mut() {
-            if rec.state != ApprovalState::Expired && rec.is_over(now) {
+            if rec.state != ApprovalState::Expired && rec.is_expired(now) {
                 rec.state = ApprovalState::Expired;
                 expired.push(rec.id.clone());
             }
@@ -315,12 +319,12 @@ impl ApprovalStore for MemoryApprovals {
             *n -= 1;
         }
         if rec.is_over(now) {
-            rec.state = ApprovalState::Expired;
+            // Used up: the next ask opens a new record.
             let fp = rec.fingerprint.clone();
             r.live.remove(&fp);
             let _ = self.changes.send(Change {
                 id: id.to_owned(),
-                state: ApprovalState::Expired,
+                state: ApprovalState::Granted,
             });
         }
         Ok(true)

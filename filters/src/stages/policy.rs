@@ -258,6 +258,9 @@ impl PolicyFilter {
             .await
             .map_err(unavailable)?;
         if created {
+            // Never the arguments: the console and the admin API show them to approvers.
+            tracing::info!(approval = %rec.id, identity = %rec.identity, reason = %rec.reason,
+                destination = %rec.action["destination"], "approval requested");
             approvals.stats.opened.fetch_add(1, Ordering::Relaxed);
             if let Some(announce) = &approvals.on_open {
                 announce(&rec);

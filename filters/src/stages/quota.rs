@@ -365,8 +365,12 @@ impl Filter for QuotaFilter {
             }
         }
         let mut charges = Vec::new();
-        for limit in &self.limits {
-            limit.charges(ctx, &mut charges);
+        // Config limits count requests (a tunnel's CONNECT is not one); a decision's limits
+        // apply to whatever it decided.
+        if ctx.kind != ActionKind::Connect {
+            for limit in &self.limits {
+                limit.charges(ctx, &mut charges);
+            }
         }
         for ask in ctx.decisions.iter().flat_map(|d| &d.decision.limits) {
             add(&mut charges, policy_charge(ask));

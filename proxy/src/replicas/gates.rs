@@ -83,7 +83,7 @@ if f[3] ~= '' then
   redis.call('HSET', KEYS[1], 'uses', tostring(left))
   if left == 0 then
     if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-    redis.call('PUBLISH', ARGV[2], ARGV[1] .. ' expired')
+    redis.call('PUBLISH', ARGV[2], ARGV[1] .. ' granted')
   end
 end
 return 1
@@ -214,9 +214,7 @@ impl RedisApprovals {
         rec.decided_by = fields.get("decided_by").filter(|s| !s.is_empty()).cloned();
         rec.decided_at_ms = fields.get("decided_at_ms").and_then(|s| s.parse().ok());
         let now = portcullis_filters::stages::approval::unix_millis();
-        if rec.state != ApprovalState::Pending && rec.is_over(now)
-            || rec.state == ApprovalState::Pending && now >= rec.expires_ms
-        {
+        if rec.is_expired(now) {
             rec.state = ApprovalState::Expired;
         }
         Some(rec)

@@ -1,0 +1,431 @@
+//! Approvals and rate limits end to end: curl through the real proxy, the admin API, the CLI,
+//! two replicas sharing a real `redis-server`, and the console driven in headless Chromium.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use portcullis_tests::*;
+use serde_json::{json, Value};
+
+const POLICY: &str = r#"package portcullis
+
+import rego.v1
+
+default decision := true
+
+risky if {
+	input.request.method == "POST"
+	input.request.path == "/pay"
+}
+
+risky if {
+	input.kind == "mcp"
+	input.mcp.tool == "transfer"
+}
+
+# What the approver is shown: the agent's note too (attacker-controlled text in the console).
+default note := "payments need a human"
+
+note := concat(": ", ["payments need a human", input.request.headers["x-note"][0]]) if input.request.headers["x-note"]
+
+decision := {"allow": false, "reason": "payments need a human", "approval": {"ttl": "10m", "reason": note}} if {
+	risky
+	not input.approval
+}
+
+decision := {"allow": true, "reason": sprintf("approved by %s", [input.approval.decided_by])} if {
+	risky
+	input.approval.state == "granted"
+}
+
+decision := {"allow": false, "reason": "a human said no"} if {
+	risky
+	input.approval.state == "denied"
+}
+
+decision := {"allow": true, "limit": {"name": "per-agent", "key": input.identity.spiffe_id, "rate": "3/2s", "burst": 3}} if {
+	input.request.path == "/limited"
+}
+"#;
+
+struct Setup {
+    pki: Pki,
+    up: Upstream,
+    agent: ClientCert,
+}
+
+async fn setup() -> Setup {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let agent = pki.client("agent", "spiffe://acme.test/agents/pay");
+    Setup { pki, up, agent }
+}
+
+impl Setup {
+    fn config(&self, extra: Value) -> std::path::PathBuf {
+        let mut cfg = self.pki.base_config();
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        self.pki.write_config(&cfg)
+    }
+
+    async fn pay(&self, proxy: &Proxy, amount: u32) -> CurlOut {
+        self.pay_to(proxy, amount, "/pay").await
+    }
+
+    async fn pay_to(&self, proxy: &Proxy, amount: u32, path: &str) -> CurlOut {
+        let url = format!("https://localhost:{}{path}", self.up.port());
+        let body = format!("{{\"amount\": {amount}}}");
+        curl(
+            &self.pki,
+            proxy.addr,
+            Some(&self.agent),
+            &["-X", "POST", "--data", &body, &url],
+        )
+        .await
+    }
+
+    async fn get(&self, proxy: &Proxy, path: &str) -> CurlOut {
+        let url = format!("https://localhost:{}{path}", self.up.port());
+        curl(&self.pki, proxy.addr, Some(&self.agent), &[&url]).await
+    }
+
+    fn pays_seen(&self) -> usize {
+        self.up.seen().iter().filter(|s| s.path == "/pay").count()
+    }
+}
+
+/// `portcullis approvals ARGS --admin ADDR`: (exit ok, stdout).
+fn cli(proxy: &Proxy, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(bin())
+        .arg("approvals")
+        .args(args)
+        .arg("--admin")
+        .arg(proxy.admin.to_string())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The approvals the admin API lists in `state`.
+async fn listed(proxy: &Proxy, state: &str) -> Vec<Value> {
+    let (status, body) = proxy.admin_get(&format!("/approvals?state={state}")).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Vec<Value>>(&body).unwrap()
+}
+
+/// Poll the admin API until one approval is pending; returns it.
+async fn wait_pending(proxy: &Proxy) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(first) = listed(proxy, "pending").await.into_iter().next() {
+            return first;
+        }
+        assert!(Instant::now() < deadline, "no approval became pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_needing_approval_is_refused_until_granted_then_goes_through_once() {
+    let s = setup().await;
+    let proxy = Proxy::start(&s.config(json!({})));
+
+    let first = s.pay(&proxy, 5).await;
+    first.assert_refused(403, "approval_required");
+    let body = first.json();
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("apr_"), "{body}");
+    assert_eq!(first.header("retry-after").as_deref(), Some("30"));
+    assert!(body["reason"]
+        .as_str()
+        .unwrap()
+        .contains("payments need a human"));
+    assert_eq!(
+        s.pays_seen(),
+        0,
+        "nothing reaches the upstream before a grant"
+    );
+
+    // The same call again: the same approval, still pending.
+    let again = s.pay(&proxy, 5).await;
+    again.assert_refused(403, "approval_required");
+    assert_eq!(again.json()["approval_id"], id.as_str());
+    // Another call (for plain HTTP: method, destination, path and query keys) is another
+    // approval.
+    let other = s.pay_to(&proxy, 6, "/pay?to=bob").await;
+    assert_ne!(other.json()["approval_id"], id.as_str());
+
+    // The approver sees what is asked, through the CLI.
+    let (ok, out) = cli(&proxy, &["list"]);
+    assert!(ok, "{out}");
+    let pending: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let rec = pending.iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_eq!(rec["identity"], "spiffe://acme.test/agents/pay");
+    assert_eq!(rec["action"]["method"], "POST");
+    assert_eq!(rec["action"]["path"], "/pay");
+    assert_eq!(rec["reason"], "payments need a human");
+    assert_eq!(rec["state"], "pending");
+
+    let (ok, out) = cli(&proxy, &["approve", &id]);
+    assert!(ok, "{out}");
+    let decided: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(decided["state"], "granted");
+    assert_eq!(decided["decided_by"], "admin");
+    // Deciding twice is refused.
+    let (ok, _) = cli(&proxy, &["deny", &id]);
+    assert!(!ok);
+
+    let granted = s.pay(&proxy, 5).await;
+    assert_eq!(granted.status, 200, "{granted:?}");
+    assert_eq!(s.pays_seen(), 1);
+    // Single use: the next identical call asks again.
+    let used = s.pay(&proxy, 5).await;
+    used.assert_refused(403, "approval_required");
+    assert_ne!(used.json()["approval_id"], id.as_str());
+    assert_eq!(s.pays_seen(), 1);
+
+    // A denial holds: the policy refuses with its own reason.
+    let other_id = other.json()["approval_id"].as_str().unwrap().to_owned();
+    assert!(cli(&proxy, &["deny", &other_id]).0);
+    let denied = s.pay_to(&proxy, 6, "/pay?to=carol").await;
+    denied.assert_refused(403, "policy_denied");
+    assert_eq!(denied.json()["reason"], "a human said no");
+    assert_eq!(denied.json()["approval_id"], other_id.as_str());
+
+    // Telemetry: the decision log names the approval and the approver.
+    let line = proxy.decisions.wait_for("the approved /pay", |l| {
+        l.contains("\"/pay\"") && l.contains("\"decision\":\"allow\"")
+    });
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["approvals"][0]["id"], id.as_str());
+    assert_eq!(line["approvals"][0]["state"], "granted");
+    assert_eq!(line["approvals"][0]["decided_by"], "admin");
+    assert_eq!(line["reason"], "approved by admin");
+    assert_eq!(proxy.metric("portcullis_approvals_used_total").await, 1);
+    assert_eq!(proxy.metric("portcullis_approvals_opened_total").await, 3);
+    assert_eq!(proxy.metric("portcullis_approvals_pending").await, 1);
+    assert_eq!(
+        proxy
+            .metric("portcullis_approvals_decided_total{decision=\"granted\"}")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_call_proceeds_as_soon_as_an_approver_decides() {
+    let s = setup().await;
+    let config = s.config(json!({
+        "approvals": {"hold": "30s", "approvers": [
+            {"name": "alice", "token": "env:ALICE_TOKEN"},
+        ]},
+    }));
+    let proxy = Proxy::start_with_env(&config, &[("ALICE_TOKEN", "alice-secret-token")]);
+
+    let started = Instant::now();
+    let held = s.pay(&proxy, 1);
+    let approve = async {
+        // Approvers are authenticated: no token, or the wrong one, lists nothing.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rec = loop {
+            let (status, _) = proxy.admin_get("/approvals?state=pending").await;
+            assert_eq!(status, 401);
+            let out = std::process::Command::new(bin())
+                .args([
+                    "approvals",
+                    "list",
+                    "--admin-token",
+                    "env:ALICE_TOKEN",
+                    "--admin",
+                ])
+                .arg(proxy.admin.to_string())
+                .env("ALICE_TOKEN", "alice-secret-token")
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let all: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+            if let Some(first) = all.into_iter().next() {
+                break first;
+            }
+            assert!(Instant::now() < deadline, "no approval became pending");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let out = std::process::Command::new(bin())
+            .args(["approvals", "approve", rec["id"].as_str().unwrap()])
+            .args(["--admin-token", "env:ALICE_TOKEN", "--admin"])
+            .arg(proxy.admin.to_string())
+            .env("ALICE_TOKEN", "alice-secret-token")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let (done, ()) = tokio::join!(held, approve);
+    assert_eq!(done.status, 200, "{done:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "released by the decision, not the hold"
+    );
+    assert_eq!(s.pays_seen(), 1);
+    let line = proxy
+        .decisions
+        .wait_for("the /pay decision", |l| l.contains("\"/pay\""));
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["approvals"][0]["decided_by"], "alice");
+    assert!(!proxy.logs.lines().join("\n").contains("alice-secret-token"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_refuse_the_burst_overflow_then_recover() {
+    let s = setup().await;
+    let config = s.config(json!({
+        "rate_limits": {"limits": [{"name": "per-destination", "by": ["destination"], "rate": "100/m"}]},
+    }));
+    let proxy = Proxy::start(&config);
+    for _ in 0..3 {
+        assert_eq!(s.get(&proxy, "/limited").await.status, 200);
+    }
+    let over = s.get(&proxy, "/limited").await;
+    over.assert_refused(429, "rate_limited");
+    let body = over.json();
+    assert_eq!(body["limit"], "per-agent");
+    let wait_ms = body["retry_after_ms"].as_u64().unwrap();
+    assert!(wait_ms > 0 && wait_ms <= 667, "{body}");
+    assert_eq!(over.header("retry-after").as_deref(), Some("1"));
+    // Other paths are not under the policy's limit.
+    assert_eq!(s.get(&proxy, "/other").await.status, 200);
+    // After the delay the proxy gave, one more call fits.
+    tokio::time::sleep(Duration::from_millis(wait_ms + 20)).await;
+    assert_eq!(s.get(&proxy, "/limited").await.status, 200);
+    s.get(&proxy, "/limited")
+        .await
+        .assert_refused(429, "rate_limited");
+    assert_eq!(
+        proxy
+            .metric("portcullis_rate_limited_total{limit=\"per-agent\"}")
+            .await,
+        2
+    );
+    let refused = s.up.seen().iter().filter(|r| r.path == "/limited").count();
+    assert_eq!(refused, 4, "refused calls never reach the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_static_limit_by_identity_counts_across_paths() {
+    let s = setup().await;
+    let config = s.config(json!({
+        "rate_limits": {"limits": [{"name": "agents", "by": ["identity"], "rate": "2/h"}]},
+    }));
+    let proxy = Proxy::start(&config);
+    assert_eq!(s.get(&proxy, "/a").await.status, 200);
+    assert_eq!(s.get(&proxy, "/b").await.status, 200);
+    let over = s.get(&proxy, "/c").await;
+    over.assert_refused(429, "rate_limited");
+    assert_eq!(over.json()["limit"], "agents");
+    let secs: u64 = over.header("retry-after").unwrap().parse().unwrap();
+    assert!((1700..=1800).contains(&secs), "{secs}");
+    // Another identity has its own bucket.
+    let other = s.pki.client("other", "spiffe://acme.test/agents/other");
+    let url = format!("https://localhost:{}/a", s.up.port());
+    assert_eq!(
+        curl(&s.pki, proxy.addr, Some(&other), &[&url]).await.status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_share_approvals_and_limits_through_redis() {
+    let redis = RedisServer::start();
+    let s = setup().await;
+    let config = s.config(json!({
+        "approvals": {"hold": "30s"},
+        "redis": {"url": redis.url(), "encryption_key": "env:PCX_REDIS_KEY", "timeout": "500ms"},
+    }));
+    let env = [(
+        "PCX_REDIS_KEY",
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    )];
+    let a = Proxy::start_with_env(&config, &env);
+    let b = Proxy::start_with_env(&config, &env);
+
+    // Held on A, approved on B: A's call completes.
+    let held = s.pay(&a, 7);
+    let approve = async {
+        let rec = wait_pending(&b).await;
+        let (status, body) = b
+            .admin_request(
+                "POST",
+                &format!("/approvals/{}/approve", rec["id"].as_str().unwrap()),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        rec
+    };
+    let (done, rec) = tokio::join!(held, approve);
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(s.pays_seen(), 1);
+    // The grant was used once, whichever replica is asked next.
+    let listed_a = listed(&a, "all").await;
+    assert_eq!(listed_a[0]["id"], rec["id"]);
+
+    // The policy's limit (3 at once) holds across both replicas.
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let proxy = if i % 2 == 0 { &a } else { &b };
+        statuses.push(s.get(proxy, "/limited").await.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    assert_eq!(a.metric("portcullis_rate_limit_fallback_total").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_in_chromium_approves_a_held_call() {
+    let s = setup().await;
+    let config = s.config(json!({
+        "approvals": {"hold": "40s", "approvers": [{"name": "carol", "token": "env:CAROL_TOKEN"}]},
+    }));
+    let proxy = Proxy::start_with_env(&config, &[("CAROL_TOKEN", "carol-console-token")]);
+    let url = format!("https://localhost:{}/pay", s.up.port());
+    let note = "x-note: <img src=x onerror=\"window.__pwned=1\">";
+    let args = ["-X", "POST", "-H", note, "--data", "{\"amount\": 9}", &url];
+    let held = curl(&s.pki, proxy.addr, Some(&s.agent), &args);
+    let approve = async {
+        // The id, as the operator learns it from the proxy's log (or the webhook).
+        let line = proxy
+            .logs
+            .wait_for("the pending approval", |l| l.contains("approval requested"));
+        let id = line[line.find("apr_").unwrap()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>();
+        let out = tokio::process::Command::new(node())
+            .arg(node_script("console_approve.mjs"))
+            .args([
+                "--console",
+                &format!("http://{}/approvals/console", proxy.admin),
+            ])
+            .args(["--token", "carol-console-token", "--approval", &id])
+            .output()
+            .await
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(report["ok"], true, "{report}");
+        assert_eq!(report["pwned"], false);
+        assert_eq!(report["decided_state"], "granted");
+        assert_eq!(report["row"]["identity"], "spiffe://acme.test/agents/pay");
+        let shown = report["row"]["reason"].as_str().unwrap();
+        assert!(shown.contains("<img src=x"), "shown as text: {shown}");
+        id
+    };
+    let (done, id) = tokio::join!(held, approve);
+    assert_eq!(done.status, 200, "{done:?}");
+    // The console's files are public; the records are not.
+    assert_eq!(proxy.admin_get("/approvals/console").await.0, 200);
+    assert_eq!(proxy.admin_get(&format!("/approvals/{id}")).await.0, 401);
+}
