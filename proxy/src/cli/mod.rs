@@ -629,6 +629,18 @@ fn policy_eval(
         "headers": d.headers,
         "revision": &*d.revision,
         "eval_us": d.eval_time.as_micros() as u64,
+        "approval": d.approval.as_ref().map(|a| serde_json::json!({
+            "reason": a.reason,
+            "ttl_s": a.ttl.as_secs(),
+            "scope": a.scope.as_str(),
+            "uses": a.uses,
+        })),
+        "limits": d.limits.iter().map(|l| serde_json::json!({
+            "name": l.name,
+            "key": l.key,
+            "rate": l.rate.to_string(),
+            "burst": l.burst,
+        })).collect::<Vec<_>>(),
     });
     println!("{out:#}");
     ExitCode::SUCCESS
