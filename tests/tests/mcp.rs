@@ -1211,3 +1211,128 @@ async fn mcp_meta_traceparent_continues_the_trace() {
                 && l.contains("notifications/initialized")
         });
 }
+
+const APPROVAL_POLICY: &str = r#"package portcullis
+
+import rego.v1
+
+default decision := true
+
+decision := {"allow": false, "reason": "issues need a human", "approval": {"ttl": "5m"}} if {
+	input.kind == "mcp"
+	input.mcp.tool == "create_issue"
+	not input.approval
+}
+
+decision := {"allow": true, "reason": "approved"} if {
+	input.kind == "mcp"
+	input.mcp.tool == "create_issue"
+	input.approval.state == "granted"
+}
+
+decision := {"allow": true, "limit": {"name": "search", "key": input.identity.spiffe_id, "rate": "2/h"}} if {
+	input.kind == "mcp"
+	input.mcp.tool == "search_issues"
+}
+"#;
+
+/// The approvals pending on `proxy`, polled until there is one.
+async fn pending_approval(proxy: &Proxy) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, body) = proxy.admin_get("/approvals?state=pending").await;
+        let all: Vec<Value> = serde_json::from_str(&body).unwrap();
+        if let Some(first) = all.into_iter().next() {
+            return first;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing pending");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sdk_client_sees_approvals_and_limits_as_tool_errors_it_can_act_on() {
+    let Harness { pki, proxy, .. } = Harness::builder()
+        .policy(APPROVAL_POLICY)
+        .config(|c| c["approvals"] = json!({"hold": "0s"}))
+        .start()
+        .await;
+    let server = McpServer::start(&pki, "v1", false);
+    let agent = pki.client("research", "spiffe://acme.test/agents/research");
+    let issue = json!({"op": "call", "tool": "create_issue",
+        "args": {"owner": "acme", "repo": "web", "title": "t", "token": "pcx_none"}});
+    let search = json!({"op": "call", "tool": "search_issues", "args": {"query": "q"}});
+    let r = mcp_client_via(
+        &pki,
+        &server,
+        &proxy,
+        &agent,
+        json!([{"op": "list_tools"}, issue, search, search, search]),
+    )
+    .await;
+    assert!(
+        listed_tools(&r[0]).contains(&"create_issue".to_owned()),
+        "listed: {r:?}"
+    );
+    // Approval required: a tool error naming the approval, the session goes on.
+    assert_eq!(r[1]["is_error"], true, "{r:?}");
+    let data = &r[1]["error"]["data"];
+    assert_eq!(data["error"], "approval_required", "{data}");
+    let id = data["approval_id"].as_str().unwrap().to_owned();
+    assert!(r[1]["error"]["message"].as_str().unwrap().contains(&id));
+    // The rate limit: two searches, then a tool error with the delay to wait.
+    assert_eq!(r[2]["is_error"], false, "{r:?}");
+    assert_eq!(r[3]["is_error"], false, "{r:?}");
+    assert_eq!(r[4]["is_error"], true, "{r:?}");
+    assert_eq!(r[4]["error"]["data"]["error"], "rate_limited");
+    assert_eq!(r[4]["error"]["data"]["limit"], "search");
+    assert!(r[4]["error"]["data"]["retry_after_ms"].as_u64().unwrap() > 1_000_000);
+    assert!(!server.received_tools().contains(&"create_issue".to_owned()));
+
+    // The approver sees the tool and its arguments, a secret-looking one redacted.
+    let rec = pending_approval(&proxy).await;
+    assert_eq!(rec["id"], id.as_str());
+    assert_eq!(rec["action"]["tool"], "create_issue");
+    assert_eq!(rec["action"]["arguments"]["owner"], "acme");
+    assert_eq!(rec["action"]["arguments"]["token"], "[REDACTED]");
+    let (status, _) = proxy
+        .admin_request("POST", &format!("/approvals/{id}/approve"))
+        .await;
+    assert_eq!(status, 200);
+    // The same call, retried in a new session, goes through once.
+    let r = mcp_client_via(&pki, &server, &proxy, &agent, json!([issue, issue])).await;
+    assert_eq!(r[0]["is_error"], false, "{r:?}");
+    assert_eq!(r[1]["error"]["data"]["error"], "approval_required", "{r:?}");
+    assert_ne!(r[1]["error"]["data"]["approval_id"], id.as_str());
+    let creates = server
+        .received_tools()
+        .iter()
+        .filter(|t| *t == "create_issue")
+        .count();
+    assert_eq!(creates, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_sdk_call_completes_when_approved() {
+    let Harness { pki, proxy, .. } = Harness::builder()
+        .policy(APPROVAL_POLICY)
+        .config(|c| c["approvals"] = json!({"hold": "30s"}))
+        .start()
+        .await;
+    let server = McpServer::start(&pki, "v1", false);
+    let agent = pki.client("research", "spiffe://acme.test/agents/research");
+    let ops = json!([{"op": "call", "tool": "create_issue",
+        "args": {"owner": "acme", "repo": "web", "title": "held"}}]);
+    let call = mcp_client_via(&pki, &server, &proxy, &agent, ops);
+    let approve = async {
+        let rec = pending_approval(&proxy).await;
+        let id = rec["id"].as_str().unwrap();
+        let (status, body) = proxy
+            .admin_request("POST", &format!("/approvals/{id}/approve"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    };
+    let (r, ()) = tokio::join!(call, approve);
+    assert_eq!(r[0]["is_error"], false, "{r:?}");
+    assert!(server.received_tools().contains(&"create_issue".to_owned()));
+}
