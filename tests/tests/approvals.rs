@@ -429,3 +429,120 @@ async fn the_console_in_chromium_approves_a_held_call() {
     assert_eq!(proxy.admin_get("/approvals/console").await.0, 200);
     assert_eq!(proxy.admin_get(&format!("/approvals/{id}")).await.0, 401);
 }
+
+/// A one-shot HTTP receiver: the first request's head and body.
+async fn receive_one(listener: tokio::net::TcpListener) -> (String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (head, body) = loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the webhook request ended early");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                break (head.to_owned(), body.to_owned());
+            }
+        }
+    };
+    s.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    (head, serde_json::from_str(&body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_announces_each_new_pending_approval() {
+    let s = setup().await;
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let config = s.config(json!({
+        "approvals": {"webhook": {"url": url, "headers": {"authorization": "env:HOOK_TOKEN"}}},
+    }));
+    let proxy = Proxy::start_with_env(&config, &[("HOOK_TOKEN", "Bearer hook-secret-123")]);
+    let received = tokio::spawn(receive_one(hook));
+    let refused = s.pay(&proxy, 3).await;
+    refused.assert_refused(403, "approval_required");
+    let (head, body) = tokio::time::timeout(Duration::from_secs(20), received)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(head.starts_with("POST /hook HTTP/1.1"), "{head}");
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("authorization: bearer hook-secret-123"));
+    assert_eq!(body["type"], "approval.pending");
+    let id = refused.json()["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["approval"]["id"], id.as_str());
+    assert_eq!(
+        body["approval"]["identity"],
+        "spiffe://acme.test/agents/pay"
+    );
+    assert_eq!(body["approve"], format!("/approvals/{id}/approve"));
+    proxy
+        .wait_metric("portcullis_approval_webhook_sent_total", |n| n == 1)
+        .await;
+    assert!(!proxy.logs.lines().join("\n").contains("hook-secret-123"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecided_approval_expires_and_the_next_call_asks_again() {
+    let s = setup().await;
+    let proxy = Proxy::start(&s.config(json!({"approvals": {"pending_ttl": "1s"}})));
+    let first = s.pay(&proxy, 1).await;
+    let id = first.json()["approval_id"].as_str().unwrap().to_owned();
+    // Expiry is the subject here: wait (bounded) until the record says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listed(&proxy, "expired")
+        .await
+        .iter()
+        .any(|r| r["id"] == id.as_str())
+    {
+        assert!(Instant::now() < deadline, "the approval never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = proxy
+        .admin_request("POST", &format!("/approvals/{id}/approve"))
+        .await;
+    assert_eq!(status, 409, "an expired approval cannot be granted: {body}");
+    let again = s.pay(&proxy, 1).await;
+    again.assert_refused(403, "approval_required");
+    assert_ne!(again.json()["approval_id"], id.as_str());
+    assert_eq!(s.pays_seen(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_down_approvals_fail_closed_and_limits_hold_per_replica() {
+    let s = setup().await;
+    let dead = free_addr();
+    let config = s.config(json!({
+        "redis": {"url": format!("redis://{dead}"), "encryption_key": "env:PCX_REDIS_KEY",
+                  "timeout": "200ms"},
+    }));
+    let env = [(
+        "PCX_REDIS_KEY",
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    )];
+    let proxy = Proxy::start_with_env(&config, &env);
+    let out = s.pay(&proxy, 1).await;
+    out.assert_refused(503, "approval_unavailable");
+    assert_eq!(s.pays_seen(), 0, "no approval store, no payment");
+    for _ in 0..3 {
+        assert_eq!(s.get(&proxy, "/limited").await.status, 200);
+    }
+    s.get(&proxy, "/limited")
+        .await
+        .assert_refused(429, "rate_limited");
+    assert!(proxy.metric("portcullis_rate_limit_fallback_total").await >= 4);
+    assert!(proxy.metric("portcullis_approval_store_errors_total").await >= 1);
+}
