@@ -400,6 +400,7 @@ async fn run(
         profile: Profile::Bare,
         dialer: bare,
         proxy: proxy.take(),
+        redis: None,
     }];
     // The other profiles each get their own proxy process (and `full` an OTLP sink).
     let mut profiles: Vec<Profile> = selected
@@ -442,8 +443,24 @@ async fn run(
         }
         let Some(bin) = &bin else { break };
         let otlp = sink.as_ref().map_or(upstream_addr, |s| s.addr);
-        let config = setup.write_profile(profile, otlp, args.otel_sampling)?;
-        let p = ProxyProcess::start(bin, &config, log_filter)
+        let (config, redis, key) = match profile {
+            Profile::Limited => {
+                let redis = soak::redis::RedisServer::start()?;
+                let config = setup.write_limited(&redis.url())?;
+                (
+                    config,
+                    Some(redis),
+                    soak::base64(&soak::random_bytes::<32>()?),
+                )
+            }
+            _ => (
+                setup.write_profile(profile, otlp, args.otel_sampling)?,
+                None,
+                String::new(),
+            ),
+        };
+        let env = [(setup::SOAK_ENV[1], key.as_str())];
+        let p = ProxyProcess::start_with_env(bin, &config, log_filter, &env)
             .with_context(|| format!("starting the {} proxy", profile.name()))?;
         let headers = match profile {
             Profile::Full => vec![(
@@ -456,6 +473,7 @@ async fn run(
             profile,
             dialer: dialer(Some(&p), headers)?,
             proxy: Some(p),
+            redis,
         });
     }
     let plan = Plan {
@@ -468,6 +486,22 @@ async fn run(
 
     let (rows, outcome) = measure(args, selected, &mut targets, plan, &mut progress).await;
     report.scenarios = rows;
+    // Show that the limit really went to Redis: the commands it processed.
+    for t in &targets {
+        let Some(redis) = &t.redis else { continue };
+        let stats = redis.info("stats").await.unwrap_or_default();
+        let commands = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        report.peers.push(format!(
+            "{}: redis-server pid {} processed {commands} commands",
+            t.profile.name(),
+            redis.pid
+        ));
+    }
     for t in targets
         .iter()
         .filter(|t| matches!(t.profile, Profile::Full | Profile::Otel))
@@ -546,6 +580,7 @@ async fn start_peer(
         profile,
         dialer,
         proxy: Some(proc),
+        redis: None,
     }))
 }
 
@@ -554,6 +589,8 @@ struct Target {
     profile: Profile,
     dialer: Arc<Dialer>,
     proxy: Option<ProxyProcess>,
+    /// The `ratelimit` profile's Redis, kept running while its proxy is.
+    redis: Option<soak::redis::RedisServer>,
 }
 
 /// Run every selected scenario `--rounds` times; one row per scenario (see

@@ -51,6 +51,10 @@ pub enum Profile {
     /// The bare pipeline plus OTLP export of every span (`--otel-sampling`) to a sink in the
     /// bench: telemetry's cost, read against `mitm`.
     Otel,
+    /// The bare pipeline plus a rate limit keyed by identity (`rate_limits.limits`, never
+    /// reached) checked in a real `redis-server` on every request: the cost of one Redis round
+    /// trip per request, read against `mitm`.
+    Limited,
     /// mitmproxy's `mitmdump`, intercepting (a peer, with `--peers`).
     Mitmproxy,
     /// squid, CONNECT tunnels only (a peer, with `--peers`).
@@ -64,6 +68,7 @@ impl Profile {
             Profile::Full => "full",
             Profile::PolicyHeavy => "policy-heavy",
             Profile::Otel => "mitm-otel",
+            Profile::Limited => "ratelimit",
             Profile::Mitmproxy => "mitmproxy",
             Profile::Squid => "squid",
         }
@@ -219,6 +224,17 @@ pub const ALL: &[Scenario] = &[
         )
     },
     Scenario {
+        profile: Profile::Limited,
+        ..sc(
+            "ratelimit",
+            "like mitm, with a rate limit checked in Redis on every request (one Lua round trip)",
+            Route::Mitm,
+            ConnMode::KeepAlive,
+            Workload::Small,
+            Some("direct"),
+        )
+    },
+    Scenario {
         profile: Profile::Full,
         ..sc(
             "full",
@@ -291,7 +307,7 @@ pub const PEERS: &str = "mitmproxy,mitmproxy-large,squid,squid-large";
 
 /// What runs when `--scenarios` is not given.
 pub const DEFAULT: &str =
-    "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp,full,policy-heavy";
+    "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp,ratelimit,full,policy-heavy";
 
 #[derive(Debug)]
 pub struct UnknownScenario(pub String);

@@ -336,6 +336,27 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// The `ratelimit` profile: the bare config plus a limit keyed by identity that the load
+    /// never reaches, its buckets in the Redis at `redis_url` (encryption key from
+    /// [`SOAK_ENV`]`[1]`).
+    pub fn write_limited(&self, redis_url: &str) -> Result<PathBuf> {
+        let mut cfg = base_config("policy/");
+        cfg["telemetry"] = json!({"decision_log": "off"});
+        cfg["rate_limits"] = json!({"limits": [
+            {"name": "bench", "by": ["identity"], "rate": "1000000000/s"},
+        ]});
+        cfg["redis"] = json!({
+            "url": redis_url,
+            "encryption_key": format!("env:{}", SOAK_ENV[1]),
+            "prefix": "portcullis-bench",
+        });
+        let path = self.dir.join("config-ratelimit.yaml");
+        write_file(&path, format!("{cfg:#}\n").as_bytes(), false)?;
+        Ok(path)
+    }
+}
+
 /// The placeholder of the soak's OAuth credential.
 pub const OAUTH_PLACEHOLDER: &str = "pcx_soak_oauth";
 

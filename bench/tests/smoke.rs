@@ -42,7 +42,15 @@ fn smoke_run_is_error_free() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["scenarios"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    for want in ["direct", "tunnel", "mitm", "handshake", "large", "mcp"] {
+    for want in [
+        "direct",
+        "tunnel",
+        "mitm",
+        "handshake",
+        "large",
+        "mcp",
+        "ratelimit",
+    ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     for r in rows {

@@ -7,7 +7,7 @@
 mod chart;
 mod load;
 mod png;
-mod redis;
+pub(crate) mod redis;
 mod sample;
 mod summary;
 mod trend;
@@ -178,7 +178,7 @@ fn progress(s: &sample::Sample) {
     );
 }
 
-fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut buf = [0u8; N];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))
@@ -187,7 +187,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
 }
 
 /// Standard base64 with padding (the Redis encryption key's format).
-fn base64(data: &[u8]) -> String {
+pub(crate) fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
