@@ -144,8 +144,9 @@ impl Gates {
         }
     }
 
-    /// Prometheus text of the approval and quota counters (`pending`: records pending now).
-    pub fn render_metrics(&self, out: &mut String, pending: Option<usize>) {
+    /// Prometheus text of the approval and quota counters (`listed`: records pending and
+    /// expired now).
+    pub fn render_metrics(&self, out: &mut String, listed: Option<(usize, usize)>) {
         let s = &self.approvals.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let d = &self.decisions;
@@ -217,13 +218,10 @@ impl Gates {
                 get(&s.held_refused),
             ),
         ];
-        if let Some(p) = pending {
-            rows.push((
-                "portcullis_approvals_pending",
-                "gauge",
-                String::new(),
-                p as u64,
-            ));
+        if let Some((pending, expired)) = listed {
+            let gauge = |name, n: usize| (name, "gauge", String::new(), n as u64);
+            rows.push(gauge("portcullis_approvals_pending", pending));
+            rows.push(gauge("portcullis_approvals_expired", expired));
         }
         if let Some(w) = &self.webhook {
             rows.push((

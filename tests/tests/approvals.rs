@@ -515,6 +515,7 @@ async fn an_undecided_approval_expires_and_the_next_call_asks_again() {
         .admin_request("POST", &format!("/approvals/{id}/approve"))
         .await;
     assert_eq!(status, 409, "an expired approval cannot be granted: {body}");
+    assert_eq!(proxy.metric("portcullis_approvals_expired").await, 1);
     let again = s.pay(&proxy, 1).await;
     again.assert_refused(403, "approval_required");
     assert_ne!(again.json()["approval_id"], id.as_str());

@@ -212,21 +212,20 @@ fn json(code: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     r
 }
 
-/// Approvals pending now (`None` when the store cannot be read).
-async fn pending_approvals(shared: &Shared) -> Option<usize> {
+/// Approval records pending and expired now, as the store lists them (`None` when it cannot
+/// be read).
+async fn pending_approvals(shared: &Shared) -> Option<(usize, usize)> {
+    use portcullis_filters::stages::approval::ApprovalState;
     let all = shared.ops.gates.approvals.store.list(10_000).await.ok()?;
-    Some(
-        all.iter()
-            .filter(|r| r.state == portcullis_filters::stages::approval::ApprovalState::Pending)
-            .count(),
-    )
+    let count = |state| all.iter().filter(|r| r.state == state).count();
+    Some((count(ApprovalState::Pending), count(ApprovalState::Expired)))
 }
 
 fn route(
     req: &Request<Incoming>,
     status: &Status,
     shared: &Shared,
-    pending: Option<usize>,
+    pending: Option<(usize, usize)>,
 ) -> Response<Body> {
     let leaf = &shared.mitm.stats;
     match req.uri().path() {
