@@ -547,3 +547,64 @@ async fn with_redis_down_approvals_fail_closed_and_limits_hold_per_replica() {
     assert!(proxy.metric("portcullis_rate_limit_fallback_total").await >= 4);
     assert!(proxy.metric("portcullis_approval_store_errors_total").await >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn action_spans_carry_the_approval_and_the_limit() {
+    let s = setup().await;
+    let otlp = OtlpReceiver::start().await;
+    let config = s.config(json!({
+        "telemetry": {"otlp_endpoint": otlp.endpoint(), "otlp_protocol": "http/protobuf"},
+    }));
+    let proxy = Proxy::start_with_env(&config, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+    let id = s.pay(&proxy, 2).await.json()["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(cli(&proxy, &["approve", &id]).0);
+    assert_eq!(s.pay(&proxy, 2).await.status, 200);
+    for _ in 0..3 {
+        assert_eq!(s.get(&proxy, "/limited").await.status, 200);
+    }
+    s.get(&proxy, "/limited")
+        .await
+        .assert_refused(429, "rate_limited");
+
+    let attr = |span: &opentelemetry_proto::tonic::trace::v1::Span, k| span_attr(span, k);
+    let approved = otlp
+        .wait_span("the approved POST", |sp| {
+            sp.name == "POST"
+                && span_attr(sp, "portcullis.approval.state").as_deref() == Some("granted")
+        })
+        .await;
+    assert_eq!(
+        attr(&approved, "portcullis.approval.id").as_deref(),
+        Some(id.as_str())
+    );
+    assert_eq!(
+        attr(&approved, "portcullis.approval.approver").as_deref(),
+        Some("admin")
+    );
+    assert_eq!(
+        attr(&approved, "portcullis.policy.decision").as_deref(),
+        Some("allow")
+    );
+    let pending = otlp
+        .wait_span("the refused POST", |sp| {
+            sp.name == "POST"
+                && span_attr(sp, "portcullis.approval.state").as_deref() == Some("pending")
+        })
+        .await;
+    assert_eq!(
+        attr(&pending, "portcullis.approval.id").as_deref(),
+        Some(id.as_str())
+    );
+    let limited = otlp
+        .wait_span("the limited GET", |sp| {
+            span_attr(sp, "portcullis.rate_limit.name").as_deref() == Some("per-agent")
+        })
+        .await;
+    assert_eq!(
+        attr(&limited, "http.response.status_code").as_deref(),
+        Some("429")
+    );
+}
