@@ -1336,3 +1336,54 @@ async fn a_held_sdk_call_completes_when_approved() {
     assert_eq!(r[0]["is_error"], false, "{r:?}");
     assert!(server.received_tools().contains(&"create_issue".to_owned()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_grant_covers_the_tool_for_the_rest_of_the_session_only() {
+    let policy =
+        APPROVAL_POLICY.replace(r#"{"ttl": "5m"}"#, r#"{"ttl": "5m", "scope": "session"}"#);
+    let Harness { pki, proxy, .. } = Harness::builder()
+        .policy(&policy)
+        .config(|c| c["approvals"] = json!({"hold": "30s"}))
+        .start()
+        .await;
+    let server = McpServer::start(&pki, "v1", false);
+    let agent = pki.client("research", "spiffe://acme.test/agents/research");
+    let call = |title: &str| {
+        json!({"op": "call", "tool": "create_issue",
+            "args": {"owner": "acme", "repo": "web", "title": title}})
+    };
+    let ops = json!([call("one"), call("two"), call("three")]);
+    let session = mcp_client_via(&pki, &server, &proxy, &agent, ops);
+    let approve = async {
+        let rec = pending_approval(&proxy).await;
+        assert_eq!(rec["scope"], "session");
+        let id = rec["id"].as_str().unwrap().to_owned();
+        let (status, _) = proxy
+            .admin_request("POST", &format!("/approvals/{id}/approve"))
+            .await;
+        assert_eq!(status, 200);
+        id
+    };
+    let (r, id) = tokio::join!(session, approve);
+    for (i, one) in r.iter().enumerate() {
+        assert_eq!(one["is_error"], false, "call {i}: {r:?}");
+    }
+    let (_, all) = proxy.admin_get("/approvals?state=all").await;
+    let all: Vec<Value> = serde_json::from_str(&all).unwrap();
+    assert_eq!(all.len(), 1, "one grant for the session: {all:?}");
+    assert_eq!(all[0]["id"], id.as_str());
+    // Another session asks again.
+    let r = mcp_client_via(
+        &pki,
+        &server,
+        &proxy,
+        &agent,
+        json!([{"op": "call", "tool": "create_issue", "timeout": 1,
+            "args": {"owner": "acme", "repo": "web", "title": "four"}}]),
+    )
+    .await;
+    let (_, pending) = proxy.admin_get("/approvals?state=pending").await;
+    let pending: Vec<Value> = serde_json::from_str(&pending).unwrap();
+    assert_eq!(pending.len(), 1, "{r:?}");
+    assert_ne!(pending[0]["id"], id.as_str());
+}
