@@ -608,3 +608,23 @@ async fn action_spans_carry_the_approval_and_the_limit() {
         Some("429")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_in_flight_cap_refuses_a_second_concurrent_request_of_one_identity() {
+    let s = setup().await;
+    let proxy = Proxy::start(&s.config(json!({"rate_limits": {"in_flight_per_identity": 1}})));
+    let slow = s.get(&proxy, "/slow");
+    let second = async {
+        s.up.slow_arrived().await;
+        let out = s.get(&proxy, "/quick").await;
+        s.up.release();
+        out
+    };
+    let (first, second) = tokio::join!(slow, second);
+    assert_eq!(first.status, 200, "{first:?}");
+    second.assert_refused(429, "rate_limited");
+    assert_eq!(second.json()["limit"], "in_flight");
+    // The slot is free again once the first request is done.
+    assert_eq!(s.get(&proxy, "/quick").await.status, 200);
+    assert_eq!(proxy.metric("portcullis_in_flight_requests").await, 0);
+}
