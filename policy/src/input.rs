@@ -272,10 +272,36 @@ pub struct Input {
     pub time: TimeInfo,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Gateway>,
-    /// The approval matching this action (`{state, id, decided_by, …}`): absent on the first
-    /// evaluation, set when the proxy decides again after a decision asked for one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The approval matching this action (`{state, id, decided_by, …}`), set when the proxy
+    /// decides again after a decision asked for one. `None` is seen by the policy as
+    /// `{"state": "none"}`: the first evaluation never waits for the approval store.
+    #[serde(
+        default,
+        serialize_with = "approval_or_none",
+        deserialize_with = "none_or_approval"
+    )]
     pub approval: Option<serde_json::Value>,
+}
+
+/// `input.approval` as the policy sees it: `{"state": "none"}` when no approval was looked up.
+fn approval_or_none<S: serde::Serializer>(
+    approval: &Option<serde_json::Value>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    match approval {
+        Some(a) => a.serialize(s),
+        None => serde_json::json!({"state": "none"}).serialize(s),
+    }
+}
+
+/// The reverse of [`approval_or_none`]: `{"state": "none"}` reads as `None`.
+fn none_or_approval<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    use serde::Deserialize;
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.filter(|v| *v != serde_json::json!({"state": "none"})))
 }
 
 impl Input {
@@ -683,6 +709,8 @@ struct Converter {
     credentials: Option<(Vec<String>, Value)>,
     headers: MultimapMemo,
     query: MultimapMemo,
+    /// `input.approval` of an action no approval was looked up for: `{"state": "none"}`.
+    no_approval: Value,
 }
 
 /// Returns the cached value when `current` equals the cached part, else builds and caches.
@@ -712,6 +740,10 @@ impl Converter {
             credentials: None,
             headers: MultimapMemo::default(),
             query: MultimapMemo::default(),
+            no_approval: Value::from(BTreeMap::from([(
+                Value::from("state"),
+                Value::from("none"),
+            )])),
         }
     }
 
@@ -787,9 +819,11 @@ impl Converter {
         if let Some(mcp) = &input.mcp {
             root.push((k.mcp.clone(), json_to_value(mcp)));
         }
-        if let Some(approval) = &input.approval {
-            root.push((k.approval.clone(), json_to_value(approval)));
-        }
+        let approval = match &input.approval {
+            Some(approval) => json_to_value(approval),
+            None => self.no_approval.clone(),
+        };
+        root.push((k.approval.clone(), approval));
         if let Some(source) = &input.source {
             let value = memo(&mut self.source, source, || {
                 object([
@@ -980,7 +1014,11 @@ mod tests {
         };
         let json = serde_json::to_value(connect).unwrap();
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["destination", "identity", "kind", "time"]);
+        assert_eq!(
+            keys,
+            ["approval", "destination", "identity", "kind", "time"]
+        );
+        assert_eq!(json["approval"], serde_json::json!({"state": "none"}));
     }
 
     #[test]

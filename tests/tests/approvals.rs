@@ -30,7 +30,7 @@ note := concat(": ", ["payments need a human", input.request.headers["x-note"][0
 
 decision := {"allow": false, "reason": "payments need a human", "approval": {"ttl": "10m", "reason": note}} if {
 	risky
-	not input.approval
+	input.approval.state in {"none", "pending"}
 }
 
 decision := {"allow": true, "reason": sprintf("approved by %s", [input.approval.decided_by])} if {

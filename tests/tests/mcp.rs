@@ -1221,7 +1221,7 @@ default decision := true
 decision := {"allow": false, "reason": "issues need a human", "approval": {"ttl": "5m"}} if {
 	input.kind == "mcp"
 	input.mcp.tool == "create_issue"
-	not input.approval
+	input.approval.state in {"none", "pending"}
 }
 
 decision := {"allow": true, "reason": "approved"} if {

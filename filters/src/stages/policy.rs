@@ -281,7 +281,7 @@ impl PolicyFilter {
                 ("approval_state", rec.state.as_str().into()),
             ])
         };
-        if matches!(rec.state, ApprovalState::Pending | ApprovalState::Expired) {
+        let required = |rec: &crate::stages::approval::ApprovalRecord| {
             approvals
                 .stats
                 .refused_pending
@@ -296,14 +296,18 @@ impl PolicyFilter {
             );
             rej.headers
                 .push(("retry-after".into(), wait.as_secs().max(1).to_string()));
-            rej.details = details(&rec);
+            rej.details = details(rec);
             rej.details.0.push((
                 "retry_after_ms",
                 u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into(),
             ));
-            return Err(rej);
+            rej
+        };
+        if rec.state == ApprovalState::Expired {
+            // Expired while held: the next call opens a new record.
+            return Err(required(&rec));
         }
-        // Decided: the policy says what the decision allows.
+        // The policy decides again, seeing the record's state: pending, granted or denied.
         let mut again = input.clone();
         again.approval = Some(rec.policy_input());
         let second = self.policy.evaluate(&again);
@@ -311,6 +315,9 @@ impl PolicyFilter {
             last.decision = second.clone();
         }
         if !second.allow {
+            if second.approval.is_some() && rec.state == ApprovalState::Pending {
+                return Err(required(&rec));
+            }
             approvals
                 .stats
                 .refused_denied
