@@ -44,6 +44,11 @@ pub enum ErrorCode {
     RateLimited,
     /// The approval store cannot be read or written (Redis down, too many pending).
     ApprovalUnavailable,
+    /// The delegation token (`delegation.header`) is malformed, unsigned by an allowed
+    /// issuer, expired, for another audience, or otherwise refused.
+    DelegationInvalid,
+    /// The delegation token's issuer keys cannot be fetched (and none are cached).
+    DelegationUnavailable,
     /// A bug or resource failure inside the proxy; never caused by the peer.
     Internal,
 }
@@ -59,7 +64,8 @@ impl ErrorCode {
             | ErrorCode::CredentialNotAllowed
             | ErrorCode::DestinationBlocked
             | ErrorCode::ClientNotAllowed
-            | ErrorCode::ApprovalRequired => 403,
+            | ErrorCode::ApprovalRequired
+            | ErrorCode::DelegationInvalid => 403,
             ErrorCode::RateLimited => 429,
             ErrorCode::BadRequest | ErrorCode::HeaderMismatch => 400,
             ErrorCode::BodyTooLarge => 413,
@@ -69,7 +75,8 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::CredentialUnavailable
             | ErrorCode::Overloaded
-            | ErrorCode::ApprovalUnavailable => 503,
+            | ErrorCode::ApprovalUnavailable
+            | ErrorCode::DelegationUnavailable => 503,
             ErrorCode::UpgradeNotSupported => 501,
             ErrorCode::UnsupportedEncoding => 415,
             ErrorCode::MethodNotAllowed => 405,
@@ -102,6 +109,8 @@ impl ErrorCode {
             ErrorCode::ApprovalRequired => "approval_required",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ApprovalUnavailable => "approval_unavailable",
+            ErrorCode::DelegationInvalid => "delegation_invalid",
+            ErrorCode::DelegationUnavailable => "delegation_unavailable",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -251,6 +260,12 @@ mod tests {
             (ErrorCode::ApprovalRequired, 403, "approval_required"),
             (ErrorCode::RateLimited, 429, "rate_limited"),
             (ErrorCode::ApprovalUnavailable, 503, "approval_unavailable"),
+            (ErrorCode::DelegationInvalid, 403, "delegation_invalid"),
+            (
+                ErrorCode::DelegationUnavailable,
+                503,
+                "delegation_unavailable",
+            ),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status(), status, "{name}");

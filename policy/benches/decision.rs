@@ -64,6 +64,7 @@ fn inputs() -> Vec<Input> {
                 time: TimeInfo::at(1_763_726_400),
                 gateway: None,
                 approval: None,
+                delegation: None,
             }
             .bounded(&portcullis_policy::InputLimits::default())
         })

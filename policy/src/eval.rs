@@ -498,6 +498,7 @@ mod tests {
             time: TimeInfo::at(unix),
             gateway: None,
             approval: None,
+            delegation: None,
         }
     }
 

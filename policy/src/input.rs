@@ -275,6 +275,10 @@ pub struct Input {
     /// The approval matching this action (`{state, id, decided_by, …}`), set when the proxy
     /// decides again after a decision asked for one. `None` is seen by the policy as
     /// `{"state": "none"}`: the first evaluation never waits for the approval store.
+    /// The principal the agent acts for: `{subject, issuer, audience, scopes, claims, chain}`
+    /// from a verified delegation token (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<serde_json::Value>,
     #[serde(
         default,
         serialize_with = "approval_or_none",
@@ -696,6 +700,7 @@ keys!(
     gateway,
     route,
     approval,
+    delegation,
     connect,
     http,
 );
@@ -818,6 +823,9 @@ impl Converter {
         root.push((k.kind.clone(), kind.clone()));
         if let Some(mcp) = &input.mcp {
             root.push((k.mcp.clone(), json_to_value(mcp)));
+        }
+        if let Some(d) = &input.delegation {
+            root.push((k.delegation.clone(), json_to_value(d)));
         }
         let approval = match &input.approval {
             Some(approval) => json_to_value(approval),
@@ -982,6 +990,7 @@ mod tests {
                 route: "github".into(),
             }),
             approval: None,
+            delegation: None,
         }
     }
 
@@ -1010,6 +1019,7 @@ mod tests {
             credentials: vec![],
             gateway: None,
             approval: None,
+            delegation: None,
             ..sample()
         };
         let json = serde_json::to_value(connect).unwrap();

@@ -192,6 +192,7 @@ impl PolicySet {
             time: TimeInfo::at(0),
             gateway: None,
             approval: None,
+            delegation: None,
         };
         let decision = self.evaluate_value(input::to_value(&input));
         let error = decision

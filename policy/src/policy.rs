@@ -99,6 +99,7 @@ mod tests {
             time: TimeInfo::at(0),
             gateway: None,
             approval: None,
+            delegation: None,
         }
     }
 

@@ -96,6 +96,13 @@ pub fn build_chain(
         .with(TracePropagation {
             sampling: spans.as_ref().map(|s| s.sampling_ratio()),
         })
+        // Before anything reads headers for placeholders or policy: the token is taken out.
+        .with_optional(
+            cfg.delegation
+                .as_ref()
+                .map(|d| crate::delegation::JwksCache::filter(d, gates.delegation.clone()))
+                .transpose()?,
+        )
         .with(ToolPinning {
             pins,
             list_limit: cfg.limits.inspect_body_bytes,

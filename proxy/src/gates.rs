@@ -33,6 +33,8 @@ pub struct Gates {
     pub in_flight: Arc<InFlight>,
     redis_limiter: Option<Arc<RedisLimiter>>,
     pub decisions: DecisionStats,
+    /// Delegation tokens verified and refused (the stage is optional; the counters are not).
+    pub delegation: Arc<portcullis_filters::stages::delegation::DelegationStats>,
     webhook: Option<Arc<WebhookStats>>,
     /// Approval changes from other replicas, when Redis shares the records.
     pub redis_changes:
@@ -114,6 +116,7 @@ impl Gates {
             in_flight: Arc::default(),
             redis_limiter,
             decisions: DecisionStats::default(),
+            delegation: Arc::default(),
             webhook,
             redis_changes,
         })
@@ -241,6 +244,19 @@ impl Gates {
                 "counter",
                 String::new(),
                 get(&w.dropped),
+            ));
+        }
+        let dl = &self.delegation;
+        for (which, n) in [
+            ("verified", get(&dl.verified)),
+            ("refused", get(&dl.refused)),
+            ("keys_unavailable", get(&dl.keys_unavailable)),
+        ] {
+            rows.push((
+                "portcullis_delegation_tokens_total",
+                "counter",
+                format!("outcome=\"{which}\""),
+                n,
             ));
         }
         let q = &self.quota_stats;

@@ -16,6 +16,7 @@ mod cli;
 mod config;
 mod connector;
 mod credentials;
+mod delegation;
 mod edge;
 mod gates;
 mod http;

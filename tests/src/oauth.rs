@@ -69,3 +69,68 @@ impl Drop for OAuthServer {
         self.stop();
     }
 }
+
+/// oauth2-mock-server as a token issuer for delegation (tests/node/idp.mjs): JWKS at `/jwks`,
+/// issuer `http://localhost:PORT` (the name it gives itself), tokens from its own token
+/// endpoint; reached on 127.0.0.1.
+pub struct TokenIssuer {
+    child: Child,
+    pub port: u16,
+}
+
+impl TokenIssuer {
+    /// With a fresh key of `alg` (`RS256`, `ES256`, …).
+    pub fn start(alg: &str) -> TokenIssuer {
+        let port = free_addr().port();
+        let (child, _) = spawn_ready(
+            Command::new(crate::mcp::node())
+                .arg(crate::mcp::node_script("idp.mjs"))
+                .args([port.to_string(), alg.to_owned()]),
+            "the token issuer",
+        );
+        TokenIssuer { child, port }
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("http://localhost:{}", self.port)
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn jwks_url(&self) -> String {
+        format!("{}/jwks", self.base())
+    }
+
+    /// A token for `user` from the issuer's token endpoint (password grant), with the extra
+    /// form fields idp.mjs understands (`audience`, `act`, `tenant`, `expired`).
+    pub fn token(&self, user: &str, extra: &[(&str, &str)]) -> String {
+        let mut form = vec![
+            ("grant_type", "password"),
+            ("username", user),
+            ("password", "x"),
+            ("client_id", "agent"),
+        ];
+        form.extend_from_slice(extra);
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "10"]);
+        for (k, v) in form {
+            cmd.arg("--data-urlencode").arg(format!("{k}={v}"));
+        }
+        let out = cmd
+            .arg(format!("{}/token", self.issuer()))
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("token endpoint: {}", String::from_utf8_lossy(&out.stdout)));
+        v["access_token"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TokenIssuer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -5,6 +5,7 @@ pub mod destination;
 pub mod egress;
 pub mod identity;
 pub mod jsonrpc;
+pub mod jwt;
 pub mod mcp_body;
 pub mod mcp_headers;
 pub mod mcp_params;

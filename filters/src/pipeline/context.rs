@@ -135,6 +135,8 @@ pub struct Context {
     pub mcp: Mcp,
     pub credentials: CredentialUse,
     pub gates: Gates,
+    /// The principal the agent acts for (a verified delegation token), when it sent one.
+    pub delegation: Option<crate::parse::jwt::Verified>,
 }
 
 /// What the approval and quota stages did, for telemetry, and what they hold until the action
@@ -301,6 +303,7 @@ impl Context {
             mcp: Mcp::default(),
             credentials: CredentialUse::default(),
             gates: Gates::default(),
+            delegation: None,
         }
     }
 

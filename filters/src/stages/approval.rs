@@ -451,6 +451,8 @@ pub fn fingerprint(input: &Input, scope: ApprovalScope) -> (String, Value) {
     };
     part(scope.as_str());
     part(&input.identity.spiffe_id);
+    // Acting for another principal is another identity: its grant is not theirs.
+    part(subject(input).unwrap_or(""));
     let kind = match input.kind {
         portcullis_policy::Kind::Connect => "connect",
         portcullis_policy::Kind::Http => "http",
@@ -498,6 +500,11 @@ pub fn fingerprint(input: &Input, scope: ApprovalScope) -> (String, Value) {
     (crate::pipeline::hex(&h.finalize()), action)
 }
 
+/// The delegation subject the action is taken for, if any.
+fn subject(input: &Input) -> Option<&str> {
+    input.delegation.as_ref()?.get("subject")?.as_str()
+}
+
 /// A fresh record id: `apr_` and 96 random bits.
 pub fn new_id() -> String {
     format!("apr_{}", crate::pipeline::hex(&rand::random::<[u8; 12]>()))
@@ -518,7 +525,7 @@ impl Approvals {
             id: new_id(),
             state: ApprovalState::Pending,
             identity: input.identity.spiffe_id.clone(),
-            subject: None,
+            subject: subject(input).map(str::to_owned),
             fingerprint,
             scope: ask.scope.as_str().to_owned(),
             uses: ask.uses,

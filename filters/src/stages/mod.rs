@@ -3,6 +3,7 @@
 
 pub mod approval;
 pub mod credentials;
+pub mod delegation;
 pub mod hygiene;
 pub mod mcp;
 pub mod pinning;

@@ -121,7 +121,20 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
                 route: r.to_string(),
             }),
         approval: None,
+        delegation: ctx.delegation.as_ref().map(delegation_input),
     }
+}
+
+/// `input.delegation`: who the agent acts for (never the token).
+pub fn delegation_input(d: &crate::parse::jwt::Verified) -> Value {
+    serde_json::json!({
+        "subject": d.subject,
+        "issuer": d.issuer,
+        "audience": d.audience,
+        "scopes": d.scopes,
+        "claims": d.claims,
+        "chain": d.chain,
+    })
 }
 
 /// Refuse what the policy input cannot hold whole, instead of deciding on a truncated view.

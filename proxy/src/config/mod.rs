@@ -61,6 +61,9 @@ pub struct Config {
     /// Rate limits declared here (besides those decisions ask for) and in-flight limits.
     #[serde(default)]
     pub rate_limits: RateLimitsConfig,
+    /// Who the agent acts for: a JWT in a request header, verified against allowed issuers.
+    #[serde(default)]
+    pub delegation: Option<DelegationConfig>,
     #[serde(default)]
     pub credentials: Vec<CredentialConfig>,
     #[serde(default)]
@@ -515,6 +518,45 @@ pub struct WebhookConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationConfig {
+    /// The request header carrying the token (`Bearer ` prefix optional); stripped before the
+    /// request goes upstream.
+    #[serde(default = "defaults::delegation_header")]
+    pub header: String,
+    pub issuers: Vec<DelegationIssuerConfig>,
+    /// Claims copied into `input.delegation.claims` (besides sub, iss, aud, scope, act).
+    #[serde(default)]
+    pub claims: Vec<String>,
+    /// Clock difference tolerated on `exp`, `nbf` and `iat`.
+    #[serde(default = "defaults::delegation_skew", with = "duration")]
+    pub max_skew: Duration,
+    /// How long a fetched JWKS is used before it is fetched again (a token naming an unknown
+    /// `kid` fetches sooner, at most every 30 s).
+    #[serde(default = "defaults::jwks_refresh", with = "duration")]
+    pub jwks_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationIssuerConfig {
+    /// Exactly the `iss` its tokens carry.
+    pub issuer: String,
+    /// Where its keys are: a JWKS URL (fetched, cached, refreshed) or a file.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// `aud` must hold one of these.
+    pub audiences: Vec<String>,
+    /// CA for the JWKS URL (besides the system roots).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default = "defaults::vault_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitsConfig {
     pub limits: Vec<RateLimitConfig>,
@@ -735,6 +777,15 @@ mod defaults {
     pub fn webhook_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn delegation_header() -> String {
+        "x-portcullis-on-behalf-of".into()
+    }
+    pub fn delegation_skew() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn jwks_refresh() -> Duration {
+        Duration::from_secs(300)
+    }
 }
 
 /// Durations are written as `250ms`, `10s`, `5m`, `24h`, `7d`.
@@ -827,6 +878,12 @@ impl Config {
         }
         if let Some(ca) = self.approvals.webhook.as_mut().and_then(|w| w.ca.as_mut()) {
             fix(ca);
+        }
+        if let Some(d) = self.delegation.as_mut() {
+            for i in &mut d.issuers {
+                i.ca.iter_mut().for_each(fix);
+                i.jwks_file.iter_mut().for_each(fix);
+            }
         }
         self.telemetry.otlp_ca.iter_mut().for_each(fix);
         if !matches!(

@@ -55,7 +55,52 @@ impl Config {
         self.validate_admin()?;
         self.validate_approvals()?;
         self.validate_rate_limits()?;
+        self.validate_delegation()?;
         self.validate_limits()
+    }
+
+    fn validate_delegation(&self) -> Checked {
+        let Some(d) = &self.delegation else {
+            return Ok(());
+        };
+        if http::HeaderName::from_bytes(d.header.as_bytes()).is_err() {
+            return invalid("delegation.header", "not a header name");
+        }
+        let reserved = ["authorization", "proxy-authorization", "cookie", "host"];
+        if reserved.contains(&d.header.to_ascii_lowercase().as_str()) {
+            return invalid(
+                "delegation.header",
+                "pick a header of its own: this one is the upstream's or the proxy's",
+            );
+        }
+        if d.issuers.is_empty() {
+            return invalid("delegation.issuers", "at least one issuer is required");
+        }
+        if d.max_skew > Duration::from_secs(600) {
+            return invalid("delegation.max_skew", "at most 10m");
+        }
+        for (i, is) in d.issuers.iter().enumerate() {
+            let key = |k: &str| format!("delegation.issuers[{i}].{k}");
+            if is.issuer.is_empty() {
+                return invalid(key("issuer"), "required");
+            }
+            if is.audiences.is_empty() || is.audiences.iter().any(String::is_empty) {
+                return invalid(key("audiences"), "at least one non-empty audience");
+            }
+            match (&is.jwks_url, &is.jwks_file) {
+                (Some(url), None) => {
+                    let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
+                        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                    });
+                    if !ok {
+                        return invalid(key("jwks_url"), "must be an http:// or https:// URL");
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => return invalid(key("jwks_url"), "give jwks_url or jwks_file (one)"),
+            }
+        }
+        Ok(())
     }
 
     fn validate_approvals(&self) -> Checked {

@@ -156,6 +156,17 @@ struct Line<'a> {
     /// The limit that refused the action.
     #[serde(skip_serializing_if = "Option::is_none")]
     rate_limited: Option<&'a str>,
+    /// Who the agent acted for (a verified delegation token; never the token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delegation: Option<DelegationLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct DelegationLine<'a> {
+    subject: &'a str,
+    issuer: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    chain: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -230,6 +241,11 @@ impl Filter for DecisionLog {
                 }),
                 approvals: &approvals,
                 rate_limited: ctx.gates.limited.as_deref(),
+                delegation: ctx.delegation.as_ref().map(|d| DelegationLine {
+                    subject: &d.subject,
+                    issuer: &d.issuer,
+                    chain: &d.chain,
+                }),
             };
             if serde_json::to_writer(&mut text, &line).is_ok() {
                 text.push(b'\n');

@@ -203,6 +203,13 @@ pub(super) fn action_attributes(
     if let Some(limit) = &ctx.gates.limited {
         a.str("portcullis.rate_limit.name", limit);
     }
+    if let Some(d) = &ctx.delegation {
+        a.str("portcullis.delegation.subject", &d.subject);
+        a.str("portcullis.delegation.issuer", &d.issuer);
+        if !d.chain.is_empty() {
+            a.display("portcullis.delegation.chain", Joined(&d.chain));
+        }
+    }
     if let Some(m) = mcp(ctx) {
         mcp_attributes(a, m);
         if let Some(id) = &m.id {
