@@ -36,9 +36,11 @@ enum Source {
 struct Cached {
     /// The last good set and when it was fetched.
     keys: Option<(Arc<Vec<Jwk>>, Instant)>,
-    /// The last fetch attempt (a failed one included): fetches are at least
-    /// [`MIN_REFETCH`] apart, so a down IdP is not asked on every request.
+    /// The last fetch attempt, and the last failed one: a fetch for an unknown `kid` comes at
+    /// least [`MIN_REFETCH`] after the last attempt, and any fetch at least that long after a
+    /// failure, so neither a stream of bad tokens nor a down IdP makes one fetch per request.
     tried: Option<Instant>,
+    failed: Option<Instant>,
 }
 
 pub struct JwksCache {
@@ -122,14 +124,26 @@ impl IssuerKeys for JwksCache {
             } => (url, backend, cached),
         };
         let mut cached = cached.lock().await;
-        let recently_tried = cached.tried.is_some_and(|t| t.elapsed() < MIN_REFETCH);
-        if let Some((keys, at)) = &cached.keys {
-            let due = fresh || at.elapsed() >= self.refresh;
-            if !due || (recently_tried && at.elapsed() < MAX_STALE) {
-                return Ok(keys.clone());
+        let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < MIN_REFETCH);
+        let (tried_recently, failed_recently) = (recent(cached.tried), recent(cached.failed));
+        match &cached.keys {
+            Some((keys, at)) => {
+                let stale = at.elapsed() >= self.refresh;
+                let fetch = match stale {
+                    true => !failed_recently,
+                    false => fresh && !tried_recently,
+                };
+                if !fetch && (!stale || at.elapsed() < MAX_STALE) {
+                    return Ok(keys.clone());
+                }
+                if !fetch {
+                    return Err("the issuer's keys are stale and its JWKS is unreachable".into());
+                }
             }
-        } else if recently_tried {
-            return Err("the last fetch failed; retried at most every 30 s".into());
+            None if failed_recently => {
+                return Err("the last fetch failed; retried at most every 30 s".into());
+            }
+            None => {}
         }
         cached.tried = Some(Instant::now());
         let fetched = match backend.call(Method::GET, url, &[], None).await {
@@ -137,18 +151,22 @@ impl IssuerKeys for JwksCache {
             Ok((status, _)) => Err(format!("JWKS answered {status}")),
             Err(e) => Err(e.to_string()),
         };
-        match (fetched, &cached.keys) {
-            (Ok(keys), _) => {
+        let e = match fetched {
+            Ok(keys) => {
                 let keys = Arc::new(keys);
                 tracing::info!(issuer, keys = keys.len(), "fetched the issuer's JWKS");
                 cached.keys = Some((keys.clone(), Instant::now()));
-                Ok(keys)
+                return Ok(keys);
             }
-            (Err(e), Some((keys, at))) if at.elapsed() < MAX_STALE => {
+            Err(e) => e,
+        };
+        cached.failed = Some(Instant::now());
+        match &cached.keys {
+            Some((keys, at)) if at.elapsed() < MAX_STALE => {
                 tracing::warn!(issuer, error = %e, "JWKS refresh failed; using the last good set");
                 Ok(keys.clone())
             }
-            (Err(e), _) => {
+            _ => {
                 tracing::warn!(issuer, error = %e, "JWKS unavailable");
                 Err(e)
             }

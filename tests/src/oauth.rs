@@ -81,7 +81,11 @@ pub struct TokenIssuer {
 impl TokenIssuer {
     /// With a fresh key of `alg` (`RS256`, `ES256`, …).
     pub fn start(alg: &str) -> TokenIssuer {
-        let port = free_addr().port();
+        TokenIssuer::start_on(free_addr().port(), alg)
+    }
+
+    /// On `port`, with a fresh key (a restart there is a key rotation).
+    pub fn start_on(port: u16, alg: &str) -> TokenIssuer {
         let (child, _) = spawn_ready(
             Command::new(crate::mcp::node())
                 .arg(crate::mcp::node_script("idp.mjs"))
@@ -128,9 +132,15 @@ impl TokenIssuer {
     }
 }
 
-impl Drop for TokenIssuer {
-    fn drop(&mut self) {
+impl TokenIssuer {
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for TokenIssuer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

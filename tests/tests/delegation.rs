@@ -40,6 +40,11 @@ struct Setup {
 }
 
 async fn setup(alg: &str) -> Setup {
+    setup_with(alg, json!({})).await
+}
+
+/// With `extra` merged into the `delegation` config.
+async fn setup_with(alg: &str, extra: Value) -> Setup {
     let pki = Pki::new();
     replace_file(&pki.path("policy/allow.rego"), POLICY);
     let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
@@ -50,6 +55,9 @@ async fn setup(alg: &str) -> Setup {
         "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
         "claims": ["tenant"],
     });
+    for (k, v) in extra.as_object().unwrap() {
+        cfg["delegation"][k] = v.clone();
+    }
     let proxy = Proxy::start(&pki.write_config(&cfg));
     let agent = pki.client("agent", "spiffe://acme.test/agents/assistant");
     Setup {
@@ -170,4 +178,51 @@ async fn expired_foreign_forged_and_misaddressed_tokens_are_refused() {
     // A good one passes; no header at all is no delegation, not a refusal.
     assert_eq!(s.get("/anything", Some(&good)).await.status, 200);
     assert_eq!(s.get("/anything", None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_issuer_key_is_fetched_and_a_down_issuer_fails_closed() {
+    let mut s = setup_with("RS256", json!({"jwks_refresh": "1s"})).await;
+    let before = s.idp.token("alice", &[("audience", "portcullis")]);
+    assert_eq!(s.get("/a", Some(&before)).await.status, 200);
+    // The issuer restarts with a new key (same issuer URL): its new tokens name a kid the
+    // proxy has not seen, and the proxy fetches the set again.
+    let port = s.idp.port;
+    s.idp.stop();
+    s.idp = TokenIssuer::start_on(port, "RS256");
+    let after = s.idp.token("alice", &[("audience", "portcullis")]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = s.get("/b", Some(&after)).await;
+        if out.status == 200 {
+            break;
+        }
+        // Until the cached set is older than jwks_refresh (1 s), the new kid is unknown.
+        out.assert_refused(403, "delegation_invalid");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never fetched"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The old key is gone from the set: tokens it signed no longer verify.
+    s.get("/c", Some(&before))
+        .await
+        .assert_refused(403, "delegation_invalid");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_issuer_without_cached_keys_is_503_never_a_pass() {
+    let mut s = setup("RS256").await;
+    let token = s.idp.token("alice", &[("audience", "portcullis")]);
+    s.idp.stop();
+    let out = s.get("/a", Some(&token)).await;
+    out.assert_refused(503, "delegation_unavailable");
+    assert!(s.up.seen().is_empty());
+    assert_eq!(
+        s.proxy
+            .metric("portcullis_delegation_tokens_total{outcome=\"keys_unavailable\"}")
+            .await,
+        1
+    );
 }
