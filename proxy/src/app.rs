@@ -237,6 +237,16 @@ impl Loaded {
             cfg.vault.as_ref(),
             shared,
         )?);
+        // What `serve` reads at start besides, so `check` refuses it too: approvers' tokens
+        // and the delegation issuers' key files.
+        for (i, a) in cfg.approvals.approvers.iter().enumerate() {
+            a.token.resolve().map_err(|e| {
+                Invalid::new(format!("approvals.approvers[{i}].token"), e.to_string())
+            })?;
+        }
+        if let Some(d) = &cfg.delegation {
+            crate::delegation::JwksCache::new(d)?;
+        }
         Ok(Loaded {
             trust,
             verifier,

@@ -628,3 +628,46 @@ async fn the_in_flight_cap_refuses_a_second_concurrent_request_of_one_identity()
     assert_eq!(s.get(&proxy, "/quick").await.status, 200);
     assert_eq!(proxy.metric("portcullis_in_flight_requests").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_refuses_bad_approval_limit_and_delegation_settings_by_key() {
+    let pki = Pki::new();
+    for (edit, key) in [
+        (
+            json!({"rate_limits": {"limits": [{"name": "x", "rate": "10/y"}]}}),
+            "rate_limits.limits[0].rate",
+        ),
+        (
+            json!({"rate_limits": {"limits": [{"name": "x", "by": ["tenant"], "rate": "1/s"}]}}),
+            "rate_limits.limits[0].by",
+        ),
+        (
+            json!({"approvals": {"approvers": [{"name": "a", "token": "env:PCX_UNSET_APPROVER"}]}}),
+            "approvals.approvers[0].token",
+        ),
+        (
+            json!({"approvals": {"webhook": {"url": "ftp://x"}}}),
+            "approvals.webhook.url",
+        ),
+        (
+            json!({"delegation": {"issuers": [{"issuer": "https://i", "jwks_file": "missing.json",
+                "audiences": ["p"]}]}}),
+            "delegation.issuers[0].jwks_file",
+        ),
+        (
+            json!({"delegation": {"issuers": [{"issuer": "https://i", "audiences": ["p"]}]}}),
+            "delegation.issuers[0].jwks_url",
+        ),
+        (
+            json!({"delegation": {"header": "authorization", "issuers": []}}),
+            "delegation.header",
+        ),
+    ] {
+        let mut cfg = pki.base_config();
+        for (k, v) in edit.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        let err = check_refuses(&pki, &cfg);
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
