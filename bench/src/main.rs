@@ -409,7 +409,8 @@ async fn run(
         .filter(|p| *p != Profile::Bare)
         .collect();
     profiles.dedup();
-    let sink = match profiles.contains(&Profile::Full) || profiles.contains(&Profile::Otel) {
+    let exports = [Profile::Full, Profile::FullDelegated, Profile::Otel];
+    let sink = match profiles.iter().any(|p| exports.contains(p)) {
         true => Some(otlp_sink::OtlpSink::start().await?),
         false => None,
     };
@@ -462,11 +463,19 @@ async fn run(
         let env = [(setup::SOAK_ENV[1], key.as_str())];
         let p = ProxyProcess::start_with_env(bin, &config, log_filter, &env)
             .with_context(|| format!("starting the {} proxy", profile.name()))?;
+        let bearer = (
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static(concat!("Bearer ", "pcx_bench")),
+        );
         let headers = match profile {
-            Profile::Full => vec![(
-                http::header::AUTHORIZATION,
-                http::HeaderValue::from_static(concat!("Bearer ", "pcx_bench")),
-            )],
+            Profile::Full => vec![bearer],
+            Profile::FullDelegated => vec![
+                bearer,
+                (
+                    http::HeaderName::from_static("x-portcullis-on-behalf-of"),
+                    http::HeaderValue::from_str(setup.delegation_token()?.trim())?,
+                ),
+            ],
             _ => Vec::new(),
         };
         targets.push(Target {
@@ -502,10 +511,12 @@ async fn run(
             redis.pid
         ));
     }
-    for t in targets
-        .iter()
-        .filter(|t| matches!(t.profile, Profile::Full | Profile::Otel))
-    {
+    for t in targets.iter().filter(|t| {
+        matches!(
+            t.profile,
+            Profile::Full | Profile::FullDelegated | Profile::Otel
+        )
+    }) {
         let Some(p) = &t.proxy else { continue };
         let metric = |name: &'static str| proxy_proc::admin_metric(p.admin, name);
         let (exported, dropped) = (

@@ -46,6 +46,9 @@ pub enum Profile {
     /// The example policy, a credential substituted on every request, the decision log on
     /// and spans exported over OTLP to an in-process sink: the budget's "full pipeline".
     Full,
+    /// `full` plus a delegation token (ES256, verified against a JWKS file) on every request:
+    /// what acting for a user costs.
+    FullDelegated,
     /// The example policy over a large data document (thousands of identities and hosts).
     PolicyHeavy,
     /// The bare pipeline plus OTLP export of every span (`--otel-sampling`) to a sink in the
@@ -66,6 +69,7 @@ impl Profile {
         match self {
             Profile::Bare => "bare",
             Profile::Full => "full",
+            Profile::FullDelegated => "full-delegated",
             Profile::PolicyHeavy => "policy-heavy",
             Profile::Otel => "mitm-otel",
             Profile::Limited => "ratelimit",
@@ -246,6 +250,17 @@ pub const ALL: &[Scenario] = &[
         )
     },
     Scenario {
+        profile: Profile::FullDelegated,
+        ..sc(
+            "full-delegated",
+            "like full, every request also carrying a delegation token (ES256 JWT) the proxy verifies",
+            Route::Mitm,
+            ConnMode::KeepAlive,
+            Workload::Small,
+            Some("direct"),
+        )
+    },
+    Scenario {
         profile: Profile::PolicyHeavy,
         ..sc(
             "policy-heavy",
@@ -307,7 +322,7 @@ pub const PEERS: &str = "mitmproxy,mitmproxy-large,squid,squid-large";
 
 /// What runs when `--scenarios` is not given.
 pub const DEFAULT: &str =
-    "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp,ratelimit,full,policy-heavy";
+    "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp,ratelimit,full,full-delegated,policy-heavy";
 
 #[derive(Debug)]
 pub struct UnknownScenario(pub String);

@@ -225,7 +225,13 @@ impl Setup {
         }
         self.write_example_policy(name, profile == Profile::PolicyHeavy)?;
         let mut cfg = base_config(&format!("policy-{name}/"));
-        if profile == Profile::Full {
+        if profile == Profile::FullDelegated {
+            self.write_delegation()?;
+            cfg["delegation"] = json!({"issuers": [{
+                "issuer": BENCH_ISSUER, "jwks_file": "bench-jwks.json", "audiences": ["portcullis"],
+            }]});
+        }
+        if matches!(profile, Profile::Full | Profile::FullDelegated) {
             write_file(
                 &self.dir.join("bench-secret"),
                 format!("{BENCH_SECRET}\n").as_bytes(),
@@ -357,6 +363,78 @@ impl Setup {
     }
 }
 
+/// The issuer of the `full-delegated` profile's token.
+pub const BENCH_ISSUER: &str = "https://bench-idp.test";
+
+impl Setup {
+    /// An ES256 key: its JWK Set (`bench-jwks.json`) and a token it signed for `bench-user`,
+    /// valid for two hours (`bench-delegation.jwt`).
+    fn write_delegation(&self) -> Result<()> {
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng)
+            .map_err(|_| anyhow::anyhow!("generating the bench ES256 key"))?;
+        let pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
+            .map_err(|_| anyhow::anyhow!("loading the bench ES256 key"))?;
+        let public = pair.public_key().as_ref();
+        let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "bench",
+            "x": b64url(&public[1..33]), "y": b64url(&public[33..])}]});
+        write_file(
+            &self.dir.join("bench-jwks.json"),
+            jwks.to_string().as_bytes(),
+            false,
+        )?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let claims = json!({"iss": BENCH_ISSUER, "sub": "bench-user", "aud": "portcullis",
+            "iat": now, "exp": now + 7200, "scope": "bench", "act": {"sub": CLIENT_ID}});
+        let signed = format!(
+            "{}.{}",
+            b64url(
+                json!({"alg": "ES256", "kid": "bench", "typ": "JWT"})
+                    .to_string()
+                    .as_bytes()
+            ),
+            b64url(claims.to_string().as_bytes())
+        );
+        let sig = pair
+            .sign(&rng, signed.as_bytes())
+            .map_err(|_| anyhow::anyhow!("signing the bench token"))?;
+        let token = format!("{signed}.{}", b64url(sig.as_ref()));
+        write_file(
+            &self.dir.join("bench-delegation.jwt"),
+            token.as_bytes(),
+            false,
+        )?;
+        Ok(())
+    }
+
+    /// The `full-delegated` profile's token (after [`Setup::write_profile`] wrote it).
+    pub fn delegation_token(&self) -> Result<String> {
+        std::fs::read_to_string(self.dir.join("bench-delegation.jwt"))
+            .context("reading the bench delegation token")
+    }
+}
+
+/// Unpadded base64url.
+fn b64url(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
 /// The placeholder of the soak's OAuth credential.
 pub const OAUTH_PLACEHOLDER: &str = "pcx_soak_oauth";
 
@@ -420,4 +498,21 @@ fn upstream_server_tls(leaf: &Issued, h2: bool) -> Result<Arc<ServerConfig>> {
         vec![b"http/1.1".to_vec()]
     };
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod b64url_tests {
+    #[test]
+    fn rfc_4648_url_alphabet_without_padding() {
+        for (raw, want) in [
+            (&b""[..], ""),
+            (b"f", "Zg"),
+            (b"fo", "Zm8"),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg"),
+            (&[0xfb, 0xff][..], "-_8"),
+        ] {
+            assert_eq!(super::b64url(raw), want);
+        }
+    }
 }

@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 use http::Method;
 use portcullis_filters::parse::jwt::{parse_jwks, Jwk};
 use portcullis_filters::stages::delegation::{
-    DelegationFilter, DelegationStats, Issuer, IssuerKeys,
+    DelegationFilter, DelegationStats, Issuer, IssuerKeys, VerifiedCache,
 };
 
 use crate::config::{DelegationConfig, Invalid};
 use crate::upstream::backend::Backend;
+
+/// Verified tokens remembered (each until its `exp`, at most `jwks_refresh`).
+const VERIFIED_TOKENS: usize = 10_000;
 
 /// Soonest refetch after the last one, for a token naming an unknown key.
 const MIN_REFETCH: Duration = Duration::from_secs(30);
@@ -105,6 +108,7 @@ impl JwksCache {
             claims: cfg.claims.clone(),
             max_skew: cfg.max_skew,
             stats,
+            verified: VerifiedCache::new(VERIFIED_TOKENS, cfg.jwks_refresh),
         })
     }
 }

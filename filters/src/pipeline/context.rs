@@ -136,7 +136,7 @@ pub struct Context {
     pub credentials: CredentialUse,
     pub gates: Gates,
     /// The principal the agent acts for (a verified delegation token), when it sent one.
-    pub delegation: Option<crate::parse::jwt::Verified>,
+    pub delegation: Option<Arc<crate::parse::jwt::Verified>>,
 }
 
 /// What the approval and quota stages did, for telemetry, and what they hold until the action

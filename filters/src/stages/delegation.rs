@@ -5,10 +5,11 @@
 //! header is stripped before anything else reads the request, and the result is what the
 //! policy sees as `input.delegation` and what logs and spans carry — never the token.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::{ErrorCode, Rejection};
 use crate::parse::jwt::{self, Expect, Jwk, JwtError};
@@ -48,9 +49,86 @@ pub struct DelegationFilter {
     pub claims: Vec<String>,
     pub max_skew: Duration,
     pub stats: Arc<DelegationStats>,
+    /// Tokens verified lately (by SHA-256), each kept until its `exp` but at most `verified_for`:
+    /// an agent sends one token with many requests, and a signature check costs more than
+    /// the rest of the request. A key removed from the issuer's set stops being trusted for
+    /// new tokens at once and for cached ones within `verified_for`.
+    pub verified: VerifiedCache,
+}
+
+/// SHA-256 of a token.
+type TokenDigest = [u8; 32];
+
+/// Recently verified tokens, bounded.
+pub struct VerifiedCache {
+    entries: Mutex<HashMap<TokenDigest, (Arc<jwt::Verified>, Instant)>>,
+    max: usize,
+    keep: Duration,
+}
+
+impl fmt::Debug for VerifiedCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedCache")
+            .field("max", &self.max)
+            .finish()
+    }
+}
+
+impl VerifiedCache {
+    pub fn new(max: usize, keep: Duration) -> VerifiedCache {
+        VerifiedCache {
+            entries: Mutex::new(HashMap::new()),
+            max,
+            keep,
+        }
+    }
+
+    fn get(&self, key: &[u8; 32], now: i64, skew: i64) -> Option<Arc<jwt::Verified>> {
+        let entries = self.entries.lock().ok()?;
+        let (v, at) = entries.get(key)?;
+        (at.elapsed() < self.keep && now < v.expires.saturating_add(skew)).then(|| v.clone())
+    }
+
+    fn put(&self, key: [u8; 32], v: Arc<jwt::Verified>, now: i64, skew: i64) {
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if entries.len() >= self.max {
+            let keep = self.keep;
+            entries
+                .retain(|_, (v, at)| at.elapsed() < keep && now < v.expires.saturating_add(skew));
+            if entries.len() >= self.max {
+                return;
+            }
+        }
+        entries.insert(key, (v, Instant::now()));
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl DelegationFilter {
+    /// A verified token from the cache, or verified now (and cached).
+    async fn verified(&self, token: &str) -> Result<Arc<jwt::Verified>, JwtError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        let (now, skew) = (
+            unix_now(),
+            i64::try_from(self.max_skew.as_secs()).unwrap_or(0),
+        );
+        if let Some(v) = self.verified.get(&key, now, skew) {
+            return Ok(v);
+        }
+        let v = Arc::new(self.verify(token).await?);
+        self.verified.put(key, v.clone(), now, skew);
+        Ok(v)
+    }
+
     async fn verify(&self, token: &str) -> Result<jwt::Verified, JwtError> {
         let t = jwt::decode(token)?;
         let issuer = t
@@ -73,13 +151,10 @@ impl DelegationFilter {
             }
             other => other?,
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         t.check(&Expect {
             issuer: &issuer.issuer,
             audiences: &issuer.audiences,
-            now,
+            now: unix_now(),
             skew: i64::try_from(self.max_skew.as_secs()).unwrap_or(i64::MAX),
             copy: &self.claims,
         })
@@ -113,7 +188,7 @@ impl Filter for DelegationFilter {
             [value] => {
                 let token = value.to_str().unwrap_or("").trim();
                 let token = token.strip_prefix("Bearer ").unwrap_or(token);
-                self.verify(token).await
+                self.verified(token).await
             }
             _ => Err(JwtError::Claims(format!(
                 "more than one {} header",

@@ -121,7 +121,7 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
                 route: r.to_string(),
             }),
         approval: None,
-        delegation: ctx.delegation.as_ref().map(delegation_input),
+        delegation: ctx.delegation.as_deref().map(delegation_input),
     }
 }
 

@@ -241,7 +241,7 @@ impl Filter for DecisionLog {
                 }),
                 approvals: &approvals,
                 rate_limited: ctx.gates.limited.as_deref(),
-                delegation: ctx.delegation.as_ref().map(|d| DelegationLine {
+                delegation: ctx.delegation.as_deref().map(|d| DelegationLine {
                     subject: &d.subject,
                     issuer: &d.issuer,
                     chain: &d.chain,
