@@ -15,7 +15,8 @@ use portcullis_filters::parse::identity::{self, SpiffeId};
 use portcullis_filters::parse::secret::{Placeholder, SecretValue};
 use portcullis_filters::pipeline::{Context, Filter, Peer, Via};
 use portcullis_filters::stages::credentials::{
-    Credential, CredentialDetect, CredentialSet, CredentialSubstitute, SecretStore, StoreError,
+    Credential, CredentialDetect, CredentialSet, CredentialSubstitute, OnBehalf, SecretStore,
+    StoreError,
 };
 use rcgen::{string::Ia5String, CertificateParams, KeyPair, KeyUsagePurpose, SanType};
 
@@ -36,7 +37,11 @@ struct Fixed(Arc<SecretValue>);
 
 #[async_trait::async_trait]
 impl SecretStore for Fixed {
-    async fn get(&self, _name: &str) -> Result<Arc<SecretValue>, StoreError> {
+    async fn get(
+        &self,
+        _name: &str,
+        _on_behalf: Option<&OnBehalf>,
+    ) -> Result<Arc<SecretValue>, StoreError> {
         Ok(self.0.clone())
     }
     async fn revoke(&self, _name: &str) -> bool {

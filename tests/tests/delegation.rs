@@ -226,3 +226,52 @@ async fn an_unreachable_issuer_without_cached_keys_is_503_never_a_pass() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_per_user_credential_without_a_delegation_token_is_refused_never_substituted() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let idp = TokenIssuer::start("RS256");
+    let dead = free_addr();
+    let mut cfg = pki.base_config();
+    cfg["delegation"] = json!({
+        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
+    });
+    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+        "token_exchange": {"token_url": format!("http://{dead}/token"), "client_id": "portcullis",
+            "client_secret": "env:PCX_TX_SECRET"}}}]);
+    let proxy = Proxy::start_with_env(&pki.write_config(&cfg), &[("PCX_TX_SECRET", "s")]);
+    let agent = pki.client("agent", "spiffe://acme.test/agents/assistant");
+    let url = format!("https://localhost:{}/me", up.port());
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &["-H", "Authorization: Bearer pcx_saas", &url],
+    )
+    .await;
+    out.assert_refused(503, "credential_unavailable");
+    assert!(out.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("delegation token"));
+    // With a delegation token but the exchange endpoint down: refused too.
+    let token = idp.token("alice", &[("audience", "portcullis")]);
+    let on_behalf = format!("x-portcullis-on-behalf-of: {token}");
+    let out = curl(
+        &pki,
+        proxy.addr,
+        Some(&agent),
+        &[
+            "-H",
+            "Authorization: Bearer pcx_saas",
+            "-H",
+            &on_behalf,
+            &url,
+        ],
+    )
+    .await;
+    out.assert_refused(503, "credential_unavailable");
+    assert!(up.seen().is_empty(), "a placeholder was forwarded");
+}

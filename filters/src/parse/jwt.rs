@@ -259,6 +259,9 @@ pub struct Verified {
     /// `act` chain, outermost (the current actor) first.
     pub chain: Vec<String>,
     pub expires: i64,
+    /// The token itself (set by the delegation stage): the subject token of a token exchange.
+    /// Never logged (its `Debug` is redacted), never in the policy input.
+    pub token: Option<std::sync::Arc<crate::parse::secret::SecretValue>>,
 }
 
 /// Largest copied claim (serialized bytes).
@@ -355,6 +358,7 @@ impl Unverified {
             claims,
             chain,
             expires: exp,
+            token: None,
         })
     }
 }

@@ -48,14 +48,24 @@ pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
 
 #[async_trait::async_trait]
 pub trait SecretStore: Send + Sync + std::fmt::Debug {
-    /// The current secret of credential `name`. The error is a reason safe to show the agent.
-    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, StoreError>;
+    /// The current secret of credential `name`, for the principal the request is made for
+    /// (`on_behalf`, from a verified delegation token; a source that mints per-user tokens
+    /// needs it, the others ignore it). The error is a reason safe to show the agent.
+    async fn get(
+        &self,
+        name: &str,
+        on_behalf: Option<&OnBehalf>,
+    ) -> Result<Arc<SecretValue>, StoreError>;
 
     /// [`SecretStore::get`], also telling whether the value was served from a cache (no source
     /// asked) when the store can tell. Called instead of `get` only when the action's spans are
     /// exported (the `credential.fetch` child span).
-    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
-        (self.get(name).await, None)
+    async fn get_traced(
+        &self,
+        name: &str,
+        on_behalf: Option<&OnBehalf>,
+    ) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
+        (self.get(name, on_behalf).await, None)
     }
 
     /// Forget any cached value of credential `name`, so the next use fetches it again.
@@ -68,6 +78,9 @@ pub trait SecretStore: Send + Sync + std::fmt::Debug {
         true
     }
 }
+
+/// Whom a request is made for, as a credential source needs it.
+pub type OnBehalf = crate::parse::jwt::Verified;
 
 /// The configured credentials, by placeholder.
 #[derive(Debug, Clone, Default)]
@@ -384,9 +397,10 @@ impl CredentialSubstitute {
                 continue;
             }
             let start = ctx.step_start();
+            let on_behalf = ctx.delegation.as_deref();
             let (got, cache_hit) = match start {
-                Some(_) => self.store.get_traced(&cred.name).await,
-                None => (self.store.get(&cred.name).await, None),
+                Some(_) => self.store.get_traced(&cred.name, on_behalf).await,
+                None => (self.store.get(&cred.name, on_behalf).await, None),
             };
             ctx.step_end(start, || StepKind::Credential {
                 name: cred.name.clone(),

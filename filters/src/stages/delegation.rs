@@ -151,13 +151,17 @@ impl DelegationFilter {
             }
             other => other?,
         }
-        t.check(&Expect {
+        let mut v = t.check(&Expect {
             issuer: &issuer.issuer,
             audiences: &issuer.audiences,
             now: unix_now(),
             skew: i64::try_from(self.max_skew.as_secs()).unwrap_or(i64::MAX),
             copy: &self.claims,
-        })
+        })?;
+        v.token = Some(Arc::new(crate::parse::secret::SecretValue::new(
+            token.to_owned(),
+        )));
+        Ok(v)
     }
 }
 

@@ -306,6 +306,38 @@ pub enum SourceConfig {
     /// An OAuth 2.0 access token (client_credentials or refresh_token grant), cached until
     /// shortly before it expires.
     Oauth(OAuthSourceConfig),
+    /// An access token minted for the principal a request is made for, by OAuth 2.0 Token
+    /// Exchange (RFC 8693) of its verified delegation token; cached per principal.
+    #[serde(rename = "token_exchange")]
+    TokenExchange(TokenExchangeConfig),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenExchangeConfig {
+    pub token_url: String,
+    pub client_id: String,
+    /// A reference: `env:NAME` or `file:PATH`.
+    pub client_secret: SecretRef,
+    /// `basic` (default) or `post`.
+    #[serde(default = "defaults::client_auth")]
+    pub client_auth: String,
+    /// `audience` and `resource` of the request (RFC 8693 §2.1), when the server wants them.
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub resource: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The type of the delegation token sent as `subject_token`.
+    #[serde(default = "defaults::subject_token_type")]
+    pub subject_token_type: String,
+    #[serde(default = "defaults::refresh_before", with = "duration")]
+    pub refresh_before: Duration,
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default = "defaults::vault_timeout", with = "duration")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -777,6 +809,9 @@ mod defaults {
     pub fn webhook_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn subject_token_type() -> String {
+        "urn:ietf:params:oauth:token-type:jwt".into()
+    }
     pub fn delegation_header() -> String {
         "x-portcullis-on-behalf-of".into()
     }
@@ -867,6 +902,7 @@ impl Config {
             match &mut c.source {
                 SourceConfig::File(p) => fix(p),
                 SourceConfig::Oauth(o) => o.ca.iter_mut().for_each(fix),
+                SourceConfig::TokenExchange(t) => t.ca.iter_mut().for_each(fix),
                 _ => {}
             }
         }

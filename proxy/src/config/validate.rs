@@ -383,6 +383,27 @@ impl Config {
             if let SourceConfig::Oauth(o) = &c.source {
                 validate_oauth(o, &format!("{key}.source.oauth"))?;
             }
+            if let SourceConfig::TokenExchange(t) = &c.source {
+                let k = format!("{key}.source.token_exchange");
+                let url_ok = t.token_url.parse::<http::Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                });
+                if !url_ok {
+                    return invalid(
+                        format!("{k}.token_url"),
+                        "must be an http:// or https:// URL",
+                    );
+                }
+                if !matches!(t.client_auth.as_str(), "basic" | "post") {
+                    return invalid(format!("{k}.client_auth"), "basic or post");
+                }
+                if self.delegation.is_none() {
+                    return invalid(
+                        k,
+                        "needs `delegation`: the subject token is the request's delegation token",
+                    );
+                }
+            }
             if !names.insert(c.name.clone()) || !placeholders.insert(c.placeholder()) {
                 return invalid(key, format!("duplicate name or placeholder {:?}", c.name));
             }

@@ -5,6 +5,7 @@
 //! that cannot answer and has no valid cached value is an error: the request is refused (503),
 //! never forwarded with its placeholder.
 
+pub(crate) mod exchange;
 pub(crate) mod fetch;
 pub(crate) mod oauth;
 pub(crate) mod vault;
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use portcullis_filters::parse::secret::SecretValue;
-use portcullis_filters::stages::credentials::{SecretStore, StoreError};
+use portcullis_filters::stages::credentials::{OnBehalf, SecretStore, StoreError};
 
 use crate::config::{Invalid, SourceConfig};
 use crate::credentials::fetch::{note_fetch, FetchStats, SourceError, FETCHED};
@@ -27,6 +28,7 @@ pub struct LocalSecrets {
     files: Mutex<HashMap<PathBuf, (SystemTime, Arc<SecretValue>)>>,
     vault: Option<crate::credentials::vault::Vault>,
     oauth: HashMap<String, crate::credentials::oauth::OAuthSource>,
+    exchange: HashMap<String, crate::credentials::exchange::TokenExchange>,
     shared: Option<Arc<RedisStore>>,
     pub stats: Arc<FetchStats>,
     /// `credentials[].refresh_interval`, and when each was last refreshed here.
@@ -45,7 +47,18 @@ impl LocalSecrets {
             .map(|v| crate::credentials::vault::Vault::new(v, shared.clone(), stats.clone()))
             .transpose()?;
         let mut oauth = HashMap::new();
+        let mut exchange = HashMap::new();
         for (i, c) in creds.iter().enumerate() {
+            if let SourceConfig::TokenExchange(t) = &c.source {
+                let source = crate::credentials::exchange::TokenExchange::new(
+                    &c.name,
+                    &format!("credentials[{i}].source.token_exchange"),
+                    t,
+                    shared.clone(),
+                    stats.clone(),
+                )?;
+                exchange.insert(c.name.clone(), source);
+            }
             if let SourceConfig::Oauth(o) = &c.source {
                 let source = crate::credentials::oauth::OAuthSource::new(
                     &c.name,
@@ -65,6 +78,7 @@ impl LocalSecrets {
             files: Mutex::default(),
             vault,
             oauth,
+            exchange,
             shared,
             stats,
             refresh: creds
@@ -94,6 +108,11 @@ impl LocalSecrets {
                     o.revoke().await;
                 }
             }
+            Some(SourceConfig::TokenExchange(_)) => {
+                if let Some(t) = self.exchange.get(name) {
+                    t.revoke().await;
+                }
+            }
             Some(SourceConfig::Env(_)) => {}
             None => return false,
         }
@@ -105,7 +124,11 @@ impl LocalSecrets {
     }
 
     /// The current secret of credential `name`, from its source (or that source's cache).
-    async fn fetch(&self, name: &str) -> Result<Arc<SecretValue>, SourceError> {
+    async fn fetch(
+        &self,
+        name: &str,
+        on_behalf: Option<&OnBehalf>,
+    ) -> Result<Arc<SecretValue>, SourceError> {
         let missing = |what: &str| Err(SourceError::Local(format!("no {what} configured")));
         match self.sources.get(name) {
             Some(SourceConfig::Env(var)) => match std::env::var(var) {
@@ -118,6 +141,10 @@ impl LocalSecrets {
             Some(SourceConfig::Oauth(_)) => match self.oauth.get(name) {
                 Some(o) => o.get().await,
                 None => missing("OAuth source"),
+            },
+            Some(SourceConfig::TokenExchange(_)) => match self.exchange.get(name) {
+                Some(t) => t.get(on_behalf).await,
+                None => missing("token exchange source"),
             },
             Some(SourceConfig::Vault(r)) => match &self.vault {
                 Some(v) => v.get(name, r).await,
@@ -156,20 +183,28 @@ impl LocalSecrets {
 
 #[async_trait::async_trait]
 impl SecretStore for LocalSecrets {
-    async fn get_traced(&self, name: &str) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
+    async fn get_traced(
+        &self,
+        name: &str,
+        on_behalf: Option<&OnBehalf>,
+    ) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
         // An environment variable has no cache to hit.
         let cached = !matches!(self.sources.get(name), Some(SourceConfig::Env(_)) | None);
         FETCHED
             .scope(std::cell::Cell::new(false), async {
-                let r = self.get(name).await;
+                let r = self.get(name, on_behalf).await;
                 let hit = cached.then(|| !FETCHED.with(std::cell::Cell::get));
                 (r, hit)
             })
             .await
     }
 
-    async fn get(&self, name: &str) -> Result<Arc<SecretValue>, StoreError> {
-        Ok(self.fetch(name).await?)
+    async fn get(
+        &self,
+        name: &str,
+        on_behalf: Option<&OnBehalf>,
+    ) -> Result<Arc<SecretValue>, StoreError> {
+        Ok(self.fetch(name, on_behalf).await?)
     }
 
     /// Claimed in Redis (`SET NX PX`, shared by the replicas) when it is configured and up,

@@ -193,26 +193,12 @@ impl OAuthSource {
         if let Some(aud) = &self.cfg.audience {
             form.append_pair("audience", aud);
         }
-        let mut headers = vec![(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        )];
-        if self.cfg.client_auth == "post" {
-            form.append_pair("client_id", &self.cfg.client_id);
-            form.append_pair("client_secret", secret.expose());
-        } else {
-            // RFC 6749 §2.3.1: both parts form-urlencoded before Basic encoding.
-            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!(
-                "{}:{}",
-                enc(&self.cfg.client_id),
-                enc(secret.expose())
-            ));
-            let v = HeaderValue::from_str(&format!("Basic {basic}")).map_err(|_| {
-                SourceError::Local("OAuth client credentials are not valid in a header".into())
-            })?;
-            headers.push((HeaderName::from_static("authorization"), v));
-        }
+        let headers = client_authentication(
+            &self.cfg.client_id,
+            &secret,
+            &self.cfg.client_auth,
+            &mut form,
+        )?;
         Ok((headers, Bytes::from(form.finish())))
     }
 
@@ -259,6 +245,37 @@ impl OAuthSource {
         tracing::info!(credential = %self.name, token_url = %self.cfg.token_url, expires_in, "fetched an OAuth access token");
         Ok(Fetched { value, lifetime })
     }
+}
+
+/// The headers of a token request authenticating `client_id`: HTTP Basic (`basic`, RFC 6749
+/// §2.3.1, both parts form-urlencoded first) or the form body (`post`), plus the form's
+/// content type.
+pub(crate) fn client_authentication(
+    client_id: &str,
+    secret: &SecretValue,
+    method: &str,
+    form: &mut form_urlencoded::Serializer<'_, String>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, SourceError> {
+    let mut headers = vec![(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    )];
+    if method == "post" {
+        form.append_pair("client_id", client_id);
+        form.append_pair("client_secret", secret.expose());
+    } else {
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            enc(client_id),
+            enc(secret.expose())
+        ));
+        let v = HeaderValue::from_str(&format!("Basic {basic}")).map_err(|_| {
+            SourceError::Local("OAuth client credentials are not valid in a header".into())
+        })?;
+        headers.push((HeaderName::from_static("authorization"), v));
+    }
+    Ok(headers)
 }
 
 /// Replace a secret file atomically (temp file in the same directory, mode 0600, rename).
