@@ -144,3 +144,47 @@ impl Drop for TokenIssuer {
         self.stop();
     }
 }
+
+/// oidc-provider (npm) with the RFC 8693 token-exchange grant (tests/node/
+/// token_exchange_server.mjs): client `portcullis` / `portcullis-secret`, subject tokens from
+/// `issuer` checked against its JWKS; each exchange logged as a JSON line.
+pub struct TokenExchangeServer {
+    child: Child,
+    pub port: u16,
+    pub out: Arc<Logs>,
+}
+
+impl TokenExchangeServer {
+    pub fn start(subjects: &TokenIssuer) -> TokenExchangeServer {
+        let port = free_addr().port();
+        let (child, out) = spawn_ready(
+            Command::new(crate::mcp::node())
+                .arg(crate::mcp::node_script("token_exchange_server.mjs"))
+                .arg(port.to_string())
+                .arg(subjects.issuer())
+                .arg(subjects.jwks_url()),
+            "the token exchange server",
+        );
+        TokenExchangeServer { child, port, out }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    /// Exchanges so far (granted and refused).
+    pub fn exchanges(&self) -> Vec<Value> {
+        self.out
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == "exchange")
+            .collect()
+    }
+}
+
+impl Drop for TokenExchangeServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

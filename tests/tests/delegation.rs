@@ -275,3 +275,85 @@ async fn a_per_user_credential_without_a_delegation_token_is_refused_never_subst
     out.assert_refused(503, "credential_unavailable");
     assert!(up.seen().is_empty(), "a placeholder was forwarded");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_users_through_one_agent_get_their_own_exchanged_tokens() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let idp = TokenIssuer::start("RS256");
+    let sts = TokenExchangeServer::start(&idp);
+    let mut cfg = pki.base_config();
+    cfg["delegation"] = json!({
+        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
+    });
+    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+        "token_exchange": {"token_url": sts.token_url(), "client_id": "portcullis",
+            "client_secret": "env:PCX_TX_SECRET", "audience": "https://api.saas.test",
+            "scopes": ["repo:read"]}}}]);
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[("PCX_TX_SECRET", "portcullis-secret")],
+    );
+    let agent = pki.client("agent", "spiffe://acme.test/agents/assistant");
+    let url = format!("https://localhost:{}/me", up.port());
+    let call = |token: String| {
+        let (pki, agent, url) = (&pki, &agent, &url);
+        async move {
+            let on_behalf = format!("x-portcullis-on-behalf-of: {token}");
+            let args = [
+                "-H",
+                "Authorization: Bearer pcx_saas",
+                "-H",
+                &on_behalf,
+                url,
+            ];
+            let out = curl(pki, proxy.addr, Some(agent), &args).await;
+            assert_eq!(out.status, 200, "{out:?}");
+        }
+    };
+    let upstream_token = || {
+        let seen = up.seen();
+        let auth = seen.last().unwrap().headers["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        auth.strip_prefix("Bearer ").unwrap().to_owned()
+    };
+    let alice = idp.token("alice", &[("audience", "portcullis")]);
+    let bob = idp.token("bob", &[("audience", "portcullis")]);
+    call(alice.clone()).await;
+    let for_alice = upstream_token();
+    call(bob.clone()).await;
+    let for_bob = upstream_token();
+    assert_ne!(for_alice, for_bob, "two users, one token");
+    // Alice again: her cached token, no new exchange.
+    call(alice.clone()).await;
+    assert_eq!(upstream_token(), for_alice);
+    let exchanges = sts.exchanges();
+    assert_eq!(exchanges.len(), 2, "{exchanges:?}");
+    let issued = |who: &str| {
+        exchanges
+            .iter()
+            .find(|e| e["subject"] == who)
+            .unwrap_or_else(|| panic!("no exchange for {who}: {exchanges:?}"))
+    };
+    // The server minted each token for its subject, for the configured audience and scope.
+    assert_eq!(issued("alice")["access_token"], for_alice.as_str());
+    assert_eq!(issued("bob")["access_token"], for_bob.as_str());
+    assert_eq!(issued("alice")["audience"], "https://api.saas.test");
+    assert_eq!(issued("alice")["scope"], "repo:read");
+    // Neither the user tokens nor the minted ones appear in the proxy's output.
+    let everything = [proxy.logs.lines(), proxy.decisions.lines()]
+        .concat()
+        .join("\n");
+    for t in [&alice, &bob, &for_alice, &for_bob] {
+        let signature = t.rsplit('.').next().unwrap();
+        assert!(!everything.contains(signature), "a token was logged");
+    }
+    // The upstream never sees the user's token either.
+    assert!(up
+        .seen()
+        .iter()
+        .all(|s| s.headers.get("x-portcullis-on-behalf-of").is_none()));
+}

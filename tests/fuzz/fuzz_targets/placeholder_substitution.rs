@@ -25,7 +25,7 @@ use portcullis_filters::parse::identity::SpiffeId;
 use portcullis_filters::parse::secret::{find_placeholders, Placeholder, SecretValue};
 use portcullis_filters::pipeline::RequestBody;
 use portcullis_filters::stages::credentials::{
-    Credential, CredentialSet, CredentialSubstitute, SecretStore, StoreError,
+    Credential, CredentialSet, CredentialSubstitute, OnBehalf, SecretStore, StoreError,
 };
 use portcullis_filters::{Action, Context, Filter, Peer, Via};
 
@@ -34,7 +34,11 @@ struct Store(Arc<SecretValue>);
 
 #[async_trait::async_trait]
 impl SecretStore for Store {
-    async fn get(&self, _name: &str) -> Result<Arc<SecretValue>, StoreError> {
+    async fn get(
+        &self,
+        _name: &str,
+        _on_behalf: Option<&OnBehalf>,
+    ) -> Result<Arc<SecretValue>, StoreError> {
         Ok(self.0.clone())
     }
     async fn revoke(&self, _name: &str) -> bool {
