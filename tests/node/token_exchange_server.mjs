@@ -18,7 +18,10 @@
 // subject token's sub, with act {sub: actor's sub, act: the subject token's own act} when there is
 // an actor token (else the subject token's act, if any, is carried over). Refusals are RFC 6749
 // error bodies: invalid_request, invalid_grant, invalid_target (400), invalid_client (401).
-// Every exchange, granted or refused, is logged as one JSON line on stdout.
+// The JWT bearer grant (RFC 7523, grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer) is
+// registered too: `assertion` is checked like a subject token, the answer has no
+// issued_token_type. Every exchange, granted or refused, is logged as one JSON line on stdout
+// (`grant`: token-exchange or jwt-bearer).
 // Usage: node token_exchange_server.mjs PORT SUBJECT_ISSUER SUBJECT_JWKS_URL [TOKEN_TTL_SECONDS]
 import { createRemoteJWKSet, exportJWK, generateKeyPair, jwtVerify } from 'jose';
 import Provider, { errors } from 'oidc-provider';
@@ -27,6 +30,8 @@ const port = Number(process.argv[2]);
 const [subjectIssuer, subjectJwksUrl] = process.argv.slice(3, 5);
 const ttl = Number(process.argv[5] || 600);
 const GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
+// RFC 7523 section 2.1: the same subject tokens, presented as `assertion`.
+const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
 const TT = 'urn:ietf:params:oauth:token-type:';
 const INPUT_TYPES = new Set(['jwt', 'access_token', 'id_token'].map((t) => TT + t));
 const subjectKeys = createRemoteJWKSet(new URL(subjectJwksUrl));
@@ -59,7 +64,7 @@ const provider = new Provider(`http://127.0.0.1:${port}`, {
     client_id: 'portcullis',
     client_secret: 'portcullis-secret',
     token_endpoint_auth_method: 'client_secret_basic',
-    grant_types: [GRANT],
+    grant_types: [GRANT, JWT_BEARER],
     response_types: [],
     redirect_uris: [],
   }],
@@ -109,6 +114,18 @@ async function tokenExchange(ctx) {
   const subject = await verifyToken('subject_token', p.subject_token, p.subject_token_type);
   const actor = p.actor_token ? await verifyToken('actor_token', p.actor_token, p.actor_token_type) : null;
 
+  await issue(ctx, 'token-exchange', subject, actor);
+}
+
+// The JWT bearer grant (RFC 7523): `assertion` is a subject token (checked the same way).
+async function jwtBearer(ctx) {
+  const subject = await verifyToken('assertion', ctx.oidc.params.assertion, `${TT}jwt`);
+  await issue(ctx, 'jwt-bearer', subject, null);
+}
+
+// Issues the access token for `subject` (and `actor`) to the one requested target.
+async function issue(ctx, grant, subject, actor) {
+  const p = ctx.oidc.params;
   const targets = [...new Set([p.resource, p.audience].flat().filter(Boolean))];
   if (targets.length !== 1) {
     throw new errors.InvalidTarget(targets.length ? 'only one audience or resource is supported' : 'an audience or resource is required');
@@ -126,13 +143,13 @@ async function tokenExchange(ctx) {
 
   ctx.body = {
     access_token: accessToken,
-    issued_token_type: `${TT}access_token`,
+    ...(grant === 'token-exchange' && { issued_token_type: `${TT}access_token` }),
     token_type: at.tokenType,
     expires_in: at.expiration,
     ...(at.scope && { scope: at.scope }),
   };
   log({
-    ok: true, client: ctx.oidc.client.clientId, subject: subject.sub, actor: actor?.sub ?? null,
+    ok: true, grant, client: ctx.oidc.client.clientId, subject: subject.sub, actor: actor?.sub ?? null,
     audience: targets[0], scope: at.scope ?? null, access_token: accessToken,
   });
 }
@@ -143,6 +160,7 @@ provider.registerGrantType(
   ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'requested_token_type', 'audience', 'resource', 'scope'],
   ['audience', 'resource'],
 );
+provider.registerGrantType(JWT_BEARER, jwtBearer, ['assertion', 'audience', 'resource', 'scope'], ['audience', 'resource']);
 
 // Every refusal at the token endpoint (bad client credentials included) lands here.
 const refused = (ctx, err) => log({

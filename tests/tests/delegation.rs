@@ -357,3 +357,49 @@ async fn two_users_through_one_agent_get_their_own_exchanged_tokens() {
         .iter()
         .all(|s| s.headers.get("x-portcullis-on-behalf-of").is_none()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_jwt_bearer_grant_mints_a_token_for_the_user_too() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let idp = TokenIssuer::start("ES256");
+    let sts = TokenExchangeServer::start(&idp);
+    let mut cfg = pki.base_config();
+    cfg["delegation"] = json!({
+        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
+    });
+    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+        "jwt_bearer": {"token_url": sts.token_url(), "client_id": "portcullis",
+            "client_secret": "env:PCX_TX_SECRET", "client_auth": "post",
+            "resource": "https://api.saas.test"}}}]);
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[("PCX_TX_SECRET", "portcullis-secret")],
+    );
+    let agent = pki.client("agent", "spiffe://acme.test/agents/assistant");
+    let url = format!("https://localhost:{}/me", up.port());
+    let on_behalf = format!(
+        "x-portcullis-on-behalf-of: Bearer {}",
+        idp.token("carol", &[("audience", "portcullis")])
+    );
+    let args = [
+        "-H",
+        "Authorization: Bearer pcx_saas",
+        "-H",
+        &on_behalf,
+        &url,
+    ];
+    let out = curl(&pki, proxy.addr, Some(&agent), &args).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let exchanges = sts.exchanges();
+    assert_eq!(exchanges.len(), 1, "{exchanges:?}");
+    assert_eq!(exchanges[0]["grant"], "jwt-bearer");
+    assert_eq!(exchanges[0]["subject"], "carol");
+    let seen = up.seen();
+    let auth = seen[0].headers["authorization"].to_str().unwrap();
+    assert_eq!(
+        auth,
+        format!("Bearer {}", exchanges[0]["access_token"].as_str().unwrap())
+    );
+}

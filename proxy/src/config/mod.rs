@@ -310,6 +310,10 @@ pub enum SourceConfig {
     /// Exchange (RFC 8693) of its verified delegation token; cached per principal.
     #[serde(rename = "token_exchange")]
     TokenExchange(TokenExchangeConfig),
+    /// The same, by the JWT bearer grant (RFC 7523): the delegation token is the `assertion`
+    /// (`subject_token_type` is not used).
+    #[serde(rename = "jwt_bearer")]
+    JwtBearer(TokenExchangeConfig),
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -902,7 +906,9 @@ impl Config {
             match &mut c.source {
                 SourceConfig::File(p) => fix(p),
                 SourceConfig::Oauth(o) => o.ca.iter_mut().for_each(fix),
-                SourceConfig::TokenExchange(t) => t.ca.iter_mut().for_each(fix),
+                SourceConfig::TokenExchange(t) | SourceConfig::JwtBearer(t) => {
+                    t.ca.iter_mut().for_each(fix)
+                }
                 _ => {}
             }
         }

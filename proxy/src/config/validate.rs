@@ -383,8 +383,8 @@ impl Config {
             if let SourceConfig::Oauth(o) = &c.source {
                 validate_oauth(o, &format!("{key}.source.oauth"))?;
             }
-            if let SourceConfig::TokenExchange(t) = &c.source {
-                let k = format!("{key}.source.token_exchange");
+            if let SourceConfig::TokenExchange(t) | SourceConfig::JwtBearer(t) = &c.source {
+                let k = format!("{key}.source");
                 let url_ok = t.token_url.parse::<http::Uri>().ok().is_some_and(|u| {
                     matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
                 });

@@ -1,6 +1,6 @@
 //! OAuth 2.0 Token Exchange (RFC 8693) as a credential source: an access token minted for the
 //! principal a request is made for. The request's verified delegation token is the
-//! `subject_token`; the answer is cached per principal (issuer and subject) until
+//! `subject_token` (or, with the JWT bearer grant of RFC 7523, the `assertion`); the answer is cached per principal (issuer and subject) until
 //! `refresh_before` before its `expires_in` (concurrent misses coalesce into one exchange; with
 //! Redis, encrypted and shared by replicas). A request without a delegation token gets none:
 //! the credential is refused (503 `credential_unavailable`), never another principal's token.
@@ -20,13 +20,30 @@ use crate::credentials::oauth::client_authentication;
 use crate::replicas::{Fetched, RedisStore};
 use crate::upstream::backend::Backend;
 
-const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// How the delegation token is presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// RFC 8693: `subject_token` + `subject_token_type`.
+    TokenExchange,
+    /// RFC 7523 §2.1: `assertion`.
+    JwtBearer,
+}
+
+impl Grant {
+    fn uri(self) -> &'static str {
+        match self {
+            Grant::TokenExchange => "urn:ietf:params:oauth:grant-type:token-exchange",
+            Grant::JwtBearer => "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        }
+    }
+}
 /// Principals whose tokens a replica keeps in memory.
 const MAX_PRINCIPALS: u64 = 10_000;
 
 pub struct TokenExchange {
     name: String,
     cfg: TokenExchangeConfig,
+    grant: Grant,
     backend: Backend,
     /// By principal (a digest of issuer and subject).
     tokens: Cache<String, Arc<Fetched>>,
@@ -48,6 +65,7 @@ impl TokenExchange {
         name: &str,
         key: &str,
         cfg: &TokenExchangeConfig,
+        grant: Grant,
         shared: Option<Arc<RedisStore>>,
         stats: Arc<FetchStats>,
     ) -> Result<TokenExchange, Invalid> {
@@ -56,6 +74,7 @@ impl TokenExchange {
         Ok(TokenExchange {
             name: name.to_owned(),
             cfg: cfg.clone(),
+            grant,
             backend: Backend::new("token exchange endpoint", cfg.ca.clone(), cfg.timeout)
                 .map_err(|e| Invalid::new(format!("{key}.ca"), e))?,
             tokens: Cache::builder()
@@ -64,7 +83,7 @@ impl TokenExchange {
                 .build(),
             fingerprint: fingerprint([
                 Some(cfg.token_url.as_str()),
-                Some(GRANT),
+                Some(grant.uri()),
                 Some(cfg.client_id.as_str()),
                 Some(secret.as_str()),
                 Some(scopes.as_str()),
@@ -167,13 +186,20 @@ impl TokenExchange {
             .resolve()
             .map_err(|e| SourceError::Local(format!("client_secret: {e}")))?;
         let mut form = form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", GRANT);
-        form.append_pair("subject_token", subject_token.expose());
-        form.append_pair("subject_token_type", &self.cfg.subject_token_type);
-        form.append_pair(
-            "requested_token_type",
-            "urn:ietf:params:oauth:token-type:access_token",
-        );
+        form.append_pair("grant_type", self.grant.uri());
+        match self.grant {
+            Grant::TokenExchange => {
+                form.append_pair("subject_token", subject_token.expose());
+                form.append_pair("subject_token_type", &self.cfg.subject_token_type);
+                form.append_pair(
+                    "requested_token_type",
+                    "urn:ietf:params:oauth:token-type:access_token",
+                );
+            }
+            Grant::JwtBearer => {
+                form.append_pair("assertion", subject_token.expose());
+            }
+        }
         if let Some(a) = &self.cfg.audience {
             form.append_pair("audience", a);
         }

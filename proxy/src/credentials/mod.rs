@@ -19,6 +19,7 @@ use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::credentials::{OnBehalf, SecretStore, StoreError};
 
 use crate::config::{Invalid, SourceConfig};
+use crate::credentials::exchange::Grant;
 use crate::credentials::fetch::{note_fetch, FetchStats, SourceError, FETCHED};
 use crate::replicas::RedisStore;
 
@@ -49,11 +50,17 @@ impl LocalSecrets {
         let mut oauth = HashMap::new();
         let mut exchange = HashMap::new();
         for (i, c) in creds.iter().enumerate() {
-            if let SourceConfig::TokenExchange(t) = &c.source {
+            let grant = match &c.source {
+                SourceConfig::TokenExchange(t) => Some((t, Grant::TokenExchange)),
+                SourceConfig::JwtBearer(t) => Some((t, Grant::JwtBearer)),
+                _ => None,
+            };
+            if let Some((t, grant)) = grant {
                 let source = crate::credentials::exchange::TokenExchange::new(
                     &c.name,
-                    &format!("credentials[{i}].source.token_exchange"),
+                    &format!("credentials[{i}].source"),
                     t,
+                    grant,
                     shared.clone(),
                     stats.clone(),
                 )?;
@@ -108,7 +115,7 @@ impl LocalSecrets {
                     o.revoke().await;
                 }
             }
-            Some(SourceConfig::TokenExchange(_)) => {
+            Some(SourceConfig::TokenExchange(_) | SourceConfig::JwtBearer(_)) => {
                 if let Some(t) = self.exchange.get(name) {
                     t.revoke().await;
                 }
@@ -142,10 +149,12 @@ impl LocalSecrets {
                 Some(o) => o.get().await,
                 None => missing("OAuth source"),
             },
-            Some(SourceConfig::TokenExchange(_)) => match self.exchange.get(name) {
-                Some(t) => t.get(on_behalf).await,
-                None => missing("token exchange source"),
-            },
+            Some(SourceConfig::TokenExchange(_) | SourceConfig::JwtBearer(_)) => {
+                match self.exchange.get(name) {
+                    Some(t) => t.get(on_behalf).await,
+                    None => missing("token exchange source"),
+                }
+            }
             Some(SourceConfig::Vault(r)) => match &self.vault {
                 Some(v) => v.get(name, r).await,
                 None => missing("vault"),
