@@ -403,3 +403,57 @@ async fn the_jwt_bearer_grant_mints_a_token_for_the_user_too() {
         format!("Bearer {}", exchanges[0]["access_token"].as_str().unwrap())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_action_span_shows_the_subject_and_the_actor_chain() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let idp = TokenIssuer::start("RS256");
+    let otlp = OtlpReceiver::start().await;
+    let mut cfg = pki.base_config();
+    cfg["delegation"] = json!({
+        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
+    });
+    cfg["telemetry"] = json!({"otlp_endpoint": otlp.endpoint(), "otlp_protocol": "http/protobuf"});
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let agent = pki.client("agent", "spiffe://acme.test/agents/assistant");
+    let token = idp.token(
+        "alice",
+        &[
+            ("audience", "portcullis"),
+            ("act", "assistant,orchestrator"),
+        ],
+    );
+    let on_behalf = format!("x-portcullis-on-behalf-of: {token}");
+    let url = format!("https://localhost:{}/traced", up.port());
+    let out = curl(&pki, proxy.addr, Some(&agent), &["-H", &on_behalf, &url]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let span = otlp
+        .wait_span("the delegated GET", |s| {
+            span_attr(s, "portcullis.delegation.subject").as_deref() == Some("alice")
+        })
+        .await;
+    assert_eq!(
+        span_attr(&span, "portcullis.delegation.chain").as_deref(),
+        Some("assistant,orchestrator")
+    );
+    assert_eq!(
+        span_attr(&span, "portcullis.delegation.issuer"),
+        Some(idp.issuer())
+    );
+    assert_eq!(
+        span_attr(&span, "portcullis.identity.spiffe_id").as_deref(),
+        Some("spiffe://acme.test/agents/assistant")
+    );
+    let signature = token.rsplit('.').next().unwrap();
+    for s in otlp.spans() {
+        assert!(
+            !format!("{s:?}").contains(signature),
+            "a span holds the token"
+        );
+    }
+}
