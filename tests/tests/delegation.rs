@@ -171,6 +171,16 @@ async fn expired_foreign_forged_and_misaddressed_tokens_are_refused() {
         assert!(reason.contains(why), "{why}: {reason}");
         assert!(!reason.contains(token), "the reason echoes the token");
     }
+    // Two headers (which would the upstream or a log believe?) are refused.
+    let url = format!("https://localhost:{}/twice", s.up.port());
+    let h = format!("x-portcullis-on-behalf-of: {good}");
+    let args = ["-H", h.as_str(), "-H", h.as_str(), &url];
+    let out = curl(&s.pki, s.proxy.addr, Some(&s.agent), &args).await;
+    out.assert_refused(403, "delegation_invalid");
+    assert!(out.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("more than one"));
     assert!(
         s.up.seen().is_empty(),
         "a refused token's request reached the upstream"

@@ -173,21 +173,12 @@ impl Filter for DelegationFilter {
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         // Taken out first: whatever happens, the token never goes upstream.
-        let values: Vec<http::HeaderValue> = match req.headers.remove(&self.header) {
-            None => return Action::Continue,
-            Some(first) => {
-                let mut all = vec![first];
-                all.extend(
-                    req.headers
-                        .get_all(&self.header)
-                        .iter()
-                        .cloned()
-                        .collect::<Vec<_>>(),
-                );
-                while req.headers.remove(&self.header).is_some() {}
-                all
-            }
-        };
+        let values: Vec<http::HeaderValue> =
+            req.headers.get_all(&self.header).iter().cloned().collect();
+        if values.is_empty() {
+            return Action::Continue;
+        }
+        req.headers.remove(&self.header);
         let verdict = match values.as_slice() {
             [value] => {
                 let token = value.to_str().unwrap_or("").trim();
