@@ -512,7 +512,9 @@ pub struct ApprovalsConfig {
     /// Who may decide (admin API, CLI, console), each with a bearer token; the decision
     /// records the name. Without approvers, `admin_token` (recorded as `admin`) decides.
     pub approvers: Vec<ApproverConfig>,
-    /// POSTed a JSON announcement of each new pending approval.
+    /// POSTed a JSON announcement of each new pending approval: a URL, or
+    /// `{url, headers, ca, timeout}`.
+    #[serde(deserialize_with = "webhook_setting")]
     pub webhook: Option<WebhookConfig>,
 }
 
@@ -536,6 +538,26 @@ pub struct ApproverConfig {
     pub name: String,
     /// `env:NAME` or `file:PATH`.
     pub token: SecretRef,
+}
+
+/// `approvals.webhook`: a URL alone, or the whole object.
+fn webhook_setting<'de, D: Deserializer<'de>>(d: D) -> Result<Option<WebhookConfig>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Setting {
+        Url(String),
+        Full(WebhookConfig),
+    }
+    Ok(match Option::<Setting>::deserialize(d)? {
+        None => None,
+        Some(Setting::Url(url)) => Some(WebhookConfig {
+            url,
+            ca: None,
+            headers: BTreeMap::new(),
+            timeout: defaults::webhook_timeout(),
+        }),
+        Some(Setting::Full(w)) => Some(w),
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -972,6 +994,18 @@ mod tests {
         for bad in ["", "10", "s", "1.5s", "10x", "-1s", "99999999999999999999h"] {
             assert!(duration::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_webhook_is_a_url_or_an_object() {
+        let parse = |yaml: &str| -> ApprovalsConfig { serde_yaml_ng::from_str(yaml).unwrap() };
+        let short = parse("webhook: https://hooks.example/approvals\n");
+        let w = short.webhook.unwrap();
+        assert_eq!(w.url, "https://hooks.example/approvals");
+        assert_eq!(w.timeout, defaults::webhook_timeout());
+        let full = parse("webhook: {url: 'http://127.0.0.1:9/h', timeout: 2s}\n");
+        assert_eq!(full.webhook.unwrap().timeout, Duration::from_secs(2));
+        assert!(parse("hold: 5s\n").webhook.is_none());
     }
 
     #[test]
