@@ -40,7 +40,7 @@ impl SecretStore for Fixed {
     async fn get(
         &self,
         _name: &str,
-        _on_behalf: Option<&OnBehalf>,
+        _on_behalf: Option<&OnBehalf<'_>>,
     ) -> Result<Arc<SecretValue>, StoreError> {
         Ok(self.0.clone())
     }

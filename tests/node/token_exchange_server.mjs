@@ -10,7 +10,9 @@
 //   subject_token + subject_token_type  a JWT from SUBJECT_ISSUER (keys at SUBJECT_JWKS_URL),
 //                                       aud "portcullis"; type ...:jwt, ...:access_token or
 //                                       ...:id_token
-//   actor_token + actor_token_type      optional, checked the same way
+//   actor_token + actor_token_type      optional, checked the same way, or, when ACTOR_KEY is
+//                                       given, as a JWT signed by that key (kid ACTOR_KID), iss
+//                                       ACTOR_ISSUER, aud this server's token endpoint
 //   audience or resource                required, one target: the issued token's aud
 //   scope                               optional, granted as asked
 //   requested_token_type                optional, only ...:access_token
@@ -22,13 +24,22 @@
 // registered too: `assertion` is checked like a subject token, the answer has no
 // issued_token_type. Every exchange, granted or refused, is logged as one JSON line on stdout
 // (`grant`: token-exchange or jwt-bearer).
-// Usage: node token_exchange_server.mjs PORT SUBJECT_ISSUER SUBJECT_JWKS_URL [TOKEN_TTL_SECONDS]
-import { createRemoteJWKSet, exportJWK, generateKeyPair, jwtVerify } from 'jose';
+// Usage: node token_exchange_server.mjs PORT SUBJECT_ISSUER SUBJECT_JWKS_URL
+//            [ACTOR_KEY_PEM ACTOR_ISSUER ACTOR_KID]      (TOKEN_TTL env: seconds, default 600)
+// ACTOR_KEY_PEM is the actor's signing key file (PKCS#8 PEM; only its public half is used).
+import { createPublicKey } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { createLocalJWKSet, createRemoteJWKSet, exportJWK, generateKeyPair, jwtVerify } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 
 const port = Number(process.argv[2]);
 const [subjectIssuer, subjectJwksUrl] = process.argv.slice(3, 5);
-const ttl = Number(process.argv[5] || 600);
+const [actorKeyFile, actorIssuer, actorKid] = process.argv.slice(5, 8);
+const ttl = Number(process.env.TOKEN_TTL || 600);
+// The actor assertion's verification key: the public half of ACTOR_KEY_PEM.
+const actorKeys = actorKeyFile
+  ? createLocalJWKSet({ keys: [{ ...(await exportJWK(createPublicKey(readFileSync(actorKeyFile)))), kid: actorKid, alg: 'ES256' }] })
+  : null;
 const GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
 // RFC 7523 section 2.1: the same subject tokens, presented as `assertion`.
 const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
@@ -92,9 +103,13 @@ async function verifyToken(name, token, type) {
   if (!token) throw new errors.InvalidRequest(`missing required parameter '${name}'`);
   if (!type) throw new errors.InvalidRequest(`missing required parameter '${name}_type'`);
   if (!INPUT_TYPES.has(type)) throw new errors.InvalidRequest(`unsupported ${name}_type`);
+  const asActor = name === 'actor_token' && actorKeys;
+  const [keys, expected] = asActor
+    ? [actorKeys, { issuer: actorIssuer, audience: `http://127.0.0.1:${port}/token` }]
+    : [subjectKeys, { issuer: subjectIssuer, audience: 'portcullis' }];
   let payload;
   try {
-    ({ payload } = await jwtVerify(token, subjectKeys, { issuer: subjectIssuer, audience: 'portcullis' }));
+    ({ payload } = await jwtVerify(token, keys, expected));
   } catch (err) {
     if (!err.code?.startsWith('ERR_J')) throw err; // not a jose verdict (JWKS unreachable): 500
     throw invalidGrant(`${name} ${err.code === 'ERR_JWT_EXPIRED' ? 'expired' : `invalid (${err.message})`}`);

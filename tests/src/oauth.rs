@@ -156,13 +156,30 @@ pub struct TokenExchangeServer {
 
 impl TokenExchangeServer {
     pub fn start(subjects: &TokenIssuer) -> TokenExchangeServer {
+        TokenExchangeServer::start_with(subjects, &[])
+    }
+
+    /// Trusting actor assertions signed by the key in `key_pem` (its public half), with `kid`,
+    /// from `issuer`.
+    pub fn start_with_actor(
+        subjects: &TokenIssuer,
+        key_pem: &Path,
+        issuer: &str,
+        kid: &str,
+    ) -> TokenExchangeServer {
+        let key = key_pem.display().to_string();
+        TokenExchangeServer::start_with(subjects, &[&key, issuer, kid])
+    }
+
+    fn start_with(subjects: &TokenIssuer, actor: &[&str]) -> TokenExchangeServer {
         let port = free_addr().port();
         let (child, out) = spawn_ready(
             Command::new(crate::mcp::node())
                 .arg(crate::mcp::node_script("token_exchange_server.mjs"))
                 .arg(port.to_string())
                 .arg(subjects.issuer())
-                .arg(subjects.jwks_url()),
+                .arg(subjects.jwks_url())
+                .args(actor),
             "the token exchange server",
         );
         TokenExchangeServer { child, port, out }

@@ -467,3 +467,74 @@ async fn the_action_span_shows_the_subject_and_the_actor_chain() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_actor_token_names_the_agent_and_the_server_puts_it_in_act() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let idp = TokenIssuer::start("RS256");
+    let actor_key = pki.path("actor.key");
+    let key = portcullis::pki::Authority::generate("actor signing key", None).unwrap();
+    portcullis::pki::write_file(&actor_key, key.key_pem().as_bytes(), true).unwrap();
+    let sts = TokenExchangeServer::start_with_actor(
+        &idp,
+        &actor_key,
+        "spiffe://acme.test/portcullis",
+        "portcullis-1",
+    );
+    let mut cfg = pki.base_config();
+    cfg["delegation"] = json!({
+        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
+    });
+    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+        "token_exchange": {"token_url": sts.token_url(), "client_id": "portcullis",
+            "client_secret": "env:PCX_TX_SECRET", "audience": "https://api.saas.test",
+            "actor": {"assertion": {"key": "actor.key", "kid": "portcullis-1",
+                "issuer": "spiffe://acme.test/portcullis"}}}}}]);
+    let proxy = Proxy::start_with_env(
+        &pki.write_config(&cfg),
+        &[("PCX_TX_SECRET", "portcullis-secret")],
+    );
+    let alice = idp.token("alice", &[("audience", "portcullis")]);
+    let url = format!("https://localhost:{}/me", up.port());
+    let on_behalf = format!("x-portcullis-on-behalf-of: {alice}");
+    // Two agents act for the same user: two exchanges, each naming its agent.
+    for agent in [
+        "spiffe://acme.test/agents/mail",
+        "spiffe://acme.test/agents/calendar",
+    ] {
+        let cert = pki.client(agent.rsplit('/').next().unwrap(), agent);
+        let args = [
+            "-H",
+            "Authorization: Bearer pcx_saas",
+            "-H",
+            &on_behalf,
+            &url,
+        ];
+        let out = curl(&pki, proxy.addr, Some(&cert), &args).await;
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    let exchanges = sts.exchanges();
+    assert_eq!(exchanges.len(), 2, "{exchanges:?}");
+    for (e, agent) in exchanges.iter().zip([
+        "spiffe://acme.test/agents/mail",
+        "spiffe://acme.test/agents/calendar",
+    ]) {
+        assert_eq!(e["ok"], true, "{e}");
+        assert_eq!(e["subject"], "alice");
+        assert_eq!(e["actor"], agent, "the server verified the actor assertion");
+        // The issued token (a JWT) says who acts for alice.
+        let token = e["access_token"].as_str().unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        use base64::Engine as _;
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["sub"], "alice");
+        assert_eq!(claims["act"]["sub"], agent);
+    }
+}

@@ -54,7 +54,7 @@ pub trait SecretStore: Send + Sync + std::fmt::Debug {
     async fn get(
         &self,
         name: &str,
-        on_behalf: Option<&OnBehalf>,
+        on_behalf: Option<&OnBehalf<'_>>,
     ) -> Result<Arc<SecretValue>, StoreError>;
 
     /// [`SecretStore::get`], also telling whether the value was served from a cache (no source
@@ -63,7 +63,7 @@ pub trait SecretStore: Send + Sync + std::fmt::Debug {
     async fn get_traced(
         &self,
         name: &str,
-        on_behalf: Option<&OnBehalf>,
+        on_behalf: Option<&OnBehalf<'_>>,
     ) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
         (self.get(name, on_behalf).await, None)
     }
@@ -79,8 +79,13 @@ pub trait SecretStore: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Whom a request is made for, as a credential source needs it.
-pub type OnBehalf = crate::parse::jwt::Verified;
+/// Whom a request is made for, as a credential source needs it: the principal (a verified
+/// delegation token) and the workload acting for it (the caller's SPIFFE ID).
+#[derive(Debug, Clone, Copy)]
+pub struct OnBehalf<'a> {
+    pub delegation: &'a crate::parse::jwt::Verified,
+    pub actor: &'a str,
+}
 
 /// The configured credentials, by placeholder.
 #[derive(Debug, Clone, Default)]
@@ -397,7 +402,11 @@ impl CredentialSubstitute {
                 continue;
             }
             let start = ctx.step_start();
-            let on_behalf = ctx.delegation.as_deref();
+            let on_behalf = ctx.delegation.as_deref().map(|delegation| OnBehalf {
+                delegation,
+                actor: ctx.peer.spiffe_id.as_str(),
+            });
+            let on_behalf = on_behalf.as_ref();
             let (got, cache_hit) = match start {
                 Some(_) => self.store.get_traced(&cred.name, on_behalf).await,
                 None => (self.store.get(&cred.name, on_behalf).await, None),

@@ -336,6 +336,9 @@ pub struct TokenExchangeConfig {
     /// The type of the delegation token sent as `subject_token`.
     #[serde(default = "defaults::subject_token_type")]
     pub subject_token_type: String,
+    /// An `actor_token` naming the calling workload (token exchange only).
+    #[serde(default)]
+    pub actor: Option<ActorConfig>,
     #[serde(default = "defaults::refresh_before", with = "duration")]
     pub refresh_before: Duration,
     #[serde(default)]
@@ -573,6 +576,28 @@ pub struct WebhookConfig {
     pub headers: BTreeMap<String, ValueOrRef>,
     #[serde(default = "defaults::webhook_timeout", with = "duration")]
     pub timeout: Duration,
+}
+
+/// The actor token of a token exchange (one kind so far).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ActorConfig {
+    /// A JWT the proxy signs for each exchange: `sub` = the caller's SPIFFE ID (the agent),
+    /// `iss` = `issuer`, `aud` = `audience` (default: the token URL), valid `ttl`; ES256 with a
+    /// P-256 PKCS#8 key whose public half the authorization server trusts (as `kid`).
+    pub assertion: ActorAssertionConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ActorAssertionConfig {
+    pub key: PathBuf,
+    pub kid: String,
+    pub issuer: String,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default = "defaults::actor_ttl", with = "duration")]
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -835,6 +860,9 @@ mod defaults {
     pub fn webhook_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn actor_ttl() -> Duration {
+        Duration::from_secs(60)
+    }
     pub fn subject_token_type() -> String {
         "urn:ietf:params:oauth:token-type:jwt".into()
     }
@@ -929,7 +957,10 @@ impl Config {
                 SourceConfig::File(p) => fix(p),
                 SourceConfig::Oauth(o) => o.ca.iter_mut().for_each(fix),
                 SourceConfig::TokenExchange(t) | SourceConfig::JwtBearer(t) => {
-                    t.ca.iter_mut().for_each(fix)
+                    t.ca.iter_mut().for_each(fix);
+                    if let Some(a) = t.actor.as_mut() {
+                        fix(&mut a.assertion.key);
+                    }
                 }
                 _ => {}
             }

@@ -14,7 +14,7 @@ use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::credentials::OnBehalf;
 
-use crate::config::{Invalid, TokenExchangeConfig};
+use crate::config::{ActorConfig, Invalid, TokenExchangeConfig};
 use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats, SourceError};
 use crate::credentials::oauth::client_authentication;
 use crate::replicas::{Fetched, RedisStore};
@@ -44,6 +44,8 @@ pub struct TokenExchange {
     name: String,
     cfg: TokenExchangeConfig,
     grant: Grant,
+    /// Signs the actor assertion, when one is configured.
+    actor_key: Option<ring::signature::EcdsaKeyPair>,
     backend: Backend,
     /// By principal (a digest of issuer and subject).
     tokens: Cache<String, Arc<Fetched>>,
@@ -71,10 +73,36 @@ impl TokenExchange {
     ) -> Result<TokenExchange, Invalid> {
         let scopes = cfg.scopes.join(" ");
         let secret = cfg.client_secret.to_string();
+        let actor_key = match (&cfg.actor, grant) {
+            (None, _) => None,
+            (Some(_), Grant::JwtBearer) => {
+                return Err(Invalid::new(
+                    format!("{key}.actor"),
+                    "an actor token is part of token exchange, not of the JWT bearer grant",
+                ))
+            }
+            (Some(ActorConfig { assertion: a }), Grant::TokenExchange) => {
+                let der = crate::certs::load_key(&a.key)
+                    .map_err(|e| Invalid::new(format!("{key}.actor.assertion.key"), e))?;
+                let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+                    &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    der.secret_der(),
+                    &ring::rand::SystemRandom::new(),
+                )
+                .map_err(|_| {
+                    Invalid::new(
+                        format!("{key}.actor.assertion.key"),
+                        "must be a P-256 (ES256) private key in PKCS#8",
+                    )
+                })?;
+                Some(pair)
+            }
+        };
         Ok(TokenExchange {
             name: name.to_owned(),
             cfg: cfg.clone(),
             grant,
+            actor_key,
             backend: Backend::new("token exchange endpoint", cfg.ca.clone(), cfg.timeout)
                 .map_err(|e| Invalid::new(format!("{key}.ca"), e))?,
             tokens: Cache::builder()
@@ -99,15 +127,28 @@ impl TokenExchange {
         self.tokens.invalidate_all();
     }
 
-    pub async fn get(&self, on_behalf: Option<&OnBehalf>) -> Result<Arc<SecretValue>, SourceError> {
-        let Some((who, subject_token)) = on_behalf.and_then(|o| Some((o, o.token.clone()?))) else {
+    pub async fn get(
+        &self,
+        on_behalf: Option<&OnBehalf<'_>>,
+    ) -> Result<Arc<SecretValue>, SourceError> {
+        let Some((who, subject_token)) =
+            on_behalf.and_then(|o| Some((o, o.delegation.token.clone()?)))
+        else {
             return Err(SourceError::Local(
                 "it is minted per user: the request carries no delegation token".into(),
             ));
         };
-        // One token per principal: keyed by the issuer and subject themselves (in memory) and
-        // their full SHA-256 (in Redis), nothing the next user could share.
-        let principal = format!("{}\0{}", who.issuer, who.subject);
+        // One token per principal (and per acting workload when the actor is sent): keyed by
+        // those names themselves (in memory) and their full SHA-256 (in Redis), nothing the
+        // next user could share.
+        let actor = match self.actor_key {
+            Some(_) => who.actor,
+            None => "",
+        };
+        let principal = format!(
+            "{}\0{}\0{actor}",
+            who.delegation.issuer, who.delegation.subject
+        );
         let digest = ring::digest::digest(&ring::digest::SHA256, principal.as_bytes());
         let shared_name = format!(
             "{}:{}",
@@ -115,7 +156,7 @@ impl TokenExchange {
             portcullis_filters::pipeline::hex(digest.as_ref())
         );
         let fetch = async {
-            let exchange = || self.exchange_counted(&subject_token);
+            let exchange = || self.exchange_counted(&subject_token, who.actor);
             match &self.shared {
                 Some(s) => {
                     s.get_or_fetch(&shared_name, &self.fingerprint, exchange)
@@ -132,12 +173,52 @@ impl TokenExchange {
             .map_err(|e| (*e).clone())
     }
 
-    async fn exchange_counted(&self, subject_token: &SecretValue) -> Result<Fetched, SourceError> {
-        self.stats.record(self.exchange(subject_token).await)
+    /// The actor assertion for `actor` (the caller's SPIFFE ID), when one is configured.
+    fn actor_token(&self, actor: &str) -> Result<Option<String>, SourceError> {
+        let (Some(pair), Some(ActorConfig { assertion: a })) = (&self.actor_key, &self.cfg.actor)
+        else {
+            return Ok(None);
+        };
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": a.kid});
+        let claims = serde_json::json!({
+            "iss": a.issuer,
+            "sub": actor,
+            "aud": a.audience.as_deref().unwrap_or(&self.cfg.token_url),
+            "iat": now,
+            "exp": now + a.ttl.as_secs(),
+            "jti": portcullis_filters::pipeline::hex(&rand_bytes()),
+        });
+        let signed = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = pair
+            .sign(&ring::rand::SystemRandom::new(), signed.as_bytes())
+            .map_err(|_| SourceError::Local("cannot sign the actor assertion".into()))?;
+        Ok(Some(format!("{signed}.{}", b64(sig.as_ref()))))
     }
 
-    async fn exchange(&self, subject_token: &SecretValue) -> Result<Fetched, SourceError> {
-        let (headers, body) = self.request(subject_token)?;
+    async fn exchange_counted(
+        &self,
+        subject_token: &SecretValue,
+        actor: &str,
+    ) -> Result<Fetched, SourceError> {
+        self.stats.record(self.exchange(subject_token, actor).await)
+    }
+
+    async fn exchange(
+        &self,
+        subject_token: &SecretValue,
+        actor: &str,
+    ) -> Result<Fetched, SourceError> {
+        let actor_token = self.actor_token(actor)?;
+        let (headers, body) = self.request(subject_token, actor_token.as_deref())?;
         let (status, resp) = self
             .backend
             .call(Method::POST, &self.cfg.token_url, &headers, Some(body))
@@ -179,6 +260,7 @@ impl TokenExchange {
     fn request(
         &self,
         subject_token: &SecretValue,
+        actor_token: Option<&str>,
     ) -> Result<(Vec<(http::HeaderName, http::HeaderValue)>, Bytes), SourceError> {
         let secret = self
             .cfg
@@ -195,6 +277,10 @@ impl TokenExchange {
                     "requested_token_type",
                     "urn:ietf:params:oauth:token-type:access_token",
                 );
+                if let Some(actor) = actor_token {
+                    form.append_pair("actor_token", actor);
+                    form.append_pair("actor_token_type", "urn:ietf:params:oauth:token-type:jwt");
+                }
             }
             Grant::JwtBearer => {
                 form.append_pair("assertion", subject_token.expose());
@@ -217,4 +303,12 @@ impl TokenExchange {
         )?;
         Ok((headers, Bytes::from(form.finish())))
     }
+}
+
+/// 128 random bits (a `jti`).
+fn rand_bytes() -> [u8; 16] {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b
 }

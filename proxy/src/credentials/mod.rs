@@ -134,7 +134,7 @@ impl LocalSecrets {
     async fn fetch(
         &self,
         name: &str,
-        on_behalf: Option<&OnBehalf>,
+        on_behalf: Option<&OnBehalf<'_>>,
     ) -> Result<Arc<SecretValue>, SourceError> {
         let missing = |what: &str| Err(SourceError::Local(format!("no {what} configured")));
         match self.sources.get(name) {
@@ -195,7 +195,7 @@ impl SecretStore for LocalSecrets {
     async fn get_traced(
         &self,
         name: &str,
-        on_behalf: Option<&OnBehalf>,
+        on_behalf: Option<&OnBehalf<'_>>,
     ) -> (Result<Arc<SecretValue>, StoreError>, Option<bool>) {
         // An environment variable has no cache to hit.
         let cached = !matches!(self.sources.get(name), Some(SourceConfig::Env(_)) | None);
@@ -211,7 +211,7 @@ impl SecretStore for LocalSecrets {
     async fn get(
         &self,
         name: &str,
-        on_behalf: Option<&OnBehalf>,
+        on_behalf: Option<&OnBehalf<'_>>,
     ) -> Result<Arc<SecretValue>, StoreError> {
         Ok(self.fetch(name, on_behalf).await?)
     }

@@ -37,7 +37,7 @@ impl SecretStore for Store {
     async fn get(
         &self,
         _name: &str,
-        _on_behalf: Option<&OnBehalf>,
+        _on_behalf: Option<&OnBehalf<'_>>,
     ) -> Result<Arc<SecretValue>, StoreError> {
         Ok(self.0.clone())
     }
