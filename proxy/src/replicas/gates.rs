@@ -329,10 +329,24 @@ impl ApprovalStore for RedisApprovals {
             )
             .await
             .map_err(Self::err)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Every record in one round trip (a listing, and each `/metrics` scrape, may read
+        // thousands).
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGETALL").arg(s.approval_key(id));
+        }
+        let mut conn = s.conn.clone();
+        let all: Vec<std::collections::HashMap<String, String>> = s
+            .bounded(pipe.query_async(&mut conn))
+            .await
+            .map_err(Self::err)?;
         let mut out = Vec::with_capacity(ids.len());
         let mut gone = Vec::new();
-        for id in ids {
-            match self.get(&id).await? {
+        for (id, fields) in ids.into_iter().zip(all) {
+            match Self::record(&fields) {
                 Some(rec) => out.push(rec),
                 None => gone.push(id),
             }
