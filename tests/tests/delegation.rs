@@ -30,6 +30,28 @@ decision := {"allow": false, "reason": "acme tenants only"} if {
 }
 "#;
 
+/// The PKI with [`POLICY`] and the upstream every test talks to.
+async fn world() -> (Pki, Upstream) {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    (pki, up)
+}
+
+/// The base config with `delegation` trusting `idp`'s tokens (audience `portcullis`).
+fn delegating(pki: &Pki, idp: &TokenIssuer) -> Value {
+    let mut cfg = pki.base_config();
+    cfg["delegation"] = json!({
+        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
+    });
+    cfg
+}
+
+/// `credentials`: the one credential `saas` (`pcx_saas`), bound to localhost, from `source`.
+fn saas(source: Value) -> Value {
+    json!([{"name": "saas", "hosts": ["localhost:*"], "source": source}])
+}
+
 struct Setup {
     pki: Pki,
     up: Upstream,
@@ -45,16 +67,11 @@ async fn setup(alg: &str) -> Setup {
 
 /// With `extra` merged into the `delegation` config.
 async fn setup_with(alg: &str, extra: Value) -> Setup {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let (pki, up) = world().await;
     let idp = TokenIssuer::start(alg);
     let foreign = TokenIssuer::start("RS256");
-    let mut cfg = pki.base_config();
-    cfg["delegation"] = json!({
-        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
-        "claims": ["tenant"],
-    });
+    let mut cfg = delegating(&pki, &idp);
+    cfg["delegation"]["claims"] = json!(["tenant"]);
     for (k, v) in extra.as_object().unwrap() {
         cfg["delegation"][k] = v.clone();
     }
@@ -239,18 +256,13 @@ async fn an_unreachable_issuer_without_cached_keys_is_503_never_a_pass() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_per_user_credential_without_a_delegation_token_is_refused_never_substituted() {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let (pki, up) = world().await;
     let idp = TokenIssuer::start("RS256");
     let dead = free_addr();
-    let mut cfg = pki.base_config();
-    cfg["delegation"] = json!({
-        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
-    });
-    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+    let mut cfg = delegating(&pki, &idp);
+    cfg["credentials"] = saas(json!({
         "token_exchange": {"token_url": format!("http://{dead}/token"), "client_id": "portcullis",
-            "client_secret": "env:PCX_TX_SECRET"}}}]);
+            "client_secret": "env:PCX_TX_SECRET"}}));
     let proxy = Proxy::start_with_env(&pki.write_config(&cfg), &[("PCX_TX_SECRET", "s")]);
     let agent = pki.client("agent", "spiffe://acme.test/agents/assistant");
     let url = format!("https://localhost:{}/me", up.port());
@@ -288,19 +300,14 @@ async fn a_per_user_credential_without_a_delegation_token_is_refused_never_subst
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_users_through_one_agent_get_their_own_exchanged_tokens() {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let (pki, up) = world().await;
     let idp = TokenIssuer::start("RS256");
     let sts = TokenExchangeServer::start(&idp);
-    let mut cfg = pki.base_config();
-    cfg["delegation"] = json!({
-        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
-    });
-    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+    let mut cfg = delegating(&pki, &idp);
+    cfg["credentials"] = saas(json!({
         "token_exchange": {"token_url": sts.token_url(), "client_id": "portcullis",
             "client_secret": "env:PCX_TX_SECRET", "audience": "https://api.saas.test",
-            "scopes": ["repo:read"]}}}]);
+            "scopes": ["repo:read"]}}));
     let proxy = Proxy::start_with_env(
         &pki.write_config(&cfg),
         &[("PCX_TX_SECRET", "portcullis-secret")],
@@ -370,19 +377,14 @@ async fn two_users_through_one_agent_get_their_own_exchanged_tokens() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_jwt_bearer_grant_mints_a_token_for_the_user_too() {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let (pki, up) = world().await;
     let idp = TokenIssuer::start("ES256");
     let sts = TokenExchangeServer::start(&idp);
-    let mut cfg = pki.base_config();
-    cfg["delegation"] = json!({
-        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
-    });
-    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+    let mut cfg = delegating(&pki, &idp);
+    cfg["credentials"] = saas(json!({
         "jwt_bearer": {"token_url": sts.token_url(), "client_id": "portcullis",
             "client_secret": "env:PCX_TX_SECRET", "client_auth": "post",
-            "resource": "https://api.saas.test"}}}]);
+            "resource": "https://api.saas.test"}}));
     let proxy = Proxy::start_with_env(
         &pki.write_config(&cfg),
         &[("PCX_TX_SECRET", "portcullis-secret")],
@@ -416,15 +418,10 @@ async fn the_jwt_bearer_grant_mints_a_token_for_the_user_too() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_action_span_shows_the_subject_and_the_actor_chain() {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let (pki, up) = world().await;
     let idp = TokenIssuer::start("RS256");
     let otlp = OtlpReceiver::start().await;
-    let mut cfg = pki.base_config();
-    cfg["delegation"] = json!({
-        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
-    });
+    let mut cfg = delegating(&pki, &idp);
     cfg["telemetry"] = json!({"otlp_endpoint": otlp.endpoint(), "otlp_protocol": "http/protobuf"});
     let proxy = Proxy::start_with_env(
         &pki.write_config(&cfg),
@@ -470,9 +467,7 @@ async fn the_action_span_shows_the_subject_and_the_actor_chain() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_actor_token_names_the_agent_and_the_server_puts_it_in_act() {
-    let pki = Pki::new();
-    replace_file(&pki.path("policy/allow.rego"), POLICY);
-    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let (pki, up) = world().await;
     let idp = TokenIssuer::start("RS256");
     let actor_key = pki.path("actor.key");
     let key = portcullis::pki::Authority::generate("actor signing key", None).unwrap();
@@ -483,15 +478,12 @@ async fn the_actor_token_names_the_agent_and_the_server_puts_it_in_act() {
         "spiffe://acme.test/portcullis",
         "portcullis-1",
     );
-    let mut cfg = pki.base_config();
-    cfg["delegation"] = json!({
-        "issuers": [{"issuer": idp.issuer(), "jwks_url": idp.jwks_url(), "audiences": ["portcullis"]}],
-    });
-    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"], "source": {
+    let mut cfg = delegating(&pki, &idp);
+    cfg["credentials"] = saas(json!({
         "token_exchange": {"token_url": sts.token_url(), "client_id": "portcullis",
             "client_secret": "env:PCX_TX_SECRET", "audience": "https://api.saas.test",
             "actor": {"assertion": {"key": "actor.key", "kid": "portcullis-1",
-                "issuer": "spiffe://acme.test/portcullis"}}}}}]);
+                "issuer": "spiffe://acme.test/portcullis"}}}}));
     let proxy = Proxy::start_with_env(
         &pki.write_config(&cfg),
         &[("PCX_TX_SECRET", "portcullis-secret")],
