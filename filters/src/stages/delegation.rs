@@ -106,9 +106,7 @@ impl VerifiedCache {
 }
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    i64::try_from(crate::stages::quota::unix_micros() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 impl DelegationFilter {

@@ -96,15 +96,19 @@ pub async fn serve(
 
 /// `Authorization: Bearer <token>`, compared in constant time.
 fn authorized(req: &Request<Incoming>, token: &SecretValue) -> bool {
-    let Some(given) = req
-        .headers()
+    bearer(req).is_some_and(|given| same(given, token.expose().as_bytes()))
+}
+
+/// The token of an `Authorization: Bearer` header.
+pub(super) fn bearer(req: &Request<Incoming>) -> Option<&[u8]> {
+    req.headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-    else {
-        return false;
-    };
-    let want = token.expose().as_bytes();
-    given.len() == want.len() && given.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+/// Equal, compared in constant time (tokens).
+pub(super) fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 fn query(req: &Request<Incoming>) -> std::collections::HashMap<String, String> {

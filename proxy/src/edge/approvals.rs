@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::approval::{ApprovalState, DecideError};
 
+use super::admin::{bearer, same};
 use crate::gates::Gates;
 use crate::upstream::Body;
 
@@ -131,10 +132,7 @@ fn approver(
     gates: &Gates,
     admin_token: Option<&SecretValue>,
 ) -> Option<String> {
-    let given = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let given = bearer(req);
     if !gates.approvers.is_empty() {
         let given = given?;
         return gates
@@ -148,11 +146,6 @@ fn approver(
         // A loopback admin listener without a token (the config refuses any other).
         None => Some("admin".to_owned()),
     }
-}
-
-/// Constant-time comparison.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 fn query_state(req: &Request<Incoming>) -> Result<Option<ApprovalState>, String> {
