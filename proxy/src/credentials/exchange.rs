@@ -149,16 +149,17 @@ impl TokenExchange {
             "{}\0{}\0{actor}",
             who.delegation.issuer, who.delegation.subject
         );
-        let digest = ring::digest::digest(&ring::digest::SHA256, principal.as_bytes());
-        let shared_name = format!(
-            "{}:{}",
-            self.name,
-            portcullis_filters::pipeline::hex(digest.as_ref())
-        );
+        // Only a miss needs the Redis name (a SHA-256): the hit path stays a map lookup.
         let fetch = async {
             let exchange = || self.exchange_counted(&subject_token, who.actor);
             match &self.shared {
                 Some(s) => {
+                    let digest = ring::digest::digest(&ring::digest::SHA256, principal.as_bytes());
+                    let shared_name = format!(
+                        "{}:{}",
+                        self.name,
+                        portcullis_filters::pipeline::hex(digest.as_ref())
+                    );
                     s.get_or_fetch(&shared_name, &self.fingerprint, exchange)
                         .await
                 }
@@ -167,7 +168,7 @@ impl TokenExchange {
             .map(Arc::new)
         };
         self.tokens
-            .try_get_with(principal, fetch)
+            .try_get_with(principal.clone(), fetch)
             .await
             .map(|t| t.value.clone())
             .map_err(|e| (*e).clone())
