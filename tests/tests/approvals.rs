@@ -671,3 +671,27 @@ async fn check_refuses_bad_approval_limit_and_delegation_settings_by_key() {
         assert!(err.contains(key), "{key}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_covers_the_exact_body_of_a_plain_http_call() {
+    let s = setup().await;
+    let proxy = Proxy::start(&s.config(json!({})));
+    let five = s.pay(&proxy, 5).await.json()["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The same method, destination and path with another body is another call.
+    let five_thousand = s.pay(&proxy, 5000).await;
+    five_thousand.assert_refused(403, "approval_required");
+    assert_ne!(five_thousand.json()["approval_id"], five.as_str());
+    assert!(cli(&proxy, &["approve", &five]).0);
+    // Granting 5 does not let 5000 through; it lets 5 through.
+    s.pay(&proxy, 5000)
+        .await
+        .assert_refused(403, "approval_required");
+    assert_eq!(s.pay(&proxy, 5).await.status, 200);
+    assert_eq!(s.pays_seen(), 1);
+    let (_, rec) = proxy.admin_get(&format!("/approvals/{five}")).await;
+    let rec: Value = serde_json::from_str(&rec).unwrap();
+    assert_eq!(rec["action"]["body_sha256"].as_str().unwrap().len(), 64);
+}

@@ -511,7 +511,9 @@ pub fn new_id() -> String {
 }
 
 impl Approvals {
-    /// The pending record this ask opens, at `now_ms`.
+    /// The pending record this ask opens, at `now_ms`. `body`: the SHA-256 of a plain HTTP
+    /// request's body, which a call-scoped grant covers too (an approved `POST /pay` is that
+    /// payment, not any other); MCP messages are covered by their canonical arguments.
     pub fn record(
         &self,
         input: &Input,
@@ -519,8 +521,16 @@ impl Approvals {
         revision: &str,
         trace_id: String,
         now_ms: u64,
+        body: Option<&[u8]>,
     ) -> ApprovalRecord {
-        let (fingerprint, action) = fingerprint(input, ask.scope);
+        let (mut fingerprint, mut action) = fingerprint(input, ask.scope);
+        if let (Some(body), ApprovalScope::Call) = (body, ask.scope) {
+            let mut h = Sha256::new();
+            h.update(fingerprint.as_bytes());
+            h.update(body);
+            fingerprint = crate::pipeline::hex(&h.finalize());
+            action["body_sha256"] = crate::pipeline::hex(body).into();
+        }
         ApprovalRecord {
             id: new_id(),
             state: ApprovalState::Pending,
@@ -690,6 +700,7 @@ mod tests {
             "r1",
             "t".into(),
             1_000_000,
+            None,
         );
         let (first, created) = store.find_or_open(rec.clone()).await.unwrap();
         assert!(created);
@@ -700,6 +711,7 @@ mod tests {
             "r1",
             "t".into(),
             1_000_000,
+            None,
         );
         let (same, created) = store.find_or_open(again).await.unwrap();
         assert!(!created);
@@ -724,6 +736,7 @@ mod tests {
             "r1",
             "t".into(),
             1_000_000,
+            None,
         );
         let (fresh, created) = store.find_or_open(third).await.unwrap();
         assert!(created);
@@ -731,7 +744,14 @@ mod tests {
         // Denials hold for their TTL, then expire.
         store.decide(&fresh.id, false, "bob").await.unwrap();
         let (denied, _) = store
-            .find_or_open(a.record(&i, &ask(ApprovalScope::Call, Some(1)), "r1", "t".into(), 0))
+            .find_or_open(a.record(
+                &i,
+                &ask(ApprovalScope::Call, Some(1)),
+                "r1",
+                "t".into(),
+                0,
+                None,
+            ))
             .await
             .unwrap();
         assert_eq!(
@@ -760,6 +780,7 @@ mod tests {
                 "r",
                 "t".into(),
                 0,
+                None,
             );
             store.find_or_open(rec).await.unwrap();
         }
@@ -769,6 +790,7 @@ mod tests {
             "r",
             "t".into(),
             0,
+            None,
         );
         assert!(store.find_or_open(third.clone()).await.is_err());
         now.store(3_600_000, Ordering::Relaxed);
@@ -805,6 +827,7 @@ mod tests {
             "r",
             "t".into(),
             unix_millis(),
+            None,
         );
         let (rec, _) = store.find_or_open(rec).await.unwrap();
         let id = rec.id.clone();

@@ -16,6 +16,7 @@ use crate::parse::jsonrpc::{self as mcp, McpRequest};
 use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
     Action, ActionKind, BodyTransform, Chain, Context, DecisionRecord, Filter, McpSummary,
+    RequestBody,
 };
 use crate::stages::approval::{ApprovalState, Approvals};
 use crate::stages::mcp::EditMessages;
@@ -216,7 +217,7 @@ impl PolicyFilter {
             };
             let input = input.bounded(&self.input_limits);
             let d = self.decide(ctx, &input, Some(summary));
-            if let Err(rej) = self.gate(ctx, &input, d).await {
+            if let Err(rej) = self.gate(ctx, &input, d, false).await {
                 if let Some(id) = &m.id {
                     refused.push((id.clone(), rej.clone()));
                 }
@@ -249,6 +250,7 @@ impl PolicyFilter {
         ctx: &mut Context,
         input: &Input,
         first: Decision,
+        cover_body: bool,
     ) -> Result<(), Rejection> {
         if first.allow {
             return Ok(());
@@ -256,8 +258,32 @@ impl PolicyFilter {
         let (Some(ask), Some(approvals)) = (&first.approval, &self.approvals) else {
             return Err(rejection(&first));
         };
+        // A plain HTTP request's grant covers its body: the digest of exactly the bytes that
+        // go upstream, or no approval at all when the proxy does not hold them.
+        let body = match (cover_body, &ctx.body) {
+            (false, _) | (true, RequestBody::Empty) => None,
+            (true, RequestBody::Buffered(b)) => {
+                Some(ring::digest::digest(&ring::digest::SHA256, b))
+            }
+            (true, RequestBody::NotBuffered | RequestBody::TooLarge(_)) => {
+                return Err(Rejection::new(
+                    ErrorCode::PolicyDenied,
+                    format!(
+                        "{}: the request body is over limits.inspect_body_bytes, so no approval can cover it",
+                        first.reason
+                    ),
+                ))
+            }
+        };
         let now = crate::stages::approval::unix_millis();
-        let new = approvals.record(input, ask, &first.revision, ctx.trace.id.to_string(), now);
+        let new = approvals.record(
+            input,
+            ask,
+            &first.revision,
+            ctx.trace.id.to_string(),
+            now,
+            body.as_ref().map(|d| d.as_ref()),
+        );
         let unavailable = |e: crate::stages::approval::StoreError| {
             approvals.stats.store_errors.fetch_add(1, Ordering::Relaxed);
             Rejection::new(
@@ -384,7 +410,7 @@ impl Filter for PolicyFilter {
         let input = input.bounded(&self.input_limits);
         let Some(mcp) = ctx.mcp.request.take() else {
             let decision = self.decide(ctx, &input, None);
-            return match self.gate(ctx, &input, decision).await {
+            return match self.gate(ctx, &input, decision, true).await {
                 Ok(()) => Action::Continue,
                 Err(rej) => Action::Respond(rej),
             };
@@ -395,7 +421,7 @@ impl Filter for PolicyFilter {
         let mut as_http = input.clone();
         as_http.kind = Kind::Http;
         let http = self.decide(ctx, &as_http, None);
-        let action = match self.gate(ctx, &as_http, http).await {
+        let action = match self.gate(ctx, &as_http, http, false).await {
             Ok(()) => {
                 if ctx.lists_tools_in(&mcp) {
                     ctx.mcp.listing_input = Some(input.clone());
