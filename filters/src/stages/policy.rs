@@ -258,8 +258,9 @@ impl PolicyFilter {
         let (Some(ask), Some(approvals)) = (&first.approval, &self.approvals) else {
             return Err(rejection(&first));
         };
-        // A plain HTTP request's grant covers its body: the digest of exactly the bytes that
-        // go upstream, or no approval at all when the proxy does not hold them.
+        // A plain HTTP request's grant covers its body: the digest of the body as the agent
+        // sent it (placeholders, not secrets), or no approval at all when the proxy does not
+        // hold it whole.
         let body = match (cover_body, &ctx.body) {
             (false, _) | (true, RequestBody::Empty) => None,
             (true, RequestBody::Buffered(b)) => {
