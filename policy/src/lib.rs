@@ -24,5 +24,7 @@ pub use input::{
 };
 pub use load::PolicySet;
 pub use policy::Policy;
-pub use testing::{TestOutcome, TestReport, TestResult, TEST_TIME_LIMIT};
+pub use testing::{
+    Coverage, FileCoverage, RuleCoverage, TestOutcome, TestReport, TestResult, TEST_TIME_LIMIT,
+};
 pub use units::{parse_duration, Rate};

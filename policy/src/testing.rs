@@ -2,6 +2,7 @@
 //! `opa test`) is evaluated on the interpreter, which supports `with input as …`.
 //! A test passes iff its value is `true`; undefined or any other value fails.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -105,11 +106,24 @@ impl PolicySet {
     /// Runs every `test_*` rule of every loaded package, each on a fresh copy of the
     /// prepared engine with no input (tests supply it with `with input as …`).
     pub fn run_tests(&self) -> TestReport {
+        self.tests_run(None)
+    }
+
+    /// [`PolicySet::run_tests`], recording which lines and rules of every loaded module the
+    /// tests evaluated (`portcullis policy test --coverage`, like `opa test --coverage`).
+    pub fn run_tests_with_coverage(&self) -> (TestReport, Coverage) {
+        let mut lines = BTreeMap::<String, FileLines>::new();
+        let report = self.tests_run(Some(&mut lines));
+        (report, self.coverage(lines))
+    }
+
+    fn tests_run(&self, mut coverage: Option<&mut BTreeMap<String, FileLines>>) -> TestReport {
         let mut template = self.engine.clone();
         template.set_execution_timer_config(ExecutionTimerConfig {
             limit: TEST_TIME_LIMIT,
             ..self.limits.timer_config()
         });
+        template.set_enable_coverage(coverage.is_some());
         let results = self
             .tests
             .iter()
@@ -122,6 +136,15 @@ impl PolicySet {
                 }))
                 .unwrap_or_else(|_| Err("the policy engine panicked".to_owned()));
                 let duration = start.elapsed();
+                if let (Some(acc), Ok(run)) =
+                    (coverage.as_deref_mut(), engine.get_coverage_report())
+                {
+                    for file in run.files {
+                        let entry = acc.entry(file.path).or_default();
+                        entry.covered.extend(file.covered);
+                        entry.seen.extend(file.not_covered);
+                    }
+                }
                 let outcome = match result {
                     Ok(Value::Bool(true)) => TestOutcome::Pass,
                     Ok(_) => TestOutcome::Fail,
@@ -136,6 +159,181 @@ impl PolicySet {
             })
             .collect();
         TestReport { results }
+    }
+
+    /// Lines gathered over all tests, per file, with each rule's verdict. A module no test
+    /// touched at all is listed with every rule not exercised.
+    fn coverage(&self, mut lines: BTreeMap<String, FileLines>) -> Coverage {
+        let mut engine = self.engine.clone();
+        let packages = engine.get_packages().unwrap_or_default();
+        let mut files = Vec::new();
+        for (i, module) in engine.get_modules().iter().enumerate() {
+            let source = &module.package.refr.span().source;
+            let path = source.file().clone();
+            let acc = lines.remove(&path).unwrap_or_default();
+            let package = packages.get(i).cloned().unwrap_or_default();
+            let rules = module
+                .policy
+                .iter()
+                .map(|rule| {
+                    let span = rule.span();
+                    let first = span.line;
+                    let text_lines = u32::try_from(span.text().matches('\n').count()).unwrap_or(0);
+                    let last = first.saturating_add(text_lines);
+                    RuleCoverage {
+                        name: format!("{package}.{}", rule_name(rule)),
+                        line: first,
+                        exercised: acc.covered.range(first..=last).next().is_some(),
+                    }
+                })
+                .collect();
+            let not_covered = acc.seen.difference(&acc.covered).copied().collect();
+            files.push(FileCoverage {
+                path,
+                covered: acc.covered,
+                not_covered,
+                rules,
+            });
+        }
+        Coverage { files }
+    }
+}
+
+/// The name a rule is declared with, as written (`allow`, `deny[msg]`, `default decision`).
+fn rule_name(rule: &regorus::unstable::Rule) -> String {
+    use regorus::unstable::{Rule, RuleHead};
+    let refr = match rule {
+        Rule::Spec { head, .. } => match head {
+            RuleHead::Compr { refr, .. }
+            | RuleHead::Set { refr, .. }
+            | RuleHead::Func { refr, .. } => refr,
+        },
+        Rule::Default { refr, .. } => refr,
+    };
+    refr.span().text().to_owned()
+}
+
+#[derive(Default)]
+struct FileLines {
+    covered: BTreeSet<u32>,
+    /// Lines with an expression some test's report listed (covered or not).
+    seen: BTreeSet<u32>,
+}
+
+/// What `policy test --coverage` found: per module file, the lines with an expression the
+/// tests evaluated and those they did not (lines without an expression are in neither), and
+/// each rule, exercised when any of its lines was.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Coverage {
+    pub files: Vec<FileCoverage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FileCoverage {
+    pub path: String,
+    pub covered: BTreeSet<u32>,
+    pub not_covered: BTreeSet<u32>,
+    pub rules: Vec<RuleCoverage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RuleCoverage {
+    /// `data.<package>.<rule head>`.
+    pub name: String,
+    /// Line of the rule's head.
+    pub line: u32,
+    pub exercised: bool,
+}
+
+impl FileCoverage {
+    /// Covered lines as a percentage of the lines with an expression (100 with none).
+    pub fn percent(&self) -> f64 {
+        percent(self.covered.len(), self.not_covered.len())
+    }
+}
+
+impl Coverage {
+    /// Over every file: (covered lines, lines with an expression).
+    pub fn totals(&self) -> (usize, usize) {
+        self.files.iter().fold((0, 0), |(c, t), f| {
+            (
+                c + f.covered.len(),
+                t + f.covered.len() + f.not_covered.len(),
+            )
+        })
+    }
+}
+
+fn percent(covered: usize, not_covered: usize) -> f64 {
+    let total = covered + not_covered;
+    if total == 0 {
+        return 100.0;
+    }
+    covered as f64 * 100.0 / total as f64
+}
+
+/// Line ranges, compact: `3-5, 9`.
+struct Ranges<'a>(&'a BTreeSet<u32>);
+
+impl fmt::Display for Ranges<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut iter = self.0.iter().copied().peekable();
+        let mut first = true;
+        while let Some(start) = iter.next() {
+            let mut end = start;
+            while iter.peek() == Some(&(end + 1)) {
+                end += 1;
+                iter.next();
+            }
+            f.write_str(if first { "" } else { ", " })?;
+            first = false;
+            if end == start {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Coverage {
+    /// Per file: percentage, the lines not covered, the rules no test exercised; then the total.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "COVERAGE")?;
+        for file in &self.files {
+            writeln!(
+                f,
+                "{:5.1}%  {}  ({}/{} lines)",
+                file.percent(),
+                file.path,
+                file.covered.len(),
+                file.covered.len() + file.not_covered.len()
+            )?;
+            if !file.not_covered.is_empty() {
+                writeln!(
+                    f,
+                    "        not covered: lines {}",
+                    Ranges(&file.not_covered)
+                )?;
+            }
+            for rule in file.rules.iter().filter(|r| !r.exercised) {
+                writeln!(
+                    f,
+                    "        rule not exercised: {} (line {})",
+                    rule.name, rule.line
+                )?;
+            }
+        }
+        let (covered, total) = self.totals();
+        let rules = self.files.iter().flat_map(|f| &f.rules);
+        let exercised = rules.clone().filter(|r| r.exercised).count();
+        writeln!(
+            f,
+            "total: {:.1}% of lines ({covered}/{total}), {exercised}/{} rules exercised",
+            percent(covered, total - covered),
+            rules.count()
+        )
     }
 }
 
@@ -233,6 +431,67 @@ mod tests {
             text.contains("PASS: 1/5\nFAIL: 3/5\nERROR: 1/5\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn coverage_says_which_lines_and_rules_the_tests_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.rego"),
+            "package portcullis\n\
+             import rego.v1\n\
+             default decision := false\n\
+             decision if {\n\
+             \tinput.host == \"a.test\"\n\
+             }\n\
+             decision if {\n\
+             \tinput.host == \"b.test\"\n\
+             \tinput.port == 8443\n\
+             }\n\
+             unused if {\n\
+             \tinput.never\n\
+             }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("p_test.rego"),
+            "package portcullis_test\nimport rego.v1\n\
+             test_a if data.portcullis.decision with input as {\"host\": \"a.test\"}\n",
+        )
+        .unwrap();
+        let set = PolicySet::load(
+            &[dir.path().to_path_buf()],
+            "data.portcullis.decision",
+            Limits::default(),
+        )
+        .unwrap();
+        let (report, coverage) = set.run_tests_with_coverage();
+        assert!(report.passed(), "{report}");
+        let policy = coverage
+            .files
+            .iter()
+            .find(|f| f.path.ends_with("/p.rego"))
+            .unwrap();
+        assert!(policy.covered.contains(&5), "{coverage}");
+        assert!(policy.covered.contains(&8), "{coverage}");
+        // `input.host == "b.test"` was false, so the next line never ran; `unused` never did.
+        assert!(policy.not_covered.contains(&9), "{coverage}");
+        assert!(policy.not_covered.contains(&12), "{coverage}");
+        let unexercised: Vec<&str> = policy
+            .rules
+            .iter()
+            .filter(|r| !r.exercised)
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(unexercised, ["data.portcullis.unused"], "{coverage}");
+        let text = coverage.to_string();
+        assert!(text.contains("not covered: lines 9, 12"), "{text}");
+        assert!(
+            text.contains("rule not exercised: data.portcullis.unused (line 11)"),
+            "{text}"
+        );
+        // Without coverage nothing changes in the report.
+        assert_eq!(set.run_tests().results.len(), report.results.len());
     }
 
     #[test]

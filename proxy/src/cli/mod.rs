@@ -162,6 +162,12 @@ pub enum PolicyCommand {
         /// Policy files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Also report the lines and rules the tests evaluated (like `opa test --coverage`).
+        #[arg(long)]
+        coverage: bool,
+        /// With --coverage: print the report as JSON (test results and coverage).
+        #[arg(long, requires = "coverage")]
+        json: bool,
     },
 }
 
@@ -402,8 +408,13 @@ async fn run(cmd: Command) -> ExitCode {
                 },
         } => policy_eval(&input, policy, config.as_deref(), &entrypoint),
         Command::Policy {
-            command: PolicyCommand::Test { paths },
-        } => policy_test(&paths),
+            command:
+                PolicyCommand::Test {
+                    paths,
+                    coverage,
+                    json,
+                },
+        } => policy_test(&paths, coverage, json),
         Command::Credentials {
             command: CredentialsCommand::Revoke { name, admin },
         } => {
@@ -647,7 +658,7 @@ fn policy_eval(
 }
 
 #[allow(clippy::print_stdout)] // the test report is this command's output
-fn policy_test(paths: &[PathBuf]) -> ExitCode {
+fn policy_test(paths: &[PathBuf], coverage: bool, json: bool) -> ExitCode {
     let set = match portcullis_policy::PolicySet::load(
         paths,
         "data.portcullis.decision",
@@ -656,8 +667,41 @@ fn policy_test(paths: &[PathBuf]) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(2, e),
     };
-    let report = set.run_tests();
-    println!("{report}");
+    let report = if coverage {
+        let (report, coverage) = set.run_tests_with_coverage();
+        if json {
+            let tests: Vec<_> = report
+                .results
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "name": format!("{}.{}", r.package, r.name),
+                        "outcome": match &r.outcome {
+                            portcullis_policy::TestOutcome::Pass => "pass",
+                            portcullis_policy::TestOutcome::Fail => "fail",
+                            portcullis_policy::TestOutcome::Error(_) => "error",
+                        },
+                    })
+                })
+                .collect();
+            let (covered, total) = coverage.totals();
+            let out = serde_json::json!({
+                "tests": tests,
+                "passed": report.passed(),
+                "coverage": coverage,
+                "covered_lines": covered,
+                "total_lines": total,
+            });
+            println!("{out:#}");
+        } else {
+            println!("{report}\n{coverage}");
+        }
+        report
+    } else {
+        let report = set.run_tests();
+        println!("{report}");
+        report
+    };
     if report.passed() {
         ExitCode::SUCCESS
     } else {
