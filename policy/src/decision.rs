@@ -99,6 +99,14 @@ impl Decision {
     /// Prefix of every type or evaluation error reason.
     pub const ERROR_PREFIX: &'static str = "policy_error: ";
 
+    /// The policy did not decide: an error, an undefined result or an exceeded limit.
+    pub fn is_failure(&self) -> bool {
+        !self.allow
+            && (self.reason == Self::UNDEFINED
+                || self.reason == Self::EVAL_LIMIT
+                || self.reason.starts_with(Self::ERROR_PREFIX))
+    }
+
     /// A deny with `reason` and no status or headers.
     pub fn deny(reason: impl Into<String>, revision: Arc<str>, eval_time: Duration) -> Decision {
         Decision {

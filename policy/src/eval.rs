@@ -17,6 +17,23 @@ use regorus::{CompiledPolicy, Engine, LimitError, Value};
 use crate::input::{self, Input};
 use crate::{Decision, PolicySet};
 
+/// A policy input as the engine reads it, built once per decision and kept (a shared value:
+/// cloning is cheap) for a shadow decision, the decision log's `input` and `policy replay`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct EngineInput(Value);
+
+impl EngineInput {
+    pub fn new(input: &Input) -> EngineInput {
+        EngineInput(input::to_value(input))
+    }
+
+    /// An arbitrary JSON document as an input (`policy eval --input`).
+    pub fn from_json(json: &serde_json::Value) -> EngineInput {
+        EngineInput(input::json_to_value(json))
+    }
+}
+
 /// Bounds on one evaluation. Exceeding any of them denies with `policy_eval_limit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -161,7 +178,12 @@ impl PolicySet {
     /// Decides an arbitrary JSON input (for `portcullis policy eval --input FILE`).
     /// The caller is responsible for its size.
     pub fn evaluate_json(&self, input: &serde_json::Value) -> Decision {
-        self.evaluate_value(input::json_to_value(input))
+        self.evaluate_kept(&EngineInput::from_json(input))
+    }
+
+    /// Decides an input kept as the engine reads it (a shadow decision, a replayed one).
+    pub fn evaluate_kept(&self, input: &EngineInput) -> Decision {
+        self.evaluate_value(input.0.clone())
     }
 
     #[doc(hidden)]

@@ -17,7 +17,7 @@ pub use decision::{ApprovalAsk, ApprovalScope, Decision, LimitAsk};
 pub use error::PolicyError;
 #[doc(hidden)]
 pub use eval::Strategy;
-pub use eval::{Limits, TIMER_CHECK_INTERVAL};
+pub use eval::{EngineInput, Limits, TIMER_CHECK_INTERVAL};
 pub use input::{
     redact_headers, Destination, Exceeded, Gateway, Identity, Input, InputLimits, Kind, Part,
     RequestInfo, Source, TimeInfo,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::{Decision, Input, Limits, PolicyError, PolicySet};
+use crate::{Decision, EngineInput, Input, Limits, PolicyError, PolicySet};
 
 /// Holder of the current [`PolicySet`], shared by every connection.
 pub struct Policy {
@@ -38,6 +38,13 @@ impl Policy {
     /// Evaluates with the current set.
     pub fn evaluate(&self, input: &Input) -> Decision {
         self.current.load().evaluate(input)
+    }
+
+    /// [`Policy::evaluate`], keeping the input as the engine read it (for a shadow decision
+    /// or the decision log).
+    pub fn evaluate_keeping(&self, input: &Input) -> (Decision, EngineInput) {
+        let kept = EngineInput::new(input);
+        (self.current.load().evaluate_kept(&kept), kept)
     }
 
     /// Installs `set`; returns the one it replaced.

@@ -15,6 +15,7 @@ use portcullis_filters::stages::hygiene::HeaderHygiene;
 use portcullis_filters::stages::mcp::McpFilter;
 use portcullis_filters::stages::pinning::{OnChange, PinLimits, ToolPinning, ToolPins};
 use portcullis_filters::stages::policy::PolicyFilter;
+use portcullis_filters::stages::shadow::ShadowPolicy;
 use portcullis_filters::stages::trace::TracePropagation;
 use portcullis_filters::Chain;
 use portcullis_policy::{Policy, PolicyError};
@@ -115,7 +116,8 @@ pub fn build_chain(
                 cfg.limits.inspect_body_bytes,
                 cfg.policy.input_limits.clone(),
             )
-            .with_approvals(Some(gates.approvals.clone())),
+            .with_approvals(Some(gates.approvals.clone()))
+            .keeping_inputs(ops.shadow.is_some() || cfg.telemetry.decision_log_input),
         )
         // Limits are charged only for what the policy allowed, before credentials are fetched.
         .with(gates.quota_filter(cfg))
@@ -128,6 +130,11 @@ pub fn build_chain(
             cfg.mcp.sse_queue,
             metrics.clone(),
         ))
+        // Decides every kept input again after the action finished, before logging.
+        .with_optional(ops.shadow.as_ref().map(|policy| ShadowPolicy {
+            policy: policy.clone(),
+            stats: metrics.shadow.clone(),
+        }))
         .with(AccessLog)
         .with(MetricsFilter(metrics))
         .with_optional(decision_log)
@@ -190,7 +197,9 @@ pub struct Loaded {
     policy: Arc<Policy>,
     decision_log: Option<DecisionLog>,
     /// Decision-log lines dropped (the metrics read it).
-    decision_log_dropped: Arc<std::sync::atomic::AtomicU64>,
+    decision_log_counters: Arc<crate::telemetry::decision_log::Counters>,
+    /// `policy.shadow`, loaded and tested.
+    shadow: Option<Arc<Policy>>,
     secrets: Arc<LocalSecrets>,
 }
 
@@ -215,16 +224,28 @@ impl Loaded {
         ));
         let upstream = Upstream::new(&cfg.upstream, guard)?;
         let policy = Arc::new(Policy::new(cfg.policy.load()?));
-        let decision_log_dropped = Arc::default();
+        let shadow = cfg
+            .policy
+            .load_shadow()
+            .transpose()?
+            .map(|set| Arc::new(Policy::new(set)));
+        let decision_log_counters = Arc::default();
         let decision_log = DecisionLog::open(
             &cfg.telemetry.decision_log,
             cfg.telemetry.decision_log_buffer,
-            Arc::clone(&decision_log_dropped),
+            Arc::clone(&decision_log_counters),
         )
         .map_err(|source| StartError::DecisionLog {
             path: cfg.telemetry.decision_log.clone(),
             source,
-        })?;
+        })?
+        .map(|log| {
+            log.with_input(
+                cfg.telemetry
+                    .decision_log_input
+                    .then_some(cfg.telemetry.decision_log_input_max_bytes),
+            )
+        });
         // Credential back ends (Vault, OAuth) are set up here too, so `check` validates them.
         let shared = cfg
             .redis
@@ -257,7 +278,8 @@ impl Loaded {
             upstream,
             policy,
             decision_log,
-            decision_log_dropped,
+            decision_log_counters,
+            shadow,
             secrets,
         })
     }
@@ -279,7 +301,8 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         upstream,
         policy,
         decision_log,
-        decision_log_dropped,
+        decision_log_counters,
+        shadow,
         secrets,
     } = Loaded::load(&cfg)?;
     let bind = |addr: SocketAddr| async move {
@@ -347,7 +370,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             shutdown.clone(),
         );
     }
-    let metrics = Arc::new(Metrics::with_decision_log(decision_log_dropped));
+    let metrics = Arc::new(Metrics::with_decision_log(decision_log_counters));
     let telemetry = Telemetry::init(&cfg.telemetry, metrics.otel.clone())?;
     let spans = telemetry.as_ref().map(Telemetry::filter);
     let ops = Operations {
@@ -355,6 +378,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         secrets,
         pins,
         gates,
+        shadow: shadow.clone(),
     };
     let chain = build_chain(&cfg, policy.clone(), &ops, decision_log, spans)?;
     let routes = crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials)?;
@@ -395,6 +419,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         file_roots,
         cert,
         policy: policy.clone(),
+        shadow,
     };
     let reloader = Reloader::new(config_path, cfg, served, status.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -474,6 +499,7 @@ mod tests {
             secrets,
             pins: Arc::new(ToolPins::new(OnChange::Log)),
             gates: Arc::new(Gates::build(cfg, None).unwrap()),
+            shadow: None,
         };
         build_chain(cfg, policy, &ops, log, None)
     }

@@ -41,6 +41,23 @@ impl Harness {
         curl(&self.pki, self.proxy.addr, Some(who), args).await
     }
 
+    /// curl's arguments for going through the proxy as `who` (proxy and MITM CAs trusted),
+    /// for tests that run curl themselves (several URLs on one connection, many at once).
+    pub fn proxy_args(&self, who: &ClientCert) -> Vec<String> {
+        vec![
+            "--proxy".into(),
+            format!("https://{}", self.proxy.addr),
+            "--proxy-cacert".into(),
+            self.pki.path("acme-ca.pem").display().to_string(),
+            "--proxy-cert".into(),
+            who.cert.display().to_string(),
+            "--proxy-key".into(),
+            who.key.display().to_string(),
+            "--cacert".into(),
+            self.pki.path("mitm-ca.pem").display().to_string(),
+        ]
+    }
+
     /// curl through the proxy as the default agent.
     pub async fn curl(&self, args: &[&str]) -> CurlOut {
         self.curl_as(&self.agent, args).await
@@ -80,7 +97,8 @@ impl HarnessBuilder {
         self
     }
 
-    /// A file in the test directory (relative paths in the config resolve there).
+    /// A file in the test directory (relative paths in the config resolve there; missing
+    /// directories are made).
     pub fn file(mut self, name: &str, content: &str) -> Self {
         self.files.push((name.to_owned(), content.to_owned()));
         self
@@ -92,7 +110,11 @@ impl HarnessBuilder {
             replace_file(&pki.path("policy/allow.rego"), rego);
         }
         for (name, content) in &self.files {
-            std::fs::write(pki.path(name), content).unwrap();
+            let path = pki.path(name);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).unwrap();
+            }
+            std::fs::write(path, content).unwrap();
         }
         let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
         let mut cfg = pki.base_config();

@@ -45,21 +45,6 @@ async fn setup(policy: &str, edit: impl FnOnce(&mut serde_json::Value) + 'static
     Harness::builder().policy(policy).config(edit).start().await
 }
 
-fn proxy_args(s: &Harness, client: &ClientCert) -> Vec<String> {
-    vec![
-        "--proxy".into(),
-        format!("https://{}", s.proxy.addr),
-        "--proxy-cacert".into(),
-        s.pki.path("acme-ca.pem").display().to_string(),
-        "--proxy-cert".into(),
-        client.cert.display().to_string(),
-        "--proxy-key".into(),
-        client.key.display().to_string(),
-        "--cacert".into(),
-        s.pki.path("mitm-ca.pem").display().to_string(),
-    ]
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn per_request_decisions_inside_one_tunnel() {
     let s = setup(POLICY, |_| {}).await;
@@ -74,7 +59,7 @@ async fn per_request_decisions_inside_one_tunnel() {
         "-w",
         "%{http_code} %{num_connects}\n",
     ])
-    .args(proxy_args(&s, &s.agent))
+    .args(s.proxy_args(&s.agent))
     .arg(format!("{base}/read"))
     .arg("--next")
     .args([
@@ -87,7 +72,7 @@ async fn per_request_decisions_inside_one_tunnel() {
         "-X",
         "POST",
     ])
-    .args(proxy_args(&s, &s.agent))
+    .args(s.proxy_args(&s.agent))
     .arg(format!("{base}/write"));
     let out = cmd.output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

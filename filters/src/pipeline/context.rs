@@ -246,6 +246,23 @@ impl RequestBody {
 pub struct DecisionRecord {
     pub decision: portcullis_policy::Decision,
     pub mcp: Option<McpSummary>,
+    /// The input as the engine read it: kept only when a shadow policy or the decision log's
+    /// `input` needs it.
+    pub input: Option<portcullis_policy::EngineInput>,
+    /// The shadow policy's decision on the same input (filled in the finished phase).
+    pub shadow: Option<portcullis_policy::Decision>,
+}
+
+impl DecisionRecord {
+    /// What the decision was about: `mcp` for a JSON-RPC message, `http` for an MCP request's
+    /// own decision (made before its messages are read), else the action's kind.
+    pub fn kind(&self, action: ActionKind) -> &'static str {
+        match (&self.mcp, action) {
+            (Some(_), _) => "mcp",
+            (None, ActionKind::Mcp) => "http",
+            (None, kind) => kind.as_str(),
+        }
+    }
 }
 
 /// What logs may show of a JSON-RPC message: never its arguments.

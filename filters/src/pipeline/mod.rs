@@ -99,6 +99,11 @@ pub trait Filter: Send + Sync + 'static {
     /// (never whether).
     fn refused(&self, _ctx: &Context, _req: &http::request::Parts, _rej: &mut Rejection) {}
 
+    /// The action finished (response body fully handed to the connection, or the request
+    /// refused), before logging: work kept off the request path (shadow decisions) that the
+    /// logging phase reports.
+    fn finished(&self, _ctx: &mut Context) {}
+
     /// After the action finished (response body fully sent, or the request refused).
     fn logging(&self, _ctx: &Context, _outcome: &Outcome) {}
 }
@@ -218,7 +223,11 @@ impl Chain {
         }
     }
 
-    pub fn logging(&self, ctx: &Context, outcome: &Outcome) {
+    /// The finished phase, then the logging phase.
+    pub fn logging(&self, ctx: &mut Context, outcome: &Outcome) {
+        for f in &self.filters {
+            f.finished(ctx);
+        }
         for f in &self.filters {
             f.logging(ctx, outcome);
         }

@@ -9,4 +9,5 @@ pub mod mcp;
 pub mod pinning;
 pub mod policy;
 pub mod quota;
+pub mod shadow;
 pub mod trace;

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use portcullis_policy::{
-    redact_headers, Decision, Destination as PDestination, Identity, Input, InputLimits, Kind,
-    Part, Policy, RequestInfo, Source, TimeInfo,
+    redact_headers, Decision, Destination as PDestination, EngineInput, Identity, Input,
+    InputLimits, Kind, Part, Policy, RequestInfo, Source, TimeInfo,
 };
 use serde_json::Value;
 
@@ -32,6 +32,8 @@ pub struct PolicyFilter {
     input_limits: InputLimits,
     /// `approvals:`; without it a decision asking for approval is a plain deny.
     approvals: Option<Arc<Approvals>>,
+    /// Keep each decision's input (for a shadow policy or the decision log's `input`).
+    keep_inputs: bool,
 }
 
 impl PolicyFilter {
@@ -47,7 +49,16 @@ impl PolicyFilter {
             list_limit,
             input_limits,
             approvals: None,
+            keep_inputs: false,
         }
+    }
+
+    /// Keep every decision's input in its [`DecisionRecord`] (costs one shared value per
+    /// decision; off unless a shadow policy or the decision log needs it).
+    #[must_use]
+    pub fn keeping_inputs(mut self, keep: bool) -> PolicyFilter {
+        self.keep_inputs = keep;
+        self
     }
 
     #[must_use]
@@ -179,14 +190,26 @@ impl PolicyFilter {
     /// Evaluate one input and record the decision (`mcp`: the message it was about).
     fn decide(&self, ctx: &mut Context, input: &Input, mcp: Option<McpSummary>) -> Decision {
         let start = ctx.step_start();
-        let decision = self.policy.evaluate(input);
+        let (decision, input) = self.evaluate(input);
         let index = ctx.decisions.len();
         ctx.step_end(start, || StepKind::Policy { decision: index });
         ctx.decisions.push(DecisionRecord {
             decision: decision.clone(),
             mcp,
+            input,
+            shadow: None,
         });
         decision
+    }
+
+    /// The decision, and the input as the engine read it when it is to be kept.
+    fn evaluate(&self, input: &Input) -> (Decision, Option<EngineInput>) {
+        if self.keep_inputs {
+            let (decision, kept) = self.policy.evaluate_keeping(input);
+            (decision, Some(kept))
+        } else {
+            (self.policy.evaluate(input), None)
+        }
     }
 
     /// One decision per JSON-RPC request or notification (`kind: mcp`). If any is denied,
@@ -350,9 +373,10 @@ impl PolicyFilter {
         // The policy decides again, seeing the record's state: pending, granted or denied.
         let mut again = input.clone();
         again.approval = Some(rec.policy_input());
-        let second = self.policy.evaluate(&again);
+        let (second, kept) = self.evaluate(&again);
         if let Some(last) = ctx.decisions.last_mut() {
             last.decision = second.clone();
+            last.input = kept;
         }
         if !second.allow {
             if second.approval.is_some() && rec.state == ApprovalState::Pending {

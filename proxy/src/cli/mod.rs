@@ -2,6 +2,7 @@
 //! or bad config.
 
 pub(crate) mod dev;
+mod replay;
 pub(crate) mod signal;
 
 use std::net::SocketAddr;
@@ -168,6 +169,24 @@ pub enum PolicyCommand {
         /// With --coverage: print the report as JSON (test results and coverage).
         #[arg(long, requires = "coverage")]
         json: bool,
+    },
+    /// Decide every input recorded in a decision log (`telemetry.decision_log_input`) again
+    /// with a candidate policy and report what changes. Exit 1 when anything changed.
+    Replay {
+        /// The decision log (JSON lines; `-` for stdin).
+        #[arg(long)]
+        log: PathBuf,
+        /// The candidate policy: files or directories.
+        #[arg(long, required = true)]
+        policy: Vec<PathBuf>,
+        #[arg(long, default_value = "data.portcullis.decision")]
+        entrypoint: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Changed decisions shown per kind of change.
+        #[arg(long, default_value_t = 5)]
+        examples: usize,
     },
 }
 
@@ -415,6 +434,23 @@ async fn run(cmd: Command) -> ExitCode {
                     json,
                 },
         } => policy_test(&paths, coverage, json),
+        Command::Policy {
+            command:
+                PolicyCommand::Replay {
+                    log,
+                    policy,
+                    entrypoint,
+                    json,
+                    examples,
+                },
+        } => match portcullis_policy::PolicySet::load(
+            &policy,
+            &entrypoint,
+            portcullis_policy::Limits::default(),
+        ) {
+            Ok(set) => replay::run(&set, &log, json, examples),
+            Err(e) => fail(2, e),
+        },
         Command::Credentials {
             command: CredentialsCommand::Revoke { name, admin },
         } => {

@@ -195,6 +195,19 @@ pub struct PolicyConfig {
     /// refused (400/431/413), never decided on a truncated view.
     #[serde(default)]
     pub input_limits: portcullis_policy::InputLimits,
+    /// A candidate policy decided beside this one on every action, never enforced.
+    #[serde(default)]
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// `policy.shadow`: loaded, tested and hot-reloaded like the enforcing policy (same entrypoint
+/// unless given, same limits); its decisions are counted, logged and traced, never enforced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    pub paths: Vec<PathBuf>,
+    #[serde(default)]
+    pub entrypoint: Option<String>,
 }
 
 impl PolicyConfig {
@@ -209,6 +222,18 @@ impl PolicyConfig {
     /// Load the policy and run its own tests (a policy whose tests fail is not served).
     pub fn load(&self) -> Result<portcullis_policy::PolicySet, portcullis_policy::PolicyError> {
         portcullis_policy::PolicySet::load_tested(&self.paths, &self.entrypoint, self.limits())
+    }
+
+    /// Load the shadow policy, with the same rule (its tests must pass).
+    pub fn load_shadow(
+        &self,
+    ) -> Option<Result<portcullis_policy::PolicySet, portcullis_policy::PolicyError>> {
+        let shadow = self.shadow.as_ref()?;
+        Some(portcullis_policy::PolicySet::load_tested(
+            &shadow.paths,
+            shadow.entrypoint.as_deref().unwrap_or(&self.entrypoint),
+            self.limits(),
+        ))
     }
 }
 
@@ -709,6 +734,12 @@ pub struct TelemetryConfig {
     /// One compact line per action's span tree in the log (target `portcullis::span`);
     /// `dev` turns it on when no collector is given.
     pub span_summary: bool,
+    /// Add each decision's policy input (as the engine read it: credential headers redacted)
+    /// to its decision-log line, for `portcullis policy replay`.
+    pub decision_log_input: bool,
+    /// Largest input written on a line; a larger one is left out (`input_omitted` says its
+    /// size) and counted.
+    pub decision_log_input_max_bytes: usize,
 }
 
 impl Default for TelemetryConfig {
@@ -723,6 +754,8 @@ impl Default for TelemetryConfig {
             service_name: None,
             sampling_ratio: 1.0,
             span_summary: false,
+            decision_log_input: false,
+            decision_log_input_max_bytes: 64 << 10,
         }
     }
 }
@@ -952,6 +985,9 @@ impl Config {
         fix(&mut self.mitm.ca_key);
         self.upstream.extra_roots.iter_mut().for_each(fix);
         self.policy.paths.iter_mut().for_each(fix);
+        if let Some(shadow) = self.policy.shadow.as_mut() {
+            shadow.paths.iter_mut().for_each(fix);
+        }
         for c in &mut self.credentials {
             match &mut c.source {
                 SourceConfig::File(p) => fix(p),

@@ -291,6 +291,17 @@ impl Config {
         if policy.paths.is_empty() {
             return invalid("policy.paths", "at least one path is required");
         }
+        if let Some(shadow) = &policy.shadow {
+            if shadow.paths.is_empty() {
+                return invalid("policy.shadow.paths", "at least one path is required");
+            }
+            if let Some((i, p)) = shadow.paths.iter().enumerate().find(|(_, p)| !p.exists()) {
+                return invalid(
+                    format!("policy.shadow.paths[{i}]"),
+                    format!("{} does not exist", p.display()),
+                );
+            }
+        }
         for (i, p) in policy.paths.iter().enumerate() {
             if !p.exists() {
                 return invalid(
@@ -499,6 +510,12 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&t.sampling_ratio) {
             return invalid("telemetry.sampling_ratio", "must be between 0 and 1");
+        }
+        if t.decision_log_input && t.decision_log_input_max_bytes < 1024 {
+            return invalid(
+                "telemetry.decision_log_input_max_bytes",
+                "must be at least 1024 (an input is rarely smaller)",
+            );
         }
         Ok(())
     }

@@ -240,6 +240,9 @@ fn route(
             let mut out = metrics(status, leaf, &shared.ops.secrets, shared.verifier.trust());
             shared.ops.metrics.render(&mut out);
             shared.ops.gates.render_metrics(&mut out, pending);
+            if shared.ops.shadow.is_some() {
+                shared.ops.metrics.shadow.render(&mut out);
+            }
             let _ = writeln!(
                 out,
                 "# HELP portcullis_buffered_body_bytes Request-body bytes held for inspection now (of limits.buffered_body_bytes).\n# TYPE portcullis_buffered_body_bytes gauge\nportcullis_buffered_body_bytes {}",

@@ -65,14 +65,12 @@ pub(crate) async fn handle(
     } else {
         None
     };
-    shared.chain.logging(
-        &ctx,
-        &Outcome {
-            status: 200,
-            bytes: 0,
-            duration: ctx.started.elapsed(),
-        },
-    );
+    let outcome = Outcome {
+        status: 200,
+        bytes: 0,
+        duration: ctx.started.elapsed(),
+    };
+    shared.chain.logging(&mut ctx, &outcome);
     let dest = ctx.destination.clone();
     let shared2 = shared.clone();
     shared.tasks.tracker.spawn(async move {

@@ -67,6 +67,8 @@ pub struct Operations {
     pub secrets: Arc<LocalSecrets>,
     pub pins: Arc<ToolPins>,
     pub gates: Arc<crate::gates::Gates>,
+    /// `policy.shadow`: decided beside the enforcing policy, never enforced.
+    pub shadow: Option<Arc<portcullis_policy::Policy>>,
 }
 
 /// One authenticated client connection. Tunnels hold it too, so the connection-limit permit is
@@ -188,7 +190,7 @@ pub(crate) fn head_refusal(
             bytes: 0,
             duration: ctx.started.elapsed(),
         };
-        shared.chain.logging(&ctx, &outcome);
+        shared.chain.logging(&mut ctx, &outcome);
         answer
     })
 }
@@ -202,6 +204,6 @@ pub(crate) fn refuse(shared: &Shared, mut ctx: Context, rej: Rejection) -> Respo
         bytes: 0,
         duration: ctx.started.elapsed(),
     };
-    shared.chain.logging(&ctx, &outcome);
+    shared.chain.logging(&mut ctx, &outcome);
     resp
 }

@@ -47,13 +47,13 @@ impl LoggedBody {
     }
 
     fn finish(&mut self) {
-        if let Some((ctx, chain)) = self.done.take() {
+        if let Some((mut ctx, chain)) = self.done.take() {
             let outcome = Outcome {
                 status: self.status.as_u16(),
                 bytes: self.bytes,
                 duration: ctx.started.elapsed(),
             };
-            chain.logging(&ctx, &outcome);
+            chain.logging(&mut ctx, &outcome);
         }
     }
 

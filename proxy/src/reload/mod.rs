@@ -35,6 +35,8 @@ enum ReloadError {
     Tls(#[from] TlsError),
     #[error("{0}")]
     Policy(#[from] PolicyError),
+    #[error("policy.shadow: {0}")]
+    Shadow(PolicyError),
     #[error("SVID {spiffe_id}: {source}")]
     Svid {
         spiffe_id: String,
@@ -62,6 +64,8 @@ pub struct Reloader {
     api_bundles: Option<Arc<Bundles>>,
     cert: Arc<ServerCert>,
     policy: Arc<Policy>,
+    /// `policy.shadow`, reloaded with the enforcing policy, each keeping its last good set.
+    shadow: Option<Arc<Policy>>,
     status: Arc<Status>,
     /// Fingerprints of what is being served, taken when it was loaded (before the proxy says
     /// it is listening), so a change made right after start-up is never mistaken for the
@@ -91,7 +95,12 @@ fn policy_files(cfg: &Config) -> Vec<PathBuf> {
         }
     }
     let mut out = Vec::new();
-    cfg.policy.paths.iter().for_each(|p| walk(p, &mut out, 0));
+    let shadow = cfg.policy.shadow.iter().flat_map(|s| &s.paths);
+    cfg.policy
+        .paths
+        .iter()
+        .chain(shadow)
+        .for_each(|p| walk(p, &mut out, 0));
     out
 }
 
@@ -154,6 +163,7 @@ pub struct Served {
     pub file_roots: Roots,
     pub cert: Arc<ServerCert>,
     pub policy: Arc<Policy>,
+    pub shadow: Option<Arc<Policy>>,
 }
 
 impl Reloader {
@@ -173,6 +183,7 @@ impl Reloader {
             api_bundles: None,
             cert: served.cert,
             policy: served.policy,
+            shadow: served.shadow,
             status,
             last_tls,
             last_policy,
@@ -369,12 +380,29 @@ impl Reloader {
         Ok(())
     }
 
+    /// The enforcing policy and the shadow policy, each on its own: a broken shadow never holds
+    /// back the enforcing policy, nor the other way round.
     fn reload_policy(&mut self) -> Result<(), ReloadError> {
-        let set = self.config.policy.load()?;
-        let revision = set.revision().clone();
-        let old = self.policy.replace(set);
-        tracing::info!(revision = %revision, previous = %old.revision(), "reloaded policy");
-        Ok(())
+        let enforcing = self.config.policy.load().map(|set| {
+            let revision = set.revision().clone();
+            let old = self.policy.replace(set);
+            tracing::info!(revision = %revision, previous = %old.revision(), "reloaded policy");
+        });
+        let shadow = match (&self.shadow, self.config.policy.load_shadow()) {
+            (Some(policy), Some(loaded)) => loaded
+                .map(|set| {
+                    let revision = set.revision().clone();
+                    let old = policy.replace(set);
+                    tracing::info!(revision = %revision, previous = %old.revision(), "reloaded shadow policy");
+                })
+                .map_err(ReloadError::Shadow),
+            _ => Ok(()),
+        };
+        if let (Err(_), Err(e)) = (&enforcing, &shadow) {
+            tracing::warn!(error = %e, "shadow policy reload failed too; the last good shadow policy stays");
+        }
+        enforcing?;
+        shadow
     }
 }
 

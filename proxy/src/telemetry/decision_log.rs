@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use portcullis_filters::pipeline::span_hex;
-use portcullis_filters::{ActionKind, Context, Filter, Outcome};
+use portcullis_filters::stages::shadow::Change;
+use portcullis_filters::{Context, Filter, Outcome};
 use serde::Serialize;
 
 /// How often the writer thread flushes what requests have queued.
@@ -23,8 +24,19 @@ const FLUSH_EVERY: Duration = Duration::from_millis(10);
 pub struct DecisionLog {
     queue: Arc<Queue>,
     max_queued: usize,
-    dropped: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+    /// `telemetry.decision_log_input`: the largest input written on a line.
+    input_max: Option<usize>,
     writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What `/metrics` reports of the decision log.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Lines dropped: the output did not keep up, or failed.
+    pub dropped: AtomicU64,
+    /// Inputs left off their line: over `telemetry.decision_log_input_max_bytes`.
+    pub input_omitted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -34,11 +46,11 @@ struct Queue {
 
 impl DecisionLog {
     /// `stdout`, `stderr`, `off` (returns `None`), or a file path opened for appending. At most
-    /// `max_queued` bytes wait for the writer; lines beyond are counted in `dropped`.
+    /// `max_queued` bytes wait for the writer; lines beyond are counted as dropped.
     pub fn open(
         target: &str,
         max_queued: usize,
-        dropped: Arc<AtomicU64>,
+        counters: Arc<Counters>,
     ) -> std::io::Result<Option<DecisionLog>> {
         let out: Box<dyn Write + Send> = match target {
             "off" => return Ok(None),
@@ -47,16 +59,24 @@ impl DecisionLog {
             path => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
         let queue = Arc::new(Queue::default());
-        let (q, lost) = (queue.clone(), dropped.clone());
+        let (q, c) = (queue.clone(), counters.clone());
         let writer = std::thread::Builder::new()
             .name("decision-log".into())
-            .spawn(move || write_loop(&q, out, &lost))?;
+            .spawn(move || write_loop(&q, out, &c.dropped))?;
         Ok(Some(DecisionLog {
             queue,
             max_queued,
-            dropped,
+            counters,
+            input_max: None,
             writer: Some(writer),
         }))
+    }
+
+    /// Write each decision's policy input (at most `max_bytes` of JSON) on its line.
+    #[must_use]
+    pub fn with_input(mut self, max_bytes: Option<usize>) -> DecisionLog {
+        self.input_max = max_bytes;
+        self
     }
 
     fn write(&self, line: &[u8]) {
@@ -65,7 +85,7 @@ impl DecisionLog {
         };
         if state.0.len() + line.len() > self.max_queued {
             drop(state);
-            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+            if self.counters.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!("decision log output is not keeping up: dropping lines (portcullis_decision_log_dropped_total)");
             }
             return;
@@ -159,6 +179,21 @@ struct Line<'a> {
     /// Who the agent acted for (a verified delegation token; never the token).
     #[serde(skip_serializing_if = "Option::is_none")]
     delegation: Option<DelegationLine<'a>>,
+    /// The shadow policy's decision on the same input (`policy.shadow`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<ShadowLine<'a>>,
+    /// Size of an input left off this line (over `telemetry.decision_log_input_max_bytes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_omitted: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ShadowLine<'a> {
+    decision: &'a str,
+    reason: &'a str,
+    revision: &'a str,
+    /// Verdict or reason differ from the enforcing decision.
+    differs: bool,
 }
 
 #[derive(Serialize)]
@@ -219,11 +254,7 @@ impl Filter for DecisionLog {
                 span_id: &span_id,
                 spiffe_id: ctx.peer.spiffe_id.as_str(),
                 // An MCP request's own decision (without a message) is its `kind: http` one.
-                kind: match (&rec.mcp, ctx.kind) {
-                    (Some(_), _) => "mcp",
-                    (None, ActionKind::Mcp) => "http",
-                    (None, kind) => kind.as_str(),
-                },
+                kind: rec.kind(ctx.kind),
                 destination: &destination,
                 method: ctx.method.as_str(),
                 path: &ctx.path,
@@ -246,11 +277,59 @@ impl Filter for DecisionLog {
                     issuer: &d.issuer,
                     chain: &d.chain,
                 }),
+                shadow: rec.shadow.as_ref().map(|s| ShadowLine {
+                    decision: if s.allow { "allow" } else { "deny" },
+                    reason: &s.reason,
+                    revision: &s.revision,
+                    differs: Change::between(d, s).is_some(),
+                }),
+                input_omitted: None,
             };
-            if serde_json::to_writer(&mut text, &line).is_ok() {
-                text.push(b'\n');
+            let start = text.len();
+            let input = self.input_max.zip(rec.input.as_ref());
+            match input {
+                None => {
+                    if serde_json::to_writer(&mut text, &line).is_err() {
+                        text.truncate(start);
+                        continue;
+                    }
+                }
+                Some((max, input)) => {
+                    if !self.write_with_input(&mut text, line, input, max) {
+                        text.truncate(start);
+                        continue;
+                    }
+                }
             }
+            text.push(b'\n');
         }
         self.write(&text);
+    }
+}
+
+impl DecisionLog {
+    /// `line` with `"input": …` as its last member, or with `input_omitted` when the input's
+    /// JSON is over `max` bytes. False when nothing could be written.
+    fn write_with_input(
+        &self,
+        text: &mut Vec<u8>,
+        mut line: Line<'_>,
+        input: &portcullis_policy::EngineInput,
+        max: usize,
+    ) -> bool {
+        let mut json = Vec::with_capacity(1024);
+        let fits = serde_json::to_writer(&mut json, input).is_ok() && json.len() <= max;
+        if !fits {
+            self.counters.input_omitted.fetch_add(1, Ordering::Relaxed);
+            line.input_omitted = Some(json.len());
+            return serde_json::to_writer(text, &line).is_ok();
+        }
+        if serde_json::to_writer(&mut *text, &line).is_err() || text.pop() != Some(b'}') {
+            return false;
+        }
+        text.extend_from_slice(b",\"input\":");
+        text.extend_from_slice(&json);
+        text.push(b'}');
+        true
     }
 }

@@ -163,8 +163,10 @@ pub struct Metrics {
     pub at_connection_limit: AtomicBool,
     /// The span exporter's counters (zero when spans are not exported).
     pub otel: std::sync::Arc<crate::telemetry::ExportStats>,
-    /// Decision-log lines dropped because the output did not keep up.
-    pub decision_log_dropped: std::sync::Arc<AtomicU64>,
+    /// The decision log's dropped lines and omitted inputs.
+    pub decision_log: std::sync::Arc<crate::telemetry::decision_log::Counters>,
+    /// The shadow policy's decisions and differences (rendered with `policy.shadow`).
+    pub shadow: std::sync::Arc<portcullis_filters::stages::shadow::ShadowStats>,
     /// Denied POSTs refused because their HTTP+SSE stream's queue was full.
     pub sse_queue_full: AtomicU64,
     /// Requests refused because buffering their body would exceed a body budget.
@@ -175,10 +177,12 @@ pub struct Metrics {
 pub struct ConnectionGuard<'a>(&'a Metrics);
 
 impl Metrics {
-    /// Metrics that report the decision log's dropped lines from `dropped`.
-    pub fn with_decision_log(dropped: std::sync::Arc<AtomicU64>) -> Metrics {
+    /// Metrics that report the decision log's counters.
+    pub fn with_decision_log(
+        counters: std::sync::Arc<crate::telemetry::decision_log::Counters>,
+    ) -> Metrics {
         Metrics {
-            decision_log_dropped: dropped,
+            decision_log: counters,
             ..Metrics::default()
         }
     }
@@ -266,7 +270,12 @@ impl Metrics {
             (
                 "portcullis_decision_log_dropped_total",
                 "Decision-log lines dropped: the output did not keep up (telemetry.decision_log_buffer full).",
-                &*self.decision_log_dropped,
+                &self.decision_log.dropped,
+            ),
+            (
+                "portcullis_decision_log_input_omitted_total",
+                "Decision-log lines written without their policy input: it was over telemetry.decision_log_input_max_bytes.",
+                &self.decision_log.input_omitted,
             ),
         ] {
             let _ = writeln!(

@@ -4,6 +4,8 @@
 //! them to the export queue (or to the summary line).
 
 use super::*;
+use portcullis_filters::stages::shadow::Change;
+use portcullis_policy::Decision;
 
 /// The logging-phase stage that builds the action's span and its children.
 pub struct SpanExport {
@@ -122,6 +124,20 @@ impl std::fmt::Display for Joined<'_> {
     }
 }
 
+/// What the shadow policy decided on the same input (`policy.shadow`), and whether it differs.
+fn shadow_attributes(a: &mut Attributes<'_>, enforced: &Decision, shadow: &Decision) {
+    a.str(
+        "portcullis.policy.shadow.decision",
+        if shadow.allow { "allow" } else { "deny" },
+    );
+    a.str("portcullis.policy.shadow.reason", &shadow.reason);
+    a.str("portcullis.policy.shadow.revision", &shadow.revision);
+    a.bool(
+        "portcullis.policy.shadow.differs",
+        Change::between(enforced, shadow).is_some(),
+    );
+}
+
 /// The OTel MCP attributes of one message: `mcp.method.name`, and by method
 /// `gen_ai.operation.name` + `gen_ai.tool.name` (`tools/call`), `gen_ai.prompt.name`,
 /// `mcp.resource.uri`.
@@ -192,6 +208,9 @@ pub(super) fn action_attributes(
         a.str("portcullis.policy.decision", word);
         a.str("portcullis.policy.reason", &rec.decision.reason);
         a.str("portcullis.policy.revision", &rec.decision.revision);
+        if let Some(shadow) = &rec.shadow {
+            shadow_attributes(a, &rec.decision, shadow);
+        }
     }
     if let Some(ap) = ctx.gates.approvals.last() {
         a.str("portcullis.approval.id", &ap.id);
@@ -311,6 +330,9 @@ impl SpanExport {
                             );
                             a.str("portcullis.policy.reason", &d.reason);
                             a.str("portcullis.policy.revision", &d.revision);
+                            if let Some(shadow) = &rec.shadow {
+                                shadow_attributes(a, d, shadow);
+                            }
                             a.int(
                                 "portcullis.policy.eval_time_us",
                                 i64::try_from(d.eval_time.as_micros()).unwrap_or(i64::MAX),
