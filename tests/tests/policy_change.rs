@@ -420,3 +420,44 @@ unused if input.never == 1
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_action_span_says_what_the_shadow_decided() {
+    let otlp = OtlpReceiver::start().await;
+    let endpoint = otlp.endpoint();
+    let s = Harness::builder()
+        .policy(ENFORCING)
+        .file("candidate/decision.rego", CANDIDATE)
+        .config(move |c| {
+            c["policy"]["shadow"] = json!({"paths": ["candidate"]});
+            c["telemetry"] = json!({"otlp_endpoint": endpoint, "otlp_protocol": "http/protobuf"});
+        })
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start()
+        .await;
+    for path in ["/admin/x", "/read/y"] {
+        assert_eq!(s.curl(&[&s.url(path)]).await.status, 200);
+    }
+    let attr = |span: &_, key: &str| span_attr(span, &format!("portcullis.policy.{key}"));
+    let admin = otlp
+        .wait_span("GET /admin/x", |sp| {
+            sp.kind == 2 /* SERVER */ && span_attr(sp, "url.full").is_some_and(|u| u.ends_with("/admin/x"))
+        })
+        .await;
+    assert_eq!(attr(&admin, "decision").as_deref(), Some("allow"));
+    assert_eq!(attr(&admin, "shadow.decision").as_deref(), Some("deny"));
+    assert_eq!(
+        attr(&admin, "shadow.reason").as_deref(),
+        Some("admin is off limits")
+    );
+    assert_eq!(attr(&admin, "shadow.differs").as_deref(), Some("true"));
+    let revision = attr(&admin, "shadow.revision").unwrap();
+    assert_ne!(Some(revision), attr(&admin, "revision"));
+    let read = otlp
+        .wait_span("GET /read/y", |sp| {
+            sp.kind == 2 /* SERVER */ && span_attr(sp, "url.full").is_some_and(|u| u.ends_with("/read/y"))
+        })
+        .await;
+    assert_eq!(attr(&read, "shadow.decision").as_deref(), Some("allow"));
+    assert_eq!(attr(&read, "shadow.differs").as_deref(), Some("false"));
+}
