@@ -409,7 +409,12 @@ async fn run(
         .filter(|p| *p != Profile::Bare)
         .collect();
     profiles.dedup();
-    let exports = [Profile::Full, Profile::FullDelegated, Profile::Otel];
+    let exports = [
+        Profile::Full,
+        Profile::FullDelegated,
+        Profile::FullShadow,
+        Profile::Otel,
+    ];
     let sink = match profiles.iter().any(|p| exports.contains(p)) {
         true => Some(otlp_sink::OtlpSink::start().await?),
         false => None,
@@ -468,7 +473,7 @@ async fn run(
             http::HeaderValue::from_static(concat!("Bearer ", "pcx_bench")),
         );
         let headers = match profile {
-            Profile::Full => vec![bearer],
+            Profile::Full | Profile::FullShadow => vec![bearer],
             Profile::FullDelegated => vec![
                 bearer,
                 (
@@ -514,7 +519,7 @@ async fn run(
     for t in targets.iter().filter(|t| {
         matches!(
             t.profile,
-            Profile::Full | Profile::FullDelegated | Profile::Otel
+            Profile::Full | Profile::FullDelegated | Profile::FullShadow | Profile::Otel
         )
     }) {
         let Some(p) = &t.proxy else { continue };

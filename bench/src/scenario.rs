@@ -49,6 +49,10 @@ pub enum Profile {
     /// `full` plus a delegation token (ES256, verified against a JWKS file) on every request:
     /// what acting for a user costs.
     FullDelegated,
+    /// `full` plus a shadow policy (a copy of the example policy) deciding every action again
+    /// after it finished, and each decision's input in the decision log: what recording and
+    /// shadowing a candidate policy cost.
+    FullShadow,
     /// The example policy over a large data document (thousands of identities and hosts).
     PolicyHeavy,
     /// The bare pipeline plus OTLP export of every span (`--otel-sampling`) to a sink in the
@@ -70,6 +74,7 @@ impl Profile {
             Profile::Bare => "bare",
             Profile::Full => "full",
             Profile::FullDelegated => "full-delegated",
+            Profile::FullShadow => "full-shadow",
             Profile::PolicyHeavy => "policy-heavy",
             Profile::Otel => "mitm-otel",
             Profile::Limited => "ratelimit",
@@ -261,6 +266,17 @@ pub const ALL: &[Scenario] = &[
         )
     },
     Scenario {
+        profile: Profile::FullShadow,
+        ..sc(
+            "full-shadow",
+            "like full, plus a shadow policy decided on every action and each decision's policy input in the decision log",
+            Route::Mitm,
+            ConnMode::KeepAlive,
+            Workload::Small,
+            Some("direct"),
+        )
+    },
+    Scenario {
         profile: Profile::PolicyHeavy,
         ..sc(
             "policy-heavy",
@@ -322,7 +338,7 @@ pub const PEERS: &str = "mitmproxy,mitmproxy-large,squid,squid-large";
 
 /// What runs when `--scenarios` is not given.
 pub const DEFAULT: &str =
-    "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp,ratelimit,full,full-delegated,policy-heavy";
+    "direct,tunnel,mitm,mitm-otel,handshake,large,large-16x,mcp,ratelimit,full,full-delegated,full-shadow,policy-heavy";
 
 #[derive(Debug)]
 pub struct UnknownScenario(pub String);

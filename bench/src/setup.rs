@@ -231,7 +231,10 @@ impl Setup {
                 "issuer": BENCH_ISSUER, "jwks_file": "bench-jwks.json", "audiences": ["portcullis"],
             }]});
         }
-        if matches!(profile, Profile::Full | Profile::FullDelegated) {
+        if matches!(
+            profile,
+            Profile::Full | Profile::FullDelegated | Profile::FullShadow
+        ) {
             write_file(
                 &self.dir.join("bench-secret"),
                 format!("{BENCH_SECRET}\n").as_bytes(),
@@ -251,6 +254,11 @@ impl Setup {
             });
         } else {
             cfg["telemetry"] = json!({"decision_log": "off"});
+        }
+        if profile == Profile::FullShadow {
+            let candidate = self.write_example_policy("full-shadow-candidate", false)?;
+            cfg["policy"]["shadow"] = json!({"paths": [candidate]});
+            cfg["telemetry"]["decision_log_input"] = json!(true);
         }
         let path = self.dir.join(format!("config-{name}.yaml"));
         write_file(&path, format!("{cfg:#}\n").as_bytes(), false)?;
