@@ -351,6 +351,15 @@ mod tests {
         PolicySet::load(&[path], "data.portcullis.decision", Limits::default()).unwrap()
     }
 
+    fn load_dir(dir: &std::path::Path) -> PolicySet {
+        PolicySet::load(
+            &[dir.to_path_buf()],
+            "data.portcullis.decision",
+            Limits::default(),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn example_policy_tests_pass() {
         let report = load("policies").run_tests();
@@ -388,12 +397,7 @@ mod tests {
              test_function(x) := x\n",
         )
         .unwrap();
-        let set = PolicySet::load(
-            &[dir.path().to_path_buf()],
-            "data.portcullis.decision",
-            Limits::default(),
-        )
-        .unwrap();
+        let set = load_dir(dir.path());
         let report = set.run_tests();
         let outcomes: Vec<(&str, &TestOutcome)> = report
             .results
@@ -459,12 +463,7 @@ mod tests {
              test_a if data.portcullis.decision with input as {\"host\": \"a.test\"}\n",
         )
         .unwrap();
-        let set = PolicySet::load(
-            &[dir.path().to_path_buf()],
-            "data.portcullis.decision",
-            Limits::default(),
-        )
-        .unwrap();
+        let set = load_dir(dir.path());
         let (report, coverage) = set.run_tests_with_coverage();
         assert!(report.passed(), "{report}");
         let policy = coverage
