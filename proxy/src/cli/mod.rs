@@ -101,11 +101,11 @@ pub enum Command {
 }
 
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("identity").required(true).args(["svid", "workload_api"])))]
+#[command(group(clap::ArgGroup::new("identity").args(["svid", "workload_api"])))]
 pub struct ConnectArgs {
     /// The central Portcullis proxy, e.g. https://portcullis.internal:8443.
-    #[arg(long)]
-    pub upstream: String,
+    #[arg(long, required_unless_present = "print_rules")]
+    pub upstream: Option<String>,
     /// Also require the central proxy's certificate to be the X.509-SVID of this SPIFFE ID,
     /// e.g. spiffe://acme.test/portcullis (on top of the host name check).
     #[arg(long)]
@@ -142,6 +142,18 @@ pub struct ConnectArgs {
     /// more wait in the accept queue.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Accept connections redirected here by the kernel (nftables/iptables REDIRECT in the
+    /// workload's network namespace) instead of proxy requests; see --print-rules.
+    #[arg(long)]
+    pub transparent: bool,
+    /// Print the nftables and iptables rules that redirect the namespace's TCP to --listen
+    /// (all but --uid's own traffic), then exit.
+    #[arg(long)]
+    pub print_rules: bool,
+    /// With --print-rules: the user the connector runs as (its traffic is not redirected);
+    /// default: the current user.
+    #[arg(long, requires = "print_rules")]
+    pub uid: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -485,9 +497,26 @@ async fn run(cmd: Command) -> ExitCode {
     }
 }
 
+#[allow(clippy::print_stdout)] // --print-rules prints the rules
 async fn connect(args: ConnectArgs) -> ExitCode {
-    use crate::connector::{IdentitySource, Options, Upstream};
-    let upstream = match Upstream::parse(&args.upstream) {
+    use crate::connector::{transparent, IdentitySource, Options, Upstream};
+    if args.print_rules {
+        use std::os::unix::fs::MetadataExt;
+        let uid = match args.uid {
+            Some(u) => u,
+            None => match std::fs::metadata("/proc/self") {
+                Ok(m) => m.uid(),
+                Err(e) => {
+                    return fail(2, format!("--uid not given and /proc/self unreadable: {e}"))
+                }
+            },
+        };
+        let port = args.listen.port();
+        println!("{}", transparent::nft_rules(port, uid));
+        println!("{}", transparent::iptables_rules(port, uid));
+        return ExitCode::SUCCESS;
+    }
+    let upstream = match Upstream::parse(args.upstream.as_deref().unwrap_or_default()) {
         Ok(u) => u,
         Err(e) => return fail(2, e),
     };
@@ -521,6 +550,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
             reload_interval: args.reload_interval,
             shutdown_grace: args.shutdown_grace,
             max_connections: args.max_connections,
+            transparent: args.transparent,
         },
         signal::shutdown_signal(),
     );

@@ -1,8 +1,8 @@
 //! `portcullis policy replay`: re-decides every decision-log line that carries its policy input
 //! (`telemetry.decision_log_input`) with a candidate policy and reports what would change.
 //! Exit status: 0 nothing changed, 1 something changed, 2 nothing could be replayed (or bad
-//! usage). Lines are decided in parallel, in batches, one thread per core; the report does not
-//! depend on the thread count.
+//! usage). One thread reads the log in batches while one thread per core decides them; the
+//! report does not depend on the thread count.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -182,35 +182,78 @@ impl Report {
     }
 }
 
-/// Decide a batch of lines on every core; outcomes in line order.
-fn decide_batch(set: &PolicySet, first: usize, lines: &[String]) -> Vec<Outcome> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = lines.len().div_ceil(threads).max(256);
+/// Reads `reader` in batches on one thread while one thread per core decides them; the
+/// outcomes reach `add` in line order. An I/O error stops the read and is returned.
+fn decide_all(
+    set: &PolicySet,
+    reader: Box<dyn BufRead + Send>,
+    mut add: impl FnMut(Outcome),
+) -> std::io::Result<()> {
+    use std::sync::mpsc;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // (batch number, first line number, lines)
+    let (batches_tx, batches_rx) = mpsc::sync_channel::<(usize, usize, Vec<String>)>(workers);
+    let batches_rx = std::sync::Mutex::new(batches_rx);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, Vec<Outcome>)>();
     std::thread::scope(|s| {
-        let handles: Vec<_> = lines
-            .chunks(chunk)
-            .enumerate()
-            .map(|(c, part)| {
-                s.spawn(move || {
-                    part.iter()
-                        .enumerate()
-                        .map(|(i, l)| decide(set, first + c * chunk + i, l))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
+        let reading = s.spawn(move || {
+            let mut lines = reader.lines();
+            let (mut batch_no, mut line_no) = (0, 1);
+            loop {
+                let batch = lines
+                    .by_ref()
+                    .take(BATCH)
+                    .collect::<std::io::Result<Vec<String>>>()?;
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let n = batch.len();
+                if batches_tx.send((batch_no, line_no, batch)).is_err() {
+                    return Ok(());
+                }
+                batch_no += 1;
+                line_no += n;
+            }
+        });
+        for _ in 0..workers {
+            let (rx, tx) = (&batches_rx, done_tx.clone());
+            s.spawn(move || loop {
+                let next = rx.lock().ok().and_then(|r| r.recv().ok());
+                let Some((batch_no, first, lines)) = next else {
+                    return;
+                };
+                let outcomes = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| decide(set, first + i, l))
+                    .collect();
+                if tx.send((batch_no, outcomes)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        // Batches finish out of order; hand them on in order.
+        let mut waiting = BTreeMap::new();
+        let mut next = 0;
+        for (batch_no, outcomes) in done_rx {
+            waiting.insert(batch_no, outcomes);
+            while let Some(outcomes) = waiting.remove(&next) {
+                outcomes.into_iter().for_each(&mut add);
+                next += 1;
+            }
+        }
+        reading
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the reader panicked")))
     })
 }
 
 /// Runs the replay; the report goes to stdout (text, or JSON with `json`).
 #[allow(clippy::print_stdout)] // the report is this command's output
 pub fn run(set: &PolicySet, log: &Path, json: bool, examples: usize) -> ExitCode {
-    let reader: Box<dyn BufRead> = if log == Path::new("-") {
-        Box::new(std::io::stdin().lock())
+    let reader: Box<dyn BufRead + Send> = if log == Path::new("-") {
+        Box::new(std::io::BufReader::with_capacity(1 << 20, std::io::stdin()))
     } else {
         match std::fs::File::open(log) {
             Ok(f) => Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
@@ -222,24 +265,8 @@ pub fn run(set: &PolicySet, log: &Path, json: bool, examples: usize) -> ExitCode
         ..Report::default()
     };
     let start = Instant::now();
-    let mut batch: Vec<String> = Vec::with_capacity(BATCH);
-    let mut lines = reader.lines();
-    let mut number = 1;
-    loop {
-        batch.clear();
-        for line in lines.by_ref().take(BATCH) {
-            match line {
-                Ok(l) => batch.push(l),
-                Err(e) => return super::fail(2, format!("{}: {e}", log.display())),
-            }
-        }
-        if batch.is_empty() {
-            break;
-        }
-        for outcome in decide_batch(set, number, &batch) {
-            report.add(outcome, examples);
-        }
-        number += batch.len();
+    if let Err(e) = decide_all(set, reader, |outcome| report.add(outcome, examples)) {
+        return super::fail(2, format!("{}: {e}", log.display()));
     }
     let took = start.elapsed().as_secs_f64();
     report.decisions_per_second = if took > 0.0 {

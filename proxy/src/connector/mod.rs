@@ -6,6 +6,7 @@
 //! Anyone who can reach the listener acts as this workload, hence loopback and `--allow-clients`.
 
 mod tls;
+pub mod transparent;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +58,9 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// Open client connections at most; more wait in the accept queue.
     pub max_connections: usize,
+    /// Accept connections the kernel redirected here (see [`transparent`]) instead of
+    /// proxy requests.
+    pub transparent: bool,
 }
 
 /// The central proxy: `https://host[:port]` (port 443 by default).
@@ -336,6 +340,31 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        if opts.transparent {
+            // Only a connection the kernel redirected has an original destination other than
+            // this listener; anything else (a client dialling the port itself) is closed.
+            match transparent::original_destination(&tcp) {
+                Ok(original)
+                    if original.port() != listen_port(listener) || !original.ip().is_loopback() =>
+                {
+                    let Some(id) = current.borrow().clone() else {
+                        continue;
+                    };
+                    let (upstream, timeout) = (upstream.clone(), opts.connect_timeout);
+                    tracker.spawn(async move {
+                        redirected(tcp, peer, original, id, upstream, timeout).await;
+                        drop(permit);
+                    });
+                }
+                Ok(_) => {
+                    tracing::warn!(peer = %peer, "refused a connection made to the transparent listener itself")
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer, error = %e, "refused a connection that was not redirected here (no original destination)")
+                }
+            }
+            continue;
+        }
         if !allowed(&opts.allow_clients, peer.ip()) {
             tracing::warn!(peer = %peer, "refused a client outside --allow-clients");
             let reason = format!("{} may not use this connector (--allow-clients)", peer.ip());
@@ -446,6 +475,66 @@ async fn tunnel(
             )
             .await;
         }
+        Err(e) => tracing::debug!(peer = %peer, error = %e, "tunnel ended with an error"),
+    }
+}
+
+fn listen_port(listener: &TcpListener) -> u16 {
+    listener.local_addr().map_or(0, |a| a.port())
+}
+
+/// One redirected connection: name its destination, check the name against where the client
+/// was going, and carry it through `CONNECT name:port` on an mTLS connection to the central
+/// proxy. A refusal closes the client's connection (a TLS client cannot read an HTTP answer);
+/// a plain-HTTP client gets the proxy's answer.
+async fn redirected(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    original: SocketAddr,
+    id: Arc<Identity>,
+    up: Arc<Upstream>,
+    timeout: Duration,
+) {
+    let captured = match transparent::capture(&mut client, original, timeout).await {
+        Ok(c) => c,
+        Err(reason) => {
+            tracing::warn!(peer = %peer, %original, %reason, "redirected connection refused");
+            return;
+        }
+    };
+    if let Err(reason) = transparent::check_agreement(&captured).await {
+        tracing::warn!(peer = %peer, %original, authority = %captured.authority, %reason,
+            "redirected connection refused: its name and destination disagree");
+        return;
+    }
+    let mut upstream = match tokio::time::timeout(timeout, dial(&up, &id)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %peer, upstream = %up, error = %describe(&e), "upstream unreachable");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(peer = %peer, upstream = %up, ?timeout, "upstream timeout");
+            return;
+        }
+    };
+    if let Err((status, answer)) =
+        transparent::open_tunnel(&mut upstream, &captured.authority).await
+    {
+        tracing::info!(peer = %peer, authority = %captured.authority, status,
+            "the central proxy refused the redirected connection");
+        if captured.protocol == "http" {
+            let _ = client.write_all(&answer).await;
+            let _ = client.shutdown().await;
+        }
+        return;
+    }
+    tracing::debug!(peer = %peer, authority = %captured.authority, protocol = captured.protocol, "redirected");
+    if upstream.write_all(&captured.first).await.is_err() {
+        return;
+    }
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => tracing::debug!(peer = %peer, sent, received, "tunnel closed"),
         Err(e) => tracing::debug!(peer = %peer, error = %e, "tunnel ended with an error"),
     }
 }
