@@ -6,6 +6,7 @@
 #   3. the Kubernetes policy ConfigMap carries the same decision.rego/decision_test.rego as
 #      deploy/portcullis/policy/;
 #   4. with a portcullis binary ($PORTCULLIS_BIN, target/release, target/debug or PATH):
+#      the transparent pod's nft rules equal `connect --print-rules`;
 #      the policies' Rego tests pass, and `portcullis check` accepts deploy/portcullis/portcullis.yaml
 #      on a PKI made by deploy/pki/init.sh in a temporary directory.
 # Compose v2 missing: installs Debian's `docker-compose` package when run as root with apt
@@ -143,3 +144,16 @@ if grep -q '/run/portcullis' "$tmp/etc/portcullis.yaml"; then
 fi
 run "$bin" check --config "$tmp/etc/portcullis.yaml"
 ok "portcullis check accepts deploy/portcullis/portcullis.yaml ($bin)"
+
+# The transparent pod's capture rules are what `connect --print-rules` prints for them.
+"$bin" connect --print-rules --listen 127.0.0.1:15001 --uid 65533 | sed -n '/^table/,/^}/p' \
+  > "$tmp/rules.want"
+python3 - "$tmp/rules.have" <<'PY'
+import sys, yaml
+docs = yaml.safe_load_all(open("deploy/kubernetes/agent-transparent.yaml"))
+rules = next(d for d in docs if d and d.get("kind") == "ConfigMap")["data"]["rules.nft"]
+open(sys.argv[1], "w").write(rules)
+PY
+diff -u "$tmp/rules.want" "$tmp/rules.have" >&2 \
+  || fail "deploy/kubernetes/agent-transparent.yaml: rules.nft differs from connect --print-rules"
+ok "the transparent pod's rules are connect --print-rules' (uid 65533, port 15001)"
