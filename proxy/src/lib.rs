@@ -35,8 +35,10 @@ pub mod tls {
     pub use crate::edge::tls::check_leaf;
 }
 
-/// The direct OTLP span encoder, re-exported for the fuzz targets (`tests/fuzz`). Not an API.
+/// The direct OTLP span encoder and the transparent connector's name parsers, re-exported for
+/// the fuzz targets (`tests/fuzz`). Not an API.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::connector::transparent::{authority_for, http_host, sni, Named};
     pub use crate::telemetry::otlp::{Attributes, Encoder, Envelope, Kind, SpanHead};
 }

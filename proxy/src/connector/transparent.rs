@@ -9,6 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use portcullis_filters::parse::destination::Destination;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -236,20 +237,36 @@ pub async fn capture<S: AsyncRead + Unpin>(
     let (protocol, name) = tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| format!("the client named no destination within {timeout:?}"))??;
-    let host = match name {
-        Some(name) => name,
-        None => original.ip().to_string(),
-    };
-    let authority = match host.parse::<IpAddr>() {
-        Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", original.port()),
-        _ => format!("{host}:{}", original.port()),
-    };
+    let authority = authority_for(name.as_deref(), original)?;
     Ok(Captured {
         original,
         authority,
         protocol,
         first,
     })
+}
+
+/// The CONNECT authority for `name` (the original IP without one) and the original port, as
+/// the central proxy's own parser accepts it: a name with anything but a DNS name's or an IP
+/// literal's characters (a CR or LF the client put in its SNI, say) is refused, never written
+/// into the CONNECT request.
+pub fn authority_for(name: Option<&str>, original: SocketAddr) -> Result<String, String> {
+    let host = match name {
+        Some(name) => name.to_owned(),
+        None => original.ip().to_string(),
+    };
+    let raw = match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", original.port()),
+        _ => format!("{host}:{}", original.port()),
+    };
+    Destination::parse_connect_authority(&raw)
+        .map(|d| d.authority())
+        .map_err(|e| {
+            format!(
+                "the client named {:?}: {e}",
+                host.escape_debug().to_string()
+            )
+        })
 }
 
 /// The name must lead where the client was going: an IP literal must be the original IP; a
@@ -445,6 +462,28 @@ mod tests {
             http_host(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
             Named::Done(Some("::1".into()))
         );
+    }
+
+    #[test]
+    fn only_a_host_name_or_ip_becomes_an_authority() {
+        let at: SocketAddr = "127.0.0.1:443".parse().unwrap();
+        assert_eq!(
+            authority_for(Some("api.example.com"), at).unwrap(),
+            "api.example.com:443"
+        );
+        assert_eq!(authority_for(None, at).unwrap(), "127.0.0.1:443");
+        let v6: SocketAddr = "[::1]:8443".parse().unwrap();
+        assert_eq!(authority_for(None, v6).unwrap(), "[::1]:8443");
+        for bad in [
+            "a.com:443 HTTP/1.1\r\nX: y",
+            "a b.com",
+            "a.com\n",
+            "",
+            "a.com:1",
+            "[::1",
+        ] {
+            assert!(authority_for(Some(bad), at).is_err(), "{bad:?}");
+        }
     }
 
     #[tokio::test]

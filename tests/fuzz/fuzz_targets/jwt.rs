@@ -58,7 +58,9 @@ fuzz_target!(|data: &[u8]| {
     let signed = format!(
         "{}.{}",
         b64(br#"{"alg":"ES256","kid":"k"}"#),
-        b64(serde_json::Value::Object(claims.clone()).to_string().as_bytes())
+        b64(serde_json::Value::Object(claims.clone())
+            .to_string()
+            .as_bytes())
     );
     let sig = keys
         .pair
@@ -71,7 +73,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let t = jwt::decode(&token).expect("a signed token decodes");
     assert_eq!(t.claims, claims);
-    t.verify(&keys.set).expect("a token signed with the key verifies");
+    t.verify(&keys.set)
+        .expect("a token signed with the key verifies");
     let mut bytes = token.clone().into_bytes();
     let at = data.len() % signed.len();
     bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
