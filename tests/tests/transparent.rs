@@ -4,8 +4,9 @@
 //! rules `connect --print-rules` prints, applied with nft, and unmodified clients without any
 //! proxy settings running as `nobody`: curl, Python's urllib and Node's fetch reach the
 //! upstream through the connector and the central proxy (the decision log shows each request
-//! decided for the agent's SPIFFE ID), a destination the policy denies fails, UDP egress is
-//! dropped, and a client dialling the connector's port itself is refused.
+//! decided for the agent's SPIFFE ID), plain HTTP is named by its Host, a destination the
+//! policy denies fails, UDP egress is dropped, and a client dialling the connector's port
+//! itself is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::{Child, Command, Stdio};
@@ -277,6 +278,46 @@ fn unmodified_clients_in_a_namespace_go_through_the_connector_and_the_policy() {
     conn_logs.wait_for("the connector's refusal", |l| {
         l.contains("refused the redirected connection") && l.contains("127.0.0.2")
     });
+
+    // Plain HTTP is named by its Host: a server in the namespace, reached through the proxy;
+    // a plain client refused by the policy reads the proxy's own answer.
+    let http_logs = Arc::new(Logs::default());
+    let _http = ns.spawn(
+        &[
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+        ],
+        &http_logs,
+    );
+    http_logs.wait_for("the plain HTTP server", |l| l.contains("Serving HTTP"));
+    let (code, body, err) = run(&mut ns.as_nobody(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://localhost:8080/plain",
+    ]));
+    assert_eq!((code, body.as_str()), (Some(0), "404"), "{err}");
+    http_logs.wait_for("the plain request", |l| l.contains("GET /plain HTTP/1.1"));
+    dev_logs.wait_for("the plain request's decision", |l| {
+        l.contains("\"path\":\"/plain\"") && l.contains("\"decision\":\"allow\"")
+    });
+    let (_, body, err) = run(&mut ns.as_nobody(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "http://127.0.0.2:8080/plain",
+    ]));
+    assert!(body.contains("\"error\":\"policy_denied\""), "{body} {err}");
 
     // No way around it: UDP is dropped, and dialling the connector itself is refused.
     let udp = "import socket\n\
