@@ -319,6 +319,41 @@ fn unmodified_clients_in_a_namespace_go_through_the_connector_and_the_policy() {
     ]));
     assert!(body.contains("\"error\":\"policy_denied\""), "{body} {err}");
 
+    // IPv6 is captured too (the connector also listens on [::1]): a server on ::1, named by
+    // its literal, decided by the proxy (dev's policy lists localhost and 127.0.0.1, not ::1:
+    // the client reads the proxy's 403, and the server sees nothing).
+    let v6_logs = Arc::new(Logs::default());
+    let _v6 = ns.spawn(
+        &[
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            "8081",
+            "--bind",
+            "::1",
+        ],
+        &v6_logs,
+    );
+    v6_logs.wait_for("the IPv6 server", |l| l.contains("Serving HTTP"));
+    let (code, status, err) = run(&mut ns.as_nobody(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://[::1]:8081/six",
+    ]));
+    assert_eq!((code, status.as_str()), (Some(0), "403"), "{err}");
+    dev_logs.wait_for("the IPv6 CONNECT's decision", |l| {
+        l.contains("\"destination\":\"[::1]:8081\"")
+            && l.contains("\"kind\":\"connect\"")
+            && l.contains("\"decision\":\"deny\"")
+    });
+    assert!(!v6_logs.lines().iter().any(|l| l.contains("GET /six")));
+
     // No way around it: UDP is dropped, and dialling the connector itself is refused.
     let udp = "import socket\n\
                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\

@@ -278,6 +278,21 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), Co
                 source,
             })?;
     let listen = listener.local_addr().unwrap_or(opts.listen);
+    // Redirected IPv6 connections arrive at [::1]: in transparent mode on IPv4 loopback, the
+    // same port there too (without it, IPv6 egress fails closed: nothing listens).
+    let listener_v6 = match (opts.transparent, listen.ip()) {
+        (true, IpAddr::V4(ip)) if ip.is_loopback() => {
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()));
+            match TcpListener::bind(v6).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(listen = %v6, error = %e, "cannot listen on IPv6 loopback: redirected IPv6 connections will fail");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     if !listen.ip().is_loopback() {
         tracing::warn!(listen = %listen, "listening beyond loopback: every allowed client acts as this workload");
     }
@@ -294,7 +309,7 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), Co
             .unwrap_or_default();
         tracing::info!(listen = %listen, upstream = %opts.upstream,
             spiffe_id = %spiffe_id, "connector listening");
-        accept_loop(&listener, &opts, &current, &tracker).await;
+        accept_loop(&listener, listener_v6.as_ref(), &opts, &current, &tracker).await;
     };
     tokio::select! {
         _ = serve => {}
@@ -303,6 +318,7 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), Co
     tracing::info!("shutting down: no new connections; waiting for open tunnels");
     shutdown.cancel();
     drop(listener);
+    drop(listener_v6);
     tracker.close();
     if tokio::time::timeout(opts.shutdown_grace, tracker.wait())
         .await
@@ -315,6 +331,7 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), Co
 
 async fn accept_loop(
     listener: &TcpListener,
+    also: Option<&TcpListener>,
     opts: &Options,
     current: &Current,
     tracker: &TaskTracker,
@@ -331,7 +348,14 @@ async fn accept_loop(
         let Some(permit) = slots.take(full).await else {
             return;
         };
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = match also {
+            Some(v6) => tokio::select! {
+                a = listener.accept() => a,
+                a = v6.accept() => a,
+            },
+            None => listener.accept().await,
+        };
+        let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
