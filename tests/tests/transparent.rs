@@ -93,6 +93,39 @@ impl Netns {
         self.exec(&all)
     }
 
+    /// Python's plain HTTP server on `bind`:`port` inside the namespace (as root), ready.
+    fn http_server(&self, bind: &str, port: &str) -> (Running, Arc<Logs>) {
+        let logs = Arc::new(Logs::default());
+        let server = self.spawn(
+            &[
+                "/usr/bin/python3",
+                "-m",
+                "http.server",
+                port,
+                "--bind",
+                bind,
+            ],
+            &logs,
+        );
+        logs.wait_for("the plain HTTP server", |l| l.contains("Serving HTTP"));
+        (server, logs)
+    }
+
+    /// curl as `nobody` printing only the response status of `url`.
+    fn status_of(&self, url: &str) -> Command {
+        self.as_nobody(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ])
+    }
+
     /// Starts `args` inside the namespace; its stdout and stderr are captured into `logs`.
     fn spawn(&self, args: &[&str], logs: &Arc<Logs>) -> Running {
         let mut child = self
@@ -281,31 +314,9 @@ fn unmodified_clients_in_a_namespace_go_through_the_connector_and_the_policy() {
 
     // Plain HTTP is named by its Host: a server in the namespace, reached through the proxy;
     // a plain client refused by the policy reads the proxy's own answer.
-    let http_logs = Arc::new(Logs::default());
-    let _http = ns.spawn(
-        &[
-            "/usr/bin/python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "127.0.0.1",
-        ],
-        &http_logs,
-    );
-    http_logs.wait_for("the plain HTTP server", |l| l.contains("Serving HTTP"));
-    let (code, body, err) = run(&mut ns.as_nobody(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "20",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://localhost:8080/plain",
-    ]));
-    assert_eq!((code, body.as_str()), (Some(0), "404"), "{err}");
+    let (_http, http_logs) = ns.http_server("127.0.0.1", "8080");
+    let (code, status, err) = run(&mut ns.status_of("http://localhost:8080/plain"));
+    assert_eq!((code, status.as_str()), (Some(0), "404"), "{err}");
     http_logs.wait_for("the plain request", |l| l.contains("GET /plain HTTP/1.1"));
     dev_logs.wait_for("the plain request's decision", |l| {
         l.contains("\"path\":\"/plain\"") && l.contains("\"decision\":\"allow\"")
@@ -322,30 +333,8 @@ fn unmodified_clients_in_a_namespace_go_through_the_connector_and_the_policy() {
     // IPv6 is captured too (the connector also listens on [::1]): a server on ::1, named by
     // its literal, decided by the proxy (dev's policy lists localhost and 127.0.0.1, not ::1:
     // the client reads the proxy's 403, and the server sees nothing).
-    let v6_logs = Arc::new(Logs::default());
-    let _v6 = ns.spawn(
-        &[
-            "/usr/bin/python3",
-            "-m",
-            "http.server",
-            "8081",
-            "--bind",
-            "::1",
-        ],
-        &v6_logs,
-    );
-    v6_logs.wait_for("the IPv6 server", |l| l.contains("Serving HTTP"));
-    let (code, status, err) = run(&mut ns.as_nobody(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "20",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://[::1]:8081/six",
-    ]));
+    let (_v6, v6_logs) = ns.http_server("::1", "8081");
+    let (code, status, err) = run(&mut ns.status_of("http://[::1]:8081/six"));
     assert_eq!((code, status.as_str()), (Some(0), "403"), "{err}");
     dev_logs.wait_for("the IPv6 CONNECT's decision", |l| {
         l.contains("\"destination\":\"[::1]:8081\"")
