@@ -15,7 +15,7 @@ use portcullis_filters::stages::hygiene::HeaderHygiene;
 use portcullis_filters::stages::mcp::McpFilter;
 use portcullis_filters::stages::pinning::{OnChange, PinLimits, ToolPinning, ToolPins};
 use portcullis_filters::stages::policy::PolicyFilter;
-use portcullis_filters::stages::shadow::ShadowPolicy;
+use portcullis_filters::stages::shadow::{ShadowPolicy, ShadowSlot};
 use portcullis_filters::stages::trace::TracePropagation;
 use portcullis_filters::Chain;
 use portcullis_policy::{Policy, PolicyError};
@@ -198,8 +198,9 @@ pub struct Loaded {
     decision_log: Option<DecisionLog>,
     /// Decision-log lines dropped (the metrics read it).
     decision_log_counters: Arc<crate::telemetry::decision_log::Counters>,
-    /// `policy.shadow`, loaded and tested.
-    shadow: Option<Arc<Policy>>,
+    /// `policy.shadow`: its slot (empty when the candidate did not load), and why not.
+    shadow: Option<Arc<ShadowSlot>>,
+    shadow_error: Option<PolicyError>,
     secrets: Arc<LocalSecrets>,
 }
 
@@ -224,11 +225,13 @@ impl Loaded {
         ));
         let upstream = Upstream::new(&cfg.upstream, guard)?;
         let policy = Arc::new(Policy::new(cfg.policy.load()?));
-        let shadow = cfg
-            .policy
-            .load_shadow()
-            .transpose()?
-            .map(|set| Arc::new(Policy::new(set)));
+        // A candidate that does not load is an error for `check`, not for `serve` (it serves
+        // without one until a reload loads it): it must never keep the proxy from serving.
+        let (shadow, shadow_error) = match cfg.policy.load_shadow() {
+            None => (None, None),
+            Some(Ok(set)) => (Some(Arc::new(ShadowSlot::new(Some(set)))), None),
+            Some(Err(e)) => (Some(Arc::new(ShadowSlot::default())), Some(e)),
+        };
         let decision_log_counters = Arc::default();
         let decision_log = DecisionLog::open(
             &cfg.telemetry.decision_log,
@@ -280,12 +283,18 @@ impl Loaded {
             decision_log,
             decision_log_counters,
             shadow,
+            shadow_error,
             secrets,
         })
     }
 
     pub fn policy_revision(&self) -> Arc<str> {
         self.policy.revision()
+    }
+
+    /// Why `policy.shadow` did not load (`check` refuses it; `serve` runs without it).
+    pub fn shadow_error(&self) -> Option<&PolicyError> {
+        self.shadow_error.as_ref()
     }
 }
 
@@ -303,8 +312,12 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         decision_log,
         decision_log_counters,
         shadow,
+        shadow_error,
         secrets,
     } = Loaded::load(&cfg)?;
+    if let Some(e) = shadow_error {
+        tracing::warn!(error = %e, "policy.shadow does not load: serving without a shadow policy until a reload loads it");
+    }
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await

@@ -461,3 +461,45 @@ async fn the_action_span_says_what_the_shadow_decided() {
     assert_eq!(attr(&read, "shadow.decision").as_deref(), Some("allow"));
     assert_eq!(attr(&read, "shadow.differs").as_deref(), Some("false"));
 }
+
+/// A candidate that does not load never keeps the proxy from serving: `check` refuses the
+/// config, `serve` runs without a shadow (`portcullis_policy_shadow_loaded 0`) and picks the
+/// candidate up once it is fixed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_candidate_is_refused_by_check_and_never_stops_serving() {
+    let failing_test = "package portcullis_test\nimport rego.v1\ntest_fails if false\n";
+    let s = Harness::builder()
+        .policy(ENFORCING)
+        .file("candidate/decision.rego", CANDIDATE)
+        .file("candidate/decision_test.rego", failing_test)
+        .config(|c| c["policy"]["shadow"] = json!({"paths": ["candidate"]}))
+        .start()
+        .await;
+    let mut cfg = s.pki.base_config();
+    cfg["policy"]["shadow"] = json!({"paths": ["candidate"]});
+    let err = check_refuses(&s.pki, &cfg);
+    assert!(
+        err.contains("policy.shadow") && err.contains("test_fails"),
+        "{err}"
+    );
+
+    assert_eq!(s.curl(&[&s.url("/admin/1")]).await.status, 200);
+    assert_eq!(s.proxy.metric("portcullis_policy_shadow_loaded").await, 0);
+    let line = s
+        .proxy
+        .decisions
+        .wait_for("the first decision", |l| l.contains("/admin/1"));
+    assert!(!line.contains("\"shadow\""), "{line}");
+
+    replace_file(&s.pki.path("candidate/decision_test.rego"), CANDIDATE_TEST);
+    s.proxy
+        .wait_metric("portcullis_policy_shadow_loaded", |n| n == 1)
+        .await;
+    assert_eq!(s.curl(&[&s.url("/admin/2")]).await.status, 200);
+    let line = s
+        .proxy
+        .decisions
+        .wait_for("the second decision", |l| l.contains("/admin/2"));
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["shadow"]["reason"], "admin is off limits", "{line}");
+}

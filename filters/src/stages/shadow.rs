@@ -8,7 +8,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use portcullis_policy::{Decision, Policy};
+use arc_swap::ArcSwapOption;
+use portcullis_policy::{Decision, PolicySet};
 
 use crate::pipeline::{ActionKind, Context};
 
@@ -103,9 +104,15 @@ impl ShadowStats {
             .map_or(0, |i| self.decisions[i].load(Ordering::Relaxed))
     }
 
-    /// Prometheus text: decisions by kind, differences by kind, change and pair of reasons,
-    /// errors.
-    pub fn render(&self, out: &mut String) {
+    /// Prometheus text: whether a candidate is loaded, decisions by kind, differences by kind,
+    /// change and pair of reasons, errors.
+    pub fn render(&self, out: &mut String, loaded: bool) {
+        let name = "portcullis_policy_shadow_loaded";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 while a shadow policy is loaded (0: policy.shadow did not load yet).\n# TYPE {name} gauge\n{name} {}",
+            u8::from(loaded)
+        );
         let name = "portcullis_policy_shadow_decisions_total";
         let _ = writeln!(
             out,
@@ -170,10 +177,31 @@ impl std::fmt::Display for LabelValue<'_> {
     }
 }
 
+/// The candidate policy, swapped on reload: empty until one loads, so a candidate that does
+/// not compile or fails its tests at start never keeps the proxy from serving.
+#[derive(Debug, Default)]
+pub struct ShadowSlot(ArcSwapOption<PolicySet>);
+
+impl ShadowSlot {
+    pub fn new(set: Option<PolicySet>) -> ShadowSlot {
+        ShadowSlot(ArcSwapOption::from(set.map(Arc::new)))
+    }
+
+    /// The loaded candidate, if any; hold it for the whole action.
+    pub fn current(&self) -> Option<Arc<PolicySet>> {
+        self.0.load_full()
+    }
+
+    /// Installs `set`; returns the one it replaced.
+    pub fn replace(&self, set: PolicySet) -> Option<Arc<PolicySet>> {
+        self.0.swap(Some(Arc::new(set)))
+    }
+}
+
 /// The finished-phase stage: decides every kept input with the shadow policy.
 #[derive(Debug)]
 pub struct ShadowPolicy {
-    pub policy: Arc<Policy>,
+    pub policy: Arc<ShadowSlot>,
     pub stats: Arc<ShadowStats>,
 }
 
@@ -188,7 +216,9 @@ impl crate::pipeline::Filter for ShadowPolicy {
             return;
         }
         // One revision for the whole action, like the enforcing policy.
-        let set = self.policy.current();
+        let Some(set) = self.policy.current() else {
+            return;
+        };
         let action: ActionKind = ctx.kind;
         for rec in &mut ctx.decisions {
             let Some(input) = &rec.input else {
@@ -223,7 +253,7 @@ mod tests {
         stats.record("mcp", &d(false, "a"), &d(true, "b"));
         stats.record("connect", &d(false, "a"), &d(false, "b"));
         let mut out = String::new();
-        stats.render(&mut out);
+        stats.render(&mut out, true);
         assert!(
             out.contains("portcullis_policy_shadow_decisions_total{kind=\"http\"} 3"),
             "{out}"

@@ -783,6 +783,16 @@ async fn check(path: &Path) -> ExitCode {
     };
     let loaded = app::Loaded::load(&cfg);
     match loaded {
+        Ok(l) if l.shadow_error().is_some() => fail(
+            2,
+            format!(
+                "{}: policy.shadow: {}",
+                path.display(),
+                l.shadow_error()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ),
+        ),
         Ok(l) => {
             tracing::info!(config = %path.display(), policy_revision = %l.policy_revision(), "{cfg}: OK");
             ExitCode::SUCCESS

@@ -240,8 +240,9 @@ fn route(
             let mut out = metrics(status, leaf, &shared.ops.secrets, shared.verifier.trust());
             shared.ops.metrics.render(&mut out);
             shared.ops.gates.render_metrics(&mut out, pending);
-            if shared.ops.shadow.is_some() {
-                shared.ops.metrics.shadow.render(&mut out);
+            if let Some(slot) = &shared.ops.shadow {
+                let loaded = slot.current().is_some();
+                shared.ops.metrics.shadow.render(&mut out, loaded);
             }
             let _ = writeln!(
                 out,

@@ -68,7 +68,7 @@ pub struct Operations {
     pub pins: Arc<ToolPins>,
     pub gates: Arc<crate::gates::Gates>,
     /// `policy.shadow`: decided beside the enforcing policy, never enforced.
-    pub shadow: Option<Arc<portcullis_policy::Policy>>,
+    pub shadow: Option<Arc<portcullis_filters::stages::shadow::ShadowSlot>>,
 }
 
 /// One authenticated client connection. Tunnels hold it too, so the connection-limit permit is

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use portcullis_filters::stages::shadow::ShadowSlot;
 use portcullis_policy::{Policy, PolicyError};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -65,7 +66,7 @@ pub struct Reloader {
     cert: Arc<ServerCert>,
     policy: Arc<Policy>,
     /// `policy.shadow`, reloaded with the enforcing policy, each keeping its last good set.
-    shadow: Option<Arc<Policy>>,
+    shadow: Option<Arc<ShadowSlot>>,
     status: Arc<Status>,
     /// Fingerprints of what is being served, taken when it was loaded (before the proxy says
     /// it is listening), so a change made right after start-up is never mistaken for the
@@ -163,7 +164,7 @@ pub struct Served {
     pub file_roots: Roots,
     pub cert: Arc<ServerCert>,
     pub policy: Arc<Policy>,
-    pub shadow: Option<Arc<Policy>>,
+    pub shadow: Option<Arc<ShadowSlot>>,
 }
 
 impl Reloader {
@@ -392,8 +393,8 @@ impl Reloader {
             (Some(policy), Some(loaded)) => loaded
                 .map(|set| {
                     let revision = set.revision().clone();
-                    let old = policy.replace(set);
-                    tracing::info!(revision = %revision, previous = %old.revision(), "reloaded shadow policy");
+                    let old = policy.replace(set).map(|o| o.revision().clone());
+                    tracing::info!(revision = %revision, previous = ?old, "reloaded shadow policy");
                 })
                 .map_err(ReloadError::Shadow),
             _ => Ok(()),
