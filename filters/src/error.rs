@@ -49,6 +49,11 @@ pub enum ErrorCode {
     DelegationInvalid,
     /// The delegation token's issuer keys cannot be fetched (and none are cached).
     DelegationUnavailable,
+    /// The caller's JWT-SVID (`x-portcullis-jwt-svid`) is malformed, not signed by its trust
+    /// domain, expired, or names another workload than the caller's X.509-SVID.
+    JwtSvidInvalid,
+    /// No JWT bundle is known (yet) for the JWT-SVID's trust domain.
+    JwtSvidUnavailable,
     /// A bug or resource failure inside the proxy; never caused by the peer.
     Internal,
 }
@@ -65,7 +70,8 @@ impl ErrorCode {
             | ErrorCode::DestinationBlocked
             | ErrorCode::ClientNotAllowed
             | ErrorCode::ApprovalRequired
-            | ErrorCode::DelegationInvalid => 403,
+            | ErrorCode::DelegationInvalid
+            | ErrorCode::JwtSvidInvalid => 403,
             ErrorCode::RateLimited => 429,
             ErrorCode::BadRequest | ErrorCode::HeaderMismatch => 400,
             ErrorCode::BodyTooLarge => 413,
@@ -76,7 +82,8 @@ impl ErrorCode {
             ErrorCode::CredentialUnavailable
             | ErrorCode::Overloaded
             | ErrorCode::ApprovalUnavailable
-            | ErrorCode::DelegationUnavailable => 503,
+            | ErrorCode::DelegationUnavailable
+            | ErrorCode::JwtSvidUnavailable => 503,
             ErrorCode::UpgradeNotSupported => 501,
             ErrorCode::UnsupportedEncoding => 415,
             ErrorCode::MethodNotAllowed => 405,
@@ -111,6 +118,8 @@ impl ErrorCode {
             ErrorCode::ApprovalUnavailable => "approval_unavailable",
             ErrorCode::DelegationInvalid => "delegation_invalid",
             ErrorCode::DelegationUnavailable => "delegation_unavailable",
+            ErrorCode::JwtSvidInvalid => "jwt_svid_invalid",
+            ErrorCode::JwtSvidUnavailable => "jwt_svid_unavailable",
             ErrorCode::Internal => "internal_error",
         }
     }
@@ -266,6 +275,8 @@ mod tests {
                 503,
                 "delegation_unavailable",
             ),
+            (ErrorCode::JwtSvidInvalid, 403, "jwt_svid_invalid"),
+            (ErrorCode::JwtSvidUnavailable, 503, "jwt_svid_unavailable"),
         ];
         for (code, status, name) in table {
             assert_eq!(code.status(), status, "{name}");

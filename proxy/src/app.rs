@@ -33,6 +33,7 @@ use crate::gates::Gates;
 use crate::http::mitm::{Mitm, MitmError};
 use crate::http::sse::SseTransport;
 use crate::http::{Operations, Shared, Tasks};
+use crate::reload::jwt_bundles::JwtBundleStore;
 use crate::reload::workload_api;
 use crate::reload::{Reloader, Served, WorkloadApiFeeds};
 use crate::replicas::RedisStore;
@@ -41,6 +42,7 @@ use crate::telemetry::decision_log::DecisionLog;
 use crate::telemetry::metrics::{Metrics, MetricsFilter};
 use crate::telemetry::{SpanExport, Telemetry};
 use crate::upstream::Upstream;
+use portcullis_filters::stages::jwt_svid::JwtSvidFilter;
 
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
@@ -97,7 +99,12 @@ pub fn build_chain(
         .with(TracePropagation {
             sampling: spans.as_ref().map(|s| s.sampling_ratio()),
         })
-        // Before anything reads headers for placeholders or policy: the token is taken out.
+        // Before anything reads headers for placeholders or policy: the tokens are taken out.
+        .with(JwtSvidFilter::new(
+            ops.jwt_bundles.clone(),
+            JWT_SVID_SKEW,
+            gates.jwt_svid.clone(),
+        ))
         .with_optional(
             cfg.delegation
                 .as_ref()
@@ -202,6 +209,7 @@ pub struct Loaded {
     shadow: Option<Arc<ShadowSlot>>,
     shadow_error: Option<PolicyError>,
     secrets: Arc<LocalSecrets>,
+    jwt_bundles: Arc<JwtBundleStore>,
 }
 
 impl Loaded {
@@ -271,6 +279,7 @@ impl Loaded {
         if let Some(d) = &cfg.delegation {
             crate::delegation::JwksCache::new(d)?;
         }
+        let jwt_bundles = Arc::new(JwtBundleStore::load(cfg)?);
         Ok(Loaded {
             trust,
             verifier,
@@ -285,6 +294,7 @@ impl Loaded {
             shadow,
             shadow_error,
             secrets,
+            jwt_bundles,
         })
     }
 
@@ -296,6 +306,27 @@ impl Loaded {
     pub fn shadow_error(&self) -> Option<&PolicyError> {
         self.shadow_error.as_ref()
     }
+}
+
+/// Clock difference tolerated on a JWT-SVID's `exp`, `nbf` and `iat`.
+const JWT_SVID_SKEW: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keep the JWT bundles of `workload_api` trust domains as the Workload API sends them.
+fn follow_jwt_bundles(
+    endpoint: &crate::config::WorkloadApiEndpoint,
+    store: &Arc<JwtBundleStore>,
+    shutdown: &CancellationToken,
+) {
+    let mut feed = workload_api::watch_jwt_bundles(endpoint.clone(), shutdown.clone());
+    let store = store.clone();
+    tokio::spawn(async move {
+        while feed.changed().await.is_ok() {
+            let keys = feed.borrow_and_update().clone();
+            if let Some(keys) = keys {
+                store.set_from_api((*keys).clone());
+            }
+        }
+    });
 }
 
 /// Load everything the config names, then bind and serve.
@@ -314,6 +345,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         shadow,
         shadow_error,
         secrets,
+        jwt_bundles,
     } = Loaded::load(&cfg)?;
     if let Some(e) = shadow_error {
         tracing::warn!(error = %e, "policy.shadow does not load: serving without a shadow policy until a reload loads it");
@@ -392,6 +424,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         pins,
         gates,
         shadow: shadow.clone(),
+        jwt_bundles: jwt_bundles.clone(),
     };
     let chain = build_chain(&cfg, policy.clone(), &ops, decision_log, spans)?;
     let routes = crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials)?;
@@ -422,6 +455,9 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     let feeds = cfg.tls.workload_api().map(|endpoint| {
         tracing::info!(proxy = %proxy_addr, admin = %admin_addr, endpoint = %endpoint,
             "waiting for the X.509-SVID and bundles from the Workload API");
+        if jwt_bundles.wants_api() {
+            follow_jwt_bundles(&endpoint, &jwt_bundles, &shutdown);
+        }
         WorkloadApiFeeds {
             svid: workload_api::watch_svid(endpoint.clone(), shutdown.clone()),
             bundles: workload_api::watch_bundles(endpoint, shutdown.clone()),
@@ -433,6 +469,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         cert,
         policy: policy.clone(),
         shadow,
+        jwt_bundles,
     };
     let reloader = Reloader::new(config_path, cfg, served, status.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -513,6 +550,7 @@ mod tests {
             pins: Arc::new(ToolPins::new(OnChange::Log)),
             gates: Arc::new(Gates::build(cfg, None).unwrap()),
             shadow: None,
+            jwt_bundles: Arc::new(JwtBundleStore::load(cfg).unwrap()),
         };
         build_chain(cfg, policy, &ops, log, None)
     }
@@ -531,6 +569,7 @@ mod tests {
                 "header_hygiene",
                 "mcp_inspect",
                 "trace_propagation",
+                "jwt_svid",
                 "tool_pinning",
                 "credential_detect",
                 "policy",

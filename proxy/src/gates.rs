@@ -35,6 +35,8 @@ pub struct Gates {
     pub decisions: DecisionStats,
     /// Delegation tokens verified and refused (the stage is optional; the counters are not).
     pub delegation: Arc<portcullis_filters::stages::delegation::DelegationStats>,
+    /// JWT-SVIDs verified and refused.
+    pub jwt_svid: Arc<portcullis_filters::stages::jwt_svid::JwtSvidStats>,
     webhook: Option<Arc<WebhookStats>>,
     /// Approval changes from other replicas, when Redis shares the records.
     pub redis_changes:
@@ -117,6 +119,7 @@ impl Gates {
             redis_limiter,
             decisions: DecisionStats::default(),
             delegation: Arc::default(),
+            jwt_svid: Arc::default(),
             webhook,
             redis_changes,
         })
@@ -254,6 +257,19 @@ impl Gates {
         ] {
             rows.push((
                 "portcullis_delegation_tokens_total",
+                "counter",
+                format!("outcome=\"{which}\""),
+                n,
+            ));
+        }
+        let js = &self.jwt_svid;
+        for (which, n) in [
+            ("verified", get(&js.verified)),
+            ("refused", get(&js.refused)),
+            ("unavailable", get(&js.unavailable)),
+        ] {
+            rows.push((
+                "portcullis_jwt_svids_total",
                 "counter",
                 format!("outcome=\"{which}\""),
                 n,

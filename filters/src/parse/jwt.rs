@@ -112,6 +112,17 @@ enum KeyMaterial {
 /// The signature keys of a JWK Set document (`{"keys": [...]}`); keys of other types or uses
 /// (`use: enc`) are skipped.
 pub fn parse_jwks(doc: &[u8]) -> Result<Vec<Jwk>, String> {
+    parse_keys(doc, "sig")
+}
+
+/// The JWT-SVID keys of a trust domain's bundle: a SPIFFE bundle (a JWK Set whose keys say
+/// `use: jwt-svid`; its `x509-svid` entries are skipped) or a plain JWK Set.
+pub fn parse_jwt_bundle(doc: &[u8]) -> Result<Vec<Jwk>, String> {
+    parse_keys(doc, "jwt-svid")
+}
+
+/// Keys without a `use`, or with `use` = `wanted`.
+fn parse_keys(doc: &[u8], wanted: &str) -> Result<Vec<Jwk>, String> {
     let v: Value = serde_json::from_slice(doc).map_err(|e| format!("not JSON: {e}"))?;
     let keys = v
         .get("keys")
@@ -125,7 +136,7 @@ pub fn parse_jwks(doc: &[u8]) -> Result<Vec<Jwk>, String> {
     };
     let mut out = Vec::new();
     for k in keys {
-        if text(k, "use").is_some_and(|u| u != "sig") {
+        if text(k, "use").is_some_and(|u| u != wanted) {
             continue;
         }
         let key = match (text(k, "kty").as_deref(), text(k, "crv").as_deref()) {
@@ -363,6 +374,98 @@ impl Unverified {
     }
 }
 
+/// The signature algorithms a JWT-SVID may use (SPIFFE JWT-SVID §3: RS, ES and PS only).
+const SVID_ALGORITHMS: [&str; 8] = [
+    "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512",
+];
+
+/// A verified JWT-SVID: the workload it names, the audiences it was issued for, until when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtSvid {
+    pub spiffe_id: crate::parse::identity::SpiffeId,
+    pub audience: Vec<String>,
+    pub expires: i64,
+    /// The token itself: sent as the actor token of a token exchange. Never logged.
+    pub token: std::sync::Arc<crate::parse::secret::SecretValue>,
+}
+
+impl JwtSvid {
+    /// Issued for `audience` and still valid at `now` (seconds since the epoch).
+    pub fn usable_for(&self, audience: &str, now: i64) -> bool {
+        now < self.expires && self.audience.iter().any(|a| a == audience)
+    }
+}
+
+impl Unverified {
+    /// The SPIFFE ID the token claims (not yet verified: only to pick the trust domain's keys).
+    pub fn svid_subject(&self) -> Result<crate::parse::identity::SpiffeId, JwtError> {
+        match self.claims.get("sub") {
+            Some(Value::String(s)) => match crate::parse::identity::SpiffeId::parse(s) {
+                // The trust domain's own ID names no workload.
+                Ok(id) if id.path().is_empty() => Err(JwtError::Claims(
+                    "sub is a trust domain, not a workload".into(),
+                )),
+                Ok(id) => Ok(id),
+                Err(e) => Err(JwtError::Claims(format!("sub is not a SPIFFE ID: {e}"))),
+            },
+            _ => Err(JwtError::Claims("no sub".into())),
+        }
+    }
+
+    /// Verify a JWT-SVID (SPIFFE JWT-SVID §3, §4): an RS/ES/PS signature by one of the trust
+    /// domain's JWT authorities, a SPIFFE ID `sub`, at least one `aud`, an `exp` not passed
+    /// (allowing `skew` seconds), no `nbf`/`iat` in the future.
+    pub fn verify_svid(
+        &self,
+        keys: &[Jwk],
+        now: i64,
+        skew: i64,
+        token: &str,
+    ) -> Result<JwtSvid, JwtError> {
+        if !SVID_ALGORITHMS.contains(&self.alg.as_str()) {
+            return Err(JwtError::Unsupported(format!(
+                "alg {:?} in a JWT-SVID",
+                self.alg
+            )));
+        }
+        self.verify(keys)?;
+        let c = &self.claims;
+        let spiffe_id = self.svid_subject()?;
+        let exp = int_claim(c, "exp")?.ok_or_else(|| JwtError::Claims("no exp".into()))?;
+        if now >= exp.saturating_add(skew) {
+            return Err(JwtError::Claims("expired".into()));
+        }
+        for name in ["nbf", "iat"] {
+            if int_claim(c, name)?.is_some_and(|t| now.saturating_add(skew) < t) {
+                return Err(JwtError::Claims(format!("{name} is in the future")));
+            }
+        }
+        let audience: Vec<String> = match c.get("aud") {
+            Some(Value::String(a)) => vec![a.clone()],
+            Some(Value::Array(all)) => all
+                .iter()
+                .map(|a| a.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| JwtError::Claims("aud holds a non-string".into()))?,
+            _ => Vec::new(),
+        };
+        if audience.is_empty() || audience.len() > MAX_AUDIENCES {
+            return Err(JwtError::Claims(format!(
+                "a JWT-SVID names 1 to {MAX_AUDIENCES} audiences"
+            )));
+        }
+        Ok(JwtSvid {
+            spiffe_id,
+            audience,
+            expires: exp,
+            token: std::sync::Arc::new(crate::parse::secret::SecretValue::new(token.to_owned())),
+        })
+    }
+}
+
+/// Most audiences a JWT-SVID may name.
+const MAX_AUDIENCES: usize = 16;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
@@ -517,5 +620,84 @@ mod tests {
         );
         let t = format!("{signed}.{}", enc(pair.sign(signed.as_bytes()).as_ref()));
         assert_eq!(check(&t, &keys, now).unwrap().subject, "alice");
+    }
+
+    #[test]
+    fn jwt_svids_are_checked_as_the_spiffe_spec_says() {
+        let (pair, keys) = es256();
+        let now = 1_800_000_000;
+        let header = json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+        let good = json!({"sub": "spiffe://acme.test/agent", "aud": ["sts", "x"],
+                          "exp": now + 300, "iat": now});
+        let svid = |claims: &Value| {
+            let t = sign(&pair, header.clone(), claims.clone());
+            decode(&t)?.verify_svid(&keys, now, 30, &t)
+        };
+        let v = svid(&good).unwrap();
+        assert_eq!(v.spiffe_id.to_string(), "spiffe://acme.test/agent");
+        assert_eq!(v.audience, ["sts", "x"]);
+        assert!(v.usable_for("sts", now) && v.usable_for("x", now + 299));
+        assert!(!v.usable_for("other", now) && !v.usable_for("sts", now + 300));
+        assert!(!format!("{v:?}").contains(&sign(&pair, header.clone(), good.clone())[..20]));
+        let with = |k: &str, val: Value| {
+            let mut c = good.clone();
+            c[k] = val;
+            c
+        };
+        let without = |k: &str| {
+            let mut c = good.clone();
+            c.as_object_mut().unwrap().remove(k);
+            c
+        };
+        for (bad, why) in [
+            (without("aud"), "no aud"),
+            (with("aud", json!([])), "empty aud"),
+            (with("aud", json!([1])), "non-string aud"),
+            (with("sub", json!("alice")), "sub not a SPIFFE ID"),
+            (with("sub", json!("spiffe://acme.test")), "no path"),
+            (without("sub"), "no sub"),
+            (without("exp"), "no exp"),
+            (with("exp", json!(now - 31)), "expired"),
+            (with("iat", json!(now + 31)), "issued in the future"),
+            (with("nbf", json!(now + 31)), "not yet valid"),
+        ] {
+            assert!(svid(&bad).is_err(), "{why}: {bad}");
+        }
+        // Another key, or an algorithm the spec does not allow, never verifies.
+        let (other, _) = es256();
+        let t = sign(&other, header.clone(), good.clone());
+        assert!(decode(&t).unwrap().verify_svid(&keys, now, 30, &t).is_err());
+        let ed = json!({"alg": "EdDSA", "kid": "k1"});
+        let t = sign(&pair, ed, good.clone());
+        assert!(matches!(
+            decode(&t).unwrap().verify_svid(&keys, now, 30, &t),
+            Err(JwtError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn a_spiffe_bundle_gives_its_jwt_authorities_only() {
+        let (_, keys) = es256();
+        let KeyMaterial::Ec { point, .. } = &keys[0].key else {
+            panic!()
+        };
+        let (x, y) = (enc(&point[1..33]), enc(&point[33..]));
+        let key = |kid: &str, use_: Option<&str>| {
+            let mut k = json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": x, "y": y});
+            if let Some(u) = use_ {
+                k["use"] = json!(u);
+            }
+            k
+        };
+        let doc = json!({"spiffe_sequence": 1, "keys": [
+            key("jwt", Some("jwt-svid")), key("x509", Some("x509-svid")),
+            key("sig", Some("sig")), key("plain", None)]});
+        let kids = |keys: Vec<Jwk>| keys.into_iter().map(|k| k.kid.unwrap()).collect::<Vec<_>>();
+        let doc = doc.to_string();
+        assert_eq!(
+            kids(parse_jwt_bundle(doc.as_bytes()).unwrap()),
+            ["jwt", "plain"]
+        );
+        assert_eq!(kids(parse_jwks(doc.as_bytes()).unwrap()), ["sig", "plain"]);
     }
 }

@@ -137,6 +137,9 @@ pub struct Context {
     pub gates: Gates,
     /// The principal the agent acts for (a verified delegation token), when it sent one.
     pub delegation: Option<Arc<crate::parse::jwt::Verified>>,
+    /// The caller's verified JWT-SVID (`x-portcullis-jwt-svid`, on this request or on the
+    /// CONNECT of its tunnel), for token exchanges that send it as the actor token.
+    pub jwt_svid: Option<Arc<crate::parse::jwt::JwtSvid>>,
 }
 
 /// What the approval and quota stages did, for telemetry, and what they hold until the action
@@ -321,6 +324,7 @@ impl Context {
             credentials: CredentialUse::default(),
             gates: Gates::default(),
             delegation: None,
+            jwt_svid: None,
         }
     }
 

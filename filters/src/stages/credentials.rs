@@ -85,6 +85,8 @@ pub trait SecretStore: Send + Sync + std::fmt::Debug {
 pub struct OnBehalf<'a> {
     pub delegation: &'a crate::parse::jwt::Verified,
     pub actor: &'a str,
+    /// The caller's verified JWT-SVID, when it sent one.
+    pub jwt_svid: Option<&'a crate::parse::jwt::JwtSvid>,
 }
 
 /// The configured credentials, by placeholder.
@@ -405,6 +407,7 @@ impl CredentialSubstitute {
             let on_behalf = ctx.delegation.as_deref().map(|delegation| OnBehalf {
                 delegation,
                 actor: ctx.peer.spiffe_id.as_str(),
+                jwt_svid: ctx.jwt_svid.as_deref(),
             });
             let on_behalf = on_behalf.as_ref();
             let (got, cache_hit) = match start {

@@ -57,16 +57,19 @@ pub struct DelegationFilter {
 }
 
 /// SHA-256 of a token.
-type TokenDigest = [u8; 32];
+pub type TokenDigest = [u8; 32];
 
-/// Recently verified tokens, bounded.
-pub struct VerifiedCache {
-    entries: Mutex<HashMap<TokenDigest, (Arc<jwt::Verified>, Instant)>>,
+/// A verified token, its `exp`, and when it was verified.
+type Remembered<T> = (Arc<T>, i64, Instant);
+
+/// Recently verified tokens, bounded: each with its `exp` and when it was verified.
+pub struct VerifiedCache<T = jwt::Verified> {
+    entries: Mutex<HashMap<TokenDigest, Remembered<T>>>,
     max: usize,
     keep: Duration,
 }
 
-impl fmt::Debug for VerifiedCache {
+impl<T> fmt::Debug for VerifiedCache<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VerifiedCache")
             .field("max", &self.max)
@@ -74,8 +77,8 @@ impl fmt::Debug for VerifiedCache {
     }
 }
 
-impl VerifiedCache {
-    pub fn new(max: usize, keep: Duration) -> VerifiedCache {
+impl<T> VerifiedCache<T> {
+    pub fn new(max: usize, keep: Duration) -> VerifiedCache<T> {
         VerifiedCache {
             entries: Mutex::new(HashMap::new()),
             max,
@@ -83,38 +86,46 @@ impl VerifiedCache {
         }
     }
 
-    fn get(&self, key: &[u8; 32], now: i64, skew: i64) -> Option<Arc<jwt::Verified>> {
-        let entries = self.entries.lock().ok()?;
-        let (v, at) = entries.get(key)?;
-        (at.elapsed() < self.keep && now < v.expires.saturating_add(skew)).then(|| v.clone())
+    /// The SHA-256 of `token`: what the cache is keyed by.
+    pub fn key(token: &str) -> TokenDigest {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        key
     }
 
-    fn put(&self, key: [u8; 32], v: Arc<jwt::Verified>, now: i64, skew: i64) {
+    pub fn get(&self, key: &TokenDigest, now: i64, skew: i64) -> Option<Arc<T>> {
+        let entries = self.entries.lock().ok()?;
+        let (v, expires, at) = entries.get(key)?;
+        (at.elapsed() < self.keep && now < expires.saturating_add(skew)).then(|| v.clone())
+    }
+
+    pub fn put(&self, key: TokenDigest, v: Arc<T>, expires: i64, now: i64, skew: i64) {
         let Ok(mut entries) = self.entries.lock() else {
             return;
         };
         if entries.len() >= self.max {
             let keep = self.keep;
-            entries
-                .retain(|_, (v, at)| at.elapsed() < keep && now < v.expires.saturating_add(skew));
+            entries.retain(|_, (_, expires, at)| {
+                at.elapsed() < keep && now < expires.saturating_add(skew)
+            });
             if entries.len() >= self.max {
                 return;
             }
         }
-        entries.insert(key, (v, Instant::now()));
+        entries.insert(key, (v, expires, Instant::now()));
     }
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the epoch.
+pub fn unix_now() -> i64 {
     i64::try_from(crate::stages::quota::unix_micros() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 impl DelegationFilter {
     /// A verified token from the cache, or verified now (and cached).
     async fn verified(&self, token: &str) -> Result<Arc<jwt::Verified>, JwtError> {
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        let mut key = [0u8; 32];
-        key.copy_from_slice(digest.as_ref());
+        let key = VerifiedCache::<jwt::Verified>::key(token);
         let (now, skew) = (
             unix_now(),
             i64::try_from(self.max_skew.as_secs()).unwrap_or(0),
@@ -123,7 +134,7 @@ impl DelegationFilter {
             return Ok(v);
         }
         let v = Arc::new(self.verify(token).await?);
-        self.verified.put(key, v.clone(), now, skew);
+        self.verified.put(key, v.clone(), v.expires, now, skew);
         Ok(v)
     }
 

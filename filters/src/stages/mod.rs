@@ -5,6 +5,7 @@ pub mod approval;
 pub mod credentials;
 pub mod delegation;
 pub mod hygiene;
+pub mod jwt_svid;
 pub mod mcp;
 pub mod pinning;
 pub mod policy;

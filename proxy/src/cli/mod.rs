@@ -126,6 +126,15 @@ pub struct ConnectArgs {
     /// unix:///run/spire/agent.sock (or just the socket's absolute path).
     #[arg(long)]
     pub workload_api: Option<String>,
+    /// Also fetch the workload's JWT-SVID for this audience from the Workload API (repeatable:
+    /// one JWT-SVID naming them all) and send it with every proxy request
+    /// (`x-portcullis-jwt-svid`), for token exchanges whose actor token it is.
+    #[arg(
+        long = "jwt-audience",
+        value_name = "AUDIENCE",
+        requires = "workload_api"
+    )]
+    pub jwt_audiences: Vec<String>,
     /// Source networks that may use the connector (repeatable); others get a 403.
     #[arg(long = "allow-clients", value_name = "CIDR", num_args = 1.., default_values = ["127.0.0.0/8", "::1/128"])]
     pub allow_clients: Vec<ipnet::IpNet>,
@@ -551,6 +560,7 @@ async fn connect(args: ConnectArgs) -> ExitCode {
             shutdown_grace: args.shutdown_grace,
             max_connections: args.max_connections,
             transparent: args.transparent,
+            jwt_audiences: args.jwt_audiences,
         },
         signal::shutdown_signal(),
     );

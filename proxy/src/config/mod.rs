@@ -115,6 +115,10 @@ pub struct TrustDomainConfig {
     pub bundle: Option<PathBuf>,
     #[serde(default)]
     pub workload_api: bool,
+    /// The trust domain's JWT authorities (a SPIFFE bundle or JWK Set, JSON), to verify the
+    /// JWT-SVIDs its workloads send; with `workload_api: true` they come from there instead.
+    #[serde(default)]
+    pub jwt_bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -603,14 +607,25 @@ pub struct WebhookConfig {
     pub timeout: Duration,
 }
 
-/// The actor token of a token exchange (one kind so far).
+/// The actor token of a token exchange: exactly one of these.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ActorConfig {
     /// A JWT the proxy signs for each exchange: `sub` = the caller's SPIFFE ID (the agent),
     /// `iss` = `issuer`, `aud` = `audience` (default: the token URL), valid `ttl`; ES256 with a
     /// P-256 PKCS#8 key whose public half the authorization server trusts (as `kid`).
-    pub assertion: ActorAssertionConfig,
+    #[serde(default)]
+    pub assertion: Option<ActorAssertionConfig>,
+    /// The caller's own JWT-SVID (sent in `x-portcullis-jwt-svid`, verified by the proxy),
+    /// which must be issued for `audience`; without one the credential is refused.
+    #[serde(default)]
+    pub jwt_svid: Option<ActorJwtSvidConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ActorJwtSvidConfig {
+    pub audience: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -980,7 +995,7 @@ impl Config {
         self.tls.key.iter_mut().for_each(fix);
         self.trust_domains
             .values_mut()
-            .for_each(|t| t.bundle.iter_mut().for_each(fix));
+            .for_each(|t| t.bundle.iter_mut().chain(&mut t.jwt_bundle).for_each(fix));
         fix(&mut self.mitm.ca_cert);
         fix(&mut self.mitm.ca_key);
         self.upstream.extra_roots.iter_mut().for_each(fix);
@@ -994,8 +1009,8 @@ impl Config {
                 SourceConfig::Oauth(o) => o.ca.iter_mut().for_each(fix),
                 SourceConfig::TokenExchange(t) | SourceConfig::JwtBearer(t) => {
                     t.ca.iter_mut().for_each(fix);
-                    if let Some(a) = t.actor.as_mut() {
-                        fix(&mut a.assertion.key);
+                    if let Some(a) = t.actor.as_mut().and_then(|a| a.assertion.as_mut()) {
+                        fix(&mut a.key);
                     }
                 }
                 _ => {}

@@ -252,6 +252,12 @@ impl Config {
                     return invalid(key, "give bundle (a PEM file) or workload_api: true")
                 }
             }
+            if td.workload_api && td.jwt_bundle.is_some() {
+                return invalid(
+                    format!("{key}.jwt_bundle"),
+                    "with workload_api: true the JWT bundle comes from the Workload API too",
+                );
+            }
         }
         Ok(())
     }
@@ -268,10 +274,16 @@ impl Config {
         let named = named
             .into_iter()
             .filter_map(|(k, p)| Some((k.to_owned(), p?)));
-        let bundles = self
-            .trust_domains
-            .iter()
-            .filter_map(|(k, v)| Some((format!("trust_domains.{k}.bundle"), v.bundle.as_ref()?)));
+        let bundles = self.trust_domains.iter().flat_map(|(k, v)| {
+            let bundle = v
+                .bundle
+                .as_ref()
+                .map(|p| (format!("trust_domains.{k}.bundle"), p));
+            let jwt = v.jwt_bundle.as_ref();
+            bundle
+                .into_iter()
+                .chain(jwt.map(|p| (format!("trust_domains.{k}.jwt_bundle"), p)))
+        });
         let roots = self
             .upstream
             .extra_roots

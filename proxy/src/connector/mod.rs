@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use portcullis_filters::parse::identity::SpiffeId;
+use portcullis_filters::parse::secret::SecretValue;
+use portcullis_filters::stages::jwt_svid::JWT_SVID_HEADER;
 use portcullis_filters::{ErrorCode, Rejection};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -29,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::WorkloadApiEndpoint;
 use crate::edge::slots::Slots;
 use crate::edge::tls::check_leaf;
-use crate::http::head_gate::{HeadGate, OnRefuse, Targets};
+use crate::http::head_gate::{AddHeader, HeadGate, OnRefuse, Targets};
 use crate::reload::workload_api::{self, X509Svid};
 use crate::reload::{fingerprint, hangups, next_hangup, settled};
 
@@ -61,6 +63,9 @@ pub struct Options {
     /// Accept connections the kernel redirected here (see [`transparent`]) instead of
     /// proxy requests.
     pub transparent: bool,
+    /// Fetch the workload's JWT-SVID for these audiences (Workload API only) and send it with
+    /// every CONNECT and absolute-form request head.
+    pub jwt_audiences: Vec<String>,
 }
 
 /// The central proxy: `https://host[:port]` (port 443 by default).
@@ -270,6 +275,19 @@ impl ConnectorError {
 pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), ConnectorError> {
     let shutdown = CancellationToken::new();
     let mut current = identity(&opts, &shutdown).map_err(ConnectorError::Identity)?;
+    let jwt = match (&opts.identity, opts.jwt_audiences.is_empty()) {
+        (_, true) => None,
+        (IdentitySource::WorkloadApi(endpoint), false) => Some(workload_api::watch_jwt_svid(
+            endpoint.clone(),
+            opts.jwt_audiences.clone(),
+            shutdown.clone(),
+        )),
+        (IdentitySource::Files { .. }, false) => {
+            return Err(ConnectorError::Identity(
+                "--jwt-audience needs --workload-api: JWT-SVIDs come from the Workload API".into(),
+            ))
+        }
+    };
     let listener =
         TcpListener::bind(opts.listen)
             .await
@@ -309,7 +327,11 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), Co
             .unwrap_or_default();
         tracing::info!(listen = %listen, upstream = %opts.upstream,
             spiffe_id = %spiffe_id, "connector listening");
-        accept_loop(&listener, listener_v6.as_ref(), &opts, &current, &tracker).await;
+        let feeds = Feeds {
+            identity: &current,
+            jwt: jwt.as_ref(),
+        };
+        accept_loop(&listener, listener_v6.as_ref(), &opts, feeds, &tracker).await;
     };
     tokio::select! {
         _ = serve => {}
@@ -329,13 +351,23 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<(), Co
     Ok(())
 }
 
+/// What each connection takes when it starts: the current SVID, and the JWT-SVID feed.
+#[derive(Clone, Copy)]
+struct Feeds<'a> {
+    identity: &'a Current,
+    jwt: Option<&'a JwtFeed>,
+}
+
+type JwtFeed = watch::Receiver<Option<Arc<SecretValue>>>;
+
 async fn accept_loop(
     listener: &TcpListener,
     also: Option<&TcpListener>,
     opts: &Options,
-    current: &Current,
+    feeds: Feeds<'_>,
     tracker: &TaskTracker,
 ) {
+    let current = feeds.identity;
     let upstream = Arc::new(opts.upstream.clone());
     let slots = Slots::new(opts.max_connections);
     let full = || {
@@ -375,8 +407,14 @@ async fn accept_loop(
                         continue;
                     };
                     let (upstream, timeout) = (upstream.clone(), opts.connect_timeout);
+                    let jwt = feeds.jwt.and_then(|rx| rx.borrow().clone());
                     tracker.spawn(async move {
-                        redirected(tcp, peer, original, id, upstream, timeout).await;
+                        let to = To {
+                            id,
+                            up: upstream,
+                            timeout,
+                        };
+                        redirected(tcp, peer, original, to, jwt).await;
                         drop(permit);
                     });
                 }
@@ -403,8 +441,14 @@ async fn accept_loop(
             continue;
         };
         let (upstream, timeout) = (upstream.clone(), opts.connect_timeout);
+        let jwt = feeds.jwt.cloned();
         tracker.spawn(async move {
-            tunnel(tcp, peer, id, upstream, timeout).await;
+            let to = To {
+                id,
+                up: upstream,
+                timeout,
+            };
+            tunnel(tcp, peer, to, jwt).await;
             drop(permit);
         });
     }
@@ -436,13 +480,8 @@ async fn dial(
 
 /// One client connection: an mTLS connection to the central proxy with the current SVID,
 /// then bytes both ways until either side closes.
-async fn tunnel(
-    client: TcpStream,
-    peer: SocketAddr,
-    id: Arc<Identity>,
-    up: Arc<Upstream>,
-    timeout: Duration,
-) {
+async fn tunnel(client: TcpStream, peer: SocketAddr, to: To, jwt: Option<JwtFeed>) {
+    let To { id, up, timeout } = to;
     let target = up.to_string();
     let mut upstream = match tokio::time::timeout(timeout, dial(&up, &id)).await {
         Ok(Ok(s)) => s,
@@ -475,7 +514,13 @@ async fn tunnel(
     // Proxy requests only: an origin-form request (a browser that reached the loopback
     // listener by DNS rebinding) is answered 400 here, never carried to a gateway route.
     let answer: OnRefuse = Box::new(|rej| answer(&rej).into_bytes());
-    let client = HeadGate::with_targets(client, Targets::ProxyOnly, HEAD_BYTES, answer);
+    let mut client = HeadGate::with_targets(client, Targets::ProxyOnly, HEAD_BYTES, answer);
+    if let Some(rx) = jwt {
+        client = client.adding(AddHeader {
+            name: JWT_SVID_HEADER,
+            value: Box::new(move || rx.borrow().clone()),
+        });
+    }
     let mut client = Counted {
         inner: client,
         written: 0,
@@ -503,6 +548,13 @@ async fn tunnel(
     }
 }
 
+/// The central proxy, and who the connector is to it.
+struct To {
+    id: Arc<Identity>,
+    up: Arc<Upstream>,
+    timeout: Duration,
+}
+
 fn listen_port(listener: &TcpListener) -> u16 {
     listener.local_addr().map_or(0, |a| a.port())
 }
@@ -515,10 +567,10 @@ async fn redirected(
     mut client: TcpStream,
     peer: SocketAddr,
     original: SocketAddr,
-    id: Arc<Identity>,
-    up: Arc<Upstream>,
-    timeout: Duration,
+    to: To,
+    jwt: Option<Arc<SecretValue>>,
 ) {
+    let To { id, up, timeout } = to;
     let captured = match transparent::capture(&mut client, original, timeout).await {
         Ok(c) => c,
         Err(reason) => {
@@ -543,7 +595,7 @@ async fn redirected(
         }
     };
     if let Err((status, answer)) =
-        transparent::open_tunnel(&mut upstream, &captured.authority).await
+        transparent::open_tunnel(&mut upstream, &captured.authority, jwt.as_deref()).await
     {
         tracing::info!(peer = %peer, authority = %captured.authority, status,
             "the central proxy refused the redirected connection");

@@ -10,6 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use portcullis_filters::parse::destination::Destination;
+use portcullis_filters::parse::secret::SecretValue;
+use portcullis_filters::stages::jwt_svid::JWT_SVID_HEADER;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -305,8 +307,13 @@ pub async fn check_agreement(captured: &Captured) -> Result<(), String> {
 pub async fn open_tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &mut S,
     authority: &str,
+    jwt_svid: Option<&SecretValue>,
 ) -> Result<(), (u16, Vec<u8>)> {
-    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    // The JWT-SVID is visible ASCII (checked when it was fetched): one header line.
+    let jwt_svid = jwt_svid
+        .map(|t| format!("{JWT_SVID_HEADER}: {}\r\n", t.expose()))
+        .unwrap_or_default();
+    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{jwt_svid}\r\n");
     if proxy.write_all(request.as_bytes()).await.is_err() {
         return Err((0, Vec::new()));
     }

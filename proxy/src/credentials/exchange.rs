@@ -13,8 +13,10 @@ use http::{Method, StatusCode};
 use moka::future::Cache;
 use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::stages::credentials::OnBehalf;
+use portcullis_filters::stages::delegation::unix_now;
 
-use crate::config::{ActorConfig, Invalid, TokenExchangeConfig};
+use crate::config::{ActorAssertionConfig, ActorConfig, Invalid, TokenExchangeConfig};
+
 use crate::credentials::fetch::{fingerprint, ByLifetime, FetchStats, SourceError};
 use crate::credentials::oauth::client_authentication;
 use crate::replicas::{Fetched, RedisStore};
@@ -40,12 +42,22 @@ impl Grant {
 /// Principals whose tokens a replica keeps in memory.
 const MAX_PRINCIPALS: u64 = 10_000;
 
+/// What a token exchange sends as its `actor_token`.
+enum Actor {
+    None,
+    /// A JWT the proxy signs, naming the caller.
+    Assertion(ActorAssertionConfig, Box<ring::signature::EcdsaKeyPair>),
+    /// The caller's own JWT-SVID, issued for this audience.
+    JwtSvid {
+        audience: String,
+    },
+}
+
 pub struct TokenExchange {
     name: String,
     cfg: TokenExchangeConfig,
     grant: Grant,
-    /// Signs the actor assertion, when one is configured.
-    actor_key: Option<ring::signature::EcdsaKeyPair>,
+    actor: Actor,
     backend: Backend,
     /// By principal (a digest of issuer and subject).
     tokens: Cache<String, Arc<Fetched>>,
@@ -73,15 +85,30 @@ impl TokenExchange {
     ) -> Result<TokenExchange, Invalid> {
         let scopes = cfg.scopes.join(" ");
         let secret = cfg.client_secret.to_string();
-        let actor_key = match (&cfg.actor, grant) {
-            (None, _) => None,
+        let actor = match (&cfg.actor, grant) {
+            (None, _) => Actor::None,
             (Some(_), Grant::JwtBearer) => {
                 return Err(Invalid::new(
                     format!("{key}.actor"),
                     "an actor token is part of token exchange, not of the JWT bearer grant",
                 ))
             }
-            (Some(ActorConfig { assertion: a }), Grant::TokenExchange) => {
+            (
+                Some(ActorConfig {
+                    assertion: None,
+                    jwt_svid: Some(j),
+                }),
+                _,
+            ) => Actor::JwtSvid {
+                audience: j.audience.clone(),
+            },
+            (
+                Some(ActorConfig {
+                    assertion: Some(a),
+                    jwt_svid: None,
+                }),
+                _,
+            ) => {
                 let der = crate::certs::load_key(&a.key)
                     .map_err(|e| Invalid::new(format!("{key}.actor.assertion.key"), e))?;
                 let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
@@ -95,14 +122,20 @@ impl TokenExchange {
                         "must be a P-256 (ES256) private key in PKCS#8",
                     )
                 })?;
-                Some(pair)
+                Actor::Assertion(a.clone(), Box::new(pair))
+            }
+            (Some(_), _) => {
+                return Err(Invalid::new(
+                    format!("{key}.actor"),
+                    "give exactly one of assertion or jwt_svid",
+                ))
             }
         };
         Ok(TokenExchange {
             name: name.to_owned(),
             cfg: cfg.clone(),
             grant,
-            actor_key,
+            actor,
             backend: Backend::new("token exchange endpoint", cfg.ca.clone(), cfg.timeout)
                 .map_err(|e| Invalid::new(format!("{key}.ca"), e))?,
             tokens: Cache::builder()
@@ -138,12 +171,27 @@ impl TokenExchange {
                 "it is minted per user: the request carries no delegation token".into(),
             ));
         };
+        // The agent's own JWT-SVID is required on every use, not only when a token is minted:
+        // a request without one never gets the token minted with it.
+        let svid = match &self.actor {
+            Actor::JwtSvid { audience } => match who.jwt_svid {
+                Some(s) if s.usable_for(audience, unix_now()) => Some(s.token.clone()),
+                _ => {
+                    return Err(SourceError::Local(format!(
+                        "its actor token is the agent's JWT-SVID for audience {audience:?}, and \
+                         the request carries none (send it in x-portcullis-jwt-svid, e.g. with \
+                         portcullis connect --jwt-audience)"
+                    )))
+                }
+            },
+            _ => None,
+        };
         // One token per principal (and per acting workload when the actor is sent): keyed by
         // those names themselves (in memory) and their full SHA-256 (in Redis), nothing the
         // next user could share.
-        let actor = match self.actor_key {
-            Some(_) => who.actor,
-            None => "",
+        let actor = match self.actor {
+            Actor::None => "",
+            _ => who.actor,
         };
         let principal = format!(
             "{}\0{}\0{actor}",
@@ -151,7 +199,7 @@ impl TokenExchange {
         );
         // Only a miss needs the Redis name (a SHA-256): the hit path stays a map lookup.
         let fetch = async {
-            let exchange = || self.exchange_counted(&subject_token, who.actor);
+            let exchange = || self.exchange_counted(&subject_token, who.actor, svid.as_deref());
             match &self.shared {
                 Some(s) => {
                     let digest = ring::digest::digest(&ring::digest::SHA256, principal.as_bytes());
@@ -174,17 +222,21 @@ impl TokenExchange {
             .map_err(|e| (*e).clone())
     }
 
-    /// The actor assertion for `actor` (the caller's SPIFFE ID), when one is configured.
-    fn actor_token(&self, actor: &str) -> Result<Option<String>, SourceError> {
-        let (Some(pair), Some(ActorConfig { assertion: a })) = (&self.actor_key, &self.cfg.actor)
-        else {
-            return Ok(None);
+    /// The actor token: the caller's JWT-SVID (`svid`), or an assertion the proxy signs for
+    /// `actor` (the caller's SPIFFE ID), or none.
+    fn actor_token(
+        &self,
+        actor: &str,
+        svid: Option<&SecretValue>,
+    ) -> Result<Option<String>, SourceError> {
+        let (a, pair) = match &self.actor {
+            Actor::None => return Ok(None),
+            Actor::JwtSvid { .. } => return Ok(svid.map(|t| t.expose().to_owned())),
+            Actor::Assertion(a, pair) => (a, pair),
         };
         use base64::Engine as _;
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = unix_now().unsigned_abs();
         let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": a.kid});
         let claims = serde_json::json!({
             "iss": a.issuer,
@@ -209,16 +261,19 @@ impl TokenExchange {
         &self,
         subject_token: &SecretValue,
         actor: &str,
+        svid: Option<&SecretValue>,
     ) -> Result<Fetched, SourceError> {
-        self.stats.record(self.exchange(subject_token, actor).await)
+        self.stats
+            .record(self.exchange(subject_token, actor, svid).await)
     }
 
     async fn exchange(
         &self,
         subject_token: &SecretValue,
         actor: &str,
+        svid: Option<&SecretValue>,
     ) -> Result<Fetched, SourceError> {
-        let actor_token = self.actor_token(actor)?;
+        let actor_token = self.actor_token(actor, svid)?;
         let (headers, body) = self.request(subject_token, actor_token.as_deref())?;
         let (status, resp) = self
             .backend

@@ -71,7 +71,10 @@ pub(crate) async fn handle(
         duration: ctx.started.elapsed(),
     };
     shared.chain.logging(&mut ctx, &outcome);
-    let dest = ctx.destination.clone();
+    let tunnel_of = TunnelOf {
+        dest: ctx.destination.clone(),
+        jwt_svid: ctx.jwt_svid.clone(),
+    };
     let shared2 = shared.clone();
     shared.tasks.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -83,7 +86,7 @@ pub(crate) async fn handle(
         };
         match upstream_tcp {
             Some(tcp) => tunnel(&shared2, &conn, upgraded, tcp).await,
-            None => mitm(shared2, conn, dest, upgraded).await,
+            None => mitm(shared2, conn, tunnel_of, upgraded).await,
         }
     });
     Response::new(empty())
@@ -118,7 +121,7 @@ async fn tunnel(
 async fn mitm(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
-    dest: Destination,
+    mut tunnel_of: TunnelOf,
     mut io: TokioIo<hyper::upgrade::Upgraded>,
 ) {
     let mut first = [0u8; 1];
@@ -132,16 +135,13 @@ async fn mitm(
     };
     match first[0] {
         // A TLS record of type handshake (RFC 8446 §5.1).
-        0x16 => intercept_tls(shared, conn, dest, io).await,
+        0x16 => intercept_tls(shared, conn, tunnel_of, io).await,
         // The first letter of an HTTP method token.
         b'A'..=b'Z' => {
-            let dest = Destination {
-                scheme: Scheme::Http,
-                ..dest
-            };
-            serve_inner(shared, conn, dest, io).await;
+            tunnel_of.dest.scheme = Scheme::Http;
+            serve_inner(shared, conn, tunnel_of, io).await;
         }
-        _ => refuse_tunnel(shared, conn, dest, io).await,
+        _ => refuse_tunnel(shared, conn, tunnel_of.dest, io).await,
     }
 }
 
@@ -213,7 +213,8 @@ impl tokio::io::AsyncWrite for Rewind {
 }
 
 /// Terminate TLS with a leaf for the CONNECT host, then serve what is inside.
-async fn intercept_tls(shared: Arc<Shared>, conn: Arc<Conn>, dest: Destination, io: Rewind) {
+async fn intercept_tls(shared: Arc<Shared>, conn: Arc<Conn>, tunnel_of: TunnelOf, io: Rewind) {
+    let dest = &tunnel_of.dest;
     let cfg = match shared.mitm.server_config(&dest.host).await {
         Ok(c) => c,
         Err(e) => {
@@ -232,19 +233,27 @@ async fn intercept_tls(shared: Arc<Shared>, conn: Arc<Conn>, dest: Destination, 
         }
         Err(_) => return,
     };
-    serve_inner(shared, conn, dest, tls).await;
+    serve_inner(shared, conn, tunnel_of, tls).await;
+}
+
+/// What every request inside a tunnel inherits from its CONNECT: the destination, and the
+/// JWT-SVID the CONNECT carried (`x-portcullis-jwt-svid`, verified then).
+struct TunnelOf {
+    dest: Destination,
+    jwt_svid: Option<Arc<portcullis_filters::parse::jwt::JwtSvid>>,
 }
 
 /// Serve HTTP/1.1 or h2 (h2 only over TLS, by ALPN) inside a tunnel to `dest`, every request
 /// through [`handle_inner`].
-async fn serve_inner<I>(shared: Arc<Shared>, conn: Arc<Conn>, dest: Destination, io: I)
+async fn serve_inner<I>(shared: Arc<Shared>, conn: Arc<Conn>, tunnel_of: TunnelOf, io: I)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let dest = tunnel_of.dest.clone();
     let gate = head_refusal(shared.clone(), conn.peer.clone(), Via::Mitm, dest.clone());
     let io = HeadGate::new(io, shared.limits.head_read_bytes(), gate);
     let dest_host = dest.host.to_string();
-    let dest = Arc::new(dest);
+    let dest = Arc::new(tunnel_of);
     let svc_shared = shared.clone();
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -290,14 +299,16 @@ where
 async fn handle_inner(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
-    dest: Arc<Destination>,
+    tunnel_of: Arc<TunnelOf>,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    if let Some(refused) = conn.identity_refusal(&shared, Via::Mitm, &dest, &parts) {
+    let dest = &tunnel_of.dest;
+    if let Some(refused) = conn.identity_refusal(&shared, Via::Mitm, dest, &parts) {
         return refused;
     }
-    let ctx = Context::new(conn.peer.clone(), Via::Mitm, (*dest).clone(), &parts);
+    let mut ctx = Context::new(conn.peer.clone(), Via::Mitm, dest.clone(), &parts);
+    ctx.jwt_svid = tunnel_of.jwt_svid.clone();
     // A tunnel inside the tunnel would carry bytes no phase sees: never handed upstream.
     if parts.method == http::Method::CONNECT {
         let rej = Rejection::new(
@@ -306,7 +317,7 @@ async fn handle_inner(
         );
         return refuse(&shared, ctx, rej);
     }
-    if let Err(reason) = check_inner_authority(&parts, &dest) {
+    if let Err(reason) = check_inner_authority(&parts, dest) {
         return refuse(&shared, ctx, Rejection::new(ErrorCode::BadRequest, reason));
     }
     let path = parts

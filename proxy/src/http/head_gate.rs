@@ -19,9 +19,11 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
+use portcullis_filters::parse::secret::SecretValue;
 use portcullis_filters::{ErrorCode, Rejection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -30,6 +32,15 @@ pub const MAX_HEADERS: usize = 100;
 
 /// Logs a refusal and renders the bytes of its answer.
 pub type OnRefuse = Box<dyn FnOnce(Rejection) -> Vec<u8> + Send + Sync>;
+
+/// A header field the gate writes into every request head it passes (the connector's
+/// JWT-SVID), after dropping any field of that name the client sent. The value is read per
+/// head (it rotates); `None`: the field is only dropped.
+pub struct AddHeader {
+    /// Lowercase.
+    pub name: &'static str,
+    pub value: Box<dyn Fn() -> Option<Arc<SecretValue>> + Send + Sync>,
+}
 
 /// Which request targets a gate passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +67,7 @@ pub struct HeadGate<IO> {
     on_refuse: Option<OnRefuse>,
     /// The refusal's answer, written when hyper shuts down; `.1` bytes of it written so far.
     answer: Option<(Vec<u8>, usize)>,
+    add: Option<AddHeader>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +193,29 @@ impl<IO> HeadGate<IO> {
             max_head_bytes,
             on_refuse: Some(on_refuse),
             answer: None,
+            add: None,
         }
+    }
+
+    /// Write `add` into every head passed on.
+    pub fn adding(mut self, add: AddHeader) -> HeadGate<IO> {
+        self.add = Some(add);
+        self
+    }
+
+    /// Replace the head of `len` bytes at `cleared` with its rewritten form; its new length.
+    fn rewrite_head(&mut self, len: usize) -> usize {
+        let Some(add) = &self.add else {
+            return len;
+        };
+        let value = (add.value)();
+        let head = &self.buf[self.cleared..self.cleared + len];
+        let new = with_header(head, add.name, value.as_ref().map(|v| v.expose()));
+        let rest = self.buf.split_off(self.cleared + len);
+        self.buf.truncate(self.cleared);
+        self.buf.extend_from_slice(&new);
+        self.buf.extend_from_slice(&rest);
+        new.len()
     }
 
     fn refuse(&mut self, rej: Rejection) {
@@ -242,6 +276,7 @@ impl<IO> HeadGate<IO> {
                     }
                     match read_head(&avail[..end], self.targets) {
                         Ok(next) => {
+                            let end = self.rewrite_head(end);
                             self.cleared += end;
                             self.searched = 0;
                             self.state = next;
@@ -310,6 +345,36 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
         }
     }
     None
+}
+
+/// `head` (validated by [`read_head`]: a request line, field lines, an empty line; CRLF or
+/// bare LF) without its `name` fields and, when `value` is given, with `name: value` as its
+/// last field. Lines are rewritten with CRLF.
+fn with_header(head: &[u8], name: &str, value: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + value.map_or(0, |v| name.len() + v.len() + 4));
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    if let Some(request_line) = lines.next() {
+        out.extend_from_slice(request_line);
+        out.extend_from_slice(b"\r\n");
+    }
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let field = line.split(|&b| b == b':').next().unwrap_or_default();
+        if field.eq_ignore_ascii_case(name.as_bytes()) {
+            continue;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(v) = value {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// Validate a complete head; the state after it.
@@ -542,6 +607,46 @@ mod tests {
         ] {
             assert_eq!(only(origin), Err(ErrorCode::BadRequest), "{origin}");
         }
+    }
+
+    #[test]
+    fn a_field_is_written_into_a_head_and_the_clients_own_dropped() {
+        let head = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nX-Portcullis-JWT-SVID: forged\r\nx-portcullis-jwt-svid-not: kept\r\n\r\n";
+        let out = with_header(head, "x-portcullis-jwt-svid", Some("t.o.k"));
+        assert_eq!(
+            out,
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nx-portcullis-jwt-svid-not: kept\r\nx-portcullis-jwt-svid: t.o.k\r\n\r\n"
+        );
+        assert_eq!(read_head(&out, Targets::ProxyOnly).unwrap(), State::Opaque);
+        // Bare LF lines; no value: the field is only dropped.
+        let out = with_header(
+            b"GET http://a/ HTTP/1.1\nx-portcullis-jwt-svid: x\nHost: a\n\n",
+            "x-portcullis-jwt-svid",
+            None,
+        );
+        assert_eq!(out, b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn every_head_passed_on_carries_the_added_field() {
+        use tokio::io::AsyncReadExt as _;
+        let input: &[u8] = b"POST http://a/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+GET http://a/y HTTP/1.1\r\nHost: a\r\nx-portcullis-jwt-svid: forged\r\n\r\n\
+CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\n\r\n\x16\x03\x01x-portcullis-jwt-svid: tunnel bytes";
+        let refuse: OnRefuse = Box::new(|_| Vec::new());
+        let mut gate =
+            HeadGate::with_targets(input, Targets::ProxyOnly, 1024, refuse).adding(AddHeader {
+                name: "x-portcullis-jwt-svid",
+                value: Box::new(|| Some(Arc::new(SecretValue::new("j.w.t".into())))),
+            });
+        let mut out = Vec::new();
+        gate.read_to_end(&mut out).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "POST http://a/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nx-portcullis-jwt-svid: j.w.t\r\n\r\nhello\
+GET http://a/y HTTP/1.1\r\nHost: a\r\nx-portcullis-jwt-svid: j.w.t\r\n\r\n\
+CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\nx-portcullis-jwt-svid: j.w.t\r\n\r\n\x16\x03\x01x-portcullis-jwt-svid: tunnel bytes"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! requests keep what they had; open connections re-check their client's chain against new
 //! trust bundles at their next request, and tunnels at once (`edge::lifetime`).
 
+pub(crate) mod jwt_bundles;
 pub(crate) mod workload_api;
 
 use std::collections::hash_map::DefaultHasher;
@@ -45,6 +46,8 @@ enum ReloadError {
     },
     #[error("{0} changed (or tls switched between files and the Workload API): restart to apply")]
     NeedsRestart(&'static str),
+    #[error("{0}")]
+    JwtBundle(crate::config::Invalid),
 }
 
 /// What the Workload API watchers publish (`tls.workload_api`).
@@ -67,6 +70,8 @@ pub struct Reloader {
     policy: Arc<Policy>,
     /// `policy.shadow`, reloaded with the enforcing policy, each keeping its last good set.
     shadow: Option<Arc<ShadowSlot>>,
+    /// JWT authorities: files reloaded with the trust bundles.
+    jwt_bundles: Arc<jwt_bundles::JwtBundleStore>,
     status: Arc<Status>,
     /// Fingerprints of what is being served, taken when it was loaded (before the proxy says
     /// it is listening), so a change made right after start-up is never mistaken for the
@@ -78,7 +83,11 @@ pub struct Reloader {
 fn tls_files(config_path: &Path, cfg: &Config) -> Vec<PathBuf> {
     let mut files = vec![config_path.to_owned()];
     files.extend(cfg.tls.cert.iter().chain(&cfg.tls.key).cloned());
-    files.extend(cfg.trust_domains.values().filter_map(|t| t.bundle.clone()));
+    files.extend(
+        cfg.trust_domains
+            .values()
+            .flat_map(|t| t.bundle.iter().chain(&t.jwt_bundle).cloned()),
+    );
     files
 }
 
@@ -165,6 +174,7 @@ pub struct Served {
     pub cert: Arc<ServerCert>,
     pub policy: Arc<Policy>,
     pub shadow: Option<Arc<ShadowSlot>>,
+    pub jwt_bundles: Arc<jwt_bundles::JwtBundleStore>,
 }
 
 impl Reloader {
@@ -185,6 +195,7 @@ impl Reloader {
             cert: served.cert,
             policy: served.policy,
             shadow: served.shadow,
+            jwt_bundles: served.jwt_bundles,
             status,
             last_tls,
             last_policy,
@@ -329,6 +340,9 @@ impl Reloader {
         }
         let file_roots = load_bundles(&cfg.trust_domain_bundles())?;
         let store = self.trust_store(&file_roots, &cfg)?;
+        self.jwt_bundles
+            .reload(&cfg)
+            .map_err(ReloadError::JwtBundle)?;
         let ck = match cfg.tls.files() {
             Some((cert, key)) => Some(certified_key(cert, key)?),
             None => None,

@@ -11,11 +11,15 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use portcullis_filters::parse::identity::TrustDomain;
+use portcullis_filters::parse::jwt::parse_jwt_bundle;
+use portcullis_filters::parse::secret::SecretValue;
+use portcullis_filters::stages::delegation::unix_now;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkloadApiEndpoint;
+use crate::reload::jwt_bundles::JwtKeys;
 
 /// CA certificates per trust domain.
 pub type Bundles = BTreeMap<TrustDomain, Vec<CertificateDer<'static>>>;
@@ -278,40 +282,175 @@ pub fn watch_bundles(
     endpoint: WorkloadApiEndpoint,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Option<Arc<Bundles>>> {
-    let (tx, rx) = watch::channel(None);
-    let tx = Arc::new(tx);
-    spawn_retrying(
-        "X.509 bundles",
+    watch_set(
+        ("X.509 bundles", "FetchX509Bundles"),
         endpoint,
         shutdown,
-        move |endpoint, backoff| {
-            let tx = tx.clone();
-            Box::pin(async move {
-                let open =
-                    |c: spiffe::WorkloadApiClient| async move { c.stream_x509_bundles().await };
-                let stream = match open_stream(endpoint, "FetchX509Bundles", open).await {
-                    Ok(s) => s,
-                    Err(e) => return e,
-                };
-                follow(stream, backoff, |set| {
-                    let bundles = bundle_set(&set)?;
-                    if tx.borrow().as_deref() == Some(&bundles) {
-                        return Ok(());
-                    }
-                    tracing::info!(endpoint = %endpoint, trust_domains = ?names(&bundles),
-                    "X.509 bundles from the Workload API");
-                    tx.send_replace(Some(Arc::new(bundles)));
-                    Ok(())
-                })
-                .await
+        |c| Box::pin(async move { c.stream_x509_bundles().await }),
+        |set| bundle_set(&set),
+    )
+}
+
+/// Watch the JWT bundles (FetchJWTBundles): each trust domain's JWT authorities. `None` until
+/// the first message.
+pub fn watch_jwt_bundles(
+    endpoint: WorkloadApiEndpoint,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Option<Arc<JwtKeys>>> {
+    watch_set(
+        ("JWT bundles", "FetchJWTBundles"),
+        endpoint,
+        shutdown,
+        |c| Box::pin(async move { c.stream_jwt_bundles().await }),
+        |set| jwt_bundle_set(&set),
+    )
+}
+
+type Opened<S> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<S, spiffe::WorkloadApiError>> + Send>,
+>;
+
+/// Follow one bundles stream (`what`, opened by `call`), publishing each new set, converted.
+fn watch_set<S, M, T>(
+    (what, call): (&'static str, &'static str),
+    endpoint: WorkloadApiEndpoint,
+    shutdown: CancellationToken,
+    open: fn(spiffe::WorkloadApiClient) -> Opened<S>,
+    convert: fn(M) -> Result<T, WorkloadApiError>,
+) -> watch::Receiver<Option<Arc<T>>>
+where
+    S: futures_util::Stream<Item = Result<M, spiffe::WorkloadApiError>> + Send + 'static,
+    M: Send + 'static,
+    T: PartialEq + Named + Send + Sync + 'static,
+{
+    let (tx, rx) = watch::channel(None);
+    let tx = Arc::new(tx);
+    spawn_retrying(what, endpoint, shutdown, move |endpoint, backoff| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let stream = match open_stream(endpoint, call, open).await {
+                Ok(s) => s,
+                Err(e) => return e,
+            };
+            follow(stream, backoff, |set| {
+                let set = convert(set)?;
+                if tx.borrow().as_deref() == Some(&set) {
+                    return Ok(());
+                }
+                tracing::info!(endpoint = %endpoint, trust_domains = ?set.names(),
+                    "{what} from the Workload API");
+                tx.send_replace(Some(Arc::new(set)));
+                Ok(())
             })
-        },
-    );
+            .await
+        })
+    });
     rx
 }
 
+/// The workload's JWT-SVID for `audiences` (FetchJWTSVID), fetched again halfway through its
+/// lifetime; `None` until the first one, and again once the last one has expired without a
+/// successor (a stale token is never handed out).
+pub fn watch_jwt_svid(
+    endpoint: WorkloadApiEndpoint,
+    audiences: Vec<String>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Option<Arc<SecretValue>>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new();
+        let mut expires = 0i64;
+        loop {
+            let wait = match fetch_jwt_svid(&endpoint, &audiences).await {
+                Ok((token, exp)) => {
+                    backoff.reset();
+                    let now = unix_now();
+                    tracing::info!(endpoint = %endpoint, audiences = ?audiences, expires_unix = exp,
+                        "JWT-SVID from the Workload API");
+                    tx.send_replace(Some(Arc::new(token)));
+                    expires = exp;
+                    Duration::from_secs(u64::try_from((exp - now) / 2).unwrap_or(0).max(1))
+                }
+                Err(e) => {
+                    let wait = backoff.next();
+                    tracing::warn!(endpoint = %endpoint, error = %e, retry_in = ?wait,
+                        "cannot fetch the JWT-SVID from the Workload API");
+                    if unix_now() >= expires && tx.borrow().is_some() {
+                        tracing::warn!("the last JWT-SVID has expired: requests go without one");
+                        tx.send_replace(None);
+                    }
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    rx
+}
+
+/// One JWT-SVID and its `exp`: a compact JWT of visible ASCII (it goes into a header), whose
+/// claims say when it expires.
+async fn fetch_jwt_svid(
+    endpoint: &WorkloadApiEndpoint,
+    audiences: &[String],
+) -> Result<(SecretValue, i64), WorkloadApiError> {
+    let token = client(endpoint)
+        .await?
+        .fetch_jwt_token(audiences, None)
+        .await
+        .map_err(|e| WorkloadApiError::Call {
+            call: "FetchJWTSVID",
+            reason: e.to_string(),
+        })?;
+    let token = SecretValue::new(token);
+    let unusable = |reason: &str| WorkloadApiError::Call {
+        call: "FetchJWTSVID",
+        reason: reason.to_owned(),
+    };
+    if token.is_empty() || !token.expose().bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(unusable("the JWT-SVID is not a compact JWT"));
+    }
+    let exp = portcullis_filters::parse::jwt::decode(token.expose())
+        .ok()
+        .and_then(|t| t.claims.get("exp").and_then(serde_json::Value::as_i64))
+        .ok_or_else(|| unusable("the JWT-SVID has no exp"))?;
+    Ok((token, exp))
+}
+
+/// A per-trust-domain set, by its trust domains' names (for logs).
+pub trait Named {
+    fn names(&self) -> Vec<String>;
+}
+
+impl<V> Named for BTreeMap<TrustDomain, V> {
+    fn names(&self) -> Vec<String> {
+        self.keys().map(|t| t.to_string()).collect()
+    }
+}
+
+fn jwt_bundle_set(set: &spiffe::JwtBundleSet) -> Result<JwtKeys, WorkloadApiError> {
+    let mut out = JwtKeys::new();
+    for (td, bundle) in set.iter() {
+        let keys: Vec<&str> = bundle
+            .jwt_authorities()
+            .filter_map(|a| std::str::from_utf8(a.jwk_json()).ok())
+            .collect();
+        let doc = format!("{{\"keys\":[{}]}}", keys.join(","));
+        let keys =
+            parse_jwt_bundle(doc.as_bytes()).map_err(|reason| WorkloadApiError::TrustDomain {
+                domain: td.to_string(),
+                reason,
+            })?;
+        out.insert(trust_domain(td)?, Arc::new(keys));
+    }
+    Ok(out)
+}
+
 fn names(b: &Bundles) -> Vec<String> {
-    b.keys().map(|t| t.to_string()).collect()
+    b.names()
 }
 
 #[cfg(test)]
