@@ -12,7 +12,10 @@
 //                                       ...:id_token
 //   actor_token + actor_token_type      optional, checked the same way, or, when ACTOR_KEY is
 //                                       given, as a JWT signed by that key (kid ACTOR_KID), iss
-//                                       ACTOR_ISSUER, aud this server's token endpoint
+//                                       ACTOR_ISSUER, aud this server's token endpoint; or, when
+//                                       spiffe-bundle:FILE is given instead, as a JWT-SVID: signed
+//                                       by a jwt-svid key of that SPIFFE bundle, aud this
+//                                       server's token endpoint, sub a SPIFFE ID
 //   audience or resource                required, one target: the issued token's aud
 //   scope                               optional, granted as asked
 //   requested_token_type                optional, only ...:access_token
@@ -25,7 +28,8 @@
 // issued_token_type. Every exchange, granted or refused, is logged as one JSON line on stdout
 // (`grant`: token-exchange or jwt-bearer).
 // Usage: node token_exchange_server.mjs PORT SUBJECT_ISSUER SUBJECT_JWKS_URL
-//            [ACTOR_KEY_PEM ACTOR_ISSUER ACTOR_KID]      (TOKEN_TTL env: seconds, default 600)
+//            [ACTOR_KEY_PEM ACTOR_ISSUER ACTOR_KID | spiffe-bundle:FILE]
+//            (TOKEN_TTL env: seconds, default 600)
 // ACTOR_KEY_PEM is the actor's signing key file (PKCS#8 PEM; only its public half is used).
 import { createPublicKey } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -36,10 +40,19 @@ const port = Number(process.argv[2]);
 const [subjectIssuer, subjectJwksUrl] = process.argv.slice(3, 5);
 const [actorKeyFile, actorIssuer, actorKid] = process.argv.slice(5, 8);
 const ttl = Number(process.env.TOKEN_TTL || 600);
+// Actor tokens are JWT-SVIDs, verified with the trust domain's JWT authorities (a SPIFFE bundle
+// marks them `use: jwt-svid`, which jose would skip as not `sig`: the mark is dropped here).
+const spiffeBundle = actorKeyFile?.startsWith('spiffe-bundle:') ? actorKeyFile.slice('spiffe-bundle:'.length) : null;
 // The actor assertion's verification key: the public half of ACTOR_KEY_PEM.
-const actorKeys = actorKeyFile
-  ? createLocalJWKSet({ keys: [{ ...(await exportJWK(createPublicKey(readFileSync(actorKeyFile)))), kid: actorKid, alg: 'ES256' }] })
-  : null;
+const actorKeys = spiffeBundle
+  ? createLocalJWKSet({
+    keys: JSON.parse(readFileSync(spiffeBundle, 'utf8')).keys
+      .filter((k) => k.use === 'jwt-svid')
+      .map(({ use, ...k }) => k),
+  })
+  : actorKeyFile
+    ? createLocalJWKSet({ keys: [{ ...(await exportJWK(createPublicKey(readFileSync(actorKeyFile)))), kid: actorKid, alg: 'ES256' }] })
+    : null;
 const GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
 // RFC 7523 section 2.1: the same subject tokens, presented as `assertion`.
 const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
@@ -104,8 +117,9 @@ async function verifyToken(name, token, type) {
   if (!type) throw new errors.InvalidRequest(`missing required parameter '${name}_type'`);
   if (!INPUT_TYPES.has(type)) throw new errors.InvalidRequest(`unsupported ${name}_type`);
   const asActor = name === 'actor_token' && actorKeys;
+  const tokenEndpoint = `http://127.0.0.1:${port}/token`;
   const [keys, expected] = asActor
-    ? [actorKeys, { issuer: actorIssuer, audience: `http://127.0.0.1:${port}/token` }]
+    ? [actorKeys, spiffeBundle ? { audience: tokenEndpoint } : { issuer: actorIssuer, audience: tokenEndpoint }]
     : [subjectKeys, { issuer: subjectIssuer, audience: 'portcullis' }];
   let payload;
   try {
@@ -115,6 +129,7 @@ async function verifyToken(name, token, type) {
     throw invalidGrant(`${name} ${err.code === 'ERR_JWT_EXPIRED' ? 'expired' : `invalid (${err.message})`}`);
   }
   if (typeof payload.sub !== 'string' || !payload.sub) throw invalidGrant(`${name} has no sub claim`);
+  if (asActor && spiffeBundle && !payload.sub.startsWith('spiffe://')) throw invalidGrant(`${name} is no JWT-SVID`);
   return payload;
 }
 

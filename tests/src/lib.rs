@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod workload_api;
-pub use workload_api::WorkloadApiServer;
+pub use workload_api::{JwtAuthority, WorkloadApiServer};
 
 mod curl;
 mod harness;

@@ -171,6 +171,16 @@ impl TokenExchangeServer {
         TokenExchangeServer::start_with(subjects, &[&key, issuer, kid])
     }
 
+    /// Trusting actor tokens that are JWT-SVIDs of the trust domain whose SPIFFE bundle (JWT
+    /// authorities) is in `bundle`.
+    pub fn start_with_jwt_svid_actors(
+        subjects: &TokenIssuer,
+        bundle: &Path,
+    ) -> TokenExchangeServer {
+        let arg = format!("spiffe-bundle:{}", bundle.display());
+        TokenExchangeServer::start_with(subjects, &[&arg])
+    }
+
     fn start_with(subjects: &TokenIssuer, actor: &[&str]) -> TokenExchangeServer {
         let port = free_addr().port();
         let (child, out) = spawn_ready(

@@ -1,6 +1,9 @@
 //! An in-process SPIFFE Workload API server (no SPIRE binary can be installed here): the
-//! documented gRPC service `SpiffeWorkloadAPI` with its two X.509 server-streaming methods,
-//! `FetchX509SVID` and `FetchX509Bundles`, over a Unix socket. Like SPIRE it refuses calls
+//! documented gRPC service `SpiffeWorkloadAPI` with its X.509 server-streaming methods,
+//! `FetchX509SVID` and `FetchX509Bundles`, and its JWT methods, `FetchJWTSVID` (unary: a
+//! JWT-SVID for the current X.509-SVID's SPIFFE ID, ES256-signed by the trust domain's JWT
+//! authority, for the audiences asked) and `FetchJWTBundles` (streaming: that authority as a
+//! SPIFFE bundle, `use: jwt-svid`), over a Unix socket. Like SPIRE it refuses calls
 //! without the `workload.spiffe.io: true` metadata header. The message structs are written by
 //! hand from `workload.proto` (no protoc here). Tests push new SVIDs and bundles (rotation),
 //! and can break the open streams to exercise the client's reconnect.
@@ -62,6 +65,102 @@ pub struct X509BundlesResponse {
     pub bundles: HashMap<String, Vec<u8>>,
 }
 
+/// `JWTSVIDRequest`
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JwtSvidRequest {
+    #[prost(string, repeated, tag = "1")]
+    pub audience: Vec<String>,
+    #[prost(string, tag = "2")]
+    pub spiffe_id: String,
+}
+
+/// `JWTSVIDResponse`
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JwtSvidResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub svids: Vec<JwtSvidMessage>,
+}
+
+/// `JWTSVID`
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JwtSvidMessage {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: String,
+    #[prost(string, tag = "2")]
+    pub svid: String,
+    #[prost(string, tag = "3")]
+    pub hint: String,
+}
+
+/// `JWTBundlesRequest {}`
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JwtBundlesRequest {}
+
+/// `JWTBundlesResponse`: JWKS documents keyed by the trust domain's SPIFFE ID.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JwtBundlesResponse {
+    #[prost(map = "string, bytes", tag = "1")]
+    pub bundles: HashMap<String, Vec<u8>>,
+}
+
+/// The trust domain's JWT authority: an ES256 key and its key ID.
+pub struct JwtAuthority {
+    pair: ring::signature::EcdsaKeyPair,
+    pub kid: String,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl JwtAuthority {
+    pub fn generate(kid: &str) -> JwtAuthority {
+        use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING as ES256};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ES256, &rng).unwrap();
+        JwtAuthority {
+            pair: EcdsaKeyPair::from_pkcs8(&ES256, pkcs8.as_ref(), &rng).unwrap(),
+            kid: kid.to_owned(),
+        }
+    }
+
+    /// This authority as a SPIFFE bundle (a JWK Set whose key says `use: jwt-svid`).
+    pub fn bundle_json(&self) -> String {
+        use ring::signature::KeyPair as _;
+        let public = self.pair.public_key().as_ref();
+        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "use": "jwt-svid",
+            "kid": self.kid, "x": b64url(&public[1..33]), "y": b64url(&public[33..])}],
+            "spiffe_sequence": 1})
+        .to_string()
+    }
+
+    /// A JWT-SVID for `spiffe_id` and `audience`, valid from now for `ttl_secs` (negative:
+    /// already expired).
+    pub fn sign(&self, spiffe_id: &str, audience: &[String], ttl_secs: i64) -> String {
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        let header = serde_json::json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
+        let claims = serde_json::json!({"sub": spiffe_id, "aud": audience,
+            "exp": now + ttl_secs, "iat": now.min(now + ttl_secs - 1)});
+        let signed = format!(
+            "{}.{}",
+            b64url(header.to_string().as_bytes()),
+            b64url(claims.to_string().as_bytes())
+        );
+        let sig = self
+            .pair
+            .sign(&ring::rand::SystemRandom::new(), signed.as_bytes())
+            .unwrap();
+        format!("{signed}.{}", b64url(sig.as_ref()))
+    }
+}
+
 type Updates<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
 
 #[derive(Clone)]
@@ -72,6 +171,12 @@ struct State {
     generation: watch::Sender<u64>,
     calls: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
+    /// The trust domain (of the X.509-SVID pushed) signs JWT-SVIDs with this; they live
+    /// `jwt_ttl` seconds.
+    jwt: Arc<JwtAuthority>,
+    jwt_ttl: Arc<std::sync::atomic::AtomicI64>,
+    jwt_issued: Arc<AtomicUsize>,
+    jwt_bundles: watch::Sender<Option<JwtBundlesResponse>>,
 }
 
 impl State {
@@ -108,6 +213,56 @@ impl tonic::server::NamedService for WorkloadApiService {
 /// `FetchX509SVID` and `FetchX509Bundles`: the header check, then the updates stream.
 struct FetchSvid(State);
 struct FetchBundles(State);
+struct FetchJwtSvid(State);
+struct FetchJwtBundles(State);
+
+impl tonic::server::UnaryService<JwtSvidRequest> for FetchJwtSvid {
+    type Response = JwtSvidResponse;
+    type Future = BoxFuture<tonic::Response<JwtSvidResponse>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<JwtSvidRequest>) -> Self::Future {
+        let s = &self.0;
+        let r = s.check_header(&request).and_then(|()| {
+            let req = request.get_ref();
+            if req.audience.is_empty() {
+                return Err(tonic::Status::invalid_argument(
+                    "audience must be specified",
+                ));
+            }
+            let id = s
+                .svid
+                .borrow()
+                .as_ref()
+                .and_then(|r| r.svids.first().map(|v| v.spiffe_id.clone()))
+                .ok_or_else(|| tonic::Status::permission_denied("no identity issued"))?;
+            s.jwt_issued.fetch_add(1, Ordering::SeqCst);
+            let ttl = s.jwt_ttl.load(Ordering::SeqCst);
+            let svid = s.jwt.sign(&id, &req.audience, ttl);
+            Ok(tonic::Response::new(JwtSvidResponse {
+                svids: vec![JwtSvidMessage {
+                    spiffe_id: id,
+                    svid,
+                    hint: String::new(),
+                }],
+            }))
+        });
+        Box::pin(async move { r })
+    }
+}
+
+impl tonic::server::ServerStreamingService<JwtBundlesRequest> for FetchJwtBundles {
+    type Response = JwtBundlesResponse;
+    type ResponseStream = Updates<JwtBundlesResponse>;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<JwtBundlesRequest>) -> Self::Future {
+        let s = &self.0;
+        let r = s
+            .check_header(&request)
+            .map(|()| tonic::Response::new(s.updates(s.jwt_bundles.subscribe())));
+        Box::pin(async move { r })
+    }
+}
 
 impl tonic::server::ServerStreamingService<X509SvidRequest> for FetchSvid {
     type Response = X509SvidResponse;
@@ -177,6 +332,14 @@ where
                 let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
                 Ok(grpc.server_streaming(FetchBundles(state), req).await)
             }),
+            "/SpiffeWorkloadAPI/FetchJWTSVID" => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(FetchJwtSvid(state), req).await)
+            }),
+            "/SpiffeWorkloadAPI/FetchJWTBundles" => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.server_streaming(FetchJwtBundles(state), req).await)
+            }),
             _ => Box::pin(async move {
                 Ok(tonic::Status::unimplemented("not served by this test server").into_http())
             }),
@@ -212,6 +375,10 @@ impl WorkloadApiServer {
             generation: watch::channel(0).0,
             calls: Arc::default(),
             refused: Arc::default(),
+            jwt: Arc::new(JwtAuthority::generate("jwt-authority-1")),
+            jwt_ttl: Arc::new(std::sync::atomic::AtomicI64::new(300)),
+            jwt_issued: Arc::default(),
+            jwt_bundles: watch::channel(None).0,
         };
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let task = tokio::spawn({
@@ -273,6 +440,33 @@ impl WorkloadApiServer {
                 .collect(),
         };
         self.state.bundles.send_replace(Some(resp));
+    }
+
+    /// The JWT authority of the trust domains this server signs JWT-SVIDs for.
+    pub fn jwt_authority(&self) -> &JwtAuthority {
+        &self.state.jwt
+    }
+
+    /// JWT-SVIDs issued from now on live `secs` seconds.
+    pub fn set_jwt_ttl(&self, secs: i64) {
+        self.state.jwt_ttl.store(secs, Ordering::SeqCst);
+    }
+
+    /// JWT-SVIDs issued so far.
+    pub fn jwt_svids_issued(&self) -> usize {
+        self.state.jwt_issued.load(Ordering::SeqCst)
+    }
+
+    /// Push the JWT bundles: trust domain name → its JWT authority (this server's, or another
+    /// agent's: each workload's agent signs its own JWT-SVIDs).
+    pub fn set_jwt_bundles(&self, bundles: &[(&str, &JwtAuthority)]) {
+        let resp = JwtBundlesResponse {
+            bundles: bundles
+                .iter()
+                .map(|(td, a)| (format!("spiffe://{td}"), a.bundle_json().into_bytes()))
+                .collect(),
+        };
+        self.state.jwt_bundles.send_replace(Some(resp));
     }
 
     /// End every open stream with UNAVAILABLE, as an agent restart would.

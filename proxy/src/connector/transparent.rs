@@ -515,4 +515,33 @@ mod tests {
             .is_err());
         assert!(check_agreement(&at("::1", "[::1]:443")).await.is_ok());
     }
+
+    #[tokio::test]
+    async fn the_connect_carries_the_jwt_svid_and_a_refusal_is_reported() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        for (answer, ok) in [
+            (&b"HTTP/1.1 200 OK\r\n\r\n"[..], true),
+            (
+                &b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n"[..],
+                false,
+            ),
+        ] {
+            let (mut ours, mut proxy) = tokio::io::duplex(4096);
+            let token = SecretValue::new("h.p.s".into());
+            let open = open_tunnel(&mut ours, "api.example.com:443", Some(&token));
+            let serve = async {
+                let mut head = vec![0u8; 4096];
+                let n = proxy.read(&mut head).await.unwrap();
+                proxy.write_all(answer).await.unwrap();
+                String::from_utf8(head[..n].to_vec()).unwrap()
+            };
+            let (opened, head) = tokio::join!(open, serve);
+            assert_eq!(
+                head,
+                "CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\
+                 x-portcullis-jwt-svid: h.p.s\r\n\r\n"
+            );
+            assert_eq!(opened.is_ok(), ok, "{opened:?}");
+        }
+    }
 }

@@ -56,9 +56,13 @@ impl LocalSecrets {
                 _ => None,
             };
             if let Some((t, grant)) = grant {
+                let kind = match grant {
+                    Grant::TokenExchange => "token_exchange",
+                    Grant::JwtBearer => "jwt_bearer",
+                };
                 let source = crate::credentials::exchange::TokenExchange::new(
                     &c.name,
-                    &format!("credentials[{i}].source"),
+                    &format!("credentials[{i}].source.{kind}"),
                     t,
                     grant,
                     shared.clone(),
