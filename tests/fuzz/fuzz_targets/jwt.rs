@@ -6,7 +6,11 @@
 //! - the input read as a claims object and signed with that key always verifies, and one
 //!   changed byte of the signed part never does;
 //! - claims that pass `check` name a non-empty subject, hold an accepted audience, are not
-//!   expired beyond the skew, and carry an `act` chain of at most `MAX_CHAIN` actors.
+//!   expired beyond the skew, and carry an `act` chain of at most `MAX_CHAIN` actors;
+//! - the same signed claims as a JWT-SVID (`verify_svid`): accepted only with a SPIFFE ID
+//!   `sub` that names a workload (a path), 1 to 16 string audiences, an `exp` not passed
+//!   beyond the skew; the token kept is the one given; `parse_jwt_bundle` never takes a key
+//!   `parse_jwks` would skip for its type.
 #![no_main]
 
 use std::sync::LazyLock;
@@ -49,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(t.verify(&keys.set).is_err(), "an unsigned input verified");
         }
         let _ = jwt::parse_jwks(data);
+        let _ = jwt::parse_jwt_bundle(data);
     }
     // The input as claims, signed: verifies; tampered: does not.
     let Ok(serde_json::Value::Object(claims)) = serde_json::from_slice::<serde_json::Value>(data)
@@ -92,6 +97,13 @@ fuzz_target!(|data: &[u8]| {
         skew: SKEW,
         copy: &copy,
     };
+    if let Ok(svid) = t.verify_svid(&keys.set, NOW, SKEW, &token) {
+        assert!(!svid.spiffe_id.path().is_empty());
+        assert_eq!(claims.get("sub").and_then(|s| s.as_str()), Some(svid.spiffe_id.as_str()));
+        assert!((1..=16).contains(&svid.audience.len()));
+        assert!(NOW < svid.expires.saturating_add(SKEW));
+        assert_eq!(svid.token.expose(), token);
+    }
     if let Ok(v) = t.check(&want) {
         assert!(!v.subject.is_empty());
         assert!(v.audience.iter().any(|a| a == "portcullis"));
