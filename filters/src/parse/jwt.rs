@@ -289,6 +289,23 @@ fn int_claim(claims: &serde_json::Map<String, Value>, name: &str) -> Result<Opti
     }
 }
 
+/// `aud`: one string or an array of strings (RFC 7519 §4.1.3); `None` when absent.
+fn audience_claim(
+    claims: &serde_json::Map<String, Value>,
+) -> Result<Option<Vec<String>>, JwtError> {
+    match claims.get("aud") {
+        None => Ok(None),
+        Some(Value::String(a)) => Ok(Some(vec![a.clone()])),
+        Some(Value::Array(all)) => all
+            .iter()
+            .map(|a| a.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .map(Some)
+            .ok_or_else(|| JwtError::Claims("aud holds a non-string".into())),
+        Some(_) => Err(JwtError::Claims("aud is not a string or array".into())),
+    }
+}
+
 impl Unverified {
     /// Check the claims of a verified token (call [`Unverified::verify`] first).
     pub fn check(&self, want: &Expect<'_>) -> Result<Verified, JwtError> {
@@ -310,15 +327,7 @@ impl Unverified {
                 return Err(JwtError::Claims("issued in the future (iat)".into()));
             }
         }
-        let audience: Vec<String> = match c.get("aud") {
-            Some(Value::String(a)) => vec![a.clone()],
-            Some(Value::Array(all)) => all
-                .iter()
-                .map(|a| a.as_str().map(str::to_owned))
-                .collect::<Option<_>>()
-                .ok_or_else(|| JwtError::Claims("aud holds a non-string".into()))?,
-            _ => return Err(JwtError::Claims("no aud".into())),
-        };
+        let audience = audience_claim(c)?.ok_or_else(|| JwtError::Claims("no aud".into()))?;
         if !audience.iter().any(|a| want.audiences.contains(a)) {
             return Err(JwtError::Claims("aud is not an accepted audience".into()));
         }
@@ -440,15 +449,7 @@ impl Unverified {
                 return Err(JwtError::Claims(format!("{name} is in the future")));
             }
         }
-        let audience: Vec<String> = match c.get("aud") {
-            Some(Value::String(a)) => vec![a.clone()],
-            Some(Value::Array(all)) => all
-                .iter()
-                .map(|a| a.as_str().map(str::to_owned))
-                .collect::<Option<_>>()
-                .ok_or_else(|| JwtError::Claims("aud holds a non-string".into()))?,
-            _ => Vec::new(),
-        };
+        let audience = audience_claim(c)?.unwrap_or_default();
         if audience.is_empty() || audience.len() > MAX_AUDIENCES {
             return Err(JwtError::Claims(format!(
                 "a JWT-SVID names 1 to {MAX_AUDIENCES} audiences"

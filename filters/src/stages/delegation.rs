@@ -174,6 +174,27 @@ impl DelegationFilter {
     }
 }
 
+/// Take every `name` field out of `req` first, so that whatever happens next the token never
+/// goes upstream: `None` when there was none; the one value, trimmed; an error for several.
+pub(crate) fn take_token(
+    req: &mut http::request::Parts,
+    name: &http::HeaderName,
+) -> Option<Result<String, JwtError>> {
+    let first = req
+        .headers
+        .get(name)?
+        .to_str()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let several = req.headers.get_all(name).iter().nth(1).is_some();
+    req.headers.remove(name);
+    Some(match several {
+        false => Ok(first),
+        true => Err(JwtError::Claims(format!("more than one {name} header"))),
+    })
+}
+
 #[async_trait::async_trait]
 impl Filter for DelegationFilter {
     fn name(&self) -> &'static str {
@@ -181,23 +202,13 @@ impl Filter for DelegationFilter {
     }
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        // Taken out first: whatever happens, the token never goes upstream.
-        let values: Vec<http::HeaderValue> =
-            req.headers.get_all(&self.header).iter().cloned().collect();
-        if values.is_empty() {
-            return Action::Continue;
-        }
-        req.headers.remove(&self.header);
-        let verdict = match values.as_slice() {
-            [value] => {
-                let token = value.to_str().unwrap_or("").trim();
-                let token = token.strip_prefix("Bearer ").unwrap_or(token);
+        let verdict = match take_token(req, &self.header) {
+            None => return Action::Continue,
+            Some(Ok(token)) => {
+                let token = token.strip_prefix("Bearer ").unwrap_or(&token);
                 self.verified(token).await
             }
-            _ => Err(JwtError::Claims(format!(
-                "more than one {} header",
-                self.header
-            ))),
+            Some(Err(e)) => Err(e),
         };
         let (code, reason) = match verdict {
             Ok(v) => {

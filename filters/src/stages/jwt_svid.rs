@@ -18,7 +18,7 @@ use crate::error::{ErrorCode, Rejection};
 use crate::parse::identity::TrustDomain;
 use crate::parse::jwt::{self, Jwk, JwtError, JwtSvid};
 use crate::pipeline::{Action, Context, Filter};
-use crate::stages::delegation::{unix_now, VerifiedCache};
+use crate::stages::delegation::{take_token, unix_now, VerifiedCache};
 
 /// The request header a JWT-SVID comes in.
 pub const JWT_SVID_HEADER: &str = "x-portcullis-jwt-svid";
@@ -94,16 +94,9 @@ impl Filter for JwtSvidFilter {
     }
 
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        // Taken out first: whatever happens, the token never goes upstream.
-        let values: Vec<http::HeaderValue> =
-            req.headers.get_all(&self.header).iter().cloned().collect();
-        if values.is_empty() {
-            return Action::Continue;
-        }
-        req.headers.remove(&self.header);
-        let verdict = match values.as_slice() {
-            [value] => self.verify(value.to_str().unwrap_or("").trim()),
-            _ => Err(JwtError::Claims(format!("more than one {JWT_SVID_HEADER}"))),
+        let verdict = match take_token(req, &self.header) {
+            None => return Action::Continue,
+            Some(token) => token.and_then(|t| self.verify(&t)),
         };
         let (code, reason) = match verdict {
             Ok(v) if v.spiffe_id == ctx.peer.spiffe_id => {
