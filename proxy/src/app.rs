@@ -42,7 +42,7 @@ use crate::telemetry::decision_log::DecisionLog;
 use crate::telemetry::metrics::{Metrics, MetricsFilter};
 use crate::telemetry::{SpanExport, Telemetry};
 use crate::upstream::Upstream;
-use portcullis_filters::stages::jwt_svid::JwtSvidFilter;
+use portcullis_filters::stages::jwt_svid::{JwtSvidFilter, JwtSvidVerifier};
 
 /// The filter chain, in order. Identity is established before any of this runs (the TLS
 /// handshake refuses peers without a valid SVID) and the egress guard sits at the dial
@@ -100,11 +100,7 @@ pub fn build_chain(
             sampling: spans.as_ref().map(|s| s.sampling_ratio()),
         })
         // Before anything reads headers for placeholders or policy: the tokens are taken out.
-        .with(JwtSvidFilter::new(
-            ops.jwt_bundles.clone(),
-            JWT_SVID_SKEW,
-            gates.jwt_svid.clone(),
-        ))
+        .with(JwtSvidFilter::new(ops.jwt_svids.clone()))
         .with_optional(
             cfg.delegation
                 .as_ref()
@@ -311,6 +307,15 @@ impl Loaded {
 /// Clock difference tolerated on a JWT-SVID's `exp`, `nbf` and `iat`.
 const JWT_SVID_SKEW: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The JWT-SVID verifier the chain's stage and the bearer listener share.
+fn jwt_svid_verifier(bundles: &Arc<JwtBundleStore>, gates: &Gates) -> Arc<JwtSvidVerifier> {
+    Arc::new(JwtSvidVerifier::new(
+        bundles.clone(),
+        JWT_SVID_SKEW,
+        gates.jwt_svid.clone(),
+    ))
+}
+
 /// Keep the JWT bundles of `workload_api` trust domains as the Workload API sends them.
 fn follow_jwt_bundles(
     endpoint: &crate::config::WorkloadApiEndpoint,
@@ -364,6 +369,11 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
     };
     let listener = bind(cfg.listen).await?;
     let admin_listener = bind(cfg.admin_listen).await?;
+    let bearer_listener = match cfg.bearer_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let bearer_addr = bearer_listener.as_ref().and_then(|l| l.local_addr().ok());
     let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: cfg.listen,
         source,
@@ -422,9 +432,9 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         metrics,
         secrets,
         pins,
+        jwt_svids: jwt_svid_verifier(&jwt_bundles, &gates),
         gates,
         shadow: shadow.clone(),
-        jwt_bundles: jwt_bundles.clone(),
     };
     let chain = build_chain(&cfg, policy.clone(), &ops, decision_log, spans)?;
     let routes = crate::http::gateway::Routes::new(&cfg.routes, &cfg.credentials)?;
@@ -463,6 +473,11 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             bundles: workload_api::watch_bundles(endpoint, shutdown.clone()),
         }
     });
+    let bearer_acceptor = bearer_listener.as_ref().map(|_| {
+        tokio_rustls::TlsAcceptor::from(Arc::new(crate::edge::tls::bearer_server_config(
+            cert.clone(),
+        )))
+    });
     let served = Served {
         trust,
         file_roots,
@@ -481,7 +496,17 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
             return; // shut down before the Workload API delivered
         }
         status2.ready.store(true, Ordering::Relaxed);
-        tracing::info!(proxy = %proxy_addr, admin = %admin_addr, policy_revision = %policy.revision(), "listening");
+        let revision = policy.revision();
+        if let (Some(l), Some(a), Some(addr)) = (bearer_listener, bearer_acceptor, bearer_addr) {
+            tracing::info!(proxy = %proxy_addr, admin = %admin_addr, bearer = %addr,
+                policy_revision = %revision, "listening");
+            let shared3 = shared2.clone();
+            shared2.tasks.tracker.spawn(async move {
+                listener::accept_with(l, a, shared3, crate::edge::bearer::serve_conn).await;
+            });
+        } else {
+            tracing::info!(proxy = %proxy_addr, admin = %admin_addr, policy_revision = %revision, "listening");
+        }
         listener::accept_loop(listener, acceptor, shared2).await;
     });
     Ok(Running {
@@ -550,7 +575,10 @@ mod tests {
             pins: Arc::new(ToolPins::new(OnChange::Log)),
             gates: Arc::new(Gates::build(cfg, None).unwrap()),
             shadow: None,
-            jwt_bundles: Arc::new(JwtBundleStore::load(cfg).unwrap()),
+            jwt_svids: jwt_svid_verifier(
+                &Arc::new(JwtBundleStore::load(cfg).unwrap()),
+                &Gates::build(cfg, None).unwrap(),
+            ),
         };
         build_chain(cfg, policy, &ops, log, None)
     }

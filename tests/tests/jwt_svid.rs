@@ -297,3 +297,174 @@ fn check_refuses_bad_jwt_svid_settings_by_key() {
         assert!(err.contains(key), "{key}: {err}");
     }
 }
+
+/// Who called, by gateway route: the policy sees the bearer caller's SPIFFE ID like any other.
+const GATEWAY_POLICY: &str = r#"package portcullis
+
+import rego.v1
+
+default decision := {"allow": false, "reason": "not the mail agent"}
+
+decision := {"allow": true, "reason": "the mail agent"} if {
+	input.identity.spiffe_id == "spiffe://acme.test/agents/mail"
+}
+"#;
+
+const SECRET: &str = "saas-secret-0123456789";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_callers_without_a_client_certificate_present_a_jwt_svid() {
+    let pki = Pki::new();
+    replace_file(&pki.path("policy/allow.rego"), GATEWAY_POLICY);
+    let up = Upstream::start("127.0.0.1", Some(pki.upstream_tls.clone())).await;
+    let base = format!("https://localhost:{}", up.port());
+    let authority = JwtAuthority::generate("jwt-authority-1");
+    replace_file(&pki.path("acme-jwt.json"), &authority.bundle_json());
+    let audience = "https://portcullis.test/saas";
+    let mut cfg = pki.base_config();
+    cfg["trust_domains"]["acme.test"]["jwt_bundle"] = json!("acme-jwt.json");
+    cfg["bearer_listen"] = json!("127.0.0.1:0");
+    cfg["credentials"] = json!([{"name": "saas", "hosts": ["localhost:*"],
+        "source": {"env": "SAAS_SECRET"}}]);
+    cfg["routes"] = json!([
+        {"name": "saas", "match": {"path_prefix": "/saas"}, "upstream": base,
+         "credential": "saas", "jwt_svid": {"audience": audience}},
+        {"name": "mtls-only", "match": {"path_prefix": "/private"}, "upstream": base},
+    ]);
+    let proxy = Proxy::start_with_env(&pki.write_config(&cfg), &[("SAAS_SECRET", SECRET)]);
+    let listening = proxy
+        .logs
+        .wait_for("listening", |l| l.contains("\"listening\""));
+    let bearer: std::net::SocketAddr = serde_json::from_str::<Value>(&listening).unwrap()["bearer"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // curl without a client certificate: only the server's CA.
+    let call = |port: u16, path: &str, token: Option<String>, extra: Vec<String>| {
+        let (ca, path) = (pki.path("acme-ca.pem"), path.to_owned());
+        async move {
+            let mut cmd = tokio::process::Command::new("curl");
+            cmd.args(["-sS", "--max-time", "20", "-D", "-", "-o", "-", "--cacert"])
+                .arg(ca);
+            if let Some(t) = token {
+                cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+            }
+            cmd.args(extra)
+                .arg(format!("https://localhost:{port}{path}"));
+            run_curl(cmd).await
+        }
+    };
+    let token = |id: &str, aud: &str, ttl: i64| authority.sign(id, &[aud.to_owned()], ttl);
+
+    // The agent's JWT-SVID for the route's audience: its identity for the policy; the bearer is
+    // removed and the route's credential substituted.
+    let out = call(
+        bearer.port(),
+        "/saas/echo",
+        Some(token(AGENT, audience, 300)),
+        vec![],
+    )
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let seen = up.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(last.path, "/echo");
+    assert_eq!(
+        last.headers["authorization"],
+        format!("Bearer {SECRET}").as_str()
+    );
+    let access = proxy.wait_access(1, |e| e["path"] == "/echo");
+    assert_eq!(access[0]["spiffe_id"], AGENT, "{access:?}");
+
+    // The policy decides on the bearer's identity like on a certificate's.
+    let other = call(
+        bearer.port(),
+        "/saas/echo",
+        Some(token("spiffe://acme.test/agents/calendar", audience, 300)),
+        vec![],
+    )
+    .await;
+    other.assert_refused(403, "policy_denied");
+
+    // Refused before any identity exists: no token, another audience, expired, forged, a
+    // route that does not take bearer callers, proxy requests.
+    let forged = JwtAuthority::generate("jwt-authority-1").sign(AGENT, &[audience.into()], 300);
+    for (path, t, extra, status, code) in [
+        ("/saas/echo", None, vec![], 401, "identity_required"),
+        (
+            "/saas/echo",
+            Some(token(AGENT, "https://elsewhere.test", 300)),
+            vec![],
+            403,
+            "jwt_svid_invalid",
+        ),
+        (
+            "/saas/echo",
+            Some(token(AGENT, audience, -60)),
+            vec![],
+            403,
+            "jwt_svid_invalid",
+        ),
+        ("/saas/echo", Some(forged), vec![], 403, "jwt_svid_invalid"),
+        (
+            "/private/echo",
+            Some(token(AGENT, audience, 300)),
+            vec![],
+            404,
+            "no_route",
+        ),
+        (
+            "/saas/echo",
+            Some(token(AGENT, audience, 300)),
+            vec!["--request-target".to_owned(), format!("{base}/echo")],
+            401,
+            "identity_required",
+        ),
+    ] {
+        let out = call(bearer.port(), path, t, extra).await;
+        out.assert_refused(status, code);
+    }
+    let unauthenticated = call(bearer.port(), "/saas/echo", None, vec![]).await;
+    assert_eq!(
+        unauthenticated.header("www-authenticate").as_deref(),
+        Some("Bearer")
+    );
+
+    // A revoked identity is refused on the bearer listener too.
+    let (status, body) = proxy
+        .admin_request(
+            "POST",
+            &format!("/identity/revoke?id={AGENT}&reason=leaked"),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    call(
+        bearer.port(),
+        "/saas/echo",
+        Some(token(AGENT, audience, 300)),
+        vec![],
+    )
+    .await
+    .assert_refused(403, "identity_revoked");
+
+    // The proxy listener still wants a client certificate: a bearer is not enough there.
+    let out = call(
+        proxy.addr.port(),
+        "/saas/echo",
+        Some(token(AGENT, audience, 300)),
+        vec![],
+    )
+    .await;
+    assert_eq!(out.status, 0, "{out:?}");
+    assert_eq!(
+        up.seen().iter().filter(|s| s.path == "/echo").count(),
+        1,
+        "only the first call reached the upstream"
+    );
+    // No JWT-SVID in any log.
+    let prefix = jwt_prefix(&authority);
+    for line in proxy.logs.lines().iter().chain(&proxy.decisions.lines()) {
+        assert!(!line.contains(&prefix), "a JWT-SVID in a log: {line}");
+    }
+}

@@ -40,31 +40,31 @@ pub struct JwtSvidStats {
     pub unavailable: AtomicU64,
 }
 
+/// Verifies JWT-SVIDs against the trust domains' JWT bundles, remembering recent ones.
 #[derive(Debug)]
-pub struct JwtSvidFilter {
-    header: http::HeaderName,
+pub struct JwtSvidVerifier {
     bundles: Arc<dyn JwtBundles>,
     max_skew: Duration,
-    stats: Arc<JwtSvidStats>,
     verified: VerifiedCache<JwtSvid>,
+    pub stats: Arc<JwtSvidStats>,
 }
 
-impl JwtSvidFilter {
+impl JwtSvidVerifier {
     pub fn new(
         bundles: Arc<dyn JwtBundles>,
         max_skew: Duration,
         stats: Arc<JwtSvidStats>,
-    ) -> JwtSvidFilter {
-        JwtSvidFilter {
-            header: http::HeaderName::from_static(JWT_SVID_HEADER),
+    ) -> JwtSvidVerifier {
+        JwtSvidVerifier {
             bundles,
             max_skew,
-            stats,
             verified: VerifiedCache::new(VERIFIED_TOKENS, KEEP_VERIFIED),
+            stats,
         }
     }
 
-    fn verify(&self, token: &str) -> Result<Arc<JwtSvid>, JwtError> {
+    /// The verified token (not counted: callers count the outcome they act on).
+    pub fn verify(&self, token: &str) -> Result<Arc<JwtSvid>, JwtError> {
         let key = VerifiedCache::<JwtSvid>::key(token);
         let (now, skew) = (
             unix_now(),
@@ -85,6 +85,40 @@ impl JwtSvidFilter {
         self.verified.put(key, v.clone(), v.expires, now, skew);
         Ok(v)
     }
+
+    /// The refusal for a token that did not verify, counted.
+    pub fn refusal(&self, e: JwtError) -> Rejection {
+        let (code, reason) = match e {
+            JwtError::Keys(e) => {
+                self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                (
+                    ErrorCode::JwtSvidUnavailable,
+                    format!("the JWT-SVID cannot be verified: {e}"),
+                )
+            }
+            e => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                (ErrorCode::JwtSvidInvalid, format!("JWT-SVID refused: {e}"))
+            }
+        };
+        Rejection::new(code, reason)
+    }
+}
+
+/// The chain's stage: the `x-portcullis-jwt-svid` header of a caller authenticated by mTLS.
+#[derive(Debug)]
+pub struct JwtSvidFilter {
+    header: http::HeaderName,
+    verifier: Arc<JwtSvidVerifier>,
+}
+
+impl JwtSvidFilter {
+    pub fn new(verifier: Arc<JwtSvidVerifier>) -> JwtSvidFilter {
+        JwtSvidFilter {
+            header: http::HeaderName::from_static(JWT_SVID_HEADER),
+            verifier,
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -96,34 +130,19 @@ impl Filter for JwtSvidFilter {
     async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let verdict = match take_token(req, &self.header) {
             None => return Action::Continue,
-            Some(token) => token.and_then(|t| self.verify(&t)),
+            Some(token) => token.and_then(|t| self.verifier.verify(&t)),
         };
-        let (code, reason) = match verdict {
-            Ok(v) if v.spiffe_id == ctx.peer.spiffe_id => {
-                self.stats.verified.fetch_add(1, Ordering::Relaxed);
-                ctx.jwt_svid = Some(v);
-                return Action::Continue;
-            }
-            Ok(_) => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                (
-                    ErrorCode::JwtSvidInvalid,
-                    "JWT-SVID refused: it names another workload than the client certificate"
-                        .to_owned(),
-                )
-            }
-            Err(JwtError::Keys(e)) => {
-                self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-                (
-                    ErrorCode::JwtSvidUnavailable,
-                    format!("the JWT-SVID cannot be verified: {e}"),
-                )
-            }
-            Err(e) => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                (ErrorCode::JwtSvidInvalid, format!("JWT-SVID refused: {e}"))
-            }
+        let v = match verdict {
+            Ok(v) => v,
+            Err(e) => return Action::Respond(self.verifier.refusal(e)),
         };
-        Action::Respond(Rejection::new(code, reason))
+        if v.spiffe_id != ctx.peer.spiffe_id {
+            return Action::Respond(self.verifier.refusal(JwtError::Claims(
+                "it names another workload than the client certificate".into(),
+            )));
+        }
+        self.verifier.stats.verified.fetch_add(1, Ordering::Relaxed);
+        ctx.jwt_svid = Some(v);
+        Action::Continue
     }
 }

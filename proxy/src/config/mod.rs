@@ -36,6 +36,10 @@ pub struct Config {
     pub listen: SocketAddr,
     #[serde(default = "defaults::admin_listen")]
     pub admin_listen: SocketAddr,
+    /// A second TLS listener, without client certificates, for gateway callers that present
+    /// a JWT-SVID as `Authorization: Bearer` instead (routes with `jwt_svid`); off when absent.
+    #[serde(default)]
+    pub bearer_listen: Option<SocketAddr>,
     /// Bearer token the admin listener requires on every endpoint but `/healthz` and
     /// `/readyz` (`env:NAME` or `file:PATH`). Required when `admin_listen` is not loopback.
     #[serde(default)]
@@ -304,6 +308,16 @@ pub struct RouteConfig {
     /// Remove `path_prefix` before forwarding (default true).
     #[serde(default = "defaults::yes")]
     pub strip_prefix: bool,
+    /// Also take callers on `bearer_listen` whose JWT-SVID, issued for `audience`, comes as
+    /// `Authorization: Bearer` (off by default: mTLS only).
+    #[serde(default)]
+    pub jwt_svid: Option<RouteJwtSvidConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteJwtSvidConfig {
+    pub audience: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

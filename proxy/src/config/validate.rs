@@ -461,6 +461,12 @@ impl Config {
     }
 
     fn validate_routes(&self) -> Checked {
+        if self.bearer_listen.is_some() && !self.routes.iter().any(|r| r.jwt_svid.is_some()) {
+            return invalid(
+                "bearer_listen",
+                "no route takes JWT-SVID callers (routes[].jwt_svid): nothing would be served",
+            );
+        }
         let mut names = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
@@ -482,6 +488,18 @@ impl Config {
             }
             if !r.matches.path_prefix.starts_with('/') {
                 return invalid(format!("{key}.match.path_prefix"), "must start with /");
+            }
+            match (&r.jwt_svid, self.bearer_listen) {
+                (Some(j), _) if j.audience.trim().is_empty() => {
+                    return invalid(format!("{key}.jwt_svid.audience"), "must not be empty")
+                }
+                (Some(_), None) => {
+                    return invalid(
+                        format!("{key}.jwt_svid"),
+                        "needs bearer_listen: JWT-SVID callers have their own listener",
+                    )
+                }
+                _ => {}
             }
             let Some(name) = &r.credential else {
                 continue;

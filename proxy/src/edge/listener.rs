@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
-use crate::edge::lifetime::Lifetime;
+use crate::edge::lifetime::{End, Lifetime};
 use crate::edge::slots::Slots;
 use crate::edge::tls::peer_spiffe_id;
 use crate::http::head_gate::{HeadGate, MAX_HEADERS};
@@ -22,16 +22,34 @@ use crate::http::idle::{idle_watch, Activity, IdleIo};
 use crate::http::{self, Conn, Shared};
 
 pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
-    accept_until_shutdown(&listener, acceptor, &shared).await;
+    accept_with(listener, acceptor, shared, serve_conn).await;
+}
+
+/// Accept on `listener` (bounded by `limits.max_connections`), each connection served by
+/// `serve`, until the proxy drains.
+pub async fn accept_with<F, Fut>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    serve: F,
+) where
+    F: Fn(Arc<Shared>, TlsAcceptor, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    accept_until_shutdown(&listener, acceptor, &shared, serve).await;
     drop(listener);
     tracing::info!("stopped accepting new connections");
 }
 
-async fn accept_until_shutdown(
+async fn accept_until_shutdown<F, Fut>(
     listener: &TcpListener,
     acceptor: TlsAcceptor,
     shared: &Arc<Shared>,
-) {
+    serve: F,
+) where
+    F: Fn(Arc<Shared>, TlsAcceptor, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = Slots::new(shared.limits.max_connections);
     let at_limit = &shared.ops.metrics.at_connection_limit;
     loop {
@@ -60,7 +78,7 @@ async fn accept_until_shutdown(
         shared
             .tasks
             .tracker
-            .spawn(serve_conn(shared2, acceptor, tcp, addr, permit));
+            .spawn(serve(shared2, acceptor, tcp, addr, permit));
     }
 }
 
@@ -72,20 +90,8 @@ async fn serve_conn(
     permit: OwnedSemaphorePermit,
 ) {
     let _counted = shared.ops.metrics.connection();
-    let activity = Activity::new();
-    let io = IdleIo::new(tcp, activity.clone());
-    let handshake = tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io));
-    let tls = match handshake.await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            let reason = crate::edge::tls::handshake_error(&e);
-            tracing::warn!(peer = %addr, reason, "client TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(peer = %addr, "client TLS handshake timed out");
-            return;
-        }
+    let Some((tls, activity)) = handshake(&shared, &acceptor, tcp, addr).await else {
+        return;
     };
     // The verifier already required a valid SVID; this re-reads the ID and chain it checked.
     let session = tls.get_ref().1;
@@ -126,6 +132,51 @@ async fn serve_conn(
         http::no_destination(),
     );
     let io = HeadGate::new(tls, shared.limits.head_read_bytes(), gate);
+    serve_http1(&shared, io, svc, &activity, addr, Some(&conn.lifetime)).await;
+}
+
+/// A client connection's TLS stream, and its activity (for the idle timeout).
+pub type ClientTls = tokio_rustls::server::TlsStream<IdleIo<TcpStream>>;
+
+/// The TLS handshake, bounded by `limits.tls_handshake_timeout`; a failure is logged.
+pub async fn handshake(
+    shared: &Shared,
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+) -> Option<(ClientTls, Arc<Activity>)> {
+    let activity = Activity::new();
+    let io = IdleIo::new(tcp, activity.clone());
+    let handshake = tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io));
+    match handshake.await {
+        Ok(Ok(tls)) => Some((tls, activity)),
+        Ok(Err(e)) => {
+            let reason = crate::edge::tls::handshake_error(&e);
+            tracing::warn!(peer = %addr, reason, "client TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(peer = %addr, "client TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Serve HTTP/1.1 on an accepted connection until it closes, idles out, the proxy drains, or
+/// (with a `lifetime`) the client's identity ends.
+pub async fn serve_http1<I, S>(
+    shared: &Shared,
+    io: I,
+    svc: S,
+    activity: &Activity,
+    addr: SocketAddr,
+    lifetime: Option<&Lifetime>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -142,7 +193,7 @@ async fn serve_conn(
                 tracing::debug!(peer = %addr, error = %e, "client connection ended with error");
             }
         }
-        _ = idle_watch(&activity, shared.limits.idle_timeout) => {
+        _ = idle_watch(activity, shared.limits.idle_timeout) => {
             tracing::debug!(peer = %addr, "client connection idle; closing");
         }
         _ = shared.tasks.shutdown.cancelled() => {
@@ -151,10 +202,22 @@ async fn serve_conn(
         }
         // Requests check the identity themselves; this is the age limit, or a refused
         // request's close (its response already says `Connection: close`).
-        end = conn.lifetime.closing() => {
+        end = closing(lifetime, shared.limits.max_connection_age) => {
             tracing::info!(peer = %addr, reason = %end, "closing the client connection");
             served.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(shared.limits.shutdown_grace, served).await;
+        }
+    }
+}
+
+/// When a connection must close: its identity's end, or (without one: a bearer connection,
+/// whose requests each carry their own proof) its maximum age.
+async fn closing(lifetime: Option<&Lifetime>, max_age: Duration) -> End {
+    match lifetime {
+        Some(l) => l.closing().await,
+        None => {
+            tokio::time::sleep(max_age).await;
+            End::MaxAge
         }
     }
 }

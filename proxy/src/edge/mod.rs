@@ -3,6 +3,7 @@
 
 pub(crate) mod admin;
 mod approvals;
+pub(crate) mod bearer;
 pub(crate) mod lifetime;
 pub(crate) mod listener;
 pub(crate) mod revocation;

@@ -152,6 +152,14 @@ impl Subject {
             .collect();
         Some(Subject { id, certs })
     }
+
+    /// A workload known only by its SPIFFE ID (a JWT-SVID's): ID and prefix revocations apply.
+    pub fn of_id(id: &str) -> Subject {
+        Subject {
+            id: id.to_owned(),
+            certs: Vec::new(),
+        }
+    }
 }
 
 /// The revocations in force, indexed for the check.

@@ -446,6 +446,18 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// The bearer listener's TLS config: no client certificate asked for (callers prove their
+/// workload with a JWT-SVID per request), the same server certificate, HTTP/1.1.
+pub fn bearer_server_config(cert: Arc<ServerCert>) -> rustls::ServerConfig {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| rustls::ServerConfig::builder())
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg
+}
+
 /// A readable reason for a failed client handshake: rustls prints our SVID rejections with
 /// `Debug`, so unwrap them to their messages.
 pub fn handshake_error(e: &std::io::Error) -> String {

@@ -28,6 +28,9 @@ pub struct Route {
     base_path: String,
     /// Header and value (with the placeholder) to add when absent.
     inject: Option<(HeaderName, HeaderValue)>,
+    /// The audience a bearer JWT-SVID must name for this route (`jwt_svid`), when the route
+    /// takes such callers on `bearer_listen`.
+    pub jwt_svid_audience: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +71,7 @@ impl Routes {
                 upstream,
                 base_path,
                 inject,
+                jwt_svid_audience: r.jwt_svid.as_ref().map(|j| j.audience.clone()),
             });
         }
         out.sort_by(|a, b| {
@@ -158,23 +162,46 @@ impl Route {
     }
 }
 
-/// An origin-form request in gateway mode: route it, or 404 `no_route`.
+/// An origin-form request in gateway mode from an mTLS caller: route it, or 404 `no_route`.
 pub(crate) async fn handle(
     shared: &Shared,
     conn: &Conn,
-    mut parts: http::request::Parts,
+    parts: http::request::Parts,
     body: Incoming,
 ) -> Response<Body> {
-    let host = parts
-        .headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
-    let Some(route) = shared.routes.find(host.as_deref(), parts.uri.path()) else {
+    let Some(route) = shared.routes.find(host_of(&parts), parts.uri.path()) else {
         let reason = format!("no gateway route matches {}", parts.uri.path());
         let ctx = Context::new(conn.peer.clone(), Via::Gateway, no_destination(), &parts);
         return refuse(shared, ctx, Rejection::new(ErrorCode::NoRoute, reason));
     };
+    let caller = Caller {
+        peer: &conn.peer,
+        body_budget: &conn.body_budget,
+        jwt_svid: None,
+    };
+    to_route(shared, caller, route, parts, body).await
+}
+
+/// The request's Host header, as text.
+pub(crate) fn host_of(parts: &http::request::Parts) -> Option<&str> {
+    parts.headers.get(HOST).and_then(|h| h.to_str().ok())
+}
+
+/// Who sent a gateway request: an mTLS peer, or a bearer caller authenticated by its JWT-SVID.
+pub(crate) struct Caller<'a> {
+    pub peer: &'a std::sync::Arc<portcullis_filters::Peer>,
+    pub body_budget: &'a crate::http::budget::Budget,
+    pub jwt_svid: Option<std::sync::Arc<portcullis_filters::parse::jwt::JwtSvid>>,
+}
+
+/// Send a request to `route`'s upstream through the pipeline.
+pub(crate) async fn to_route(
+    shared: &Shared,
+    caller: Caller<'_>,
+    route: &Route,
+    mut parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
     let uri = route.upstream_uri(&parts.uri);
     let unroutable = uri.as_ref().err().cloned();
     if let Ok(uri) = uri {
@@ -182,12 +209,13 @@ pub(crate) async fn handle(
     }
     route.inject(&mut parts.headers);
     let mut ctx = Context::new(
-        conn.peer.clone(),
+        caller.peer.clone(),
         Via::Gateway,
         route.upstream.clone(),
         &parts,
     );
     ctx.gateway_route = Some(route.name.clone());
+    ctx.jwt_svid = caller.jwt_svid;
     if let Some(why) = unroutable {
         let rej = Rejection::new(
             ErrorCode::BadRequest,
@@ -195,7 +223,7 @@ pub(crate) async fn handle(
         );
         return refuse(shared, ctx, rej);
     }
-    forward(shared, &conn.body_budget, ctx, parts, body).await
+    forward(shared, caller.body_budget, ctx, parts, body).await
 }
 
 #[cfg(test)]
@@ -220,6 +248,7 @@ mod tests {
             upstream: crate::config::UpstreamUrl::try_from(upstream.to_owned()).unwrap(),
             credential: None,
             strip_prefix: strip,
+            jwt_svid: None,
         }
     }
 

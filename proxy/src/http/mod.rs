@@ -69,8 +69,8 @@ pub struct Operations {
     pub gates: Arc<crate::gates::Gates>,
     /// `policy.shadow`: decided beside the enforcing policy, never enforced.
     pub shadow: Option<Arc<portcullis_filters::stages::shadow::ShadowSlot>>,
-    /// The trust domains' JWT authorities (JWT-SVIDs of callers).
-    pub jwt_bundles: Arc<crate::reload::jwt_bundles::JwtBundleStore>,
+    /// Verifies callers' JWT-SVIDs (the chain's stage and the bearer listener).
+    pub jwt_svids: Arc<portcullis_filters::stages::jwt_svid::JwtSvidVerifier>,
 }
 
 /// One authenticated client connection. Tunnels hold it too, so the connection-limit permit is
