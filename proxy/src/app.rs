@@ -445,6 +445,7 @@ pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Running, StartEr
         mitm,
         verifier,
         body_budget: crate::http::budget::Budget::new(cfg.limits.buffered_body_bytes),
+        slots: crate::edge::slots::Slots::new(cfg.limits.max_connections),
         limits: cfg.limits.clone(),
         tasks: Tasks {
             shutdown: shutdown.clone(),

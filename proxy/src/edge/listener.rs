@@ -15,7 +15,6 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
 use crate::edge::lifetime::{End, Lifetime};
-use crate::edge::slots::Slots;
 use crate::edge::tls::peer_spiffe_id;
 use crate::http::head_gate::{HeadGate, MAX_HEADERS};
 use crate::http::idle::{idle_watch, Activity, IdleIo};
@@ -50,7 +49,7 @@ async fn accept_until_shutdown<F, Fut>(
     F: Fn(Arc<Shared>, TlsAcceptor, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let slots = Slots::new(shared.limits.max_connections);
+    let slots = &shared.slots;
     let at_limit = &shared.ops.metrics.at_connection_limit;
     loop {
         let permit = tokio::select! {

@@ -49,6 +49,8 @@ pub struct Shared {
     pub verifier: Arc<SpiffeVerifier>,
     /// Request-body bytes buffered for inspection, process-wide.
     pub body_budget: budget::Budget,
+    /// `limits.max_connections`, for the proxy and bearer listeners together.
+    pub slots: crate::edge::slots::Slots,
     pub limits: LimitsConfig,
     pub tasks: Tasks,
     pub ops: Operations,
