@@ -103,6 +103,7 @@ fn benches(c: &mut Criterion) {
         spiffe_id: SpiffeId::parse(ID).unwrap(),
         source: "10.0.0.5:51234".parse().unwrap(),
         source_ip: "10.0.0.5".into(),
+        proof: portcullis_filters::pipeline::Proof::X509Svid,
     });
     let dest = Destination::from_absolute_uri(&"https://api.github.com/".parse().unwrap()).unwrap();
     let template = request();

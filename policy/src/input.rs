@@ -112,6 +112,15 @@ pub struct Identity {
     pub path: String,
     /// Non-empty path segments, e.g. `["agents", "research"]`.
     pub segments: Vec<String>,
+    /// How the caller proved it: `x509_svid` (mTLS, the default) or `jwt_svid` (a bearer
+    /// JWT-SVID on the bearer listener).
+    #[serde(default = "x509_svid")]
+    pub proof: String,
+}
+
+/// The proof of an mTLS caller (and of inputs recorded before `proof` existed).
+pub fn x509_svid() -> String {
+    "x509_svid".to_owned()
 }
 
 impl Identity {
@@ -136,6 +145,7 @@ impl Identity {
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect(),
+            proof: x509_svid(),
         })
     }
 }
@@ -676,6 +686,7 @@ keys!(
     identity,
     spiffe_id,
     trust_domain,
+    proof,
     path,
     normalized_path,
     segments,
@@ -809,6 +820,7 @@ impl Converter {
             let id = &input.identity;
             object([
                 (&k.path, Value::from(id.path.as_str())),
+                (&k.proof, Value::from(id.proof.as_str())),
                 (&k.segments, strings(&id.segments)),
                 (&k.spiffe_id, Value::from(id.spiffe_id.as_str())),
                 (&k.trust_domain, Value::from(id.trust_domain.as_str())),
@@ -1109,6 +1121,12 @@ mod tests {
         assert_eq!((bare.path.as_str(), bare.segments.len()), ("", 0));
         assert!(Identity::from_spiffe_id("https://td/x").is_none());
         assert!(Identity::from_spiffe_id("spiffe:///x").is_none());
+        // mTLS unless said otherwise, also for inputs recorded before `proof` existed.
+        assert_eq!(id.proof, "x509_svid");
+        let recorded: Identity = serde_json::from_value(serde_json::json!({
+            "spiffe_id": "spiffe://td/a", "trust_domain": "td", "path": "/a", "segments": ["a"]}))
+        .unwrap();
+        assert_eq!(recorded.proof, "x509_svid");
     }
 
     #[test]

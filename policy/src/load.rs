@@ -179,6 +179,7 @@ impl PolicySet {
                 trust_domain: "smoke.invalid".into(),
                 path: "/portcullis".into(),
                 segments: vec!["portcullis".into()],
+                proof: crate::input::x509_svid(),
             },
             source: None,
             destination: Destination {

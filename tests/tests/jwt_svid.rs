@@ -307,6 +307,14 @@ default decision := {"allow": false, "reason": "not the mail agent"}
 
 decision := {"allow": true, "reason": "the mail agent"} if {
 	input.identity.spiffe_id == "spiffe://acme.test/agents/mail"
+	not writes_by_bearer
+}
+
+decision := {"allow": false, "reason": "writes need mTLS"} if writes_by_bearer
+
+writes_by_bearer if {
+	input.request.method == "POST"
+	input.identity.proof == "jwt_svid"
 }
 "#;
 
@@ -376,6 +384,41 @@ async fn gateway_callers_without_a_client_certificate_present_a_jwt_svid() {
     );
     let access = proxy.wait_access(1, |e| e["path"] == "/echo");
     assert_eq!(access[0]["spiffe_id"], AGENT, "{access:?}");
+
+    // The policy knows how the caller proved its identity: a bearer may read, not write; the
+    // same workload over mTLS may write.
+    let post = vec!["-X".to_owned(), "POST".to_owned()];
+    let out = call(
+        bearer.port(),
+        "/saas/echo",
+        Some(token(AGENT, audience, 300)),
+        post,
+    )
+    .await;
+    out.assert_refused(403, "policy_denied");
+    assert!(out.body.contains("writes need mTLS"), "{}", out.body);
+    let agent = pki.client("mail", AGENT);
+    let mut mtls = tokio::process::Command::new("curl");
+    mtls.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "-D",
+        "-",
+        "-o",
+        "-",
+        "-X",
+        "POST",
+        "--cacert",
+    ])
+    .arg(pki.path("acme-ca.pem"))
+    .arg("--cert")
+    .arg(&agent.cert)
+    .arg("--key")
+    .arg(&agent.key)
+    .arg(format!("https://localhost:{}/saas/echo", proxy.addr.port()));
+    let out = run_curl(mtls).await;
+    assert_eq!(out.status, 200, "{out:?}");
 
     // The policy decides on the bearer's identity like on a certificate's.
     let other = call(
@@ -459,8 +502,8 @@ async fn gateway_callers_without_a_client_certificate_present_a_jwt_svid() {
     assert_eq!(out.status, 0, "{out:?}");
     assert_eq!(
         up.seen().iter().filter(|s| s.path == "/echo").count(),
-        1,
-        "only the first call reached the upstream"
+        2,
+        "only the first bearer call and the mTLS write reached the upstream"
     );
     // No JWT-SVID in any log.
     let prefix = jwt_prefix(&authority);

@@ -94,6 +94,26 @@ pub struct Peer {
     pub source: SocketAddr,
     /// `source`'s IP as text, formatted once per connection (the policy input wants it).
     pub source_ip: String,
+    /// How the caller proved its SPIFFE ID.
+    pub proof: Proof,
+}
+
+/// How a caller proved its SPIFFE ID (`input.identity.proof`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// An X.509-SVID in the TLS handshake (mTLS): the proxy listener.
+    X509Svid,
+    /// A JWT-SVID as `Authorization: Bearer`, per request: the bearer listener.
+    JwtSvid,
+}
+
+impl Proof {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proof::X509Svid => "x509_svid",
+            Proof::JwtSvid => "jwt_svid",
+        }
+    }
 }
 
 /// How a request reached the proxy, for logs and for rebuilding the upstream URI.

@@ -21,7 +21,7 @@ pub use body::{
 };
 pub use context::{
     hex, hex_into, span_hex, ActionKind, ApprovalNote, Context, CredentialUse, DecisionRecord,
-    Gates, Mcp, McpSummary, Peer, RequestBody, Trace, TraceId, Via,
+    Gates, Mcp, McpSummary, Peer, Proof, RequestBody, Trace, TraceId, Via,
 };
 
 /// What a phase decided.

@@ -112,6 +112,7 @@ pub fn build_input(ctx: &Context, req: &http::request::Parts, sensitive: &[Strin
             trust_domain: id.trust_domain().to_owned(),
             path: id.path().to_owned(),
             segments: id.segments().map(str::to_owned).collect(),
+            proof: ctx.peer.proof.as_str().to_owned(),
         },
         source: Some(Source {
             address: ctx.peer.source_ip.clone(),

@@ -172,6 +172,7 @@ fn authenticate<'a>(
         spiffe_id: svid.spiffe_id.clone(),
         source: conn.source,
         source_ip: conn.source.ip().to_string(),
+        proof: portcullis_filters::pipeline::Proof::JwtSvid,
     });
     Ok((route, peer, svid))
 }

@@ -108,6 +108,7 @@ async fn serve_conn(
         spiffe_id,
         source: addr,
         source_ip: addr.ip().to_string(),
+        proof: portcullis_filters::pipeline::Proof::X509Svid,
     });
     let conn = Arc::new(Conn {
         peer: peer.clone(),

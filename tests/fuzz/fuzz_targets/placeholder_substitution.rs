@@ -204,6 +204,7 @@ fuzz_target!(|data: &[u8]| {
         spiffe_id: SpiffeId::parse("spiffe://fuzz.test/agent").expect("valid"),
         source: "127.0.0.1:40000".parse().expect("valid"),
         source_ip: "127.0.0.1".into(),
+        proof: portcullis_filters::pipeline::Proof::X509Svid,
     });
     let dest = Destination {
         host: Host::parse("api.example.com").expect("valid"),

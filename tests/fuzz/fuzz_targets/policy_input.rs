@@ -129,6 +129,7 @@ fuzz_target!(|data: &[u8]| {
         spiffe_id: SpiffeId::parse("spiffe://fuzz.test/agents/a").expect("valid"),
         source: "[2001:db8::1]:40000".parse().expect("valid"),
         source_ip: "2001:db8::1".into(),
+        proof: portcullis_filters::pipeline::Proof::X509Svid,
     });
     let dest = Destination {
         host: Host::parse("api.example.com").expect("valid"),
