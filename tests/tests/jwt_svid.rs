@@ -474,6 +474,25 @@ async fn gateway_callers_without_a_client_certificate_present_a_jwt_svid() {
         Some("Bearer")
     );
 
+    // The JWT bundle file rotates (hot reload): the new authority's tokens verify, tokens of
+    // the old one no longer.
+    let rotated = JwtAuthority::generate("jwt-authority-2");
+    replace_file(&pki.path("acme-jwt.json"), &rotated.bundle_json());
+    proxy.logs.wait_for("the reload", |l| {
+        l.contains("reloaded server certificate and trust bundles")
+    });
+    let new = rotated.sign(AGENT, &[audience.to_owned()], 300);
+    let out = call(bearer.port(), "/saas/echo", Some(new.clone()), vec![]).await;
+    assert_eq!(out.status, 200, "{out:?}");
+    call(
+        bearer.port(),
+        "/saas/echo",
+        Some(token(AGENT, audience, 301)),
+        vec![],
+    )
+    .await
+    .assert_refused(403, "jwt_svid_invalid");
+
     // A revoked identity is refused on the bearer listener too.
     let (status, body) = proxy
         .admin_request(
@@ -482,14 +501,9 @@ async fn gateway_callers_without_a_client_certificate_present_a_jwt_svid() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    call(
-        bearer.port(),
-        "/saas/echo",
-        Some(token(AGENT, audience, 300)),
-        vec![],
-    )
-    .await
-    .assert_refused(403, "identity_revoked");
+    call(bearer.port(), "/saas/echo", Some(new), vec![])
+        .await
+        .assert_refused(403, "identity_revoked");
 
     // The proxy listener still wants a client certificate: a bearer is not enough there.
     let out = call(
@@ -502,12 +516,15 @@ async fn gateway_callers_without_a_client_certificate_present_a_jwt_svid() {
     assert_eq!(out.status, 0, "{out:?}");
     assert_eq!(
         up.seen().iter().filter(|s| s.path == "/echo").count(),
-        2,
-        "only the first bearer call and the mTLS write reached the upstream"
+        3,
+        "only the first bearer call, the mTLS write and the rotated key's call reached it"
     );
     // No JWT-SVID in any log.
-    let prefix = jwt_prefix(&authority);
+    let prefixes = [jwt_prefix(&authority), jwt_prefix(&rotated)];
     for line in proxy.logs.lines().iter().chain(&proxy.decisions.lines()) {
-        assert!(!line.contains(&prefix), "a JWT-SVID in a log: {line}");
+        assert!(
+            !prefixes.iter().any(|p| line.contains(p)),
+            "a JWT-SVID in a log: {line}"
+        );
     }
 }

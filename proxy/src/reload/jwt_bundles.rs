@@ -18,8 +18,9 @@ use crate::config::{Config, Invalid};
 /// JWT authorities per trust domain.
 pub type JwtKeys = BTreeMap<TrustDomain, Arc<Vec<Jwk>>>;
 
+/// What a config says of JWT bundles: the files' keys (read), the Workload API trust domains.
 #[derive(Debug, Default)]
-struct Sources {
+pub struct Sources {
     files: JwtKeys,
     /// The trust domains whose keys come from the Workload API.
     from_api: BTreeSet<TrustDomain>,
@@ -36,13 +37,12 @@ impl JwtBundleStore {
     /// Read the configured files (a bad one is a config error).
     pub fn load(cfg: &Config) -> Result<JwtBundleStore, Invalid> {
         let store = JwtBundleStore::default();
-        store.reload(cfg)?;
+        store.apply(JwtBundleStore::read(cfg)?);
         Ok(store)
     }
 
-    /// Read the files of `cfg` again and take its list of Workload API trust domains; on an
-    /// error nothing changes.
-    pub fn reload(&self, cfg: &Config) -> Result<(), Invalid> {
+    /// Read the files `cfg` names (nothing is applied: see [`JwtBundleStore::apply`]).
+    pub fn read(cfg: &Config) -> Result<Sources, Invalid> {
         let mut files = JwtKeys::new();
         for (name, td) in &cfg.trust_domains {
             let (Some(path), Ok(domain)) = (&td.jwt_bundle, TrustDomain::parse(name)) else {
@@ -58,8 +58,12 @@ impl JwtBundleStore {
             files.insert(domain, Arc::new(keys));
         }
         let from_api = cfg.workload_api_trust_domains().into_iter().collect();
-        self.sources.store(Arc::new(Sources { files, from_api }));
-        Ok(())
+        Ok(Sources { files, from_api })
+    }
+
+    /// Serve what [`JwtBundleStore::read`] read.
+    pub fn apply(&self, sources: Sources) {
+        self.sources.store(Arc::new(sources));
     }
 
     /// The Workload API's latest JWT bundles.

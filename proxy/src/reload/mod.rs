@@ -340,14 +340,14 @@ impl Reloader {
         }
         let file_roots = load_bundles(&cfg.trust_domain_bundles())?;
         let store = self.trust_store(&file_roots, &cfg)?;
-        self.jwt_bundles
-            .reload(&cfg)
-            .map_err(ReloadError::JwtBundle)?;
+        let jwt = jwt_bundles::JwtBundleStore::read(&cfg).map_err(ReloadError::JwtBundle)?;
         let ck = match cfg.tls.files() {
             Some((cert, key)) => Some(certified_key(cert, key)?),
             None => None,
         };
+        // Everything read: applied together.
         let domains: Vec<String> = store.trust_domains().map(|t| t.to_string()).collect();
+        self.jwt_bundles.apply(jwt);
         self.trust.replace(store);
         if let Some(ck) = ck {
             self.cert.replace(ck);
