@@ -112,17 +112,17 @@ enum KeyMaterial {
 /// The signature keys of a JWK Set document (`{"keys": [...]}`); keys of other types or uses
 /// (`use: enc`) are skipped.
 pub fn parse_jwks(doc: &[u8]) -> Result<Vec<Jwk>, String> {
-    parse_keys(doc, "sig")
+    parse_keys(doc, &["sig"])
 }
 
 /// The JWT-SVID keys of a trust domain's bundle: a SPIFFE bundle (a JWK Set whose keys say
-/// `use: jwt-svid`; its `x509-svid` entries are skipped) or a plain JWK Set.
+/// `use: jwt-svid`; its `x509-svid` entries are skipped) or a plain JWK Set (signature keys).
 pub fn parse_jwt_bundle(doc: &[u8]) -> Result<Vec<Jwk>, String> {
-    parse_keys(doc, "jwt-svid")
+    parse_keys(doc, &["jwt-svid", "sig"])
 }
 
-/// Keys without a `use`, or with `use` = `wanted`.
-fn parse_keys(doc: &[u8], wanted: &str) -> Result<Vec<Jwk>, String> {
+/// Keys without a `use`, or with one of the `wanted` uses.
+fn parse_keys(doc: &[u8], wanted: &[&str]) -> Result<Vec<Jwk>, String> {
     let v: Value = serde_json::from_slice(doc).map_err(|e| format!("not JSON: {e}"))?;
     let keys = v
         .get("keys")
@@ -136,7 +136,7 @@ fn parse_keys(doc: &[u8], wanted: &str) -> Result<Vec<Jwk>, String> {
     };
     let mut out = Vec::new();
     for k in keys {
-        if text(k, "use").is_some_and(|u| u != wanted) {
+        if text(k, "use").is_some_and(|u| !wanted.contains(&u.as_str())) {
             continue;
         }
         let key = match (text(k, "kty").as_deref(), text(k, "crv").as_deref()) {
@@ -697,7 +697,7 @@ mod tests {
         let doc = doc.to_string();
         assert_eq!(
             kids(parse_jwt_bundle(doc.as_bytes()).unwrap()),
-            ["jwt", "plain"]
+            ["jwt", "sig", "plain"]
         );
         assert_eq!(kids(parse_jwks(doc.as_bytes()).unwrap()), ["sig", "plain"]);
     }
