@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod floor;
 mod load;
 mod otlp_sink;
 mod peers;
@@ -237,10 +238,16 @@ async fn main() -> ExitCode {
         proxy: None,
         scenarios: Vec::new(),
         budget: Vec::new(),
+        targets: Vec::new(),
+        crypto_floor: None,
         peers: Vec::new(),
         notes: Vec::new(),
         error: None,
     };
+    if !args.smoke && selected.iter().any(|s| s.name == "large") {
+        // Before the proxy starts, on a machine the bench has to itself.
+        report.crypto_floor = Some(floor::measure());
+    }
     if let Err(e) = run(&args, &selected, bin, &mut report).await {
         report.error = Some(format!("{e:#}"));
     }

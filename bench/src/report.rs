@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+use crate::floor::CryptoFloor;
 use crate::load::Measured;
 use crate::scenario::{ConnMode, Route, Scenario};
 
@@ -19,6 +20,10 @@ pub struct Report {
     pub proxy: Option<ProxyInfo>,
     pub scenarios: Vec<ScenarioResult>,
     pub budget: Vec<BudgetLine>,
+    /// The Performance II targets (issue 23), as ratios within this run.
+    pub targets: Vec<BudgetLine>,
+    /// What AES-GCM alone costs per MiB here (measured when `large` runs).
+    pub crypto_floor: Option<CryptoFloor>,
     pub peers: Vec<String>,
     /// Anything about how the proxy was run that a reader of the numbers should know.
     pub notes: Vec<String>,
@@ -260,6 +265,7 @@ impl Report {
         // A smoke run is a correctness check; its timings judge nothing.
         if !self.settings.smoke {
             self.budget = self.judge();
+            self.targets = self.judge_targets();
         }
     }
 
@@ -329,6 +335,63 @@ impl Report {
             &|v| v < limit,
         );
         lines
+    }
+
+    /// Issue 23's targets: every line a ratio between rows of this run (or against the crypto
+    /// floor measured in it), so a faster or slower host does not move them.
+    fn judge_targets(&self) -> Vec<BudgetLine> {
+        let get = |name: &str| {
+            self.scenarios
+                .iter()
+                .find(|s| s.name == name && s.measured())
+        };
+        let line = |line: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool| BudgetLine {
+            line: line.to_owned(),
+            measured,
+            met: measured.map(ok),
+        };
+        let (mitm, large) = (get("mitm"), get("large"));
+        let cpu = |s: Option<&ScenarioResult>| s.and_then(|s| s.cpu_us_per_req);
+        let body_mib = self.settings.body_bytes as f64 / MIB;
+        vec![
+            line(
+                "bare MITM proxy CPU/request / squid tunnel's <= 1.6x",
+                cpu(mitm).zip(cpu(get("squid"))).map(|(m, s)| m / s),
+                &|v| v <= 1.6,
+            ),
+            line(
+                "bare MITM throughput >= 0.35x direct",
+                mitm.and_then(|s| s.ratio_to_direct),
+                &|v| v >= 0.35,
+            ),
+            line(
+                "bare MITM throughput >= 60x mitmproxy",
+                mitm.zip(get("mitmproxy")).map(|(m, p)| m.rps / p.rps),
+                &|v| v >= 60.0,
+            ),
+            line(
+                "full pipeline >= 0.85x bare MITM",
+                get("full").and_then(|s| s.ratio_to_mitm),
+                &|v| v >= 0.85,
+            ),
+            line(
+                "mcp (tools/call, two decisions) >= 0.9x bare MITM",
+                get("mcp").and_then(|s| s.ratio_to_mitm),
+                &|v| v >= 0.9,
+            ),
+            line(
+                "new intercepted connection per request >= 0.45x direct",
+                get("handshake").and_then(|s| s.ratio_to_direct),
+                &|v| v >= 0.45,
+            ),
+            line(
+                "1 MiB bodies: proxy CPU per MiB / crypto floor <= 1.3x",
+                cpu(large)
+                    .zip(self.crypto_floor)
+                    .map(|(c, f)| c / body_mib / f.download_us_per_mib),
+                &|v| v <= 1.3,
+            ),
+        ]
     }
 
     pub fn write_json(&self, path: &Path) -> Result<()> {
@@ -407,16 +470,31 @@ impl Report {
                 busy.join(", ")
             );
         }
-        if self.budget.iter().any(|b| b.met.is_some()) {
-            println!("budget (DESIGN.md \"Performance budget\"):");
-            for b in &self.budget {
-                let verdict = match b.met {
-                    Some(true) => "met   ",
-                    Some(false) => "MISSED",
-                    None => "n/a   ",
-                };
-                println!("  {verdict} {:<62} {}", b.line, opt(b.measured, 2));
+        for (title, lines) in [
+            ("budget (DESIGN.md \"Performance budget\"):", &self.budget),
+            ("targets (issue 23, Performance II):", &self.targets),
+        ] {
+            if lines.iter().any(|b| b.met.is_some()) {
+                println!("{title}");
+                for b in lines {
+                    let verdict = match b.met {
+                        Some(true) => "met   ",
+                        Some(false) => "MISSED",
+                        None => "n/a   ",
+                    };
+                    println!("  {verdict} {:<62} {}", b.line, opt(b.measured, 2));
+                }
             }
+        }
+        if let Some(f) = &self.crypto_floor {
+            println!(
+                "crypto floor: {} in {} KiB records, one thread: seal {:.0} us/MiB, open {:.0} us/MiB; an intercepted download >= {:.0} us/MiB (1 open + 2 seals)",
+                f.aead,
+                f.record_bytes / 1024,
+                f.seal_us_per_mib,
+                f.open_us_per_mib,
+                f.download_us_per_mib
+            );
         }
         for p in &self.peers {
             println!("peers: {p}");
@@ -507,6 +585,8 @@ mod tests {
             proxy: None,
             scenarios: rows,
             budget: Vec::new(),
+            targets: Vec::new(),
+            crypto_floor: None,
             peers: Vec::new(),
             notes: Vec::new(),
             error: None,

@@ -12,5 +12,5 @@ pub mod stages;
 pub use error::{ErrorCode, Rejection};
 pub use pipeline::{
     Action, ActionKind, AfterResponse, BodyCheck, BodyTransform, Chain, Context, Filter, Outcome,
-    Peer, TraceId, TransformError, Transforms, Via,
+    Peer, Phase, TraceId, TransformError, Transforms, Via,
 };

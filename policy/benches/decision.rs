@@ -73,7 +73,13 @@ fn inputs() -> Vec<Input> {
 
 /// Wall time for every one of `threads` threads to make `iters` decisions at once: the
 /// per-iteration figure is the per-decision latency under that concurrency.
-fn concurrent(set: &PolicySet, inputs: &[Input], threads: usize, iters: u64) -> Duration {
+fn concurrent(
+    set: &PolicySet,
+    strategy: Strategy,
+    inputs: &[Input],
+    threads: usize,
+    iters: u64,
+) -> Duration {
     std::thread::scope(|scope| {
         let start = Instant::now();
         let workers: Vec<_> = (0..threads)
@@ -81,7 +87,7 @@ fn concurrent(set: &PolicySet, inputs: &[Input], threads: usize, iters: u64) -> 
                 scope.spawn(move || {
                     for i in 0..iters {
                         let input = &inputs[(i as usize + t * 17) % inputs.len()];
-                        black_box(set.evaluate(black_box(input)));
+                        black_box(set.evaluate_with(black_box(input), strategy));
                     }
                 })
             })
@@ -102,10 +108,17 @@ fn bench(c: &mut Criterion) {
     assert_eq!(example.evaluator_name(), "rvm");
 
     let mut group = c.benchmark_group("decision");
-    for (name, set) in [("example", &example), ("allow_all", &allow_all)] {
+    // `example` remembers decisions (the 64 inputs differ only in what the example policy
+    // does not read: every decision after the first is recalled); `example_evaluated`
+    // evaluates every one, as for inputs that differ in what the policy reads.
+    for (name, set, strategy) in [
+        ("example", &example, Strategy::PerThread),
+        ("example_evaluated", &example, Strategy::PerThreadEvaluated),
+        ("allow_all", &allow_all, Strategy::PerThread),
+    ] {
         for threads in [1, 2] {
             group.bench_function(BenchmarkId::new(name, format!("{threads}-thread")), |b| {
-                b.iter_custom(|iters| concurrent(set, &inputs, threads, iters));
+                b.iter_custom(|iters| concurrent(set, strategy, &inputs, threads, iters));
             });
         }
     }
@@ -114,6 +127,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("strategy");
     for strategy in [
         Strategy::PerThread,
+        Strategy::PerThreadEvaluated,
         Strategy::FreshPerEval,
         Strategy::InterpreterPerThread,
         Strategy::InterpreterClonePerEval,
@@ -147,7 +161,9 @@ fn cpu_report(set: &PolicySet, inputs: &[Input]) {
                         let start = ticks()?;
                         for i in 0..DECISIONS {
                             let input = &inputs[(i as usize + t * 17) % inputs.len()];
-                            black_box(set.evaluate(black_box(input)));
+                            black_box(
+                                set.evaluate_with(black_box(input), Strategy::PerThreadEvaluated),
+                            );
                         }
                         // 100 ticks per second.
                         Some((ticks()? - start) as f64 * 10_000_000.0 / DECISIONS as f64)

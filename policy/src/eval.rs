@@ -3,6 +3,7 @@
 //! bounded by an in-engine timer and instruction budget; range builtins are size-checked.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, LimitError, Value};
 
 use crate::input::{self, Input};
+use crate::reads::Reads;
 use crate::{Decision, PolicySet};
 
 /// A policy input as the engine reads it, built once per decision and kept (a shared value:
@@ -25,7 +27,7 @@ pub struct EngineInput(Value);
 
 impl EngineInput {
     pub fn new(input: &Input) -> EngineInput {
-        EngineInput(input::to_value(input))
+        EngineInput(input::to_value(input, input::Parts::ALL))
     }
 
     /// An arbitrary JSON document as an input (`policy eval --input`).
@@ -127,8 +129,11 @@ impl Evaluator {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
-    /// The set's evaluator, one cached instance per thread (the default).
+    /// The set's evaluator, one cached instance per thread, and decisions remembered per
+    /// thread (the default).
     PerThread,
+    /// As `PerThread`, but every decision evaluated (nothing remembered).
+    PerThreadEvaluated,
     /// The set's evaluator, a fresh instance per evaluation (VM: new + load + data;
     /// interpreter: clone of the prepared engine).
     FreshPerEval,
@@ -172,7 +177,7 @@ impl PolicySet {
     /// are denies with the reason codes on [`Decision`]. Safe to call from any number
     /// of threads at once; no lock is taken.
     pub fn evaluate(&self, input: &Input) -> Decision {
-        self.evaluate_value(input::to_value(input))
+        self.evaluate_value(input::to_value(input, self.parts))
     }
 
     /// Decides an arbitrary JSON input (for `portcullis policy eval --input FILE`).
@@ -188,7 +193,7 @@ impl PolicySet {
 
     #[doc(hidden)]
     pub fn evaluate_with(&self, input: &Input, strategy: Strategy) -> Decision {
-        self.decide(input::to_value(input), strategy)
+        self.decide(input::to_value(input, self.parts), strategy)
     }
 
     pub(crate) fn evaluate_value(&self, input: Value) -> Decision {
@@ -196,6 +201,13 @@ impl PolicySet {
     }
 
     fn decide(&self, input: Value, strategy: Strategy) -> Decision {
+        let key = match strategy {
+            Strategy::PerThread => self.remembered.as_ref().and_then(|r| r.key(&input)),
+            _ => None,
+        };
+        if let Some(decision) = key.as_ref().and_then(|key| recall(self.id, key)) {
+            return decision;
+        }
         let (result, revision, eval_time) = self.run(input, strategy);
         match result {
             // The in-engine timer cannot interrupt a single slow builtin; the budget
@@ -203,7 +215,13 @@ impl PolicySet {
             Ok(_) | Err(Failure::Limit) if eval_time > self.limits.max_eval_time => {
                 Decision::deny(Decision::EVAL_LIMIT, revision, eval_time)
             }
-            Ok(value) => Decision::from_value(&value, revision, eval_time),
+            Ok(value) => {
+                let decision = Decision::from_value(&value, revision, eval_time);
+                if let Some(key) = key {
+                    remember(self.id, key, &decision);
+                }
+                decision
+            }
             Err(Failure::Limit) => Decision::deny(Decision::EVAL_LIMIT, revision, eval_time),
             Err(Failure::Error(message)) => Decision::error(message, revision, eval_time),
         }
@@ -219,14 +237,14 @@ impl PolicySet {
         strategy: Strategy,
     ) -> (Result<Value, Failure>, Arc<str>, Duration) {
         let interpreter = match strategy {
-            Strategy::PerThread | Strategy::FreshPerEval => {
+            Strategy::PerThread | Strategy::PerThreadEvaluated | Strategy::FreshPerEval => {
                 matches!(self.evaluator, Evaluator::Interpreter { .. })
             }
             Strategy::InterpreterPerThread | Strategy::InterpreterClonePerEval => true,
         };
         let cached = matches!(
             strategy,
-            Strategy::PerThread | Strategy::InterpreterPerThread
+            Strategy::PerThread | Strategy::PerThreadEvaluated | Strategy::InterpreterPerThread
         );
         if !cached {
             let mut instance = match self.new_instance(interpreter, false) {
@@ -361,6 +379,119 @@ impl PolicySet {
             }
         }
     }
+}
+
+/// The exact values a set's decision depends on: the value at each path it reads.
+pub(crate) type Key = Vec<Value>;
+
+/// A deterministic set's decisions, remembered per thread: a decision is a function of the
+/// values at the paths the set reads (and of the set's data, which a reload replaces with a
+/// new set), so the same values get the same decision without evaluating again. Only
+/// evaluated allows and denies are remembered, never an error or an exceeded limit.
+pub(crate) struct Remembered {
+    paths: Vec<Vec<Value>>,
+}
+
+/// Decisions remembered per set and thread; when full, the set's entries start over.
+const REMEMBERED_DECISIONS: usize = 256;
+/// Keys larger than this (strings and members, roughly in bytes) are not remembered, so a
+/// set that reads headers or MCP arguments cannot make the memory grow with them.
+const MAX_KEY_BYTES: usize = 2048;
+
+impl Remembered {
+    /// `None` when the set's decisions cannot be remembered (see [`Reads`]).
+    pub(crate) fn of(reads: &Reads) -> Option<Remembered> {
+        match (&reads.paths, &reads.nondeterministic) {
+            (Some(paths), None) => Some(Remembered {
+                paths: paths.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The values at every read path (`Undefined` where the input has none), or `None` when
+    /// they are too large to keep.
+    fn key(&self, input: &Value) -> Option<Key> {
+        let mut budget = MAX_KEY_BYTES;
+        self.paths
+            .iter()
+            .map(|path| {
+                let value = path.iter().fold(input, |v, k| &v[k]);
+                budget = budget.checked_sub(size(value, budget)?)?;
+                Some(value.clone())
+            })
+            .collect()
+    }
+}
+
+/// Roughly the bytes of `value`, or `None` once over `budget`.
+fn size(value: &Value, budget: usize) -> Option<usize> {
+    const NODE: usize = 16;
+    let total = match value {
+        Value::String(s) => NODE + s.len(),
+        Value::Array(items) => items
+            .iter()
+            .try_fold(NODE, |n, v| Some(n + size(v, budget)?))?,
+        Value::Set(items) => items
+            .iter()
+            .try_fold(NODE, |n, v| Some(n + size(v, budget)?))?,
+        Value::Object(members) => members.iter().try_fold(NODE, |n, (k, v)| {
+            Some(n + size(k, budget)? + size(v, budget)?)
+        })?,
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::Undefined => NODE,
+    };
+    (total <= budget).then_some(total)
+}
+
+struct Recalled {
+    set_id: u64,
+    decisions: BTreeMap<Key, Decision>,
+}
+
+thread_local! {
+    static RECALLED: RefCell<Vec<Recalled>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A remembered decision of set `set_id` for `key` (its evaluation time: none).
+fn recall(set_id: u64, key: &Key) -> Option<Decision> {
+    RECALLED
+        .try_with(|sets| {
+            let sets = sets.try_borrow().ok()?;
+            let set = sets.iter().find(|s| s.set_id == set_id)?;
+            let mut decision = set.decisions.get(key)?.clone();
+            decision.eval_time = Duration::ZERO;
+            Some(decision)
+        })
+        .ok()
+        .flatten()
+}
+
+fn remember(set_id: u64, key: Key, decision: &Decision) {
+    let _ = RECALLED.try_with(|sets| {
+        let Ok(mut sets) = sets.try_borrow_mut() else {
+            return;
+        };
+        let index = match sets.iter().position(|s| s.set_id == set_id) {
+            Some(index) => index,
+            None => {
+                // The current set and, during a reload or beside a shadow, one more.
+                sets.truncate(SLOTS_PER_THREAD - 1);
+                sets.insert(
+                    0,
+                    Recalled {
+                        set_id,
+                        decisions: BTreeMap::new(),
+                    },
+                );
+                0
+            }
+        };
+        let decisions = &mut sets[index].decisions;
+        if decisions.len() >= REMEMBERED_DECISIONS {
+            decisions.clear();
+        }
+        decisions.insert(key, decision.clone());
+    });
 }
 
 /// A copy of `value` that shares no reference counts with it.
@@ -656,7 +787,8 @@ mod tests {
                 "{input:?} -> {decision:?}"
             );
             assert_eq!(decision.revision, *set.revision());
-            assert!(decision.eval_time > Duration::ZERO);
+            let evaluated = set.evaluate_with(&input, Strategy::PerThreadEvaluated);
+            assert!(evaluated.eval_time > Duration::ZERO);
         }
     }
 
@@ -666,6 +798,7 @@ mod tests {
         for (input, _, _) in cases() {
             let expected = set.evaluate(&input);
             for strategy in [
+                Strategy::PerThreadEvaluated,
                 Strategy::FreshPerEval,
                 Strategy::InterpreterPerThread,
                 Strategy::InterpreterClonePerEval,
@@ -678,6 +811,143 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// (allow, reason, status, headers): what a decision says, without its timing.
+    fn said(d: &Decision) -> (bool, &str, Option<u16>, &BTreeMap<String, String>) {
+        (d.allow, &d.reason, d.status, &d.headers)
+    }
+
+    #[test]
+    fn remembered_decisions_are_the_evaluated_ones() {
+        let set = examples();
+        assert_eq!(set.not_remembered_because(), None);
+        assert_eq!(
+            set.input_reads(),
+            [
+                "destination.host",
+                "identity.spiffe_id",
+                "identity.trust_domain",
+                "kind",
+                "request.method",
+                "time.hour_utc",
+                "time.weekday"
+            ]
+        );
+        let cases = cases();
+        for round in 0..3 {
+            for i in 0..cases.len() {
+                let input = &cases[(i * 5 + round) % cases.len()].0;
+                let remembered = set.evaluate(input);
+                let evaluated = set.evaluate_with(input, Strategy::PerThreadEvaluated);
+                assert_eq!(said(&remembered), said(&evaluated), "{input:?}");
+                if round > 0 {
+                    assert_eq!(remembered.eval_time, Duration::ZERO, "{input:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_decision_is_remembered_for_the_same_values_read_only() {
+        let set = policy(
+            r#"decision := {"allow": true, "reason": input.request.path} if input.request.method == "GET"
+               else := {"allow": false, "reason": "not GET"}"#,
+            Limits::default(),
+        );
+        assert_eq!(set.input_reads(), ["request.method", "request.path"]);
+        let mut input = cases()[0].0.clone();
+        let request = input.request.as_mut().unwrap();
+        request.method = "GET".into();
+        request.path = "/a".into();
+        let first = set.evaluate(&input);
+        assert_eq!((first.allow, first.reason.as_str()), (true, "/a"));
+        assert!(first.eval_time > Duration::ZERO);
+        // Something the set does not read changes: the same decision, remembered.
+        let request = input.request.as_mut().unwrap();
+        request.headers.insert("x-other".into(), vec!["1".into()]);
+        input.destination.host = "elsewhere.test".into();
+        let again = set.evaluate(&input);
+        assert_eq!(said(&again), said(&first));
+        assert_eq!(again.eval_time, Duration::ZERO);
+        // Something it reads changes: decided again.
+        input.request.as_mut().unwrap().path = "/b".into();
+        let other = set.evaluate(&input);
+        assert_eq!((other.allow, other.reason.as_str()), (true, "/b"));
+        assert!(other.eval_time > Duration::ZERO);
+        input.request.as_mut().unwrap().method = "POST".into();
+        assert_eq!(set.evaluate(&input).reason, "not GET");
+        // A CONNECT has no request: undefined there, decided on that.
+        let mut connect = input.clone();
+        connect.request = None;
+        assert_eq!(set.evaluate(&connect).reason, "not GET");
+    }
+
+    /// What is left out of the engine's input is what no rule reads: a negated condition
+    /// on a header sees the header.
+    #[test]
+    fn a_negated_read_sees_what_it_reads() {
+        let set = policy(
+            r#"decision if not input.request.headers["x-danger"]"#,
+            Limits::default(),
+        );
+        assert_eq!(set.input_reads(), ["request.headers.x-danger"]);
+        let mut input = cases()[0].0.clone();
+        assert!(set.evaluate(&input).allow);
+        let request = input.request.as_mut().unwrap();
+        request.headers.insert("x-danger".into(), vec!["1".into()]);
+        assert!(!set.evaluate(&input).allow);
+        assert!(!set.evaluate(&input).allow);
+    }
+
+    #[test]
+    fn sets_that_depend_on_more_than_the_input_are_always_evaluated() {
+        for (rego, why) in [
+            ("decision if time.now_ns() > 0", "it calls time.now_ns"),
+            (
+                "decision if count(input) > 0",
+                "it can read the whole input",
+            ),
+        ] {
+            let set = policy(rego, Limits::default());
+            assert_eq!(set.not_remembered_because().as_deref(), Some(why));
+            let input = &cases()[0].0;
+            for _ in 0..2 {
+                let d = set.evaluate(input);
+                assert!(d.allow);
+                assert!(d.eval_time > Duration::ZERO, "{rego}");
+            }
+        }
+    }
+
+    #[test]
+    fn limits_and_errors_are_never_remembered() {
+        let set = policy(
+            r#"decision if count(numbers.range(0, input.request.body_size)) > 0"#,
+            Limits::default(),
+        );
+        let mut input = cases()[0].0.clone();
+        input.request.as_mut().unwrap().body_size = Some(10_000_000);
+        for _ in 0..2 {
+            let d = set.evaluate(&input);
+            assert_eq!(d.reason, Decision::EVAL_LIMIT);
+            assert!(d.eval_time > Duration::ZERO, "a limit is decided again");
+        }
+        input.request.as_mut().unwrap().body_size = Some(10);
+        assert!(set.evaluate(&input).allow);
+    }
+
+    #[test]
+    fn large_keys_are_not_remembered() {
+        let set = policy(r#"decision if input.request.path != """#, Limits::default());
+        let mut input = cases()[0].0.clone();
+        input.request.as_mut().unwrap().path = format!("/{}", "a".repeat(MAX_KEY_BYTES));
+        for _ in 0..2 {
+            assert!(set.evaluate(&input).eval_time > Duration::ZERO);
+        }
+        input.request.as_mut().unwrap().path = "/short".into();
+        set.evaluate(&input);
+        assert_eq!(set.evaluate(&input).eval_time, Duration::ZERO);
     }
 
     #[test]

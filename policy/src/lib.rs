@@ -10,6 +10,7 @@ mod eval;
 pub mod input;
 mod load;
 mod policy;
+mod reads;
 mod testing;
 mod units;
 

@@ -13,8 +13,9 @@ use regorus::unstable::{Expr, Rule, RuleHead};
 use regorus::{Engine, Rc, Value};
 use sha2::{Digest, Sha256};
 
-use crate::eval::{Evaluator, Limits};
-use crate::input::{self, Destination, Identity, Input, Kind, TimeInfo};
+use crate::eval::{Evaluator, Limits, Remembered};
+use crate::input::{self, Destination, Identity, Input, Kind, Parts, TimeInfo};
+use crate::reads::Reads;
 use crate::testing::TestCase;
 use crate::PolicyError;
 
@@ -43,6 +44,12 @@ pub struct PolicySet {
     pub(crate) data_bytes: usize,
     pub(crate) evaluator: Evaluator,
     pub(crate) tests: Vec<TestCase>,
+    /// What of the input the modules can read, and whether anything else decides.
+    pub(crate) reads: Reads,
+    /// The parts of the input document built for an evaluation (those `reads` names).
+    pub(crate) parts: Parts,
+    /// Set when decisions can be remembered (see [`Remembered`]).
+    pub(crate) remembered: Option<Remembered>,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -137,6 +144,7 @@ impl PolicySet {
                 acc
             });
 
+        let reads = Reads::of(engine.get_modules());
         let compiled = engine
             .compile_with_entrypoint(&Rc::from(entrypoint))
             .map_err(|e| PolicyError::from_rego(&e))?;
@@ -164,6 +172,9 @@ impl PolicySet {
             data_bytes,
             evaluator,
             tests,
+            parts: Parts::holding(reads.paths.as_deref()),
+            remembered: Remembered::of(&reads),
+            reads,
         };
         set.smoke_test()?;
         Ok(set)
@@ -195,7 +206,7 @@ impl PolicySet {
             approval: None,
             delegation: None,
         };
-        let decision = self.evaluate_value(input::to_value(&input));
+        let decision = self.evaluate_value(input::to_value(&input, self.parts));
         let error = decision
             .reason
             .strip_prefix(crate::Decision::ERROR_PREFIX)
@@ -247,6 +258,22 @@ impl PolicySet {
     /// Why the VM could not be used, when [`PolicySet::evaluator_name`] is `"interpreter"`.
     pub fn interpreter_fallback_reason(&self) -> Option<&str> {
         self.evaluator.fallback_reason()
+    }
+
+    /// The paths below `input` the set's modules can read (`["input"]`: all of it). Only
+    /// these parts of the input are built for an evaluation.
+    pub fn input_reads(&self) -> Vec<String> {
+        self.reads.describe()
+    }
+
+    /// Why the set's decisions are evaluated every time (`None`: a decision is remembered
+    /// per thread for the exact values it read; see the README's "Policy" section).
+    pub fn not_remembered_because(&self) -> Option<String> {
+        match (&self.reads.paths, &self.reads.nondeterministic) {
+            (_, Some(call)) => Some(format!("it calls {call}")),
+            (None, None) => Some("it can read the whole input".to_owned()),
+            (Some(_), None) => None,
+        }
     }
 }
 

@@ -10,7 +10,10 @@ mod context;
 pub mod timing;
 
 use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use crate::error::Rejection;
@@ -40,8 +43,56 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
+/// What an asynchronous phase returns: its answer at once, or a future to await (a filter
+/// that must wait for a store, an OAuth server, Redis). A filter with nothing to wait for
+/// costs its phase no allocation and no extra poll; awaiting a `Phase` works either way.
+pub enum Phase<'a, T> {
+    Done(T),
+    Wait(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+impl<'a, T> Phase<'a, T> {
+    /// The phase's answer is `f`'s.
+    pub fn wait(f: impl Future<Output = T> + Send + 'a) -> Phase<'a, T> {
+        Phase::Wait(Box::pin(f))
+    }
+}
+
+impl<'a, T> IntoFuture for Phase<'a, T> {
+    type Output = T;
+    type IntoFuture = PhaseFuture<'a, T>;
+
+    fn into_future(self) -> PhaseFuture<'a, T> {
+        PhaseFuture(match self {
+            Phase::Done(v) => Pending::Done(std::future::ready(v)),
+            Phase::Wait(f) => Pending::Wait(f),
+        })
+    }
+}
+
+/// An awaited [`Phase`].
+pub struct PhaseFuture<'a, T>(Pending<'a, T>);
+
+enum Pending<'a, T> {
+    Done(std::future::Ready<T>),
+    Wait(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+// Neither variant is pinned in place: `Ready` is `Unpin` and the other is a pinned box.
+impl<T> Unpin for PhaseFuture<'_, T> {}
+
+impl<T> Future for PhaseFuture<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<T> {
+        match &mut self.get_mut().0 {
+            Pending::Done(ready) => Pin::new(ready).poll(cx),
+            Pending::Wait(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 /// One capability, hooked into the phases it needs. Every phase has a no-op default.
-#[async_trait::async_trait]
 pub trait Filter: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
@@ -53,8 +104,12 @@ pub trait Filter: Send + Sync + 'static {
 
     /// The client's request, before anything is sent upstream. For CONNECT, `req` is the
     /// CONNECT request itself (`ctx.kind == Connect`).
-    async fn request(&self, _ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
-        Action::Continue
+    fn request<'a>(
+        &'a self,
+        _ctx: &'a mut Context,
+        _req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        Phase::Done(Action::Continue)
     }
 
     /// The request as it will go upstream: last chance to rewrite it.
@@ -72,12 +127,12 @@ pub trait Filter: Send + Sync + 'static {
     /// The upstream answered (headers only). A filter may ask for the request to be sent once
     /// more (the proxy sends at most one retry per action and delivers its answer), or refuse
     /// instead of delivering. The first filter that does not say `Deliver` wins.
-    async fn after_response(
-        &self,
-        _ctx: &mut Context,
-        _resp: &http::response::Parts,
-    ) -> AfterResponse {
-        AfterResponse::Deliver
+    fn after_response<'a>(
+        &'a self,
+        _ctx: &'a mut Context,
+        _resp: &'a http::response::Parts,
+    ) -> Phase<'a, AfterResponse> {
+        Phase::Done(AfterResponse::Deliver)
     }
 
     /// The upstream's response headers, before they reach the client.

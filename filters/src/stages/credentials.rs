@@ -21,7 +21,7 @@ use crate::parse::secret::{find_placeholders, Placeholder, SecretValue};
 use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
     ask_uncompressed, content_encoding, Action, ActionKind, AfterResponse, BodyTransform,
-    CannotRead, Chain, Context, Filter, RequestBody, TransformError,
+    CannotRead, Chain, Context, Filter, Phase, RequestBody, TransformError,
 };
 
 /// One configured credential.
@@ -155,7 +155,6 @@ pub struct CredentialDetect {
     pub set: Arc<CredentialSet>,
 }
 
-#[async_trait::async_trait]
 impl Filter for CredentialDetect {
     fn name(&self) -> &'static str {
         "credential_detect"
@@ -170,7 +169,18 @@ impl Filter for CredentialDetect {
             )
     }
 
-    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        Phase::Done(self.request_now(ctx, req))
+    }
+}
+
+impl CredentialDetect {
+    /// The request phase: nothing in it waits, so it is answered at once.
+    fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         if ctx.kind == ActionKind::Connect {
             return Action::Continue;
         }
@@ -291,20 +301,23 @@ fn replace_token(text: &[u8], token: &[u8], with: &[u8]) -> Option<Vec<u8>> {
     replaced.then_some(out)
 }
 
-#[async_trait::async_trait]
 impl Filter for CredentialSubstitute {
     fn name(&self) -> &'static str {
         "credential_substitute"
     }
 
-    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
         if ctx.credentials.names.is_empty() {
-            return Action::Continue;
+            return Phase::Done(Action::Continue);
         }
         if is_idempotent(&req.method) {
             ctx.credentials.before_substitution = Some((req.clone(), ctx.body.clone()));
         }
-        self.substitute(ctx, req).await
+        Phase::wait(self.substitute(ctx, req))
     }
 
     /// Echoes of the substituted secrets in response headers (every form, at byte level).
@@ -324,36 +337,38 @@ impl Filter for CredentialSubstitute {
     /// idempotent requests whose body the proxy still has: the cached secrets are dropped
     /// (everywhere, so no replica reuses them), fresh ones fetched and substituted into the
     /// request as it was before the first substitution.
-    async fn after_response(
-        &self,
-        ctx: &mut Context,
-        resp: &http::response::Parts,
-    ) -> AfterResponse {
+    fn after_response<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        resp: &'a http::response::Parts,
+    ) -> Phase<'a, AfterResponse> {
         if resp.status != http::StatusCode::UNAUTHORIZED {
-            return AfterResponse::Deliver;
+            return Phase::Done(AfterResponse::Deliver);
         }
         let Some((mut req, body)) = ctx.credentials.before_substitution.take() else {
-            return AfterResponse::Deliver;
+            return Phase::Done(AfterResponse::Deliver);
         };
         if !body.replayable() {
-            return AfterResponse::Deliver;
+            return Phase::Done(AfterResponse::Deliver);
         }
-        // One refresh per credential per interval, however many requests come back 401.
-        for name in &ctx.credentials.names {
-            if !self.store.claim_refresh(name).await {
-                tracing::info!(credential = %name, "upstream answered 401; refreshed recently: not refreshing again yet");
-                return AfterResponse::Deliver;
+        Phase::wait(async move {
+            // One refresh per credential per interval, however many requests come back 401.
+            for name in &ctx.credentials.names {
+                if !self.store.claim_refresh(name).await {
+                    tracing::info!(credential = %name, "upstream answered 401; refreshed recently: not refreshing again yet");
+                    return AfterResponse::Deliver;
+                }
             }
-        }
-        for name in &ctx.credentials.names {
-            self.store.revoke(name).await;
-        }
-        tracing::info!(credentials = ?ctx.credentials.names, "upstream answered 401: refreshed the credentials; retrying once");
-        ctx.body = body;
-        match self.substitute(ctx, &mut req).await {
-            Action::Continue => AfterResponse::Retry(req),
-            Action::Respond(rej) => AfterResponse::Respond(rej),
-        }
+            for name in &ctx.credentials.names {
+                self.store.revoke(name).await;
+            }
+            tracing::info!(credentials = ?ctx.credentials.names, "upstream answered 401: refreshed the credentials; retrying once");
+            ctx.body = body;
+            match self.substitute(ctx, &mut req).await {
+                Action::Continue => AfterResponse::Retry(req),
+                Action::Respond(rej) => AfterResponse::Respond(rej),
+            }
+        })
     }
 
     /// Echoes of the substituted secrets in the response body are redacted.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{ErrorCode, Rejection};
 use crate::parse::jwt::{self, Expect, Jwk, JwtError};
-use crate::pipeline::{Action, Context, Filter};
+use crate::pipeline::{Action, Context, Filter, Phase};
 
 /// Where an issuer's keys come from (the proxy fetches and caches its JWKS).
 #[async_trait::async_trait]
@@ -195,21 +195,35 @@ pub(crate) fn take_token(
     })
 }
 
-#[async_trait::async_trait]
 impl Filter for DelegationFilter {
     fn name(&self) -> &'static str {
         "delegation"
     }
 
-    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        let verdict = match take_token(req, &self.header) {
-            None => return Action::Continue,
-            Some(Ok(token)) => {
-                let token = token.strip_prefix("Bearer ").unwrap_or(&token);
-                self.verified(token).await
-            }
-            Some(Err(e)) => Err(e),
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        let token = match take_token(req, &self.header) {
+            None => return Phase::Done(Action::Continue),
+            Some(token) => token,
         };
+        Phase::wait(async move {
+            let verdict = match token {
+                Ok(token) => {
+                    let token = token.strip_prefix("Bearer ").unwrap_or(&token);
+                    self.verified(token).await
+                }
+                Err(e) => Err(e),
+            };
+            self.settle(ctx, verdict)
+        })
+    }
+}
+
+impl DelegationFilter {
+    fn settle(&self, ctx: &mut Context, verdict: Result<Arc<jwt::Verified>, JwtError>) -> Action {
         let (code, reason) = match verdict {
             Ok(v) => {
                 self.stats.verified.fetch_add(1, Ordering::Relaxed);

@@ -18,7 +18,7 @@ use crate::parse::mcp_headers;
 use crate::parse::mcp_params::{self, Declared};
 use crate::pipeline::{
     ask_uncompressed, content_encoding, Action, ActionKind, BodyCheck, BodyTransform, CannotRead,
-    Context, Filter, RequestBody, TransformError,
+    Context, Filter, Phase, RequestBody, TransformError,
 };
 
 /// The inspection stage. Hosts in `mcp.servers` are MCP-only: a POST there that is not
@@ -120,7 +120,6 @@ fn refuse(code: ErrorCode, reason: impl Into<String>) -> Action {
     Action::Respond(Rejection::new(code, reason))
 }
 
-#[async_trait::async_trait]
 impl Filter for McpFilter {
     fn name(&self) -> &'static str {
         "mcp_inspect"
@@ -131,7 +130,49 @@ impl Filter for McpFilter {
         ctx.kind != ActionKind::Connect
     }
 
-    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        Phase::Done(self.request_now(ctx, req))
+    }
+
+    /// The streamed rest of a large JSON body: a `"jsonrpc"` member found there stops the body
+    /// before that chunk goes upstream (the server never gets a whole message to act on).
+    fn request_body(&self, ctx: &mut Context) -> Option<Box<dyn BodyCheck>> {
+        let scan = ctx.mcp.large_body.take()?;
+        Some(Box::new(JsonRpcWatch(scan)))
+    }
+
+    /// A `tools/list` answer is filtered on its way back: it must come uncompressed.
+    fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        if ctx.lists_tools() {
+            ask_uncompressed(req);
+        }
+        Action::Continue
+    }
+
+    /// `tools/list` answers teach which `Mcp-Param-*` headers the server's tools declare.
+    fn response_body(
+        &self,
+        ctx: &Context,
+        resp: &http::response::Parts,
+        _chain: &crate::pipeline::Chain,
+    ) -> Option<Box<dyn BodyTransform>> {
+        if !ctx.lists_tools() {
+            return None;
+        }
+        let (registry, server) = (self.param_headers.clone(), ctx.destination.authority());
+        EditMessages::for_response(resp, self.list_limit, move |msg| {
+            registry.observe(&server, msg)
+        })
+    }
+}
+
+impl McpFilter {
+    /// The request phase: nothing in it waits, so it is answered at once.
+    fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         if ctx.kind == ActionKind::Connect {
             return Action::Continue;
         }
@@ -197,37 +238,6 @@ impl Filter for McpFilter {
             }
             Err(e) => refuse(ErrorCode::BadRequest, e.to_string()),
         }
-    }
-
-    /// The streamed rest of a large JSON body: a `"jsonrpc"` member found there stops the body
-    /// before that chunk goes upstream (the server never gets a whole message to act on).
-    fn request_body(&self, ctx: &mut Context) -> Option<Box<dyn BodyCheck>> {
-        let scan = ctx.mcp.large_body.take()?;
-        Some(Box::new(JsonRpcWatch(scan)))
-    }
-
-    /// A `tools/list` answer is filtered on its way back: it must come uncompressed.
-    fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        if ctx.lists_tools() {
-            ask_uncompressed(req);
-        }
-        Action::Continue
-    }
-
-    /// `tools/list` answers teach which `Mcp-Param-*` headers the server's tools declare.
-    fn response_body(
-        &self,
-        ctx: &Context,
-        resp: &http::response::Parts,
-        _chain: &crate::pipeline::Chain,
-    ) -> Option<Box<dyn BodyTransform>> {
-        if !ctx.lists_tools() {
-            return None;
-        }
-        let (registry, server) = (self.param_headers.clone(), ctx.destination.authority());
-        EditMessages::for_response(resp, self.list_limit, move |msg| {
-            registry.observe(&server, msg)
-        })
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ErrorCode, Rejection};
-use crate::pipeline::{Action, BodyTransform, Chain, Context, Filter};
+use crate::pipeline::{Action, BodyTransform, Chain, Context, Filter, Phase};
 use crate::stages::mcp::EditMessages;
 
 /// What to do when a pinned tool's definition changes.
@@ -462,44 +462,17 @@ pub struct ToolPinning {
     pub list_limit: usize,
 }
 
-#[async_trait::async_trait]
 impl Filter for ToolPinning {
     fn name(&self) -> &'static str {
         "tool_pinning"
     }
 
-    async fn request(&self, ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
-        let Some(req) = &ctx.mcp.request else {
-            return Action::Continue;
-        };
-        let server = ctx.destination.authority();
-        let changed: Vec<String> = req
-            .messages
-            .iter()
-            .filter_map(|m| m.tool())
-            .filter(|t| self.pins.is_changed(&server, t))
-            .map(str::to_owned)
-            .collect();
-        let calls = req.messages.iter().any(|m| m.tool().is_some());
-        let stale = calls && self.pins.is_stale(&server);
-        if changed.is_empty() && !stale {
-            return Action::Continue;
-        }
-        ctx.mcp.changed_tools = changed.clone();
-        if self.pins.on_change == OnChange::Log {
-            return Action::Continue;
-        }
-        let reason = match changed.is_empty() {
-            true => "the server announced a changed tool list (notifications/tools/list_changed): list the tools again before calling one".to_owned(),
-            false => format!(
-                "tool definition changed since it was pinned ({}); an operator must accept it",
-                changed.join(", ")
-            ),
-        };
-        let answer = req.refusal(|_| &reason, &ctx.trace.id.to_string());
-        let mut rej = Rejection::new(ErrorCode::PolicyDenied, reason.clone());
-        rej.jsonrpc = Some(answer);
-        Action::Respond(rej)
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        _req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        Phase::Done(self.request_now(ctx, _req))
     }
 
     /// Every tool a `tools/list` answer shows is pinned (or checked against its pin); with
@@ -541,6 +514,43 @@ impl Filter for ToolPinning {
             let mut flags = flagged.into_iter();
             tools.retain(|_| !(flags.next().unwrap_or(true) && deny));
         })
+    }
+}
+
+impl ToolPinning {
+    /// The request phase: nothing in it waits, so it is answered at once.
+    fn request_now(&self, ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
+        let Some(req) = &ctx.mcp.request else {
+            return Action::Continue;
+        };
+        let server = ctx.destination.authority();
+        let changed: Vec<String> = req
+            .messages
+            .iter()
+            .filter_map(|m| m.tool())
+            .filter(|t| self.pins.is_changed(&server, t))
+            .map(str::to_owned)
+            .collect();
+        let calls = req.messages.iter().any(|m| m.tool().is_some());
+        let stale = calls && self.pins.is_stale(&server);
+        if changed.is_empty() && !stale {
+            return Action::Continue;
+        }
+        ctx.mcp.changed_tools = changed.clone();
+        if self.pins.on_change == OnChange::Log {
+            return Action::Continue;
+        }
+        let reason = match changed.is_empty() {
+            true => "the server announced a changed tool list (notifications/tools/list_changed): list the tools again before calling one".to_owned(),
+            false => format!(
+                "tool definition changed since it was pinned ({}); an operator must accept it",
+                changed.join(", ")
+            ),
+        };
+        let answer = req.refusal(|_| &reason, &ctx.trace.id.to_string());
+        let mut rej = Rejection::new(ErrorCode::PolicyDenied, reason.clone());
+        rej.jsonrpc = Some(answer);
+        Action::Respond(rej)
     }
 }
 

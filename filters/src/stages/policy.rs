@@ -15,7 +15,7 @@ use crate::error::{ErrorCode, Rejection};
 use crate::parse::jsonrpc::{self as mcp, McpRequest};
 use crate::pipeline::timing::StepKind;
 use crate::pipeline::{
-    Action, ActionKind, BodyTransform, Chain, Context, DecisionRecord, Filter, McpSummary,
+    Action, ActionKind, BodyTransform, Chain, Context, DecisionRecord, Filter, McpSummary, Phase,
     RequestBody,
 };
 use crate::stages::approval::{ApprovalState, Approvals};
@@ -422,45 +422,56 @@ impl PolicyFilter {
     }
 }
 
-#[async_trait::async_trait]
 impl Filter for PolicyFilter {
     fn name(&self) -> &'static str {
         "policy"
     }
 
-    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
         let input = build_input(ctx, req, &self.sensitive_headers);
         if let Some(rej) = over_bounds(&input, &self.input_limits) {
-            return Action::Respond(rej);
+            return Phase::Done(Action::Respond(rej));
         }
         let input = input.bounded(&self.input_limits);
         let Some(mcp) = ctx.mcp.request.take() else {
             let decision = self.decide(ctx, &input, None);
-            return match self.gate(ctx, &input, decision, true).await {
-                Ok(()) => Action::Continue,
-                Err(rej) => Action::Respond(rej),
-            };
-        };
-        // An MCP request is an HTTP request too, decided as one first (`kind: http`: method,
-        // path, headers, destination), so no rule written for HTTP requests can be bypassed
-        // by the shape of the body; then each of its messages (`kind: mcp`).
-        let mut as_http = input.clone();
-        as_http.kind = Kind::Http;
-        let http = self.decide(ctx, &as_http, None);
-        let action = match self.gate(ctx, &as_http, http, false).await {
-            Ok(()) => {
-                if ctx.lists_tools_in(&mcp) {
-                    ctx.mcp.listing_input = Some(input.clone());
+            if decision.allow {
+                return Phase::Done(Action::Continue);
+            }
+            // A deny may ask for an approval: the store is consulted.
+            return Phase::wait(async move {
+                match self.gate(ctx, &input, decision, true).await {
+                    Ok(()) => Action::Continue,
+                    Err(rej) => Action::Respond(rej),
                 }
-                self.decide_mcp(ctx, &mcp, input).await
-            }
-            Err(rej) => {
-                ctx.mcp.request = Some(mcp);
-                return Action::Respond(refusal_for(ctx, rej));
-            }
+            });
         };
-        ctx.mcp.request = Some(mcp);
-        action
+        Phase::wait(async move {
+            // An MCP request is an HTTP request too, decided as one first (`kind: http`:
+            // method, path, headers, destination), so no rule written for HTTP requests can be
+            // bypassed by the shape of the body; then each of its messages (`kind: mcp`).
+            let mut as_http = input.clone();
+            as_http.kind = Kind::Http;
+            let http = self.decide(ctx, &as_http, None);
+            let action = match self.gate(ctx, &as_http, http, false).await {
+                Ok(()) => {
+                    if ctx.lists_tools_in(&mcp) {
+                        ctx.mcp.listing_input = Some(input.clone());
+                    }
+                    self.decide_mcp(ctx, &mcp, input).await
+                }
+                Err(rej) => {
+                    ctx.mcp.request = Some(mcp);
+                    return Action::Respond(refusal_for(ctx, rej));
+                }
+            };
+            ctx.mcp.request = Some(mcp);
+            action
+        })
     }
 
     /// `tools/list` results keep only the tools this identity may call: each tool is decided

@@ -14,7 +14,7 @@ use std::time::Duration;
 use portcullis_policy::{LimitAsk, Rate};
 
 use crate::error::{ErrorCode, Rejection};
-use crate::pipeline::{Action, ActionKind, Context, Filter};
+use crate::pipeline::{Action, ActionKind, Context, Filter, Phase};
 
 /// One bucket to charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,19 +348,53 @@ impl QuotaFilter {
     }
 }
 
-#[async_trait::async_trait]
 impl Filter for QuotaFilter {
     fn name(&self) -> &'static str {
         "quota"
     }
 
-    async fn request(&self, ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        _req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        let charges = match self.charges(ctx) {
+            Ok(charges) if charges.is_empty() => return Phase::Done(Action::Continue),
+            Ok(charges) => charges,
+            Err(refused) => return Phase::Done(refused),
+        };
+        Phase::wait(async move {
+            match self.limiter.charge(&charges).await {
+                Verdict::Allowed => Action::Continue,
+                Verdict::Limited { index, retry_after } => {
+                    let c = &charges[index];
+                    let reason = format!("rate limit {} exceeded", c.name);
+                    let name = c.name.clone();
+                    self.limited(ctx, &name, reason, retry_after)
+                }
+                Verdict::Full => {
+                    self.stats.full.fetch_add(1, Ordering::Relaxed);
+                    let rej = Rejection::new(
+                        ErrorCode::Overloaded,
+                        "the rate-limit table is full of live buckets",
+                    );
+                    Action::Respond(crate::stages::policy::refusal_for(ctx, rej))
+                }
+            }
+        })
+    }
+}
+
+impl QuotaFilter {
+    /// The in-flight slot (refused at once when none is free), then what this action is
+    /// charged: nothing to charge means nothing to wait for.
+    fn charges(&self, ctx: &mut Context) -> Result<Vec<Charge>, Action> {
         if let (Some(max), false) = (self.max_in_flight, ctx.kind == ActionKind::Connect) {
             match self.in_flight.acquire(ctx.peer.spiffe_id.as_str(), max) {
                 Some(slot) => ctx.gates.slot = Some(slot),
                 None => {
                     let reason = format!("more than {max} requests in flight for this identity");
-                    return self.limited(ctx, "in_flight", reason, Duration::from_secs(1));
+                    return Err(self.limited(ctx, "in_flight", reason, Duration::from_secs(1)));
                 }
             }
         }
@@ -375,26 +409,7 @@ impl Filter for QuotaFilter {
         for ask in ctx.decisions.iter().flat_map(|d| &d.decision.limits) {
             add(&mut charges, policy_charge(ask));
         }
-        if charges.is_empty() {
-            return Action::Continue;
-        }
-        match self.limiter.charge(&charges).await {
-            Verdict::Allowed => Action::Continue,
-            Verdict::Limited { index, retry_after } => {
-                let c = &charges[index];
-                let reason = format!("rate limit {} exceeded", c.name);
-                let name = c.name.clone();
-                self.limited(ctx, &name, reason, retry_after)
-            }
-            Verdict::Full => {
-                self.stats.full.fetch_add(1, Ordering::Relaxed);
-                let rej = Rejection::new(
-                    ErrorCode::Overloaded,
-                    "the rate-limit table is full of live buckets",
-                );
-                Action::Respond(crate::stages::policy::refusal_for(ctx, rej))
-            }
-        }
+        Ok(charges)
     }
 }
 

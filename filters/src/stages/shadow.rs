@@ -205,7 +205,6 @@ pub struct ShadowPolicy {
     pub stats: Arc<ShadowStats>,
 }
 
-#[async_trait::async_trait]
 impl crate::pipeline::Filter for ShadowPolicy {
     fn name(&self) -> &'static str {
         "shadow_policy"

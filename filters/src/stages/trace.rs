@@ -10,7 +10,7 @@
 use http::HeaderValue;
 
 use crate::pipeline::timing::{sampled, Steps};
-use crate::pipeline::{Action, Context, Filter, RequestBody};
+use crate::pipeline::{Action, Context, Filter, Phase, RequestBody};
 use crate::TraceId;
 
 /// A parsed `traceparent`: version 00, trace id, parent span id, flags.
@@ -80,13 +80,48 @@ pub struct TracePropagation {
     pub sampling: Option<f64>,
 }
 
-#[async_trait::async_trait]
 impl Filter for TracePropagation {
     fn name(&self) -> &'static str {
         "trace_propagation"
     }
 
-    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        Phase::Done(self.request_now(ctx, req))
+    }
+
+    fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        let parent = match ctx.trace.steps.as_deref_mut() {
+            Some(steps) => {
+                let id = steps.next_id();
+                steps.upstream_span = Some(id);
+                id
+            }
+            None => ctx.trace.span_id,
+        };
+        let tp = TraceParent::header(&ctx.trace.id, &parent, ctx.trace.flags);
+        if let Some(steps) = ctx.trace.steps.as_deref() {
+            if let (Some(mcp), RequestBody::Buffered(body)) = (&ctx.mcp.request, &ctx.body) {
+                if mcp.messages.iter().any(|m| m.method.is_some()) {
+                    if let Some(b) = inject_meta(body, &tp, steps.tracestate.as_deref()) {
+                        ctx.body = RequestBody::Buffered(b.into());
+                    }
+                }
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&tp) {
+            req.headers.insert("traceparent", v);
+        }
+        Action::Continue
+    }
+}
+
+impl TracePropagation {
+    /// The request phase: nothing in it waits, so it is answered at once.
+    fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let header = req
             .headers
             .get("traceparent")
@@ -120,31 +155,6 @@ impl Filter for TracePropagation {
             if sampled {
                 ctx.trace.steps = Some(Box::new(Steps::new(ctx.trace.span_id, tracestate)));
             }
-        }
-        Action::Continue
-    }
-
-    fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        let parent = match ctx.trace.steps.as_deref_mut() {
-            Some(steps) => {
-                let id = steps.next_id();
-                steps.upstream_span = Some(id);
-                id
-            }
-            None => ctx.trace.span_id,
-        };
-        let tp = TraceParent::header(&ctx.trace.id, &parent, ctx.trace.flags);
-        if let Some(steps) = ctx.trace.steps.as_deref() {
-            if let (Some(mcp), RequestBody::Buffered(body)) = (&ctx.mcp.request, &ctx.body) {
-                if mcp.messages.iter().any(|m| m.method.is_some()) {
-                    if let Some(b) = inject_meta(body, &tp, steps.tracestate.as_deref()) {
-                        ctx.body = RequestBody::Buffered(b.into());
-                    }
-                }
-            }
-        }
-        if let Ok(v) = HeaderValue::from_str(&tp) {
-            req.headers.insert("traceparent", v);
         }
         Action::Continue
     }

@@ -230,6 +230,7 @@ impl PolicyConfig {
     /// Load the policy and run its own tests (a policy whose tests fail is not served).
     pub fn load(&self) -> Result<portcullis_policy::PolicySet, portcullis_policy::PolicyError> {
         portcullis_policy::PolicySet::load_tested(&self.paths, &self.entrypoint, self.limits())
+            .inspect(|set| log_loaded(set, "enforcing"))
     }
 
     /// Load the shadow policy, with the same rule (its tests must pass).
@@ -237,12 +238,27 @@ impl PolicyConfig {
         &self,
     ) -> Option<Result<portcullis_policy::PolicySet, portcullis_policy::PolicyError>> {
         let shadow = self.shadow.as_ref()?;
-        Some(portcullis_policy::PolicySet::load_tested(
-            &shadow.paths,
-            shadow.entrypoint.as_deref().unwrap_or(&self.entrypoint),
-            self.limits(),
-        ))
+        Some(
+            portcullis_policy::PolicySet::load_tested(
+                &shadow.paths,
+                shadow.entrypoint.as_deref().unwrap_or(&self.entrypoint),
+                self.limits(),
+            )
+            .inspect(|set| log_loaded(set, "shadow")),
+        )
     }
+}
+
+/// What a loaded policy set reads of the input (the only parts built for it) and whether
+/// its decisions are remembered (README "Policy": "What the engine is given").
+fn log_loaded(set: &portcullis_policy::PolicySet, role: &'static str) {
+    let reads = set.input_reads().join(", ");
+    let decisions = match set.not_remembered_because() {
+        None => "remembered per thread for the exact values read".to_owned(),
+        Some(why) => format!("evaluated every time: {why}"),
+    };
+    tracing::info!(policy = role, revision = %set.revision(), reads = %reads,
+        decisions = %decisions, "policy loaded");
 }
 
 /// One brokered credential. The secret itself is never in the config, only where to get it.

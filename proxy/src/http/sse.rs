@@ -18,7 +18,7 @@ use portcullis_filters::parse::destination::Destination;
 use portcullis_filters::parse::jsonrpc::McpRequest;
 use portcullis_filters::parse::mcp_body::{message_ids, EventData, SseEvent, SseEvents};
 use portcullis_filters::{
-    Action, ActionKind, BodyTransform, Chain, Context, ErrorCode, Filter, Peer, Rejection,
+    Action, ActionKind, BodyTransform, Chain, Context, ErrorCode, Filter, Peer, Phase, Rejection,
     TransformError, Via,
 };
 use tokio::sync::mpsc;
@@ -191,7 +191,6 @@ impl SseTransport {
     }
 }
 
-#[async_trait::async_trait]
 impl Filter for SseTransport {
     fn name(&self) -> &'static str {
         "mcp_sse_transport"
@@ -199,25 +198,12 @@ impl Filter for SseTransport {
 
     /// An allowed `tools/list` POST of the older transport: its answer will come on the
     /// session's event stream, which filters it with this request's policy context.
-    async fn request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
-        if req.method != Method::POST || !ctx.lists_tools() {
-            return Action::Continue;
-        }
-        let (Some(input), Some(mcp), Some(endpoint)) = (
-            &ctx.mcp.listing_input,
-            &ctx.mcp.request,
-            req.uri.path_and_query(),
-        ) else {
-            return Action::Continue;
-        };
-        let authority = ctx.destination.authority();
-        let key = (
-            ctx.peer.spiffe_id.as_str(),
-            authority.as_str(),
-            endpoint.as_str(),
-        );
-        self.sessions.expect_lists(key, input, mcp);
-        Action::Continue
+    fn request<'a>(
+        &'a self,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
+    ) -> Phase<'a, Action> {
+        Phase::Done(self.request_now(ctx, req))
     }
 
     /// A denied POST to an endpoint whose event stream passes through this proxy: its JSON-RPC
@@ -272,6 +258,30 @@ impl Filter for SseTransport {
             chain.clone(),
             self.event_limit,
         )))
+    }
+}
+
+impl SseTransport {
+    /// The request phase: nothing in it waits, so it is answered at once.
+    fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
+        if req.method != Method::POST || !ctx.lists_tools() {
+            return Action::Continue;
+        }
+        let (Some(input), Some(mcp), Some(endpoint)) = (
+            &ctx.mcp.listing_input,
+            &ctx.mcp.request,
+            req.uri.path_and_query(),
+        ) else {
+            return Action::Continue;
+        };
+        let authority = ctx.destination.authority();
+        let key = (
+            ctx.peer.spiffe_id.as_str(),
+            authority.as_str(),
+            endpoint.as_str(),
+        );
+        self.sessions.expect_lists(key, input, mcp);
+        Action::Continue
     }
 }
 

@@ -7,7 +7,6 @@ use portcullis_filters::{Context, Filter, Outcome};
 #[derive(Debug)]
 pub struct AccessLog;
 
-#[async_trait::async_trait]
 impl Filter for AccessLog {
     fn name(&self) -> &'static str {
         "access_log"

@@ -220,7 +220,6 @@ struct McpLine<'a> {
     tool_changed: bool,
 }
 
-#[async_trait::async_trait]
 impl Filter for DecisionLog {
     fn name(&self) -> &'static str {
         "decision_log"

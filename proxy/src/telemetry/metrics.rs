@@ -297,7 +297,6 @@ impl Drop for ConnectionGuard<'_> {
 #[derive(Debug)]
 pub struct MetricsFilter(pub std::sync::Arc<Metrics>);
 
-#[async_trait::async_trait]
 impl Filter for MetricsFilter {
     fn name(&self) -> &'static str {
         "metrics"

@@ -397,7 +397,6 @@ impl SpanExport {
     }
 }
 
-#[async_trait::async_trait]
 impl Filter for SpanExport {
     fn name(&self) -> &'static str {
         "span_export"

@@ -1,0 +1,106 @@
+//! The crypto floor of an intercepted body: what AES-GCM alone costs per MiB on the machine
+//! the bench runs on, so the `large` row is judged against what interception must spend
+//! rather than against a blind tunnel. A downloaded MiB costs an intercepting proxy at least
+//! one open (the upstream's TLS) and two seals (the inner TLS to the client, then the outer
+//! TLS the tunnel runs in), in records of the size TLS uses.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use serde::Serialize;
+
+/// The largest TLS record plaintext (RFC 8446 §5.1): what a bulk transfer is sealed in.
+pub const RECORD_BYTES: usize = 16 * 1024;
+const MIB: usize = 1 << 20;
+/// MiB per timed pass; the floor is the fastest of [`PASSES`] passes (the one least
+/// disturbed by anything else on the machine).
+const MIB_PER_PASS: usize = 16;
+const PASSES: usize = 7;
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CryptoFloor {
+    /// The cipher suite's AEAD: rustls (ring) negotiates TLS13_AES_256_GCM_SHA384 first.
+    pub aead: &'static str,
+    pub record_bytes: usize,
+    /// µs to seal one MiB (copy in, encrypt, tag), one thread.
+    pub seal_us_per_mib: f64,
+    /// µs to open one MiB (copy in, verify, decrypt), one thread.
+    pub open_us_per_mib: f64,
+    /// One open and two seals: the least an intercepting proxy spends per downloaded MiB.
+    pub download_us_per_mib: f64,
+}
+
+/// Measures the floor (about a second).
+pub fn measure() -> CryptoFloor {
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &[0x42; 32])
+            .unwrap_or_else(|_| unreachable!("a 32-byte key is a valid AES-256 key")),
+    );
+    let plain = vec![0x5a_u8; RECORD_BYTES];
+    let mut sealed = plain.clone();
+    let tag = key
+        .seal_in_place_separate_tag(nonce(0), Aad::empty(), &mut sealed)
+        .unwrap_or_else(|_| unreachable!("a record is within AES-GCM's bounds"));
+    sealed.extend_from_slice(tag.as_ref());
+    let records = MIB_PER_PASS * MIB / RECORD_BYTES;
+    let mut buf = Vec::with_capacity(RECORD_BYTES + 16);
+
+    let seal = fastest(|| {
+        for i in 0..records {
+            buf.clear();
+            buf.extend_from_slice(&plain);
+            let tag = key.seal_in_place_separate_tag(nonce(i as u64), Aad::empty(), &mut buf);
+            black_box((&buf, tag.is_ok()));
+        }
+    });
+    let open = fastest(|| {
+        for _ in 0..records {
+            buf.clear();
+            buf.extend_from_slice(&sealed);
+            let opened = key.open_in_place(nonce(0), Aad::empty(), &mut buf).is_ok();
+            black_box(opened);
+        }
+    });
+    let per_mib = |d: Duration| d.as_secs_f64() * 1e6 / MIB_PER_PASS as f64;
+    let (seal_us_per_mib, open_us_per_mib) = (per_mib(seal), per_mib(open));
+    CryptoFloor {
+        aead: "AES-256-GCM (ring)",
+        record_bytes: RECORD_BYTES,
+        seal_us_per_mib,
+        open_us_per_mib,
+        download_us_per_mib: open_us_per_mib + 2.0 * seal_us_per_mib,
+    }
+}
+
+fn nonce(n: u64) -> Nonce {
+    let mut bytes = [0u8; 12];
+    bytes[4..].copy_from_slice(&n.to_be_bytes());
+    Nonce::assume_unique_for_key(bytes)
+}
+
+/// The shortest of [`PASSES`] runs of `pass` (after one untimed warm-up run).
+fn fastest(mut pass: impl FnMut()) -> Duration {
+    pass();
+    (0..PASSES)
+        .map(|_| {
+            let start = Instant::now();
+            pass();
+            start.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_is_positive_and_adds_up() {
+        let f = measure();
+        assert!(f.seal_us_per_mib > 0.0 && f.open_us_per_mib > 0.0, "{f:?}");
+        let sum = f.open_us_per_mib + 2.0 * f.seal_us_per_mib;
+        assert!((f.download_us_per_mib - sum).abs() < 1e-9);
+    }
+}
