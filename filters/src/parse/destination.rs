@@ -146,9 +146,37 @@ impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Host::Dns(name) => f.write_str(name),
+            // Written on every request (policy input, logs, authority): without the
+            // formatting machinery `Ipv4Addr`'s `Display` goes through.
+            Host::Ip(IpAddr::V4(v4)) => {
+                let mut buf = [0u8; 15];
+                f.write_str(dotted_quad(v4, &mut buf))
+            }
             Host::Ip(ip) => write!(f, "{ip}"),
         }
     }
+}
+
+/// `a.b.c.d` in decimal, into `buf`.
+fn dotted_quad<'a>(ip: &Ipv4Addr, buf: &'a mut [u8; 15]) -> &'a str {
+    let mut n = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = match octet {
+            100.. => 0,
+            10.. => 1,
+            _ => 2,
+        };
+        for d in &digits[skip..] {
+            buf[n] = b'0' + d;
+            n += 1;
+        }
+    }
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
 }
 
 /// The scheme the client will speak to the destination.
@@ -905,6 +933,10 @@ mod tests {
         let v4 = Host::parse("192.0.2.1").unwrap();
         assert_eq!(v4.to_string(), "192.0.2.1");
         assert_eq!(v4.to_authority_host(), "192.0.2.1");
+        for ip in ["0.0.0.0", "1.2.3.4", "10.20.30.40", "100.200.255.9", "255.255.255.255"] {
+            let host = Host::Ip(ip.parse().unwrap());
+            assert_eq!(host.to_string(), ip);
+        }
         assert_eq!(dns("example.com").to_authority_host(), "example.com");
     }
 

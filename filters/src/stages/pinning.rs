@@ -483,7 +483,6 @@ impl Filter for ToolPinning {
         resp: &http::response::Parts,
         _chain: &Chain,
     ) -> Option<Box<dyn BodyTransform>> {
-        let server = ctx.destination.authority();
         if !ctx.lists_tools() {
             // Any event stream may announce a changed tool list (the standalone GET stream
             // opens before the first listing): watched always, remembered for servers with
@@ -496,11 +495,12 @@ impl Filter for ToolPinning {
             return stream.then(|| {
                 Box::new(ListChangedWatch {
                     pins: self.pins.clone(),
-                    server,
+                    server: ctx.destination.authority(),
                     tail: Vec::new(),
                 }) as Box<dyn BodyTransform>
             });
         }
+        let server = ctx.destination.authority();
         let pins = self.pins.clone();
         EditMessages::for_response(resp, self.list_limit, move |msg: &mut Value| {
             let Some(tools) = msg

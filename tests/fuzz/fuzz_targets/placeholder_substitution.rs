@@ -13,7 +13,7 @@
 //! in the body, re-encoded inside a `Basic` token) and keeps every other byte exactly.
 #![no_main]
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, Waker};
 
@@ -121,8 +121,8 @@ fn decode_basic(v: &[u8]) -> Option<Vec<u8>> {
         .ok()
 }
 
-fn block_on<F: Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
+fn block_on<F: IntoFuture>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f.into_future());
     let mut cx = TaskContext::from_waker(Waker::noop());
     for _ in 0..1000 {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
