@@ -160,13 +160,7 @@ impl Walk {
                     value,
                     collection,
                     ..
-                } => {
-                    if let Some(k) = key {
-                        self.expr(k);
-                    }
-                    self.expr(value);
-                    self.expr(collection);
-                }
+                } => self.membership(key.as_deref(), value, collection),
                 Literal::Expr { expr, .. } | Literal::NotExpr { expr, .. } => self.expr(expr),
                 Literal::Every { domain, query, .. } => {
                     self.expr(domain);
@@ -238,13 +232,7 @@ impl Walk {
                 value,
                 collection,
                 ..
-            } => {
-                if let Some(k) = key {
-                    self.expr(k);
-                }
-                self.expr(value);
-                self.expr(collection);
-            }
+            } => self.membership(key.as_deref(), value, collection),
             // Syntax this walk does not know (a regorus extension): assume the worst.
             #[allow(unreachable_patterns)]
             _ => {
@@ -253,6 +241,15 @@ impl Walk {
                     .get_or_insert_with(|| "syntax the analysis does not know".to_owned());
             }
         }
+    }
+
+    /// `key, value in collection` (a `some … in` or a membership test).
+    fn membership(&mut self, key: Option<&Expr>, value: &Expr, collection: &Expr) {
+        if let Some(k) = key {
+            self.expr(k);
+        }
+        self.expr(value);
+        self.expr(collection);
     }
 
     /// A reference chain (`a.b[c].d`): every index is an expression that is evaluated;
