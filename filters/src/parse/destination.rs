@@ -933,7 +933,13 @@ mod tests {
         let v4 = Host::parse("192.0.2.1").unwrap();
         assert_eq!(v4.to_string(), "192.0.2.1");
         assert_eq!(v4.to_authority_host(), "192.0.2.1");
-        for ip in ["0.0.0.0", "1.2.3.4", "10.20.30.40", "100.200.255.9", "255.255.255.255"] {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "100.200.255.9",
+            "255.255.255.255",
+        ] {
             let host = Host::Ip(ip.parse().unwrap());
             assert_eq!(host.to_string(), ip);
         }
