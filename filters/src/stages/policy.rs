@@ -219,12 +219,13 @@ impl PolicyFilter {
     async fn decide_mcp(&self, ctx: &mut Context, mcp: &McpRequest, base: Input) -> Action {
         let mut first_deny: Option<Rejection> = None;
         let mut refused: Vec<(Value, Rejection)> = Vec::new();
+        // One input for every message: only `mcp` differs between them.
+        let mut input = base;
+        input.kind = Kind::Mcp;
         for m in &mcp.messages {
             // Responses the client sends to server-initiated requests are decided too (with
             // `input.mcp.response: true`): otherwise a body of only responses would carry data
             // upstream with no decision at all.
-            let mut input = base.clone();
-            input.kind = Kind::Mcp;
             input.mcp = Some(mcp::policy_input(mcp, m));
             if let Some(rej) = over_bounds(&input, &self.input_limits) {
                 return Action::Respond(rej);
@@ -239,7 +240,7 @@ impl PolicyFilter {
                     .tool()
                     .is_some_and(|t| ctx.mcp.changed_tools.iter().any(|c| c == t)),
             };
-            let input = input.bounded(&self.input_limits);
+            input = input.bounded(&self.input_limits);
             let d = self.decide(ctx, &input, Some(summary));
             if let Err(rej) = self.gate(ctx, &input, d, false).await {
                 if let Some(id) = &m.id {
@@ -454,11 +455,12 @@ impl Filter for PolicyFilter {
             // An MCP request is an HTTP request too, decided as one first (`kind: http`:
             // method, path, headers, destination), so no rule written for HTTP requests can be
             // bypassed by the shape of the body; then each of its messages (`kind: mcp`).
-            let mut as_http = input.clone();
-            as_http.kind = Kind::Http;
-            let http = self.decide(ctx, &as_http, None);
-            let action = match self.gate(ctx, &as_http, http, false).await {
+            let mut input = input;
+            let kind = std::mem::replace(&mut input.kind, Kind::Http);
+            let http = self.decide(ctx, &input, None);
+            let action = match self.gate(ctx, &input, http, false).await {
                 Ok(()) => {
+                    input.kind = kind;
                     if ctx.lists_tools_in(&mcp) {
                         ctx.mcp.listing_input = Some(input.clone());
                     }
