@@ -16,7 +16,6 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, LimitError, Value};
 
 use crate::input::{self, Input};
-use crate::reads::Reads;
 use crate::{Decision, PolicySet};
 
 /// A policy input as the engine reads it, built once per decision and kept (a shared value:
@@ -202,7 +201,7 @@ impl PolicySet {
 
     fn decide(&self, input: Value, strategy: Strategy) -> Decision {
         let key = match strategy {
-            Strategy::PerThread => self.remembered.as_ref().and_then(|r| r.key(&input)),
+            Strategy::PerThread => self.reads.remembered_by().and_then(|p| key(p, &input)),
             _ => None,
         };
         if let Some(decision) = key.as_ref().and_then(|key| recall(self.id, key)) {
@@ -384,44 +383,28 @@ impl PolicySet {
 /// The exact values a set's decision depends on: the value at each path it reads.
 pub(crate) type Key = Vec<Value>;
 
-/// A deterministic set's decisions, remembered per thread: a decision is a function of the
-/// values at the paths the set reads (and of the set's data, which a reload replaces with a
-/// new set), so the same values get the same decision without evaluating again. Only
-/// evaluated allows and denies are remembered, never an error or an exceeded limit.
-pub(crate) struct Remembered {
-    paths: Vec<Vec<Value>>,
-}
-
-/// Decisions remembered per set and thread; when full, the set's entries start over.
+/// Decisions remembered per set and thread; when full, the set's entries start over. A
+/// deterministic set's decision is a function of the values at the paths it reads (and of
+/// its data, which a reload replaces with a new set), so the same values get the same
+/// decision without evaluating again. Only evaluated allows and denies are remembered,
+/// never an error or an exceeded limit.
 const REMEMBERED_DECISIONS: usize = 256;
 /// Keys larger than this (strings and members, roughly in bytes) are not remembered, so a
 /// set that reads headers or MCP arguments cannot make the memory grow with them.
 const MAX_KEY_BYTES: usize = 2048;
 
-impl Remembered {
-    /// `None` when the set's decisions cannot be remembered (see [`Reads`]).
-    pub(crate) fn of(reads: &Reads) -> Option<Remembered> {
-        match (&reads.paths, &reads.nondeterministic) {
-            (Some(paths), None) => Some(Remembered {
-                paths: paths.clone(),
-            }),
-            _ => None,
-        }
-    }
-
-    /// The values at every read path (`Undefined` where the input has none), or `None` when
-    /// they are too large to keep.
-    fn key(&self, input: &Value) -> Option<Key> {
-        let mut budget = MAX_KEY_BYTES;
-        self.paths
-            .iter()
-            .map(|path| {
-                let value = path.iter().fold(input, |v, k| &v[k]);
-                budget = budget.checked_sub(size(value, budget)?)?;
-                Some(value.clone())
-            })
-            .collect()
-    }
+/// The values at every one of `paths` (`Undefined` where the input has none), or `None`
+/// when they are too large to keep.
+fn key(paths: &[Vec<Value>], input: &Value) -> Option<Key> {
+    let mut budget = MAX_KEY_BYTES;
+    paths
+        .iter()
+        .map(|path| {
+            let value = path.iter().fold(input, |v, k| &v[k]);
+            budget = budget.checked_sub(size(value, budget)?)?;
+            Some(value.clone())
+        })
+        .collect()
 }
 
 /// Roughly the bytes of `value`, or `None` once over `budget`.
@@ -458,9 +441,7 @@ fn recall(set_id: u64, key: &Key) -> Option<Decision> {
         .try_with(|sets| {
             let sets = sets.try_borrow().ok()?;
             let set = sets.iter().find(|s| s.set_id == set_id)?;
-            let mut decision = set.decisions.get(key)?.clone();
-            decision.eval_time = Duration::ZERO;
-            Some(decision)
+            set.decisions.get(key).cloned()
         })
         .ok()
         .flatten()
@@ -490,7 +471,11 @@ fn remember(set_id: u64, key: Key, decision: &Decision) {
         if decisions.len() >= REMEMBERED_DECISIONS {
             decisions.clear();
         }
-        decisions.insert(key, decision.clone());
+        let recalled = Decision {
+            eval_time: Duration::ZERO,
+            ..decision.clone()
+        };
+        decisions.insert(key, recalled);
     });
 }
 
@@ -921,7 +906,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_and_errors_are_never_remembered() {
+    fn exceeded_limits_are_never_remembered() {
         let set = policy(
             r#"decision if count(numbers.range(0, input.request.body_size)) > 0"#,
             Limits::default(),

@@ -13,7 +13,7 @@ use regorus::unstable::{Expr, Rule, RuleHead};
 use regorus::{Engine, Rc, Value};
 use sha2::{Digest, Sha256};
 
-use crate::eval::{Evaluator, Limits, Remembered};
+use crate::eval::{Evaluator, Limits};
 use crate::input::{self, Destination, Identity, Input, Kind, Parts, TimeInfo};
 use crate::reads::Reads;
 use crate::testing::TestCase;
@@ -48,8 +48,6 @@ pub struct PolicySet {
     pub(crate) reads: Reads,
     /// The parts of the input document built for an evaluation (those `reads` names).
     pub(crate) parts: Parts,
-    /// Set when decisions can be remembered (see [`Remembered`]).
-    pub(crate) remembered: Option<Remembered>,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -173,7 +171,6 @@ impl PolicySet {
             evaluator,
             tests,
             parts: Parts::holding(reads.paths.as_deref()),
-            remembered: Remembered::of(&reads),
             reads,
         };
         set.smoke_test()?;
@@ -269,11 +266,7 @@ impl PolicySet {
     /// Why the set's decisions are evaluated every time (`None`: a decision is remembered
     /// per thread for the exact values it read; see the README's "Policy" section).
     pub fn not_remembered_because(&self) -> Option<String> {
-        match (&self.reads.paths, &self.reads.nondeterministic) {
-            (_, Some(call)) => Some(format!("it calls {call}")),
-            (None, None) => Some("it can read the whole input".to_owned()),
-            (Some(_), None) => None,
-        }
+        self.reads.not_remembered_because()
     }
 }
 

@@ -55,6 +55,24 @@ impl Reads {
         }
     }
 
+    /// The paths a decision can be remembered by: all of them, when nothing but the input
+    /// read and the data decides. `None`: every decision is evaluated.
+    pub(crate) fn remembered_by(&self) -> Option<&[Vec<Value>]> {
+        match (&self.paths, &self.nondeterministic) {
+            (Some(paths), None) => Some(paths),
+            _ => None,
+        }
+    }
+
+    /// Why decisions are evaluated every time (`None`: they can be remembered).
+    pub(crate) fn not_remembered_because(&self) -> Option<String> {
+        match (&self.paths, &self.nondeterministic) {
+            (_, Some(call)) => Some(format!("it calls {call}")),
+            (None, None) => Some("it can read the whole input".to_owned()),
+            (Some(_), None) => None,
+        }
+    }
+
     /// The paths as text (`request.method`), for `policy` diagnostics and tests.
     pub(crate) fn describe(&self) -> Vec<String> {
         match &self.paths {
