@@ -103,13 +103,20 @@ pub trait Filter: Send + Sync + 'static {
     }
 
     /// The client's request, before anything is sent upstream. For CONNECT, `req` is the
-    /// CONNECT request itself (`ctx.kind == Connect`).
+    /// CONNECT request itself (`ctx.kind == Connect`). A filter that may have to wait
+    /// overrides this; one that never waits implements [`Filter::request_now`] instead.
     fn request<'a>(
         &'a self,
-        _ctx: &'a mut Context,
-        _req: &'a mut http::request::Parts,
+        ctx: &'a mut Context,
+        req: &'a mut http::request::Parts,
     ) -> Phase<'a, Action> {
-        Phase::Done(Action::Continue)
+        Phase::Done(self.request_now(ctx, req))
+    }
+
+    /// The request phase of a filter with nothing to wait for (what the provided
+    /// [`Filter::request`] runs): answered at once.
+    fn request_now(&self, _ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
+        Action::Continue
     }
 
     /// The request as it will go upstream: last chance to rewrite it.

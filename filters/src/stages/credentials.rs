@@ -169,17 +169,6 @@ impl Filter for CredentialDetect {
             )
     }
 
-    fn request<'a>(
-        &'a self,
-        ctx: &'a mut Context,
-        req: &'a mut http::request::Parts,
-    ) -> Phase<'a, Action> {
-        Phase::Done(self.request_now(ctx, req))
-    }
-}
-
-impl CredentialDetect {
-    /// The request phase: nothing in it waits, so it is answered at once.
     fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         if ctx.kind == ActionKind::Connect {
             return Action::Continue;

@@ -5,7 +5,7 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 use crate::error::{ErrorCode, Rejection};
-use crate::pipeline::{Action, ActionKind, Context, Filter, Phase};
+use crate::pipeline::{Action, ActionKind, Context, Filter};
 
 /// Headers removed from every forwarded request and response, besides the names `Connection` lists.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -54,14 +54,6 @@ impl Filter for HeaderHygiene {
         "header_hygiene"
     }
 
-    fn request<'a>(
-        &'a self,
-        ctx: &'a mut Context,
-        req: &'a mut http::request::Parts,
-    ) -> Phase<'a, Action> {
-        Phase::Done(self.request_now(ctx, req))
-    }
-
     fn upstream_request(&self, _ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         strip_hop_by_hop(&mut req.headers);
         Action::Continue
@@ -70,10 +62,7 @@ impl Filter for HeaderHygiene {
     fn response(&self, _ctx: &mut Context, resp: &mut http::response::Parts) {
         strip_hop_by_hop(&mut resp.headers);
     }
-}
 
-impl HeaderHygiene {
-    /// The request phase: nothing in it waits, so it is answered at once.
     fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let size = header_block_size(req);
         if size > self.max_header_bytes {

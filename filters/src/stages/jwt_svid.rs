@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::error::{ErrorCode, Rejection};
 use crate::parse::identity::TrustDomain;
 use crate::parse::jwt::{self, Jwk, JwtError, JwtSvid};
-use crate::pipeline::{Action, Context, Filter, Phase};
+use crate::pipeline::{Action, Context, Filter};
 use crate::stages::delegation::{take_token, unix_now, VerifiedCache};
 
 /// The request header a JWT-SVID comes in.
@@ -126,17 +126,6 @@ impl Filter for JwtSvidFilter {
         "jwt_svid"
     }
 
-    fn request<'a>(
-        &'a self,
-        ctx: &'a mut Context,
-        req: &'a mut http::request::Parts,
-    ) -> Phase<'a, Action> {
-        Phase::Done(self.request_now(ctx, req))
-    }
-}
-
-impl JwtSvidFilter {
-    /// The request phase: nothing in it waits, so it is answered at once.
     fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let verdict = match take_token(req, &self.header) {
             None => return Action::Continue,

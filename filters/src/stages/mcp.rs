@@ -18,7 +18,7 @@ use crate::parse::mcp_headers;
 use crate::parse::mcp_params::{self, Declared};
 use crate::pipeline::{
     ask_uncompressed, content_encoding, Action, ActionKind, BodyCheck, BodyTransform, CannotRead,
-    Context, Filter, Phase, RequestBody, TransformError,
+    Context, Filter, RequestBody, TransformError,
 };
 
 /// The inspection stage. Hosts in `mcp.servers` are MCP-only: a POST there that is not
@@ -130,14 +130,6 @@ impl Filter for McpFilter {
         ctx.kind != ActionKind::Connect
     }
 
-    fn request<'a>(
-        &'a self,
-        ctx: &'a mut Context,
-        req: &'a mut http::request::Parts,
-    ) -> Phase<'a, Action> {
-        Phase::Done(self.request_now(ctx, req))
-    }
-
     /// The streamed rest of a large JSON body: a `"jsonrpc"` member found there stops the body
     /// before that chunk goes upstream (the server never gets a whole message to act on).
     fn request_body(&self, ctx: &mut Context) -> Option<Box<dyn BodyCheck>> {
@@ -168,10 +160,7 @@ impl Filter for McpFilter {
             registry.observe(&server, msg)
         })
     }
-}
 
-impl McpFilter {
-    /// The request phase: nothing in it waits, so it is answered at once.
     fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         if ctx.kind == ActionKind::Connect {
             return Action::Continue;

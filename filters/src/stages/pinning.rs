@@ -14,7 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ErrorCode, Rejection};
-use crate::pipeline::{Action, BodyTransform, Chain, Context, Filter, Phase};
+use crate::pipeline::{Action, BodyTransform, Chain, Context, Filter};
 use crate::stages::mcp::EditMessages;
 
 /// What to do when a pinned tool's definition changes.
@@ -467,14 +467,6 @@ impl Filter for ToolPinning {
         "tool_pinning"
     }
 
-    fn request<'a>(
-        &'a self,
-        ctx: &'a mut Context,
-        _req: &'a mut http::request::Parts,
-    ) -> Phase<'a, Action> {
-        Phase::Done(self.request_now(ctx, _req))
-    }
-
     /// Every tool a `tools/list` answer shows is pinned (or checked against its pin); with
     /// `tool_changes: deny` a changed one is hidden.
     fn response_body(
@@ -515,10 +507,7 @@ impl Filter for ToolPinning {
             tools.retain(|_| !(flags.next().unwrap_or(true) && deny));
         })
     }
-}
 
-impl ToolPinning {
-    /// The request phase: nothing in it waits, so it is answered at once.
     fn request_now(&self, ctx: &mut Context, _req: &mut http::request::Parts) -> Action {
         let Some(req) = &ctx.mcp.request else {
             return Action::Continue;

@@ -10,7 +10,7 @@
 use http::HeaderValue;
 
 use crate::pipeline::timing::{sampled, Steps};
-use crate::pipeline::{Action, Context, Filter, Phase, RequestBody};
+use crate::pipeline::{Action, Context, Filter, RequestBody};
 use crate::TraceId;
 
 /// A parsed `traceparent`: version 00, trace id, parent span id, flags.
@@ -85,14 +85,6 @@ impl Filter for TracePropagation {
         "trace_propagation"
     }
 
-    fn request<'a>(
-        &'a self,
-        ctx: &'a mut Context,
-        req: &'a mut http::request::Parts,
-    ) -> Phase<'a, Action> {
-        Phase::Done(self.request_now(ctx, req))
-    }
-
     fn upstream_request(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let parent = match ctx.trace.steps.as_deref_mut() {
             Some(steps) => {
@@ -117,10 +109,7 @@ impl Filter for TracePropagation {
         }
         Action::Continue
     }
-}
 
-impl TracePropagation {
-    /// The request phase: nothing in it waits, so it is answered at once.
     fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         let header = req
             .headers

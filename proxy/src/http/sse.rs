@@ -18,7 +18,7 @@ use portcullis_filters::parse::destination::Destination;
 use portcullis_filters::parse::jsonrpc::McpRequest;
 use portcullis_filters::parse::mcp_body::{message_ids, EventData, SseEvent, SseEvents};
 use portcullis_filters::{
-    Action, ActionKind, BodyTransform, Chain, Context, ErrorCode, Filter, Peer, Phase, Rejection,
+    Action, ActionKind, BodyTransform, Chain, Context, ErrorCode, Filter, Peer, Rejection,
     TransformError, Via,
 };
 use tokio::sync::mpsc;
@@ -198,14 +198,6 @@ impl Filter for SseTransport {
 
     /// An allowed `tools/list` POST of the older transport: its answer will come on the
     /// session's event stream, which filters it with this request's policy context.
-    fn request<'a>(
-        &'a self,
-        ctx: &'a mut Context,
-        req: &'a mut http::request::Parts,
-    ) -> Phase<'a, Action> {
-        Phase::Done(self.request_now(ctx, req))
-    }
-
     /// A denied POST to an endpoint whose event stream passes through this proxy: its JSON-RPC
     /// errors go on that stream (where the client waits for answers) and leave the refusal,
     /// which is then the transport's bare 202.
@@ -259,10 +251,7 @@ impl Filter for SseTransport {
             self.event_limit,
         )))
     }
-}
 
-impl SseTransport {
-    /// The request phase: nothing in it waits, so it is answered at once.
     fn request_now(&self, ctx: &mut Context, req: &mut http::request::Parts) -> Action {
         if req.method != Method::POST || !ctx.lists_tools() {
             return Action::Continue;
