@@ -243,7 +243,24 @@ pub struct BudgetLine {
     pub met: Option<bool>,
 }
 
+impl BudgetLine {
+    fn judged(line: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool) -> BudgetLine {
+        BudgetLine {
+            line: line.to_owned(),
+            measured,
+            met: measured.map(ok),
+        }
+    }
+}
+
 impl Report {
+    /// The scenario `name`, if it ran and was measured.
+    fn measured_row(&self, name: &str) -> Option<&ScenarioResult> {
+        self.scenarios
+            .iter()
+            .find(|s| s.name == name && s.measured())
+    }
+
     /// Fill in the ratios and judge the budget, once every scenario has run.
     pub fn finish(&mut self) {
         let rps = |name: &str, all: &[ScenarioResult]| {
@@ -270,18 +287,10 @@ impl Report {
     }
 
     fn judge(&self) -> Vec<BudgetLine> {
-        let get = |name: &str| {
-            self.scenarios
-                .iter()
-                .find(|s| s.name == name && s.measured())
-        };
+        let get = |name: &str| self.measured_row(name);
         let mut lines = Vec::new();
         let mut push = |line: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool| {
-            lines.push(BudgetLine {
-                line: line.to_owned(),
-                measured,
-                met: measured.map(ok),
-            });
+            lines.push(BudgetLine::judged(line, measured, ok));
         };
         let mitm = get("mitm");
         push(
@@ -340,16 +349,8 @@ impl Report {
     /// Issue 23's targets: every line a ratio between rows of this run (or against the crypto
     /// floor measured in it), so a faster or slower host does not move them.
     fn judge_targets(&self) -> Vec<BudgetLine> {
-        let get = |name: &str| {
-            self.scenarios
-                .iter()
-                .find(|s| s.name == name && s.measured())
-        };
-        let line = |line: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool| BudgetLine {
-            line: line.to_owned(),
-            measured,
-            met: measured.map(ok),
-        };
+        let get = |name: &str| self.measured_row(name);
+        let line = BudgetLine::judged;
         let (mitm, large) = (get("mitm"), get("large"));
         let cpu = |s: Option<&ScenarioResult>| s.and_then(|s| s.cpu_us_per_req);
         let body_mib = self.settings.body_bytes as f64 / MIB;
