@@ -110,6 +110,12 @@ pub async fn raw_tls(
     proxy: SocketAddr,
     client: &ClientCert,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    raw_tls_with(client_tls(pki, client), proxy).await
+}
+
+/// The TLS client config of [`raw_tls`]: the proxy's CA trusted, `client`'s SVID presented,
+/// rustls's default session resumption.
+pub fn client_tls(pki: &Pki, client: &ClientCert) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(pki.path("acme-ca.pem")).unwrap();
     for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
@@ -123,9 +129,17 @@ pub async fn raw_tls(
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .unwrap();
+    Arc::new(cfg)
+}
+
+/// A TLS connection to the proxy with `cfg` (from [`client_tls`]).
+pub async fn raw_tls_with(
+    cfg: Arc<rustls::ClientConfig>,
+    proxy: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(proxy).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
         .await
         .unwrap()

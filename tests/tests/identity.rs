@@ -656,6 +656,29 @@ async fn a_revoked_spiffe_id_is_refused_on_open_and_new_connections() {
     assert!(!ok && err.contains("is not revoked"), "{err}");
 }
 
+/// The mTLS listener resumes no session: a client that keeps rustls's session cache still
+/// gets a full handshake on its next connection, so every connection's SVID is verified
+/// against the trust bundle and revocations of now (a revoked identity fails new handshakes).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_mtls_connection_is_a_full_handshake() {
+    let h = over_time(|_| {}).await;
+    let client = h.pki.client("r", "spiffe://acme.test/agents/r/1");
+    let cfg = client_tls(&h.pki, &client);
+    for round in ["first", "second", "third"] {
+        let mut conn = raw_tls_with(cfg.clone(), h.proxy.addr).await;
+        conn.write_all(absolute_get(&h, "/resume").as_bytes())
+            .await
+            .unwrap();
+        // Reading the answer also reads any session tickets sent before it.
+        assert_eq!(read_response(&mut conn).await.status, 200, "{round}");
+        assert_eq!(
+            conn.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "{round} connection"
+        );
+    }
+}
+
 /// One certificate revoked by its serial or its SHA-256 fingerprint, as `openssl x509` prints
 /// them: that certificate is refused, another SVID for the same SPIFFE ID is not.
 #[tokio::test(flavor = "multi_thread")]

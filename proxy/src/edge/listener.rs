@@ -18,6 +18,7 @@ use crate::edge::lifetime::{End, Lifetime};
 use crate::edge::tls::peer_spiffe_id;
 use crate::http::head_gate::{HeadGate, MAX_HEADERS};
 use crate::http::idle::{idle_watch, Activity, IdleIo};
+use crate::http::read_ahead::ReadAhead;
 use crate::http::{self, Conn, Shared};
 
 pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
@@ -136,7 +137,7 @@ async fn serve_conn(
 }
 
 /// A client connection's TLS stream, and its activity (for the idle timeout).
-pub type ClientTls = tokio_rustls::server::TlsStream<IdleIo<TcpStream>>;
+pub type ClientTls = tokio_rustls::server::TlsStream<IdleIo<ReadAhead<TcpStream>>>;
 
 /// The TLS handshake, bounded by `limits.tls_handshake_timeout`; a failure is logged.
 pub async fn handshake(
@@ -146,7 +147,7 @@ pub async fn handshake(
     addr: SocketAddr,
 ) -> Option<(ClientTls, Arc<Activity>)> {
     let activity = Activity::new();
-    let io = IdleIo::new(tcp, activity.clone());
+    let io = IdleIo::new(ReadAhead::new(tcp), activity.clone());
     let handshake = tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(io));
     match handshake.await {
         Ok(Ok(tls)) => Some((tls, activity)),

@@ -434,6 +434,12 @@ impl ClientCertVerifier for SpiffeVerifier {
 
 /// The client-facing TLS config: mTLS required, SPIFFE verification, HTTP/1.1 (the proxy
 /// protocol; intercepted connections negotiate h2 separately).
+///
+/// No session resumption (no TLS 1.3 tickets, no TLS 1.2 session IDs): a resumed session
+/// would bring back the client chain verified at its first handshake, against the trust
+/// bundle and revocations of then, so every connection verifies its SVID in full. Not
+/// issuing tickets also saves their encryption and storage on every handshake; agent
+/// runtimes keep their proxy connections alive, so few would have resumed.
 pub fn server_config(
     verifier: Arc<SpiffeVerifier>,
     cert: Arc<ServerCert>,
@@ -443,6 +449,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 

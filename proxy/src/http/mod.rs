@@ -11,6 +11,7 @@ pub(crate) mod gateway;
 pub(crate) mod head_gate;
 pub(crate) mod idle;
 pub(crate) mod mitm;
+pub(crate) mod read_ahead;
 pub(crate) mod request_body;
 pub(crate) mod response_body;
 pub(crate) mod sse;

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 
 use crate::certs::{load_certs, provider, TlsError};
 use crate::config::UpstreamConfig;
+use crate::http::read_ahead::ReadAhead;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -126,9 +127,10 @@ pub struct GuardedConnector {
 /// reading": the rest of the request is discarded instead of failing the exchange, so the
 /// client keeps reading and the upstream's answer reaches the agent (hyper would otherwise
 /// report the write error and lose the answer already on the wire). Reads are untouched: if
-/// no answer comes, the read side fails or ends and the request fails as before.
+/// no answer comes, the read side fails or ends and the request fails as before. Reads come
+/// through a [`ReadAhead`], in large pieces for the TLS above.
 pub struct UpstreamIo {
-    inner: TcpStream,
+    inner: ReadAhead<TcpStream>,
     write_closed: bool,
 }
 
@@ -208,7 +210,7 @@ impl tokio::io::AsyncWrite for UpstreamIo {
 
 impl hyper_util::client::legacy::connect::Connection for UpstreamIo {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.inner.connected()
+        self.inner.get_ref().connected()
     }
 }
 
@@ -234,7 +236,7 @@ impl tower_service::Service<Uri> for GuardedConnector {
             });
             let s = dial(&this.guard, &host, port, this.connect_timeout).await?;
             Ok(TokioIo::new(UpstreamIo {
-                inner: s,
+                inner: ReadAhead::new(s),
                 write_closed: false,
             }))
         })
