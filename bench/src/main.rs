@@ -385,6 +385,7 @@ async fn run(
             report.proxy = Some(ProxyInfo {
                 bin: bin.display().to_string(),
                 pid: p.pid,
+                glibc_tunables: proxy_proc::glibc_tunables(),
                 rss_peak_mib: None,
             });
             Some(p)

@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::proxy_proc::ProxyProcess;
+use crate::proxy_proc::{glibc_tunables, ProxyProcess};
 
 const STARTUP: Duration = Duration::from_secs(60);
 
@@ -58,6 +58,7 @@ pub async fn mitmdump(
     let confdir = dir.join("mitmproxy");
     std::fs::create_dir_all(&confdir)?;
     let child = Command::new(bin)
+        .env("GLIBC_TUNABLES", glibc_tunables())
         .args([
             "--listen-host",
             "127.0.0.1",
@@ -110,6 +111,7 @@ pub async fn squid(bin: &Path, dir: &Path, upstream_port: u16) -> Result<ProxyPr
     );
     std::fs::write(&conf, text)?;
     let child = Command::new(bin)
+        .env("GLIBC_TUNABLES", glibc_tunables())
         .arg("-N")
         .arg("-f")
         .arg(&conf)

@@ -64,6 +64,8 @@ pub struct Settings {
 pub struct ProxyInfo {
     pub bin: String,
     pub pid: u32,
+    /// `GLIBC_TUNABLES` the proxies ran with (see `proxy_proc::IMAGE_GLIBC_TUNABLES`).
+    pub glibc_tunables: String,
     /// VmHWM at the end of the run: the peak over every scenario.
     pub rss_peak_mib: Option<f64>,
 }
@@ -413,6 +415,12 @@ impl Report {
             self.settings.duration_s,
             self.settings.warmup_s,
         );
+        if let Some(proxy) = &self.proxy {
+            println!(
+                "proxy {}  GLIBC_TUNABLES={}",
+                proxy.bin, proxy.glibc_tunables
+            );
+        }
         println!(
             "{:<17} {:>9} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>7} {:>7} {:>6} {:>5}",
             "scenario",
