@@ -264,18 +264,27 @@ async fn basic_auth_and_file_sources() {
         sent,
         format!("Basic {}", base64_encode(&format!("bot:{FILE_SECRET}")))
     );
-    // Rotation: a new file content is used without restart.
+    // Rotation: a new file content is used without restart, within the file's recheck
+    // interval (1 s); until then the old secret, never the placeholder.
     std::fs::write(s.pki.path("file-secret"), "rotated-secret-000111\n").unwrap();
-    let out = s.curl(&["-u", "bot:pcx_filed_key", &s.url("/echo")]).await;
-    assert_eq!(out.status, 200);
-    let sent = s.up.seen()[1].headers["authorization"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(
-        sent,
-        format!("Basic {}", base64_encode("bot:rotated-secret-000111"))
-    );
+    let old = format!("Basic {}", base64_encode(&format!("bot:{FILE_SECRET}")));
+    let new = format!("Basic {}", base64_encode("bot:rotated-secret-000111"));
+    let mut rotated = false;
+    for attempt in 1..=30 {
+        let out = s.curl(&["-u", "bot:pcx_filed_key", &s.url("/echo")]).await;
+        assert_eq!(out.status, 200);
+        let sent = s.up.seen()[attempt].headers["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(sent == old || sent == new, "attempt {attempt}: {sent}");
+        if sent == new {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(rotated, "the rotated file was not used within 6 s");
     assert!(!s.everything_logged().contains(FILE_SECRET));
 }
 
