@@ -42,6 +42,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if out.remaining() == 0 {
+            // Nothing asked for: read nothing (a read here would look like the end).
+            return Poll::Ready(Ok(()));
+        }
         if this.buf.is_empty() {
             if out.remaining() >= READ_AHEAD {
                 this.buf = BytesMut::new();
@@ -125,6 +129,21 @@ mod tests {
         }
         writer.await.unwrap();
         assert_eq!(got, expected);
+    }
+
+    /// A read with no room reads nothing from the socket, so what follows is not lost.
+    #[tokio::test]
+    async fn no_room_reads_nothing() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut ra = ReadAhead::new(rx);
+        tx.write_all(b"kept").await.unwrap();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut none = ReadBuf::new(&mut []);
+        assert!(Pin::new(&mut ra).poll_read(&mut cx, &mut none).is_ready());
+        assert_eq!(ra.buf.capacity(), 0);
+        let mut piece = [0u8; 16];
+        assert_eq!(ra.read(&mut piece).await.unwrap(), 4);
+        assert_eq!(&piece[..4], b"kept");
     }
 
     /// A read that would block with nothing buffered gives the buffer back.
