@@ -1,7 +1,8 @@
 //! Secret sources: environment variables, files (re-read when their modification time
-//! changes, looked at most once per [`FILE_RECHECK`], so rotation needs no restart) and Vault KV v2 (token or AppRole auth, namespaces;
-//! values cached for `vault.cache_ttl`, concurrent misses coalesced into one fetch) and OAuth,
-//! both shared across replicas through Redis when configured. A source
+//! changes, looked at most once per [`FILE_RECHECK`], so rotation needs no restart) and Vault
+//! KV v2 (token or AppRole auth, namespaces; values cached for `vault.cache_ttl`, concurrent
+//! misses coalesced into one fetch) and OAuth, both shared across replicas through Redis when
+//! configured. A source
 //! that cannot answer and has no valid cached value is an error: the request is refused (503),
 //! never forwarded with its placeholder.
 
