@@ -525,7 +525,7 @@ async fn tunnel(client: TcpStream, peer: SocketAddr, to: To, jwt: Option<JwtFeed
         inner: client,
         written: 0,
     };
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    match crate::http::connect::copy_both_ways(&mut client, &mut upstream).await {
         Ok((sent, received)) => {
             tracing::debug!(peer = %peer, sent, received, "tunnel closed");
         }
@@ -609,7 +609,7 @@ async fn redirected(
     if upstream.write_all(&captured.first).await.is_err() {
         return;
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    match crate::http::connect::copy_both_ways(&mut client, &mut upstream).await {
         Ok((sent, received)) => tracing::debug!(peer = %peer, sent, received, "tunnel closed"),
         Err(e) => tracing::debug!(peer = %peer, error = %e, "tunnel ended with an error"),
     }

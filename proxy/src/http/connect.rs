@@ -92,6 +92,20 @@ pub(crate) async fn handle(
     Response::new(empty())
 }
 
+/// Bytes a tunnel copies per read and write, each way: one full TLS record (16 KiB of
+/// plaintext) where one side is TLS, so a bulk transfer is one record per write instead of
+/// tokio's default 8 KiB, at 32 KiB per tunnel.
+pub(crate) const TUNNEL_COPY_BUFFER: usize = 16 * 1024;
+
+/// Both ways until either side closes, [`TUNNEL_COPY_BUFFER`] at a time.
+pub(crate) async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, TUNNEL_COPY_BUFFER, TUNNEL_COPY_BUFFER).await
+}
+
 /// `mitm.passthrough`: bytes both ways, no interception, until either side closes.
 async fn tunnel(
     shared: &Shared,
@@ -100,7 +114,7 @@ async fn tunnel(
     mut upstream: TcpStream,
 ) {
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+        r = copy_both_ways(&mut client, &mut upstream) => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "passthrough tunnel closed with error");
             }
