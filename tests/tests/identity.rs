@@ -679,6 +679,39 @@ async fn every_mtls_connection_is_a_full_handshake() {
     }
 }
 
+/// Both TLS servers of the proxy (the mTLS listener, the intercepting one) choose AES-128-GCM
+/// even when the client lists AES-256-GCM first (as OpenSSL does by default).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_chooses_aes_128_gcm_over_the_clients_order() {
+    let h = over_time(|_| {}).await;
+    let first_256 = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
+    let out = h
+        .curl(&[
+            "-v",
+            "--proxy-tls13-ciphers",
+            first_256,
+            "--tls13-ciphers",
+            first_256,
+            &h.url("/suite"),
+        ])
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let suites: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("SSL connection using"))
+        .collect();
+    assert_eq!(
+        suites.len(),
+        2,
+        "proxy and intercepted origin: {}",
+        out.stderr
+    );
+    for line in suites {
+        assert!(line.contains("TLS_AES_128_GCM_SHA256"), "{line}");
+    }
+}
+
 /// One certificate revoked by its serial or its SHA-256 fingerprint, as `openssl x509` prints
 /// them: that certificate is refused, another SVID for the same SPIFFE ID is not.
 #[tokio::test(flavor = "multi_thread")]

@@ -449,6 +449,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The suite by our order (see `certs::provider`).
+    cfg.ignore_client_order = true;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Ok(cfg)
@@ -463,6 +465,7 @@ pub fn bearer_server_config(cert: Arc<ServerCert>) -> rustls::ServerConfig {
         .with_no_client_auth()
         .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.ignore_client_order = true;
     cfg
 }
 

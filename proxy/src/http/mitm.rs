@@ -127,6 +127,8 @@ impl Mitm {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(FixedCert(ck)));
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // The suite by our order (see `certs::provider`).
+        cfg.ignore_client_order = true;
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.stats.issue_nanos.fetch_add(nanos, Ordering::Relaxed);
         tracing::debug!(host = %name, micros = nanos / 1000, "issued MITM leaf certificate");
