@@ -93,12 +93,12 @@ fn benches(c: &mut Criterion) {
         body: false,
     }]));
     let detect = CredentialDetect { set: set.clone() };
-    let substitute = CredentialSubstitute {
+    let substitute = CredentialSubstitute::new(
         set,
-        store: Arc::new(Fixed(Arc::new(SecretValue::new(
+        Arc::new(Fixed(Arc::new(SecretValue::new(
             "ghp_0123456789abcdefghijklmnopqrstuvwxyz".into(),
         )))),
-    };
+    );
     let peer = Arc::new(Peer {
         spiffe_id: SpiffeId::parse(ID).unwrap(),
         source: "10.0.0.5:51234".parse().unwrap(),

@@ -124,10 +124,7 @@ pub fn build_chain(
         )
         // Limits are charged only for what the policy allowed, before credentials are fetched.
         .with(gates.quota_filter(cfg))
-        .with(CredentialSubstitute {
-            set: creds,
-            store: secrets,
-        })
+        .with(CredentialSubstitute::new(creds, secrets))
         .with(SseTransport::new(
             cfg.limits.inspect_body_bytes,
             cfg.mcp.sse_queue,

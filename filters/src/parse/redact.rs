@@ -14,7 +14,8 @@ pub const REDACTED: &[u8] = b"[REDACTED]";
 const MIN_CORE: usize = 8;
 
 /// What to look for: per secret, its bytes (matched through escapes) and its exact encodings.
-#[derive(Default)]
+/// Zeroized when dropped, like the secrets themselves.
+#[derive(Default, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct Needles {
     /// Secrets, matched char by char where each char may also appear escaped.
     escaped: Vec<Vec<u8>>,

@@ -7,7 +7,7 @@
 //! are redacted before the agent sees them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use base64::Engine as _;
 use http::header::{HeaderValue, AUTHORIZATION};
@@ -211,8 +211,60 @@ impl Filter for CredentialDetect {
 /// Swaps placeholders for secrets; runs after the policy allowed the request.
 #[derive(Debug)]
 pub struct CredentialSubstitute {
-    pub set: Arc<CredentialSet>,
-    pub store: Arc<dyn SecretStore>,
+    set: Arc<CredentialSet>,
+    store: Arc<dyn SecretStore>,
+    /// The needles of the last substitution, reused while its secrets are the same.
+    last_needles: Mutex<Option<LastNeedles>>,
+}
+
+/// Every form of some secrets, and which secrets: compared by identity (the store hands out
+/// the same `Arc` until the secret rotates or is revoked), held weakly so a revoked secret
+/// is not kept alive by this (its needles are zeroized when the next ones replace them).
+#[derive(Debug)]
+struct LastNeedles {
+    secrets: Vec<Weak<SecretValue>>,
+    needles: Arc<Needles>,
+}
+
+impl CredentialSubstitute {
+    pub fn new(set: Arc<CredentialSet>, store: Arc<dyn SecretStore>) -> CredentialSubstitute {
+        CredentialSubstitute {
+            set,
+            store,
+            last_needles: Mutex::new(None),
+        }
+    }
+
+    /// What the response is searched for: [`needles`], built once per set of secrets. A
+    /// Basic token the proxy produced is part of them: not reused across requests.
+    fn needles_for(&self, c: &crate::pipeline::CredentialUse) -> Arc<Needles> {
+        if !c.produced.is_empty() {
+            return Arc::new(needles(c));
+        }
+        let same = |last: &LastNeedles| {
+            last.secrets.len() == c.secrets.len()
+                && last
+                    .secrets
+                    .iter()
+                    .zip(&c.secrets)
+                    .all(|(weak, strong)| std::ptr::eq(weak.as_ptr(), Arc::as_ptr(strong)))
+        };
+        // A poisoned lock only loses the reuse.
+        let Ok(mut last) = self.last_needles.lock() else {
+            return Arc::new(needles(c));
+        };
+        match last.as_ref() {
+            Some(l) if same(l) => l.needles.clone(),
+            _ => {
+                let needles = Arc::new(needles(c));
+                *last = Some(LastNeedles {
+                    secrets: c.secrets.iter().map(Arc::downgrade).collect(),
+                    needles: needles.clone(),
+                });
+                needles
+            }
+        }
+    }
 }
 
 /// How a secret is written where its placeholder was: as it is (a header), percent-encoded
@@ -496,8 +548,8 @@ impl CredentialSubstitute {
         }
         ctx.credentials.produced = produced;
         ctx.credentials.secrets = pairs.into_iter().map(|(_, s)| s).collect();
-        // Every form to look for on the way back, built once per substitution.
-        ctx.credentials.needles = Some(Arc::new(needles(&ctx.credentials)));
+        // Every form to look for on the way back.
+        ctx.credentials.needles = Some(self.needles_for(&ctx.credentials));
         Action::Continue
     }
 }
@@ -576,6 +628,59 @@ mod tests {
 
     fn secret(s: &str) -> Arc<SecretValue> {
         Arc::new(SecretValue::new(s.into()))
+    }
+
+    #[derive(Debug)]
+    struct NoStore;
+
+    #[async_trait::async_trait]
+    impl SecretStore for NoStore {
+        async fn get(
+            &self,
+            _: &str,
+            _: Option<&OnBehalf<'_>>,
+        ) -> Result<Arc<SecretValue>, StoreError> {
+            Err("none".into())
+        }
+        async fn revoke(&self, _: &str) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn needles_are_reused_for_the_same_secrets_only() {
+        let sub =
+            CredentialSubstitute::new(Arc::new(CredentialSet::new(vec![])), Arc::new(NoStore));
+        let use_of = |secrets: &[&Arc<SecretValue>], produced: &[&Arc<SecretValue>]| {
+            crate::pipeline::CredentialUse {
+                secrets: secrets.iter().map(|s| (*s).clone()).collect(),
+                produced: produced.iter().map(|s| (*s).clone()).collect(),
+                ..Default::default()
+            }
+        };
+        let (old, rotated) = (secret("old-secret-value"), secret("new-secret-value"));
+        let first = sub.needles_for(&use_of(&[&old], &[]));
+        let again = sub.needles_for(&use_of(&[&old], &[]));
+        assert!(Arc::ptr_eq(&first, &again), "same secret: built once");
+
+        // The same value in a new Arc (a rotation to an equal value) is built again: safe.
+        let new = sub.needles_for(&use_of(&[&rotated], &[]));
+        assert!(!Arc::ptr_eq(&first, &new));
+        assert!(new.found_in(b"x new-secret-value x") && !new.found_in(b"old-secret-value"));
+        let both = sub.needles_for(&use_of(&[&rotated, &old], &[]));
+        assert!(both.found_in(b"old-secret-value") && both.found_in(b"new-secret-value"));
+
+        // A produced Basic token is never taken from (or left in) the reuse.
+        let token = secret("produced-token-0123456789");
+        let with_token = sub.needles_for(&use_of(&[&rotated], &[&token]));
+        assert!(with_token.found_in(token.expose().as_bytes()));
+        let after = sub.needles_for(&use_of(&[&rotated], &[]));
+        assert!(!after.found_in(token.expose().as_bytes()));
+
+        // A secret dropped everywhere (revoked) is not kept alive by the reuse.
+        let weak = Arc::downgrade(&rotated);
+        drop((rotated, both, new, with_token, after));
+        assert_eq!(weak.strong_count(), 0);
     }
 
     #[test]

@@ -170,10 +170,8 @@ fuzz_target!(|data: &[u8]| {
         hosts: vec![Binding::parse("api.example.com").expect("valid")],
         body: true,
     }]));
-    let substitute = CredentialSubstitute {
-        set,
-        store: Arc::new(Store(Arc::new(SecretValue::new(secret.clone())))),
-    };
+    let substitute =
+        CredentialSubstitute::new(set, Arc::new(Store(Arc::new(SecretValue::new(secret.clone())))));
 
     let mut req = http::Request::builder().method("POST");
     let with_query = !query.is_empty()
