@@ -15,12 +15,15 @@ const MIN_CORE: usize = 8;
 
 /// What to look for: per secret, its bytes (matched through escapes) and its exact encodings.
 /// Zeroized when dropped, like the secrets themselves.
-#[derive(Default, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+#[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct Needles {
     /// Secrets, matched char by char where each char may also appear escaped.
     escaped: Vec<Vec<u8>>,
     /// Exact byte strings: base64 cores and the encodings the proxy produced.
     exact: Vec<Vec<u8>>,
+    /// The bytes a match can start with (an escape's first byte included): every other byte
+    /// is copied without looking further.
+    starts: [bool; 256],
 }
 
 impl std::fmt::Debug for Needles {
@@ -54,7 +57,11 @@ impl Needles {
         secrets: impl IntoIterator<Item = &'a [u8]>,
         produced: impl IntoIterator<Item = &'a [u8]>,
     ) -> Needles {
-        let mut n = Needles::default();
+        let mut n = Needles {
+            escaped: Vec::new(),
+            exact: Vec::new(),
+            starts: [false; 256],
+        };
         for s in secrets
             .into_iter()
             .chain(produced)
@@ -65,6 +72,15 @@ impl Needles {
         }
         n.exact.sort();
         n.exact.dedup();
+        if !n.is_empty() {
+            // A secret's character may also be written escaped (`\`, `%`) or as `+`.
+            for b in [b'\\', b'%', b'+'] {
+                n.starts[usize::from(b)] = true;
+            }
+        }
+        for needle in n.escaped.iter().chain(&n.exact) {
+            n.starts[usize::from(needle[0])] = true;
+        }
         n
     }
 
@@ -95,11 +111,12 @@ impl Needles {
         let mut out = Vec::with_capacity(data.len());
         let mut i = 0;
         while i < data.len() {
-            if !self.may_start(data[i]) {
-                out.push(data[i]);
-                i += 1;
-                continue;
-            }
+            let Some(next) = data[i..].iter().position(|&b| self.may_start(b)) else {
+                out.extend_from_slice(&data[i..]);
+                break;
+            };
+            out.extend_from_slice(&data[i..i + next]);
+            i += next;
             match self.at(data, i) {
                 Match { partial: true, .. } if !at_end => {
                     let held = data.len() - i;
@@ -132,9 +149,7 @@ impl Needles {
     }
 
     fn may_start(&self, b: u8) -> bool {
-        matches!(b, b'\\' | b'%' | b'+')
-            || self.escaped.iter().any(|s| s[0] == b)
-            || self.exact.iter().any(|e| e[0] == b)
+        self.starts[usize::from(b)]
     }
 }
 
