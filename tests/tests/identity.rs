@@ -680,7 +680,8 @@ async fn every_mtls_connection_is_a_full_handshake() {
 }
 
 /// Both TLS servers of the proxy (the mTLS listener, the intercepting one) choose AES-128-GCM
-/// even when the client lists AES-256-GCM first (as OpenSSL does by default).
+/// even when the client lists AES-256-GCM first (as OpenSSL does by default), and a client
+/// without it gets what it offers.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxy_chooses_aes_128_gcm_over_the_clients_order() {
     let h = over_time(|_| {}).await;
@@ -710,6 +711,24 @@ async fn the_proxy_chooses_aes_128_gcm_over_the_clients_order() {
     for line in suites {
         assert!(line.contains("TLS_AES_128_GCM_SHA256"), "{line}");
     }
+    // A client without AES-128-GCM still connects, with what it offers.
+    let only_256 = "TLS_AES_256_GCM_SHA384";
+    let out = h
+        .curl(&[
+            "-v",
+            "--proxy-tls13-ciphers",
+            only_256,
+            "--tls13-ciphers",
+            only_256,
+            &h.url("/suite"),
+        ])
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let n = out
+        .stderr
+        .matches("SSL connection using TLSv1.3 / TLS_AES_256_GCM_SHA384")
+        .count();
+    assert_eq!(n, 2, "{}", out.stderr);
 }
 
 /// One certificate revoked by its serial or its SHA-256 fingerprint, as `openssl x509` prints
