@@ -71,10 +71,7 @@ pub(crate) async fn handle(
         duration: ctx.started.elapsed(),
     };
     shared.chain.logging(&mut ctx, &outcome);
-    let tunnel_of = TunnelOf {
-        dest: ctx.destination.clone(),
-        jwt_svid: ctx.jwt_svid.clone(),
-    };
+    let tunnel_of = TunnelOf::new(ctx.destination.clone(), ctx.jwt_svid.clone());
     let shared2 = shared.clone();
     shared.tasks.tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -152,7 +149,7 @@ async fn mitm(
         0x16 => intercept_tls(shared, conn, tunnel_of, io).await,
         // The first letter of an HTTP method token.
         b'A'..=b'Z' => {
-            tunnel_of.dest.scheme = Scheme::Http;
+            tunnel_of.plain_http();
             serve_inner(shared, conn, tunnel_of, io).await;
         }
         _ => refuse_tunnel(shared, conn, tunnel_of.dest, io).await,
@@ -255,6 +252,57 @@ async fn intercept_tls(shared: Arc<Shared>, conn: Arc<Conn>, tunnel_of: TunnelOf
 struct TunnelOf {
     dest: Destination,
     jwt_svid: Option<Arc<portcullis_filters::parse::jwt::JwtSvid>>,
+    /// `dest`'s scheme and authority as URI parts, parsed once per tunnel (`None`: they do
+    /// not parse, and every request says why).
+    origin: Option<(http::uri::Scheme, http::uri::Authority)>,
+}
+
+impl TunnelOf {
+    fn new(
+        dest: Destination,
+        jwt_svid: Option<Arc<portcullis_filters::parse::jwt::JwtSvid>>,
+    ) -> TunnelOf {
+        TunnelOf {
+            origin: origin(&dest),
+            dest,
+            jwt_svid,
+        }
+    }
+
+    /// Plain HTTP inside the tunnel: the same host and port, scheme `http`.
+    fn plain_http(&mut self) {
+        self.dest.scheme = Scheme::Http;
+        self.origin = origin(&self.dest);
+    }
+
+    /// The upstream URI of a request in this tunnel: the tunnel's scheme and authority, the
+    /// request's path and query. Built from parts already parsed; anything but an
+    /// origin-form path is put together as text and parsed, the way that refuses it.
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, String> {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        if let (Some((scheme, authority)), true) = (&self.origin, path.starts_with('/')) {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(scheme.clone());
+            parts.authority = Some(authority.clone());
+            parts.path_and_query = Some(match uri.path_and_query() {
+                Some(p) => p.clone(),
+                None => http::uri::PathAndQuery::from_static("/"),
+            });
+            return Uri::from_parts(parts).map_err(|e| e.to_string());
+        }
+        let text = format!(
+            "{}://{}{}",
+            self.dest.scheme.as_str(),
+            self.dest.authority(),
+            path
+        );
+        Uri::try_from(text).map_err(|e| e.to_string())
+    }
+}
+
+fn origin(dest: &Destination) -> Option<(http::uri::Scheme, http::uri::Authority)> {
+    let scheme = http::uri::Scheme::try_from(dest.scheme.as_str()).ok();
+    scheme.zip(http::uri::Authority::try_from(dest.authority()).ok())
 }
 
 /// Serve HTTP/1.1 or h2 (h2 only over TLS, by ALPN) inside a tunnel to `dest`, every request
@@ -334,25 +382,9 @@ async fn handle_inner(
     if let Err(reason) = check_inner_authority(&parts, dest) {
         return refuse(&shared, ctx, Rejection::new(ErrorCode::BadRequest, reason));
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    match Uri::try_from(format!(
-        "{}://{}{}",
-        dest.scheme.as_str(),
-        dest.authority(),
-        path
-    )) {
+    match tunnel_of.upstream_uri(&parts.uri) {
         Ok(uri) => parts.uri = uri,
-        Err(e) => {
-            return refuse(
-                &shared,
-                ctx,
-                Rejection::new(ErrorCode::BadRequest, e.to_string()),
-            )
-        }
+        Err(e) => return refuse(&shared, ctx, Rejection::new(ErrorCode::BadRequest, e)),
     }
     forward(&shared, &conn.body_budget, ctx, parts, body).await
 }
@@ -411,6 +443,31 @@ mod tests {
 
     fn target() -> Destination {
         Destination::parse_connect_authority("api.example.com:443").unwrap()
+    }
+
+    #[test]
+    fn the_upstream_uri_is_the_one_the_text_form_gave() {
+        for dest in ["api.example.com:443", "[::1]:8443", "127.0.0.1:80"] {
+            let mut dest = Destination::parse_connect_authority(dest).unwrap();
+            let mut tunnel = TunnelOf::new(dest.clone(), None);
+            if dest.port == 80 {
+                tunnel.plain_http();
+                dest.scheme = Scheme::Http;
+            }
+            for uri in [
+                "/",
+                "/a/b?c=d&e",
+                "/%2e%2E/x?%00",
+                "https://api.example.com/p?q=1",
+                "*",
+            ] {
+                let uri: Uri = uri.parse().unwrap();
+                let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                let text = format!("{}://{}{}", dest.scheme.as_str(), dest.authority(), path);
+                let want = Uri::try_from(text).map_err(|e| e.to_string());
+                assert_eq!(tunnel.upstream_uri(&uri), want, "{dest} {uri}");
+            }
+        }
     }
 
     #[test]
