@@ -663,7 +663,7 @@ mod tests {
         let again = sub.needles_for(&use_of(&[&old], &[]));
         assert!(Arc::ptr_eq(&first, &again), "same secret: built once");
 
-        // The same value in a new Arc (a rotation to an equal value) is built again: safe.
+        // A rotated secret (another Arc, even of an equal value) gets needles of its own.
         let new = sub.needles_for(&use_of(&[&rotated], &[]));
         assert!(!Arc::ptr_eq(&first, &new));
         assert!(new.found_in(b"x new-secret-value x") && !new.found_in(b"old-secret-value"));
