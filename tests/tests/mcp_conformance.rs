@@ -123,7 +123,7 @@ async fn run_suite(h: &Harness, mode: &str, way: Way, port: u16, results: &Path)
 const EVAL_TIME: &str = "5s";
 
 /// A whole run of one mode takes seconds to a minute; a hang is a failure, not a wait.
-const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(420);
 
 fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")

@@ -34,6 +34,7 @@
 #   CONFORMANCE_RESULTS  results dir (default ./results, git-ignored); one subdir per leg
 #   CONFORMANCE_RETRY_ALONE  scenarios re-run alone once if they are a leg's only unexpected
 #                      failures (default "sse-retry", a timing check; "" disables)
+#   CONFORMANCE_CLIENT_TIMEOUT_MS  how long the runner lets one client scenario run (default 60000)
 #   CONFORMANCE_PROXY_DIFFERENCES  allow-list of the differences the proxy makes on purpose
 #                      (default proxy-differences.json, "" disables): through the proxy, its entries
 #                      for this way are added to each leg's expected failures (compare.mjs
@@ -78,6 +79,8 @@ RESULTS="${CONFORMANCE_RESULTS:-$HERE/results}"
 LEGS="${CONFORMANCE_LEGS:-2025 2026}"
 # Scenarios whose only failing checks are timing checks; see the re-run below. Empty disables it.
 RETRY_ALONE="${CONFORMANCE_RETRY_ALONE-sse-retry}"
+# How long the runner lets one spawned client run (client mode).
+CLIENT_TIMEOUT_MS="${CONFORMANCE_CLIENT_TIMEOUT_MS:-60000}"
 DIFFERENCES="${CONFORMANCE_PROXY_DIFFERENCES-$HERE/proxy-differences.json}"
 
 leg_args() { # $1 = leg -> conformance args for this mode/leg
@@ -186,7 +189,10 @@ for leg in $LEGS; do
     "$NODE" --import "$DISPATCHER" "$RUNNER" server --url "$URL" $args -o "$out" "$@" 2>&1 | tee "$out/console.log"
   else
     # shellcheck disable=SC2086
-    "$NODE" "$RUNNER" client \
+    # The runner starts every client scenario at once (44), each a Node process compiling
+    # TypeScript; on a slow 2-core host some take longer than the runner's default 30 s and are
+    # killed mid-scenario. The bound is raised, not removed.
+    "$NODE" "$RUNNER" client --timeout "$CLIENT_TIMEOUT_MS" \
       --command "$NODE --import $DISPATCHER --import tsx src/everythingClient.ts" \
       $args -o "$out" "$@" 2>&1 | tee "$out/console.log"
   fi
@@ -212,7 +218,7 @@ for leg in $LEGS; do
         if [[ "$mode" == server ]]; then
           "$NODE" --import "$DISPATCHER" "$RUNNER" server --url "$URL" $solo_args -o "$out/solo-$sc" "$@" --scenario "$sc" 2>&1 | tee "$out/solo-$sc.log"
         else
-          "$NODE" "$RUNNER" client --command "$NODE --import $DISPATCHER --import tsx src/everythingClient.ts" \
+          "$NODE" "$RUNNER" client --timeout "$CLIENT_TIMEOUT_MS" --command "$NODE --import $DISPATCHER --import tsx src/everythingClient.ts" \
             $solo_args -o "$out/solo-$sc" "$@" --scenario "$sc" 2>&1 | tee "$out/solo-$sc.log"
         fi
         [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
